@@ -1,0 +1,25 @@
+"""shmcache: a cache shared by every process on one host, in POSIX shared memory.
+
+>>> from shmcache import Cache
+>>> cache = Cache("app", size="256MiB")   # create or attach
+>>> cache["k"] = b"v"; cache.get("k")
+"""
+
+from .cache import Cache
+from .errors import CacheFull, CacheNotFound, Error, KeyTooLong, LayoutMismatch, LockTimeout, ValueTooLarge
+from .layout import LAYOUT_VERSION, parse_size
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Cache",
+    "CacheFull",
+    "CacheNotFound",
+    "Error",
+    "KeyTooLong",
+    "LAYOUT_VERSION",
+    "LayoutMismatch",
+    "LockTimeout",
+    "ValueTooLarge",
+    "parse_size",
+]

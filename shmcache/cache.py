@@ -1,0 +1,614 @@
+"""The public ``Cache``: a dict-like view of one shared memory segment."""
+
+from __future__ import annotations
+
+import math
+import os
+import threading
+import time
+import warnings
+import weakref
+from collections.abc import MutableMapping
+
+from . import layout as L
+from .codec import BYTES, STR, Codec, decode_key, encode_int, encode_key
+from .errors import KeyTooLong, ValueTooLarge
+from .lock import Identity, StripeLocks, claim_client, is_alive, live_clients, release_client
+from .segment import Segment
+from .table import ADD, REPLACE, SET, Table
+
+_MISSING = object()
+_DEFAULT = object()
+
+#: Reads refresh an entry's LRU timestamp only when it is older than this many
+#: seconds: it saves a store into a shared cache line on hot keys, and LRU
+#: cannot tell accesses this close apart anyway.
+ATIME_RESOLUTION = 0.01
+
+_live_caches: "weakref.WeakSet[Cache]" = weakref.WeakSet()
+
+
+class _State:
+    """What the finalizer needs (it must not reference the Cache itself)."""
+
+    def __init__(self, seg: Segment, identity: Identity, client: int):
+        self.seg = seg
+        self.identity = identity
+        self.client = client
+        self.views: list = []
+
+    def release(self) -> None:
+        try:
+            release_client(self.seg, self.identity, self.client)
+        except Exception:  # pragma: no cover - best effort at exit; the daemon reaps it
+            pass
+        for release in self.views:
+            release()
+        self.views = []
+        self.seg.close()
+
+
+def _check_ttl(ttl) -> float:
+    if ttl is None:
+        return 0.0
+    if isinstance(ttl, bool) or not isinstance(ttl, (int, float)):
+        raise TypeError(f"ttl must be a number of seconds or None, not {type(ttl).__name__}")
+    if not ttl > 0 or math.isinf(ttl):
+        raise ValueError(f"ttl must be a positive, finite number of seconds or None, got {ttl!r}")
+    return float(ttl)
+
+
+class Cache(MutableMapping):
+    """A cache shared by every process on this host that opens the same ``name``.
+
+    ``Cache("app", size="256MiB")`` creates the segment ``/shmcache.app`` or
+    attaches to it if it exists (then the existing layout wins and ``size``,
+    ``stripes``, ``max_items``, ``max_key_size``, ``max_value_size``,
+    ``max_clients``, ``policy`` and ``mode`` are ignored). Every process may set
+    its own ``default_ttl``, ``lock_timeout``, ``clock`` and ``serializer``.
+
+    Args:
+        name: 1-64 characters from ``[A-Za-z0-9_.-]``.
+        size: bytes of the whole segment: int, or a string like ``"256MiB"``.
+        create: False to attach only (raise CacheNotFound if missing).
+        stripes: lock stripes, a power of two (default: one per 4 MiB, 4..64).
+        max_items: most entries (default: one per 200 bytes of ``size``).
+        max_key_size: most bytes in an encoded key (default 1024).
+        max_value_size: most bytes in an encoded value (default: a quarter of a
+            stripe's arena).
+        max_clients: most processes attached at once (default 512).
+        policy: ``"lru"`` evicts least recently used entries when full;
+            ``"noeviction"`` raises CacheFull instead.
+        mode: permission bits of the segment and semaphores (default 0o600;
+            0o660 to share with the group).
+        default_ttl: seconds, used when ``set`` gets no ``ttl`` (None = forever).
+        lock_timeout: seconds a writer waits on a stripe lock before checking
+            whether its holder died (then it recovers the stripe).
+        clock: a ``time.time``-like function; deadlines are absolute values of it.
+        serializer: object with ``dumps``/``loads`` used instead of pickle for
+            values that are not bytes, str, int, float or numpy arrays.
+
+    Raises:
+        ValueError / TypeError: a bad name or setting (the message gives the limit).
+        CacheNotFound: ``create=False`` and the cache does not exist.
+        LayoutMismatch: the segment is not shmcache's or has another layout version.
+        CacheFull: no free client slot (``max_clients`` live processes attached).
+    """
+
+    def __init__(
+        self,
+        name: str,
+        size: int | str = "64MiB",
+        *,
+        create: bool = True,
+        stripes: int | None = None,
+        max_items: int | None = None,
+        max_key_size: int = 1024,
+        max_value_size: int | None = None,
+        max_clients: int = 512,
+        policy: str = "lru",
+        mode: int = 0o600,
+        default_ttl: float | None = None,
+        lock_timeout: float = 0.5,
+        clock=time.time,
+        serializer=None,
+        init_timeout: float = 5.0,
+    ):
+        self._closed = True  # until fully open, so close()/__del__ are safe
+        default_ttl = _check_ttl(default_ttl) or None
+        if isinstance(lock_timeout, bool) or not isinstance(lock_timeout, (int, float)) or not lock_timeout > 0:
+            raise ValueError(f"lock_timeout must be a positive number of seconds, got {lock_timeout!r}")
+        if not callable(clock):
+            raise TypeError("clock must be a function returning seconds, like time.time")
+        codec = Codec(serializer)
+        seg = Segment.open(
+            name,
+            create=create,
+            geometry_args=dict(
+                size=size, stripes=stripes, max_items=max_items, max_key_size=max_key_size,
+                max_value_size=max_value_size, max_clients=max_clients, policy=policy,
+            ),
+            mode=mode,
+            timeout=init_timeout,
+        )
+        try:
+            identity = Identity()
+            client = claim_client(seg, identity)
+        except BaseException:
+            seg.close()
+            raise
+        g = seg.geometry
+        self.name = name
+        self.default_ttl = default_ttl
+        self.lock_timeout = float(lock_timeout)
+        self._clock = clock
+        self._codec = codec
+        self._decode = codec.decode
+        self._encode = codec.encode
+        self._seg = seg
+        self._g = g
+        self._max_key = g.max_key_size
+        self._max_value = g.max_value_size
+        self._state = _State(seg, identity, client)
+        self._ctr = memoryview(seg.mm).cast("Q")
+        self._locks = StripeLocks(seg, identity, client, lock_timeout, repair=lambda s: self._table.repair(s))
+        self._table = Table(seg, self._locks, clock, self._ctr, self._counter_base(client))
+        self._state.views = [self._table.release_views, self._locks.release_views, self._ctr.release]
+        self._bind()
+        self._finalizer = weakref.finalize(self, _State.release, self._state)
+        self._fork_lock = threading.Lock()
+        self._closed = False
+        _live_caches.add(self)
+
+    # -- plumbing -----------------------------------------------------------
+    def _counter_base(self, client: int) -> int:
+        return (self._g.client_table_off + client * self._g.client_record_size + L.C_COUNTERS) >> 3
+
+    def _bind(self) -> None:
+        t = self._table
+        self._read = t.read
+        self._write = t.write
+        cb = t.cbase
+        self._i_hits = cb + L.C_HITS
+        self._i_misses = cb + L.C_MISSES
+        self._i_sets = cb + L.C_SETS
+        self._i_deletes = cb + L.C_DELETES
+
+    def _after_fork(self) -> None:
+        # The child must never use the parent's client slot: claim its own.
+        if self._closed:
+            return
+        identity = Identity()
+        try:
+            client = claim_client(self._seg, identity)
+        except Exception as e:  # pragma: no cover - table full of live processes
+            warnings.warn(f"shmcache: forked child could not claim a client slot ({e}); sharing the parent's")
+            client = self._state.client
+        self._state.identity = identity
+        self._state.client = client
+        self._locks.after_fork(identity, client)
+        self._table.set_counter_base(self._counter_base(client))
+        self._bind()
+
+    def _key(self, key) -> bytes:
+        kb = encode_key(key)
+        if len(kb) > self._max_key:
+            raise KeyTooLong(
+                f"key of {len(kb)} bytes exceeds max_key_size={self._max_key} bytes of cache {self.name!r}"
+            )
+        return kb
+
+    def _value(self, value):
+        flags, vb = self._encode(value)
+        if len(vb) > self._max_value:
+            raise ValueTooLarge(
+                f"value of {len(vb)} bytes (encoded) exceeds max_value_size={self._max_value} bytes "
+                f"of cache {self.name!r}; create the cache with a larger max_value_size (limit: one "
+                f"stripe's arena, {self._g.stripe_arena} bytes, so raise size or lower stripes)"
+            )
+        return flags, vb
+
+    def _deadline(self, ttl) -> float:
+        if ttl is _DEFAULT:
+            ttl = self.default_ttl
+            if ttl is None:
+                return 0.0
+            return self._clock() + ttl
+        t = _check_ttl(ttl)
+        return self._clock() + t if t else 0.0
+
+    # -- reads --------------------------------------------------------------
+    def get(self, key, default=None):
+        """The value stored under ``key``, or ``default`` if absent or expired.
+
+        Raises:
+            TypeError: the key is not str or bytes.
+            KeyTooLong: the key exceeds ``max_key_size``.
+        """
+        if type(key) is str:
+            kb = key.encode()
+            if len(kb) > self._max_key:
+                kb = self._key(key)
+        else:
+            kb = self._key(key)
+        r = self._read(kb)
+        if r is None:
+            self._ctr[self._i_misses] += 1
+            return default
+        flags, val, exp, p, at = r
+        now = self._clock()
+        if exp and exp <= now:
+            self._ctr[self._i_misses] += 1
+            return default
+        if now - at > ATIME_RESOLUTION:
+            self._table.touch_atime(p, now)
+        self._ctr[self._i_hits] += 1
+        if flags == BYTES:
+            return val
+        if flags == STR:
+            return val.decode()
+        return self._decode(flags, val)
+
+    def __getitem__(self, key):
+        value = self.get(key, _MISSING)
+        if value is _MISSING:
+            raise KeyError(key)
+        return value
+
+    def __contains__(self, key) -> bool:
+        """True if ``key`` is present and unexpired (does not count as a hit)."""
+        r = self._read(self._key(key))
+        return r is not None and not (r[2] and r[2] <= self._clock())
+
+    def ttl(self, key) -> float | None:
+        """Seconds until ``key`` expires, or None if it never does.
+
+        Raises:
+            KeyError: the key is absent or expired.
+        """
+        r = self._read(self._key(key))
+        now = self._clock()
+        if r is None or (r[2] and r[2] <= now):
+            raise KeyError(key)
+        return r[2] - now if r[2] else None
+
+    def get_many(self, keys) -> dict:
+        """``{key: value}`` for the keys that are present (absent ones are left out)."""
+        out = {}
+        for k in keys:
+            v = self.get(k, _MISSING)
+            if v is not _MISSING:
+                out[k] = v
+        return out
+
+    # -- writes -------------------------------------------------------------
+    def set(self, key, value, ttl=_DEFAULT) -> bool:
+        """Store ``value`` under ``key``, expiring after ``ttl`` seconds
+        (``None``: never; default: the cache's ``default_ttl``). Returns True.
+
+        Everything is checked before the first byte is written: a failed set
+        leaves the cache as it was.
+
+        Raises:
+            TypeError: bad key type, unpicklable value, bad ttl type.
+            ValueError: ttl not positive.
+            KeyTooLong / ValueTooLarge: over ``max_key_size`` / ``max_value_size``.
+            CacheFull: policy ``"noeviction"`` and no room.
+            LockTimeout: a live process kept the stripe locked too long.
+        """
+        kb = self._key(key)
+        flags, vb = self._value(value)
+        stored = self._write(kb, flags, vb, self._deadline(ttl), SET)
+        self._ctr[self._i_sets] += 1
+        return stored
+
+    def __setitem__(self, key, value) -> None:
+        self.set(key, value)
+
+    def add(self, key, value, ttl=_DEFAULT) -> bool:
+        """Store only if ``key`` is absent (or expired). Returns whether it stored.
+        Atomic across processes. Raises as :meth:`set`."""
+        kb = self._key(key)
+        flags, vb = self._value(value)
+        stored = self._write(kb, flags, vb, self._deadline(ttl), ADD)
+        if stored:
+            self._ctr[self._i_sets] += 1
+        return stored
+
+    def replace(self, key, value, ttl=_DEFAULT) -> bool:
+        """Store only if ``key`` is present. Returns whether it stored. Raises as :meth:`set`."""
+        kb = self._key(key)
+        flags, vb = self._value(value)
+        stored = self._write(kb, flags, vb, self._deadline(ttl), REPLACE)
+        if stored:
+            self._ctr[self._i_sets] += 1
+        return stored
+
+    def set_many(self, mapping, ttl=_DEFAULT) -> None:
+        """Store every item of ``mapping`` (each stripe locked once).
+
+        All keys and values are encoded and checked first, so bad input stores
+        nothing. Each key is stored atomically; the batch as a whole is not.
+
+        Raises:
+            as :meth:`set`.
+        """
+        expire = self._deadline(ttl)
+        items = mapping.items() if hasattr(mapping, "items") else mapping
+        entries = []
+        for k, v in items:
+            flags, vb = self._value(v)
+            entries.append((self._key(k), flags, vb, expire))
+        self._table.write_many(entries)
+        self._ctr[self._i_sets] += len(entries)
+
+    def update(self, other=(), /, **kw) -> None:
+        """dict.update: store every item (no ttl beyond ``default_ttl``)."""
+        self.set_many(dict(other, **kw))
+
+    def delete(self, key) -> bool:
+        """Remove ``key``. Returns True if it was present (and unexpired)."""
+        done = self._table.delete(self._key(key))
+        if done:
+            self._ctr[self._i_deletes] += 1
+        return done
+
+    def __delitem__(self, key) -> None:
+        if not self.delete(key):
+            raise KeyError(key)
+
+    def delete_many(self, keys) -> int:
+        """Remove every key in ``keys``; returns how many were present."""
+        n = self._table.delete_many([self._key(k) for k in keys])
+        self._ctr[self._i_deletes] += n
+        return n
+
+    def pop(self, key, default=_MISSING):
+        """Remove ``key`` and return its value (atomically); ``default`` if absent.
+
+        Raises:
+            KeyError: absent and no default given.
+        """
+        r = self._table.pop(self._key(key))
+        if r is None:
+            if default is _MISSING:
+                raise KeyError(key)
+            return default
+        self._ctr[self._i_deletes] += 1
+        return self._decode(*r)
+
+    def setdefault(self, key, default=None):
+        """``cache[key]`` if present, else store ``default`` (atomically, via add) and return it."""
+        while True:
+            v = self.get(key, _MISSING)
+            if v is not _MISSING:
+                return v
+            if self.add(key, default):
+                return default
+
+    def incr(self, key, delta: int = 1, default: int | None = 0, ttl=None) -> int:
+        """Add ``delta`` to the int under ``key`` atomically across processes; return the result.
+
+        A missing key starts at ``default`` (None: raise KeyError) and gets
+        ``ttl`` (seconds; handy for rate-limit windows); an existing key keeps
+        its expiry.
+
+        Raises:
+            KeyError: missing key and ``default`` is None.
+            TypeError: the stored value (or ``delta``) is not an int.
+        """
+        if isinstance(delta, bool) or not isinstance(delta, int):
+            raise TypeError(f"delta must be an int, not {type(delta).__name__}")
+        if default is not None and (isinstance(default, bool) or not isinstance(default, int)):
+            raise TypeError(f"default must be an int or None, not {type(default).__name__}")
+        kb = self._key(key)
+        expire = self._deadline(ttl)
+        try:
+            return self._table.incr(kb, delta, default, expire, encode_int)
+        except KeyError:
+            raise KeyError(key) from None
+        finally:
+            self._ctr[self._i_sets] += 1
+
+    def decr(self, key, delta: int = 1, default: int | None = 0, ttl=None) -> int:
+        """Subtract ``delta`` atomically; see :meth:`incr`."""
+        if isinstance(delta, bool) or not isinstance(delta, int):
+            raise TypeError(f"delta must be an int, not {type(delta).__name__}")
+        return self.incr(key, -delta, default, ttl)
+
+    def touch(self, key, ttl=None) -> bool:
+        """Give ``key`` a new ttl (None: never expire). False if absent or expired."""
+        return self._table.touch(self._key(key), self._deadline(ttl))
+
+    def expire(self, key, ttl: float) -> bool:
+        """Redis' EXPIRE: ``key`` expires ``ttl`` seconds from now. False if absent.
+
+        Raises:
+            ValueError: ttl is not a positive number.
+        """
+        if ttl is None:
+            raise ValueError("expire needs a ttl in seconds; use touch(key, None) to remove an expiry")
+        return self.touch(key, ttl)
+
+    def persist(self, key) -> bool:
+        """Remove ``key``'s expiry (Redis' PERSIST). False if absent."""
+        return self.touch(key, None)
+
+    def get_or_set(self, key, factory, ttl=_DEFAULT):
+        """``cache[key]`` if present; otherwise store and return ``factory()``.
+
+        If another process stores the key first, its value is returned.
+        """
+        v = self.get(key, _MISSING)
+        if v is not _MISSING:
+            return v
+        v = factory()
+        if self.add(key, v, ttl):
+            return v
+        cur = self.get(key, _MISSING)
+        return v if cur is _MISSING else cur
+
+    def clear(self) -> int:
+        """Remove every entry (each stripe under its lock). Returns how many were dropped."""
+        return self._table.clear()
+
+    # -- iteration ----------------------------------------------------------
+    def keys(self) -> list:
+        """A list of the live keys (each stripe read consistently; the whole is a
+        point-in-time view, not a snapshot across stripes)."""
+        now = self._clock()
+        t = self._table
+        return [decode_key(kb) for s in range(t.n_stripes) for kb in t.keys_of(s, now)]
+
+    def items(self) -> list:
+        """A list of ``(key, value)`` pairs, consistent per stripe."""
+        now = self._clock()
+        t = self._table
+        dec = self._decode
+        return [
+            (decode_key(kb), dec(flags, vb))
+            for s in range(t.n_stripes)
+            for kb, flags, vb, exp, _at in t.stripe_records(s)
+            if not (exp and exp <= now)
+        ]
+
+    def values(self) -> list:
+        """A list of the live values."""
+        return [v for _k, v in self.items()]
+
+    def __iter__(self):
+        return iter(self.keys())
+
+    def __len__(self) -> int:
+        """Live, unexpired entries right now."""
+        return self._table.count(self._clock())
+
+    # -- management ---------------------------------------------------------
+    def stats(self) -> dict:
+        """Counters and fill: hits, misses, sets, deletes, evictions, expirations
+        (all processes, including ones that exited), items, bytes used and
+        free, per-stripe fill, attached clients and daemon status."""
+        g = self._g
+        mm = self._seg.mm
+        totals = [L.U64.unpack_from(mm, L.H_RETIRED + 8 * k)[0] for k in range(L.N_COUNTERS)]
+        clients = live_clients(self._seg)
+        for c, _pid, _start in clients:
+            base = g.client_table_off + c * g.client_record_size + L.C_COUNTERS
+            for k in range(L.N_COUNTERS):
+                totals[k] += L.U64.unpack_from(mm, base + 8 * k)[0]
+        st = self._table.stripes
+        items = int(st[:, L.S_ITEMS // 8].sum())
+        used = st[:, L.S_USED // 8].astype("int64")
+        garbage = st[:, L.S_GARBAGE // 8].astype("int64")
+        live = used - garbage
+        arena = g.stripe_arena * g.n_stripes
+        out = dict(zip(L.COUNTERS, totals))
+        lookups = out["hits"] + out["misses"]
+        dpid = L.U64.unpack_from(mm, L.H_DAEMON_PID)[0]
+        dstart = L.F64.unpack_from(mm, L.H_DAEMON_START)[0]
+        beat = L.F64.unpack_from(mm, L.H_DAEMON_HEARTBEAT)[0]
+        out.update(
+            name=self.name,
+            layout_version=L.LAYOUT_VERSION,
+            size=g.total_size,
+            stripes=g.n_stripes,
+            policy=L.POLICY_NAMES[g.policy],
+            max_items=g.max_items,
+            max_key_size=g.max_key_size,
+            max_value_size=g.max_value_size,
+            items=items,
+            bytes_used=int(live.sum()),
+            bytes_free=arena - int(live.sum()),
+            bytes_garbage=int(garbage.sum()),
+            arena_bytes=arena,
+            hit_rate=(out["hits"] / lookups) if lookups else 0.0,
+            stripe_fill=[round(float(x) / g.stripe_arena, 4) for x in live],
+            recoveries=int(st[:, L.S_RECOVERIES // 8].sum()),
+            clients=sum(1 for _c, pid, start in clients if is_alive(pid, start)),
+            generation=L.U64.unpack_from(mm, L.H_GENERATION)[0],
+            daemon_pid=dpid or None,
+            daemon_alive=bool(dpid) and is_alive(dpid, dstart),
+            daemon_heartbeat_age=(time.time() - beat) if beat else None,
+        )
+        return out
+
+    def check(self) -> list[str]:
+        """Integrity check of every stripe (checksums, index reachability,
+        accounting). Returns the problems found; empty means sound."""
+        return [p for s in range(self._g.n_stripes) for p in self._table.check(s)]
+
+    @property
+    def closed(self) -> bool:
+        """True after :meth:`close`."""
+        return self._closed
+
+    def close(self) -> None:
+        """Detach: give back this process's client slot and unmap. Idempotent.
+        The cache itself stays for other processes; see :meth:`unlink`."""
+        if self._closed:
+            return
+        self._closed = True
+        _live_caches.discard(self)
+        self._finalizer()
+
+        def closed(*_a, **_k):
+            raise ValueError(f"cache {self.name!r} is closed")
+
+        self._read = self._write = closed
+        self._table = _Closed(closed)
+
+    def __enter__(self) -> "Cache":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        state = "closed" if self._closed else f"{self._g.total_size} bytes, {self._g.n_stripes} stripes"
+        return f"<shmcache.Cache {self.name!r} ({state})>"
+
+    def __reduce__(self):
+        # Pickled (e.g. to a spawned process): the receiver attaches by name.
+        return (_attach, (self.name, self.default_ttl, self.lock_timeout))
+
+    __hash__ = object.__hash__
+
+    def __eq__(self, other):
+        return self is other
+
+    @staticmethod
+    def unlink(name: str) -> bool:
+        """Destroy the cache ``name``: its segment and semaphores. True if anything was removed.
+
+        Processes still attached keep working on their mapping until they close
+        it; new ones get a fresh, empty cache.
+
+        Raises:
+            ValueError / TypeError: bad name.
+        """
+        return Segment.unlink(name)
+
+    @staticmethod
+    def list() -> list[str]:
+        """Names of the caches on this host."""
+        return Segment.list_names()
+
+
+class _Closed:
+    def __init__(self, fn):
+        self._fn = fn
+
+    def __getattr__(self, _name):
+        return self._fn
+
+
+def _attach(name, default_ttl, lock_timeout):
+    return Cache(name, create=False, default_ttl=default_ttl, lock_timeout=lock_timeout)
+
+
+def _after_fork_in_child() -> None:
+    for c in list(_live_caches):
+        c._after_fork()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)

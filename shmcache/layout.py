@@ -1,0 +1,416 @@
+"""The byte layout of a shmcache segment: the one module that knows offsets.
+
+Everything about the segment's bytes lives here: the magic, the layout
+version, every ``struct.Struct`` and numpy dtype, and the arithmetic that turns
+user-facing settings (``size``, ``stripes``, ``max_items`` ...) into a fixed
+geometry. Nothing in a segment ever moves or grows after creation.
+
+::
+
+    offset 0          +-------------------------------------------+
+                      | header (one 4 KiB page)                   |
+    stripe_table_off  +-------------------------------------------+
+                      | stripe records, 64 B each (one cache line)|
+    client_table_off  +-------------------------------------------+
+                      | client records: 64 B + 1 B per stripe     |
+    index_off         +-------------------------------------------+
+                      | index: stripes x slots_per_stripe x 32 B  |
+                      |   stripe 0 slots | stripe 1 slots | ...   |
+    arena_off         +-------------------------------------------+
+                      | arenas: stripes x stripe_arena bytes      |
+                      |   [entry][entry][garbage][entry]...free   |
+                      +-------------------------------------------+
+
+Every field below is commented with who writes it, who reads it and whether a
+stale read is safe. "Under the stripe lock" means: written only while holding
+that stripe's semaphore with the stripe's seqlock version odd.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import struct
+from dataclasses import dataclass
+
+import numpy as np
+
+from .errors import LayoutMismatch
+
+MAGIC = b"SHMCACHE"
+#: Bumped whenever any offset or field below changes meaning. Attaching to a
+#: segment of another version raises LayoutMismatch; snapshots carry entries,
+#: not layouts, so they restore across versions.
+LAYOUT_VERSION = 1
+
+PAGE = 4096
+CACHE_LINE = 64
+
+# --------------------------------------------------------------------------
+# Header: one page at offset 0.
+#
+# Written once by the initializer (under the init lock), magic last, so an
+# attacher that sees the magic sees a complete header. After that only the
+# generation, daemon fields and retired counters change.
+HEADER = struct.Struct(
+    "<8s"  # magic            initializer, last of all; readers: attach
+    "I"  # layout_version     initializer
+    "I"  # header_size        initializer (PAGE)
+    "Q"  # total_size         initializer: bytes of the whole segment
+    "I"  # n_stripes          initializer: power of two
+    "I"  # max_clients        initializer
+    "I"  # slots_per_stripe   initializer
+    "I"  # max_key_size       initializer: bytes of the encoded key
+    "Q"  # max_value_size     initializer: bytes of the encoded value
+    "Q"  # stripe_arena       initializer: arena bytes per stripe
+    "Q"  # max_items          initializer: items per stripe x stripes
+    "Q"  # stripe_table_off
+    "Q"  # client_table_off
+    "Q"  # client_record_size
+    "Q"  # index_off
+    "Q"  # arena_off
+    "d"  # created            wall clock seconds
+    "I"  # policy             0 = lru, 1 = noeviction
+    "I"  # mode               permission bits the segment was created with
+)
+HEADER_POLICY_LRU = 0
+HEADER_POLICY_NOEVICTION = 1
+POLICIES = {"lru": HEADER_POLICY_LRU, "noeviction": HEADER_POLICY_NOEVICTION}
+POLICY_NAMES = {v: k for k, v in POLICIES.items()}
+
+# Mutable header fields live at fixed offsets after the static part, each
+# 8-byte aligned so a single aligned store/load is never torn on x86-64.
+#   generation: bumped by clear() and restore (under every stripe lock).
+#     Readers: stats, snapshot; stale read safe.
+H_GENERATION = 256
+#   daemon pid / daemon process start time / heartbeat (wall clock): written
+#   by the daemon only; stale reads are safe (liveness is re-checked with psutil).
+H_DAEMON_PID = 264
+H_DAEMON_START = 272
+H_DAEMON_HEARTBEAT = 280
+#   Retired counters: a client's counters are added here when its slot is
+#   released (close, exit, or reaped after death) under the client-table lock,
+#   so totals never go backwards when a process exits.
+H_RETIRED = 512  # N_COUNTERS x u64
+
+# --------------------------------------------------------------------------
+# Stripe record: one 64-byte cache line per stripe, at stripe_table_off.
+STRIPE_SIZE = CACHE_LINE
+STRIPE = struct.Struct(
+    "<Q"  # version    seqlock: odd while a writer mutates. Writer only, under lock.
+    #                  Readers compare before/after; a stale read just retries.
+    "I"  # owner_pid   writer, right after acquiring; cleared right before release.
+    "I"  # _pad
+    "d"  # owner_start process start time of owner_pid (psutil create_time), so a
+    #                  reused pid is not mistaken for the owner.
+    "Q"  # items       live index slots in this stripe. Under lock; stale read safe.
+    "Q"  # used        arena bump pointer (bytes from stripe arena start). Under lock.
+    "Q"  # garbage     bytes below `used` held by dead entries. Under lock.
+    "Q"  # evictions   entries evicted by LRU in this stripe. Under lock.
+    "Q"  # recoveries  times this stripe was repaired after a dead owner.
+)
+S_VERSION = 0
+S_OWNER_PID = 8
+S_OWNER_START = 16
+S_ITEMS = 24
+S_USED = 32
+S_GARBAGE = 40
+S_EVICTIONS = 48
+S_RECOVERIES = 56
+OWNER = struct.Struct("<IId")  # pid, pad, start: one 16-byte store at S_OWNER_PID
+ACCOUNT = struct.Struct("<QQQ")  # items, used, garbage at S_ITEMS
+
+# --------------------------------------------------------------------------
+# Client record: claimed by each attached process (pid + start time), at
+# client_table_off + i * client_record_size. Size: 64 + n_stripes rounded up
+# to 64.
+CLIENT_HEAD = struct.Struct("<IId")  # pid, pad, start; pid 0 = free slot
+C_PID = 0
+C_START = 8
+C_COUNTERS = 16  # N_COUNTERS x u64, written only by the owning process
+COUNTERS = ("hits", "misses", "sets", "deletes", "evictions", "expirations")
+N_COUNTERS = len(COUNTERS)
+C_HITS, C_MISSES, C_SETS, C_DELETES, C_EVICTIONS, C_EXPIRATIONS = range(N_COUNTERS)
+#   acquiring[n_stripes] bytes at C_MARKERS: 1 while this process is between
+#   "about to sem_wait" and "owner recorded", and again between "about to clear
+#   owner" and "sem_post done". It covers the windows where the semaphore may be
+#   held with no owner recorded, so a recoverer can tell a dead holder from a
+#   live one. Written by the owning process under its per-stripe thread lock.
+C_MARKERS = 64
+
+# --------------------------------------------------------------------------
+# Index slot: 32 bytes, open addressing with linear probing inside each
+# stripe's own slice. Written only under the stripe lock; readers use the
+# seqlock. `tag` 0 means empty; deletion is backward-shift (no tombstones).
+SLOT_SIZE = 32
+SLOT = struct.Struct(
+    "<I"  # tag     (hash >> 32) | 1, never 0. Home slot = tag % slots_per_stripe.
+    "I"  # off      entry offset from the stripe arena start (bytes, 8-aligned)
+    "I"  # vlen     encoded value bytes
+    "H"  # klen     encoded key bytes
+    "B"  # flags    value type tag (codec)
+    "B"  # _spare
+    "d"  # expire   absolute deadline (clock seconds); 0.0 = never
+    "d"  # atime    last access (clock seconds) for LRU. Readers write it too,
+    #               racily: it is a hint, a lost update only ages an entry.
+)
+SL_TAG = 0
+SL_EXPIRE = 16
+SL_ATIME = 24
+F64 = struct.Struct("<d")
+U64 = struct.Struct("<Q")
+SLOT_DTYPE = np.dtype(
+    [
+        ("tag", "<u4"),
+        ("off", "<u4"),
+        ("vlen", "<u4"),
+        ("klen", "<u2"),
+        ("flags", "u1"),
+        ("spare", "u1"),
+        ("expire", "<f8"),
+        ("atime", "<f8"),
+    ]
+)
+assert SLOT_DTYPE.itemsize == SLOT.size == SLOT_SIZE  # layout self-check at import
+
+# --------------------------------------------------------------------------
+# Entry in an arena: [entry header | key | value], padded to 8 bytes.
+ENTRY = struct.Struct(
+    "<I"  # checksum  xxh32 of bytes [4:entry_len): rest of header, key, value
+    "H"  # klen
+    "B"  # flags
+    "B"  # _pad
+    "I"  # vlen
+    "I"  # _reserved
+)
+ENTRY_HEADER = ENTRY.size  # 16
+ALIGN = 8
+
+#: A hash table slice is never filled beyond this load factor; inserting past
+#: it evicts (lru) or raises CacheFull (noeviction).
+MAX_LOAD = 0.75
+
+NAME_RE = re.compile(r"[A-Za-z0-9_.-]{1,64}")
+_SIZE_RE = re.compile(r"\s*(\d+(?:\.\d+)?)\s*([A-Za-z]*)\s*")
+_UNITS = {
+    "": 1, "b": 1,
+    "k": 1024, "kib": 1024, "kb": 1000,
+    "m": 1024**2, "mib": 1024**2, "mb": 1000**2,
+    "g": 1024**3, "gib": 1024**3, "gb": 1000**3,
+    "t": 1024**4, "tib": 1024**4, "tb": 1000**4,
+}
+
+MIN_SIZE = 256 * 1024
+MIN_STRIPE_ARENA = 4096
+MAX_STRIPES = 1024
+MAX_KEY_LIMIT = 65535  # klen is a u16 in the slot and the entry header
+MAX_STRIPE_ARENA = 2**32 - ALIGN  # off is a u32
+
+
+def parse_size(size: int | str) -> int:
+    """Turn ``256MiB``, ``1GB``, ``64M``, ``"1048576"`` or an int into bytes.
+
+    Binary units: ``KiB MiB GiB TiB`` and bare ``K M G T``; decimal units:
+    ``KB MB GB TB``. Case-insensitive.
+
+    Raises:
+        TypeError: ``size`` is neither an int nor a str.
+        ValueError: the string is not a size, or the size is not positive.
+    """
+    if isinstance(size, bool) or not isinstance(size, (int, str)):
+        raise TypeError(f"size must be an int (bytes) or a string like '256MiB', not {type(size).__name__}")
+    if isinstance(size, int):
+        n = size
+    else:
+        m = _SIZE_RE.fullmatch(size)
+        unit = m.group(2).lower() if m else None
+        if m is None or unit not in _UNITS:
+            raise ValueError(
+                f"bad size {size!r}: expected a number with an optional unit "
+                "(B, KiB, MiB, GiB, TiB, K, M, G, T binary; KB, MB, GB, TB decimal), e.g. '256MiB'"
+            )
+        n = int(float(m.group(1)) * _UNITS[unit])
+    if n <= 0:
+        raise ValueError(f"size must be positive, got {size!r}")
+    return n
+
+
+def validate_name(name: str) -> str:
+    """Check a cache name: 1-64 characters from ``[A-Za-z0-9_.-]``.
+
+    Raises:
+        TypeError: ``name`` is not a str.
+        ValueError: the name is empty, too long or has other characters
+            (a slash, for instance).
+    """
+    if not isinstance(name, str):
+        raise TypeError(f"cache name must be a str, not {type(name).__name__}")
+    if not NAME_RE.fullmatch(name) or name in (".", ".."):
+        raise ValueError(
+            f"bad cache name {name!r}: use 1-64 characters from A-Z a-z 0-9 _ . - (no slashes)"
+        )
+    return name
+
+
+def _align(n: int, a: int) -> int:
+    return (n + a - 1) // a * a
+
+
+def _pow2_at_most(n: int) -> int:
+    return 1 << max(0, int(n).bit_length() - 1)
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """The fixed shape of one segment, computed at creation, read at attach."""
+
+    total_size: int
+    n_stripes: int
+    max_clients: int
+    slots_per_stripe: int
+    max_key_size: int
+    max_value_size: int
+    stripe_arena: int
+    max_items: int
+    stripe_table_off: int
+    client_table_off: int
+    client_record_size: int
+    index_off: int
+    arena_off: int
+    created: float = 0.0
+    policy: int = HEADER_POLICY_LRU
+    mode: int = 0o600
+
+    @property
+    def items_per_stripe(self) -> int:
+        """Most live slots one stripe may hold (the load-factor cap)."""
+        return self.max_items // self.n_stripes
+
+    def pack_header(self) -> bytes:
+        """The static header with an all-zero magic (written last, separately)."""
+        return HEADER.pack(
+            b"\0" * 8, LAYOUT_VERSION, PAGE, self.total_size, self.n_stripes,
+            self.max_clients, self.slots_per_stripe, self.max_key_size,
+            self.max_value_size, self.stripe_arena, self.max_items,
+            self.stripe_table_off, self.client_table_off, self.client_record_size,
+            self.index_off, self.arena_off, self.created, self.policy, self.mode,
+        )
+
+    @classmethod
+    def unpack_header(cls, buf, where: str = "segment") -> "Geometry":
+        """Read a header; raise LayoutMismatch if it is not ours or another version."""
+        if len(buf) < HEADER.size:
+            raise LayoutMismatch(f"{where} is {len(buf)} bytes, too small to hold a shmcache header")
+        f = HEADER.unpack_from(buf, 0)
+        magic, version = f[0], f[1]
+        if magic != MAGIC:
+            raise LayoutMismatch(
+                f"{where} is not a shmcache segment (magic {magic!r}, expected {MAGIC!r}); "
+                f"this shmcache reads layout version {LAYOUT_VERSION}"
+            )
+        if version != LAYOUT_VERSION:
+            raise LayoutMismatch(
+                f"{where} has layout version {version}, this shmcache reads layout version "
+                f"{LAYOUT_VERSION}; restore it from a snapshot or remove it (shmcache rm)"
+            )
+        return cls(*f[3:])
+
+
+def compute_geometry(
+    size: int | str,
+    *,
+    stripes: int | None = None,
+    max_items: int | None = None,
+    max_key_size: int = 1024,
+    max_value_size: int | None = None,
+    max_clients: int = 512,
+    policy: str = "lru",
+    mode: int = 0o600,
+    created: float = 0.0,
+) -> Geometry:
+    """Lay out a segment of ``size`` bytes; every limit is checked here.
+
+    ``size`` is the whole segment (what /dev/shm shows). ``max_items`` defaults
+    to one item per 200 bytes, ``stripes`` to one per 4 MiB (a power of two
+    between 4 and 64), ``max_value_size`` to a quarter of one stripe's arena.
+
+    Raises:
+        TypeError / ValueError: a setting has the wrong type or is out of range;
+            the message names the setting and its limit.
+    """
+    total = parse_size(size)
+    if total < MIN_SIZE:
+        raise ValueError(f"size {total} bytes is too small: the minimum is {MIN_SIZE} bytes (256KiB)")
+    if policy not in POLICIES:
+        raise ValueError(f"policy must be one of {sorted(POLICIES)}, not {policy!r}")
+    for label, v in (("stripes", stripes), ("max_items", max_items), ("max_value_size", max_value_size)):
+        if v is not None and (isinstance(v, bool) or not isinstance(v, int)):
+            raise TypeError(f"{label} must be an int, not {type(v).__name__}")
+    for label, v in (("max_key_size", max_key_size), ("max_clients", max_clients)):
+        if isinstance(v, bool) or not isinstance(v, int):
+            raise TypeError(f"{label} must be an int, not {type(v).__name__}")
+
+    if stripes is None:
+        stripes = min(64, max(4, _pow2_at_most(total // (4 * 1024 * 1024))))
+    if stripes < 1 or stripes > MAX_STRIPES or stripes & (stripes - 1):
+        raise ValueError(f"stripes must be a power of two between 1 and {MAX_STRIPES}, got {stripes}")
+    if not 1 <= max_key_size <= MAX_KEY_LIMIT:
+        raise ValueError(f"max_key_size must be between 1 and {MAX_KEY_LIMIT} bytes, got {max_key_size}")
+    if not 1 <= max_clients <= 65536:
+        raise ValueError(f"max_clients must be between 1 and 65536, got {max_clients}")
+
+    if max_items is None:
+        max_items = max(stripes * 16, total // 200)
+    if max_items < stripes:
+        raise ValueError(f"max_items must be at least the number of stripes ({stripes}), got {max_items}")
+    per_stripe = math.ceil(max_items / stripes)
+    sps = math.ceil(per_stripe / MAX_LOAD) + 1
+    if sps >= 2**31:
+        raise ValueError(f"max_items {max_items} is too large for {stripes} stripes")
+
+    stripe_table_off = PAGE
+    client_table_off = _align(stripe_table_off + stripes * STRIPE_SIZE, PAGE)
+    client_record_size = C_MARKERS + _align(stripes, CACHE_LINE)
+    index_off = _align(client_table_off + max_clients * client_record_size, PAGE)
+    arena_off = _align(index_off + stripes * sps * SLOT_SIZE, PAGE)
+    stripe_arena = ((total - arena_off) // stripes) // PAGE * PAGE
+    if stripe_arena < MIN_STRIPE_ARENA:
+        raise ValueError(
+            f"size {total} bytes leaves {max(0, total - arena_off)} bytes of arena for "
+            f"{stripes} stripes after the index for max_items={max_items}; raise size, "
+            f"or lower max_items or stripes (each stripe needs at least {MIN_STRIPE_ARENA} bytes)"
+        )
+    stripe_arena = min(stripe_arena, MAX_STRIPE_ARENA // PAGE * PAGE)
+    entry_room = stripe_arena - ENTRY_HEADER - max_key_size
+    if max_value_size is None:
+        max_value_size = max(1, min(entry_room, stripe_arena // 4))
+    if not 1 <= max_value_size <= entry_room:
+        raise ValueError(
+            f"max_value_size must be between 1 and {entry_room} bytes (one stripe's arena "
+            f"of {stripe_arena} bytes less the entry header and max_key_size), got {max_value_size}; "
+            f"raise size or lower stripes to allow larger values"
+        )
+    total = arena_off + stripes * stripe_arena
+    return Geometry(
+        total_size=total,
+        n_stripes=stripes,
+        max_clients=max_clients,
+        slots_per_stripe=sps,
+        max_key_size=max_key_size,
+        max_value_size=max_value_size,
+        stripe_arena=stripe_arena,
+        max_items=per_stripe * stripes,
+        stripe_table_off=stripe_table_off,
+        client_table_off=client_table_off,
+        client_record_size=client_record_size,
+        index_off=index_off,
+        arena_off=arena_off,
+        created=created,
+        policy=POLICIES[policy],
+        mode=mode,
+    )
+
+
+def entry_alloc(klen: int, vlen: int) -> int:
+    """Arena bytes taken by an entry with this key and value length."""
+    return (ENTRY_HEADER + klen + vlen + ALIGN - 1) & ~(ALIGN - 1)

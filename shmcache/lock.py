@@ -1,0 +1,337 @@
+"""Stripe locks, seqlock versions, owner records, client slots and crash recovery.
+
+A writer holds a stripe's POSIX semaphore and keeps the stripe's seqlock
+version odd while it mutates. Readers never lock (see ``table.Table.get``).
+
+POSIX semaphores are not released when their holder dies, so every holder
+records itself (pid + process start time) in the stripe record right after
+acquiring and clears it right before releasing. The two windows where the
+semaphore may be held with no owner recorded (between sem_wait returning and
+the owner store; between the owner clear and sem_post) are covered by a
+per-client, per-stripe *marker* byte set for the duration of each window.
+
+A writer whose acquire times out looks at the owner (and, if there is none, at
+the markers): if every piece of evidence points at a dead process, it takes the
+recovery lock (an fcntl lock the kernel releases if the recoverer dies too),
+re-checks, repairs the stripe through the table's ``repair`` callback and keeps
+the semaphore as its own. The daemon runs the same check on a timer and
+releases the semaphore instead.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from typing import Callable
+
+import posix_ipc
+import psutil
+
+from . import layout as L
+from .errors import CacheFull, LockTimeout
+from .segment import LOCK_CLIENTS, LOCK_RECOVERY, Segment
+
+_ZERO16 = bytes(16)
+
+
+def process_start(pid: int) -> float | None:
+    """Start time of a live process (psutil ``create_time``), or None if it is
+    gone or a zombie (a SIGKILLed child its parent has not reaped yet)."""
+    try:
+        p = psutil.Process(pid)
+        if p.status() in (psutil.STATUS_ZOMBIE, psutil.STATUS_DEAD):
+            return None
+        return p.create_time()
+    except (psutil.NoSuchProcess, psutil.ZombieProcess):
+        return None
+    except psutil.AccessDenied:  # pragma: no cover - another user's live process
+        return -1.0
+
+
+def is_alive(pid: int, start: float) -> bool:
+    """True if ``pid`` runs and started at ``start`` (so a reused pid is not mistaken)."""
+    if pid == 0:
+        return False
+    s = process_start(pid)
+    if s is None:
+        return False
+    return s < 0 or abs(s - start) < 0.05
+
+
+class Identity:
+    """This process as the segment records it: pid and start time. Renewed after fork."""
+
+    def __init__(self) -> None:
+        self.pid = os.getpid()
+        self.start = psutil.Process(self.pid).create_time()
+        self.owner = L.OWNER.pack(self.pid, 0, self.start)
+
+
+class StripeLocks:
+    """The per-stripe write locks of one attached segment, for one process.
+
+    ``lock(s)`` / ``unlock(s)`` bracket every mutation of stripe ``s``: they take
+    a per-process thread lock (so threads of one process never share a marker),
+    the stripe semaphore, record the owner and bump the seqlock version to odd;
+    ``unlock`` does the reverse. Always call ``unlock`` in ``finally``.
+    """
+
+    def __init__(
+        self,
+        seg: Segment,
+        identity: Identity,
+        client: int,
+        lock_timeout: float,
+        repair: Callable[[int], None],
+    ) -> None:
+        g = seg.geometry
+        self.seg = seg
+        self.mm = seg.mm
+        self.sems = seg.sems
+        self.geometry = g
+        self.lock_timeout = float(lock_timeout)
+        self.repair = repair
+        self.identity = identity
+        self._q = memoryview(seg.mm).cast("Q")
+        self._tlocks = [threading.Lock() for _ in range(g.n_stripes)]
+        self.set_client(client)
+
+    def set_client(self, client: int) -> None:
+        """Use client slot ``client`` for this process's markers."""
+        g = self.geometry
+        self.client = client
+        self._marker_base = g.client_table_off + client * g.client_record_size + L.C_MARKERS
+
+    def after_fork(self, identity: Identity, client: int) -> None:
+        """In a forked child: new identity, fresh thread locks, own client slot."""
+        self.identity = identity
+        self._tlocks = [threading.Lock() for _ in range(self.geometry.n_stripes)]
+        self.set_client(client)
+
+    def release_views(self) -> None:
+        """Drop the memoryview so the mapping can be closed."""
+        self._q.release()
+
+    # -- hot path -----------------------------------------------------------
+    def lock(self, s: int) -> None:
+        """Acquire stripe ``s`` for writing (seqlock version becomes odd).
+
+        Raises:
+            LockTimeout: a live process kept the stripe for too long.
+        """
+        tl = self._tlocks[s]
+        tl.acquire()
+        mm = self.mm
+        mb = self._marker_base + s
+        mm[mb] = 1
+        try:
+            try:
+                self.sems[s].acquire(self.lock_timeout)
+            except posix_ipc.BusyError:
+                self._slow_acquire(s)
+        except BaseException:
+            mm[mb] = 0
+            tl.release()
+            raise
+        so = self.geometry.stripe_table_off + s * L.STRIPE_SIZE
+        mm[so + L.S_OWNER_PID : so + L.S_OWNER_PID + 16] = self.identity.owner
+        mm[mb] = 0
+        self._q[so >> 3] += 1  # version odd: readers of this stripe retry
+
+    def unlock(self, s: int) -> None:
+        """Release stripe ``s`` (seqlock version becomes even)."""
+        mm = self.mm
+        so = self.geometry.stripe_table_off + s * L.STRIPE_SIZE
+        mb = self._marker_base + s
+        self._q[so >> 3] += 1  # version even: the stripe is consistent again
+        mm[mb] = 1
+        mm[so + L.S_OWNER_PID : so + L.S_OWNER_PID + 16] = _ZERO16
+        self.sems[s].release()
+        mm[mb] = 0
+        self._tlocks[s].release()
+
+    # -- contention and recovery --------------------------------------------
+    def _slow_acquire(self, s: int) -> None:
+        # Waited lock_timeout already. Keep waiting while a live process holds
+        # the stripe, up to a hard bound; recover at once from a dead one.
+        hard = time.monotonic() + max(10 * self.lock_timeout, 5.0)
+        while True:
+            if self.try_recover(s, keep=True):
+                return
+            try:
+                self.sems[s].acquire(self.lock_timeout)
+                return
+            except posix_ipc.BusyError:
+                pass
+            if time.monotonic() > hard:
+                pid = L.OWNER.unpack_from(self.mm, self._stripe_off(s) + L.S_OWNER_PID)[0]
+                raise LockTimeout(
+                    f"stripe {s} of cache {self.seg.name!r} has been held by live process "
+                    f"{pid or '(unknown)'} for more than {max(10 * self.lock_timeout, 5.0):.1f} s"
+                )
+
+    def _stripe_off(self, s: int) -> int:
+        return self.geometry.stripe_table_off + s * L.STRIPE_SIZE
+
+    def _evidence(self, s: int) -> tuple[bool, list[int]] | None:
+        """Who could hold stripe ``s``: None if a live process might; else
+        (owner_is_dead, dead client slots with a marker on s)."""
+        mm = self.mm
+        g = self.geometry
+        pid, _, start = L.OWNER.unpack_from(mm, self._stripe_off(s) + L.S_OWNER_PID)
+        dead_markers = []
+        for c in range(g.max_clients):
+            base = g.client_table_off + c * g.client_record_size
+            if mm[base + L.C_MARKERS + s]:
+                cpid, _, cstart = L.CLIENT_HEAD.unpack_from(mm, base)
+                if c == self.client and cpid == self.identity.pid:
+                    continue  # our own marker: this thread is the one asking
+                if is_alive(cpid, cstart):
+                    return None
+                dead_markers.append(c)
+        if pid:
+            if is_alive(pid, start):
+                return None
+            return True, dead_markers
+        if not dead_markers:
+            return None  # nobody to blame: a live holder is mid-step; wait
+        return False, dead_markers
+
+    def try_recover(self, s: int, keep: bool) -> bool:
+        """If stripe ``s`` is held by a dead process, repair it and take it over.
+
+        With ``keep`` the caller ends up holding the semaphore (the writer's
+        path); without it the semaphore is released (the daemon's path).
+        Returns True if this call acquired (keep) or freed (not keep) the stripe.
+        """
+        if self._evidence(s) is None:
+            return False
+        with self.seg.file_lock(LOCK_RECOVERY, timeout=max(30.0, 10 * self.lock_timeout), what="recovery"):
+            try:  # someone else recovered (or the holder finished) meanwhile
+                self.sems[s].acquire(0)
+                if not keep:
+                    self.sems[s].release()
+                return keep
+            except posix_ipc.BusyError:
+                pass
+            ev = self._evidence(s)
+            if ev is None:
+                return False
+            # Confirm the semaphore is still taken after the evidence: a live
+            # process that grabbed it in between would show as owner or marker.
+            try:
+                self.sems[s].acquire(0)
+                if not keep:
+                    self.sems[s].release()
+                return keep
+            except posix_ipc.BusyError:
+                pass
+            if self._evidence(s) != ev:
+                return False
+            so = self._stripe_off(s)
+            self.mm[so + L.S_OWNER_PID : so + L.S_OWNER_PID + 16] = self.identity.owner
+            self.repair(s)
+            self._q[(so + L.S_RECOVERIES) >> 3] += 1
+            for c in ev[1]:
+                self.mm[self.geometry.client_table_off + c * self.geometry.client_record_size + L.C_MARKERS + s] = 0
+            if not keep:
+                self.mm[so + L.S_OWNER_PID : so + L.S_OWNER_PID + 16] = _ZERO16
+                self.sems[s].release()
+            return True
+
+    def stripe_owner(self, s: int) -> tuple[int, float]:
+        """(pid, start) recorded as the holder of stripe ``s``; (0, 0.0) if none."""
+        pid, _, start = L.OWNER.unpack_from(self.mm, self._stripe_off(s) + L.S_OWNER_PID)
+        return pid, start
+
+
+# -- client table -------------------------------------------------------------
+def _client_base(g: L.Geometry, c: int) -> int:
+    return g.client_table_off + c * g.client_record_size
+
+
+def claim_client(seg: Segment, identity: Identity, timeout: float = 10.0) -> int:
+    """Claim a free client slot for this process (reaping dead ones). Returns its index.
+
+    Raises:
+        CacheFull: every slot belongs to a live process (raise ``max_clients``).
+    """
+    g = seg.geometry
+    mm = seg.mm
+    with seg.file_lock(LOCK_CLIENTS, timeout, what="client table"):
+        free = None
+        for c in range(g.max_clients):
+            base = _client_base(g, c)
+            pid, _, start = L.CLIENT_HEAD.unpack_from(mm, base)
+            if pid == 0:
+                free = c
+                break
+        if free is None:
+            free = _reap_locked(seg, first_only=True)
+        if free is None:
+            raise CacheFull(
+                f"all {g.max_clients} client slots of cache {seg.name!r} belong to live processes; "
+                "create the cache with a larger max_clients"
+            )
+        base = _client_base(g, free)
+        mm[base : base + g.client_record_size] = bytes(g.client_record_size)
+        L.CLIENT_HEAD.pack_into(mm, base, identity.pid, 0, identity.start)
+        return free
+
+
+def _retire_locked(seg: Segment, c: int) -> None:
+    """Fold client ``c``'s counters into the header totals and free the slot."""
+    g = seg.geometry
+    mm = seg.mm
+    base = _client_base(g, c)
+    for k in range(L.N_COUNTERS):
+        v = L.U64.unpack_from(mm, base + L.C_COUNTERS + 8 * k)[0]
+        off = L.H_RETIRED + 8 * k
+        L.U64.pack_into(mm, off, L.U64.unpack_from(mm, off)[0] + v)
+    mm[base : base + g.client_record_size] = bytes(g.client_record_size)
+
+
+def release_client(seg: Segment, identity: Identity, c: int) -> None:
+    """Give back client slot ``c`` if this process still holds it."""
+    g = seg.geometry
+    with seg.file_lock(LOCK_CLIENTS, 10.0, what="client table"):
+        pid, _, start = L.CLIENT_HEAD.unpack_from(seg.mm, _client_base(g, c))
+        if pid == identity.pid and start == identity.start:
+            _retire_locked(seg, c)
+
+
+def _reap_locked(seg: Segment, first_only: bool = False) -> int | list[int] | None:
+    g = seg.geometry
+    mm = seg.mm
+    reaped = []
+    for c in range(g.max_clients):
+        base = _client_base(g, c)
+        pid, _, start = L.CLIENT_HEAD.unpack_from(mm, base)
+        if pid == 0 or is_alive(pid, start):
+            continue
+        markers = mm[base + L.C_MARKERS : base + L.C_MARKERS + g.n_stripes]
+        if any(markers):
+            continue  # evidence for a stuck stripe: recovery frees this slot
+        _retire_locked(seg, c)
+        if first_only:
+            return c
+        reaped.append(c)
+    return None if first_only else reaped
+
+
+def reap_dead_clients(seg: Segment) -> list[int]:
+    """Free the client slots of dead processes (keeping their counters). Returns the slots freed."""
+    with seg.file_lock(LOCK_CLIENTS, 10.0, what="client table"):
+        return _reap_locked(seg)
+
+
+def live_clients(seg: Segment) -> list[tuple[int, int, float]]:
+    """(slot, pid, start) of every claimed client slot."""
+    g = seg.geometry
+    out = []
+    for c in range(g.max_clients):
+        pid, _, start = L.CLIENT_HEAD.unpack_from(seg.mm, _client_base(g, c))
+        if pid:
+            out.append((c, pid, start))
+    return out

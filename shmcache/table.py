@@ -1,0 +1,769 @@
+"""The hash table inside one segment: bytes in, bytes out.
+
+Each stripe owns a contiguous slice of the index (open addressing, linear
+probing, backward-shift deletion so there are no tombstones) and its own arena
+(a bump allocator of ``[header | key | value]`` entries). Writers run under the
+stripe lock with the seqlock version odd; readers never lock.
+
+Writes go out of place (append to the arena, then publish by writing the index
+slot) unless the new entry fits in the old one's bytes, in which case it is
+overwritten in place; either way a writer killed mid-write loses at most the
+entry it was writing, and the per-entry checksum lets recovery find it.
+
+When a stripe has no room: reclaim its expired entries, then evict by
+approximated LRU (oldest ``atime`` first, a batch at a time so the numpy scan is
+amortized), then compact the arena. ``"noeviction"`` raises CacheFull instead of
+evicting.
+
+No serialization here and no clock but the one handed in.
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import xxhash
+
+from . import layout as L
+from .errors import CacheFull, LockTimeout
+from .lock import StripeLocks
+
+_xxh3 = xxhash.xxh3_64_intdigest
+_xxh32 = xxhash.xxh32_intdigest
+_SLOT = L.SLOT
+_SLOT_unpack = L.SLOT.unpack_from
+_SLOT_pack = L.SLOT.pack_into
+_ENTRY_pack = L.ENTRY.pack_into
+_U64_unpack = L.U64.unpack_from
+_F64_pack = L.F64.pack_into
+_ACCOUNT = L.ACCOUNT
+_HDR = L.ENTRY_HEADER
+_SS = L.SLOT_SIZE
+_CHK = __import__("struct").Struct("<I")
+_I64 = __import__("struct").Struct("<q")
+
+SET, ADD, REPLACE = 0, 1, 2
+
+#: Lock-free read attempts before a reader takes the stripe lock instead. A
+#: writer's critical section is a few microseconds, so a handful of retries
+#: covers it; a writer that is descheduled or dead is waited for on the lock
+#: (which recovers a dead one) instead of burning the CPU.
+READ_RETRIES = 16
+
+#: When a stripe must evict, free this fraction of its arena / item cap beyond
+#: what the write needs, so the numpy scan is paid once per batch rather than
+#: once per insert (Redis evicts one key per write; its sample is in C).
+EVICT_SLACK = 64
+
+INT_FLAG = 2  # codec's tag for int; incr works in place on 8-byte ints
+
+_MISSING = object()
+
+
+def key_hash(kb: bytes) -> int:
+    """The stable 64-bit hash every process uses for a key (xxh3)."""
+    return _xxh3(kb)
+
+
+class Table:
+    """Probe, insert, delete, evict and compact inside one attached segment."""
+
+    def __init__(self, seg, locks: StripeLocks, clock, counters: memoryview, counter_base: int):
+        g = seg.geometry
+        self.seg = seg
+        self.g = g
+        self.mm = seg.mm
+        self.mv = memoryview(seg.mm)
+        self.locks = locks
+        self.clock = clock
+        self.ctr = counters  # memoryview cast to u64 over the whole segment
+        self.cbase = counter_base  # index in ctr of this client's first counter
+        self.n_stripes = g.n_stripes
+        self.mask = g.n_stripes - 1
+        self.sps = g.slots_per_stripe
+        self.index_off = g.index_off
+        self.arena_off = g.arena_off
+        self.stripe_arena = g.stripe_arena
+        self.stripe_off = g.stripe_table_off
+        self.cap_items = g.items_per_stripe
+        self.noeviction = g.policy == L.HEADER_POLICY_NOEVICTION
+        self.slots = np.frombuffer(
+            seg.mm, dtype=L.SLOT_DTYPE, count=g.n_stripes * g.slots_per_stripe, offset=g.index_off
+        ).reshape(g.n_stripes, g.slots_per_stripe)
+        self.stripes = np.frombuffer(
+            seg.mm, dtype=np.uint64, count=g.n_stripes * 8, offset=g.stripe_table_off
+        ).reshape(g.n_stripes, 8)
+
+    def set_counter_base(self, counter_base: int) -> None:
+        """Point this process's counters at another client slot (after fork)."""
+        self.cbase = counter_base
+
+    def release_views(self) -> None:
+        """Drop every buffer export so the mapping can be closed."""
+        self.mv.release()
+        self.slots = self.stripes = None
+
+    # ------------------------------------------------------------------ read
+    def read(self, kb: bytes):
+        """Find ``kb`` without locking.
+
+        Returns ``(flags, value_bytes, expire, slot_offset, atime)`` or None.
+        The caller checks ``expire`` against its clock. Never returns a torn
+        value: the stripe's seqlock version is the same before and after the
+        copy, else it retries, and after READ_RETRIES takes the lock.
+        """
+        h = _xxh3(kb)
+        s = h & self.mask
+        tag = (h >> 32) | 1
+        mm = self.mm
+        vo = self.stripe_off + (s << 6)
+        sps = self.sps
+        base = self.index_off + s * sps * _SS
+        ab = self.arena_off + s * self.stripe_arena
+        klen = len(kb)
+        home = tag % sps
+        for _ in range(READ_RETRIES):
+            v1 = _U64_unpack(mm, vo)[0]
+            if v1 & 1:
+                continue
+            result = None
+            try:
+                i = home
+                for _ in range(sps):
+                    p = base + i * _SS
+                    t, off, vlen, kl, flags, _sp, exp, at = _SLOT_unpack(mm, p)
+                    if t == 0:
+                        break
+                    if t == tag and kl == klen:
+                        a = ab + off + _HDR
+                        if mm[a : a + klen] == kb:
+                            result = (flags, mm[a + klen : a + klen + vlen], exp, p, at)
+                            break
+                    i += 1
+                    if i == sps:
+                        i = 0
+            except Exception:  # garbage seen mid-write; the version check decides
+                if _U64_unpack(mm, vo)[0] == v1:
+                    raise
+                continue
+            if _U64_unpack(mm, vo)[0] == v1:
+                return result
+        self.locks.lock(s)
+        try:
+            i = self._find(s, tag, kb)
+            if i < 0:
+                return None
+            p = base + i * _SS
+            t, off, vlen, kl, flags, _sp, exp, at = _SLOT_unpack(mm, p)
+            a = ab + off + _HDR + kl
+            return (flags, mm[a : a + vlen], exp, p, at)
+        finally:
+            self.locks.unlock(s)
+
+    def touch_atime(self, p: int, now: float) -> None:
+        """Record an access for LRU (racy by design: a hint, not data)."""
+        _F64_pack(self.mm, p + L.SL_ATIME, now)
+
+    # --------------------------------------------------------------- helpers
+    def _find(self, s: int, tag: int, kb: bytes) -> int:
+        """Slot index (within stripe s) holding kb, or -1. Caller holds the lock."""
+        mm = self.mm
+        sps = self.sps
+        base = self.index_off + s * sps * _SS
+        ab = self.arena_off + s * self.stripe_arena + _HDR
+        klen = len(kb)
+        i = tag % sps
+        while True:
+            t, off, vlen, kl, flags, _sp, exp, at = _SLOT_unpack(mm, base + i * _SS)
+            if t == 0:
+                return -1
+            if t == tag and kl == klen and mm[ab + off : ab + off + klen] == kb:
+                return i
+            i += 1
+            if i == sps:
+                i = 0
+
+    def _empty_from(self, s: int, tag: int) -> int:
+        mm = self.mm
+        sps = self.sps
+        base = self.index_off + s * sps * _SS
+        i = tag % sps
+        while _U64_unpack(mm, base + i * _SS)[0] & 0xFFFFFFFF:
+            i += 1
+            if i == sps:
+                i = 0
+        return i
+
+    def _account(self, s: int):
+        return _ACCOUNT.unpack_from(self.mm, self.stripe_off + (s << 6) + L.S_ITEMS)
+
+    def _set_account(self, s: int, items: int, used: int, garbage: int) -> None:
+        _ACCOUNT.pack_into(self.mm, self.stripe_off + (s << 6) + L.S_ITEMS, items, used, garbage)
+
+    def _write_entry(self, a: int, kb: bytes, flags: int, vb) -> None:
+        mm = self.mm
+        klen = len(kb)
+        vlen = len(vb)
+        e = a + _HDR
+        mm[e : e + klen] = kb
+        mm[e + klen : e + klen + vlen] = vb
+        _ENTRY_pack(mm, a, 0, klen, flags, 0, vlen, 0)
+        _CHK.pack_into(mm, a, _xxh32(self.mv[a + 4 : e + klen + vlen]))
+
+    def _delete_at(self, s: int, i: int) -> None:
+        """Remove slot i of stripe s (backward shift). Caller holds the lock and
+        does the accounting."""
+        mm = self.mm
+        sps = self.sps
+        base = self.index_off + s * sps * _SS
+        j = i
+        k = i
+        while True:
+            k += 1
+            if k == sps:
+                k = 0
+            pk = base + k * _SS
+            t = _U64_unpack(mm, pk)[0] & 0xFFFFFFFF
+            if t == 0:
+                break
+            home = t % sps
+            if (k - home) % sps >= (k - j) % sps:
+                pj = base + j * _SS
+                mm[pj : pj + _SS] = mm[pk : pk + _SS]
+                j = k
+        pj = base + j * _SS
+        mm[pj : pj + _SS] = bytes(_SS)
+
+    def _remove(self, s: int, i: int, acct):
+        """Delete slot i and return the new (items, used, garbage)."""
+        items, used, garbage = acct
+        t, off, vlen, klen, flags, _sp, exp, at = _SLOT_unpack(self.mm, self.index_off + (s * self.sps + i) * _SS)
+        alloc = L.entry_alloc(klen, vlen)
+        self._delete_at(s, i)
+        if off + alloc == used:
+            return items - 1, off, garbage  # the last entry: give the bytes back directly
+        return items - 1, used, garbage + alloc
+
+    def _locate(self, s: int, tag: int, off: int) -> int:
+        """Slot index of the entry at arena offset ``off`` (identity for batch deletes)."""
+        mm = self.mm
+        sps = self.sps
+        base = self.index_off + s * sps * _SS
+        i = tag % sps
+        for _ in range(sps):
+            t, o = _SLOT_unpack(mm, base + i * _SS)[:2]
+            if t == 0:
+                break
+            if t == tag and o == off:
+                return i
+            i += 1
+            if i == sps:
+                i = 0
+        return -1
+
+    def _remove_batch(self, s: int, tags, offs, acct):
+        for tag, off in zip(tags.tolist(), offs.tolist()):
+            i = self._locate(s, tag, off)
+            if i >= 0:
+                acct = self._remove(s, i, acct)
+        return acct
+
+    def _reclaim_expired(self, s: int, now: float, acct, limit: int | None = None):
+        sl = self.slots[s]
+        exp = sl["expire"]
+        hit = np.nonzero((exp > 0.0) & (exp <= now) & (sl["tag"] != 0))[0]
+        if limit is not None:
+            hit = hit[:limit]
+        if len(hit) == 0:
+            return acct, 0
+        tags = sl["tag"][hit]
+        offs = sl["off"][hit]
+        acct = self._remove_batch(s, tags, offs, acct)
+        self.ctr[self.cbase + L.C_EXPIRATIONS] += len(hit)
+        return acct, len(hit)
+
+    def _make_room(self, s: int, alloc: int, new_item: bool, now: float, acct):
+        """Ensure stripe s can take an entry of ``alloc`` bytes (and one more item
+        if ``new_item``). Returns the new accounting. Raises CacheFull under
+        noeviction when expired entries do not free enough."""
+        arena = self.stripe_arena
+        cap = self.cap_items
+
+        def fits(a):
+            items, used, garbage = a
+            return (not new_item or items < cap) and used + alloc <= arena
+
+        acct, _ = self._reclaim_expired(s, now, acct)
+        if fits(acct):
+            return acct
+        items, used, garbage = acct
+        live = used - garbage
+        over_items = items + (1 if new_item else 0) - cap
+        over_bytes = live + alloc - arena
+        if over_items > 0 or over_bytes > 0:
+            if self.noeviction:
+                raise CacheFull(
+                    f"cache {self.seg.name!r} is full (stripe {s}: {items} of {cap} items, "
+                    f"{live} of {arena} arena bytes live; entry needs {alloc} bytes): raise size "
+                    f"or max_items, or create it with policy='lru'"
+                )
+            acct = self._evict(s, max(0, over_items), max(0, over_bytes), acct)
+        if acct[1] + alloc > arena:
+            acct = self._compact(s, acct)
+        return acct
+
+    def _evict(self, s: int, n_items: int, n_bytes: int, acct):
+        """Evict the least recently used entries of stripe s: at least n_items
+        entries and n_bytes arena bytes, plus a 1/EVICT_SLACK batch margin."""
+        sl = self.slots[s]
+        live = np.nonzero(sl["tag"] != 0)[0]
+        if len(live) == 0:
+            return acct
+        rec = sl[live]
+        order = np.argsort(rec["atime"], kind="stable")
+        allocs = (L.ENTRY_HEADER + rec["klen"][order].astype(np.int64) + rec["vlen"][order] + 7) & ~7
+        want_items = n_items + (self.cap_items // EVICT_SLACK if n_items else 0)
+        want_bytes = n_bytes + (self.stripe_arena // EVICT_SLACK if n_bytes else 0)
+        k = want_items
+        if want_bytes > 0:
+            k = max(k, int(np.searchsorted(np.cumsum(allocs), want_bytes)) + 1)
+        k = min(max(k, 1), len(order))
+        victims = order[:k]
+        acct = self._remove_batch(s, rec["tag"][victims], rec["off"][victims], acct)
+        self.ctr[self.cbase + L.C_EVICTIONS] += k
+        self.stripes[s, L.S_EVICTIONS // 8] += k
+        return acct
+
+    def _compact(self, s: int, acct):
+        """Slide live entries of stripe s to the arena start, lowest offset first.
+
+        Crash safety: entries move in chunks whose destination never overlaps
+        their own source, and each chunk's slots are repointed before the next
+        chunk can overwrite the old copies; only an entry larger than the gap
+        in front of it moves onto itself (memmove), so a SIGKILL loses at most
+        that one entry. Work: one memmove per run of adjacent entries, not per
+        entry, so a stripe with few holes compacts in a few calls.
+        """
+        items, used, garbage = acct
+        sl = self.slots[s]
+        live = np.nonzero(sl["tag"] != 0)[0]
+        ab = self.arena_off + s * self.stripe_arena
+        if len(live) == 0:
+            return 0, 0, 0
+        offs = sl["off"][live].astype(np.int64)
+        order = np.argsort(offs)
+        live = live[order]
+        offs = offs[order]
+        allocs = (L.ENTRY_HEADER + sl["klen"][live].astype(np.int64) + sl["vlen"][live] + 7) & ~7
+        ends = np.cumsum(allocs)
+        new_offs = ends - allocs
+        gaps = offs - new_offs
+        total = int(ends[-1])
+        offcol = sl["off"]
+        mm = self.mm
+        n = len(live)
+        # runs: maximal stretches with the same gap (adjacent in the source)
+        cuts = np.nonzero(np.diff(gaps))[0] + 1
+        starts = np.concatenate(([0], cuts))
+        stops = np.concatenate((cuts, [n]))
+        for r0, r1 in zip(starts.tolist(), stops.tolist()):
+            g = int(gaps[r0])
+            if g == 0:
+                continue
+            i = r0
+            while i < r1:
+                # take entries while the chunk stays within g bytes (no self-overlap)
+                j = i + 1
+                if int(allocs[i]) <= g:
+                    limit = int(new_offs[i]) + g
+                    j = int(np.searchsorted(ends[i:r1], limit, side="right")) + i
+                    j = max(j, i + 1)
+                src = int(offs[i])
+                dst = int(new_offs[i])
+                nbytes = int(ends[j - 1]) - dst
+                mm.move(ab + dst, ab + src, nbytes)
+                offcol[live[i:j]] = new_offs[i:j]
+                i = j
+        return items, total, 0
+
+    # ------------------------------------------------------------- mutations
+    def write(self, kb: bytes, flags: int, vb, expire: float, mode: int = SET) -> bool:
+        """Store kb -> (flags, vb) with absolute deadline ``expire`` (0 = never).
+
+        ``mode`` SET always stores; ADD only if the key is absent (or expired);
+        REPLACE only if present. Returns whether it stored.
+
+        Raises:
+            CacheFull: noeviction and no room.
+            LockTimeout: the stripe stayed locked by a live process.
+        """
+        h = _xxh3(kb)
+        s = h & self.mask
+        tag = (h >> 32) | 1
+        self.locks.lock(s)
+        try:
+            return self._write_locked(s, tag, kb, flags, vb, expire, mode, self.clock())
+        finally:
+            self.locks.unlock(s)
+
+    def _write_locked(self, s, tag, kb, flags, vb, expire, mode, now):
+        mm = self.mm
+        sps = self.sps
+        base = self.index_off + s * sps * _SS
+        ab = self.arena_off + s * self.stripe_arena
+        klen = len(kb)
+        vlen = len(vb)
+        alloc = (_HDR + klen + vlen + 7) & ~7
+        i = self._find(s, tag, kb)
+        if i >= 0:
+            p = base + i * _SS
+            t, off, ovlen, kl, oflags, _sp, oexp, at = _SLOT_unpack(mm, p)
+            if oexp and oexp <= now:  # expired: it counts as absent
+                if mode == REPLACE:
+                    return False
+            elif mode == ADD:
+                return False
+            old_alloc = (_HDR + klen + ovlen + 7) & ~7
+            if alloc <= old_alloc:
+                # Fits in the old bytes: overwrite in place (no garbage made).
+                self._write_entry(ab + off, kb, flags, vb)
+                _SLOT_pack(mm, p, tag, off, vlen, klen, flags, 0, expire, now)
+                if alloc < old_alloc:
+                    items, used, garbage = self._account(s)
+                    self._set_account(s, items, used, garbage + old_alloc - alloc)
+                return True
+        elif mode == REPLACE:
+            return False
+        acct = self._account(s)
+        if acct[1] + alloc > self.stripe_arena or (i < 0 and acct[0] >= self.cap_items):
+            acct = self._make_room(s, alloc, i < 0, now, acct)
+            i = self._find(s, tag, kb)  # slots may have moved
+        items, used, garbage = acct
+        off = used
+        self._write_entry(ab + off, kb, flags, vb)
+        if i >= 0:
+            p = base + i * _SS
+            ovlen, kl = _SLOT_unpack(mm, p)[2:4]
+            garbage += (_HDR + kl + ovlen + 7) & ~7
+        else:
+            p = base + self._empty_from(s, tag) * _SS
+            items += 1
+        _SLOT_pack(mm, p, tag, off, vlen, klen, flags, 0, expire, now)  # publish
+        self._set_account(s, items, used + alloc, garbage)
+        return True
+
+    def write_many(self, entries) -> None:
+        """Store many (kb, flags, vb, expire) tuples, taking each stripe lock once."""
+        by_stripe: dict[int, list] = {}
+        for e in entries:
+            h = _xxh3(e[0])
+            by_stripe.setdefault(h & self.mask, []).append(((h >> 32) | 1, e))
+        for s, items in by_stripe.items():
+            self.locks.lock(s)
+            try:
+                now = self.clock()
+                for tag, (kb, flags, vb, expire) in items:
+                    self._write_locked(s, tag, kb, flags, vb, expire, SET, now)
+            finally:
+                self.locks.unlock(s)
+
+    def delete(self, kb: bytes) -> bool:
+        """Remove kb. True if a live (unexpired) entry was removed."""
+        return self.pop(kb, want_value=False) is not None
+
+    def pop(self, kb: bytes, want_value: bool = True):
+        """Remove kb and return (flags, value_bytes), or None if absent/expired."""
+        h = _xxh3(kb)
+        s = h & self.mask
+        tag = (h >> 32) | 1
+        self.locks.lock(s)
+        try:
+            i = self._find(s, tag, kb)
+            if i < 0:
+                return None
+            mm = self.mm
+            p = self.index_off + (s * self.sps + i) * _SS
+            t, off, vlen, klen, flags, _sp, exp, at = _SLOT_unpack(mm, p)
+            live = not (exp and exp <= self.clock())
+            out = None
+            if live:
+                if want_value:
+                    a = self.arena_off + s * self.stripe_arena + off + _HDR + klen
+                    out = (flags, mm[a : a + vlen])
+                else:
+                    out = (flags, b"")
+            self._set_account(s, *self._remove(s, i, self._account(s)))
+            if not live:
+                self.ctr[self.cbase + L.C_EXPIRATIONS] += 1
+            return out
+        finally:
+            self.locks.unlock(s)
+
+    def delete_many(self, kbs) -> int:
+        """Remove many keys, taking each stripe lock once. Returns how many were live."""
+        by_stripe: dict[int, list] = {}
+        for kb in kbs:
+            h = _xxh3(kb)
+            by_stripe.setdefault(h & self.mask, []).append(((h >> 32) | 1, kb))
+        n = 0
+        for s, keys in by_stripe.items():
+            self.locks.lock(s)
+            try:
+                now = self.clock()
+                for tag, kb in keys:
+                    i = self._find(s, tag, kb)
+                    if i < 0:
+                        continue
+                    exp = L.F64.unpack_from(self.mm, self.index_off + (s * self.sps + i) * _SS + L.SL_EXPIRE)[0]
+                    if not (exp and exp <= now):
+                        n += 1
+                    self._set_account(s, *self._remove(s, i, self._account(s)))
+            finally:
+                self.locks.unlock(s)
+        return n
+
+    def incr(self, kb: bytes, delta: int, default, expire_if_new: float, encode_int) -> int:
+        """Add ``delta`` to the int at kb atomically and return the result.
+
+        A missing or expired key starts from ``default`` (KeyError if None) and
+        gets ``expire_if_new``; an existing key keeps its deadline.
+
+        Raises:
+            KeyError: missing and ``default`` is None.
+            TypeError: the stored value is not an int.
+        """
+        h = _xxh3(kb)
+        s = h & self.mask
+        tag = (h >> 32) | 1
+        self.locks.lock(s)
+        try:
+            now = self.clock()
+            i = self._find(s, tag, kb)
+            mm = self.mm
+            if i >= 0:
+                p = self.index_off + (s * self.sps + i) * _SS
+                t, off, vlen, klen, flags, _sp, exp, at = _SLOT_unpack(mm, p)
+                if exp and exp <= now:
+                    i = -1
+            if i < 0:
+                if default is None:
+                    raise KeyError(kb)
+                value = default + delta
+                self._write_locked(s, tag, kb, INT_FLAG, encode_int(value), expire_if_new, SET, now)
+                return value
+            if flags != INT_FLAG:
+                raise TypeError(f"cannot increment key {kb!r}: its value is not an int")
+            a = self.arena_off + s * self.stripe_arena + off
+            v = a + _HDR + klen
+            value = int.from_bytes(mm[v : v + vlen], "little", signed=True) + delta
+            if vlen == 8 and -(2**63) <= value < 2**63:
+                _I64.pack_into(mm, v, value)
+                _CHK.pack_into(mm, a, _xxh32(self.mv[a + 4 : v + 8]))
+                _F64_pack(mm, p + L.SL_ATIME, now)
+            else:
+                self._write_locked(s, tag, kb, INT_FLAG, encode_int(value), exp, SET, now)
+            return value
+        finally:
+            self.locks.unlock(s)
+
+    def touch(self, kb: bytes, expire: float) -> bool:
+        """Give a live key a new deadline (0 = never). False if absent or expired."""
+        h = _xxh3(kb)
+        s = h & self.mask
+        tag = (h >> 32) | 1
+        self.locks.lock(s)
+        try:
+            now = self.clock()
+            i = self._find(s, tag, kb)
+            if i < 0:
+                return False
+            p = self.index_off + (s * self.sps + i) * _SS
+            exp = L.F64.unpack_from(self.mm, p + L.SL_EXPIRE)[0]
+            if exp and exp <= now:
+                return False
+            _F64_pack(self.mm, p + L.SL_EXPIRE, expire)
+            _F64_pack(self.mm, p + L.SL_ATIME, now)
+            return True
+        finally:
+            self.locks.unlock(s)
+
+    def clear(self) -> int:
+        """Empty every stripe (each under its lock). Returns how many entries were dropped."""
+        n = 0
+        for s in range(self.n_stripes):
+            self.locks.lock(s)
+            try:
+                n += self._account(s)[0]
+                self.slots[s] = 0
+                self._set_account(s, 0, 0, 0)
+            finally:
+                self.locks.unlock(s)
+        gen = L.H_GENERATION >> 3
+        self.ctr[gen] += 1
+        return n
+
+    def sweep_expired(self, s: int, now: float, limit: int) -> int:
+        """Remove up to ``limit`` expired entries of stripe s under its lock. Returns how many."""
+        self.locks.lock(s)
+        try:
+            acct, n = self._reclaim_expired(s, now, self._account(s), limit)
+            self._set_account(s, *acct)
+            return n
+        finally:
+            self.locks.unlock(s)
+
+    # -------------------------------------------------------------- scanning
+    def stripe_records(self, s: int) -> list:
+        """A consistent copy of stripe s's live entries:
+        ``[(kb, flags, value_bytes, expire, atime), ...]`` (expired ones included).
+        Lock-free with seqlock retries; takes the lock if a writer keeps interfering."""
+        mm = self.mm
+        vo = self.stripe_off + (s << 6)
+        ab = self.arena_off + s * self.stripe_arena + _HDR
+        for attempt in range(4):
+            locked = attempt == 3
+            if locked:
+                self.locks.lock(s)
+            try:
+                v1 = _U64_unpack(mm, vo)[0]
+                if v1 & 1 and not locked:
+                    time.sleep(0)
+                    continue
+                sl = self.slots[s]
+                rec = sl[sl["tag"] != 0]
+                out = []
+                try:
+                    for off, klen, vlen, flags, exp, at in zip(
+                        rec["off"].tolist(), rec["klen"].tolist(), rec["vlen"].tolist(),
+                        rec["flags"].tolist(), rec["expire"].tolist(), rec["atime"].tolist(),
+                    ):
+                        a = ab + off
+                        out.append((mm[a : a + klen], flags, mm[a + klen : a + klen + vlen], exp, at))
+                except Exception:
+                    if locked or _U64_unpack(mm, vo)[0] == v1:
+                        raise
+                    continue
+                if locked or _U64_unpack(mm, vo)[0] == v1:
+                    return out
+            finally:
+                if locked:
+                    self.locks.unlock(s)
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def keys_of(self, s: int, now: float) -> list[bytes]:
+        """Encoded keys of stripe s that are live at ``now`` (consistent per stripe)."""
+        return [kb for kb, _f, _v, exp, _a in self.stripe_records(s) if not (exp and exp <= now)]
+
+    def count(self, now: float) -> int:
+        """Live, unexpired entries (a point-in-time count over the whole index)."""
+        sl = self.slots
+        exp = sl["expire"]
+        return int(np.count_nonzero((sl["tag"] != 0) & ((exp == 0.0) | (exp > now))))
+
+    # ------------------------------------------------------------- integrity
+    def _entry_ok(self, s: int, rec) -> str | None:
+        """Why slot record ``rec`` of stripe s is damaged, or None if it is sound."""
+        tag, off, vlen, klen, flags = int(rec["tag"]), int(rec["off"]), int(rec["vlen"]), int(rec["klen"]), int(rec["flags"])
+        alloc = L.entry_alloc(klen, vlen)
+        if off % L.ALIGN or off + alloc > self.stripe_arena:
+            return f"offset {off} (+{alloc}) outside the arena"
+        a = self.arena_off + s * self.stripe_arena + off
+        chk, hk, hf, _p, hv, _r = L.ENTRY.unpack_from(self.mm, a)
+        if (hk, hf, hv) != (klen, flags, vlen):
+            return "entry header does not match its index slot"
+        if _xxh32(self.mv[a + 4 : a + _HDR + klen + vlen]) != chk:
+            return "checksum mismatch"
+        kb = self.mm[a + _HDR : a + _HDR + klen]
+        if (_xxh3(kb) >> 32) | 1 != tag:
+            return "key hash does not match the slot tag"
+        return None
+
+    def repair(self, s: int) -> int:
+        """Rebuild stripe s after its lock owner died mid-write: drop every slot
+        whose entry fails its checks, re-insert the rest, recompute accounting,
+        leave the seqlock version even. Returns how many slots were dropped.
+        Caller holds the stripe (as recoverer)."""
+        try:
+            return self._repair(s)
+        except Exception:  # never leave a stripe locked forever: empty it instead
+            self.slots[s] = 0
+            self._set_account(s, 0, 0, 0)
+            v = int(self.stripes[s, 0])
+            self.stripes[s, 0] = v + 1 if v & 1 else v + 2
+            return -1
+
+    def _repair(self, s: int) -> int:
+        sl = self.slots[s]
+        rec = sl[sl["tag"] != 0].copy()
+        good = []
+        seen_offs = set()
+        seen_keys = set()
+        for r in rec:
+            if self._entry_ok(s, r) is not None:
+                continue
+            off = int(r["off"])
+            a = self.arena_off + s * self.stripe_arena + off + _HDR
+            kb = self.mm[a : a + int(r["klen"])]
+            if off in seen_offs or kb in seen_keys:  # a slot duplicated by a torn shift
+                continue
+            seen_offs.add(off)
+            seen_keys.add(kb)
+            good.append(r)
+        sl[:] = 0
+        sps = self.sps
+        for r in good:
+            i = int(r["tag"]) % sps
+            while sl["tag"][i] != 0:
+                i = (i + 1) % sps
+            sl[i] = r
+        if good:
+            g = np.array(good, dtype=L.SLOT_DTYPE)
+            allocs = (L.ENTRY_HEADER + g["klen"].astype(np.int64) + g["vlen"] + 7) & ~7
+            used = int((g["off"].astype(np.int64) + allocs).max())
+            live = int(allocs.sum())
+        else:
+            used = live = 0
+        self._set_account(s, len(good), used, used - live)
+        v = int(self.stripes[s, 0])
+        self.stripes[s, 0] = v + 1 if v & 1 else v + 2
+        return len(rec) - len(good)
+
+    def check(self, s: int) -> list[str]:
+        """Integrity problems of stripe s (empty list if sound). Takes the lock."""
+        problems = []
+        self.locks.lock(s)
+        try:
+            sl = self.slots[s]
+            sps = self.sps
+            tags = sl["tag"]
+            live = np.nonzero(tags != 0)[0]
+            for i in live.tolist():
+                r = sl[i]
+                why = self._entry_ok(s, r)
+                if why:
+                    problems.append(f"stripe {s} slot {i}: {why}")
+                # reachable from its home without crossing an empty slot
+                j = int(r["tag"]) % sps
+                while j != i:
+                    if tags[j] == 0:
+                        problems.append(f"stripe {s} slot {i}: unreachable from its home slot")
+                        break
+                    j = (j + 1) % sps
+            items, used, garbage = self._account(s)
+            if items != len(live):
+                problems.append(f"stripe {s}: item count {items} but {len(live)} slots in use")
+            if len(live):
+                allocs = (L.ENTRY_HEADER + sl["klen"][live].astype(np.int64) + sl["vlen"][live] + 7) & ~7
+                end = int((sl["off"][live].astype(np.int64) + allocs).max())
+                if end > used:
+                    problems.append(f"stripe {s}: entries end at {end}, past the bump pointer {used}")
+                if used - garbage != int(allocs.sum()):
+                    problems.append(f"stripe {s}: live bytes {used - garbage} but entries take {int(allocs.sum())}")
+            elif used != garbage:
+                problems.append(f"stripe {s}: empty but used {used} != garbage {garbage}")
+            if used > self.stripe_arena:
+                problems.append(f"stripe {s}: bump pointer {used} past the arena ({self.stripe_arena})")
+        finally:
+            self.locks.unlock(s)
+        return problems
