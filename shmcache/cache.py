@@ -6,6 +6,7 @@ import math
 import os
 import threading
 import time
+import types
 import warnings
 import weakref
 from collections.abc import MutableMapping
@@ -14,8 +15,17 @@ from . import layout as L
 from .codec import BYTES, STR, Codec, decode_key, encode_int, encode_key
 from .errors import KeyTooLong, ValueTooLarge
 from .lock import Identity, StripeLocks, claim_client, is_alive, live_clients, release_client
-from .segment import Segment
+from .segment import Segment, sem_name
 from .table import ADD, REPLACE, SET, Table
+
+try:  # the C fast paths; without a compiler shmcache runs in pure Python
+    from . import _speedups
+except ImportError:  # pragma: no cover - exercised by installs without a compiler
+    _speedups = None
+
+#: Use the C fast paths when they are built. Tests switch this off to run the
+#: same contract suite against the pure-Python paths (also: SHMCACHE_PURE_PYTHON=1).
+USE_SPEEDUPS = _speedups is not None and not os.environ.get("SHMCACHE_PURE_PYTHON")
 
 _MISSING = object()
 _DEFAULT = object()
@@ -139,7 +149,8 @@ class Cache(MutableMapping):
             raise
         g = seg.geometry
         self.name = name
-        self.default_ttl = default_ttl
+        self._core = None
+        self._default_ttl = default_ttl
         self.lock_timeout = float(lock_timeout)
         self._clock = clock
         self._codec = codec
@@ -154,6 +165,9 @@ class Cache(MutableMapping):
         self._locks = StripeLocks(seg, identity, client, lock_timeout, repair=lambda s: self._table.repair(s))
         self._table = Table(seg, self._locks, clock, self._ctr, self._counter_base(client))
         self._state.views = [self._table.release_views, self._locks.release_views, self._ctr.release]
+        if USE_SPEEDUPS:
+            self._core = self._make_core(client, identity)
+            self._state.views.insert(0, self._core.release)
         self._bind()
         self._finalizer = weakref.finalize(self, _State.release, self._state)
         self._fork_lock = threading.Lock()
@@ -164,15 +178,65 @@ class Cache(MutableMapping):
     def _counter_base(self, client: int) -> int:
         return (self._g.client_table_off + client * self._g.client_record_size + L.C_COUNTERS) >> 3
 
-    def _bind(self) -> None:
+    def _make_core(self, client: int, identity: Identity):
+        g = self._g
         t = self._table
-        self._read = t.read
+        return _speedups.Core(
+            buffer=self._seg.mm, n_stripes=g.n_stripes, sps=g.slots_per_stripe,
+            stripe_off=g.stripe_table_off, index_off=g.index_off, arena_off=g.arena_off,
+            stripe_arena=g.stripe_arena, client_off=g.client_table_off,
+            client_rec=g.client_record_size, client=client, max_key=g.max_key_size,
+            max_value=g.max_value_size, cap_items=g.items_per_stripe,
+            sem_names=[sem_name(self.name, i) for i in range(g.n_stripes)],
+            pid=identity.pid, start=identity.start,
+            clock=None if self._clock is time.time else self._clock,
+            decode=self._decode, slow_key=self._key, slow_read=t.read_locked,
+            slow_set=types.MethodType(Cache.set, self), slow_incr=types.MethodType(Cache.incr, self),
+            slow_delete=types.MethodType(Cache.delete, self), sentinel=_DEFAULT,
+            atime_res=ATIME_RESOLUTION, default_ttl=self._default_ttl or 0.0,
+        )
+
+    def _bind(self) -> None:
+        """Point the hot methods at the C fast paths, or the fused Python get.
+
+        The instance attributes shadow the documented methods below, which
+        remain the general (slow) path the fast ones fall back to.
+        """
+        t = self._table
         self._write = t.write
         cb = t.cbase
         self._i_hits = cb + L.C_HITS
         self._i_misses = cb + L.C_MISSES
         self._i_sets = cb + L.C_SETS
         self._i_deletes = cb + L.C_DELETES
+        core = self._core
+        if core is not None:
+            st = self._state
+            core.set_identity(st.client, st.identity.pid, st.identity.start)
+            self._read = core.read
+            self.get = core.get
+            self.set = core.set
+            self.incr = core.incr
+            self.delete = core.delete
+            self._contains = core.contains
+        else:
+            self._read = t.read
+            self._contains = self._contains_py
+            self.get = t.make_get(
+                self._key, self._max_key, self._clock, self._ctr, self._i_hits, self._i_misses,
+                self._decode, ATIME_RESOLUTION,
+            )
+
+    @property
+    def default_ttl(self) -> float | None:
+        """Seconds applied by ``set`` when no ``ttl`` is given (None: never expire)."""
+        return self._default_ttl
+
+    @default_ttl.setter
+    def default_ttl(self, ttl: float | None) -> None:
+        self._default_ttl = _check_ttl(ttl) or None
+        if self._core is not None:
+            self._core.default_ttl = self._default_ttl or 0.0
 
     def _after_fork(self) -> None:
         # The child must never use the parent's client slot: claim its own.
@@ -257,6 +321,9 @@ class Cache(MutableMapping):
 
     def __contains__(self, key) -> bool:
         """True if ``key`` is present and unexpired (does not count as a hit)."""
+        return self._contains(key)
+
+    def _contains_py(self, key) -> bool:
         r = self._read(self._key(key))
         return r is not None and not (r[2] and r[2] <= self._clock())
 
@@ -434,19 +501,32 @@ class Cache(MutableMapping):
         """Remove ``key``'s expiry (Redis' PERSIST). False if absent."""
         return self.touch(key, None)
 
-    def get_or_set(self, key, factory, ttl=_DEFAULT):
-        """``cache[key]`` if present; otherwise store and return ``factory()``.
+    def get_or_set(self, key, factory, ttl=_DEFAULT, *, timeout: float = 10.0):
+        """``cache[key]`` if present; otherwise compute ``factory()`` once across
+        all processes, store it with ``ttl`` and return it.
 
-        If another process stores the key first, its value is returned.
+        Concurrent callers wait for the one computing (at most ``timeout``
+        seconds, then they compute themselves); if it dies, one takes over.
+        See :mod:`shmcache.stampede`.
+
+        Raises:
+            whatever ``factory`` raises; otherwise as :meth:`set`.
         """
-        v = self.get(key, _MISSING)
-        if v is not _MISSING:
-            return v
-        v = factory()
-        if self.add(key, v, ttl):
-            return v
-        cur = self.get(key, _MISSING)
-        return v if cur is _MISSING else cur
+        from .stampede import get_or_set
+
+        return get_or_set(self, key, factory, ttl, timeout)
+
+    def memoize(self, ttl=_DEFAULT, typed: bool = False, *, timeout: float = 10.0):
+        """Decorator caching a function's results across processes (via
+        :meth:`get_or_set`); the wrapper has ``cache_clear()`` and
+        ``invalidate(*args)``. See :func:`shmcache.stampede.memoize`.
+
+        Raises:
+            TypeError: at call time, an argument cannot be turned into a key.
+        """
+        from .stampede import memoize
+
+        return memoize(self, ttl, typed, timeout)
 
     def clear(self) -> int:
         """Remove every entry (each stripe under its lock). Returns how many were dropped."""
@@ -554,7 +634,7 @@ class Cache(MutableMapping):
         def closed(*_a, **_k):
             raise ValueError(f"cache {self.name!r} is closed")
 
-        self._read = self._write = closed
+        self._read = self._write = self.get = self.set = self.incr = self.delete = self._contains = closed
         self._table = _Closed(closed)
 
     def __enter__(self) -> "Cache":

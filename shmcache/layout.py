@@ -131,11 +131,13 @@ C_COUNTERS = 16  # N_COUNTERS x u64, written only by the owning process
 COUNTERS = ("hits", "misses", "sets", "deletes", "evictions", "expirations")
 N_COUNTERS = len(COUNTERS)
 C_HITS, C_MISSES, C_SETS, C_DELETES, C_EVICTIONS, C_EXPIRATIONS = range(N_COUNTERS)
-#   acquiring[n_stripes] bytes at C_MARKERS: 1 while this process is between
-#   "about to sem_wait" and "owner recorded", and again between "about to clear
-#   owner" and "sem_post done". It covers the windows where the semaphore may be
-#   held with no owner recorded, so a recoverer can tell a dead holder from a
-#   live one. Written by the owning process under its per-stripe thread lock.
+#   acquiring[n_stripes] bytes at C_MARKERS: non-zero while some thread of this
+#   process is between "about to sem_wait" and "owner recorded", or between
+#   "about to clear owner" and "sem_post done" (a count of such threads). It
+#   covers the windows where the semaphore may be held with no owner recorded,
+#   so a recoverer can tell a dead holder from a live one. Written only by the
+#   owning process: Python paths under a per-stripe thread lock, C fast paths
+#   under the GIL (each call leaves the count as it found it).
 C_MARKERS = 64
 
 # --------------------------------------------------------------------------

@@ -124,19 +124,22 @@ class StripeLocks:
         tl.acquire()
         mm = self.mm
         mb = self._marker_base + s
-        mm[mb] = 1
+        # Markers are counters, not flags: the C fast paths (_speedups.c) may
+        # raise and lower the same byte from another thread of this process
+        # while this one waits; they always leave it as they found it.
+        mm[mb] += 1
         try:
             try:
                 self.sems[s].acquire(self.lock_timeout)
             except posix_ipc.BusyError:
                 self._slow_acquire(s)
         except BaseException:
-            mm[mb] = 0
+            mm[mb] -= 1
             tl.release()
             raise
         so = self.geometry.stripe_table_off + s * L.STRIPE_SIZE
         mm[so + L.S_OWNER_PID : so + L.S_OWNER_PID + 16] = self.identity.owner
-        mm[mb] = 0
+        mm[mb] -= 1
         self._q[so >> 3] += 1  # version odd: readers of this stripe retry
 
     def unlock(self, s: int) -> None:
@@ -145,10 +148,10 @@ class StripeLocks:
         so = self.geometry.stripe_table_off + s * L.STRIPE_SIZE
         mb = self._marker_base + s
         self._q[so >> 3] += 1  # version even: the stripe is consistent again
-        mm[mb] = 1
+        mm[mb] += 1
         mm[so + L.S_OWNER_PID : so + L.S_OWNER_PID + 16] = _ZERO16
         self.sems[s].release()
-        mm[mb] = 0
+        mm[mb] -= 1
         self._tlocks[s].release()
 
     # -- contention and recovery --------------------------------------------

@@ -149,17 +149,110 @@ class Table:
                 continue
             if _U64_unpack(mm, vo)[0] == v1:
                 return result
+        return self.read_locked(kb)
+
+    def read_locked(self, kb: bytes):
+        """:meth:`read` under the stripe lock: for a reader that keeps meeting a
+        writer, or one that died mid-write (the lock path recovers the stripe)."""
+        h = _xxh3(kb)
+        s = h & self.mask
         self.locks.lock(s)
         try:
-            i = self._find(s, tag, kb)
+            i = self._find(s, (h >> 32) | 1, kb)
             if i < 0:
                 return None
-            p = base + i * _SS
-            t, off, vlen, kl, flags, _sp, exp, at = _SLOT_unpack(mm, p)
-            a = ab + off + _HDR + kl
-            return (flags, mm[a : a + vlen], exp, p, at)
+            p = self.index_off + (s * self.sps + i) * _SS
+            t, off, vlen, kl, flags, _sp, exp, at = _SLOT_unpack(self.mm, p)
+            a = self.arena_off + s * self.stripe_arena + off + _HDR + kl
+            return (flags, self.mm[a : a + vlen], exp, p, at)
         finally:
             self.locks.unlock(s)
+
+    def make_get(self, slow_key, max_key: int, clock, counters: memoryview, hits_i: int, misses_i: int,
+                 decode, atime_resolution: float):
+        """Build the fused ``get(key, default=None)`` used by ``Cache.get``.
+
+        It is :meth:`read` plus key encoding, expiry, LRU stamp, counters and
+        decoding in one function whose constants are locals: each attribute
+        lookup or call saved is ~20-80 ns on a ~1 us operation. It makes one
+        optimistic seqlock attempt and hands anything unusual (odd version, a
+        version change, non-str keys, garbage) to the general path, so the
+        retry and lock-fallback logic lives only in :meth:`read`.
+        """
+        mm = self.mm
+        mask = self.mask
+        sps = self.sps
+        span = sps * _SS
+        stripe_off = self.stripe_off
+        index_off = self.index_off
+        arena_hdr = self.arena_off + _HDR
+        stripe_arena = self.stripe_arena
+        read = self.read
+        unpack_q = _U64_unpack
+        unpack_slot = _SLOT_unpack
+        pack_f = _F64_pack
+        xxh3 = _xxh3
+        ctr = counters
+        atime_off = L.SL_ATIME
+
+        def get(key, default=None):
+            if type(key) is str:
+                kb = key.encode()
+                if len(kb) > max_key:
+                    kb = slow_key(key)
+            else:
+                kb = slow_key(key)
+            h = xxh3(kb)
+            s = h & mask
+            tag = (h >> 32) | 1
+            vo = stripe_off + (s << 6)
+            base = index_off + s * span
+            end = base + span
+            p = base + (tag % sps) * _SS
+            ab = arena_hdr + s * stripe_arena
+            klen = len(kb)
+            r = 0
+            v1 = unpack_q(mm, vo)[0]
+            if not v1 & 1:
+                try:
+                    for _ in range(sps):
+                        t, off, vlen, kl, flags, _sp, exp, at = unpack_slot(mm, p)
+                        if t == tag and kl == klen:
+                            a = ab + off
+                            if mm[a : a + klen] == kb:
+                                a += klen
+                                r = (flags, mm[a : a + vlen], exp, p, at)
+                                break
+                        elif t == 0:
+                            r = None
+                            break
+                        p += _SS
+                        if p == end:
+                            p = base
+                except Exception:
+                    r = 0
+                if unpack_q(mm, vo)[0] != v1:
+                    r = 0
+            if r == 0:  # a writer was busy: the general path retries or locks
+                r = read(kb)
+            if r is None:
+                ctr[misses_i] += 1
+                return default
+            flags, val, exp, p, at = r
+            now = clock()
+            if exp and exp <= now:
+                ctr[misses_i] += 1
+                return default
+            if now - at > atime_resolution:
+                pack_f(mm, p + atime_off, now)
+            ctr[hits_i] += 1
+            if flags == 0:
+                return val
+            if flags == 1:
+                return val.decode()
+            return decode(flags, val)
+
+        return get
 
     def touch_atime(self, p: int, now: float) -> None:
         """Record an access for LRU (racy by design: a hint, not data)."""

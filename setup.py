@@ -1,0 +1,20 @@
+"""Build the optional C accelerator; all metadata lives in pyproject.toml.
+
+The extension is optional: without a C compiler shmcache installs and works
+in pure Python (slower). `make test` sets SHMCACHE_REQUIRE_SPEEDUPS=1 so CI
+fails loudly if the accelerator silently stopped building.
+"""
+
+from setuptools import Extension, setup
+
+setup(
+    ext_modules=[
+        Extension(
+            "shmcache._speedups",
+            sources=["shmcache/_speedups.c"],
+            depends=["shmcache/_vendor/xxhash.h"],
+            extra_compile_args=["-O3", "-std=gnu11", "-Wall", "-Wno-unused-function"],
+            optional=True,
+        )
+    ]
+)

@@ -1,0 +1,868 @@
+/*
+ * shmcache._speedups: the hot paths (get, set, incr, delete, read) in C.
+ *
+ * Why C: in pure Python a get is ~15k instructions (~1.5-2 us) because every
+ * struct unpack, slice and attribute lookup allocates; here it is one call.
+ * The Python implementation in table.py / cache.py stays the reference and
+ * the fallback: whenever this code meets anything unusual it returns to it
+ * ("slow path") instead of handling it twice:
+ *   - a writer finds the stripe lock busy (sem_trywait fails): the Python path
+ *     waits with a timeout, detects dead owners and recovers;
+ *   - a stripe needs room (reclaim, evict, compact: numpy in table.py);
+ *   - a reader keeps seeing a writer (odd or changing seqlock version);
+ *   - keys/values/ttls of other types, errors (the Python path raises them
+ *     with the messages users see).
+ * So this file never blocks, never allocates arena space beyond the bump
+ * pointer, and never raises shmcache errors itself.
+ *
+ * Threads: these functions hold the GIL throughout and never release it, so
+ * within one process they are atomic with respect to other threads. The
+ * per-client "marker" bytes are counters for that reason: a C fast path
+ * always leaves them as it found them before returning.
+ *
+ * Layout: mirrors shmcache/layout.py (the single source of truth); the
+ * offsets below are checked against it at import (see _LAYOUT in layout.py).
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <fcntl.h>
+#include <math.h>
+#include <semaphore.h>
+#include <stdint.h>
+#include <string.h>
+#include <time.h>
+
+#define XXH_INLINE_ALL
+#include "_vendor/xxhash.h"
+
+#define SLOT_SIZE 32
+#define ENTRY_HDR 16
+#define STRIPE_SIZE 64
+#define S_VERSION 0
+#define S_OWNER 8
+#define S_ITEMS 24
+#define S_USED 32
+#define S_GARBAGE 40
+#define C_COUNTERS 16
+#define C_MARKERS 64
+#define CTR_HITS 0
+#define CTR_MISSES 1
+#define CTR_SETS 2
+#define CTR_DELETES 3
+#define CTR_EXPIRATIONS 5
+#define READ_RETRIES 16
+#define KEY_STACK 512
+
+enum { MODE_SET = 0, MODE_ADD = 1, MODE_REPLACE = 2 };
+enum { FLAG_BYTES = 0, FLAG_STR = 1, FLAG_INT = 2, FLAG_FLOAT = 3 };
+
+typedef struct {
+    uint32_t tag, off, vlen;
+    uint16_t klen;
+    uint8_t flags, spare;
+    double expire, atime;
+} slot_t;
+_Static_assert(sizeof(slot_t) == SLOT_SIZE, "slot layout");
+
+typedef struct {
+    PyObject_HEAD
+    Py_buffer view;
+    int has_view;
+    char *base;
+    uint64_t mask, sps, stripe_off, index_off, arena_off, stripe_arena;
+    uint64_t client_off, client_rec, client, max_key, max_value, cap_items;
+    double atime_res, default_ttl;
+    uint32_t pid;
+    double start;
+    sem_t **sems;
+    Py_ssize_t n_sems;
+    PyObject *clock, *decode, *slow_key, *slow_read, *slow_set, *slow_incr, *slow_delete, *sentinel;
+} Core;
+
+static inline void cpu_relax(void) {
+#if defined(__x86_64__) || defined(__i386__)
+    __builtin_ia32_pause();
+#endif
+}
+
+#define BARRIER() __atomic_signal_fence(__ATOMIC_SEQ_CST)
+
+static inline char *stripe_rec(Core *c, uint64_t s) { return c->base + c->stripe_off + s * STRIPE_SIZE; }
+static inline char *slots_of(Core *c, uint64_t s) { return c->base + c->index_off + s * c->sps * SLOT_SIZE; }
+static inline char *arena_of(Core *c, uint64_t s) { return c->base + c->arena_off + s * c->stripe_arena; }
+static inline uint64_t *counter(Core *c, int k) {
+    return (uint64_t *)(c->base + c->client_off + c->client * c->client_rec + C_COUNTERS + 8 * k);
+}
+static inline uint8_t *marker(Core *c, uint64_t s) {
+    return (uint8_t *)(c->base + c->client_off + c->client * c->client_rec + C_MARKERS + s);
+}
+static inline uint64_t *u64at(char *p) { return (uint64_t *)p; }
+
+static int get_now(Core *c, double *out) {
+    if (c->clock == Py_None) {
+        struct timespec ts;
+        clock_gettime(CLOCK_REALTIME, &ts);
+        *out = (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
+        return 0;
+    }
+    PyObject *r = PyObject_CallNoArgs(c->clock);
+    if (!r) return -1;
+    *out = PyFloat_AsDouble(r);
+    Py_DECREF(r);
+    return (*out == -1.0 && PyErr_Occurred()) ? -1 : 0;
+}
+
+/* Encoded key: str -> UTF-8 (cached in the str), bytes -> 0xFF + bytes.
+ * Returns 1 with (*p, *n) set, 0 if the Python path must handle the key
+ * (other types, too long: it raises the right error), -1 on error. */
+static int key_fast(Core *c, PyObject *key, const char **p, Py_ssize_t *n, char *stack) {
+    if (PyUnicode_CheckExact(key)) {
+        *p = PyUnicode_AsUTF8AndSize(key, n);
+        if (!*p) return -1;
+        return (uint64_t)*n <= c->max_key;
+    }
+    if (PyBytes_CheckExact(key)) {
+        Py_ssize_t len = PyBytes_GET_SIZE(key);
+        if ((uint64_t)len + 1 > c->max_key || len + 1 > KEY_STACK) return 0;
+        stack[0] = (char)0xFF;
+        memcpy(stack + 1, PyBytes_AS_STRING(key), len);
+        *p = stack;
+        *n = len + 1;
+        return 1;
+    }
+    return 0;
+}
+
+/* Probe stripe s for the key. Returns the slot index or -1. When `consistent`
+ * is 0 the memory may be mid-write: every offset is bounds-checked and the
+ * loop is bounded; the caller validates with the seqlock. */
+static int64_t probe(Core *c, uint64_t s, uint32_t tag, const char *k, Py_ssize_t klen, slot_t *out) {
+    char *slots = slots_of(c, s);
+    char *arena = arena_of(c, s);
+    uint64_t sps = c->sps, i = tag % sps;
+    for (uint64_t n = 0; n < sps; n++) {
+        slot_t sl;
+        memcpy(&sl, slots + i * SLOT_SIZE, SLOT_SIZE);
+        if (sl.tag == 0) return -1;
+        if (sl.tag == tag && sl.klen == klen &&
+            (uint64_t)sl.off + ENTRY_HDR + (uint64_t)klen + sl.vlen <= c->stripe_arena &&
+            memcmp(arena + sl.off + ENTRY_HDR, k, klen) == 0) {
+            *out = sl;
+            return (int64_t)i;
+        }
+        if (++i == sps) i = 0;
+    }
+    return -1;
+}
+
+/* Lock-free read. 1 found (value copied into *val), 0 absent, 2 busy (a
+ * writer kept interfering: caller takes the Python locked path), -1 error. */
+static int read_core(Core *c, const char *k, Py_ssize_t klen, slot_t *sl, int64_t *slot_pos, PyObject **val) {
+    uint64_t h = XXH3_64bits(k, (size_t)klen);
+    uint64_t s = h & c->mask;
+    uint32_t tag = (uint32_t)(h >> 32) | 1u;
+    uint64_t *ver = u64at(stripe_rec(c, s) + S_VERSION);
+    for (int attempt = 0; attempt < READ_RETRIES; attempt++) {
+        uint64_t v1 = __atomic_load_n(ver, __ATOMIC_ACQUIRE);
+        if (v1 & 1) {
+            cpu_relax();
+            continue;
+        }
+        int64_t i = probe(c, s, tag, k, klen, sl);
+        PyObject *v = NULL;
+        if (i >= 0) {
+            v = PyBytes_FromStringAndSize(arena_of(c, s) + sl->off + ENTRY_HDR + klen, sl->vlen);
+            if (!v) return -1;
+        }
+        __atomic_thread_fence(__ATOMIC_ACQUIRE);
+        if (__atomic_load_n(ver, __ATOMIC_RELAXED) == v1) {
+            *slot_pos = i < 0 ? -1 : (int64_t)(c->index_off + (s * c->sps + (uint64_t)i) * SLOT_SIZE);
+            *val = v;
+            return i >= 0;
+        }
+        Py_XDECREF(v);
+    }
+    return 2;
+}
+
+/* ---- writer side: lock, mutate, unlock (never blocks) ---------------- */
+
+static int lock_fast(Core *c, uint64_t s) {
+    uint8_t *mk = marker(c, s);
+    (*mk)++;
+    BARRIER();
+    if (sem_trywait(c->sems[s]) != 0) {
+        BARRIER();
+        (*mk)--;
+        return 0;
+    }
+    BARRIER();
+    char *rec = stripe_rec(c, s);
+    uint32_t own[4];
+    own[0] = c->pid;
+    own[1] = 0;
+    memcpy(&own[2], &c->start, 8);
+    memcpy(rec + S_OWNER, own, 16);
+    BARRIER();
+    (*mk)--;
+    uint64_t *ver = u64at(rec + S_VERSION);
+    __atomic_store_n(ver, __atomic_load_n(ver, __ATOMIC_RELAXED) + 1, __ATOMIC_RELAXED);
+    __atomic_thread_fence(__ATOMIC_RELEASE);
+    return 1;
+}
+
+static void unlock_fast(Core *c, uint64_t s) {
+    char *rec = stripe_rec(c, s);
+    uint64_t *ver = u64at(rec + S_VERSION);
+    __atomic_store_n(ver, __atomic_load_n(ver, __ATOMIC_RELAXED) + 1, __ATOMIC_RELEASE);
+    uint8_t *mk = marker(c, s);
+    (*mk)++;
+    BARRIER();
+    memset(rec + S_OWNER, 0, 16);
+    BARRIER();
+    sem_post(c->sems[s]);
+    BARRIER();
+    (*mk)--;
+}
+
+static inline uint64_t alloc_of(uint64_t klen, uint64_t vlen) { return (ENTRY_HDR + klen + vlen + 7) & ~(uint64_t)7; }
+
+static void write_entry(char *a, const char *k, Py_ssize_t klen, int flags, const char *v, Py_ssize_t vlen) {
+    memcpy(a + ENTRY_HDR, k, klen);
+    memcpy(a + ENTRY_HDR + klen, v, vlen);
+    uint16_t kl = (uint16_t)klen;
+    uint8_t fl = (uint8_t)flags, pad = 0;
+    uint32_t vl = (uint32_t)vlen, res = 0;
+    memcpy(a + 4, &kl, 2);
+    memcpy(a + 6, &fl, 1);
+    memcpy(a + 7, &pad, 1);
+    memcpy(a + 8, &vl, 4);
+    memcpy(a + 12, &res, 4);
+    uint32_t chk = XXH32(a + 4, (size_t)(12 + klen + vlen), 0);
+    memcpy(a, &chk, 4);
+}
+
+/* Store under the held lock. 1 stored, 0 not stored (add/replace), 2 needs
+ * room (the Python path reclaims/evicts/compacts). */
+static int write_locked(Core *c, uint64_t s, uint32_t tag, const char *k, Py_ssize_t klen, int flags,
+                        const char *v, Py_ssize_t vlen, double expire, int mode, double now) {
+    char *slots = slots_of(c, s);
+    char *arena = arena_of(c, s);
+    char *rec = stripe_rec(c, s);
+    slot_t old;
+    int64_t i = probe(c, s, tag, k, klen, &old);
+    uint64_t alloc = alloc_of((uint64_t)klen, (uint64_t)vlen);
+    uint64_t old_alloc = 0;
+    if (i >= 0) {
+        if (old.expire != 0.0 && old.expire <= now) {
+            if (mode == MODE_REPLACE) return 0;
+        } else if (mode == MODE_ADD) {
+            return 0;
+        }
+        old_alloc = alloc_of((uint64_t)klen, old.vlen);
+        if (alloc <= old_alloc) { /* fits in the old bytes: in place, no garbage */
+            write_entry(arena + old.off, k, klen, flags, v, vlen);
+            slot_t sl = {tag, old.off, (uint32_t)vlen, (uint16_t)klen, (uint8_t)flags, 0, expire, now};
+            memcpy(slots + (uint64_t)i * SLOT_SIZE, &sl, SLOT_SIZE);
+            if (alloc < old_alloc) *u64at(rec + S_GARBAGE) += old_alloc - alloc;
+            return 1;
+        }
+    } else if (mode == MODE_REPLACE) {
+        return 0;
+    }
+    uint64_t items = *u64at(rec + S_ITEMS), used = *u64at(rec + S_USED);
+    if (used + alloc > c->stripe_arena || (i < 0 && items >= c->cap_items)) return 2;
+    write_entry(arena + used, k, klen, flags, v, vlen);
+    uint64_t pos;
+    if (i >= 0) {
+        pos = (uint64_t)i;
+        *u64at(rec + S_GARBAGE) += old_alloc;
+    } else {
+        pos = tag % c->sps;
+        while (*(uint32_t *)(slots + pos * SLOT_SIZE) != 0)
+            if (++pos == c->sps) pos = 0;
+        *u64at(rec + S_ITEMS) = items + 1;
+    }
+    slot_t sl = {tag, (uint32_t)used, (uint32_t)vlen, (uint16_t)klen, (uint8_t)flags, 0, expire, now};
+    memcpy(slots + pos * SLOT_SIZE, &sl, SLOT_SIZE); /* publish */
+    *u64at(rec + S_USED) = used + alloc;
+    return 1;
+}
+
+/* Backward-shift delete of slot i (lock held), with accounting. */
+static void delete_at(Core *c, uint64_t s, uint64_t i, slot_t *sl) {
+    char *slots = slots_of(c, s);
+    char *rec = stripe_rec(c, s);
+    uint64_t sps = c->sps, j = i, k = i;
+    for (;;) {
+        if (++k == sps) k = 0;
+        uint32_t t = *(uint32_t *)(slots + k * SLOT_SIZE);
+        if (t == 0) break;
+        uint64_t home = t % sps;
+        if ((k + sps - home) % sps >= (k + sps - j) % sps) {
+            memcpy(slots + j * SLOT_SIZE, slots + k * SLOT_SIZE, SLOT_SIZE);
+            j = k;
+        }
+    }
+    memset(slots + j * SLOT_SIZE, 0, SLOT_SIZE);
+    uint64_t alloc = alloc_of(sl->klen, sl->vlen);
+    uint64_t *used = u64at(rec + S_USED);
+    if (sl->off + alloc == *used)
+        *used = sl->off;
+    else
+        *u64at(rec + S_GARBAGE) += alloc;
+    *u64at(rec + S_ITEMS) -= 1;
+}
+
+/* ---- Python methods ---------------------------------------------------- */
+
+static PyObject *decode_value(Core *c, int flags, PyObject *val) {
+    switch (flags) {
+    case FLAG_BYTES:
+        Py_INCREF(val);
+        return val;
+    case FLAG_STR:
+        return PyUnicode_DecodeUTF8(PyBytes_AS_STRING(val), PyBytes_GET_SIZE(val), "strict");
+    case FLAG_INT:
+        if (PyBytes_GET_SIZE(val) == 8) {
+            int64_t x;
+            memcpy(&x, PyBytes_AS_STRING(val), 8);
+            return PyLong_FromLongLong(x);
+        }
+        break;
+    case FLAG_FLOAT:
+        if (PyBytes_GET_SIZE(val) == 8) {
+            double d;
+            memcpy(&d, PyBytes_AS_STRING(val), 8);
+            return PyFloat_FromDouble(d);
+        }
+        break;
+    }
+    PyObject *f = PyLong_FromLong(flags);
+    if (!f) return NULL;
+    PyObject *r = PyObject_CallFunctionObjArgs(c->decode, f, val, NULL);
+    Py_DECREF(f);
+    return r;
+}
+
+/* Fetch (flags, value bytes, expire, slot offset, atime) for an encoded key,
+ * falling back to Python's locked read when writers keep interfering.
+ * Returns 1 found, 0 absent, -1 error. */
+static int fetch(Core *c, const char *k, Py_ssize_t klen, int *flags, PyObject **val, double *exp,
+                 int64_t *pos, double *atime) {
+    slot_t sl;
+    int r = read_core(c, k, klen, &sl, pos, val);
+    if (r == 1) {
+        *flags = sl.flags;
+        *exp = sl.expire;
+        *atime = sl.atime;
+        return 1;
+    }
+    if (r != 2) return r;
+    PyObject *kb = PyBytes_FromStringAndSize(k, klen);
+    if (!kb) return -1;
+    PyObject *t = PyObject_CallOneArg(c->slow_read, kb);
+    Py_DECREF(kb);
+    if (!t) return -1;
+    if (t == Py_None) {
+        Py_DECREF(t);
+        return 0;
+    }
+    PyObject *fv = NULL;
+    long long p;
+    if (!PyArg_ParseTuple(t, "iSdLd", flags, &fv, exp, &p, atime)) {
+        Py_DECREF(t);
+        return -1;
+    }
+    Py_INCREF(fv);
+    *val = fv;
+    *pos = p;
+    Py_DECREF(t);
+    return 1;
+}
+
+static PyObject *Core_get(Core *c, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs < 1 || nargs > 2) {
+        PyErr_SetString(PyExc_TypeError, "get(key, default=None)");
+        return NULL;
+    }
+    PyObject *key = args[0], *dflt = nargs > 1 ? args[1] : Py_None;
+    char stack[KEY_STACK];
+    const char *k;
+    Py_ssize_t klen;
+    PyObject *owned = NULL;
+    int kf = key_fast(c, key, &k, &klen, stack);
+    if (kf < 0) return NULL;
+    if (kf == 0) {
+        owned = PyObject_CallOneArg(c->slow_key, key);
+        if (!owned) return NULL;
+        k = PyBytes_AS_STRING(owned);
+        klen = PyBytes_GET_SIZE(owned);
+    }
+    int flags;
+    PyObject *val = NULL;
+    double exp, atime, now;
+    int64_t pos;
+    int r = fetch(c, k, klen, &flags, &val, &exp, &pos, &atime);
+    Py_XDECREF(owned);
+    if (r < 0) return NULL;
+    if (r == 1 && get_now(c, &now) < 0) {
+        Py_DECREF(val);
+        return NULL;
+    }
+    if (r == 0 || (exp != 0.0 && exp <= now)) {
+        Py_XDECREF(val);
+        *counter(c, CTR_MISSES) += 1;
+        Py_INCREF(dflt);
+        return dflt;
+    }
+    if (now - atime > c->atime_res && pos >= 0) memcpy(c->base + pos + 24, &now, 8); /* LRU hint, racy by design */
+    *counter(c, CTR_HITS) += 1;
+    PyObject *out = decode_value(c, flags, val);
+    Py_DECREF(val);
+    return out;
+}
+
+static PyObject *Core_read(Core *c, PyObject *kb) {
+    if (!PyBytes_Check(kb)) {
+        PyErr_SetString(PyExc_TypeError, "read(encoded_key: bytes)");
+        return NULL;
+    }
+    int flags;
+    PyObject *val = NULL;
+    double exp, atime;
+    int64_t pos;
+    int r = fetch(c, PyBytes_AS_STRING(kb), PyBytes_GET_SIZE(kb), &flags, &val, &exp, &pos, &atime);
+    if (r < 0) return NULL;
+    if (r == 0) Py_RETURN_NONE;
+    return Py_BuildValue("iNdLd", flags, val, exp, (long long)pos, atime);
+}
+
+/* Value -> (flags, ptr, len) for the raw types; 0 = let Python encode it. */
+static int value_fast(PyObject *value, int *flags, const char **p, Py_ssize_t *n, char *scratch8) {
+    if (PyBytes_CheckExact(value)) {
+        *flags = FLAG_BYTES;
+        *p = PyBytes_AS_STRING(value);
+        *n = PyBytes_GET_SIZE(value);
+        return 1;
+    }
+    if (PyUnicode_CheckExact(value)) {
+        *flags = FLAG_STR;
+        *p = PyUnicode_AsUTF8AndSize(value, n);
+        if (!*p) {
+            PyErr_Clear();
+            return 0;
+        }
+        return 1;
+    }
+    if (PyLong_CheckExact(value)) {
+        int overflow;
+        long long x = PyLong_AsLongLongAndOverflow(value, &overflow);
+        if (overflow || (x == -1 && PyErr_Occurred())) {
+            PyErr_Clear();
+            return 0;
+        }
+        int64_t y = x;
+        memcpy(scratch8, &y, 8);
+        *flags = FLAG_INT;
+        *p = scratch8;
+        *n = 8;
+        return 1;
+    }
+    if (PyFloat_CheckExact(value)) {
+        double d = PyFloat_AS_DOUBLE(value);
+        memcpy(scratch8, &d, 8);
+        *flags = FLAG_FLOAT;
+        *p = scratch8;
+        *n = 8;
+        return 1;
+    }
+    return 0;
+}
+
+/* ttl argument -> absolute deadline. 1 ok, 0 let Python handle (it raises). */
+static int deadline_fast(Core *c, PyObject *ttl, double now, double *expire) {
+    double t;
+    if (ttl == c->sentinel) {
+        t = c->default_ttl;
+        *expire = t > 0 ? now + t : 0.0;
+        return 1;
+    }
+    if (ttl == Py_None) {
+        *expire = 0.0;
+        return 1;
+    }
+    if (PyFloat_CheckExact(ttl))
+        t = PyFloat_AS_DOUBLE(ttl);
+    else if (PyLong_CheckExact(ttl)) {
+        t = PyLong_AsDouble(ttl);
+        if (t == -1.0 && PyErr_Occurred()) {
+            PyErr_Clear();
+            return 0;
+        }
+    } else
+        return 0;
+    if (!(t > 0) || isinf(t)) return 0;
+    *expire = now + t;
+    return 1;
+}
+
+static PyObject *slow_call(PyObject *fn, PyObject *const *args, Py_ssize_t nargs) {
+    return PyObject_Vectorcall(fn, args, nargs, NULL);
+}
+
+static PyObject *store(Core *c, PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames, int mode) {
+    /* set/add/replace(key, value, ttl=DEFAULT) */
+    if (kwnames || nargs < 2 || nargs > 3 || mode != MODE_SET) goto slow;
+    PyObject *key = args[0], *value = args[1], *ttl = nargs > 2 ? args[2] : c->sentinel;
+    char stack[KEY_STACK], scratch[8];
+    const char *k, *v;
+    Py_ssize_t klen, vlen;
+    int flags;
+    int kf = key_fast(c, key, &k, &klen, stack);
+    if (kf < 0) return NULL;
+    if (kf == 0 || !value_fast(value, &flags, &v, &vlen, scratch) || (uint64_t)vlen > c->max_value) goto slow;
+    double now, expire;
+    if (get_now(c, &now) < 0) return NULL;
+    if (!deadline_fast(c, ttl, now, &expire)) goto slow;
+    uint64_t h = XXH3_64bits(k, (size_t)klen);
+    uint64_t s = h & c->mask;
+    if (!lock_fast(c, s)) goto slow;
+    int r = write_locked(c, s, (uint32_t)(h >> 32) | 1u, k, klen, flags, v, vlen, expire, mode, now);
+    unlock_fast(c, s);
+    if (r == 2) goto slow;
+    *counter(c, CTR_SETS) += 1;
+    Py_RETURN_TRUE;
+slow:
+    if (kwnames) return PyObject_Vectorcall(c->slow_set, args, nargs, kwnames);
+    return slow_call(c->slow_set, args, nargs);
+}
+
+static PyObject *Core_set(Core *c, PyObject *const *args, size_t nargsf, PyObject *kwnames) {
+    return store(c, args, PyVectorcall_NARGS(nargsf), kwnames, MODE_SET);
+}
+
+static PyObject *Core_delete(Core *c, PyObject *key) {
+    char stack[KEY_STACK];
+    const char *k;
+    Py_ssize_t klen;
+    int kf = key_fast(c, key, &k, &klen, stack);
+    if (kf < 0) return NULL;
+    if (kf == 0) return PyObject_CallOneArg(c->slow_delete, key);
+    double now;
+    if (get_now(c, &now) < 0) return NULL;
+    uint64_t h = XXH3_64bits(k, (size_t)klen);
+    uint64_t s = h & c->mask;
+    if (!lock_fast(c, s)) return PyObject_CallOneArg(c->slow_delete, key);
+    slot_t sl;
+    int64_t i = probe(c, s, (uint32_t)(h >> 32) | 1u, k, klen, &sl);
+    int live = 0;
+    if (i >= 0) {
+        live = !(sl.expire != 0.0 && sl.expire <= now);
+        delete_at(c, s, (uint64_t)i, &sl);
+    }
+    unlock_fast(c, s);
+    if (i >= 0) *counter(c, live ? CTR_DELETES : CTR_EXPIRATIONS) += 1;
+    return PyBool_FromLong(live);
+}
+
+static PyObject *Core_incr(Core *c, PyObject *const *args, size_t nargsf, PyObject *kwnames) {
+    /* incr(key, delta=1, default=0, ttl=None): fast only for the plain cases */
+    Py_ssize_t nargs = PyVectorcall_NARGS(nargsf);
+    if (kwnames || nargs < 1 || nargs > 4) goto slow;
+    PyObject *key = args[0];
+    long long delta = 1, dflt = 0;
+    int have_default = 1, overflow = 0;
+    if (nargs > 1) {
+        if (!PyLong_CheckExact(args[1])) goto slow;
+        delta = PyLong_AsLongLongAndOverflow(args[1], &overflow);
+        if (overflow || (delta == -1 && PyErr_Occurred())) goto slow_clear;
+    }
+    if (nargs > 2) {
+        if (args[2] == Py_None)
+            have_default = 0;
+        else if (!PyLong_CheckExact(args[2]))
+            goto slow;
+        else {
+            dflt = PyLong_AsLongLongAndOverflow(args[2], &overflow);
+            if (overflow || (dflt == -1 && PyErr_Occurred())) goto slow_clear;
+        }
+    }
+    char stack[KEY_STACK];
+    const char *k;
+    Py_ssize_t klen;
+    int kf = key_fast(c, key, &k, &klen, stack);
+    if (kf < 0) return NULL;
+    if (kf == 0) goto slow;
+    double now, expire = 0.0;
+    if (get_now(c, &now) < 0) return NULL;
+    if (nargs > 3 && !deadline_fast(c, args[3], now, &expire)) goto slow;
+    uint64_t h = XXH3_64bits(k, (size_t)klen);
+    uint64_t s = h & c->mask;
+    uint32_t tag = (uint32_t)(h >> 32) | 1u;
+    if (!lock_fast(c, s)) goto slow;
+    slot_t sl;
+    int64_t i = probe(c, s, tag, k, klen, &sl);
+    long long result;
+    if (i >= 0 && !(sl.expire != 0.0 && sl.expire <= now)) {
+        if (sl.flags != FLAG_INT || sl.vlen != 8) {
+            unlock_fast(c, s);
+            goto slow; /* TypeError or a big int: Python handles it */
+        }
+        char *a = arena_of(c, s) + sl.off;
+        int64_t cur;
+        memcpy(&cur, a + ENTRY_HDR + klen, 8);
+        if (__builtin_add_overflow((long long)cur, delta, &result)) {
+            unlock_fast(c, s);
+            goto slow;
+        }
+        int64_t nv = result;
+        memcpy(a + ENTRY_HDR + klen, &nv, 8);
+        uint32_t chk = XXH32(a + 4, (size_t)(12 + klen + 8), 0);
+        memcpy(a, &chk, 4);
+        memcpy(slots_of(c, s) + (uint64_t)i * SLOT_SIZE + 24, &now, 8);
+    } else {
+        if (!have_default || __builtin_add_overflow(dflt, delta, &result)) {
+            unlock_fast(c, s);
+            goto slow;
+        }
+        int64_t nv = result;
+        int r = write_locked(c, s, tag, k, klen, FLAG_INT, (const char *)&nv, 8, expire, MODE_SET, now);
+        if (r != 1) {
+            unlock_fast(c, s);
+            goto slow;
+        }
+    }
+    unlock_fast(c, s);
+    *counter(c, CTR_SETS) += 1;
+    return PyLong_FromLongLong(result);
+slow_clear:
+    PyErr_Clear();
+slow:
+    return PyObject_Vectorcall(c->slow_incr, args, nargs, kwnames);
+}
+
+static PyObject *Core_contains(Core *c, PyObject *key) {
+    char stack[KEY_STACK];
+    const char *k;
+    Py_ssize_t klen;
+    PyObject *owned = NULL;
+    int kf = key_fast(c, key, &k, &klen, stack);
+    if (kf < 0) return NULL;
+    if (kf == 0) {
+        owned = PyObject_CallOneArg(c->slow_key, key);
+        if (!owned) return NULL;
+        k = PyBytes_AS_STRING(owned);
+        klen = PyBytes_GET_SIZE(owned);
+    }
+    int flags;
+    PyObject *val = NULL;
+    double exp, atime, now = 0;
+    int64_t pos;
+    int r = fetch(c, k, klen, &flags, &val, &exp, &pos, &atime);
+    Py_XDECREF(owned);
+    Py_XDECREF(val);
+    if (r < 0) return NULL;
+    if (r == 0) Py_RETURN_FALSE;
+    if (exp != 0.0) {
+        if (get_now(c, &now) < 0) return NULL;
+        if (exp <= now) Py_RETURN_FALSE;
+    }
+    Py_RETURN_TRUE;
+}
+
+static PyObject *Core_set_identity(Core *c, PyObject *args) {
+    unsigned long long client;
+    unsigned int pid;
+    double start;
+    if (!PyArg_ParseTuple(args, "KId", &client, &pid, &start)) return NULL;
+    c->client = client;
+    c->pid = pid;
+    c->start = start;
+    Py_RETURN_NONE;
+}
+
+static void release_all(Core *c) {
+    if (c->sems) {
+        for (Py_ssize_t i = 0; i < c->n_sems; i++)
+            if (c->sems[i] && c->sems[i] != SEM_FAILED) sem_close(c->sems[i]);
+        PyMem_Free(c->sems);
+        c->sems = NULL;
+    }
+    if (c->has_view) {
+        PyBuffer_Release(&c->view);
+        c->has_view = 0;
+    }
+    c->base = NULL;
+}
+
+static PyObject *Core_release(Core *c, PyObject *unused) {
+    release_all(c);
+    Py_RETURN_NONE;
+}
+
+static int Core_init(Core *c, PyObject *args, PyObject *kw) {
+    static char *kwlist[] = {"buffer", "n_stripes", "sps", "stripe_off", "index_off", "arena_off",
+                             "stripe_arena", "client_off", "client_rec", "client", "max_key",
+                             "max_value", "cap_items", "sem_names", "pid", "start", "clock", "decode",
+                             "slow_key", "slow_read", "slow_set", "slow_incr", "slow_delete",
+                             "sentinel", "atime_res", "default_ttl", NULL};
+    PyObject *buffer, *sem_names;
+    unsigned long long n_stripes;
+    unsigned int pid;
+    if (!PyArg_ParseTupleAndKeywords(
+            args, kw, "OKKKKKKKKKKKKOIdOOOOOOOOdd", kwlist, &buffer, &n_stripes, &c->sps, &c->stripe_off,
+            &c->index_off, &c->arena_off, &c->stripe_arena, &c->client_off, &c->client_rec, &c->client,
+            &c->max_key, &c->max_value, &c->cap_items, &sem_names, &pid, &c->start, &c->clock, &c->decode,
+            &c->slow_key, &c->slow_read, &c->slow_set, &c->slow_incr, &c->slow_delete, &c->sentinel,
+            &c->atime_res, &c->default_ttl))
+        return -1;
+    if (n_stripes == 0 || (n_stripes & (n_stripes - 1))) {
+        PyErr_SetString(PyExc_ValueError, "n_stripes must be a power of two");
+        return -1;
+    }
+    if (c->has_view || c->sems) {
+        PyErr_SetString(PyExc_RuntimeError, "Core is already initialized");
+        return -1;
+    }
+    c->mask = n_stripes - 1;
+    c->pid = pid;
+    PyObject *objs[] = {c->clock, c->decode, c->slow_key, c->slow_read, c->slow_set, c->slow_incr,
+                        c->slow_delete, c->sentinel};
+    for (size_t i = 0; i < sizeof(objs) / sizeof(objs[0]); i++) Py_INCREF(objs[i]);
+    if (PyObject_GetBuffer(buffer, &c->view, PyBUF_WRITABLE) < 0) return -1;
+    c->has_view = 1;
+    c->base = c->view.buf;
+    Py_ssize_t n = PySequence_Length(sem_names);
+    if (n != (Py_ssize_t)n_stripes) {
+        PyErr_SetString(PyExc_ValueError, "one semaphore name per stripe");
+        return -1;
+    }
+    c->sems = PyMem_Calloc(n, sizeof(sem_t *));
+    c->n_sems = n;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        PyObject *name = PySequence_GetItem(sem_names, i);
+        if (!name) return -1;
+        const char *nm = PyUnicode_AsUTF8(name);
+        if (!nm) {
+            Py_DECREF(name);
+            return -1;
+        }
+        c->sems[i] = sem_open(nm, 0);
+        Py_DECREF(name);
+        if (c->sems[i] == SEM_FAILED) {
+            c->sems[i] = NULL;
+            PyErr_SetFromErrno(PyExc_OSError);
+            return -1;
+        }
+    }
+    return 0;
+}
+
+/* Core holds bound methods of its Cache (the slow paths), and the Cache holds
+ * the Core: a cycle, so Core takes part in garbage collection. */
+static int Core_traverse(Core *c, visitproc visit, void *arg) {
+    Py_VISIT(c->clock);
+    Py_VISIT(c->decode);
+    Py_VISIT(c->slow_key);
+    Py_VISIT(c->slow_read);
+    Py_VISIT(c->slow_set);
+    Py_VISIT(c->slow_incr);
+    Py_VISIT(c->slow_delete);
+    Py_VISIT(c->sentinel);
+    return 0;
+}
+
+static int Core_clear(Core *c) {
+    Py_CLEAR(c->clock);
+    Py_CLEAR(c->decode);
+    Py_CLEAR(c->slow_key);
+    Py_CLEAR(c->slow_read);
+    Py_CLEAR(c->slow_set);
+    Py_CLEAR(c->slow_incr);
+    Py_CLEAR(c->slow_delete);
+    Py_CLEAR(c->sentinel);
+    return 0;
+}
+
+static void Core_dealloc(Core *c) {
+    PyObject_GC_UnTrack(c);
+    release_all(c);
+    Core_clear(c);
+    Py_TYPE(c)->tp_free((PyObject *)c);
+}
+
+static PyObject *Core_get_default_ttl(Core *c, void *unused) { return PyFloat_FromDouble(c->default_ttl); }
+static int Core_set_default_ttl(Core *c, PyObject *v, void *unused) {
+    double d = PyFloat_AsDouble(v);
+    if (d == -1.0 && PyErr_Occurred()) return -1;
+    c->default_ttl = d;
+    return 0;
+}
+
+static PyGetSetDef Core_getset[] = {
+    {"default_ttl", (getter)Core_get_default_ttl, (setter)Core_set_default_ttl,
+     "seconds used when set() gets no ttl; 0 = never expire", NULL},
+    {NULL}};
+
+static PyMethodDef Core_methods[] = {
+    {"get", (PyCFunction)(void (*)(void))Core_get, METH_FASTCALL,
+     "get(key, default=None): the value, or default if absent or expired."},
+    {"read", (PyCFunction)Core_read, METH_O,
+     "read(encoded_key) -> (flags, value_bytes, expire, slot_offset, atime) or None."},
+    {"set", (PyCFunction)(void (*)(void))Core_set, METH_FASTCALL | METH_KEYWORDS,
+     "set(key, value, ttl=DEFAULT) -> True."},
+    {"incr", (PyCFunction)(void (*)(void))Core_incr, METH_FASTCALL | METH_KEYWORDS,
+     "incr(key, delta=1, default=0, ttl=None) -> new value."},
+    {"delete", (PyCFunction)Core_delete, METH_O, "delete(key) -> True if a live key was removed."},
+    {"contains", (PyCFunction)Core_contains, METH_O, "contains(key) -> bool."},
+    {"set_identity", (PyCFunction)Core_set_identity, METH_VARARGS,
+     "set_identity(client, pid, start): after fork, use this client slot and owner record."},
+    {"release", (PyCFunction)Core_release, METH_NOARGS, "Drop the buffer export and close semaphores."},
+    {NULL}};
+
+static PyTypeObject CoreType = {
+    PyVarObject_HEAD_INIT(NULL, 0).tp_name = "shmcache._speedups.Core",
+    .tp_basicsize = sizeof(Core),
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC,
+    .tp_traverse = (traverseproc)Core_traverse,
+    .tp_clear = (inquiry)Core_clear,
+    .tp_new = PyType_GenericNew,
+    .tp_init = (initproc)Core_init,
+    .tp_dealloc = (destructor)Core_dealloc,
+    .tp_methods = Core_methods,
+    .tp_getset = Core_getset,
+    .tp_doc = "The C fast paths over one attached segment (see shmcache/_speedups.c).",
+};
+
+static PyObject *mod_xxh3(PyObject *m, PyObject *arg) {
+    Py_buffer b;
+    if (PyObject_GetBuffer(arg, &b, PyBUF_SIMPLE) < 0) return NULL;
+    uint64_t h = XXH3_64bits(b.buf, (size_t)b.len);
+    PyBuffer_Release(&b);
+    return PyLong_FromUnsignedLongLong(h);
+}
+
+static PyMethodDef mod_methods[] = {
+    {"xxh3_64", (PyCFunction)mod_xxh3, METH_O, "xxh3_64(buffer) -> int (same as xxhash.xxh3_64_intdigest)."},
+    {NULL}};
+
+static struct PyModuleDef moddef = {PyModuleDef_HEAD_INIT, "shmcache._speedups", NULL, -1, mod_methods};
+
+PyMODINIT_FUNC PyInit__speedups(void) {
+    if (PyType_Ready(&CoreType) < 0) return NULL;
+    PyObject *m = PyModule_Create(&moddef);
+    if (!m) return NULL;
+    Py_INCREF(&CoreType);
+    if (PyModule_AddObject(m, "Core", (PyObject *)&CoreType) < 0) {
+        Py_DECREF(&CoreType);
+        Py_DECREF(m);
+        return NULL;
+    }
+    PyModule_AddIntConstant(m, "SLOT_SIZE", SLOT_SIZE);
+    PyModule_AddIntConstant(m, "ENTRY_HDR", ENTRY_HDR);
+    PyModule_AddIntConstant(m, "STRIPE_SIZE", STRIPE_SIZE);
+    PyModule_AddIntConstant(m, "C_COUNTERS", C_COUNTERS);
+    PyModule_AddIntConstant(m, "C_MARKERS", C_MARKERS);
+    return m;
+}

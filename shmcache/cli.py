@@ -1,0 +1,708 @@
+"""The ``shmcache`` command: run the daemon, inspect and edit caches, snapshots, the demo.
+
+Every subcommand takes ``-n/--name`` (default: ``$SHMCACHE_NAME``). Errors are
+one line ``shmcache: <what went wrong>`` on stderr and exit status 1; add
+``--debug`` (before the subcommand) for the traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import fnmatch
+import json
+import logging
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from . import __version__
+from . import layout as L
+from .cache import Cache
+from .codec import decode_key
+from .errors import CacheNotFound, Error
+from .lock import is_alive
+from .segment import LOCK_DAEMON, Segment
+
+NAME_ENV = "SHMCACHE_NAME"
+
+
+class CliError(Exception):
+    """A user-facing failure: printed as ``shmcache: <message>``, exit status 1."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, exit 1, like every other error
+        sys.stderr.write(f"shmcache: {message} (see '{self.prog} --help')\n")
+        raise SystemExit(1)
+
+
+# ----------------------------------------------------------------- helpers
+def _mib(n: float) -> str:
+    if n < 1024:
+        return f"{n:.0f} B"
+    if n < 1024**2:
+        return f"{n / 1024:.1f} KiB"
+    if n < 1024**3:
+        return f"{n / 1024**2:.1f} MiB"
+    return f"{n / 1024**3:.2f} GiB"
+
+
+def _name(args) -> str:
+    name = args.name or os.environ.get(NAME_ENV)
+    if not name:
+        raise CliError(f"no cache name: give -n NAME (or set {NAME_ENV})")
+    L.validate_name(name)
+    return name
+
+
+def _attach(args) -> Cache:
+    return Cache(_name(args), create=False)
+
+
+def _daemon_pid(seg: Segment) -> int | None:
+    """The pid holding the cache's daemon lock (the kernel's answer), or None."""
+    return seg.file_lock_holder(LOCK_DAEMON)
+
+
+def _parse_value(text: str, kind: str):
+    if kind == "str":
+        return text
+    if kind == "bytes":
+        return text.encode()
+    try:
+        if kind == "int":
+            return int(text, 0)
+        if kind == "float":
+            return float(text)
+        if kind == "json":
+            return json.loads(text)
+    except ValueError as e:
+        raise CliError(f"value {text!r} is not a valid {kind}: {e}") from None
+    raise CliError(f"unknown value type {kind!r}")  # pragma: no cover - argparse checks choices
+
+
+def _show_key(k) -> str:
+    return k if isinstance(k, str) else repr(k)
+
+
+# --------------------------------------------------------------- commands
+def cmd_daemon(args) -> int:
+    from .daemon import serve
+
+    logging.basicConfig(
+        level=getattr(logging, args.log_level.upper()),
+        format="%(asctime)s shmcache[%(process)d] %(levelname)s %(message)s",
+        stream=sys.stderr,
+    )
+    return serve(
+        _name(args),
+        size=args.size,
+        stripes=args.stripes,
+        max_items=args.max_items,
+        mode=int(args.mode, 8),
+        snapshot=args.snapshot,
+        snapshot_every=args.snapshot_every,
+        expire_every=args.expire_every,
+        recover_every=args.recover_every,
+        restore=not args.no_restore,
+    )
+
+
+def cmd_stats(args) -> int:
+    with _attach(args) as c:
+        st = c.stats()
+    if args.json:
+        print(json.dumps(st, indent=2, sort_keys=True))
+        return 0
+    fill = st["stripe_fill"]
+    if st["daemon_alive"]:
+        age = st["daemon_heartbeat_age"]
+        daemon = f"pid {st['daemon_pid']}, alive, last heartbeat {age:.2f} s ago" if age is not None else \
+            f"pid {st['daemon_pid']}, alive"
+    elif st["daemon_pid"]:
+        daemon = f"not running (last was pid {st['daemon_pid']})"
+    else:
+        daemon = "not running"
+    rows = [
+        ("cache", st["name"]),
+        ("size", f"{_mib(st['size'])} ({st['stripes']} stripes, layout v{st['layout_version']}, "
+                 f"policy {st['policy']})"),
+        ("items", f"{st['items']:,} of {st['max_items']:,} max"),
+        ("memory", f"{_mib(st['bytes_used'])} used, {_mib(st['bytes_free'])} free, "
+                   f"{_mib(st['bytes_garbage'])} garbage"),
+        ("hits", f"{st['hits']:,}"),
+        ("misses", f"{st['misses']:,}"),
+        ("hit rate", f"{100 * st['hit_rate']:.1f}%"),
+        ("sets", f"{st['sets']:,}"),
+        ("deletes", f"{st['deletes']:,}"),
+        ("evictions", f"{st['evictions']:,}"),
+        ("expirations", f"{st['expirations']:,}"),
+        ("stripe fill", f"min {100 * min(fill):.0f}% / mean {100 * sum(fill) / len(fill):.0f}% / "
+                        f"max {100 * max(fill):.0f}%"),
+        ("clients", f"{st['clients']} (this command included)"),
+        ("recoveries", f"{st['recoveries']}"),
+        ("generation", f"{st['generation']}"),
+        ("daemon", daemon),
+    ]
+    w = max(len(k) for k, _ in rows)
+    for k, v in rows:
+        print(f"{k:<{w}}  {v}")
+    return 0
+
+
+def cmd_get(args) -> int:
+    with _attach(args) as c:
+        missing = object()
+        v = c.get(args.key, missing)
+        if v is missing:
+            raise CliError(f"key {args.key!r} not found in cache {c.name!r}")
+    if isinstance(v, bytes) and args.raw:
+        sys.stdout.buffer.write(v)
+        sys.stdout.flush()
+    elif isinstance(v, str):
+        print(v)
+    elif isinstance(v, (int, float)) and not isinstance(v, bool):
+        print(v)
+    else:
+        print(repr(v))
+    return 0
+
+
+def cmd_set(args) -> int:
+    value = _parse_value(args.value, args.type)
+    with _attach(args) as c:
+        if args.nx:
+            if not c.add(args.key, value, ttl=args.ttl):
+                raise CliError(f"key {args.key!r} already exists in cache {c.name!r} (--nx)")
+        else:
+            c.set(args.key, value, ttl=args.ttl)
+    return 0
+
+
+def cmd_delete(args) -> int:
+    with _attach(args) as c:
+        n = c.delete_many(args.keys)
+    print(n)
+    return 0
+
+
+def cmd_keys(args) -> int:
+    rx = re.compile(fnmatch.translate(args.pattern), re.DOTALL)
+    out = []
+    with _attach(args) as c:
+        t = c._table
+        now = time.time()
+        for s in range(t.n_stripes):
+            for kb in t.keys_of(s, now):
+                k = decode_key(kb)
+                text = k if isinstance(k, str) else k.decode("utf-8", "backslashreplace")
+                if rx.match(text):
+                    out.append(k)
+            if args.limit and len(out) >= args.limit:
+                break
+    out.sort(key=lambda k: (not isinstance(k, str), k if isinstance(k, str) else repr(k)))
+    if args.limit:
+        out = out[: args.limit]
+    for k in out:
+        print(_show_key(k))
+    return 0
+
+
+def _daemon_snapshot_path(pid: int) -> str:
+    """Where the daemon ``pid`` writes snapshots, read from its command line."""
+    import psutil
+
+    try:
+        p = psutil.Process(pid)
+        argv = p.cmdline()
+        cwd = p.cwd()
+    except (psutil.Error, OSError) as e:
+        raise CliError(f"cannot inspect daemon pid {pid}: {e}") from None
+    if "daemon" not in argv:
+        raise CliError(
+            f"cannot tell where daemon pid {pid} writes snapshots (it was not started by "
+            "'shmcache daemon'); give a PATH to write a snapshot from this process"
+        )
+    rest = argv[argv.index("daemon") + 1 :]
+    dargs, _ = _daemon_parser(_Parser(add_help=False)).parse_known_args(rest)
+    if not dargs.snapshot:
+        raise CliError(f"daemon pid {pid} runs without --snapshot; give a PATH to write a snapshot from here")
+    return os.path.join(cwd, dargs.snapshot)
+
+
+def wait_for_daemon_snapshot(path: str, since: float, timeout: float, pid: int | None = None):
+    """Wait until the snapshot at ``path`` was started at or after ``since``
+    (wall clock); return its verified SnapshotInfo.
+
+    Raises:
+        CliError: timeout, or the daemon ``pid`` died meanwhile.
+    """
+    from .snapshot import SnapshotError, read_header, verify_snapshot
+
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            if read_header(path).created >= since:
+                return verify_snapshot(path)
+        except SnapshotError:
+            pass  # not there yet (first snapshot)
+        if pid is not None:
+            import psutil
+
+            if not psutil.pid_exists(pid):
+                raise CliError(f"daemon pid {pid} exited before writing the snapshot")
+        if time.monotonic() > deadline:
+            raise CliError(f"the daemon did not write {path} within {timeout:g} s")
+        time.sleep(0.02)
+
+
+def cmd_snapshot(args) -> int:
+    from .snapshot import terminal_progress, write_snapshot
+
+    if args.path:
+        with _attach(args) as c:
+            bar = terminal_progress(f"snapshot {os.path.basename(args.path)}")
+            try:
+                info = write_snapshot(c, args.path, progress=bar)
+            finally:
+                if bar:
+                    bar.finish()
+        print(f"wrote {info.path}: {info.entries:,} entries, {_mib(info.bytes)} in {info.seconds:.3f} s")
+        return 0
+    name = _name(args)
+    seg = Segment.open(name, create=False, timeout=1.0)
+    try:
+        pid = _daemon_pid(seg)
+    finally:
+        seg.close()
+    if not pid:
+        raise CliError(f"no daemon runs for cache {name!r}; give a PATH to write a snapshot from this process")
+    path = _daemon_snapshot_path(pid)
+    since = time.time()
+    os.kill(pid, signal.SIGUSR1)
+    info = wait_for_daemon_snapshot(path, since, args.timeout, pid)
+    print(f"daemon pid {pid} wrote {info.path}: {info.entries:,} entries, {_mib(info.bytes)}")
+    return 0
+
+
+def cmd_restore(args) -> int:
+    from .snapshot import restore_snapshot, terminal_progress, verify_snapshot
+
+    name = _name(args)
+    verify_snapshot(args.path)  # refuse a bad file before creating anything
+    if args.size:
+        c = Cache(name, size=args.size)
+    else:
+        c = Cache(name, create=False)
+    with c:
+        bar = terminal_progress(f"restore {os.path.basename(args.path)}", unit="entries")
+        try:
+            r = restore_snapshot(c, args.path, merge=args.merge, progress=bar)
+        finally:
+            if bar:
+                bar.finish()
+    skipped = []
+    for label, n in (("expired", r.skipped_expired), ("too large", r.skipped_too_large),
+                     ("no room", r.skipped_full), ("already present", r.skipped_present)):
+        if n:
+            skipped.append(f"{n:,} {label}")
+    print(f"restored {r.loaded:,} entries from {args.path} in {r.seconds:.3f} s"
+          + (f" (skipped {', '.join(skipped)})" if skipped else ""))
+    return 0
+
+
+def cmd_check(args) -> int:
+    if args.snapshot:
+        from .snapshot import verify_snapshot
+
+        info = verify_snapshot(args.snapshot)
+        print(f"snapshot {info.path} is sound: {info.entries:,} entries in {info.sections} sections, "
+              f"{_mib(info.bytes)}, of cache {info.name!r} taken {time.ctime(info.created)}")
+        return 0
+    with _attach(args) as c:
+        problems = c.check()
+        n = c._g.n_stripes
+    if problems:
+        for p in problems:
+            sys.stderr.write(f"shmcache: {p}\n")
+        sys.stderr.write(f"shmcache: cache {c.name!r} is damaged: {len(problems)} problem(s)\n")
+        return 1
+    print(f"cache {c.name!r}: all {n} stripes sound")
+    return 0
+
+
+def _describe(name: str) -> dict:
+    row = {"name": name, "size": None, "items": None, "clients": None, "daemon_pid": None, "status": "ok"}
+    try:
+        seg = Segment.open(name, create=False, timeout=0.5)
+    except Error as e:
+        row["status"] = str(e).split(";")[0]
+        return row
+    try:
+        g = seg.geometry
+        import numpy as np
+
+        st = np.frombuffer(seg.mm, dtype=np.uint64, count=g.n_stripes * 8, offset=g.stripe_table_off)
+        row["items"] = int(st.reshape(g.n_stripes, 8)[:, L.S_ITEMS // 8].sum())
+        del st
+        clients = 0
+        for c in range(g.max_clients):
+            pid, _, start = L.CLIENT_HEAD.unpack_from(seg.mm, g.client_table_off + c * g.client_record_size)
+            if pid and is_alive(pid, start):
+                clients += 1
+        row["size"] = g.total_size
+        row["clients"] = clients
+        row["daemon_pid"] = _daemon_pid(seg)
+    finally:
+        seg.close()
+    return row
+
+
+def cmd_ls(args) -> int:
+    rows = [_describe(n) for n in Segment.list_names()]
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    if not rows:
+        print("no caches on this host")
+        return 0
+    table = [("NAME", "SIZE", "ITEMS", "CLIENTS", "DAEMON")]
+    for r in rows:
+        if r["status"] != "ok":
+            table.append((r["name"], "-", "-", "-", r["status"]))
+            continue
+        d = f"alive (pid {r['daemon_pid']})" if r["daemon_pid"] else "none"
+        table.append((r["name"], _mib(r["size"]), f"{r['items']:,}", str(r["clients"]), d))
+    widths = [max(len(row[i]) for row in table) for i in range(5)]
+    for row in table:
+        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip())
+    return 0
+
+
+def cmd_rm(args) -> int:
+    name = _name(args)
+    try:
+        seg = Segment.open(name, create=False, timeout=0.5)
+    except CacheNotFound:
+        raise CliError(f"no cache named {name!r} on this host") from None
+    except Error:
+        seg = None  # damaged or foreign layout: removing it is the fix
+    if seg is not None:
+        try:
+            pid = _daemon_pid(seg)
+        finally:
+            seg.close()
+        if pid and not args.force:
+            raise CliError(f"daemon pid {pid} is running for cache {name!r}; stop it first or use --force")
+    Cache.unlink(name)
+    print(f"removed cache {name!r}")
+    return 0
+
+
+def cmd_demo(args) -> int:
+    return run_demo(args)
+
+
+# ------------------------------------------------------------------- demo
+def _stop(proc: subprocess.Popen, sig=signal.SIGTERM, timeout: float = 20.0) -> int | None:
+    """Signal one child by its PID and wait for it; SIGKILL if it does not exit."""
+    if proc.poll() is None:
+        try:
+            proc.send_signal(sig)
+            return proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            return proc.wait(5)
+    return proc.returncode
+
+
+def _wait_daemon(proc: subprocess.Popen, log_path: Path, timeout: float = 20.0) -> None:
+    """Wait until the daemon started by ``proc`` logs that it serves (after its
+    start-up restore)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise CliError(f"the demo daemon exited with status {proc.returncode}; see {log_path}")
+        try:
+            text = log_path.read_text()
+        except OSError:
+            text = ""
+        if f"daemon pid {proc.pid} serving" in text:
+            return
+        time.sleep(0.05)
+    raise CliError(f"the demo daemon did not come up within {timeout:g} s; see {log_path}")
+
+
+def run_demo(args) -> int:
+    """``make demo``: daemon + load generators + snapshot + warm restart, < 30 s."""
+    t_start = time.monotonic()
+    root = Path(__file__).resolve().parent.parent
+    loadgen = root / "workers" / "loadgen.py"
+    if not loadgen.exists():
+        raise CliError(f"the demo needs workers/loadgen.py from a source checkout (not found at {loadgen})")
+    data = Path(args.dir).resolve()
+    data.mkdir(parents=True, exist_ok=True)
+    snap = data / "demo.snap"
+    log_path = data / "daemon.log"
+    name = args.demo_name
+    for p in (snap, log_path):
+        if p.exists():
+            p.unlink()
+    # A cache left by an interrupted demo: reuse nothing, unless its daemon lives.
+    try:
+        seg = Segment.open(name, create=False, timeout=0.5)
+    except CacheNotFound:
+        seg = None
+    except Error:
+        seg = None
+        Cache.unlink(name)
+    if seg is not None:
+        try:
+            pid = _daemon_pid(seg)
+        finally:
+            seg.close()
+        if pid:
+            raise CliError(f"a daemon (pid {pid}) already serves cache {name!r}: is another demo running?")
+        Cache.unlink(name)
+
+    py = sys.executable
+    procs: list[subprocess.Popen] = []
+    logf = open(log_path, "ab")
+
+    def start_daemon() -> subprocess.Popen:
+        p = subprocess.Popen(
+            [py, "-m", "shmcache", "daemon", "--name", name, "--size", args.size, "--snapshot", str(snap),
+             "--snapshot-every", "0", "--expire-every", "0.1", "--recover-every", "0.5"],
+            stdout=logf, stderr=logf, start_new_session=True,
+        )
+        procs.append(p)
+        _wait_daemon(p, log_path)
+        return p
+
+    def log_lines(word: str) -> list[str]:
+        return [ln.split(" INFO ", 1)[-1] for ln in log_path.read_text().splitlines() if word in ln]
+
+    cache = None
+    print(f"shmcache demo: cache {name!r} ({args.size}), snapshot {os.path.relpath(snap)}, "
+          f"daemon log {os.path.relpath(log_path)}")
+    try:
+        daemon = start_daemon()
+        print(f"[1/6] daemon started (pid {daemon.pid}): active expiry every 0.1 s, crash recovery, heartbeat")
+        cache = Cache(name, create=False)
+        print(f"[2/6] {args.workers} load generators for {args.seconds:g} s: Zipf(1.0) over {args.keys:,} keys, "
+              "90% get / 10% set, cache-aside fills on miss, 30% of TTLs 1-2 s, the rest 1-10 min")
+        workers = []
+        for i in range(args.workers):
+            w = subprocess.Popen(
+                [py, str(loadgen), "--name", name, "--seconds", str(args.seconds), "--keys", str(args.keys),
+                 "--seed", str(1000 + i), "--json"],
+                stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True,
+            )
+            procs.append(w)
+            workers.append(w)
+        prev = cache.stats()
+        t_prev = time.monotonic()
+        t0 = t_prev
+        while any(w.poll() is None for w in workers):
+            time.sleep(0.5 if time.monotonic() - t0 < args.seconds + 10 else 0)
+            if time.monotonic() - t0 > args.seconds + 20:
+                raise CliError("the load generators did not finish in time")
+            st = cache.stats()
+            t = time.monotonic()
+            ops = sum(st[k] - prev[k] for k in ("hits", "misses", "sets", "deletes"))
+            looks = (st["hits"] - prev["hits"]) + (st["misses"] - prev["misses"])
+            hr = (st["hits"] - prev["hits"]) / looks if looks else 0.0
+            print(f"      t={t - t0:4.1f}s  ops/s {ops / (t - t_prev):>9,.0f}  hit rate {100 * hr:5.1f}%  "
+                  f"items {st['items']:>7,}  used {_mib(st['bytes_used']):>9}  evictions {st['evictions']:,}",
+                  flush=True)
+            prev, t_prev = st, t
+        totals = {"ops": 0, "corrupt": 0}
+        for w in workers:
+            out, err = w.communicate(timeout=10)
+            if w.returncode != 0:
+                raise CliError(f"load generator pid {w.pid} failed: {err.decode().strip().splitlines()[-1:]}")
+            r = json.loads(out.decode().strip().splitlines()[-1])
+            totals["ops"] += r["ops"]
+            totals["corrupt"] += r["corrupt"]
+        print(f"      {totals['ops']:,} operations, {totals['corrupt']} corrupt values seen")
+
+        before = cache.stats()["items"]
+        t_exp = time.monotonic()
+        while time.monotonic() - t_exp < 2.5:
+            time.sleep(0.25)
+        after = cache.stats()["items"]
+        print(f"[3/6] active expiry, nobody reading: items {before:,} -> {after:,} in 2.5 s "
+              f"(the 1-2 s TTL keys are gone; the daemon reclaimed them)")
+
+        since = time.time()
+        daemon.send_signal(signal.SIGUSR1)
+        info = wait_for_daemon_snapshot(str(snap), since, 30.0, daemon.pid)
+        line = log_lines("snapshot ")[-1:]
+        print(f"[4/6] snapshot on SIGUSR1: {info.entries:,} entries, {_mib(info.bytes)}"
+              + (f"\n      daemon: {line[0]}" if line else ""))
+
+        items = len(cache)
+        sample_keys = [k for k in cache.keys()[:500]]
+        sample = {k: cache.get(k) for k in sample_keys}
+        rc = _stop(daemon)
+        cache.close()
+        Cache.unlink(name)  # like a reboot: the shared memory is gone, the snapshot file is not
+        print(f"[5/6] stopped the daemon (SIGTERM, exit {rc}; final snapshot written), removed the shared "
+              f"memory, started a new daemon:")
+        daemon = start_daemon()
+        cache = Cache(name, create=False)
+        again = len(cache)
+        same = sum(1 for k, v in sample.items() if cache.get(k) == v)
+        line = log_lines("restored ")[-1:]
+        if line:
+            print(f"      daemon: {line[0]}")
+        warm = "warm" if again == items else "NOT the same count"
+        print(f"      items before {items:,}, after restart {again:,}: {warm}; "
+              f"{same} of {len(sample)} sampled values identical")
+        ok = again == items and same == len(sample) and totals["corrupt"] == 0
+        rc = _stop(daemon)
+        cache.close()
+        cache = None
+        Cache.unlink(name)
+        print(f"[6/6] cleaned up: daemon pid {daemon.pid} stopped (exit {rc}), cache {name!r} removed; "
+              f"snapshot kept in {os.path.relpath(snap)}")
+        print(f"demo {'finished' if ok else 'FAILED'} in {time.monotonic() - t_start:.1f} s")
+        return 0 if ok else 1
+    finally:
+        if cache is not None and not cache.closed:
+            cache.close()
+        for p in procs:
+            _stop(p, timeout=10)
+        logf.close()
+        Cache.unlink(name)
+
+
+# ----------------------------------------------------------------- parser
+def _daemon_parser(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    p.add_argument("-n", "--name", help=f"cache name (default ${NAME_ENV})")
+    p.add_argument("--size", default="64MiB", help="segment size if the cache is created, e.g. 256MiB (default 64MiB)")
+    p.add_argument("--stripes", type=int, help="lock stripes if created (power of two; default one per 4 MiB, 4..64)")
+    p.add_argument("--max-items", type=int, help="most entries if created (default one per 200 bytes)")
+    p.add_argument("--mode", default="600", help="permission bits (octal) if created (default 600)")
+    p.add_argument("--snapshot", metavar="PATH", help="snapshot file: restored at start, written periodically, "
+                                                      "on SIGUSR1 and at exit")
+    p.add_argument("--snapshot-every", type=float, default=60.0, metavar="SECONDS",
+                   help="seconds between snapshots, 0 = only on SIGUSR1 and at exit (default 60)")
+    p.add_argument("--expire-every", type=float, default=0.1, metavar="SECONDS",
+                   help="seconds between active expiry ticks, 0 = off (default 0.1)")
+    p.add_argument("--recover-every", type=float, default=1.0, metavar="SECONDS",
+                   help="seconds between dead lock owner / dead client checks (default 1)")
+    p.add_argument("--no-restore", action="store_true", help="do not load the snapshot at start")
+    p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    return p
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of the ``shmcache`` command."""
+    p = _Parser(prog="shmcache", description="A cache shared by every process on this host through POSIX "
+                                              "shared memory: daemon, inspection, snapshots.")
+    p.add_argument("--debug", action="store_true", help="show tracebacks on errors")
+    p.add_argument("-V", "--version", action="version", version=f"shmcache {__version__}")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+
+    def add(name, func, help, description=None):
+        sp = sub.add_parser(name, help=help, description=description or help)
+        sp.set_defaults(func=func)
+        return sp
+
+    def named(sp):
+        sp.add_argument("-n", "--name", help=f"cache name (default ${NAME_ENV})")
+        return sp
+
+    _daemon_parser(add(
+        "daemon", cmd_daemon, "run the daemon of a cache until SIGTERM/SIGINT",
+        "Create or attach the cache, load the snapshot if one exists and the cache is empty, then "
+        "expire keys actively, recover stripes and client slots of dead processes, and write "
+        "snapshots (every --snapshot-every seconds, on SIGUSR1, and at exit). One daemon per cache.",
+    ))
+    sp = named(add("stats", cmd_stats, "show counters, fill and daemon status"))
+    sp.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    sp = named(add("get", cmd_get, "print the value of a key (exit 1 if absent)"))
+    sp.add_argument("key")
+    sp.add_argument("--raw", action="store_true", help="write bytes values raw to stdout")
+    sp = named(add("set", cmd_set, "store a value"))
+    sp.add_argument("key")
+    sp.add_argument("value")
+    sp.add_argument("--ttl", type=float, help="seconds until it expires (default: never)")
+    sp.add_argument("--type", default="str", choices=["str", "bytes", "int", "float", "json"],
+                    help="how to store VALUE (default str; json stores the parsed object)")
+    sp.add_argument("--nx", action="store_true", help="only if the key is absent (exit 1 otherwise)")
+    sp = named(add("delete", cmd_delete, "delete keys; prints how many existed"))
+    sp.add_argument("keys", nargs="+", metavar="key")
+    sp = named(add("keys", cmd_keys, "list keys matching a glob pattern (like Redis KEYS / SCAN MATCH)"))
+    sp.add_argument("pattern", nargs="?", default="*", help="glob: * ? [abc] (default *)")
+    sp.add_argument("--limit", type=int, default=0, help="print at most this many")
+    sp = named(add(
+        "snapshot", cmd_snapshot, "write a snapshot",
+        "Without PATH: ask the running daemon (SIGUSR1) and wait for its snapshot. "
+        "With PATH: write a snapshot from this process.",
+    ))
+    sp.add_argument("path", nargs="?", help="write here from this process instead of asking the daemon")
+    sp.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for the daemon (default 120)")
+    sp = named(add(
+        "restore", cmd_restore, "load a snapshot into a cache",
+        "Verify the whole file, then replace the cache's contents with it (or --merge: add absent keys "
+        "only). Expired entries are skipped; when the cache is smaller the most recently used win.",
+    ))
+    sp.add_argument("path")
+    sp.add_argument("--merge", action="store_true", help="keep current entries, add only absent keys")
+    sp.add_argument("--size", help="create the cache with this size if it does not exist")
+    sp = named(add("check", cmd_check, "integrity check of every stripe (exit 1 on damage)"))
+    sp.add_argument("--snapshot", metavar="PATH", help="verify a snapshot file instead")
+    sp = add("ls", cmd_ls, "list the caches on this host with size, items and daemon")
+    sp.add_argument("--json", action="store_true")
+    sp = named(add("rm", cmd_rm, "remove a cache (its shared memory and semaphores)"))
+    sp.add_argument("--force", action="store_true", help="even while its daemon runs")
+    sp = add("demo", cmd_demo, "daemon + load generators + snapshot + warm restart, in under 30 s")
+    sp.add_argument("--seconds", type=float, default=5.0, help="how long the load generators run (default 5)")
+    sp.add_argument("--workers", type=int, default=3, help="load generator processes (default 3)")
+    sp.add_argument("--keys", type=int, default=200_000, help="key space of the load (default 200000)")
+    sp.add_argument("--size", default="64MiB", help="demo cache size (default 64MiB)")
+    sp.add_argument("--dir", default="demo-data", help="where the snapshot and daemon log go (default ./demo-data)")
+    sp.add_argument("--demo-name", default="demo", help="name of the demo cache (default demo)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``shmcache`` command. Returns the exit status."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help(sys.stderr)
+        return 1
+    try:
+        return args.func(args)
+    except KeyboardInterrupt:
+        return 130
+    except BrokenPipeError:  # `shmcache keys | head`
+        try:
+            sys.stdout = open(os.devnull, "w")
+        except OSError:  # pragma: no cover
+            pass
+        return 0
+    except SystemExit:
+        raise
+    except BaseException as e:
+        if args.debug:
+            raise
+        if isinstance(e, (CliError, Error, OSError, ValueError, TypeError)):
+            msg = str(e) or type(e).__name__
+            if isinstance(e, OSError) and e.filename and e.strerror:
+                msg = f"{e.filename}: {e.strerror}"
+        else:
+            msg = f"internal error: {type(e).__name__}: {e} (run 'shmcache --debug ...' for the traceback)"
+        sys.stderr.write(f"shmcache: {msg.splitlines()[0] if msg else type(e).__name__}\n")
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

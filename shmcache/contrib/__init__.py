@@ -1,0 +1,145 @@
+"""Framework adapters: ``shmcache.contrib.django`` and ``shmcache.contrib.flask``.
+
+Importing this package imports neither Django nor Flask; each adapter module
+imports its framework itself. What lives here is shared by the adapters and
+the gunicorn example: one :class:`~shmcache.Cache` handle per process and
+cache name, so the many backend objects a framework creates (Django makes one
+per thread and alias) share one mapping and one client slot.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import threading
+
+from .. import layout as L
+from ..cache import Cache
+from ..codec import decode_key
+
+__all__ = [
+    "CACHE_OPTIONS", "cache_from_env", "env_settings", "fit_key", "lru_keys", "max_key_size",
+    "shared_cache", "stored_items",
+]
+
+#: ``Cache`` keyword arguments an adapter passes through from its settings.
+CACHE_OPTIONS = frozenset(
+    {
+        "size", "stripes", "max_items", "max_key_size", "max_value_size", "max_clients",
+        "policy", "mode", "default_ttl", "lock_timeout", "clock", "serializer", "init_timeout",
+    }
+)
+# Settings each process chooses for itself: handles differing in these are
+# distinct objects. The rest only matter to whoever creates the segment.
+_PER_PROCESS = ("default_ttl", "lock_timeout", "clock", "serializer")
+
+_lock = threading.Lock()
+_handles: dict[tuple, Cache] = {}
+
+
+def shared_cache(name: str, **options) -> Cache:
+    """The process-wide :class:`~shmcache.Cache` for ``name`` (created or attached
+    on first use with ``options``, reused afterwards, also in forked children,
+    where the core claims a fresh client slot).
+
+    Raises:
+        TypeError: an unknown option.
+        as :class:`~shmcache.Cache` (bad name or size, LayoutMismatch, ...).
+    """
+    unknown = set(options) - CACHE_OPTIONS
+    if unknown:
+        raise TypeError(f"unknown shmcache option(s) {sorted(unknown)}; known: {sorted(CACHE_OPTIONS)}")
+    key = (name,) + tuple(options.get(k) for k in _PER_PROCESS)
+    c = _handles.get(key)
+    if c is not None and not c.closed:
+        return c
+    with _lock:
+        c = _handles.get(key)
+        if c is None or c.closed:
+            c = _handles[key] = Cache(name, **options)
+        return c
+
+
+def max_key_size(cache: Cache) -> int:
+    """The longest encoded key ``cache`` accepts, in bytes (fixed at creation)."""
+    return int(cache.stats()["max_key_size"])
+
+
+def fit_key(key: str, max_key: int) -> str:
+    """``key``, or a fixed-length digest of it when its UTF-8 form is longer
+    than ``max_key`` bytes (frameworks allow keys of any length; a 256-bit
+    digest keeps distinct keys distinct).
+
+    Raises:
+        TypeError: ``key`` is not a str.
+    """
+    if not isinstance(key, str):
+        raise TypeError(f"cache keys must be str, not {type(key).__name__}")
+    if len(key) * 4 <= max_key:  # at most 4 UTF-8 bytes per character: fits
+        return key
+    kb = key.encode("utf-8", "surrogatepass")
+    if len(kb) <= max_key:
+        return key
+    return "__shmcache.long:" + hashlib.sha256(kb).hexdigest()
+
+
+# -- entry counting and LRU order, for adapters that cull like Django ---------
+# The core has no public O(stripes) entry count yet: len(cache) scans the whole
+# index (~20 ms for 256 MiB), far too slow to run before every set as Django's
+# culling does, while the per-stripe item counters sum in microseconds.
+def stored_items(cache: Cache) -> int:
+    """Entries stored in ``cache`` right now, expired ones not yet reclaimed
+    included (what Django's LocMemCache and FileBasedCache count before culling).
+    A lock-free sum of per-stripe counters: exact when no write runs meanwhile."""
+    return int(cache._table.stripes[:, L.S_ITEMS // 8].sum())
+
+
+def lru_keys(cache: Cache, n: int) -> list:
+    """Up to ``n`` keys to evict first: expired entries, then the least recently
+    used (by the entries' access time, recorded at ``ATIME_RESOLUTION``).
+    Reads every stripe once (lock-free), so call it only when culling."""
+    if n <= 0:
+        return []
+    now = cache._clock()
+    t = cache._table
+    order = []
+    for s in range(t.n_stripes):
+        for kb, _flags, _vb, exp, at in t.stripe_records(s):
+            order.append((not (exp and exp <= now), at, kb))
+    order.sort(key=lambda r: (r[0], r[1]))
+    return [decode_key(kb) for _live, _at, kb in order[:n]]
+
+
+# -- configuration from the environment (gunicorn hooks and the example app) --
+ENV_DEFAULTS = {
+    "SHMCACHE_NAME": "gunicorn-demo",
+    "SHMCACHE_SIZE": "64MiB",
+}
+
+
+def env_settings(environ=None) -> dict:
+    """The cache settings the gunicorn example reads from the environment:
+    ``name`` (SHMCACHE_NAME), ``size`` (SHMCACHE_SIZE) and, if set,
+    ``lock_timeout`` (SHMCACHE_LOCK_TIMEOUT, seconds).
+
+    Raises:
+        ValueError: SHMCACHE_LOCK_TIMEOUT is not a number.
+    """
+    env = os.environ if environ is None else environ
+    out = {
+        "name": env.get("SHMCACHE_NAME") or ENV_DEFAULTS["SHMCACHE_NAME"],
+        "size": env.get("SHMCACHE_SIZE") or ENV_DEFAULTS["SHMCACHE_SIZE"],
+    }
+    if env.get("SHMCACHE_LOCK_TIMEOUT"):
+        out["lock_timeout"] = float(env["SHMCACHE_LOCK_TIMEOUT"])
+    return out
+
+
+def cache_from_env(environ=None) -> Cache:
+    """:func:`shared_cache` configured by :func:`env_settings` (created or attached).
+
+    Raises:
+        as :func:`shared_cache`.
+    """
+    settings = env_settings(environ)
+    return shared_cache(settings.pop("name"), **settings)

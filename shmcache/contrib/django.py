@@ -1,0 +1,317 @@
+"""Django cache backend: every worker process of a site shares one cache.
+
+::
+
+    CACHES = {
+        "default": {
+            "BACKEND": "shmcache.contrib.django.ShmCache",
+            "LOCATION": "myapp",            # the shmcache name (/dev/shm/shmcache.myapp)
+            "TIMEOUT": 300,
+            "OPTIONS": {"size": "256MiB"},
+        }
+    }
+
+It behaves like Django's ``LocMemCache`` (the reference for every choice
+below), except that the data lives in shared memory:
+
+- timeouts: ``None`` = forever, ``0`` or negative = expire at once (nothing
+  is stored and an existing value is removed), default ``TIMEOUT`` (300);
+- ``KEY_PREFIX`` / ``VERSION`` / ``KEY_FUNCTION`` and memcached key warnings
+  come from ``BaseCache``; keys longer than the segment's ``max_key_size`` are
+  stored under a SHA-256 digest;
+- ``incr``/``decr`` of a missing key raise ``ValueError``; of a non-number
+  ``TypeError``; ints are updated atomically across processes in place, other
+  numbers (float, Decimal) as ``LocMemCache`` does (value + delta);
+- culling: before storing, if ``MAX_ENTRIES`` (default 300) entries are
+  stored, ``1/CULL_FREQUENCY`` of them are dropped (expired first, then least
+  recently used); ``CULL_FREQUENCY`` 0 clears everything. ``"MAX_ENTRIES":
+  None`` turns culling off and leaves capacity to the segment's own LRU;
+- a value over the segment's ``max_value_size`` is not stored and the old
+  value is removed (what Django's memcached backends do);
+- ``get_or_set`` is stampede-protected: the callable runs once across all
+  processes (see :mod:`shmcache.stampede`); ``"stampede_timeout"`` (seconds,
+  default 10) bounds the wait;
+- ``close()`` keeps the segment mapped (Django calls it at the end of every
+  request); all backend objects of a process share one handle, forked workers
+  claim their own client slot.
+
+The remaining ``OPTIONS`` are :class:`shmcache.Cache` arguments (``size``,
+``stripes``, ``max_items``, ``max_key_size``, ``max_value_size``,
+``max_clients``, ``policy``, ``mode``, ``lock_timeout``, ``clock``,
+``serializer``); the size and layout ones only matter to the process that
+creates the segment.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from asgiref.sync import sync_to_async
+from django.core.cache.backends.base import DEFAULT_TIMEOUT, BaseCache
+from django.core.exceptions import ImproperlyConfigured
+
+from .. import stampede
+from ..errors import ValueTooLarge
+from . import CACHE_OPTIONS, fit_key, lru_keys, max_key_size, shared_cache, stored_items
+
+logger = logging.getLogger("shmcache.contrib.django")
+
+_MISSING = object()
+_EXPIRED = object()  # a timeout of 0 or less: Django's "expire immediately"
+_OWN_OPTIONS = {"MAX_ENTRIES", "CULL_FREQUENCY", "stampede_timeout"}
+
+
+def _reraise_pickle_error(e: TypeError):
+    # The codec wraps pickling failures in TypeError; Django's backends let
+    # the pickle module's own exception (PickleError, AttributeError...) through.
+    if e.__cause__ is not None and str(e).startswith("cannot pickle value"):
+        raise e.__cause__ from None
+    raise e
+
+
+class ShmCache(BaseCache):
+    """Django cache backend storing into a shmcache segment named ``LOCATION``.
+
+    Raises (at construction):
+        ImproperlyConfigured: an unknown ``OPTIONS`` key, or a bad name or size.
+    """
+
+    def __init__(self, location, params):
+        super().__init__(params)
+        options = dict(params.get("OPTIONS") or {})
+        if "MAX_ENTRIES" in options and options["MAX_ENTRIES"] is None:
+            self._max_entries = None  # culling off: the segment's LRU bounds memory
+        unknown = set(options) - CACHE_OPTIONS - _OWN_OPTIONS
+        if unknown:
+            raise ImproperlyConfigured(
+                f"ShmCache: unknown OPTIONS {sorted(unknown)}; known: "
+                f"{sorted(CACHE_OPTIONS | _OWN_OPTIONS)}"
+            )
+        self._stampede_timeout = float(options.pop("stampede_timeout", stampede.DEFAULT_TIMEOUT))
+        for k in _OWN_OPTIONS:
+            options.pop(k, None)
+        self._name = location or "django"
+        try:
+            self._cache = shared_cache(self._name, **options)
+        except (TypeError, ValueError) as e:
+            raise ImproperlyConfigured(f"ShmCache {self._name!r}: {e}") from e
+        self._max_key = max_key_size(self._cache)
+
+    # -- helpers ------------------------------------------------------------
+    def _key(self, key, version=None) -> str:
+        return fit_key(self.make_and_validate_key(key, version=version), self._max_key)
+
+    def _ttl(self, timeout):
+        """Seconds for the core (None = forever), or _EXPIRED."""
+        if timeout is DEFAULT_TIMEOUT:
+            timeout = self.default_timeout
+        if timeout is None:
+            return None
+        timeout = float(timeout)
+        if timeout <= 0:
+            return _EXPIRED
+        return timeout
+
+    def _cull_if_full(self) -> None:
+        # LocMemCache._set: cull before storing when MAX_ENTRIES are stored.
+        if self._max_entries is None or stored_items(self._cache) < self._max_entries:
+            return
+        if self._cull_frequency == 0:
+            self._cache.clear()
+            return
+        n = stored_items(self._cache) // self._cull_frequency
+        self._cache.delete_many(lru_keys(self._cache, n))
+
+    def _store(self, k: str, value, ttl) -> bool:
+        self._cull_if_full()
+        try:
+            return self._cache.set(k, value, ttl)
+        except TypeError as e:
+            _reraise_pickle_error(e)
+        except ValueTooLarge as e:
+            # Like Django's memcached backends: never leave the old value behind.
+            self._cache.delete(k)
+            logger.warning("%s", e)
+            return False
+
+    # -- the BaseCache contract ---------------------------------------------
+    def add(self, key, value, timeout=DEFAULT_TIMEOUT, version=None):
+        """Store ``value`` only if ``key`` is absent; True if stored. Atomic across
+        processes. Raises the pickling error of an unpicklable value."""
+        k = self._key(key, version)
+        ttl = self._ttl(timeout)
+        if k in self._cache:
+            return False
+        if ttl is _EXPIRED:
+            return True  # LocMemCache stores it already expired
+        self._cull_if_full()
+        try:
+            return self._cache.add(k, value, ttl)
+        except TypeError as e:
+            _reraise_pickle_error(e)
+        except ValueTooLarge as e:
+            logger.warning("%s", e)
+            return False
+
+    def get(self, key, default=None, version=None):
+        """The value of ``key``, or ``default`` if absent or expired."""
+        return self._cache.get(self._key(key, version), default)
+
+    def set(self, key, value, timeout=DEFAULT_TIMEOUT, version=None):
+        """Store ``value`` under ``key`` (timeout 0 or less removes it instead).
+        Raises the pickling error of an unpicklable value."""
+        k = self._key(key, version)
+        ttl = self._ttl(timeout)
+        if ttl is _EXPIRED:
+            self._cache.delete(k)
+            return
+        self._store(k, value, ttl)
+
+    def touch(self, key, timeout=DEFAULT_TIMEOUT, version=None):
+        """Give ``key`` a new timeout; False if it is absent or expired."""
+        k = self._key(key, version)
+        ttl = self._ttl(timeout)
+        if ttl is _EXPIRED:
+            return self._cache.delete(k)
+        return self._cache.touch(k, ttl)
+
+    def delete(self, key, version=None):
+        """Remove ``key``; True if it was there."""
+        return self._cache.delete(self._key(key, version))
+
+    def get_many(self, keys, version=None):
+        """``{key: value}`` for the keys present (a cached None included)."""
+        made = {self._key(key, version): key for key in keys}
+        found = self._cache.get_many(list(made))
+        return {made[k]: v for k, v in found.items()}
+
+    def set_many(self, data, timeout=DEFAULT_TIMEOUT, version=None):
+        """Store every item; returns the keys that could not be stored (too large)."""
+        ttl = self._ttl(timeout)
+        made = [(self._key(key, version), key, value) for key, value in data.items()]
+        if ttl is _EXPIRED:
+            self._cache.delete_many([k for k, _key, _v in made])
+            return []
+        if self._max_entries is None:
+            try:
+                self._cache.set_many({k: v for k, _key, v in made}, ttl)
+                return []
+            except TypeError as e:
+                _reraise_pickle_error(e)
+            except ValueTooLarge:
+                pass  # find out which ones, one by one
+        return [key for k, key, value in made if self._store(k, value, ttl) is False]
+
+    def delete_many(self, keys, version=None):
+        """Remove every key in ``keys``."""
+        self._cache.delete_many([self._key(key, version) for key in keys])
+
+    def has_key(self, key, version=None):
+        """True if ``key`` is present and unexpired."""
+        return self._key(key, version) in self._cache
+
+    def incr(self, key, delta=1, version=None):
+        """Add ``delta`` to the number under ``key`` and return it; ints change
+        atomically across processes, keeping the key's expiry.
+
+        Raises:
+            ValueError: the key is absent.
+            TypeError: the value does not support ``+ delta``.
+        """
+        k = self._key(key, version)
+        try:
+            return self._cache.incr(k, delta, default=None)
+        except KeyError:
+            raise ValueError("Key '%s' not found" % k) from None
+        except TypeError:
+            pass  # not an int64-able int (float, Decimal, None...): LocMemCache's way
+        value = self._cache.get(k, _MISSING)
+        if value is _MISSING:
+            raise ValueError("Key '%s' not found" % k)
+        new_value = value + delta
+        try:
+            remaining = self._cache.ttl(k)
+        except KeyError:
+            raise ValueError("Key '%s' not found" % k) from None
+        if remaining is not None and remaining <= 0:
+            raise ValueError("Key '%s' not found" % k)
+        self._cache.set(k, new_value, remaining)
+        return new_value
+
+    def clear(self):
+        """Remove every entry of the segment (all aliases sharing ``LOCATION``)."""
+        self._cache.clear()
+
+    def close(self, **kwargs):
+        """Nothing to do: the mapping stays for the next request."""
+
+    def get_or_set(self, key, default, timeout=DEFAULT_TIMEOUT, version=None):
+        """The value of ``key``; if absent, store ``default`` (or its result if
+        callable; computed once across processes) and return what is stored.
+
+        Raises:
+            whatever the callable raises; the pickling error of an unpicklable value.
+        """
+        k = self._key(key, version)
+        v = self._cache.get(k, _MISSING)
+        if v is not _MISSING:
+            return v
+        ttl = self._ttl(timeout)
+        if ttl is _EXPIRED:
+            return super().get_or_set(key, default, timeout=timeout, version=version)
+        factory = default if callable(default) else (lambda: default)
+        self._cull_if_full()
+        try:
+            return stampede.get_or_set(self._cache, k, factory, ttl, self._stampede_timeout)
+        except TypeError as e:
+            _reraise_pickle_error(e)
+        except ValueTooLarge as e:
+            logger.warning("%s", e)
+            return default() if callable(default) else default
+
+    # -- async: memory operations run inline (microseconds, no I/O) ---------
+    async def aadd(self, key, value, timeout=DEFAULT_TIMEOUT, version=None):
+        return self.add(key, value, timeout, version)
+
+    async def aget(self, key, default=None, version=None):
+        return self.get(key, default, version)
+
+    async def aset(self, key, value, timeout=DEFAULT_TIMEOUT, version=None):
+        return self.set(key, value, timeout, version)
+
+    async def atouch(self, key, timeout=DEFAULT_TIMEOUT, version=None):
+        return self.touch(key, timeout, version)
+
+    async def adelete(self, key, version=None):
+        return self.delete(key, version)
+
+    async def aget_many(self, keys, version=None):
+        return self.get_many(keys, version)
+
+    async def aset_many(self, data, timeout=DEFAULT_TIMEOUT, version=None):
+        return self.set_many(data, timeout, version)
+
+    async def adelete_many(self, keys, version=None):
+        return self.delete_many(keys, version)
+
+    async def ahas_key(self, key, version=None):
+        return self.has_key(key, version)
+
+    async def aincr(self, key, delta=1, version=None):
+        return self.incr(key, delta, version)
+
+    async def adecr(self, key, delta=1, version=None):
+        return self.decr(key, delta, version)
+
+    async def aclear(self):
+        return self.clear()
+
+    async def aclose(self, **kwargs):
+        return self.close(**kwargs)
+
+    async def aget_or_set(self, key, default, timeout=DEFAULT_TIMEOUT, version=None):
+        # A miss may wait for another process's factory: not on the event loop.
+        v = self.get(key, _MISSING, version)
+        if v is not _MISSING:
+            return v
+        return await sync_to_async(self.get_or_set, thread_sensitive=False)(key, default, timeout, version)

@@ -1,0 +1,335 @@
+"""Stampede protection: ``get_or_set`` runs the factory once across processes.
+
+When a popular key expires, every worker that asks for it at that moment
+would recompute it (a "cache stampede" or "dog-pile"). ``get_or_set`` lets one
+caller compute while the others wait for its value:
+
+1. ``get(key)``: a hit returns at once (the only cost on the hot path).
+2. A miss tries ``add(lock_key, owner_record, ttl=timeout)``. ``add`` is
+   atomic across processes, so exactly one caller becomes the *owner*. It
+   re-checks the key (someone may have stored it between 1 and 2), calls the
+   factory, stores the value with ``set`` and deletes the lock entry.
+3. Everyone else polls the key with a short backoff (2 ms growing to 50 ms).
+   Between polls a waiter looks at the lock entry: the owner record is
+   pid + process start time (+ a random token per call, so threads of one
+   process are told apart). If the owner process is dead (psutil, the same
+   check the stripe locks use), the waiters take over instead of waiting for
+   the lock entry to expire: one of them wins a per-owner *takeover* key
+   (``add`` again, so exactly one), swaps the dead record for its own and
+   computes. If the lock entry disappears without a value (the owner's
+   factory raised), the next ``add`` decides a new owner.
+4. A waiter never waits longer than ``timeout`` seconds: then it computes the
+   value itself and stores it (the owner may be alive but stuck). The lock
+   entry has the same ttl, so a stuck owner blocks newcomers no longer.
+
+Rejected alternatives: a semaphore or fcntl lock per key (unbounded numbers of
+kernel objects, and a semaphore is not released when its holder dies);
+holding a stripe lock during the factory (blocks every key of the stripe).
+
+The lock and takeover entries are ordinary keys named
+``__shmcache.sf:<hash of the key>`` (fixed length, so any key that fits fits
+its lock too); they live at most ``timeout`` seconds.
+
+``memoize`` builds on ``get_or_set``: the key is the function's module and
+qualified name plus a stable digest of its arguments (xxh3-128 over a
+canonical encoding, never Python's per-process ``hash()``), so every process
+computes the same key for the same call.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import pickle
+import random
+import struct
+import threading
+import time
+
+import xxhash
+
+from .cache import _DEFAULT
+from .codec import encode_key
+from .lock import is_alive, process_start
+
+#: Seconds a waiter waits for another process's factory before computing the
+#: value itself; also the ttl of the lock entry.
+DEFAULT_TIMEOUT = 10.0
+
+#: Polling backoff of a waiter: first sleep, growth factor, longest sleep (s).
+#: At most 1 / 0.002 polls in the first few ms, then 20 per second: each poll
+#: is one lock-free read plus, for the lock entry, one psutil lookup.
+POLL_FIRST = 0.002
+POLL_GROWTH = 1.5
+POLL_MAX = 0.05
+
+LOCK_PREFIX = "__shmcache.sf:"
+MEMO_PREFIX = "shmcache.memoize:"
+
+# pid (q), process start time (d), random token (8s): who computes a key.
+_OWNER = struct.Struct("<qd8s")
+_MISSING = object()
+
+_ident_lock = threading.Lock()
+_ident: tuple[int, float] | None = None
+
+
+def _me() -> tuple[int, float]:
+    """(pid, start time) of this process, renewed after fork."""
+    global _ident
+    ident = _ident
+    pid = os.getpid()
+    if ident is None or ident[0] != pid:
+        with _ident_lock:
+            start = process_start(pid)
+            ident = _ident = (pid, start if start is not None else 0.0)
+    return ident
+
+
+def lock_key(key) -> str:
+    """The name of the lock entry that guards the computation of ``key``.
+
+    Raises:
+        TypeError: ``key`` is neither str nor bytes.
+    """
+    return LOCK_PREFIX + xxhash.xxh3_128_hexdigest(encode_key(key))
+
+
+def _check_timeout(timeout) -> float:
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)):
+        raise TypeError(f"timeout must be a number of seconds, not {type(timeout).__name__}")
+    if not timeout > 0 or timeout == float("inf"):
+        raise ValueError(f"timeout must be a positive, finite number of seconds, got {timeout!r}")
+    return float(timeout)
+
+
+def _owner_alive(record) -> bool:
+    if not isinstance(record, bytes) or len(record) != _OWNER.size:
+        return True  # not ours to judge: let it expire by its ttl
+    pid, start, _token = _OWNER.unpack(record)
+    if pid == os.getpid():
+        return True  # a thread of this very process: alive by definition
+    return is_alive(pid, start)
+
+
+def _release(cache, lkey: str, record: bytes) -> None:
+    # Delete the lock entry only if it is still ours: after our ttl ran out
+    # another caller may own it now. (get + delete is not one atomic step;
+    # the window only exists once the lock has outlived its ttl.)
+    try:
+        if cache.get(lkey) == record:
+            cache.delete(lkey)
+    except Exception:  # pragma: no cover - never mask the factory's outcome
+        pass
+
+
+def _compute_as_owner(cache, key, factory, ttl, lkey: str, record: bytes):
+    try:
+        v = cache.get(key, _MISSING)
+        if v is not _MISSING:
+            return v
+        v = factory()
+        cache.set(key, v, ttl)
+        return v
+    finally:
+        _release(cache, lkey, record)
+
+
+def _take_over(cache, lkey: str, dead: bytes, record: bytes, timeout: float) -> bool:
+    """Replace the dead owner's record ``dead`` by ours. True if we own the lock now."""
+    # Only one waiter per dead owner may do the swap, or two of them could
+    # each pop-and-add and both believe they own the lock.
+    tkey = lkey + ":takeover:" + dead.hex()
+    if not cache.add(tkey, record, ttl=timeout):
+        return False
+    try:
+        popped = cache.pop(lkey, None)
+        if popped is None:  # expired or released meanwhile: plain contest
+            return cache.add(lkey, record, ttl=timeout)
+        if popped != dead:  # a live owner replaced it meanwhile: give it back
+            cache.add(lkey, popped, ttl=timeout)
+            return False
+        return cache.add(lkey, record, ttl=timeout)
+    finally:
+        cache.delete(tkey)
+
+
+def get_or_set(cache, key, factory, ttl=_DEFAULT, timeout: float = DEFAULT_TIMEOUT):
+    """``cache[key]`` if present; otherwise compute ``factory()`` once across
+    every process, store it with ``ttl`` and return it.
+
+    Concurrent callers for the same missing key wait for the one computing it
+    and return its value. If that process dies, a waiter takes over at once;
+    a waiter never waits more than ``timeout`` seconds (then it computes and
+    stores the value itself). A cached ``None`` is a hit, not a miss.
+
+    Args:
+        cache: an open :class:`shmcache.Cache`.
+        key: str or bytes.
+        factory: callable with no arguments returning the value.
+        ttl: seconds the value lives (None: forever; default: the cache's
+            ``default_ttl``).
+        timeout: seconds to wait for another process's factory (and the ttl of
+            the lock entry).
+
+    Raises:
+        Whatever ``factory`` raises (in the caller that ran it; waiters then
+        retry, and one of them runs its own factory).
+        TypeError / ValueError: bad key, ttl or timeout.
+        KeyTooLong / ValueTooLarge / CacheFull: as :meth:`Cache.set`.
+    """
+    v = cache.get(key, _MISSING)
+    if v is not _MISSING:
+        return v
+    if not callable(factory):
+        raise TypeError(f"factory must be callable, not {type(factory).__name__}")
+    timeout = _check_timeout(timeout)
+    lkey = lock_key(key)
+    pid, start = _me()
+    record = _OWNER.pack(pid, start, os.urandom(8))
+    deadline = time.monotonic() + timeout
+    while True:
+        if cache.add(lkey, record, ttl=timeout):
+            return _compute_as_owner(cache, key, factory, ttl, lkey, record)
+        delay = POLL_FIRST
+        while True:
+            if time.monotonic() >= deadline:
+                # The owner is alive but slow (or stuck): do not wait longer.
+                v = factory()
+                cache.set(key, v, ttl)
+                return v
+            time.sleep(min(delay, max(0.0, deadline - time.monotonic())) * random.uniform(0.8, 1.2))
+            delay = min(delay * POLL_GROWTH, POLL_MAX)
+            if key in cache:  # does not count as a hit; the get below does
+                v = cache.get(key, _MISSING)
+                if v is not _MISSING:
+                    return v
+            owner = cache.get(lkey, _MISSING)
+            if owner is _MISSING:
+                break  # released without a value (factory raised) or expired: contest again
+            if not _owner_alive(owner):
+                if _take_over(cache, lkey, owner, record, timeout):
+                    return _compute_as_owner(cache, key, factory, ttl, lkey, record)
+
+
+# -- memoize ------------------------------------------------------------------
+def _qualified_name(fn) -> str:
+    module = getattr(fn, "__module__", None) or "?"
+    if module == "__mp_main__":  # multiprocessing's spawn imports __main__ under this name
+        module = "__main__"
+    return f"{module}.{getattr(fn, '__qualname__', getattr(fn, '__name__', repr(fn)))}"
+
+
+def _canon(obj, typed: bool, out: list) -> None:
+    """Append a byte encoding of ``obj`` that is equal in every process for
+    equal values (lru_cache's equality: with ``typed`` False, 1 == 1.0 == True)."""
+    t = type(obj)
+    if typed:
+        out.append(f"<{t.__module__}.{t.__qualname__}>".encode())
+    if obj is None:
+        out.append(b"N")
+    elif t is bool or t is int:
+        out.append(b"i%d;" % obj)
+    elif t is float:
+        if not typed and obj.is_integer():
+            out.append(b"i%d;" % int(obj))
+        else:
+            out.append(b"f" + repr(obj).encode() + b";")
+    elif t is str:
+        b = obj.encode("utf-8", "surrogatepass")
+        out.append(b"s%d:" % len(b) + b)
+    elif t is bytes:
+        out.append(b"y%d:" % len(obj) + obj)
+    elif t is tuple or t is list:
+        out.append(b"t(" if t is tuple else b"l(")
+        for x in obj:
+            _canon(x, typed, out)
+        out.append(b")")
+    elif t is dict:
+        items = []
+        for k, v in obj.items():
+            kb, vb = [], []
+            _canon(k, typed, kb)
+            _canon(v, typed, vb)
+            items.append((b"".join(kb), b"".join(vb)))
+        out.append(b"d(")
+        for kb, vb in sorted(items):
+            out.append(kb + b"=" + vb)
+        out.append(b")")
+    elif t is set or t is frozenset:
+        parts = []
+        for x in obj:
+            xb = []
+            _canon(x, typed, xb)
+            parts.append(b"".join(xb))
+        out.append(b"S(" + b"".join(sorted(parts)) + b")")
+    else:
+        # Anything else is keyed by its pickled state (and its type).
+        try:
+            data = pickle.dumps(obj, protocol=4)
+        except Exception as e:
+            raise TypeError(
+                f"memoize cannot build a cache key from an argument of type {t.__qualname__} ({e}); "
+                "pass values that can be pickled"
+            ) from e
+        out.append(f"p{t.__module__}.{t.__qualname__}:{len(data)}:".encode() + data)
+
+
+def args_digest(args: tuple, kwargs: dict, typed: bool = False) -> str:
+    """A stable hex digest of a call's arguments (same in every process).
+
+    Raises:
+        TypeError: an argument is not a plain value and cannot be pickled.
+    """
+    out: list[bytes] = []
+    _canon(tuple(args), typed, out)
+    for name in sorted(kwargs):
+        out.append(b"k" + name.encode() + b"=")
+        _canon(kwargs[name], typed, out)
+    return xxhash.xxh3_128_hexdigest(b"".join(out))
+
+
+def memoize(cache, ttl=_DEFAULT, typed: bool = False, timeout: float = DEFAULT_TIMEOUT):
+    """Decorator: cache a function's results in ``cache``, shared by every process.
+
+    The key is ``shmcache.memoize:<module>.<qualname>:<digest of the arguments>``,
+    the same in every process. Calls go through :func:`get_or_set`, so
+    concurrent calls with the same arguments run the function once. ``typed``
+    keys ``f(1)`` and ``f(1.0)`` apart (as ``functools.lru_cache``). Usable
+    bare (``@cache.memoize``) or called (``@cache.memoize(ttl=60)``).
+
+    The wrapper has ``cache_key(*args, **kwargs)`` (the key of one call),
+    ``invalidate(*args, **kwargs)`` (drop one call's result; True if it was
+    cached) and ``cache_clear()`` (drop every result of this function; returns
+    how many).
+
+    Raises:
+        TypeError: at call time, an argument cannot be turned into a key.
+    """
+    if callable(ttl) and not isinstance(ttl, (int, float)):  # used bare: @cache.memoize
+        return memoize(cache)(ttl)
+
+    def decorator(fn):
+        prefix = f"{MEMO_PREFIX}{_qualified_name(fn)}:"
+
+        def cache_key(*args, **kwargs) -> str:
+            return prefix + args_digest(args, kwargs, typed)
+
+        @functools.wraps(fn)
+        def wrapper(*args, **kwargs):
+            return get_or_set(cache, cache_key(*args, **kwargs), lambda: fn(*args, **kwargs), ttl, timeout)
+
+        def invalidate(*args, **kwargs) -> bool:
+            """Drop the cached result of ``fn(*args, **kwargs)``. True if there was one."""
+            return cache.delete(cache_key(*args, **kwargs))
+
+        def cache_clear() -> int:
+            """Drop every cached result of this function (all processes). Returns how many."""
+            return cache.delete_many([k for k in cache.keys() if isinstance(k, str) and k.startswith(prefix)])
+
+        wrapper.cache_key = cache_key
+        wrapper.invalidate = invalidate
+        wrapper.cache_clear = cache_clear
+        return wrapper
+
+    return decorator
