@@ -6,7 +6,6 @@ import math
 import os
 import threading
 import time
-import types
 import warnings
 import weakref
 from collections.abc import MutableMapping
@@ -162,8 +161,9 @@ class Cache(MutableMapping):
         self._max_value = g.max_value_size
         self._state = _State(seg, identity, client)
         self._ctr = memoryview(seg.mm).cast("Q")
-        self._locks = StripeLocks(seg, identity, client, lock_timeout, repair=lambda s: self._table.repair(s))
+        self._locks = StripeLocks(seg, identity, client, lock_timeout, repair=None)
         self._table = Table(seg, self._locks, clock, self._ctr, self._counter_base(client))
+        self._locks.repair = self._table.repair
         self._state.views = [self._table.release_views, self._locks.release_views, self._ctr.release]
         if USE_SPEEDUPS:
             self._core = self._make_core(client, identity)
@@ -190,9 +190,9 @@ class Cache(MutableMapping):
             sem_names=[sem_name(self.name, i) for i in range(g.n_stripes)],
             pid=identity.pid, start=identity.start,
             clock=None if self._clock is time.time else self._clock,
-            decode=self._decode, slow_key=self._key, slow_read=t.read_locked,
-            slow_set=types.MethodType(Cache.set, self), slow_incr=types.MethodType(Cache.incr, self),
-            slow_delete=types.MethodType(Cache.delete, self), sentinel=_DEFAULT,
+            decode=self._decode, slow_key=_weak(self, Cache._key), slow_read=t.read_locked,
+            slow_set=_weak(self, Cache.set), slow_incr=_weak(self, Cache.incr),
+            slow_delete=_weak(self, Cache.delete), sentinel=_DEFAULT,
             atime_res=ATIME_RESOLUTION, default_ttl=self._default_ttl or 0.0,
         )
 
@@ -221,9 +221,9 @@ class Cache(MutableMapping):
             self._contains = core.contains
         else:
             self._read = t.read
-            self._contains = self._contains_py
+            self._contains = _weak(self, Cache._contains_py)
             self.get = t.make_get(
-                self._key, self._max_key, self._clock, self._ctr, self._i_hits, self._i_misses,
+                _weak(self, Cache._key), self._max_key, self._clock, self._ctr, self._i_hits, self._i_misses,
                 self._decode, ATIME_RESOLUTION,
             )
 
@@ -672,6 +672,22 @@ class Cache(MutableMapping):
     def list() -> list[str]:
         """Names of the caches on this host."""
         return Segment.list_names()
+
+
+def _weak(cache: "Cache", method):
+    """``method`` bound to ``cache`` through a weak reference.
+
+    The fast paths stored on the instance must not hold the Cache strongly:
+    the cycle would leave a dropped Cache to the cyclic GC, and a process
+    that exits with os._exit (multiprocessing children) would never give
+    its client slot back.
+    """
+    ref = weakref.ref(cache)
+
+    def call(*args, **kwargs):
+        return method(ref(), *args, **kwargs)
+
+    return call
 
 
 class _Closed:

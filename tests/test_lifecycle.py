@@ -1,0 +1,80 @@
+"""Attach/detach lifecycle: client slots come back without an explicit close()."""
+
+import gc
+import multiprocessing as mp
+
+import pytest
+
+import shmcache.cache as cache_mod
+from shmcache import Cache
+from shmcache.lock import live_clients, reap_dead_clients
+
+
+@pytest.fixture(params=["c", "python"])
+def impl(request, monkeypatch):
+    if request.param == "c" and cache_mod._speedups is None:
+        pytest.skip("C accelerator not built")
+    monkeypatch.setattr(cache_mod, "USE_SPEEDUPS", request.param == "c")
+    return request.param
+
+
+def test_regression_dropped_cache_frees_its_slot_without_gc(impl, cache_name):
+    """A Cache dropped without close() frees its client slot at once (no reference
+    cycle left for the cyclic GC), so multiprocessing children that exit with
+    os._exit do not leak slots."""
+    keeper = Cache(cache_name, size="1MiB")
+    gc.disable()
+    try:
+        c = Cache(cache_name)
+        c["x"] = 1
+        c.get("x")
+        c.incr("n")
+        "x" in c
+        c.delete("x")
+        assert len(live_clients(keeper._seg)) == 2
+        del c
+        assert len(live_clients(keeper._seg)) == 1
+    finally:
+        gc.enable()
+        keeper.close()
+
+
+def _open_and_return(name):
+    c = Cache(name, create=False)
+    c["child"] = 1  # no close(): the process ends with os._exit
+
+
+def test_multiprocessing_child_slots_are_freed_or_reaped(impl, cache_name):
+    """The child's own handle frees its slot when dropped; the slot the inherited
+    handle claimed after fork dies with the child (os._exit) and is reaped,
+    and its counters survive in stats()."""
+    keeper = Cache(cache_name, size="1MiB")
+    try:
+        sets_before = keeper.stats()["sets"]
+        p = mp.get_context("fork").Process(target=_open_and_return, args=(cache_name,))
+        p.start()
+        p.join(30)
+        assert p.exitcode == 0
+        assert keeper["child"] == 1
+        pids = [pid for _c, pid, _s in live_clients(keeper._seg)]
+        assert sorted(pids) == sorted([keeper._state.identity.pid, p.pid])  # the inherited handle's slot
+        assert reap_dead_clients(keeper._seg) != []
+        assert [pid for _c, pid, _s in live_clients(keeper._seg)] == [keeper._state.identity.pid]
+        assert keeper.stats()["sets"] == sets_before + 1
+    finally:
+        keeper.close()
+
+
+def test_close_is_idempotent_and_final(impl, cache_name):
+    c = Cache(cache_name, size="1MiB")
+    c["k"] = b"v"
+    c.close()
+    c.close()
+    assert c.closed
+    for op in (lambda: c.get("k"), lambda: c.set("k", 1), lambda: c["k"], lambda: c.incr("k"),
+               lambda: c.delete("k"), lambda: "k" in c):
+        with pytest.raises(ValueError, match="closed"):
+            op()
+    with Cache(cache_name) as again:  # the data outlives the handle
+        assert again["k"] == b"v"
+    assert again.closed
