@@ -76,7 +76,8 @@ typedef struct {
     double start;
     sem_t **sems;
     Py_ssize_t n_sems;
-    PyObject *clock, *decode, *slow_key, *slow_read, *slow_set, *slow_incr, *slow_delete, *sentinel;
+    PyObject *clock, *decode, *slow_key, *slow_read, *slow_set, *slow_add, *slow_replace, *slow_incr,
+        *slow_delete, *sentinel;
 } Core;
 
 static inline void cpu_relax(void) {
@@ -507,14 +508,37 @@ static int deadline_fast(Core *c, PyObject *ttl, double now, double *expire) {
     return 1;
 }
 
-static PyObject *slow_call(PyObject *fn, PyObject *const *args, Py_ssize_t nargs) {
-    return PyObject_Vectorcall(fn, args, nargs, NULL);
+/* Gather positional + keyword arguments into out[0..n) by parameter name.
+ * Returns 1, or 0 if anything is off (unknown or repeated name, too many):
+ * the Python path then raises the proper TypeError. Missing ones stay NULL. */
+static int gather(PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames, const char *const *names,
+                  int n, PyObject **out) {
+    if (nargs > n) return 0;
+    for (int i = 0; i < n; i++) out[i] = i < nargs ? args[i] : NULL;
+    if (!kwnames) return 1;
+    Py_ssize_t nkw = PyTuple_GET_SIZE(kwnames);
+    for (Py_ssize_t j = 0; j < nkw; j++) {
+        PyObject *kw = PyTuple_GET_ITEM(kwnames, j);
+        int found = 0;
+        for (int i = 0; i < n; i++) {
+            if (PyUnicode_CompareWithASCIIString(kw, names[i]) == 0) {
+                if (out[i]) return 0;
+                out[i] = args[nargs + j];
+                found = 1;
+                break;
+            }
+        }
+        if (!found) return 0;
+    }
+    return 1;
 }
 
 static PyObject *store(Core *c, PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames, int mode) {
     /* set/add/replace(key, value, ttl=DEFAULT) */
-    if (kwnames || nargs < 2 || nargs > 3 || mode != MODE_SET) goto slow;
-    PyObject *key = args[0], *value = args[1], *ttl = nargs > 2 ? args[2] : c->sentinel;
+    static const char *const names[] = {"key", "value", "ttl"};
+    PyObject *a[3];
+    if (!gather(args, nargs, kwnames, names, 3, a) || !a[0] || !a[1]) goto slow;
+    PyObject *key = a[0], *value = a[1], *ttl = a[2] ? a[2] : c->sentinel;
     char stack[KEY_STACK], scratch[8];
     const char *k, *v;
     Py_ssize_t klen, vlen;
@@ -531,15 +555,24 @@ static PyObject *store(Core *c, PyObject *const *args, Py_ssize_t nargs, PyObjec
     int r = write_locked(c, s, (uint32_t)(h >> 32) | 1u, k, klen, flags, v, vlen, expire, mode, now);
     unlock_fast(c, s);
     if (r == 2) goto slow;
+    if (r == 0) Py_RETURN_FALSE;
     *counter(c, CTR_SETS) += 1;
     Py_RETURN_TRUE;
 slow:
-    if (kwnames) return PyObject_Vectorcall(c->slow_set, args, nargs, kwnames);
-    return slow_call(c->slow_set, args, nargs);
+    return PyObject_Vectorcall(mode == MODE_SET ? c->slow_set : mode == MODE_ADD ? c->slow_add : c->slow_replace,
+                               args, nargs, kwnames);
 }
 
 static PyObject *Core_set(Core *c, PyObject *const *args, size_t nargsf, PyObject *kwnames) {
     return store(c, args, PyVectorcall_NARGS(nargsf), kwnames, MODE_SET);
+}
+
+static PyObject *Core_add(Core *c, PyObject *const *args, size_t nargsf, PyObject *kwnames) {
+    return store(c, args, PyVectorcall_NARGS(nargsf), kwnames, MODE_ADD);
+}
+
+static PyObject *Core_replace(Core *c, PyObject *const *args, size_t nargsf, PyObject *kwnames) {
+    return store(c, args, PyVectorcall_NARGS(nargsf), kwnames, MODE_REPLACE);
 }
 
 static PyObject *Core_delete(Core *c, PyObject *key) {
@@ -569,22 +602,24 @@ static PyObject *Core_delete(Core *c, PyObject *key) {
 static PyObject *Core_incr(Core *c, PyObject *const *args, size_t nargsf, PyObject *kwnames) {
     /* incr(key, delta=1, default=0, ttl=None): fast only for the plain cases */
     Py_ssize_t nargs = PyVectorcall_NARGS(nargsf);
-    if (kwnames || nargs < 1 || nargs > 4) goto slow;
-    PyObject *key = args[0];
+    static const char *const names[] = {"key", "delta", "default", "ttl"};
+    PyObject *a[4];
+    if (!gather(args, nargs, kwnames, names, 4, a) || !a[0]) goto slow;
+    PyObject *key = a[0];
     long long delta = 1, dflt = 0;
     int have_default = 1, overflow = 0;
-    if (nargs > 1) {
-        if (!PyLong_CheckExact(args[1])) goto slow;
-        delta = PyLong_AsLongLongAndOverflow(args[1], &overflow);
+    if (a[1]) {
+        if (!PyLong_CheckExact(a[1])) goto slow;
+        delta = PyLong_AsLongLongAndOverflow(a[1], &overflow);
         if (overflow || (delta == -1 && PyErr_Occurred())) goto slow_clear;
     }
-    if (nargs > 2) {
-        if (args[2] == Py_None)
+    if (a[2]) {
+        if (a[2] == Py_None)
             have_default = 0;
-        else if (!PyLong_CheckExact(args[2]))
+        else if (!PyLong_CheckExact(a[2]))
             goto slow;
         else {
-            dflt = PyLong_AsLongLongAndOverflow(args[2], &overflow);
+            dflt = PyLong_AsLongLongAndOverflow(a[2], &overflow);
             if (overflow || (dflt == -1 && PyErr_Occurred())) goto slow_clear;
         }
     }
@@ -596,7 +631,7 @@ static PyObject *Core_incr(Core *c, PyObject *const *args, size_t nargsf, PyObje
     if (kf == 0) goto slow;
     double now, expire = 0.0;
     if (get_now(c, &now) < 0) return NULL;
-    if (nargs > 3 && !deadline_fast(c, args[3], now, &expire)) goto slow;
+    if (a[3] && !deadline_fast(c, a[3], now, &expire)) goto slow;
     uint64_t h = XXH3_64bits(k, (size_t)klen);
     uint64_t s = h & c->mask;
     uint32_t tag = (uint32_t)(h >> 32) | 1u;
@@ -705,16 +740,17 @@ static int Core_init(Core *c, PyObject *args, PyObject *kw) {
     static char *kwlist[] = {"buffer", "n_stripes", "sps", "stripe_off", "index_off", "arena_off",
                              "stripe_arena", "client_off", "client_rec", "client", "max_key",
                              "max_value", "cap_items", "sem_names", "pid", "start", "clock", "decode",
-                             "slow_key", "slow_read", "slow_set", "slow_incr", "slow_delete",
+                             "slow_key", "slow_read", "slow_set", "slow_add", "slow_replace", "slow_incr", "slow_delete",
                              "sentinel", "atime_res", "default_ttl", NULL};
     PyObject *buffer, *sem_names;
     unsigned long long n_stripes;
     unsigned int pid;
     if (!PyArg_ParseTupleAndKeywords(
-            args, kw, "OKKKKKKKKKKKKOIdOOOOOOOOdd", kwlist, &buffer, &n_stripes, &c->sps, &c->stripe_off,
+            args, kw, "OKKKKKKKKKKKKOIdOOOOOOOOOOdd", kwlist, &buffer, &n_stripes, &c->sps, &c->stripe_off,
             &c->index_off, &c->arena_off, &c->stripe_arena, &c->client_off, &c->client_rec, &c->client,
             &c->max_key, &c->max_value, &c->cap_items, &sem_names, &pid, &c->start, &c->clock, &c->decode,
-            &c->slow_key, &c->slow_read, &c->slow_set, &c->slow_incr, &c->slow_delete, &c->sentinel,
+            &c->slow_key, &c->slow_read, &c->slow_set, &c->slow_add, &c->slow_replace, &c->slow_incr,
+            &c->slow_delete, &c->sentinel,
             &c->atime_res, &c->default_ttl))
         return -1;
     if (n_stripes == 0 || (n_stripes & (n_stripes - 1))) {
@@ -727,8 +763,8 @@ static int Core_init(Core *c, PyObject *args, PyObject *kw) {
     }
     c->mask = n_stripes - 1;
     c->pid = pid;
-    PyObject *objs[] = {c->clock, c->decode, c->slow_key, c->slow_read, c->slow_set, c->slow_incr,
-                        c->slow_delete, c->sentinel};
+    PyObject *objs[] = {c->clock, c->decode, c->slow_key, c->slow_read, c->slow_set, c->slow_add,
+                        c->slow_replace, c->slow_incr, c->slow_delete, c->sentinel};
     for (size_t i = 0; i < sizeof(objs) / sizeof(objs[0]); i++) Py_INCREF(objs[i]);
     if (PyObject_GetBuffer(buffer, &c->view, PyBUF_WRITABLE) < 0) return -1;
     c->has_view = 1;
@@ -767,6 +803,8 @@ static int Core_traverse(Core *c, visitproc visit, void *arg) {
     Py_VISIT(c->slow_key);
     Py_VISIT(c->slow_read);
     Py_VISIT(c->slow_set);
+    Py_VISIT(c->slow_add);
+    Py_VISIT(c->slow_replace);
     Py_VISIT(c->slow_incr);
     Py_VISIT(c->slow_delete);
     Py_VISIT(c->sentinel);
@@ -779,6 +817,8 @@ static int Core_clear(Core *c) {
     Py_CLEAR(c->slow_key);
     Py_CLEAR(c->slow_read);
     Py_CLEAR(c->slow_set);
+    Py_CLEAR(c->slow_add);
+    Py_CLEAR(c->slow_replace);
     Py_CLEAR(c->slow_incr);
     Py_CLEAR(c->slow_delete);
     Py_CLEAR(c->sentinel);
@@ -812,6 +852,10 @@ static PyMethodDef Core_methods[] = {
      "read(encoded_key) -> (flags, value_bytes, expire, slot_offset, atime) or None."},
     {"set", (PyCFunction)(void (*)(void))Core_set, METH_FASTCALL | METH_KEYWORDS,
      "set(key, value, ttl=DEFAULT) -> True."},
+    {"add", (PyCFunction)(void (*)(void))Core_add, METH_FASTCALL | METH_KEYWORDS,
+     "add(key, value, ttl=DEFAULT) -> True if stored (the key was absent or expired)."},
+    {"replace", (PyCFunction)(void (*)(void))Core_replace, METH_FASTCALL | METH_KEYWORDS,
+     "replace(key, value, ttl=DEFAULT) -> True if stored (the key was present)."},
     {"incr", (PyCFunction)(void (*)(void))Core_incr, METH_FASTCALL | METH_KEYWORDS,
      "incr(key, delta=1, default=0, ttl=None) -> new value."},
     {"delete", (PyCFunction)Core_delete, METH_O, "delete(key) -> True if a live key was removed."},

@@ -191,7 +191,8 @@ class Cache(MutableMapping):
             pid=identity.pid, start=identity.start,
             clock=None if self._clock is time.time else self._clock,
             decode=self._decode, slow_key=_weak(self, Cache._key), slow_read=t.read_locked,
-            slow_set=_weak(self, Cache.set), slow_incr=_weak(self, Cache.incr),
+            slow_set=_weak(self, Cache.set), slow_add=_weak(self, Cache.add),
+            slow_replace=_weak(self, Cache.replace), slow_incr=_weak(self, Cache.incr),
             slow_delete=_weak(self, Cache.delete), sentinel=_DEFAULT,
             atime_res=ATIME_RESOLUTION, default_ttl=self._default_ttl or 0.0,
         )
@@ -216,6 +217,8 @@ class Cache(MutableMapping):
             self._read = core.read
             self.get = core.get
             self.set = core.set
+            self.add = core.add
+            self.replace = core.replace
             self.incr = core.incr
             self.delete = core.delete
             self._contains = core.contains
@@ -634,7 +637,7 @@ class Cache(MutableMapping):
         def closed(*_a, **_k):
             raise ValueError(f"cache {self.name!r} is closed")
 
-        self._read = self._write = self.get = self.set = self.incr = self.delete = self._contains = closed
+        self._read = self._write = self.get = self.set = self.add = self.replace = self.incr = self.delete = self._contains = closed
         self._table = _Closed(closed)
 
     def __enter__(self) -> "Cache":

@@ -68,8 +68,8 @@ ops = st.lists(
 def apply(cache, op, clock):
     name = op[0]
     try:
-        if name == "set":
-            return cache.set(op[1], op[2], ttl=op[3])
+        if name == "set":  # both call spellings reach the same fast path
+            return cache.set(op[1], op[2], ttl=op[3]) if op[3] else cache.set(op[1], op[2], op[3])
         if name == "add":
             return cache.add(op[1], op[2], ttl=op[3])
         if name == "replace":
@@ -83,7 +83,7 @@ def apply(cache, op, clock):
         if name == "pop":
             return cache.pop(op[1], "<missing>")
         if name == "incr":
-            return cache.incr(op[1], op[2])
+            return cache.incr(op[1], op[2]) if op[2] % 2 else cache.incr(op[1], delta=op[2], default=5)
         if name == "touch":
             return cache.touch(op[1], op[2])
     except Exception as e:  # the same error type from both paths
