@@ -9,6 +9,7 @@ import time
 import warnings
 import weakref
 from collections.abc import MutableMapping
+from multiprocessing import util as mp_util
 
 from . import layout as L
 from .codec import BYTES, STR, Codec, decode_key, encode_int, encode_key
@@ -45,8 +46,12 @@ class _State:
         self.identity = identity
         self.client = client
         self.views: list = []
+        self.released = False
 
     def release(self) -> None:
+        if self.released:
+            return
+        self.released = True
         try:
             release_client(self.seg, self.identity, self.client)
         except Exception:  # pragma: no cover - best effort at exit; the daemon reaps it
@@ -170,6 +175,8 @@ class Cache(MutableMapping):
             self._state.views.insert(0, self._core.release)
         self._bind()
         self._finalizer = weakref.finalize(self, _State.release, self._state)
+        self._register_mp_finalizer()
+        mp_util.register_after_fork(self, Cache._register_mp_finalizer)
         self._fork_lock = threading.Lock()
         self._closed = False
         _live_caches.add(self)
@@ -240,6 +247,14 @@ class Cache(MutableMapping):
         self._default_ttl = _check_ttl(ttl) or None
         if self._core is not None:
             self._core.default_ttl = self._default_ttl or 0.0
+
+    def _register_mp_finalizer(self) -> None:
+        # multiprocessing children end with os._exit: atexit (and so
+        # weakref.finalize) never runs there, only multiprocessing's own
+        # finalizers do. Without this a pool worker's client slot would wait
+        # to be reaped. The child clears that registry after fork, hence the
+        # re-registration through register_after_fork.
+        mp_util.Finalize(self, _State.release, args=(self._state,), exitpriority=10)
 
     def _after_fork(self) -> None:
         # The child must never use the parent's client slot: claim its own.

@@ -34,6 +34,11 @@ from .segment import LOCK_CLIENTS, LOCK_RECOVERY, Segment
 
 _ZERO16 = bytes(16)
 
+#: Seconds a recoverer waits before trusting marker-only evidence (see
+#: StripeLocks._still_stuck). Paid only when a process died in the few
+#: instructions between sem_wait and its owner store.
+STUCK_GRACE = 0.05
+
 
 def process_start(pid: int) -> float | None:
     """Start time of a live process (psutil ``create_time``), or None if it is
@@ -232,6 +237,8 @@ class StripeLocks:
                 pass
             if self._evidence(s) != ev:
                 return False
+            if not ev[0] and not self._still_stuck(s, ev):
+                return False
             so = self._stripe_off(s)
             self.mm[so + L.S_OWNER_PID : so + L.S_OWNER_PID + 16] = self.identity.owner
             self.repair(s)
@@ -242,6 +249,24 @@ class StripeLocks:
                 self.mm[so + L.S_OWNER_PID : so + L.S_OWNER_PID + 16] = _ZERO16
                 self.sems[s].release()
             return True
+
+    def _still_stuck(self, s: int, ev) -> bool:
+        """Marker-only evidence (no owner recorded) is the ambiguous case: a live
+        process that just took the semaphore and has not yet stored its owner
+        looks the same for an instant. Wait a grace period: a live holder
+        records itself and bumps the version within microseconds; a dead one
+        changes nothing."""
+        vo = self._stripe_off(s)
+        v = L.U64.unpack_from(self.mm, vo)[0]
+        time.sleep(STUCK_GRACE)
+        if L.U64.unpack_from(self.mm, vo)[0] != v or self._evidence(s) != ev:
+            return False
+        try:
+            self.sems[s].acquire(0)
+        except posix_ipc.BusyError:
+            return True
+        self.sems[s].release()
+        return False
 
     def stripe_owner(self, s: int) -> tuple[int, float]:
         """(pid, start) recorded as the holder of stripe ``s``; (0, 0.0) if none."""
@@ -313,14 +338,33 @@ def _reap_locked(seg: Segment, first_only: bool = False) -> int | list[int] | No
         pid, _, start = L.CLIENT_HEAD.unpack_from(mm, base)
         if pid == 0 or is_alive(pid, start):
             continue
-        markers = mm[base + L.C_MARKERS : base + L.C_MARKERS + g.n_stripes]
-        if any(markers):
+        if not _clear_stale_markers(seg, base, pid):
             continue  # evidence for a stuck stripe: recovery frees this slot
         _retire_locked(seg, c)
         if first_only:
             return c
         reaped.append(c)
     return None if first_only else reaped
+
+
+def _clear_stale_markers(seg: Segment, base: int, pid: int) -> bool:
+    """Clear the markers of dead client ``pid`` (record at ``base``) that
+    cannot mean it holds a stripe: the stripe's semaphore is free, or a
+    different live process is its recorded owner (a waiter killed in sem_wait
+    leaves such a marker). Returns True if no marker is left."""
+    mm = seg.mm
+    g = seg.geometry
+    left = False
+    for s in range(g.n_stripes):
+        m = base + L.C_MARKERS + s
+        if not mm[m]:
+            continue
+        owner, _, ostart = L.OWNER.unpack_from(mm, g.stripe_table_off + s * L.STRIPE_SIZE + L.S_OWNER_PID)
+        if seg.sems[s].value > 0 or (owner and owner != pid and is_alive(owner, ostart)):
+            mm[m] = 0
+        else:
+            left = True
+    return not left
 
 
 def reap_dead_clients(seg: Segment) -> list[int]:

@@ -94,6 +94,10 @@ class Table:
         self.stripes = np.frombuffer(
             seg.mm, dtype=np.uint64, count=g.n_stripes * 8, offset=g.stripe_table_off
         ).reshape(g.n_stripes, 8)
+        # The same index as raw u64 words: repair finds a slot by its exact bytes.
+        self.raw_slots = np.frombuffer(
+            seg.mm, dtype="<u8", count=g.n_stripes * g.slots_per_stripe * 4, offset=g.index_off
+        ).reshape(g.n_stripes, g.slots_per_stripe, 4)
 
     def set_counter_base(self, counter_base: int) -> None:
         """Point this process's counters at another client slot (after fork)."""
@@ -102,7 +106,7 @@ class Table:
     def release_views(self) -> None:
         """Drop every buffer export so the mapping can be closed."""
         self.mv.release()
-        self.slots = self.stripes = None
+        self.slots = self.stripes = self.raw_slots = None
 
     # ------------------------------------------------------------------ read
     def read(self, kb: bytes):
@@ -688,7 +692,8 @@ class Table:
             self.locks.lock(s)
             try:
                 n += self._account(s)[0]
-                self.slots[s] = 0
+                base = self.index_off + s * self.sps * _SS
+                self.mm[base : base + self.sps * _SS] = bytes(self.sps * _SS)
                 self._set_account(s, 0, 0, 0)
             finally:
                 self.locks.unlock(s)
@@ -758,6 +763,9 @@ class Table:
     def _entry_ok(self, s: int, rec) -> str | None:
         """Why slot record ``rec`` of stripe s is damaged, or None if it is sound."""
         tag, off, vlen, klen, flags = int(rec["tag"]), int(rec["off"]), int(rec["vlen"]), int(rec["klen"]), int(rec["flags"])
+        return self._slot_problem(s, tag, off, vlen, klen, flags)
+
+    def _slot_problem(self, s, tag, off, vlen, klen, flags) -> str | None:
         alloc = L.entry_alloc(klen, vlen)
         if off % L.ALIGN or off + alloc > self.stripe_arena:
             return f"offset {off} (+{alloc}) outside the arena"
@@ -765,62 +773,82 @@ class Table:
         chk, hk, hf, _p, hv, _r = L.ENTRY.unpack_from(self.mm, a)
         if (hk, hf, hv) != (klen, flags, vlen):
             return "entry header does not match its index slot"
-        if _xxh32(self.mv[a + 4 : a + _HDR + klen + vlen]) != chk:
-            return "checksum mismatch"
         kb = self.mm[a + _HDR : a + _HDR + klen]
         if (_xxh3(kb) >> 32) | 1 != tag:
             return "key hash does not match the slot tag"
+        if _xxh32(self.mv[a + 4 : a + _HDR + klen + vlen]) != chk:
+            return "checksum mismatch"
         return None
 
     def repair(self, s: int) -> int:
-        """Rebuild stripe s after its lock owner died mid-write: drop every slot
-        whose entry fails its checks, re-insert the rest, recompute accounting,
-        leave the seqlock version even. Returns how many slots were dropped.
-        Caller holds the stripe (as recoverer)."""
+        """Repair stripe s after its lock holder died: drop every slot whose entry
+        fails its checks (and duplicates a torn shift left), recompute the
+        accounting, leave the seqlock version even. Returns how many slots were
+        dropped. Caller holds the stripe (as recoverer).
+
+        Crash-safe itself: the version is odd for the whole repair (the holder
+        may have died with it even, e.g. between sem_wait and the version bump),
+        and slots are removed by backward-shift deletion, which keeps every
+        surviving entry reachable at every step, so a recoverer killed midway
+        loses nothing and the next one finishes the job.
+        """
+        st = self.stripes
+        v = int(st[s, 0])
+        if not v & 1:
+            st[s, 0] = v + 1
         try:
-            return self._repair(s)
-        except Exception:  # never leave a stripe locked forever: empty it instead
-            self.slots[s] = 0
+            dropped = self._repair(s)
+        except Exception:  # never leave a stripe unusable: empty it instead
+            base = self.index_off + s * self.sps * _SS
+            self.mm[base : base + self.sps * _SS] = bytes(self.sps * _SS)
             self._set_account(s, 0, 0, 0)
-            v = int(self.stripes[s, 0])
-            self.stripes[s, 0] = v + 1 if v & 1 else v + 2
-            return -1
+            dropped = -1
+        st[s, 0] = int(st[s, 0]) + 1  # even again
+        return dropped
 
     def _repair(self, s: int) -> int:
-        sl = self.slots[s]
-        rec = sl[sl["tag"] != 0].copy()
-        good = []
-        seen_offs = set()
-        seen_keys = set()
-        for r in rec:
-            if self._entry_ok(s, r) is not None:
-                continue
-            off = int(r["off"])
-            a = self.arena_off + s * self.stripe_arena + off + _HDR
-            kb = self.mm[a : a + int(r["klen"])]
-            if off in seen_offs or kb in seen_keys:  # a slot duplicated by a torn shift
-                continue
-            seen_offs.add(off)
-            seen_keys.add(kb)
-            good.append(r)
-        sl[:] = 0
+        mm = self.mm
         sps = self.sps
-        for r in good:
-            i = int(r["tag"]) % sps
-            while sl["tag"][i] != 0:
-                i = (i + 1) % sps
-            sl[i] = r
-        if good:
-            g = np.array(good, dtype=L.SLOT_DTYPE)
-            allocs = (L.ENTRY_HEADER + g["klen"].astype(np.int64) + g["vlen"] + 7) & ~7
-            used = int((g["off"].astype(np.int64) + allocs).max())
-            live = int(allocs.sum())
+        base = self.index_off + s * sps * _SS
+        ab = self.arena_off + s * self.stripe_arena
+        victims = []  # raw 32-byte slot records, one per instance to delete
+        seen_raw = set()
+        seen_keys = set()
+        for i in np.nonzero(self.slots[s]["tag"] != 0)[0].tolist():
+            p = base + i * _SS
+            raw = mm[p : p + _SS]
+            tag, off, vlen, klen, flags, _sp, exp, at = _SLOT_unpack(raw)
+            why = self._slot_problem(s, tag, off, vlen, klen, flags)
+            if why == "checksum mismatch" and flags == INT_FLAG and vlen == 8:
+                # An in-place incr (or same-size int set) killed between the value
+                # store and the checksum store: the value is one 8-byte store, so
+                # it is the old or the new int, never a mix. Keep it.
+                a = ab + off
+                _CHK.pack_into(mm, a, _xxh32(self.mv[a + 4 : a + _HDR + klen + 8]))
+                why = None
+            if why is None:
+                kb = mm[ab + off + _HDR : ab + off + _HDR + klen]
+                if raw in seen_raw or kb in seen_keys:  # duplicated by a torn shift
+                    why = "duplicate"
+                seen_raw.add(raw)
+                seen_keys.add(kb)
+            if why is not None:
+                victims.append(raw)
+        raw_view = self.raw_slots[s]
+        for raw in victims:
+            hit = np.nonzero((raw_view == np.frombuffer(raw, dtype="<u8")).all(axis=1))[0]
+            if len(hit):
+                self._delete_at(s, int(hit[-1]))
+        sl = self.slots[s]
+        live = np.nonzero(sl["tag"] != 0)[0]
+        if len(live):
+            allocs = (L.ENTRY_HEADER + sl["klen"][live].astype(np.int64) + sl["vlen"][live] + 7) & ~7
+            used = int((sl["off"][live].astype(np.int64) + allocs).max())
+            live_bytes = int(allocs.sum())
         else:
-            used = live = 0
-        self._set_account(s, len(good), used, used - live)
-        v = int(self.stripes[s, 0])
-        self.stripes[s, 0] = v + 1 if v & 1 else v + 2
-        return len(rec) - len(good)
+            used = live_bytes = 0
+        self._set_account(s, len(live), used, used - live_bytes)
+        return len(victims)
 
     def check(self, s: int) -> list[str]:
         """Integrity problems of stripe s (empty list if sound). Takes the lock."""
