@@ -119,7 +119,10 @@ static int get_now(Core *c, double *out) {
 static int key_fast(Core *c, PyObject *key, const char **p, Py_ssize_t *n, char *stack) {
     if (PyUnicode_CheckExact(key)) {
         *p = PyUnicode_AsUTF8AndSize(key, n);
-        if (!*p) return -1;
+        if (!*p) { /* lone surrogate: the Python path raises a clear ValueError */
+            PyErr_Clear();
+            return 0;
+        }
         return (uint64_t)*n <= c->max_key;
     }
     if (PyBytes_CheckExact(key)) {

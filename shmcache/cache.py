@@ -489,11 +489,11 @@ class Cache(MutableMapping):
         kb = self._key(key)
         expire = self._deadline(ttl)
         try:
-            return self._table.incr(kb, delta, default, expire, encode_int)
+            value = self._table.incr(kb, delta, default, expire, encode_int)
         except KeyError:
             raise KeyError(key) from None
-        finally:
-            self._ctr[self._i_sets] += 1
+        self._ctr[self._i_sets] += 1
+        return value
 
     def decr(self, key, delta: int = 1, default: int | None = 0, ttl=None) -> int:
         """Subtract ``delta`` atomically; see :meth:`incr`."""
@@ -554,12 +554,14 @@ class Cache(MutableMapping):
     def keys(self) -> list:
         """A list of the live keys (each stripe read consistently; the whole is a
         point-in-time view, not a snapshot across stripes)."""
+        self._check_open()
         now = self._clock()
         t = self._table
         return [decode_key(kb) for s in range(t.n_stripes) for kb in t.keys_of(s, now)]
 
     def items(self) -> list:
         """A list of ``(key, value)`` pairs, consistent per stripe."""
+        self._check_open()
         now = self._clock()
         t = self._table
         dec = self._decode
@@ -579,6 +581,7 @@ class Cache(MutableMapping):
 
     def __len__(self) -> int:
         """Live, unexpired entries right now."""
+        self._check_open()
         return self._table.count(self._clock())
 
     # -- management ---------------------------------------------------------
@@ -586,6 +589,7 @@ class Cache(MutableMapping):
         """Counters and fill: hits, misses, sets, deletes, evictions, expirations
         (all processes, including ones that exited), items, bytes used and
         free, per-stripe fill, attached clients and daemon status."""
+        self._check_open()
         g = self._g
         mm = self._seg.mm
         totals = [L.U64.unpack_from(mm, L.H_RETIRED + 8 * k)[0] for k in range(L.N_COUNTERS)]
@@ -634,6 +638,10 @@ class Cache(MutableMapping):
         """Integrity check of every stripe (checksums, index reachability,
         accounting). Returns the problems found; empty means sound."""
         return [p for s in range(self._g.n_stripes) for p in self._table.check(s)]
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise ValueError(f"cache {self.name!r} is closed")
 
     @property
     def closed(self) -> bool:
@@ -709,11 +717,13 @@ def _weak(cache: "Cache", method):
 
 
 class _Closed:
+    """Stands in for the table of a closed Cache: any use raises ValueError."""
+
     def __init__(self, fn):
         self._fn = fn
 
     def __getattr__(self, _name):
-        return self._fn
+        self._fn()
 
 
 def _attach(name, default_ttl, lock_timeout):

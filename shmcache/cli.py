@@ -328,7 +328,7 @@ def cmd_check(args) -> int:
         n = c._g.n_stripes
     if problems:
         for p in problems:
-            sys.stderr.write(f"shmcache: {p}\n")
+            print(p)
         sys.stderr.write(f"shmcache: cache {c.name!r} is damaged: {len(problems)} problem(s)\n")
         return 1
     print(f"cache {c.name!r}: all {n} stripes sound")

@@ -41,12 +41,13 @@ def encode_key(key) -> bytes:
         TypeError: the key is neither str nor bytes.
     """
     t = type(key)
-    if t is str:
-        return key.encode()
     if t is bytes:
         return _BYTES_KEY + key
     if isinstance(key, str):
-        return str(key).encode()
+        try:  # str.encode, not str(key): a str Enum member is stored by its value
+            return str.encode(key)
+        except UnicodeEncodeError as e:
+            raise ValueError(f"key {key!r} cannot be encoded as UTF-8 ({e.reason}); use a bytes key") from None
     if isinstance(key, (bytes, bytearray, memoryview)):
         return _BYTES_KEY + bytes(key)
     raise TypeError(f"cache keys must be str or bytes, not {t.__name__}")
@@ -95,8 +96,6 @@ class Codec:
             return FLOAT, _F64.pack(value)
         if t is np.ndarray and not value.dtype.hasobject and value.dtype.fields is None:
             return NDARRAY, _encode_array(value)
-        if t is bytearray or t is memoryview:
-            return self._other(value)
         return self._other(value)
 
     def _other(self, value):

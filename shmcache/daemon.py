@@ -63,45 +63,66 @@ class DaemonError(Error):
 
 
 # ------------------------------------------------------------------- expiry
+#: Index slots handled as rows of plain u64 words: numpy copies, boolean
+#: selections and scatters of a structured dtype run element by element
+#: (~20x slower than the memcpy they are); field access goes through
+#: L.SLOT_DTYPE views of the same bytes, so no offset is hard-coded here.
+_W = L.SLOT_SIZE // 8
+
+
+def _as_slots(words: np.ndarray) -> np.ndarray:
+    """A (n, _W) u64 array seen as n index slots (L.SLOT_DTYPE), no copy."""
+    return words.view(L.SLOT_DTYPE).reshape(len(words))
+
+
+def _index_words(cache: Cache, s: int) -> np.ndarray:
+    """Stripe s's index slice in the segment as (slots_per_stripe, _W) u64 words."""
+    g = cache._seg.geometry
+    sps = g.slots_per_stripe
+    return np.frombuffer(cache._seg.mm, dtype=np.uint64, count=sps * _W,
+                         offset=g.index_off + s * sps * L.SLOT_SIZE).reshape(sps, _W)
+
+
 def _place(keep: np.ndarray, sps: int) -> np.ndarray | None:
-    """Lay ``keep`` (slot records) out as a linear-probing index of ``sps`` slots.
+    """Lay ``keep`` ((m, _W) u64 slot rows) out as a linear-probing index of ``sps`` slots.
 
     Sorting by home slot, entry i goes to max(home_i, pos_{i-1} + 1): a running
     maximum, so no Python loop. Wrap-around is handled by placing the sorted
     sequence twice (homes, then homes + sps) and keeping the second copy: the
     first copy's overflow past the end pushes the second copy's low homes
     exactly as wrapping would (the index always has an empty slot, load <= 0.75,
-    so the second pass has settled). Returns None if the layout is not one
-    entry per slot (never expected; the caller then keeps the per-key path).
+    so the second pass has settled). Returns the new (sps, _W) slice, or None
+    if the layout is not one entry per slot (never expected; the caller then
+    keeps the per-key path).
     """
-    new = np.zeros(sps, dtype=L.SLOT_DTYPE)
+    new = np.zeros((sps, _W), dtype=np.uint64)
     m = len(keep)
     if m == 0:
         return new
     if m >= sps:
         return None
-    home = (keep["tag"] % sps).astype(np.int64)
+    home = (_as_slots(keep)["tag"] % sps).astype(np.int64)
     order = np.argsort(home, kind="stable")
-    keep = keep[order]
     home = home[order]
     h2 = np.concatenate((home, home + sps))
     j = np.arange(2 * m, dtype=np.int64)
     pos = (j + np.maximum.accumulate(h2 - j))[m:] - sps
     pos %= sps
-    new[pos] = keep
-    if np.count_nonzero(new["tag"]) != m:
+    new[pos] = keep[order]
+    if np.count_nonzero(_as_slots(new)["tag"]) != m:
         return None
     return new
 
 
-def bulk_expire(cache: Cache, s: int, now: float) -> int | None:
+def bulk_expire(cache: Cache, s: int, now: float, timing: dict | None = None) -> int | None:
     """Remove every entry of stripe ``s`` expired at ``now`` in one lock hold.
 
     The new index slice is computed from a lock-free copy; under the lock the
     stripe's seqlock version must be unchanged (else None: a writer got in, use
-    the per-key path), then the slice is written in one copy (~1 ms for a
+    the per-key path), then the slice is written in one memcpy (~0.5 ms for a
     1 GiB cache's 3.6 MB slice) and the accounting fixed. Freed arena bytes
     become garbage for the next compaction. Returns how many were removed.
+    If ``timing`` is a dict, its ``"max_lock_hold"`` (seconds) is kept up to date.
 
     Raises:
         LockTimeout: a live process held the stripe for too long.
@@ -109,15 +130,16 @@ def bulk_expire(cache: Cache, s: int, now: float) -> int | None:
     t = cache._table
     stripes = t.stripes
     sps = t.sps
+    words = _index_words(cache, s)
     v = int(stripes[s, 0])
     if v & 1:
         return None
-    cur = t.slots[s].copy()
+    cur = words.copy()
     if int(stripes[s, 0]) != v:
         return None
-    tag = cur["tag"]
-    exp = cur["expire"]
-    occupied = tag != 0
+    rec = _as_slots(cur)
+    exp = rec["expire"]
+    occupied = rec["tag"] != 0
     dead = occupied & (exp > 0.0) & (exp <= now)
     n = int(np.count_nonzero(dead))
     if n == 0:
@@ -126,19 +148,24 @@ def bulk_expire(cache: Cache, s: int, now: float) -> int | None:
     new = _place(keep, sps)
     if new is None:
         return None
-    freed = int(((L.ENTRY_HEADER + cur["klen"][dead].astype(np.int64) + cur["vlen"][dead] + 7) & ~7).sum())
+    gone = rec[dead]
+    freed = int(((L.ENTRY_HEADER + gone["klen"].astype(np.int64) + gone["vlen"] + 7) & ~7).sum())
     acct_off = t.stripe_off + s * L.STRIPE_SIZE + L.S_ITEMS
     mm = cache._seg.mm
     locks = cache._locks
     locks.lock(s)
+    t0 = time.perf_counter()
     try:
         if int(stripes[s, 0]) != v + 1:  # lock() made it odd; anything else is a writer's change
             return None
-        t.slots[s] = new
+        words[:] = new
         _items, used, garbage = L.ACCOUNT.unpack_from(mm, acct_off)
         L.ACCOUNT.pack_into(mm, acct_off, len(keep), used, garbage + freed)
     finally:
+        held = time.perf_counter() - t0
         locks.unlock(s)
+        if timing is not None:
+            timing["max_lock_hold"] = max(timing.get("max_lock_hold", 0.0), held)
     cache._ctr[t.cbase + L.C_EXPIRATIONS] += n
     return n
 
@@ -164,6 +191,8 @@ class ExpiryCycle:
         self.cursor = 0
         self.pending: deque = deque()  # (stripe, expired count seen by the scan)
         self.reclaimed = 0
+        #: "max_lock_hold": longest single lock hold of the bulk path, seconds.
+        self.timing: dict = {}
 
     def scan(self, now: float, stripes: int) -> None:
         """Queue the stripes among the next ``stripes`` (from the cursor) that hold expired entries."""
@@ -179,7 +208,7 @@ class ExpiryCycle:
     def sweep_stripe(self, s: int, now: float, expected: int) -> tuple[int, bool]:
         """Clean stripe s. Returns (removed, more_left)."""
         if expected >= BULK_MIN:
-            n = bulk_expire(self.cache, s, now)
+            n = bulk_expire(self.cache, s, now, self.timing)
             if n is not None:
                 return n, False
         n = self.cache._table.sweep_expired(s, now, SWEEP_LIMIT)
@@ -192,7 +221,9 @@ class ExpiryCycle:
         now = self.clock()
         n = 0
         scanned = 0
-        while time.perf_counter() < deadline:
+        first = True  # always make some progress, however small the budget
+        while first or time.perf_counter() < deadline:
+            first = False
             if not self.pending:
                 if scanned >= self.stripes_per_tick:
                     break
@@ -237,8 +268,8 @@ def recover(cache: Cache) -> tuple[list[int], list[int]]:
     """
     seg = cache._seg
     g = seg.geometry
-    st = cache._table.stripes
-    owners = (st[:, L.S_OWNER_PID // 8] & np.uint64(0xFFFFFFFF)) != 0
+    locks = cache._locks
+    owners = np.array([locks.stripe_owner(s)[0] != 0 for s in range(g.n_stripes)])
     clients = np.frombuffer(seg.mm, dtype=np.uint8, count=g.max_clients * g.client_record_size,
                             offset=g.client_table_off).reshape(g.max_clients, g.client_record_size)
     try:
@@ -248,7 +279,7 @@ def recover(cache: Cache) -> tuple[list[int], list[int]]:
         del clients
     recovered = []
     for s in candidates:
-        if cache._locks.try_recover(s, keep=False):
+        if locks.try_recover(s, keep=False):
             recovered.append(s)
     reaped = reap_dead_clients(seg)
     return recovered, reaped
@@ -275,6 +306,12 @@ class Daemon:
         expire_every: seconds between expiry ticks (0: no active expiry).
         recover_every: seconds between dead-owner / dead-client checks.
         restore: load ``snapshot`` at start when it exists and the cache is empty.
+
+    Raises:
+        DaemonError: another daemon serves the cache, or ``snapshot`` is a directory.
+        ValueError / TypeError: a bad name, size or interval.
+        LayoutMismatch: the existing segment has another layout version.
+        OSError: the snapshot's directory cannot be created.
     """
 
     def __init__(
@@ -343,7 +380,9 @@ class Daemon:
     # -- jobs --------------------------------------------------------------
     def load_snapshot(self) -> None:
         """Restore the snapshot file if it exists and the cache is empty. A bad
-        file is logged and renamed to ``<path>.bad-<time>``; the daemon goes on."""
+        file is logged and renamed to ``<path>.bad-<time>``; the daemon goes on.
+        Never raises for a bad file (a corrupt snapshot must not keep the cache
+        from being served)."""
         path = self.snapshot_path
         if not (self.restore and path and os.path.exists(path)):
             return
@@ -359,7 +398,9 @@ class Daemon:
                 bar(done, total)
 
         try:
-            r = restore_snapshot(self.cache, path, progress=progress)
+            # merge: a client that attached first and already wrote a key has
+            # a newer value than the snapshot's, so the snapshot only fills gaps
+            r = restore_snapshot(self.cache, path, merge=True, progress=progress)
         except SnapshotError as e:
             bad = f"{path}.bad-{time.strftime('%Y%m%d-%H%M%S')}"
             try:
@@ -432,10 +473,12 @@ class Daemon:
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_r, False)
         os.set_blocking(self._wake_w, False)
-        signal.set_wakeup_fd(self._wake_w)
-        signal.signal(signal.SIGTERM, self.request_stop)
-        signal.signal(signal.SIGINT, self.request_stop)
-        signal.signal(signal.SIGUSR1, self.request_snapshot)
+        self._old_wakeup = signal.set_wakeup_fd(self._wake_w)
+        self._old_handlers = {
+            signal.SIGTERM: signal.signal(signal.SIGTERM, self.request_stop),
+            signal.SIGINT: signal.signal(signal.SIGINT, self.request_stop),
+            signal.SIGUSR1: signal.signal(signal.SIGUSR1, self.request_snapshot),
+        }
 
     def _wait(self, seconds: float) -> None:
         if seconds <= 0:
@@ -455,6 +498,9 @@ class Daemon:
         """Serve until :meth:`request_stop` (SIGTERM/SIGINT); then take the final
         snapshot, clear the heartbeat and detach."""
         g = self.cache._seg.geometry
+        if not self.cache._seg.created:
+            log.info("attached to the existing cache %r; its layout wins over --size/--stripes/--max-items",
+                     self.name)
         self.load_snapshot()
         # Logged once the start-up restore is done: scripts wait for this line.
         if not self.snapshot_path:
@@ -482,7 +528,10 @@ class Daemon:
                 if self.snapshot_every:
                     next_snapshot = time.monotonic() + self.snapshot_every
             if self.expire_every and now >= next_expire:
-                self.expiry.tick(self.expire_every * EXPIRE_CPU_SHARE)
+                try:
+                    self.expiry.tick(self.expire_every * EXPIRE_CPU_SHARE)
+                except Error as e:  # a live process kept a stripe locked: next tick retries
+                    log.warning("expiry tick failed: %s", e)
                 next_expire = now + self.expire_every
             if now >= next_recover:
                 self.recover_once()
@@ -501,9 +550,11 @@ class Daemon:
     def close(self) -> None:
         """Clear the heartbeat, restore signal handlers and detach. Idempotent."""
         if self._wake_w is not None:
-            signal.set_wakeup_fd(-1)
-            for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1):
-                signal.signal(sig, signal.SIG_DFL)
+            signal.set_wakeup_fd(self._old_wakeup)
+            for sig, old in self._old_handlers.items():
+                if sig == signal.SIGUSR1 and old in (signal.SIG_DFL, None):
+                    old = signal.SIG_IGN  # a late snapshot request must not kill a stopping daemon
+                signal.signal(sig, old if old is not None else signal.SIG_DFL)
             os.close(self._wake_r)
             os.close(self._wake_w)
             self._wake_r = self._wake_w = None
@@ -521,11 +572,19 @@ def serve(name: str, **kw) -> int:
         ValueError / TypeError: a bad name or setting.
         LayoutMismatch: the existing segment is of another layout version.
     """
-    d = Daemon(name, **kw)
+    # SIGUSR1's default action is to terminate: hold it until the handler is
+    # in place (a `shmcache snapshot` may find this daemon as soon as it holds
+    # the daemon lock), then let a pending one through.
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGUSR1})
     try:
-        d.install_signals()
-        d.run()
+        d = Daemon(name, **kw)
+        try:
+            d.install_signals()
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGUSR1})
+            d.run()
+        finally:
+            d.close()
     finally:
-        d.close()
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGUSR1})
     log.info("daemon stopped")
     return 0

@@ -145,6 +145,13 @@ class Segment:
         fd = shm.fd
         with _file_lock(fd, LOCK_INIT, max(0.0, deadline - time.monotonic()), what="init"):
             size = os.fstat(fd).st_size
+            if 0 < size < layout.PAGE:
+                # Our creator truncates to 0 and then to the full size, so a
+                # non-empty file smaller than a page was made by someone else.
+                raise LayoutMismatch(
+                    f"{SHM_DIR}{shm_name(name)} is a {size}-byte file, not a shmcache segment "
+                    f"(this shmcache reads layout version {layout.LAYOUT_VERSION}); remove it or pick another name"
+                )
             if size >= layout.PAGE:
                 head = os.pread(fd, layout.HEADER.size, 0)
                 if head[:8] != b"\0" * 8:
@@ -175,6 +182,7 @@ class Segment:
                 except posix_ipc.ExistentialError:
                     pass
                 sems.append(posix_ipc.Semaphore(sname, posix_ipc.O_CREX, mode=mode, initial_value=1))
+                _chmod_sem(sname, mode)
         except BaseException:
             for s in sems:
                 s.close()
@@ -294,6 +302,16 @@ class Segment:
         """Names of the caches whose segments exist on this host (Linux: /dev/shm)."""
         prefix = os.path.join(SHM_DIR, "shmcache.")
         return sorted(p[len(prefix):] for p in glob.glob(prefix + "*"))
+
+
+def _chmod_sem(sname: str, mode: int) -> None:
+    # sem_open applies the umask, so 0o660 would become 0o640 and group
+    # members could not attach. Linux keeps named semaphores in /dev/shm.
+    path = os.path.join(SHM_DIR, "sem." + sname.lstrip("/"))
+    try:
+        os.chmod(path, mode)
+    except FileNotFoundError:  # pragma: no cover - not Linux
+        pass
 
 
 @contextmanager

@@ -27,8 +27,8 @@ kernel objects, and a semaphore is not released when its holder dies);
 holding a stripe lock during the factory (blocks every key of the stripe).
 
 The lock and takeover entries are ordinary keys named
-``__shmcache.sf:<hash of the key>`` (fixed length, so any key that fits fits
-its lock too); they live at most ``timeout`` seconds.
+``__shmcache.sf:<128-bit hash>`` (at most 48 characters whatever the key's
+length); they live at most ``timeout`` seconds.
 
 ``memoize`` builds on ``get_or_set``: the key is the function's module and
 qualified name plus a stable digest of its arguments (xxh3-128 over a
@@ -72,6 +72,14 @@ _MISSING = object()
 
 _ident_lock = threading.Lock()
 _ident: tuple[int, float] | None = None
+
+
+def _reset_after_fork() -> None:
+    global _ident_lock
+    _ident_lock = threading.Lock()  # another thread may have held it at the fork
+
+
+os.register_at_fork(after_in_child=_reset_after_fork)
 
 
 def _me() -> tuple[int, float]:
@@ -138,20 +146,19 @@ def _compute_as_owner(cache, key, factory, ttl, lkey: str, record: bytes):
 def _take_over(cache, lkey: str, dead: bytes, record: bytes, timeout: float) -> bool:
     """Replace the dead owner's record ``dead`` by ours. True if we own the lock now."""
     # Only one waiter per dead owner may do the swap, or two of them could
-    # each pop-and-add and both believe they own the lock.
-    tkey = lkey + ":takeover:" + dead.hex()
+    # each pop-and-add and both believe they own the lock. The takeover entry
+    # is left to expire (ttl ``timeout``) rather than deleted: a waiter that
+    # read the dead record just before the swap must not get a second turn.
+    tkey = LOCK_PREFIX + "t:" + xxhash.xxh3_128_hexdigest(lkey.encode() + dead)
     if not cache.add(tkey, record, ttl=timeout):
         return False
-    try:
-        popped = cache.pop(lkey, None)
-        if popped is None:  # expired or released meanwhile: plain contest
-            return cache.add(lkey, record, ttl=timeout)
-        if popped != dead:  # a live owner replaced it meanwhile: give it back
-            cache.add(lkey, popped, ttl=timeout)
-            return False
+    popped = cache.pop(lkey, None)
+    if popped is None:  # expired or released meanwhile: plain contest
         return cache.add(lkey, record, ttl=timeout)
-    finally:
-        cache.delete(tkey)
+    if popped != dead:  # replaced meanwhile (only possible after its ttl): give it back
+        cache.add(lkey, popped, ttl=timeout)
+        return False
+    return cache.add(lkey, record, ttl=timeout)
 
 
 def get_or_set(cache, key, factory, ttl=_DEFAULT, timeout: float = DEFAULT_TIMEOUT):
@@ -313,6 +320,7 @@ def memoize(cache, ttl=_DEFAULT, typed: bool = False, timeout: float = DEFAULT_T
         prefix = f"{MEMO_PREFIX}{_qualified_name(fn)}:"
 
         def cache_key(*args, **kwargs) -> str:
+            """The cache key of ``fn(*args, **kwargs)``."""
             return prefix + args_digest(args, kwargs, typed)
 
         @functools.wraps(fn)

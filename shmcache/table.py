@@ -380,10 +380,12 @@ class Table:
         self.ctr[self.cbase + L.C_EXPIRATIONS] += len(hit)
         return acct, len(hit)
 
-    def _make_room(self, s: int, alloc: int, new_item: bool, now: float, acct):
+    def _make_room(self, s: int, alloc: int, new_item: bool, now: float, acct, freed: int = 0):
         """Ensure stripe s can take an entry of ``alloc`` bytes (and one more item
-        if ``new_item``). Returns the new accounting. Raises CacheFull under
-        noeviction when expired entries do not free enough."""
+        if ``new_item``); ``freed`` bytes of a value being overwritten count as
+        free. Returns the new accounting. Raises CacheFull under noeviction when
+        expired entries do not free enough (having saved the accounting of the
+        expired entries it did reclaim)."""
         arena = self.stripe_arena
         cap = self.cap_items
 
@@ -397,9 +399,10 @@ class Table:
         items, used, garbage = acct
         live = used - garbage
         over_items = items + (1 if new_item else 0) - cap
-        over_bytes = live + alloc - arena
+        over_bytes = live - freed + alloc - arena
         if over_items > 0 or over_bytes > 0:
             if self.noeviction:
+                self._set_account(s, *acct)
                 raise CacheFull(
                     f"cache {self.seg.name!r} is full (stripe {s}: {items} of {cap} items, "
                     f"{live} of {arena} arena bytes live; entry needs {alloc} bytes): raise size "
@@ -534,8 +537,13 @@ class Table:
             return False
         acct = self._account(s)
         if acct[1] + alloc > self.stripe_arena or (i < 0 and acct[0] >= self.cap_items):
-            acct = self._make_room(s, alloc, i < 0, now, acct)
+            acct = self._make_room(s, alloc, i < 0, now, acct, old_alloc if i >= 0 else 0)
             i = self._find(s, tag, kb)  # slots may have moved
+            if i >= 0 and acct[1] + alloc > self.stripe_arena:
+                # An overwrite that needs the old value's bytes: retire it, then
+                # compact (room was checked above, so this cannot fail now).
+                acct = self._compact(s, self._remove(s, i, acct))
+                i = -1
         items, used, garbage = acct
         off = used
         self._write_entry(ab + off, kb, flags, vb)
@@ -615,6 +623,8 @@ class Table:
                     exp = L.F64.unpack_from(self.mm, self.index_off + (s * self.sps + i) * _SS + L.SL_EXPIRE)[0]
                     if not (exp and exp <= now):
                         n += 1
+                    else:
+                        self.ctr[self.cbase + L.C_EXPIRATIONS] += 1
                     self._set_account(s, *self._remove(s, i, self._account(s)))
             finally:
                 self.locks.unlock(s)

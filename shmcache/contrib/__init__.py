@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import os
 import threading
+import weakref
 
 from .. import layout as L
 from ..cache import Cache
@@ -37,6 +38,14 @@ _lock = threading.Lock()
 _handles: dict[tuple, Cache] = {}
 
 
+def _reset_after_fork() -> None:
+    global _lock
+    _lock = threading.Lock()  # another thread may have held it at the fork
+
+
+os.register_at_fork(after_in_child=_reset_after_fork)
+
+
 def shared_cache(name: str, **options) -> Cache:
     """The process-wide :class:`~shmcache.Cache` for ``name`` (created or attached
     on first use with ``options``, reused afterwards, also in forked children,
@@ -60,9 +69,15 @@ def shared_cache(name: str, **options) -> Cache:
         return c
 
 
+_max_keys: "weakref.WeakKeyDictionary[Cache, int]" = weakref.WeakKeyDictionary()
+
+
 def max_key_size(cache: Cache) -> int:
     """The longest encoded key ``cache`` accepts, in bytes (fixed at creation)."""
-    return int(cache.stats()["max_key_size"])
+    n = _max_keys.get(cache)
+    if n is None:
+        n = _max_keys[cache] = int(cache.stats()["max_key_size"])
+    return n
 
 
 def fit_key(key: str, max_key: int) -> str:

@@ -271,46 +271,59 @@ class ShmCache(BaseCache):
 
     # -- async: memory operations run inline (microseconds, no I/O) ---------
     async def aadd(self, key, value, timeout=DEFAULT_TIMEOUT, version=None):
+        """As :meth:`add`."""
         return self.add(key, value, timeout, version)
 
     async def aget(self, key, default=None, version=None):
+        """As :meth:`get`."""
         return self.get(key, default, version)
 
     async def aset(self, key, value, timeout=DEFAULT_TIMEOUT, version=None):
+        """As :meth:`set`."""
         return self.set(key, value, timeout, version)
 
     async def atouch(self, key, timeout=DEFAULT_TIMEOUT, version=None):
+        """As :meth:`touch`."""
         return self.touch(key, timeout, version)
 
     async def adelete(self, key, version=None):
+        """As :meth:`delete`."""
         return self.delete(key, version)
 
     async def aget_many(self, keys, version=None):
+        """As :meth:`get_many`."""
         return self.get_many(keys, version)
 
     async def aset_many(self, data, timeout=DEFAULT_TIMEOUT, version=None):
+        """As :meth:`set_many`."""
         return self.set_many(data, timeout, version)
 
     async def adelete_many(self, keys, version=None):
+        """As :meth:`delete_many`."""
         return self.delete_many(keys, version)
 
     async def ahas_key(self, key, version=None):
+        """As :meth:`has_key`."""
         return self.has_key(key, version)
 
     async def aincr(self, key, delta=1, version=None):
+        """As :meth:`incr` (atomic, unlike BaseCache's get + set)."""
         return self.incr(key, delta, version)
 
     async def adecr(self, key, delta=1, version=None):
+        """As :meth:`decr`."""
         return self.decr(key, delta, version)
 
     async def aclear(self):
+        """As :meth:`clear`."""
         return self.clear()
 
     async def aclose(self, **kwargs):
+        """As :meth:`close`."""
         return self.close(**kwargs)
 
     async def aget_or_set(self, key, default, timeout=DEFAULT_TIMEOUT, version=None):
-        # A miss may wait for another process's factory: not on the event loop.
+        """As :meth:`get_or_set`; a miss waits in a thread, not on the event loop."""
         v = self.get(key, _MISSING, version)
         if v is not _MISSING:
             return v
