@@ -34,9 +34,10 @@ from .segment import LOCK_CLIENTS, LOCK_RECOVERY, Segment
 
 _ZERO16 = bytes(16)
 
-#: Seconds a recoverer waits before trusting marker-only evidence (see
-#: StripeLocks._still_stuck). Paid only when a process died in the few
-#: instructions between sem_wait and its owner store.
+#: Least seconds a recoverer waits (it waits lock_timeout if longer) before
+#: trusting marker-only evidence (see StripeLocks._still_stuck). Paid only
+#: when a process died in the few instructions between sem_wait and its
+#: owner store.
 STUCK_GRACE = 0.05
 
 
@@ -184,23 +185,29 @@ class StripeLocks:
 
     def _evidence(self, s: int) -> tuple[bool, list[int]] | None:
         """Who could hold stripe ``s``: None if a live process might; else
-        (owner_is_dead, dead client slots with a marker on s)."""
+        (owner_is_dead, dead client slots with a marker on s).
+
+        A recorded owner is authoritative: only the holder writes it, right
+        after sem_wait, and clears it right before sem_post. Markers matter
+        only when no owner is recorded, and then only dead ones are evidence:
+        live markers belong to waiters blocked in sem_wait (which must not
+        stop them from recovering a dead holder) or to a live process in its
+        few-instruction window, which the grace re-check in
+        :meth:`_still_stuck` rules out.
+        """
         mm = self.mm
         g = self.geometry
         pid, _, start = L.OWNER.unpack_from(mm, self._stripe_off(s) + L.S_OWNER_PID)
+        if pid and is_alive(pid, start):
+            return None
         dead_markers = []
         for c in range(g.max_clients):
             base = g.client_table_off + c * g.client_record_size
             if mm[base + L.C_MARKERS + s]:
                 cpid, _, cstart = L.CLIENT_HEAD.unpack_from(mm, base)
-                if c == self.client and cpid == self.identity.pid:
-                    continue  # our own marker: this thread is the one asking
-                if is_alive(cpid, cstart):
-                    return None
-                dead_markers.append(c)
+                if cpid and not is_alive(cpid, cstart):
+                    dead_markers.append(c)
         if pid:
-            if is_alive(pid, start):
-                return None
             return True, dead_markers
         if not dead_markers:
             return None  # nobody to blame: a live holder is mid-step; wait
@@ -258,7 +265,7 @@ class StripeLocks:
         changes nothing."""
         vo = self._stripe_off(s)
         v = L.U64.unpack_from(self.mm, vo)[0]
-        time.sleep(STUCK_GRACE)
+        time.sleep(max(STUCK_GRACE, self.lock_timeout))
         if L.U64.unpack_from(self.mm, vo)[0] != v or self._evidence(s) != ev:
             return False
         try:
