@@ -91,6 +91,7 @@ def _show_key(k) -> str:
 
 # --------------------------------------------------------------- commands
 def cmd_daemon(args) -> int:
+    """``shmcache daemon``: run the daemon in this process until SIGTERM/SIGINT (see shmcache.daemon)."""
     from .daemon import serve
 
     logging.basicConfig(
@@ -113,6 +114,7 @@ def cmd_daemon(args) -> int:
 
 
 def cmd_stats(args) -> int:
+    """``shmcache stats``: print the cache's counters as a table or JSON."""
     with _attach(args) as c:
         st = c.stats()
     if args.json:
@@ -155,6 +157,7 @@ def cmd_stats(args) -> int:
 
 
 def cmd_get(args) -> int:
+    """``shmcache get``: print one value. Raises CliError if the key is absent."""
     with _attach(args) as c:
         missing = object()
         v = c.get(args.key, missing)
@@ -173,6 +176,7 @@ def cmd_get(args) -> int:
 
 
 def cmd_set(args) -> int:
+    """``shmcache set``: store one value. Raises CliError on a bad value or (--nx) a present key."""
     value = _parse_value(args.value, args.type)
     with _attach(args) as c:
         if args.nx:
@@ -184,6 +188,7 @@ def cmd_set(args) -> int:
 
 
 def cmd_delete(args) -> int:
+    """``shmcache delete``: delete keys, print how many existed."""
     with _attach(args) as c:
         n = c.delete_many(args.keys)
     print(n)
@@ -191,6 +196,7 @@ def cmd_delete(args) -> int:
 
 
 def cmd_keys(args) -> int:
+    """``shmcache keys``: print the live keys matching a glob pattern, sorted."""
     rx = re.compile(fnmatch.translate(args.pattern), re.DOTALL)
     out = []
     with _attach(args) as c:
@@ -261,6 +267,11 @@ def wait_for_daemon_snapshot(path: str, since: float, timeout: float, pid: int |
 
 
 def cmd_snapshot(args) -> int:
+    """``shmcache snapshot``: write a snapshot here (PATH) or ask the daemon.
+
+    Raises:
+        CliError: no daemon runs (and no PATH), or it did not write in time.
+    """
     from .snapshot import terminal_progress, write_snapshot
 
     if args.path:
@@ -290,6 +301,7 @@ def cmd_snapshot(args) -> int:
 
 
 def cmd_restore(args) -> int:
+    """``shmcache restore``: verify a snapshot file, then load it. Raises SnapshotError for a bad file."""
     from .snapshot import restore_snapshot, terminal_progress, verify_snapshot
 
     name = _name(args)
@@ -316,6 +328,7 @@ def cmd_restore(args) -> int:
 
 
 def cmd_check(args) -> int:
+    """``shmcache check``: check every stripe (or a snapshot file); status 1 on damage."""
     if args.snapshot:
         from .snapshot import verify_snapshot
 
@@ -363,6 +376,7 @@ def _describe(name: str) -> dict:
 
 
 def cmd_ls(args) -> int:
+    """``shmcache ls``: list the caches on this host."""
     rows = [_describe(n) for n in Segment.list_names()]
     if args.json:
         print(json.dumps(rows, indent=2))
@@ -384,6 +398,7 @@ def cmd_ls(args) -> int:
 
 
 def cmd_rm(args) -> int:
+    """``shmcache rm``: unlink a cache. Raises CliError if absent or its daemon runs (without --force)."""
     name = _name(args)
     try:
         seg = Segment.open(name, create=False, timeout=0.5)
@@ -404,6 +419,7 @@ def cmd_rm(args) -> int:
 
 
 def cmd_demo(args) -> int:
+    """``shmcache demo``: see :func:`run_demo`."""
     return run_demo(args)
 
 
@@ -438,7 +454,16 @@ def _wait_daemon(proc: subprocess.Popen, log_path: Path, timeout: float = 20.0) 
 
 
 def run_demo(args) -> int:
-    """``make demo``: daemon + load generators + snapshot + warm restart, < 30 s."""
+    """``make demo``: daemon + load generators + snapshot + warm restart, < 30 s.
+
+    Everything it starts is stopped by PID and the demo cache is unlinked in
+    ``finally``; the snapshot and the daemon log stay in ``args.dir``.
+    Returns 0 if the cache came back warm with identical values, else 1.
+
+    Raises:
+        CliError: no workers/loadgen.py (not a source checkout), another demo
+            runs, or a child failed or did not come up in time.
+    """
     t_start = time.monotonic()
     root = Path(__file__).resolve().parent.parent
     loadgen = root / "workers" / "loadgen.py"
@@ -514,6 +539,9 @@ def run_demo(args) -> int:
             st = cache.stats()
             t = time.monotonic()
             ops = sum(st[k] - prev[k] for k in ("hits", "misses", "sets", "deletes"))
+            if ops == 0 and st["sets"] == 0:  # the workers are still starting
+                prev, t_prev = st, t
+                continue
             looks = (st["hits"] - prev["hits"]) + (st["misses"] - prev["misses"])
             hr = (st["hits"] - prev["hits"]) / looks if looks else 0.0
             print(f"      t={t - t0:4.1f}s  ops/s {ops / (t - t_prev):>9,.0f}  hit rate {100 * hr:5.1f}%  "
@@ -612,6 +640,9 @@ def build_parser() -> argparse.ArgumentParser:
     def add(name, func, help, description=None):
         sp = sub.add_parser(name, help=help, description=description or help)
         sp.set_defaults(func=func)
+        # also accepted after the subcommand; SUPPRESS keeps a global --debug
+        sp.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                        help="show tracebacks on errors")
         return sp
 
     def named(sp):

@@ -20,6 +20,10 @@ thread:
 * **heartbeat**: daemon pid, start time and the time of the last tick in the
   header, read by ``Cache.stats()`` and ``shmcache stats``/``ls``.
 
+Once the start-up restore is done the daemon logs ``daemon pid <pid> serving
+cache ...``; launchers (the demo, the gunicorn config, the tests) wait for
+that line before starting workers, so keep its wording.
+
 While a snapshot is being written the loop does nothing else (a 1 GiB cache
 takes about a second); reads still never return expired entries.
 """
@@ -95,7 +99,8 @@ def _place(keep: np.ndarray, sps: int) -> np.ndarray | None:
     if the layout is not one entry per slot (never expected; the caller then
     keeps the per-key path).
     """
-    new = np.zeros((sps, _W), dtype=np.uint64)
+    new = np.empty((sps, _W), dtype=np.uint64)
+    new.fill(0)  # touch every page now: np.zeros maps them lazily, and the faults would land in the locked copy
     m = len(keep)
     if m == 0:
         return new
@@ -153,6 +158,7 @@ def bulk_expire(cache: Cache, s: int, now: float, timing: dict | None = None) ->
     acct_off = t.stripe_off + s * L.STRIPE_SIZE + L.S_ITEMS
     mm = cache._seg.mm
     locks = cache._locks
+    os.sched_yield()  # a fresh time slice: preemption inside the hold is what stretches it
     locks.lock(s)
     t0 = time.perf_counter()
     try:
