@@ -6,7 +6,17 @@
 """
 
 from .cache import Cache
-from .errors import CacheFull, CacheNotFound, Error, KeyTooLong, LayoutMismatch, LockTimeout, ValueTooLarge
+from .errors import (
+    CacheFull,
+    CacheNotFound,
+    DaemonError,
+    Error,
+    KeyTooLong,
+    LayoutMismatch,
+    LockTimeout,
+    SnapshotError,
+    ValueTooLarge,
+)
 from .layout import LAYOUT_VERSION, parse_size
 
 __version__ = "0.1.0"
@@ -15,11 +25,13 @@ __all__ = [
     "Cache",
     "CacheFull",
     "CacheNotFound",
+    "DaemonError",
     "Error",
     "KeyTooLong",
     "LAYOUT_VERSION",
     "LayoutMismatch",
     "LockTimeout",
     "ValueTooLarge",
+    "SnapshotError",
     "parse_size",
 ]

@@ -41,7 +41,7 @@ import numpy as np
 
 from . import layout as L
 from .cache import Cache
-from .errors import Error
+from .errors import DaemonError, Error
 from .lock import Identity, reap_dead_clients
 from .segment import LOCK_DAEMON
 from .snapshot import SnapshotError, restore_snapshot, terminal_progress, write_snapshot
@@ -62,120 +62,7 @@ SWEEP_LIMIT = 256
 BULK_MIN = 128
 
 
-class DaemonError(Error):
-    """The daemon cannot run: another daemon serves the cache, or a setting is unusable."""
-
-
 # ------------------------------------------------------------------- expiry
-#: Index slots handled as rows of plain u64 words: numpy copies, boolean
-#: selections and scatters of a structured dtype run element by element
-#: (~20x slower than the memcpy they are); field access goes through
-#: L.SLOT_DTYPE views of the same bytes, so no offset is hard-coded here.
-_W = L.SLOT_SIZE // 8
-
-
-def _as_slots(words: np.ndarray) -> np.ndarray:
-    """A (n, _W) u64 array seen as n index slots (L.SLOT_DTYPE), no copy."""
-    return words.view(L.SLOT_DTYPE).reshape(len(words))
-
-
-def _index_words(cache: Cache, s: int) -> np.ndarray:
-    """Stripe s's index slice in the segment as (slots_per_stripe, _W) u64 words."""
-    g = cache._seg.geometry
-    sps = g.slots_per_stripe
-    return np.frombuffer(cache._seg.mm, dtype=np.uint64, count=sps * _W,
-                         offset=g.index_off + s * sps * L.SLOT_SIZE).reshape(sps, _W)
-
-
-def _place(keep: np.ndarray, sps: int) -> np.ndarray | None:
-    """Lay ``keep`` ((m, _W) u64 slot rows) out as a linear-probing index of ``sps`` slots.
-
-    Sorting by home slot, entry i goes to max(home_i, pos_{i-1} + 1): a running
-    maximum, so no Python loop. Wrap-around is handled by placing the sorted
-    sequence twice (homes, then homes + sps) and keeping the second copy: the
-    first copy's overflow past the end pushes the second copy's low homes
-    exactly as wrapping would (the index always has an empty slot, load <= 0.75,
-    so the second pass has settled). Returns the new (sps, _W) slice, or None
-    if the layout is not one entry per slot (never expected; the caller then
-    keeps the per-key path).
-    """
-    new = np.empty((sps, _W), dtype=np.uint64)
-    new.fill(0)  # touch every page now: np.zeros maps them lazily, and the faults would land in the locked copy
-    m = len(keep)
-    if m == 0:
-        return new
-    if m >= sps:
-        return None
-    home = (_as_slots(keep)["tag"] % sps).astype(np.int64)
-    order = np.argsort(home, kind="stable")
-    home = home[order]
-    h2 = np.concatenate((home, home + sps))
-    j = np.arange(2 * m, dtype=np.int64)
-    pos = (j + np.maximum.accumulate(h2 - j))[m:] - sps
-    pos %= sps
-    new[pos] = keep[order]
-    if np.count_nonzero(_as_slots(new)["tag"]) != m:
-        return None
-    return new
-
-
-def bulk_expire(cache: Cache, s: int, now: float, timing: dict | None = None) -> int | None:
-    """Remove every entry of stripe ``s`` expired at ``now`` in one lock hold.
-
-    The new index slice is computed from a lock-free copy; under the lock the
-    stripe's seqlock version must be unchanged (else None: a writer got in, use
-    the per-key path), then the slice is written in one memcpy (~0.5 ms for a
-    1 GiB cache's 3.6 MB slice) and the accounting fixed. Freed arena bytes
-    become garbage for the next compaction. Returns how many were removed.
-    If ``timing`` is a dict, its ``"max_lock_hold"`` (seconds) is kept up to date.
-
-    Raises:
-        LockTimeout: a live process held the stripe for too long.
-    """
-    t = cache._table
-    stripes = t.stripes
-    sps = t.sps
-    words = _index_words(cache, s)
-    v = int(stripes[s, 0])
-    if v & 1:
-        return None
-    cur = words.copy()
-    if int(stripes[s, 0]) != v:
-        return None
-    rec = _as_slots(cur)
-    exp = rec["expire"]
-    occupied = rec["tag"] != 0
-    dead = occupied & (exp > 0.0) & (exp <= now)
-    n = int(np.count_nonzero(dead))
-    if n == 0:
-        return 0
-    keep = cur[occupied & ~dead]
-    new = _place(keep, sps)
-    if new is None:
-        return None
-    gone = rec[dead]
-    freed = int(((L.ENTRY_HEADER + gone["klen"].astype(np.int64) + gone["vlen"] + 7) & ~7).sum())
-    acct_off = t.stripe_off + s * L.STRIPE_SIZE + L.S_ITEMS
-    mm = cache._seg.mm
-    locks = cache._locks
-    os.sched_yield()  # a fresh time slice: preemption inside the hold is what stretches it
-    locks.lock(s)
-    t0 = time.perf_counter()
-    try:
-        if int(stripes[s, 0]) != v + 1:  # lock() made it odd; anything else is a writer's change
-            return None
-        words[:] = new
-        _items, used, garbage = L.ACCOUNT.unpack_from(mm, acct_off)
-        L.ACCOUNT.pack_into(mm, acct_off, len(keep), used, garbage + freed)
-    finally:
-        held = time.perf_counter() - t0
-        locks.unlock(s)
-        if timing is not None:
-            timing["max_lock_hold"] = max(timing.get("max_lock_hold", 0.0), held)
-    cache._ctr[t.cbase + L.C_EXPIRATIONS] += n
-    return n
-
-
 class ExpiryCycle:
     """Redis-style active expiry over one cache: scan a window of the index per
     tick, clean the stripes it finds, within a time budget.
@@ -214,7 +101,7 @@ class ExpiryCycle:
     def sweep_stripe(self, s: int, now: float, expected: int) -> tuple[int, bool]:
         """Clean stripe s. Returns (removed, more_left)."""
         if expected >= BULK_MIN:
-            n = bulk_expire(self.cache, s, now, self.timing)
+            n = self.cache._table.expire_bulk(s, now, self.timing)
             if n is not None:
                 return n, False
         n = self.cache._table.sweep_expired(s, now, SWEEP_LIMIT)

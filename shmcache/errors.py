@@ -34,3 +34,12 @@ class LockTimeout(Error, TimeoutError):
 
 class CacheNotFound(Error, FileNotFoundError):
     """Attaching (``create=False``) to a cache that does not exist."""
+
+
+class SnapshotError(Error, ValueError):
+    """A snapshot file is missing, truncated, corrupt, foreign or of a newer
+    format. The message names the file and what failed; nothing was changed."""
+
+
+class DaemonError(Error):
+    """The daemon cannot run: another daemon serves the cache, or a setting is unusable."""

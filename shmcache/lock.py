@@ -222,6 +222,20 @@ class StripeLocks:
         """
         if self._evidence(s) is None:
             return False
+        if keep:  # the caller (lock()) already raised this thread's marker on s
+            return self._recover(s, keep)
+        # The probes below take the semaphore for an instant: raise our marker
+        # first, so dying inside one is visible evidence like any other.
+        tl = self._tlocks[s]
+        mb = self._marker_base + s
+        with tl:
+            self.mm[mb] += 1
+            try:
+                return self._recover(s, keep)
+            finally:
+                self.mm[mb] -= 1
+
+    def _recover(self, s: int, keep: bool) -> bool:
         with self.seg.file_lock(LOCK_RECOVERY, timeout=max(30.0, 10 * self.lock_timeout), what="recovery"):
             try:  # someone else recovered (or the holder finished) meanwhile
                 self.sems[s].acquire(0)

@@ -55,7 +55,7 @@ import psutil
 import xxhash
 
 from . import layout as L
-from .errors import CacheFull, Error
+from .errors import CacheFull, SnapshotError
 from .table import ADD, SET, Table
 
 MAGIC = b"SHMCSNAP"
@@ -114,11 +114,6 @@ PAUSE_ENV = "SHMCACHE_TEST_SNAPSHOT_PAUSE"
 
 _u64 = struct.Struct("<Q")
 _W = L.SLOT_SIZE // 8  # u64 words per index slot
-
-
-class SnapshotError(Error, ValueError):
-    """A snapshot file is missing, truncated, corrupt, foreign or of a newer
-    format. The message names the file and what failed; nothing was changed."""
 
 
 @dataclass

@@ -20,6 +20,7 @@ No serialization here and no clock but the one handed in.
 
 from __future__ import annotations
 
+import os
 import time
 
 import numpy as np
@@ -66,6 +67,73 @@ def key_hash(kb: bytes) -> int:
     return _xxh3(kb)
 
 
+#: Index slots handled as rows of plain u64 words: numpy copies, boolean
+#: selections and scatters of a structured dtype run element by element
+#: (~20x slower than the memcpy they are); field access goes through
+#: L.SLOT_DTYPE views of the same bytes, so no offset is hard-coded here.
+_W = L.SLOT_SIZE // 8
+
+
+def as_slots(words: np.ndarray) -> np.ndarray:
+    """A (n, _W) u64 array seen as n index slots (L.SLOT_DTYPE), no copy."""
+    return words.view(L.SLOT_DTYPE).reshape(len(words))
+
+
+def place_slots(keep: np.ndarray, sps: int) -> np.ndarray | None:
+    """Lay ``keep`` ((m, _W) u64 slot rows) out as a linear-probing index of ``sps`` slots.
+
+    Sorting by home slot, entry i goes to max(home_i, pos_{i-1} + 1): a running
+    maximum, so no Python loop. Wrap-around is handled by placing the sorted
+    sequence twice (homes, then homes + sps) and keeping the second copy: the
+    first copy's overflow past the end pushes the second copy's low homes
+    exactly as wrapping would (the index always has an empty slot, load <= 0.75,
+    so the second pass has settled). Returns the new (sps, _W) slice, or None
+    if the layout is not one entry per slot (never expected; the caller then
+    keeps the per-key path).
+    """
+    new = np.empty((sps, _W), dtype=np.uint64)
+    new.fill(0)  # touch every page now: np.zeros maps them lazily, and the faults would land in the locked copy
+    m = len(keep)
+    if m == 0:
+        return new
+    if m >= sps:
+        return None
+    home = (as_slots(keep)["tag"] % sps).astype(np.int64)
+    order = np.argsort(home, kind="stable")
+    home = home[order]
+    h2 = np.concatenate((home, home + sps))
+    j = np.arange(2 * m, dtype=np.int64)
+    pos = (j + np.maximum.accumulate(h2 - j))[m:] - sps
+    pos %= sps
+    new[pos] = keep[order]
+    if np.count_nonzero(as_slots(new)["tag"]) != m:
+        return None
+    return new
+
+
+def rewrite_order(cur: np.ndarray, new: np.ndarray) -> np.ndarray:
+    """The rows to write to turn index slice ``cur`` into ``new`` (both
+    (slots, _W) u64) after entries were only *removed*, in an order that is
+    crash-safe when written one row after another (numpy fancy assignment
+    goes index by index).
+
+    Removing entries moves the others towards their homes, never past them,
+    and no run of occupied slots crosses a slot that was empty in ``cur``.
+    Written in cyclic order from just after such an empty slot, each entry's
+    new place comes before its old one, so a kill after any row leaves every
+    live entry at its new place (written) or at its intact old place, and
+    reachable either way; repair drops the duplicates. One memcpy of the
+    whole slice may write the tail first and lose entries whose old place
+    went before their new one.
+    """
+    changed = np.nonzero((cur != new).any(axis=1))[0]
+    empty = np.nonzero(as_slots(cur)["tag"] == 0)[0]
+    if len(changed) and len(empty):
+        start = int(empty[0]) + 1
+        changed = changed[np.argsort((changed - start) % len(cur), kind="stable")]
+    return changed
+
+
 class Table:
     """Probe, insert, delete, evict and compact inside one attached segment."""
 
@@ -96,8 +164,8 @@ class Table:
         ).reshape(g.n_stripes, 8)
         # The same index as raw u64 words: repair finds a slot by its exact bytes.
         self.raw_slots = np.frombuffer(
-            seg.mm, dtype="<u8", count=g.n_stripes * g.slots_per_stripe * 4, offset=g.index_off
-        ).reshape(g.n_stripes, g.slots_per_stripe, 4)
+            seg.mm, dtype="<u8", count=g.n_stripes * g.slots_per_stripe * _W, offset=g.index_off
+        ).reshape(g.n_stripes, g.slots_per_stripe, _W)
 
     def set_counter_base(self, counter_base: int) -> None:
         """Point this process's counters at another client slot (after fork)."""
@@ -721,6 +789,63 @@ class Table:
         finally:
             self.locks.unlock(s)
 
+    def expire_bulk(self, s: int, now: float, timing: dict | None = None) -> int | None:
+        """Remove every entry of stripe ``s`` expired at ``now`` in one lock hold.
+
+        The new index slice is computed from a lock-free copy; under the lock the
+        stripe's seqlock version must be unchanged (else None: a writer got in, use
+        the per-key path), then the slice is written in one memcpy (~0.5 ms for a
+        1 GiB cache's 3.6 MB slice) and the accounting fixed. Freed arena bytes
+        become garbage for the next compaction. Returns how many were removed.
+        If ``timing`` is a dict, its ``"max_lock_hold"`` (seconds) is kept up to date.
+
+        Raises:
+            LockTimeout: a live process held the stripe for too long.
+        """
+        stripes = self.stripes
+        sps = self.sps
+        words = self.raw_slots[s]
+        v = int(stripes[s, 0])
+        if v & 1:
+            return None
+        cur = words.copy()
+        if int(stripes[s, 0]) != v:
+            return None
+        rec = as_slots(cur)
+        exp = rec["expire"]
+        occupied = rec["tag"] != 0
+        dead = occupied & (exp > 0.0) & (exp <= now)
+        n = int(np.count_nonzero(dead))
+        if n == 0:
+            return 0
+        keep = cur[occupied & ~dead]
+        new = place_slots(keep, sps)
+        if new is None:
+            return None
+        changed = rewrite_order(cur, new)
+        rows = new[changed]
+        gone = rec[dead]
+        freed = int(((L.ENTRY_HEADER + gone["klen"].astype(np.int64) + gone["vlen"] + 7) & ~7).sum())
+        acct_off = self.stripe_off + s * L.STRIPE_SIZE + L.S_ITEMS
+        mm = self.mm
+        locks = self.locks
+        os.sched_yield()  # a fresh time slice: preemption inside the hold is what stretches it
+        locks.lock(s)
+        t0 = time.perf_counter()
+        try:
+            if int(stripes[s, 0]) != v + 1:  # lock() made it odd; anything else is a writer's change
+                return None
+            words[changed] = rows
+            _items, used, garbage = L.ACCOUNT.unpack_from(mm, acct_off)
+            L.ACCOUNT.pack_into(mm, acct_off, len(keep), used, garbage + freed)
+        finally:
+            held = time.perf_counter() - t0
+            locks.unlock(s)
+            if timing is not None:
+                timing["max_lock_hold"] = max(timing.get("max_lock_hold", 0.0), held)
+        self.ctr[self.cbase + L.C_EXPIRATIONS] += n
+        return n
+
     # -------------------------------------------------------------- scanning
     def stripe_records(self, s: int) -> list:
         """A consistent copy of stripe s's live entries:
@@ -849,6 +974,7 @@ class Table:
             hit = np.nonzero((raw_view == np.frombuffer(raw, dtype="<u8")).all(axis=1))[0]
             if len(hit):
                 self._delete_at(s, int(hit[-1]))
+        self._rehome_unreachable(s)
         sl = self.slots[s]
         live = np.nonzero(sl["tag"] != 0)[0]
         if len(live):
@@ -859,6 +985,39 @@ class Table:
             used = live_bytes = 0
         self._set_account(s, len(live), used, used - live_bytes)
         return len(victims)
+
+    def _rehome_unreachable(self, s: int) -> int:
+        """Move slots that a lookup cannot reach (an empty slot lies between
+        their home and them: a rebuilt index slice written only in part, e.g.
+        the daemon's bulk expiry killed mid-copy) to where a lookup finds them.
+        Copy first, then delete the stray, so a crash in between leaves a
+        duplicate (which the next repair removes), never a loss. Bounded: at
+        most three passes over the stripe."""
+        mm = self.mm
+        sps = self.sps
+        base = self.index_off + s * sps * _SS
+        tags = self.slots[s]["tag"]  # a live view: it follows the moves below
+        moved = 0
+        for _ in range(3):
+            found = False
+            for i in np.nonzero(tags)[0].tolist():
+                t = int(tags[i])
+                if t == 0:
+                    continue
+                j = t % sps
+                while j != i and tags[j] != 0:
+                    j = j + 1 if j + 1 < sps else 0
+                if j == i:
+                    continue  # reachable
+                e = self._empty_from(s, t)
+                p, q = base + i * _SS, base + e * _SS
+                mm[q : q + _SS] = mm[p : p + _SS]
+                self._delete_at(s, i)
+                moved += 1
+                found = True
+            if not found:
+                break
+        return moved
 
     def check(self, s: int) -> list[str]:
         """Integrity problems of stripe s (empty list if sound). Takes the lock."""

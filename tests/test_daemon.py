@@ -20,7 +20,8 @@ import xxhash
 from shmcache import Cache
 from shmcache import layout as L
 from shmcache.cli import wait_for_daemon_snapshot
-from shmcache.daemon import BULK_MIN, ExpiryCycle, _place, bulk_expire
+from shmcache.daemon import BULK_MIN, ExpiryCycle
+from shmcache.table import place_slots
 from shmcache.lock import live_clients
 from shmcache.snapshot import PAUSE_ENV, restore_snapshot, verify_snapshot, write_snapshot
 
@@ -231,9 +232,9 @@ def test_bulk_expire_backs_off_when_a_writer_got_in(make_cache, fake_clock, monk
         real_lock(s)
 
     monkeypatch.setattr(c._locks, "lock", lock_after_a_write)
-    assert bulk_expire(c, 0, fake_clock.now) is None
+    assert c._table.expire_bulk(0, fake_clock.now) is None
     assert c.stats()["items"] == 501 and c.check() == []
-    assert bulk_expire(c, 0, fake_clock.now) == 500
+    assert c._table.expire_bulk(0, fake_clock.now) == 500
     assert c.keys() == ["intruder"] and c.check() == []
 
 
@@ -248,7 +249,7 @@ def test_place_builds_a_valid_linear_probing_index():
         else:
             keep["tag"] = rng.integers(1, 2**31, m)
         keep["off"] = np.arange(m)
-        new = _place(keep.view(np.uint64).reshape(m, L.SLOT_SIZE // 8), sps)
+        new = place_slots(keep.view(np.uint64).reshape(m, L.SLOT_SIZE // 8), sps)
         new = new.view(L.SLOT_DTYPE).reshape(sps)
         tags = new["tag"]
         assert sorted(new["off"][tags != 0].tolist()) == list(range(m))
