@@ -76,7 +76,7 @@ typedef struct {
     double start;
     sem_t **sems;
     Py_ssize_t n_sems;
-    PyObject *clock, *decode, *slow_key, *slow_read, *slow_set, *slow_add, *slow_replace, *slow_incr,
+    PyObject *clock, *decode, *encode, *slow_key, *slow_read, *slow_set, *slow_add, *slow_replace, *slow_incr,
         *slow_delete, *sentinel;
 } Core;
 
@@ -548,15 +548,40 @@ static PyObject *store(Core *c, PyObject *const *args, Py_ssize_t nargs, PyObjec
     int flags;
     int kf = key_fast(c, key, &k, &klen, stack);
     if (kf < 0) return NULL;
-    if (kf == 0 || !value_fast(value, &flags, &v, &vlen, scratch) || (uint64_t)vlen > c->max_value) goto slow;
+    if (kf == 0) goto slow;
+    PyObject *encoded = NULL; /* (flags, payload) from the codec: pickle, numpy, serializer */
+    if (!value_fast(value, &flags, &v, &vlen, scratch)) {
+        encoded = PyObject_CallOneArg(c->encode, value); /* before any lock: it runs Python */
+        if (!encoded) return NULL;
+        PyObject *payload;
+        if (!PyTuple_Check(encoded) || PyTuple_GET_SIZE(encoded) != 2 ||
+            !PyBytes_Check(payload = PyTuple_GET_ITEM(encoded, 1))) {
+            Py_DECREF(encoded);
+            goto slow;
+        }
+        flags = (int)PyLong_AsLong(PyTuple_GET_ITEM(encoded, 0));
+        if (flags == -1 && PyErr_Occurred()) {
+            Py_DECREF(encoded);
+            return NULL;
+        }
+        v = PyBytes_AS_STRING(payload);
+        vlen = PyBytes_GET_SIZE(payload);
+    }
     double now, expire;
-    if (get_now(c, &now) < 0) return NULL;
-    if (!deadline_fast(c, ttl, now, &expire)) goto slow;
+    if ((uint64_t)vlen > c->max_value || get_now(c, &now) < 0 || !deadline_fast(c, ttl, now, &expire)) {
+        Py_XDECREF(encoded);
+        if (PyErr_Occurred()) return NULL;
+        goto slow;
+    }
     uint64_t h = XXH3_64bits(k, (size_t)klen);
     uint64_t s = h & c->mask;
-    if (!lock_fast(c, s)) goto slow;
+    if (!lock_fast(c, s)) {
+        Py_XDECREF(encoded);
+        goto slow;
+    }
     int r = write_locked(c, s, (uint32_t)(h >> 32) | 1u, k, klen, flags, v, vlen, expire, mode, now);
     unlock_fast(c, s);
+    Py_XDECREF(encoded);
     if (r == 2) goto slow;
     if (r == 0) Py_RETURN_FALSE;
     *counter(c, CTR_SETS) += 1;
@@ -742,16 +767,16 @@ static PyObject *Core_release(Core *c, PyObject *unused) {
 static int Core_init(Core *c, PyObject *args, PyObject *kw) {
     static char *kwlist[] = {"buffer", "n_stripes", "sps", "stripe_off", "index_off", "arena_off",
                              "stripe_arena", "client_off", "client_rec", "client", "max_key",
-                             "max_value", "cap_items", "sem_names", "pid", "start", "clock", "decode",
+                             "max_value", "cap_items", "sem_names", "pid", "start", "clock", "decode", "encode",
                              "slow_key", "slow_read", "slow_set", "slow_add", "slow_replace", "slow_incr", "slow_delete",
                              "sentinel", "atime_res", "default_ttl", NULL};
     PyObject *buffer, *sem_names;
     unsigned long long n_stripes;
     unsigned int pid;
     if (!PyArg_ParseTupleAndKeywords(
-            args, kw, "OKKKKKKKKKKKKOIdOOOOOOOOOOdd", kwlist, &buffer, &n_stripes, &c->sps, &c->stripe_off,
+            args, kw, "OKKKKKKKKKKKKOIdOOOOOOOOOOOdd", kwlist, &buffer, &n_stripes, &c->sps, &c->stripe_off,
             &c->index_off, &c->arena_off, &c->stripe_arena, &c->client_off, &c->client_rec, &c->client,
-            &c->max_key, &c->max_value, &c->cap_items, &sem_names, &pid, &c->start, &c->clock, &c->decode,
+            &c->max_key, &c->max_value, &c->cap_items, &sem_names, &pid, &c->start, &c->clock, &c->decode, &c->encode,
             &c->slow_key, &c->slow_read, &c->slow_set, &c->slow_add, &c->slow_replace, &c->slow_incr,
             &c->slow_delete, &c->sentinel,
             &c->atime_res, &c->default_ttl))
@@ -766,7 +791,7 @@ static int Core_init(Core *c, PyObject *args, PyObject *kw) {
     }
     c->mask = n_stripes - 1;
     c->pid = pid;
-    PyObject *objs[] = {c->clock, c->decode, c->slow_key, c->slow_read, c->slow_set, c->slow_add,
+    PyObject *objs[] = {c->clock, c->decode, c->encode, c->slow_key, c->slow_read, c->slow_set, c->slow_add,
                         c->slow_replace, c->slow_incr, c->slow_delete, c->sentinel};
     for (size_t i = 0; i < sizeof(objs) / sizeof(objs[0]); i++) Py_INCREF(objs[i]);
     if (PyObject_GetBuffer(buffer, &c->view, PyBUF_WRITABLE) < 0) return -1;
@@ -803,6 +828,7 @@ static int Core_init(Core *c, PyObject *args, PyObject *kw) {
 static int Core_traverse(Core *c, visitproc visit, void *arg) {
     Py_VISIT(c->clock);
     Py_VISIT(c->decode);
+    Py_VISIT(c->encode);
     Py_VISIT(c->slow_key);
     Py_VISIT(c->slow_read);
     Py_VISIT(c->slow_set);
@@ -817,6 +843,7 @@ static int Core_traverse(Core *c, visitproc visit, void *arg) {
 static int Core_clear(Core *c) {
     Py_CLEAR(c->clock);
     Py_CLEAR(c->decode);
+    Py_CLEAR(c->encode);
     Py_CLEAR(c->slow_key);
     Py_CLEAR(c->slow_read);
     Py_CLEAR(c->slow_set);
