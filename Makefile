@@ -21,7 +21,16 @@ demo: $(STAMP)
 	$(PY) -m shmcache.cli demo
 
 bench: $(STAMP)
-	$(PY) benchmarks/bench_core.py
+	command -v redis-server >/dev/null && command -v memcached >/dev/null || { \
+	  SUDO=$$( [ "$$(id -u)" -eq 0 ] || echo sudo ); \
+	  $$SUDO apt-get update -q && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -q redis-server memcached; }
+	$(PY) -c 'import lmdb, diskcache, redis, hiredis, pymemcache, UltraDict, matplotlib' 2>/dev/null \
+	  || $(PY) -m pip install -q -e '.[bench]'
+	$(PY) -m benchmarks $(BENCH_ARGS)
+
+.PHONY: bench-core
+bench-core: $(STAMP)
+	$(PY) benchmarks/bench_core.py $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache
