@@ -644,8 +644,7 @@ def test_regression_torn_bulk_expiry_index_write_loses_no_live_key(make_cache, f
     words = t.raw_slots[0]
     cur = words.copy()
     rec = cur.view(L.SLOT_DTYPE).reshape(len(cur))
-    keep = cur[(rec["tag"] != 0) & ~((rec["expire"] > 0) & (rec["expire"] <= fake_clock.now))]
-    new = place_slots(keep.copy(), t.sps)
+    new = place_slots(cur, ~((rec["expire"] > 0) & (rec["expire"] <= fake_clock.now)))
     changed = rewrite_order(cur, new)
     assert len(changed) > 1000  # the live entries really move
     for cut in sorted(rng.sample(range(len(changed)), 12)) + [len(changed) // 2]:
@@ -653,13 +652,13 @@ def test_regression_torn_bulk_expiry_index_write_loses_no_live_key(make_cache, f
         cache._locks.lock(0)  # stand in for the daemon, then "die" after `cut` rows
         words[changed[:cut]] = new[changed[:cut]]
         t.repair(0)
+        t.stripes[0, 0] += 1  # repair leaves the version even; unlock makes it even again
         cache._locks.unlock(0)
         assert cache.check() == [], cut
         assert {k: cache.get(k) for k in live} == live, cut
         cur = words.copy()  # repair may have moved rows: re-plan from here
         rec = cur.view(L.SLOT_DTYPE).reshape(len(cur))
-        keep = cur[(rec["tag"] != 0) & ~((rec["expire"] > 0) & (rec["expire"] <= fake_clock.now))]
-        new = place_slots(keep.copy(), t.sps)
+        new = place_slots(cur, ~((rec["expire"] > 0) & (rec["expire"] <= fake_clock.now)))
         changed = rewrite_order(cur, new)
 
 
@@ -679,3 +678,139 @@ def test_repair_rehomes_an_unreachable_slot(make_cache):
     cache._locks.unlock(0)
     assert cache.check() == []
     assert cache["a"] == b"1"
+
+
+def _key_with_home(t, home: int, prefix: str) -> str:
+    """A key of stripe 0 whose index home slot is ``home``."""
+    i = 0
+    while True:
+        k = f"{prefix}{i}"
+        h = xxhash.xxh3_64_intdigest(encode_key(k))
+        if h & t.mask == 0 and ((h >> 32) | 1) % t.sps == home:
+            return k
+        i += 1
+
+
+def _as_if_recovered(cache, s, restore) -> None:
+    """Put stripe s in the state ``restore()`` writes, as a writer SIGKILLed
+    mid-mutation leaves it, and repair it the way a recoverer does."""
+    cache._locks.lock(s)
+    try:
+        restore()
+        cache._table.repair(s)
+        cache._table.stripes[s, 0] += 1  # repair leaves the version even; unlock makes it even again
+    finally:
+        cache._locks.unlock(s)
+
+
+def test_regression_bulk_expiry_reordering_a_cluster_loses_no_live_key(make_cache, fake_clock):
+    """Bulk expiry placed kept entries sorted by home, which can move one past
+    its old slot: cluster 4:B(home 4) 5:A(home 5) 6:C(home 4) became B, C, A,
+    rows written 5, 6, ...; killed after row 5, A was gone for good. Clusters
+    with interleaved homes (one wrapping around the index end), the write cut
+    after every row: repair must keep every live key, and check() stay clean."""
+    cache = make_cache(size="256KiB", stripes=1, max_items=30, clock=fake_clock)
+    t = cache._table
+    sps = t.sps
+    assert sps >= 41
+    # (name, home, expected slot after inserting in this order, expires?)
+    plan = [
+        ("B", 4, 4, False), ("A", 5, 5, False), ("C", 4, 6, False), ("X", 10, 10, True),  # the review's repro
+        ("Y", 14, 14, True), ("D", 15, 15, False), ("E", 14, 16, False), ("F", 15, 17, False),
+        ("P", 20, 20, False), ("Q", 20, 21, True), ("R", 21, 22, False), ("S", 20, 23, False), ("T", 22, 24, True),
+        ("G", sps - 2, sps - 2, False), ("Z", sps - 1, sps - 1, True), ("H", sps - 2, 0, False), ("J", 0, 1, False),
+    ]
+    keys = {name: _key_with_home(t, home, name) for name, home, _at, _x in plan}
+    live = {}
+    for name, _home, _at, expires in plan:
+        value = f"value of {name}".encode()
+        cache.set(keys[name], value, ttl=5 if expires else None)
+        if not expires:
+            live[keys[name]] = value
+    tags = t.slots[0]["tag"]
+    for name, _home, at, _x in plan:  # the layout really is the one planned
+        assert tags[at] == (xxhash.xxh3_64_intdigest(encode_key(keys[name])) >> 32) | 1, name
+    fake_clock.advance(10)
+
+    from shmcache.table import rewrite_order
+
+    words = t.raw_slots[0]
+    cur = words.copy()
+    acct = t._account(0)
+    assert t.expire_bulk(0, fake_clock.now) == 5
+    new = words.copy()
+    changed = rewrite_order(cur, new)  # the order expire_bulk wrote the rows in
+    for cut in range(len(changed) + 1):
+        def torn():
+            words[:] = cur
+            t._set_account(0, *acct)
+            words[changed[:cut]] = new[changed[:cut]]
+
+        _as_if_recovered(cache, 0, torn)
+        assert cache.check() == [], cut
+        assert {k: cache.get(k) for k in live} == live, f"cut after {cut} of rows {changed.tolist()}"
+
+
+def _states_while(cache, s, fn) -> list:
+    """Run ``fn()`` and return stripe s's (index slice, arena) bytes as they
+    stand before every line the table's write path executes, and after: each
+    is a state a SIGKILL could leave (a line makes at most one store)."""
+    import shmcache.table as T
+
+    g = cache._g
+    mm = cache._seg.mm
+    i0 = g.index_off + s * g.slots_per_stripe * L.SLOT_SIZE
+    i1 = i0 + g.slots_per_stripe * L.SLOT_SIZE
+    a0 = g.arena_off + s * g.stripe_arena
+    a1 = a0 + g.stripe_arena
+    codes = {T.Table.write.__code__, T.Table._write_locked.__code__, T.Table._write_entry.__code__}
+    states = []
+
+    def line(frame, event, arg):
+        if event in ("line", "return"):
+            states.append((mm[i0:i1], mm[a0:a1]))
+        return line
+
+    def call(frame, event, arg):
+        return line if frame.f_code in codes else None
+
+    prev = sys.gettrace()
+    sys.settrace(call)
+    try:
+        fn()
+    finally:
+        sys.settrace(prev)
+    states.append((mm[i0:i1], mm[a0:a1]))
+
+    def restore(state):
+        mm[i0:i1], mm[a0:a1] = state
+
+    return states, restore
+
+
+@pytest.mark.parametrize("old, new", [
+    (1234567, 2.5), (2.5, 1234567), (1234567, b"8 bytes!"), (1234567, "8 chars!"),
+    (b"8 bytes!", 1234567), (1234567, 7654321),
+])
+def test_regression_torn_same_size_type_change_is_never_garbage(make_cache, monkeypatch, old, new):
+    """An in-place overwrite at the same 8-byte length that changes the type
+    wrote the value before the header: killed in between, header and slot still
+    said "8-byte int" over the float's (or str's) bytes, and repair's torn-incr
+    exemption kept that garbage as an int. Now the header goes first: after
+    repair, at every point of the write, the key is absent or holds exactly
+    the old or the new value."""
+    import shmcache.cache
+
+    monkeypatch.setattr(shmcache.cache, "USE_SPEEDUPS", False)  # the Python write path
+    cache = make_cache(size="256KiB", stripes=1)
+    cache["other"] = b"bystander"
+    cache["k"] = old
+    states, restore = _states_while(cache, 0, lambda: cache.set("k", new))
+    assert len(states) > 10
+    for n, state in enumerate(states):
+        _as_if_recovered(cache, 0, lambda: restore(state))
+        assert cache.check() == [], n
+        got = cache.get("k", KeyError)
+        assert got is KeyError or (type(got), got) in ((type(old), old), (type(new), new)), (n, got)
+        assert cache["other"] == b"bystander"
+    assert cache["k"] == new

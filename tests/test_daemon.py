@@ -238,22 +238,66 @@ def test_bulk_expire_backs_off_when_a_writer_got_in(make_cache, fake_clock, monk
     assert c.keys() == ["intruder"] and c.check() == []
 
 
+def _probe_insert(sps, tags):
+    """An index slice (sps, 4) u64 holding ``tags`` inserted one by one with
+    linear probing (so a run's entries are not sorted by home); ``off`` numbers them."""
+    cur = np.zeros((sps, L.SLOT_SIZE // 8), dtype=np.uint64)
+    rec = cur.view(L.SLOT_DTYPE).reshape(sps)
+    for n, t in enumerate(tags):
+        i = t % sps
+        while rec["tag"][i]:
+            i = (i + 1) % sps
+        rec["tag"][i] = t
+        rec["off"][i] = n
+    return cur
+
+
+def _backward_shift_delete(cur, gone):
+    """Reference: delete the slots ``gone`` one at a time by backward shift."""
+    cur = cur.copy()
+    rec = cur.view(L.SLOT_DTYPE).reshape(len(cur))
+    sps = len(cur)
+    for off in rec["off"][gone].tolist():
+        j = int(np.nonzero((rec["off"] == off) & (rec["tag"] != 0))[0][0])
+        k = j
+        while True:
+            k = (k + 1) % sps
+            t = int(rec["tag"][k])
+            if t == 0:
+                break
+            if (k - t % sps) % sps >= (k - j) % sps:
+                cur[j] = cur[k]
+                j = k
+        cur[j] = 0
+    return cur
+
+
 def test_place_builds_a_valid_linear_probing_index():
+    """place_slots leaves exactly what backward-shift deletion of the dropped
+    slots would: every kept entry reachable, none after its old place (in
+    cyclic order from just after the first empty slot, where rewrite_order
+    starts writing)."""
     rng = np.random.default_rng(7)
     for trial in range(300):
         sps = int(rng.integers(4, 300))
         m = int(rng.integers(0, int(sps * 0.9)))
-        keep = np.zeros(m, dtype=L.SLOT_DTYPE)
         if trial % 2:  # homes crowded at the end: exercises the wrap-around
-            keep["tag"] = (rng.integers(sps - 4, sps + 3, m) % sps) + sps * rng.integers(1, 1000, m)
+            tags = (rng.integers(sps - 4, sps + 3, m) % sps) + sps * rng.integers(1, 1000, m)
         else:
-            keep["tag"] = rng.integers(1, 2**31, m)
-        keep["off"] = np.arange(m)
-        new = place_slots(keep.view(np.uint64).reshape(m, L.SLOT_SIZE // 8), sps)
-        new = new.view(L.SLOT_DTYPE).reshape(sps)
-        tags = new["tag"]
-        assert sorted(new["off"][tags != 0].tolist()) == list(range(m))
+            tags = rng.integers(1, 2**31, m)
+        cur = _probe_insert(sps, tags.tolist())
+        rec = cur.view(L.SLOT_DTYPE).reshape(sps)
+        keep = rng.random(sps) < rng.random()
+        kept = (rec["tag"] != 0) & keep
+        new = place_slots(cur, keep)
+        assert (new == _backward_shift_delete(cur, np.nonzero((rec["tag"] != 0) & ~keep)[0])).all(), trial
+        nrec = new.view(L.SLOT_DTYPE).reshape(sps)
+        tags = nrec["tag"]
+        assert sorted(nrec["off"][tags != 0].tolist()) == sorted(rec["off"][kept].tolist())
+        start = int(np.nonzero(rec["tag"] == 0)[0][0]) + 1
+        old_at = {int(o): i for i, o in zip(np.nonzero(kept)[0].tolist(), rec["off"][kept].tolist())}
         for i in np.nonzero(tags)[0].tolist():
+            assert (i - start) % sps <= (old_at[int(nrec["off"][i])] - start) % sps, "moved past its old place"
             j = int(tags[i]) % sps
             while j != i:
                 assert tags[j] != 0, f"slot {i} unreachable from its home {int(tags[i]) % sps}"

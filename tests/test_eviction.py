@@ -11,6 +11,7 @@ import random
 import pytest
 
 from shmcache import CacheFull
+from shmcache import layout as L
 
 
 def _snapshot(c):
@@ -240,3 +241,118 @@ def test_max_items_with_noeviction(make_cache):
     c["k0"] = "overwrite is not a new item"
     assert c["k0"] == "overwrite is not a new item"
     assert c.check() == []
+
+
+@pytest.fixture
+def py_path(monkeypatch):
+    """Force the Python write path: the tests below count or watch Table internals."""
+    import shmcache.cache
+
+    monkeypatch.setattr(shmcache.cache, "USE_SPEEDUPS", False)
+
+
+def _count_calls(monkeypatch, obj, name):
+    calls = []
+    real = getattr(obj, name)
+
+    def wrapper(*args, **kw):
+        calls.append(kw)
+        return real(*args, **kw)
+
+    monkeypatch.setattr(obj, name, wrapper)
+    return calls
+
+
+@pytest.mark.parametrize("policy", ["lru", "noeviction"])
+def test_regression_large_overwrite_compacts_the_stripe_once(make_cache, fake_clock, monkeypatch, py_path, policy):
+    """An overwrite that needs the old value's bytes made room (compacting),
+    then retired the old entry and compacted again: two memmoves of the whole
+    arena under the lock. Now the old entry goes first and one compaction does."""
+    c = make_cache(size="1MiB", stripes=1, policy=policy, clock=fake_clock)
+    t = c._table
+    arena = t.stripe_arena
+    c["big"] = b"B" * 40_000
+    small = b"s" * 2000
+    n = 0
+    while t._account(0)[1] + 2 * len(small) < arena:  # no room left at the bump pointer
+        c[f"k{n}"] = small
+        n += 1
+    gone = 0
+    while t._account(0)[2] < 30_000:  # some garbage, far less than the old value
+        del c[f"k{gone}"]
+        gone += 1
+    items, used, garbage = t._account(0)
+    live = used - garbage
+    vlen = arena - live + 20_000  # fits only once the old value's 40 kB are freed
+    assert vlen > 40_000 + 8  # larger than the old one: not an in-place overwrite
+    calls = _count_calls(monkeypatch, t, "_compact")
+    c["big"] = b"N" * vlen
+    assert len(calls) == 1
+    assert c["big"] == b"N" * vlen
+    assert all(c[f"k{i}"] == small for i in range(gone, n))
+    assert c.stats()["evictions"] == 0
+    assert c.check() == []
+    if policy == "noeviction":  # too large even with the old bytes freed: CacheFull, nothing changes
+        before = _snapshot(c)
+        with pytest.raises(CacheFull):
+            c["big"] = b"X" * (vlen + arena - t._account(0)[1] + t._account(0)[2] + 8)
+        assert _snapshot(c) == before and c.check() == []
+
+
+def test_regression_compaction_never_moves_an_entry_onto_itself(make_cache, fake_clock, monkeypatch, py_path):
+    """Compaction moved an entry larger than the gap in front of it onto
+    itself (memmove): a SIGKILL mid-move lost an entry nobody was writing.
+    Now such an entry, and the rest of its run, stays put (the gap stays as
+    garbage) while later runs still close up; only a write that still does
+    not fit compacts again allowing the overlap."""
+    c = make_cache(size="1MiB", stripes=1, policy="noeviction", clock=fake_clock)
+    t = c._table
+    arena = t.stripe_arena
+    layout = {"a": b"a" * 100, "b": b"b" * 5000, "c": b"c" * 100, "e": b"e" * 8000, "f": b"f" * 100,
+              "g": b"g" * 6000}
+    for k, v in layout.items():
+        c[k] = v
+    fill = {}
+    while t._account(0)[1] + 60_000 < arena:
+        k = f"fill{len(fill)}"
+        fill[k] = k.encode() * 500
+        c[k] = fill[k]
+    del c["a"]  # a 120-byte gap in front of b (5 kB): b cannot move without overlapping itself
+    del c["e"]  # an 8 kB gap in front of f, g and the fillers (each smaller): they can
+    keep = {k: v for k, v in {**layout, **fill}.items() if k not in ("a", "e")}
+    gap = L.entry_alloc(1, 100)
+
+    moves = []
+    mm = t.mm
+
+    class Mover:  # the only thing _compact asks of the mapping
+        def move(self, dst, src, n):
+            moves.append((dst, src, n))
+            mm.move(dst, src, n)
+
+    c._locks.lock(0)
+    try:
+        acct = t._account(0)
+        t.mm = Mover()
+        acct = t._compact(0, acct)
+        t.mm = mm
+        t._set_account(0, *acct)
+    finally:
+        t.mm = mm
+        c._locks.unlock(0)
+    assert moves, "the runs behind the 8 kB gap close up"
+    assert all(n <= src - dst for dst, src, n in moves), moves
+    assert t._account(0)[2] == gap  # only the gap in front of b is left
+    assert c.check() == []
+    assert all(c[k] == v for k, v in keep.items())
+    # A write that needs that gap too: the last-resort pass closes it.
+    items, used, garbage = t._account(0)
+    need = arena - used + garbage
+    v = b"n" * (need - L.entry_alloc(len("new"), 0))
+    assert need - (arena - used) == gap
+    calls = _count_calls(monkeypatch, t, "_compact")
+    c["new"] = v
+    assert calls == [{}, {"overlap": True}]
+    assert c["new"] == v
+    assert all(c[k] == w for k, w in keep.items())
+    assert t._account(0)[1] == arena and c.check() == []

@@ -1,0 +1,151 @@
+"""The table's own guarantees that no public call shows directly: a locked
+mutation interrupted by an unexpected exception leaves its stripe sound, and
+clear() holds every stripe lock while it empties the cache and bumps the
+generation.
+
+The Python write path is forced (``USE_SPEEDUPS`` off), since the faults are
+injected into ``Table`` methods.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+import shmcache.cache
+from shmcache import layout as L
+
+
+@pytest.fixture
+def py_cache(make_cache, fake_clock, monkeypatch):
+    monkeypatch.setattr(shmcache.cache, "USE_SPEEDUPS", False)
+
+    def make(**kw):
+        return make_cache(size="1MiB", stripes=1, clock=fake_clock, **kw)
+
+    return make
+
+
+def _fail_once(monkeypatch, obj, name, after=False):
+    """Make ``obj.name`` raise KeyboardInterrupt on its next call (``after``:
+    once the real call has run), then behave normally."""
+    real = getattr(obj, name)
+    armed = [True]
+
+    def wrapper(*args, **kw):
+        if not armed[0]:
+            return real(*args, **kw)
+        armed[0] = False
+        if after:
+            real(*args, **kw)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(obj, name, wrapper)
+
+
+def _fill(c, n=50, value=b"v" * 100):
+    c.set_many({f"k{i}": value for i in range(n)})
+
+
+OPS = {
+    "set new key": lambda c: c.set("new", b"x" * 50),
+    "set_many": lambda c: c.set_many({"new": b"x", "new2": b"y"}),
+    "overwrite out of place": lambda c: c.set("k1", b"y" * 500),
+    "pop": lambda c: c.pop("k1"),
+    "delete": lambda c: c.delete("k1"),
+    "delete_many": lambda c: c.delete_many(["k1", "k2", "k3"]),
+    "incr new key": lambda c: c.incr("counter"),
+    "clear": lambda c: c.clear(),
+    "sweep_expired": lambda c: c._table.sweep_expired(0, c._clock() + 100, 10),
+}
+
+
+@pytest.mark.parametrize("op", list(OPS))
+def test_regression_interrupt_mid_mutation_leaves_accounting_sound(py_cache, monkeypatch, op):
+    """A KeyboardInterrupt (or MemoryError...) after the slots changed but
+    before the accounting was saved left the stripe's item and byte counts
+    stale. Now the stripe is repaired before the lock is released."""
+    c = py_cache()
+    _fill(c)
+    c.set_many({f"exp{i}": b"e" for i in range(5)}, ttl=1)
+    _fail_once(monkeypatch, c._table, "_set_account")
+    with pytest.raises(KeyboardInterrupt):
+        OPS[op](c)
+    assert c.check() == []
+    c["after"] = b"ok"  # the lock was released and the stripe is usable
+    assert c["after"] == b"ok" and c.check() == []
+
+
+def test_regression_interrupt_after_eviction_leaves_accounting_sound(py_cache, monkeypatch, fake_clock):
+    """Interrupted after LRU eviction removed entries (the write making room),
+    before the accounting was saved: the item count went stale."""
+    c = py_cache()
+    value = b"v" * 4000
+    n = 0
+    while c.stats()["bytes_free"] > 2 * len(value):
+        c[f"k{n}"] = value
+        n += 1
+        fake_clock.advance(1)
+    _fail_once(monkeypatch, c._table, "_evict", after=True)
+    with pytest.raises(KeyboardInterrupt):
+        c["big"] = b"b" * 20000
+    assert c.check() == []
+    assert all(c.get(f"k{i}", value) == value for i in range(n))  # evicted or intact
+    c["big"] = b"b" * 20000
+    assert c.check() == [] and c["big"] == b"b" * 20000
+
+
+def test_deliberate_errors_do_not_repair(py_cache, monkeypatch):
+    """KeyError / TypeError / CacheFull are raised before anything changes:
+    they must not cost a repair of the whole stripe."""
+    c = py_cache()
+    c["s"] = "text"
+    calls = []
+    real = c._table._repair_or_empty
+    monkeypatch.setattr(c._table, "_repair_or_empty", lambda s: calls.append(s) or real(s))
+    with pytest.raises(TypeError):
+        c.incr("s")
+    with pytest.raises(KeyError):
+        c.incr("missing", default=None)
+    assert calls == []
+
+
+def test_regression_clear_bumps_generation_under_every_stripe_lock(make_cache, monkeypatch):
+    """clear() bumped the generation after releasing the stripe locks (an
+    unguarded read-modify-write two clears could race on). Now it takes every
+    stripe lock in ascending order, clears, bumps, and releases in reverse."""
+    c = make_cache(size="1MiB", stripes=4)
+    c.set_many({f"k{i}": i for i in range(100)})
+    locks = c._locks
+    gen = lambda: L.U64.unpack_from(c._seg.mm, L.H_GENERATION)[0]  # noqa: E731
+    g0 = gen()
+    events = []
+    real_lock, real_unlock = locks.lock, locks.unlock
+    monkeypatch.setattr(locks, "lock", lambda s: (real_lock(s), events.append(("lock", s, gen())))[0])
+    monkeypatch.setattr(locks, "unlock", lambda s: (events.append(("unlock", s, gen())), real_unlock(s))[0])
+    assert c.clear() == 100
+    n = c._g.n_stripes
+    assert events == [("lock", s, g0) for s in range(n)] + [("unlock", s, g0 + 1) for s in reversed(range(n))]
+    monkeypatch.undo()
+    assert len(c) == 0 and c.check() == [] and c.stats()["generation"] == g0 + 1
+
+
+def test_clear_releases_the_locks_it_took_when_one_times_out(make_cache, monkeypatch):
+    from shmcache import LockTimeout
+
+    c = make_cache(size="1MiB", stripes=4)
+    c.set_many({f"k{i}": i for i in range(100)})
+    locks = c._locks
+    real_lock = locks.lock
+
+    def lock(s):
+        if s == 2:
+            raise LockTimeout("stripe 2 held")
+        real_lock(s)
+
+    monkeypatch.setattr(locks, "lock", lock)
+    with pytest.raises(LockTimeout):
+        c.clear()
+    monkeypatch.undo()
+    assert len(c) == 100 and c.check() == []  # nothing cleared, every lock free again
+    c["x"] = 1
+    assert c.clear() == 101
