@@ -21,10 +21,12 @@
  * always leaves them as it found them before returning.
  *
  * Layout: mirrors shmcache/layout.py (the single source of truth); the
- * offsets below are checked against it at import (see _LAYOUT in layout.py).
+ * constants below are exported and checked against it when cache.py
+ * imports this module (_check_speedups_layout).
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
+#include <errno.h>
 #include <fcntl.h>
 #include <math.h>
 #include <semaphore.h>
@@ -51,6 +53,7 @@
 #define CTR_DELETES 3
 #define CTR_EXPIRATIONS 5
 #define READ_RETRIES 16
+#define READ_SPIN_NS 50000L
 #define KEY_STACK 512
 
 enum { MODE_SET = 0, MODE_ADD = 1, MODE_REPLACE = 2 };
@@ -79,6 +82,15 @@ typedef struct {
     PyObject *clock, *decode, *encode, *slow_key, *slow_read, *slow_set, *slow_add, *slow_replace, *slow_incr,
         *slow_delete, *sentinel;
 } Core;
+
+/* After close() (or while a callback into Python let another thread close the
+ * cache) the mapping is gone: every entry point and every return from a
+ * Python callback checks this before touching shared memory. */
+#define CLOSED(c) ((c)->base == NULL)
+static PyObject *closed_error(void) {
+    PyErr_SetString(PyExc_ValueError, "cache is closed");
+    return NULL;
+}
 
 static inline void cpu_relax(void) {
 #if defined(__x86_64__) || defined(__i386__)
@@ -166,7 +178,26 @@ static int read_core(Core *c, const char *k, Py_ssize_t klen, slot_t *sl, int64_
     uint64_t s = h & c->mask;
     uint32_t tag = (uint32_t)(h >> 32) | 1u;
     uint64_t *ver = u64at(stripe_rec(c, s) + S_VERSION);
-    for (int attempt = 0; attempt < READ_RETRIES; attempt++) {
+    struct timespec deadline = {0, 0};
+    for (int attempt = 0;; attempt++) {
+        if (attempt >= READ_RETRIES) {
+            /* A writer's critical section is ~0.1-10 us in C, longer on the
+             * Python path (eviction, compaction): spin up to READ_SPIN_NS
+             * before queueing on the writers' semaphore. */
+            struct timespec now;
+            clock_gettime(CLOCK_MONOTONIC, &now);
+            if (deadline.tv_sec == 0) {
+                deadline = now;
+                deadline.tv_nsec += READ_SPIN_NS;
+                if (deadline.tv_nsec >= 1000000000L) {
+                    deadline.tv_sec += 1;
+                    deadline.tv_nsec -= 1000000000L;
+                }
+            } else if (now.tv_sec > deadline.tv_sec ||
+                       (now.tv_sec == deadline.tv_sec && now.tv_nsec >= deadline.tv_nsec)) {
+                break;
+            }
+        }
         uint64_t v1 = __atomic_load_n(ver, __ATOMIC_ACQUIRE);
         if (v1 & 1) {
             cpu_relax();
@@ -231,9 +262,10 @@ static void unlock_fast(Core *c, uint64_t s) {
 
 static inline uint64_t alloc_of(uint64_t klen, uint64_t vlen) { return (ENTRY_HDR + klen + vlen + 7) & ~(uint64_t)7; }
 
+/* Header first, then key and value, checksum last: an in-place overwrite
+ * killed midway then shows a header that disagrees with the slot (type or
+ * length changed) or a bad checksum, and repair can tell (see table.py). */
 static void write_entry(char *a, const char *k, Py_ssize_t klen, int flags, const char *v, Py_ssize_t vlen) {
-    memcpy(a + ENTRY_HDR, k, klen);
-    memcpy(a + ENTRY_HDR + klen, v, vlen);
     uint16_t kl = (uint16_t)klen;
     uint8_t fl = (uint8_t)flags, pad = 0;
     uint32_t vl = (uint32_t)vlen, res = 0;
@@ -242,6 +274,10 @@ static void write_entry(char *a, const char *k, Py_ssize_t klen, int flags, cons
     memcpy(a + 7, &pad, 1);
     memcpy(a + 8, &vl, 4);
     memcpy(a + 12, &res, 4);
+    BARRIER();
+    memcpy(a + ENTRY_HDR, k, klen);
+    memcpy(a + ENTRY_HDR + klen, v, vlen);
+    BARRIER();
     uint32_t chk = XXH32(a + 4, (size_t)(12 + klen + vlen), 0);
     memcpy(a, &chk, 4);
 }
@@ -385,12 +421,18 @@ static int fetch(Core *c, const char *k, Py_ssize_t klen, int *flags, PyObject *
     return 1;
 }
 
-static PyObject *Core_get(Core *c, PyObject *const *args, Py_ssize_t nargs) {
-    if (nargs < 1 || nargs > 2) {
+static int gather(PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames, const char *const *names,
+                  int n, PyObject **out);
+
+static PyObject *Core_get(Core *c, PyObject *const *args, size_t nargsf, PyObject *kwnames) {
+    static const char *const names[] = {"key", "default"};
+    PyObject *a[2];
+    if (!gather(args, PyVectorcall_NARGS(nargsf), kwnames, names, 2, a) || !a[0]) {
         PyErr_SetString(PyExc_TypeError, "get(key, default=None)");
         return NULL;
     }
-    PyObject *key = args[0], *dflt = nargs > 1 ? args[1] : Py_None;
+    if (CLOSED(c)) return closed_error();
+    PyObject *key = a[0], *dflt = a[1] ? a[1] : Py_None;
     char stack[KEY_STACK];
     const char *k;
     Py_ssize_t klen;
@@ -400,6 +442,10 @@ static PyObject *Core_get(Core *c, PyObject *const *args, Py_ssize_t nargs) {
     if (kf == 0) {
         owned = PyObject_CallOneArg(c->slow_key, key);
         if (!owned) return NULL;
+        if (CLOSED(c)) {
+            Py_DECREF(owned);
+            return closed_error();
+        }
         k = PyBytes_AS_STRING(owned);
         klen = PyBytes_GET_SIZE(owned);
     }
@@ -410,9 +456,9 @@ static PyObject *Core_get(Core *c, PyObject *const *args, Py_ssize_t nargs) {
     int r = fetch(c, k, klen, &flags, &val, &exp, &pos, &atime);
     Py_XDECREF(owned);
     if (r < 0) return NULL;
-    if (r == 1 && get_now(c, &now) < 0) {
+    if (r == 1 && (get_now(c, &now) < 0 || CLOSED(c))) {
         Py_DECREF(val);
-        return NULL;
+        return PyErr_Occurred() ? NULL : closed_error();
     }
     if (r == 0 || (exp != 0.0 && exp <= now)) {
         Py_XDECREF(val);
@@ -432,6 +478,7 @@ static PyObject *Core_read(Core *c, PyObject *kb) {
         PyErr_SetString(PyExc_TypeError, "read(encoded_key: bytes)");
         return NULL;
     }
+    if (CLOSED(c)) return closed_error();
     int flags;
     PyObject *val = NULL;
     double exp, atime;
@@ -541,6 +588,7 @@ static PyObject *store(Core *c, PyObject *const *args, Py_ssize_t nargs, PyObjec
     static const char *const names[] = {"key", "value", "ttl"};
     PyObject *a[3];
     if (!gather(args, nargs, kwnames, names, 3, a) || !a[0] || !a[1]) goto slow;
+    if (CLOSED(c)) return closed_error();
     PyObject *key = a[0], *value = a[1], *ttl = a[2] ? a[2] : c->sentinel;
     char stack[KEY_STACK], scratch[8];
     const char *k, *v;
@@ -573,6 +621,10 @@ static PyObject *store(Core *c, PyObject *const *args, Py_ssize_t nargs, PyObjec
         if (PyErr_Occurred()) return NULL;
         goto slow;
     }
+    if (CLOSED(c)) { /* the encoder or the clock ran Python: another thread may have closed us */
+        Py_XDECREF(encoded);
+        return closed_error();
+    }
     uint64_t h = XXH3_64bits(k, (size_t)klen);
     uint64_t s = h & c->mask;
     if (!lock_fast(c, s)) {
@@ -603,7 +655,14 @@ static PyObject *Core_replace(Core *c, PyObject *const *args, size_t nargsf, PyO
     return store(c, args, PyVectorcall_NARGS(nargsf), kwnames, MODE_REPLACE);
 }
 
-static PyObject *Core_delete(Core *c, PyObject *key) {
+static PyObject *Core_delete(Core *c, PyObject *const *args, size_t nargsf, PyObject *kwnames) {
+    static const char *const names[] = {"key"};
+    PyObject *a[1];
+    Py_ssize_t nargs = PyVectorcall_NARGS(nargsf);
+    if (!gather(args, nargs, kwnames, names, 1, a) || !a[0])
+        return PyObject_Vectorcall(c->slow_delete, args, nargs, kwnames);
+    if (CLOSED(c)) return closed_error();
+    PyObject *key = a[0];
     char stack[KEY_STACK];
     const char *k;
     Py_ssize_t klen;
@@ -612,6 +671,7 @@ static PyObject *Core_delete(Core *c, PyObject *key) {
     if (kf == 0) return PyObject_CallOneArg(c->slow_delete, key);
     double now;
     if (get_now(c, &now) < 0) return NULL;
+    if (CLOSED(c)) return closed_error();
     uint64_t h = XXH3_64bits(k, (size_t)klen);
     uint64_t s = h & c->mask;
     if (!lock_fast(c, s)) return PyObject_CallOneArg(c->slow_delete, key);
@@ -633,6 +693,7 @@ static PyObject *Core_incr(Core *c, PyObject *const *args, size_t nargsf, PyObje
     static const char *const names[] = {"key", "delta", "default", "ttl"};
     PyObject *a[4];
     if (!gather(args, nargs, kwnames, names, 4, a) || !a[0]) goto slow;
+    if (CLOSED(c)) return closed_error();
     PyObject *key = a[0];
     long long delta = 1, dflt = 0;
     int have_default = 1, overflow = 0;
@@ -659,6 +720,7 @@ static PyObject *Core_incr(Core *c, PyObject *const *args, size_t nargsf, PyObje
     if (kf == 0) goto slow;
     double now, expire = 0.0;
     if (get_now(c, &now) < 0) return NULL;
+    if (CLOSED(c)) return closed_error();
     if (a[3] && !deadline_fast(c, a[3], now, &expire)) goto slow;
     uint64_t h = XXH3_64bits(k, (size_t)klen);
     uint64_t s = h & c->mask;
@@ -706,6 +768,7 @@ slow:
 }
 
 static PyObject *Core_contains(Core *c, PyObject *key) {
+    if (CLOSED(c)) return closed_error();
     char stack[KEY_STACK];
     const char *k;
     Py_ssize_t klen;
@@ -715,6 +778,10 @@ static PyObject *Core_contains(Core *c, PyObject *key) {
     if (kf == 0) {
         owned = PyObject_CallOneArg(c->slow_key, key);
         if (!owned) return NULL;
+        if (CLOSED(c)) {
+            Py_DECREF(owned);
+            return closed_error();
+        }
         k = PyBytes_AS_STRING(owned);
         klen = PyBytes_GET_SIZE(owned);
     }
@@ -745,13 +812,11 @@ static PyObject *Core_set_identity(Core *c, PyObject *args) {
     Py_RETURN_NONE;
 }
 
-static void release_all(Core *c) {
-    if (c->sems) {
-        for (Py_ssize_t i = 0; i < c->n_sems; i++)
-            if (c->sems[i] && c->sems[i] != SEM_FAILED) sem_close(c->sems[i]);
-        PyMem_Free(c->sems);
-        c->sems = NULL;
-    }
+/* release(): drop the buffer export so the mapping can be unmapped. The
+ * semaphores stay open until the Core is freed: a thread of this process
+ * may be waiting on one (GIL released) while another closes the cache; it
+ * wakes, sees CLOSED, gives the semaphore back and raises. */
+static void release_view(Core *c) {
     if (c->has_view) {
         PyBuffer_Release(&c->view);
         c->has_view = 0;
@@ -759,8 +824,125 @@ static void release_all(Core *c) {
     c->base = NULL;
 }
 
+static void release_all(Core *c) {
+    release_view(c);
+    if (c->sems) {
+        for (Py_ssize_t i = 0; i < c->n_sems; i++)
+            if (c->sems[i] && c->sems[i] != SEM_FAILED) sem_close(c->sems[i]);
+        PyMem_Free(c->sems);
+        c->sems = NULL;
+    }
+}
+
 static PyObject *Core_release(Core *c, PyObject *unused) {
-    release_all(c);
+    release_view(c);
+    Py_RETURN_NONE;
+}
+
+/* ---- the lock protocol for the Python paths -----------------------------
+ * lock.py used to do marker, sem_wait, owner store and version bump as
+ * separate Python steps; a signal handler raising between two of them (Ctrl-C,
+ * gunicorn's SIGABRT -> sys.exit) leaked a held semaphore with no owner and no
+ * marker, which nothing could ever recover. Here each of lock/unlock is one
+ * C call: Python code (signal handlers included) cannot run inside it except
+ * while waiting, when nothing is held yet. */
+
+static int stripe_arg(Core *c, unsigned long long s) {
+    if (CLOSED(c)) {
+        closed_error();
+        return 0;
+    }
+    if (s > c->mask) {
+        PyErr_SetString(PyExc_IndexError, "stripe out of range");
+        return 0;
+    }
+    return 1;
+}
+
+static void take_locked(Core *c, uint64_t s) {
+    char *rec = stripe_rec(c, s);
+    uint32_t own[4];
+    own[0] = c->pid;
+    own[1] = 0;
+    memcpy(&own[2], &c->start, 8);
+    memcpy(rec + S_OWNER, own, 16);
+}
+
+static PyObject *Core_lock(Core *c, PyObject *args) {
+    unsigned long long s;
+    double timeout;
+    if (!PyArg_ParseTuple(args, "Kd", &s, &timeout) || !stripe_arg(c, s)) return NULL;
+    sem_t *sem = c->sems[s];
+    (*marker(c, s))++;
+    BARRIER();
+    if (sem_trywait(sem) != 0) {
+        struct timespec dl;
+        clock_gettime(CLOCK_REALTIME, &dl);
+        double whole = floor(timeout);
+        dl.tv_sec += (time_t)whole;
+        dl.tv_nsec += (long)((timeout - whole) * 1e9);
+        if (dl.tv_nsec >= 1000000000L) {
+            dl.tv_sec += 1;
+            dl.tv_nsec -= 1000000000L;
+        }
+        for (;;) {
+            int r, err;
+            Py_BEGIN_ALLOW_THREADS
+            r = sem_timedwait(sem, &dl);
+            err = errno;
+            Py_END_ALLOW_THREADS
+            if (CLOSED(c)) { /* closed by another thread meanwhile: the marker went with our slot */
+                if (r == 0) sem_post(sem);
+                return closed_error();
+            }
+            if (r == 0) break;
+            if (err == EINTR) { /* PEP 475: run the handlers; retry unless one raised */
+                if (PyErr_CheckSignals() < 0) {
+                    (*marker(c, s))--;
+                    return NULL;
+                }
+                continue;
+            }
+            (*marker(c, s))--;
+            if (err == ETIMEDOUT) Py_RETURN_FALSE;
+            errno = err;
+            return PyErr_SetFromErrno(PyExc_OSError);
+        }
+    }
+    BARRIER();
+    take_locked(c, s);
+    BARRIER();
+    (*marker(c, s))--;
+    uint64_t *ver = u64at(stripe_rec(c, s) + S_VERSION);
+    __atomic_store_n(ver, __atomic_load_n(ver, __ATOMIC_RELAXED) + 1, __ATOMIC_RELAXED);
+    __atomic_thread_fence(__ATOMIC_RELEASE);
+    Py_RETURN_TRUE;
+}
+
+static PyObject *Core_unlock(Core *c, PyObject *arg) {
+    unsigned long long s = PyLong_AsUnsignedLongLong(arg);
+    if ((s == (unsigned long long)-1 && PyErr_Occurred()) || !stripe_arg(c, s)) return NULL;
+    unlock_fast(c, s);
+    Py_RETURN_NONE;
+}
+
+static PyObject *Core_take(Core *c, PyObject *arg) {
+    /* After recovering a stripe as its new holder: record the owner, version odd. */
+    unsigned long long s = PyLong_AsUnsignedLongLong(arg);
+    if ((s == (unsigned long long)-1 && PyErr_Occurred()) || !stripe_arg(c, s)) return NULL;
+    take_locked(c, s);
+    uint64_t *ver = u64at(stripe_rec(c, s) + S_VERSION);
+    uint64_t v = __atomic_load_n(ver, __ATOMIC_RELAXED);
+    __atomic_store_n(ver, v | 1, __ATOMIC_RELAXED);
+    __atomic_thread_fence(__ATOMIC_RELEASE);
+    Py_RETURN_NONE;
+}
+
+static PyObject *Core_mark(Core *c, PyObject *args) {
+    unsigned long long s;
+    int delta;
+    if (!PyArg_ParseTuple(args, "Ki", &s, &delta) || !stripe_arg(c, s)) return NULL;
+    *marker(c, s) += (uint8_t)delta;
     Py_RETURN_NONE;
 }
 
@@ -773,6 +955,10 @@ static int Core_init(Core *c, PyObject *args, PyObject *kw) {
     PyObject *buffer, *sem_names;
     unsigned long long n_stripes;
     unsigned int pid;
+    if (c->has_view || c->sems || c->clock) { /* before parsing: it writes into the fields */
+        PyErr_SetString(PyExc_RuntimeError, "Core is already initialized");
+        return -1;
+    }
     if (!PyArg_ParseTupleAndKeywords(
             args, kw, "OKKKKKKKKKKKKOIdOOOOOOOOOOOdd", kwlist, &buffer, &n_stripes, &c->sps, &c->stripe_off,
             &c->index_off, &c->arena_off, &c->stripe_arena, &c->client_off, &c->client_rec, &c->client,
@@ -781,19 +967,15 @@ static int Core_init(Core *c, PyObject *args, PyObject *kw) {
             &c->slow_delete, &c->sentinel,
             &c->atime_res, &c->default_ttl))
         return -1;
+    PyObject *objs[] = {c->clock, c->decode, c->encode, c->slow_key, c->slow_read, c->slow_set, c->slow_add,
+                        c->slow_replace, c->slow_incr, c->slow_delete, c->sentinel};
+    for (size_t i = 0; i < sizeof(objs) / sizeof(objs[0]); i++) Py_INCREF(objs[i]); /* owned from here on */
     if (n_stripes == 0 || (n_stripes & (n_stripes - 1))) {
         PyErr_SetString(PyExc_ValueError, "n_stripes must be a power of two");
         return -1;
     }
-    if (c->has_view || c->sems) {
-        PyErr_SetString(PyExc_RuntimeError, "Core is already initialized");
-        return -1;
-    }
     c->mask = n_stripes - 1;
     c->pid = pid;
-    PyObject *objs[] = {c->clock, c->decode, c->encode, c->slow_key, c->slow_read, c->slow_set, c->slow_add,
-                        c->slow_replace, c->slow_incr, c->slow_delete, c->sentinel};
-    for (size_t i = 0; i < sizeof(objs) / sizeof(objs[0]); i++) Py_INCREF(objs[i]);
     if (PyObject_GetBuffer(buffer, &c->view, PyBUF_WRITABLE) < 0) return -1;
     c->has_view = 1;
     c->base = c->view.buf;
@@ -803,6 +985,10 @@ static int Core_init(Core *c, PyObject *args, PyObject *kw) {
         return -1;
     }
     c->sems = PyMem_Calloc(n, sizeof(sem_t *));
+    if (!c->sems) {
+        PyErr_NoMemory();
+        return -1;
+    }
     c->n_sems = n;
     for (Py_ssize_t i = 0; i < n; i++) {
         PyObject *name = PySequence_GetItem(sem_names, i);
@@ -876,7 +1062,7 @@ static PyGetSetDef Core_getset[] = {
     {NULL}};
 
 static PyMethodDef Core_methods[] = {
-    {"get", (PyCFunction)(void (*)(void))Core_get, METH_FASTCALL,
+    {"get", (PyCFunction)(void (*)(void))Core_get, METH_FASTCALL | METH_KEYWORDS,
      "get(key, default=None): the value, or default if absent or expired."},
     {"read", (PyCFunction)Core_read, METH_O,
      "read(encoded_key) -> (flags, value_bytes, expire, slot_offset, atime) or None."},
@@ -888,11 +1074,17 @@ static PyMethodDef Core_methods[] = {
      "replace(key, value, ttl=DEFAULT) -> True if stored (the key was present)."},
     {"incr", (PyCFunction)(void (*)(void))Core_incr, METH_FASTCALL | METH_KEYWORDS,
      "incr(key, delta=1, default=0, ttl=None) -> new value."},
-    {"delete", (PyCFunction)Core_delete, METH_O, "delete(key) -> True if a live key was removed."},
+    {"delete", (PyCFunction)(void (*)(void))Core_delete, METH_FASTCALL | METH_KEYWORDS,
+     "delete(key) -> True if a live key was removed."},
     {"contains", (PyCFunction)Core_contains, METH_O, "contains(key) -> bool."},
     {"set_identity", (PyCFunction)Core_set_identity, METH_VARARGS,
      "set_identity(client, pid, start): after fork, use this client slot and owner record."},
-    {"release", (PyCFunction)Core_release, METH_NOARGS, "Drop the buffer export and close semaphores."},
+    {"release", (PyCFunction)Core_release, METH_NOARGS, "Drop the buffer export (the cache is closed)."},
+    {"lock", (PyCFunction)Core_lock, METH_VARARGS,
+     "lock(stripe, timeout) -> True when held (owner recorded, version odd), False on timeout."},
+    {"unlock", (PyCFunction)Core_unlock, METH_O, "unlock(stripe): version even, owner cleared, released."},
+    {"take", (PyCFunction)Core_take, METH_O, "take(stripe): after recovery, record us as holder, version odd."},
+    {"mark", (PyCFunction)Core_mark, METH_VARARGS, "mark(stripe, delta): raise or lower this client's marker."},
     {NULL}};
 
 static PyTypeObject CoreType = {
@@ -938,5 +1130,15 @@ PyMODINIT_FUNC PyInit__speedups(void) {
     PyModule_AddIntConstant(m, "STRIPE_SIZE", STRIPE_SIZE);
     PyModule_AddIntConstant(m, "C_COUNTERS", C_COUNTERS);
     PyModule_AddIntConstant(m, "C_MARKERS", C_MARKERS);
+    PyModule_AddIntConstant(m, "S_VERSION", S_VERSION);
+    PyModule_AddIntConstant(m, "S_OWNER", S_OWNER);
+    PyModule_AddIntConstant(m, "S_ITEMS", S_ITEMS);
+    PyModule_AddIntConstant(m, "S_USED", S_USED);
+    PyModule_AddIntConstant(m, "S_GARBAGE", S_GARBAGE);
+    PyModule_AddIntConstant(m, "CTR_HITS", CTR_HITS);
+    PyModule_AddIntConstant(m, "CTR_MISSES", CTR_MISSES);
+    PyModule_AddIntConstant(m, "CTR_SETS", CTR_SETS);
+    PyModule_AddIntConstant(m, "CTR_DELETES", CTR_DELETES);
+    PyModule_AddIntConstant(m, "CTR_EXPIRATIONS", CTR_EXPIRATIONS);
     return m;
 }

@@ -27,6 +27,24 @@ except ImportError:  # pragma: no cover - exercised by installs without a compil
 #: same contract suite against the pure-Python paths (also: SHMCACHE_PURE_PYTHON=1).
 USE_SPEEDUPS = _speedups is not None and not os.environ.get("SHMCACHE_PURE_PYTHON")
 
+
+def _check_speedups_layout() -> None:
+    """The C file hard-codes the offsets layout.py defines: refuse a mismatch."""
+    want = {
+        "SLOT_SIZE": L.SLOT_SIZE, "ENTRY_HDR": L.ENTRY_HEADER, "STRIPE_SIZE": L.STRIPE_SIZE,
+        "C_COUNTERS": L.C_COUNTERS, "C_MARKERS": L.C_MARKERS, "S_VERSION": L.S_VERSION,
+        "S_OWNER": L.S_OWNER_PID, "S_ITEMS": L.S_ITEMS, "S_USED": L.S_USED, "S_GARBAGE": L.S_GARBAGE,
+        "CTR_HITS": L.C_HITS, "CTR_MISSES": L.C_MISSES, "CTR_SETS": L.C_SETS,
+        "CTR_DELETES": L.C_DELETES, "CTR_EXPIRATIONS": L.C_EXPIRATIONS,
+    }
+    bad = {k: (getattr(_speedups, k, None), v) for k, v in want.items() if getattr(_speedups, k, None) != v}
+    if bad:
+        raise ImportError(f"shmcache._speedups was built for another layout (C, Python): {bad}; reinstall shmcache")
+
+
+if _speedups is not None:
+    _check_speedups_layout()
+
 _MISSING = object()
 _DEFAULT = object()
 
@@ -173,6 +191,7 @@ class Cache(MutableMapping):
         if USE_SPEEDUPS:
             self._core = self._make_core(client, identity)
             self._state.views.insert(0, self._core.release)
+            self._locks.attach_core(self._core)
         self._bind()
         self._finalizer = weakref.finalize(self, _State.release, self._state)
         self._register_mp_finalizer()
@@ -263,9 +282,13 @@ class Cache(MutableMapping):
         identity = Identity()
         try:
             client = claim_client(self._seg, identity)
-        except Exception as e:  # pragma: no cover - table full of live processes
-            warnings.warn(f"shmcache: forked child could not claim a client slot ({e}); sharing the parent's")
-            client = self._state.client
+        except Exception as e:
+            # Sharing the parent's slot would let the parent's exit free it
+            # under us and mix both processes' markers: refuse instead.
+            warnings.warn(f"shmcache: forked child could not claim a client slot of {self.name!r} ({e}); "
+                          "the cache is disabled in this process")
+            self._disable(f"cache {self.name!r} is unusable in this forked process: {e}")
+            return
         self._state.identity = identity
         self._state.client = client
         self._locks.after_fork(identity, client)
@@ -306,6 +329,10 @@ class Cache(MutableMapping):
         Raises:
             TypeError: the key is not str or bytes.
             KeyTooLong: the key exceeds ``max_key_size``.
+            ValueError: the cache is closed, or a str key is not valid UTF-8.
+            LockTimeout: a writer kept the stripe busy and a live process then
+                held its lock too long (the lock-free read fell back to it).
+            Exception: whatever unpickling (or ``serializer.loads``) raises.
         """
         if type(key) is str:
             kb = key.encode()
@@ -338,7 +365,11 @@ class Cache(MutableMapping):
         return value
 
     def __contains__(self, key) -> bool:
-        """True if ``key`` is present and unexpired (does not count as a hit)."""
+        """True if ``key`` is present and unexpired (does not count as a hit).
+
+        Raises:
+            TypeError / KeyTooLong / ValueError: as :meth:`get`.
+        """
         return self._contains(key)
 
     def _contains_py(self, key) -> bool:
@@ -350,6 +381,7 @@ class Cache(MutableMapping):
 
         Raises:
             KeyError: the key is absent or expired.
+            TypeError / KeyTooLong / ValueError: as :meth:`get`.
         """
         r = self._read(self._key(key))
         now = self._clock()
@@ -358,7 +390,11 @@ class Cache(MutableMapping):
         return r[2] - now if r[2] else None
 
     def get_many(self, keys) -> dict:
-        """``{key: value}`` for the keys that are present (absent ones are left out)."""
+        """``{key: value}`` for the keys that are present (absent ones are left out).
+
+        Raises:
+            as :meth:`get`, for the first bad key.
+        """
         out = {}
         for k in keys:
             v = self.get(k, _MISSING)
@@ -428,11 +464,20 @@ class Cache(MutableMapping):
         self._ctr[self._i_sets] += len(entries)
 
     def update(self, other=(), /, **kw) -> None:
-        """dict.update: store every item (no ttl beyond ``default_ttl``)."""
+        """dict.update: store every item (no ttl beyond ``default_ttl``).
+
+        Raises:
+            as :meth:`set_many`.
+        """
         self.set_many(dict(other, **kw))
 
     def delete(self, key) -> bool:
-        """Remove ``key``. Returns True if it was present (and unexpired)."""
+        """Remove ``key``. Returns True if it was present (and unexpired).
+
+        Raises:
+            TypeError / KeyTooLong / ValueError: as :meth:`get`.
+            LockTimeout: a live process kept the stripe locked too long.
+        """
         done = self._table.delete(self._key(key))
         if done:
             self._ctr[self._i_deletes] += 1
@@ -443,7 +488,12 @@ class Cache(MutableMapping):
             raise KeyError(key)
 
     def delete_many(self, keys) -> int:
-        """Remove every key in ``keys``; returns how many were present."""
+        """Remove every key in ``keys`` (each stripe locked once); returns how
+        many were present. Every key is checked before any is removed.
+
+        Raises:
+            as :meth:`delete`.
+        """
         n = self._table.delete_many([self._key(k) for k in keys])
         self._ctr[self._i_deletes] += n
         return n
@@ -453,6 +503,8 @@ class Cache(MutableMapping):
 
         Raises:
             KeyError: absent and no default given.
+            TypeError / KeyTooLong / ValueError: as :meth:`get`.
+            LockTimeout: a live process kept the stripe locked too long.
         """
         r = self._table.pop(self._key(key))
         if r is None:
@@ -463,7 +515,11 @@ class Cache(MutableMapping):
         return self._decode(*r)
 
     def setdefault(self, key, default=None):
-        """``cache[key]`` if present, else store ``default`` (atomically, via add) and return it."""
+        """``cache[key]`` if present, else store ``default`` (atomically, via add) and return it.
+
+        Raises:
+            as :meth:`get` and :meth:`add`.
+        """
         while True:
             v = self.get(key, _MISSING)
             if v is not _MISSING:
@@ -502,7 +558,13 @@ class Cache(MutableMapping):
         return self.incr(key, -delta, default, ttl)
 
     def touch(self, key, ttl=None) -> bool:
-        """Give ``key`` a new ttl (None: never expire). False if absent or expired."""
+        """Give ``key`` a new ttl (None: never expire). False if absent or expired.
+
+        Raises:
+            TypeError / ValueError: a bad ttl (see :meth:`set`), a bad key (see :meth:`get`).
+            KeyTooLong: the key exceeds ``max_key_size``.
+            LockTimeout: a live process kept the stripe locked too long.
+        """
         return self._table.touch(self._key(key), self._deadline(ttl))
 
     def expire(self, key, ttl: float) -> bool:
@@ -510,13 +572,19 @@ class Cache(MutableMapping):
 
         Raises:
             ValueError: ttl is not a positive number.
+            TypeError: ttl is not a number.
+            as :meth:`touch` otherwise.
         """
         if ttl is None:
             raise ValueError("expire needs a ttl in seconds; use touch(key, None) to remove an expiry")
         return self.touch(key, ttl)
 
     def persist(self, key) -> bool:
-        """Remove ``key``'s expiry (Redis' PERSIST). False if absent."""
+        """Remove ``key``'s expiry (Redis' PERSIST). False if absent.
+
+        Raises:
+            as :meth:`touch`.
+        """
         return self.touch(key, None)
 
     def get_or_set(self, key, factory, ttl=_DEFAULT, *, timeout: float = 10.0):
@@ -547,20 +615,34 @@ class Cache(MutableMapping):
         return memoize(self, ttl, typed, timeout)
 
     def clear(self) -> int:
-        """Remove every entry (each stripe under its lock). Returns how many were dropped."""
+        """Remove every entry (each stripe under its lock). Returns how many were dropped.
+
+        Raises:
+            ValueError: the cache is closed.
+            LockTimeout: a live process kept a stripe locked too long.
+        """
         return self._table.clear()
 
     # -- iteration ----------------------------------------------------------
     def keys(self) -> list:
         """A list of the live keys (each stripe read consistently; the whole is a
-        point-in-time view, not a snapshot across stripes)."""
+        point-in-time view, not a snapshot across stripes).
+
+        Raises:
+            ValueError: the cache is closed.
+        """
         self._check_open()
         now = self._clock()
         t = self._table
         return [decode_key(kb) for s in range(t.n_stripes) for kb in t.keys_of(s, now)]
 
     def items(self) -> list:
-        """A list of ``(key, value)`` pairs, consistent per stripe."""
+        """A list of ``(key, value)`` pairs, consistent per stripe.
+
+        Raises:
+            ValueError: the cache is closed.
+            Exception: whatever unpickling (or ``serializer.loads``) raises.
+        """
         self._check_open()
         now = self._clock()
         t = self._table
@@ -573,14 +655,22 @@ class Cache(MutableMapping):
         ]
 
     def values(self) -> list:
-        """A list of the live values."""
+        """A list of the live values.
+
+        Raises:
+            as :meth:`items`.
+        """
         return [v for _k, v in self.items()]
 
     def __iter__(self):
         return iter(self.keys())
 
     def __len__(self) -> int:
-        """Live, unexpired entries right now."""
+        """Live, unexpired entries right now (a vectorised scan of the index).
+
+        Raises:
+            ValueError: the cache is closed.
+        """
         self._check_open()
         return self._table.count(self._clock())
 
@@ -588,7 +678,11 @@ class Cache(MutableMapping):
     def stats(self) -> dict:
         """Counters and fill: hits, misses, sets, deletes, evictions, expirations
         (all processes, including ones that exited), items, bytes used and
-        free, per-stripe fill, attached clients and daemon status."""
+        free, per-stripe fill, attached clients and daemon status.
+
+        Raises:
+            ValueError: the cache is closed.
+        """
         self._check_open()
         g = self._g
         mm = self._seg.mm
@@ -636,7 +730,13 @@ class Cache(MutableMapping):
 
     def check(self) -> list[str]:
         """Integrity check of every stripe (checksums, index reachability,
-        accounting). Returns the problems found; empty means sound."""
+        accounting), each under its lock. Returns the problems found; empty
+        means sound.
+
+        Raises:
+            ValueError: the cache is closed.
+            LockTimeout: a live process kept a stripe locked too long.
+        """
         return [p for s in range(self._g.n_stripes) for p in self._table.check(s)]
 
     def _check_open(self) -> None:
@@ -647,6 +747,20 @@ class Cache(MutableMapping):
     def closed(self) -> bool:
         """True after :meth:`close`."""
         return self._closed
+
+    def _disable(self, message: str) -> None:
+        """Make every operation raise ValueError(message), without touching the
+        segment (used in a forked child that has no client slot of its own)."""
+
+        def refuse(*_a, **_k):
+            raise ValueError(message)
+
+        self._closed = True
+        _live_caches.discard(self)
+        self._finalizer.detach()
+        self._read = self._write = self.get = self.set = self.add = self.replace = refuse
+        self.incr = self.delete = self._contains = refuse
+        self._table = _Closed(refuse)
 
     def close(self) -> None:
         """Detach: give back this process's client slot and unmap. Idempotent.

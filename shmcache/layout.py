@@ -101,7 +101,7 @@ STRIPE = struct.Struct(
     #                  Readers compare before/after; a stale read just retries.
     "I"  # owner_pid   writer, right after acquiring; cleared right before release.
     "I"  # _pad
-    "d"  # owner_start process start time of owner_pid (psutil create_time), so a
+    "d"  # owner_start start of owner_pid in clock ticks since boot (lock.process_start), so a
     #                  reused pid is not mistaken for the owner.
     "Q"  # items       live index slots in this stripe. Under lock; stale read safe.
     "Q"  # used        arena bump pointer (bytes from stripe arena start). Under lock.

@@ -37,13 +37,35 @@ _ZERO16 = bytes(16)
 #: Least seconds a recoverer waits (it waits lock_timeout if longer) before
 #: trusting marker-only evidence (see StripeLocks._still_stuck). Paid only
 #: when a process died in the few instructions between sem_wait and its
-#: owner store.
-STUCK_GRACE = 0.05
+#: owner store, so it can be generous: a live process stalled that long in
+#: that window (SIGSTOP, a starved CPU) is the one case that could be taken
+#: for dead.
+MARKER_GRACE = 1.0
 
 
 def process_start(pid: int) -> float | None:
-    """Start time of a live process (psutil ``create_time``), or None if it is
-    gone or a zombie (a SIGKILLed child its parent has not reaped yet)."""
+    """When process ``pid`` started, in clock ticks since boot, or None if it
+    is gone or a zombie (a SIGKILLed child its parent has not reaped yet).
+
+    Read from /proc/<pid>/stat (field 22) rather than psutil's create_time():
+    that one adds the boot time, which the kernel derives from the wall clock,
+    so an NTP step or `date -s` would make every live process look like
+    another one (and so dead). Ticks since boot never move.
+    """
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            data = f.read()
+    except (FileNotFoundError, ProcessLookupError):
+        return None
+    except OSError:  # pragma: no cover - no procfs: fall back to psutil
+        return _psutil_start(pid)
+    fields = data[data.rindex(b")") + 2 :].split()
+    if fields[0] in (b"Z", b"X", b"x"):
+        return None
+    return float(int(fields[19]))
+
+
+def _psutil_start(pid: int) -> float | None:  # pragma: no cover - non-Linux
     try:
         p = psutil.Process(pid)
         if p.status() in (psutil.STATUS_ZOMBIE, psutil.STATUS_DEAD):
@@ -51,7 +73,7 @@ def process_start(pid: int) -> float | None:
         return p.create_time()
     except (psutil.NoSuchProcess, psutil.ZombieProcess):
         return None
-    except psutil.AccessDenied:  # pragma: no cover - another user's live process
+    except psutil.AccessDenied:
         return -1.0
 
 
@@ -62,7 +84,7 @@ def is_alive(pid: int, start: float) -> bool:
     s = process_start(pid)
     if s is None:
         return False
-    return s < 0 or abs(s - start) < 0.05
+    return s < 0 or s == start
 
 
 class Identity:
@@ -70,17 +92,23 @@ class Identity:
 
     def __init__(self) -> None:
         self.pid = os.getpid()
-        self.start = psutil.Process(self.pid).create_time()
+        self.start = process_start(self.pid)
         self.owner = L.OWNER.pack(self.pid, 0, self.start)
 
 
 class StripeLocks:
     """The per-stripe write locks of one attached segment, for one process.
 
-    ``lock(s)`` / ``unlock(s)`` bracket every mutation of stripe ``s``: they take
-    a per-process thread lock (so threads of one process never share a marker),
-    the stripe semaphore, record the owner and bump the seqlock version to odd;
-    ``unlock`` does the reverse. Always call ``unlock`` in ``finally``.
+    ``lock(s)`` / ``unlock(s)`` bracket every mutation of stripe ``s``: they
+    take the stripe semaphore, record the owner and bump the seqlock version
+    to odd; ``unlock`` does the reverse. Always call ``unlock`` in ``finally``.
+
+    With the C accelerator (:meth:`attach_core`) each of them is one C call, so
+    a signal handler that raises (Ctrl-C, gunicorn's SIGABRT) can never run
+    between taking the semaphore and recording the owner. The pure-Python
+    fallback does the same steps in Python under a per-process thread lock
+    per stripe; there a handler raising between two of them can leave the
+    stripe held with no record (documented limitation of that fallback).
     """
 
     def __init__(
@@ -101,7 +129,28 @@ class StripeLocks:
         self.identity = identity
         self._q = memoryview(seg.mm).cast("Q")
         self._tlocks = [threading.Lock() for _ in range(g.n_stripes)]
+        self._core = None
         self.set_client(client)
+
+    def attach_core(self, core) -> None:
+        """Use the C lock protocol of ``core`` (shmcache._speedups.Core)."""
+        self._core = core
+        self.lock = self._lock_c
+        self.unlock = core.unlock
+
+    def _lock_c(self, s: int) -> None:
+        core = self._core
+        if core.lock(s, self.lock_timeout):
+            return
+        hard = time.monotonic() + max(10 * self.lock_timeout, 5.0)
+        while True:
+            if self.try_recover(s, keep=True):
+                core.take(s)  # we hold it as the recoverer: version odd, as lock() leaves it
+                return
+            if core.lock(s, self.lock_timeout):
+                return
+            if time.monotonic() > hard:
+                self._timeout(s)
 
     def set_client(self, client: int) -> None:
         """Use client slot ``client`` for this process's markers."""
@@ -136,7 +185,7 @@ class StripeLocks:
         mm[mb] += 1
         try:
             try:
-                self.sems[s].acquire(self.lock_timeout)
+                self._acquire(s, self.lock_timeout)
             except posix_ipc.BusyError:
                 self._slow_acquire(s)
         except BaseException:
@@ -161,6 +210,16 @@ class StripeLocks:
         self._tlocks[s].release()
 
     # -- contention and recovery --------------------------------------------
+    def _acquire(self, s: int, timeout: float) -> None:
+        """sem_timedwait, retried when a signal interrupts it (PEP 475)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                self.sems[s].acquire(max(0.0, deadline - time.monotonic()))
+                return
+            except posix_ipc.SignalError:
+                continue
+
     def _slow_acquire(self, s: int) -> None:
         # Waited lock_timeout already. Keep waiting while a live process holds
         # the stripe, up to a hard bound; recover at once from a dead one.
@@ -169,23 +228,26 @@ class StripeLocks:
             if self.try_recover(s, keep=True):
                 return
             try:
-                self.sems[s].acquire(self.lock_timeout)
+                self._acquire(s, self.lock_timeout)
                 return
             except posix_ipc.BusyError:
                 pass
             if time.monotonic() > hard:
-                pid = L.OWNER.unpack_from(self.mm, self._stripe_off(s) + L.S_OWNER_PID)[0]
-                raise LockTimeout(
-                    f"stripe {s} of cache {self.seg.name!r} has been held by live process "
-                    f"{pid or '(unknown)'} for more than {max(10 * self.lock_timeout, 5.0):.1f} s"
-                )
+                self._timeout(s)
+
+    def _timeout(self, s: int):
+        pid = L.OWNER.unpack_from(self.mm, self._stripe_off(s) + L.S_OWNER_PID)[0]
+        raise LockTimeout(
+            f"stripe {s} of cache {self.seg.name!r} has been held by live process "
+            f"{pid or '(unknown)'} for more than {max(10 * self.lock_timeout, 5.0):.1f} s"
+        )
 
     def _stripe_off(self, s: int) -> int:
         return self.geometry.stripe_table_off + s * L.STRIPE_SIZE
 
-    def _evidence(self, s: int) -> tuple[bool, list[int]] | None:
+    def _evidence(self, s: int) -> tuple[bool, list[tuple[int, int, float]]] | None:
         """Who could hold stripe ``s``: None if a live process might; else
-        (owner_is_dead, dead client slots with a marker on s).
+        (owner_is_dead, [(slot, pid, start) of dead clients with a marker on s]).
 
         A recorded owner is authoritative: only the holder writes it, right
         after sem_wait, and clears it right before sem_post. Markers matter
@@ -206,7 +268,7 @@ class StripeLocks:
             if mm[base + L.C_MARKERS + s]:
                 cpid, _, cstart = L.CLIENT_HEAD.unpack_from(mm, base)
                 if cpid and not is_alive(cpid, cstart):
-                    dead_markers.append(c)
+                    dead_markers.append((c, cpid, cstart))
         if pid:
             return True, dead_markers
         if not dead_markers:
@@ -219,43 +281,55 @@ class StripeLocks:
         With ``keep`` the caller ends up holding the semaphore (the writer's
         path); without it the semaphore is released (the daemon's path).
         Returns True if this call acquired (keep) or freed (not keep) the stripe.
+
+        Raises:
+            LockTimeout: another recoverer kept the recovery lock too long.
         """
         if self._evidence(s) is None:
             return False
-        if keep:  # the caller (lock()) already raised this thread's marker on s
+        # The probes below take the semaphore for an instant with no owner
+        # recorded: our marker must be up, so dying inside one is evidence too.
+        if self._core is not None:
+            self._core.mark(s, 1)
+            try:
+                return self._recover(s, keep)
+            finally:
+                self._core.mark(s, -1)
+        if keep:  # the Python lock(): its marker is up and it holds the thread lock
             return self._recover(s, keep)
-        # The probes below take the semaphore for an instant: raise our marker
-        # first, so dying inside one is visible evidence like any other.
-        tl = self._tlocks[s]
         mb = self._marker_base + s
-        with tl:
+        with self._tlocks[s]:
             self.mm[mb] += 1
             try:
                 return self._recover(s, keep)
             finally:
                 self.mm[mb] -= 1
 
+    def _probe(self, s: int, keep: bool) -> bool:
+        """Take the semaphore if it is free right now; with ``keep`` hold it
+        (owner recorded at once), else give it straight back."""
+        try:
+            self.sems[s].acquire(0)
+        except posix_ipc.BusyError:
+            return False
+        so = self._stripe_off(s)
+        if keep:
+            self.mm[so + L.S_OWNER_PID : so + L.S_OWNER_PID + 16] = self.identity.owner
+        else:
+            self.sems[s].release()
+        return True
+
     def _recover(self, s: int, keep: bool) -> bool:
         with self.seg.file_lock(LOCK_RECOVERY, timeout=max(30.0, 10 * self.lock_timeout), what="recovery"):
-            try:  # someone else recovered (or the holder finished) meanwhile
-                self.sems[s].acquire(0)
-                if not keep:
-                    self.sems[s].release()
+            if self._probe(s, keep):  # someone else recovered (or the holder finished) meanwhile
                 return keep
-            except posix_ipc.BusyError:
-                pass
             ev = self._evidence(s)
             if ev is None:
                 return False
             # Confirm the semaphore is still taken after the evidence: a live
             # process that grabbed it in between would show as owner or marker.
-            try:
-                self.sems[s].acquire(0)
-                if not keep:
-                    self.sems[s].release()
+            if self._probe(s, keep):
                 return keep
-            except posix_ipc.BusyError:
-                pass
             if self._evidence(s) != ev:
                 return False
             if not ev[0] and not self._still_stuck(s, ev):
@@ -264,12 +338,22 @@ class StripeLocks:
             self.mm[so + L.S_OWNER_PID : so + L.S_OWNER_PID + 16] = self.identity.owner
             self.repair(s)
             self._q[(so + L.S_RECOVERIES) >> 3] += 1
-            for c in ev[1]:
-                self.mm[self.geometry.client_table_off + c * self.geometry.client_record_size + L.C_MARKERS + s] = 0
+            self._clear_dead_markers(s, ev[1])
             if not keep:
                 self.mm[so + L.S_OWNER_PID : so + L.S_OWNER_PID + 16] = _ZERO16
                 self.sems[s].release()
             return True
+
+    def _clear_dead_markers(self, s: int, dead) -> None:
+        # Under the client-table lock and only if the slot still belongs to the
+        # dead client: the reaper may have handed it to a new process meanwhile.
+        g = self.geometry
+        with self.seg.file_lock(LOCK_CLIENTS, 10.0, what="client table"):
+            for c, pid, start in dead:
+                base = g.client_table_off + c * g.client_record_size
+                cpid, _, cstart = L.CLIENT_HEAD.unpack_from(self.mm, base)
+                if (cpid, cstart) == (pid, start):
+                    self.mm[base + L.C_MARKERS + s] = 0
 
     def _still_stuck(self, s: int, ev) -> bool:
         """Marker-only evidence (no owner recorded) is the ambiguous case: a live
@@ -279,15 +363,23 @@ class StripeLocks:
         changes nothing."""
         vo = self._stripe_off(s)
         v = L.U64.unpack_from(self.mm, vo)[0]
-        time.sleep(max(STUCK_GRACE, self.lock_timeout))
+        time.sleep(max(MARKER_GRACE, self.lock_timeout))
         if L.U64.unpack_from(self.mm, vo)[0] != v or self._evidence(s) != ev:
             return False
-        try:
-            self.sems[s].acquire(0)
-        except posix_ipc.BusyError:
-            return True
-        self.sems[s].release()
-        return False
+        return not self._probe(s, keep=False)
+
+    def fix_overcount(self, s: int) -> int:
+        """Bring stripe ``s``'s semaphore back to 1 if it is above (two releases
+        for one acquire: only possible if a live holder was ever taken for
+        dead). Returns how many surplus units were removed."""
+        n = 0
+        while self.sems[s].value > 1:
+            try:
+                self.sems[s].acquire(0)
+            except posix_ipc.BusyError:
+                break
+            n += 1
+        return n
 
     def stripe_owner(self, s: int) -> tuple[int, float]:
         """(pid, start) recorded as the holder of stripe ``s``; (0, 0.0) if none."""
