@@ -174,6 +174,11 @@ def recover(cache: Cache) -> tuple[list[int], list[int]]:
     for s in candidates:
         if locks.try_recover(s, keep=False):
             recovered.append(s)
+    for s in range(g.n_stripes):
+        # A semaphore above 1 would let two writers in at once; it can only
+        # happen if a live holder was ever taken for dead (see lock.py).
+        if locks.fix_overcount(s):
+            log.warning("stripe %d: semaphore was above 1 (a live holder taken for dead); corrected", s)
     reaped = reap_dead_clients(seg)
     return recovered, reaped
 

@@ -529,3 +529,17 @@ def test_daemon_is_a_new_cache_creator_with_the_given_layout(cache_name, daemon)
     with Cache(cache_name, create=False) as c:
         st = c.stats()
         assert st["stripes"] == 2 and st["size"] <= 4 * 2**20
+
+
+def test_recover_brings_an_overcounted_semaphore_back_to_one(make_cache):
+    """A stripe semaphore above 1 would let two writers in at once; the daemon's
+    recovery pass corrects it (and leaves healthy stripes alone)."""
+    from shmcache.daemon import recover
+
+    c = make_cache(size="1MiB", stripes=4)
+    c._seg.sems[2].release()  # value 2: as if a live holder had been taken for dead
+    assert c._seg.sems[2].value == 2
+    recover(c)
+    assert [sem.value for sem in c._seg.sems] == [1, 1, 1, 1]
+    c["k"] = b"v"
+    assert c["k"] == b"v" and c.check() == []
