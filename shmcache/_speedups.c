@@ -149,6 +149,25 @@ static int key_fast(Core *c, PyObject *key, const char **p, Py_ssize_t *n, char 
     return 0;
 }
 
+/* The encoded key, from the fast path or from Python's encoder (other types,
+ * too long: it raises the error users see). *owned is set when the bytes
+ * belong to a new object the caller must release. 0 ok, -1 error. */
+static int resolve_key(Core *c, PyObject *key, const char **k, Py_ssize_t *klen, char *stack, PyObject **owned) {
+    int kf = key_fast(c, key, k, klen, stack);
+    if (kf < 0) return -1;
+    if (kf == 1) return 0;
+    *owned = PyObject_CallOneArg(c->slow_key, key);
+    if (!*owned) return -1;
+    if (CLOSED(c)) { /* the encoder ran Python: another thread may have closed us */
+        Py_CLEAR(*owned);
+        closed_error();
+        return -1;
+    }
+    *k = PyBytes_AS_STRING(*owned);
+    *klen = PyBytes_GET_SIZE(*owned);
+    return 0;
+}
+
 /* Probe stripe s for the key. Returns the slot index or -1. When `consistent`
  * is 0 the memory may be mid-write: every offset is bounds-checked and the
  * loop is bounded; the caller validates with the seqlock. */
@@ -437,18 +456,7 @@ static PyObject *Core_get(Core *c, PyObject *const *args, size_t nargsf, PyObjec
     const char *k;
     Py_ssize_t klen;
     PyObject *owned = NULL;
-    int kf = key_fast(c, key, &k, &klen, stack);
-    if (kf < 0) return NULL;
-    if (kf == 0) {
-        owned = PyObject_CallOneArg(c->slow_key, key);
-        if (!owned) return NULL;
-        if (CLOSED(c)) {
-            Py_DECREF(owned);
-            return closed_error();
-        }
-        k = PyBytes_AS_STRING(owned);
-        klen = PyBytes_GET_SIZE(owned);
-    }
+    if (resolve_key(c, key, &k, &klen, stack, &owned) < 0) return NULL;
     int flags;
     PyObject *val = NULL;
     double exp, atime, now;
@@ -773,18 +781,7 @@ static PyObject *Core_contains(Core *c, PyObject *key) {
     const char *k;
     Py_ssize_t klen;
     PyObject *owned = NULL;
-    int kf = key_fast(c, key, &k, &klen, stack);
-    if (kf < 0) return NULL;
-    if (kf == 0) {
-        owned = PyObject_CallOneArg(c->slow_key, key);
-        if (!owned) return NULL;
-        if (CLOSED(c)) {
-            Py_DECREF(owned);
-            return closed_error();
-        }
-        k = PyBytes_AS_STRING(owned);
-        klen = PyBytes_GET_SIZE(owned);
-    }
+    if (resolve_key(c, key, &k, &klen, stack, &owned) < 0) return NULL;
     int flags;
     PyObject *val = NULL;
     double exp, atime, now = 0;

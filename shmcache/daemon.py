@@ -125,13 +125,17 @@ class ExpiryCycle:
                 self.scan(now, k)
                 scanned += k
                 continue
-            s, expected = self.pending.popleft()
-            removed, more = self.sweep_stripe(s, now, expected)
-            n += removed
-            if more:
-                self.pending.append((s, max(0, expected - removed)))
+            n += self._sweep_next(now)
         self.reclaimed += n
         return n
+
+    def _sweep_next(self, now: float) -> int:
+        """Clean the next pending stripe once; requeue it if entries remain."""
+        s, expected = self.pending.popleft()
+        removed, more = self.sweep_stripe(s, now, expected)
+        if more:
+            self.pending.append((s, max(0, expected - removed)))
+        return removed
 
     def sweep_all(self) -> int:
         """Reclaim every entry expired now, whatever it costs (benchmarks, tests)."""
@@ -141,11 +145,7 @@ class ExpiryCycle:
         n = 0
         self.scan(now, self.n_stripes)
         while self.pending:
-            s, expected = self.pending.popleft()
-            removed, more = self.sweep_stripe(s, now, expected)
-            n += removed
-            if more:
-                self.pending.append((s, max(0, expected - removed)))
+            n += self._sweep_next(now)
         self.reclaimed += n
         return n
 
