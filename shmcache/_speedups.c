@@ -67,6 +67,11 @@ typedef struct {
 } slot_t;
 _Static_assert(sizeof(slot_t) == SLOT_SIZE, "slot layout");
 
+/* The Python objects a Core owns, listed once for init, GC traverse and clear. */
+#define CORE_OBJECTS(X) \
+    X(clock) X(decode) X(encode) X(slow_key) X(slow_read) X(slow_set) X(slow_add) X(slow_replace) \
+    X(slow_incr) X(slow_delete) X(sentinel)
+
 typedef struct {
     PyObject_HEAD
     Py_buffer view;
@@ -964,9 +969,9 @@ static int Core_init(Core *c, PyObject *args, PyObject *kw) {
             &c->slow_delete, &c->sentinel,
             &c->atime_res, &c->default_ttl))
         return -1;
-    PyObject *objs[] = {c->clock, c->decode, c->encode, c->slow_key, c->slow_read, c->slow_set, c->slow_add,
-                        c->slow_replace, c->slow_incr, c->slow_delete, c->sentinel};
-    for (size_t i = 0; i < sizeof(objs) / sizeof(objs[0]); i++) Py_INCREF(objs[i]); /* owned from here on */
+#define INCREF_FIELD(f) Py_INCREF(c->f);
+    CORE_OBJECTS(INCREF_FIELD) /* owned from here on */
+#undef INCREF_FIELD
     if (n_stripes == 0 || (n_stripes & (n_stripes - 1))) {
         PyErr_SetString(PyExc_ValueError, "n_stripes must be a power of two");
         return -1;
@@ -1009,32 +1014,16 @@ static int Core_init(Core *c, PyObject *args, PyObject *kw) {
 /* Core holds bound methods of its Cache (the slow paths), and the Cache holds
  * the Core: a cycle, so Core takes part in garbage collection. */
 static int Core_traverse(Core *c, visitproc visit, void *arg) {
-    Py_VISIT(c->clock);
-    Py_VISIT(c->decode);
-    Py_VISIT(c->encode);
-    Py_VISIT(c->slow_key);
-    Py_VISIT(c->slow_read);
-    Py_VISIT(c->slow_set);
-    Py_VISIT(c->slow_add);
-    Py_VISIT(c->slow_replace);
-    Py_VISIT(c->slow_incr);
-    Py_VISIT(c->slow_delete);
-    Py_VISIT(c->sentinel);
+#define VISIT_FIELD(f) Py_VISIT(c->f);
+    CORE_OBJECTS(VISIT_FIELD)
+#undef VISIT_FIELD
     return 0;
 }
 
 static int Core_clear(Core *c) {
-    Py_CLEAR(c->clock);
-    Py_CLEAR(c->decode);
-    Py_CLEAR(c->encode);
-    Py_CLEAR(c->slow_key);
-    Py_CLEAR(c->slow_read);
-    Py_CLEAR(c->slow_set);
-    Py_CLEAR(c->slow_add);
-    Py_CLEAR(c->slow_replace);
-    Py_CLEAR(c->slow_incr);
-    Py_CLEAR(c->slow_delete);
-    Py_CLEAR(c->sentinel);
+#define CLEAR_FIELD(f) Py_CLEAR(c->f);
+    CORE_OBJECTS(CLEAR_FIELD)
+#undef CLEAR_FIELD
     return 0;
 }
 

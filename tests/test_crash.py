@@ -29,6 +29,7 @@ from shmcache import Cache
 from shmcache import layout as L
 from shmcache.codec import encode_key
 from shmcache.lock import live_clients
+from values import bad_value, make_value
 
 CTX = mp.get_context("fork")
 LOCK_TIMEOUT = 0.2  # seconds: short, so recovery is quick
@@ -50,28 +51,6 @@ def keys_in_stripe(n_stripes: int, s: int, n: int, prefix: str = "k") -> list[st
         if xxhash.xxh3_64_intdigest(encode_key(k)) & (n_stripes - 1) == s:
             out.append(k)
     return out
-
-
-def make_value(key: str, wid: int, n: int, length: int) -> bytes:
-    """Self-checking value: 8-byte xxh64 of the payload, then ``key|wid|n|`` and filler."""
-    head = f"{key}|{wid}|{n}|".encode()
-    body_len = max(0, length - 8 - len(head))
-    payload = head + (head * (body_len // len(head) + 1))[:body_len]
-    return xxhash.xxh64_intdigest(payload).to_bytes(8, "little") + payload
-
-
-def bad_value(key: str, val) -> str | None:
-    """Why ``val`` is not a value some writer made for ``key`` (None: it is)."""
-    if not isinstance(val, bytes):
-        return f"type {type(val).__name__}"
-    if len(val) < 8 or xxhash.xxh64_intdigest(val[8:]).to_bytes(8, "little") != val[:8]:
-        return f"checksum mismatch ({len(val)} bytes)"
-    parts = val[8:].split(b"|", 3)
-    if len(parts) != 4 or parts[0] != key.encode():
-        return f"value of another key: {val[8:40]!r}"
-    if make_value(key, int(parts[1]), int(parts[2]), len(val)) != val:
-        return "not a value any writer made"
-    return None
 
 
 def good(key: str) -> bytes:

@@ -26,6 +26,7 @@ import xxhash
 from shmcache import Cache
 from shmcache import layout as L
 from shmcache.lock import live_clients
+from values import bad_value, make_value
 
 FORK = mp.get_context("fork")
 SPAWN = mp.get_context("spawn")
@@ -34,31 +35,6 @@ JOIN = 30.0  # seconds a child may take before the test calls it hung
 
 
 # ----------------------------------------------------------------- helpers
-def make_value(key: str, wid: int, n: int, length: int) -> bytes:
-    """A value that proves its own integrity: 8-byte xxh64 of the payload, then
-    ``key|wid|n|`` and filler derived from it, ``length`` bytes in all (at least
-    the header's length)."""
-    head = f"{key}|{wid}|{n}|".encode()
-    body_len = max(0, length - 8 - len(head))
-    filler = (head * (body_len // len(head) + 1))[:body_len]
-    payload = head + filler
-    return xxhash.xxh64_intdigest(payload).to_bytes(8, "little") + payload
-
-
-def bad_value(key: str, val) -> str | None:
-    """Why ``val`` is not a value some writer made for ``key`` (None: it is)."""
-    if not isinstance(val, bytes):
-        return f"type {type(val).__name__}"
-    if len(val) < 8 or xxhash.xxh64_intdigest(val[8:]).to_bytes(8, "little") != val[:8]:
-        return f"checksum mismatch ({len(val)} bytes)"
-    parts = val[8:].split(b"|", 3)
-    if len(parts) != 4 or parts[0] != key.encode():
-        return f"value of another key: {val[8:40]!r}"
-    if make_value(key, int(parts[1]), int(parts[2]), len(val)) != val:
-        return "not a value any writer made"
-    return None
-
-
 def join_all(procs, timeout: float = JOIN) -> None:
     """Join every process (bounded); kill the ones that overrun."""
     deadline = time.monotonic() + timeout
