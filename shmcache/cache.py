@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import math
 import os
-import threading
 import time
 import warnings
 import weakref
@@ -196,7 +195,6 @@ class Cache(MutableMapping):
         self._finalizer = weakref.finalize(self, _State.release, self._state)
         self._register_mp_finalizer()
         mp_util.register_after_fork(self, Cache._register_mp_finalizer)
-        self._fork_lock = threading.Lock()
         self._closed = False
         _live_caches.add(self)
 
@@ -224,10 +222,11 @@ class Cache(MutableMapping):
         )
 
     def _bind(self) -> None:
-        """Point the hot methods at the C fast paths, or the fused Python get.
+        """Point the hot methods at the C fast paths when they are built.
 
         The instance attributes shadow the documented methods below, which
-        remain the general (slow) path the fast ones fall back to.
+        remain the general (slow) path the fast ones fall back to, and the
+        whole implementation without the accelerator.
         """
         t = self._table
         self._write = t.write
@@ -248,13 +247,9 @@ class Cache(MutableMapping):
             self.incr = core.incr
             self.delete = core.delete
             self._contains = core.contains
-        else:
+        else:  # pure Python: the documented methods below are the implementation
             self._read = t.read
             self._contains = _weak(self, Cache._contains_py)
-            self.get = t.make_get(
-                _weak(self, Cache._key), self._max_key, self._clock, self._ctr, self._i_hits, self._i_misses,
-                self._decode, ATIME_RESOLUTION,
-            )
 
     @property
     def default_ttl(self) -> float | None:

@@ -27,7 +27,7 @@ import numpy as np
 import xxhash
 
 from . import layout as L
-from .errors import CacheFull, Error, LockTimeout
+from .errors import CacheFull, Error
 from .lock import StripeLocks
 
 _xxh3 = xxhash.xxh3_64_intdigest
@@ -325,92 +325,6 @@ class Table:
             return (flags, self.mm[a : a + vlen], exp, p, at)
         finally:
             self.locks.unlock(s)
-
-    def make_get(self, slow_key, max_key: int, clock, counters: memoryview, hits_i: int, misses_i: int,
-                 decode, atime_resolution: float):
-        """Build the fused ``get(key, default=None)`` used by ``Cache.get``.
-
-        It is :meth:`read` plus key encoding, expiry, LRU stamp, counters and
-        decoding in one function whose constants are locals: each attribute
-        lookup or call saved is ~20-80 ns on a ~1 us operation. It makes one
-        optimistic seqlock attempt and hands anything unusual (odd version, a
-        version change, non-str keys, garbage) to the general path, so the
-        retry and lock-fallback logic lives only in :meth:`read`.
-        """
-        mm = self.mm
-        mask = self.mask
-        sps = self.sps
-        span = sps * _SS
-        stripe_off = self.stripe_off
-        index_off = self.index_off
-        arena_hdr = self.arena_off + _HDR
-        stripe_arena = self.stripe_arena
-        read = self.read
-        unpack_q = _U64_unpack
-        unpack_slot = _SLOT_unpack
-        pack_f = _F64_pack
-        xxh3 = _xxh3
-        ctr = counters
-        atime_off = L.SL_ATIME
-
-        def get(key, default=None):
-            if type(key) is str:
-                kb = key.encode()
-                if len(kb) > max_key:
-                    kb = slow_key(key)
-            else:
-                kb = slow_key(key)
-            h = xxh3(kb)
-            s = h & mask
-            tag = (h >> 32) | 1
-            vo = stripe_off + (s << 6)
-            base = index_off + s * span
-            end = base + span
-            p = base + (tag % sps) * _SS
-            ab = arena_hdr + s * stripe_arena
-            klen = len(kb)
-            r = 0
-            v1 = unpack_q(mm, vo)[0]
-            if not v1 & 1:
-                try:
-                    for _ in range(sps):
-                        t, off, vlen, kl, flags, _sp, exp, at = unpack_slot(mm, p)
-                        if t == tag and kl == klen:
-                            a = ab + off
-                            if mm[a : a + klen] == kb:
-                                a += klen
-                                r = (flags, mm[a : a + vlen], exp, p, at)
-                                break
-                        elif t == 0:
-                            r = None
-                            break
-                        p += _SS
-                        if p == end:
-                            p = base
-                except Exception:
-                    r = 0
-                if unpack_q(mm, vo)[0] != v1:
-                    r = 0
-            if r == 0:  # a writer was busy: the general path retries or locks
-                r = read(kb)
-            if r is None:
-                ctr[misses_i] += 1
-                return default
-            flags, val, exp, p, at = r
-            now = clock()
-            if exp and exp <= now:
-                ctr[misses_i] += 1
-                return default
-            if now - at > atime_resolution:
-                pack_f(mm, p + atime_off, now)
-            ctr[hits_i] += 1
-            if flags == 0:
-                return val
-            if flags == 1:
-                return val.decode()
-            return decode(flags, val)
-
-        return get
 
     def touch_atime(self, p: int, now: float) -> None:
         """Record an access for LRU (racy by design: a hint, not data)."""

@@ -21,7 +21,6 @@ import threading
 import time
 
 import pytest
-import xxhash
 
 from shmcache import Cache
 from shmcache import layout as L
