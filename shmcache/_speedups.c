@@ -69,7 +69,7 @@ _Static_assert(sizeof(slot_t) == SLOT_SIZE, "slot layout");
 
 /* The Python objects a Core owns, listed once for init, GC traverse and clear. */
 #define CORE_OBJECTS(X) \
-    X(clock) X(decode) X(encode) X(slow_key) X(slow_read) X(slow_set) X(slow_add) X(slow_replace) \
+    X(clock) X(decode) X(encode) X(slow_key) X(slow_read) X(slow_write) X(slow_set) X(slow_add) X(slow_replace) \
     X(slow_incr) X(slow_delete) X(sentinel)
 
 typedef struct {
@@ -84,7 +84,7 @@ typedef struct {
     double start;
     sem_t **sems;
     Py_ssize_t n_sems;
-    PyObject *clock, *decode, *encode, *slow_key, *slow_read, *slow_set, *slow_add, *slow_replace, *slow_incr,
+    PyObject *clock, *decode, *encode, *slow_key, *slow_read, *slow_write, *slow_set, *slow_add, *slow_replace, *slow_incr,
         *slow_delete, *sentinel;
 } Core;
 
@@ -596,6 +596,20 @@ static int gather(PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames, co
     return 1;
 }
 
+/* The rest of a store on the Python path (it waits for the lock, recovers a
+ * dead holder, reclaims, evicts, compacts): the key and value are already
+ * encoded and checked and the deadline computed, so nothing is done twice. */
+static PyObject *handoff(Core *c, const char *k, Py_ssize_t klen, int flags, const char *v, Py_ssize_t vlen,
+                         double expire, int mode) {
+    PyObject *kb = PyBytes_FromStringAndSize(k, klen);
+    PyObject *vb = kb ? PyBytes_FromStringAndSize(v, vlen) : NULL;
+    PyObject *res = vb ? PyObject_CallFunction(c->slow_write, "OiOdi", kb, flags, vb, expire, mode) : NULL;
+    Py_XDECREF(kb);
+    Py_XDECREF(vb);
+    if (res == Py_True && !CLOSED(c)) *counter(c, CTR_SETS) += 1;
+    return res;
+}
+
 static PyObject *store(Core *c, PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames, int mode) {
     /* set/add/replace(key, value, ttl=DEFAULT) */
     static const char *const names[] = {"key", "value", "ttl"};
@@ -640,14 +654,17 @@ static PyObject *store(Core *c, PyObject *const *args, Py_ssize_t nargs, PyObjec
     }
     uint64_t h = XXH3_64bits(k, (size_t)klen);
     uint64_t s = h & c->mask;
-    if (!lock_fast(c, s)) {
-        Py_XDECREF(encoded);
-        goto slow;
+    int r = 2;
+    if (lock_fast(c, s)) {
+        r = write_locked(c, s, (uint32_t)(h >> 32) | 1u, k, klen, flags, v, vlen, expire, mode, now);
+        unlock_fast(c, s);
     }
-    int r = write_locked(c, s, (uint32_t)(h >> 32) | 1u, k, klen, flags, v, vlen, expire, mode, now);
-    unlock_fast(c, s);
+    if (r == 2) { /* busy lock or full stripe: hand the checked, encoded entry to Table.write */
+        PyObject *res = handoff(c, k, klen, flags, v, vlen, expire, mode);
+        Py_XDECREF(encoded);
+        return res;
+    }
     Py_XDECREF(encoded);
-    if (r == 2) goto slow;
     if (r == 0) Py_RETURN_FALSE;
     *counter(c, CTR_SETS) += 1;
     Py_RETURN_TRUE;
@@ -952,7 +969,7 @@ static int Core_init(Core *c, PyObject *args, PyObject *kw) {
     static char *kwlist[] = {"buffer", "n_stripes", "sps", "stripe_off", "index_off", "arena_off",
                              "stripe_arena", "client_off", "client_rec", "client", "max_key",
                              "max_value", "cap_items", "sem_names", "pid", "start", "clock", "decode", "encode",
-                             "slow_key", "slow_read", "slow_set", "slow_add", "slow_replace", "slow_incr", "slow_delete",
+                             "slow_key", "slow_read", "slow_write", "slow_set", "slow_add", "slow_replace", "slow_incr", "slow_delete",
                              "sentinel", "atime_res", "default_ttl", NULL};
     PyObject *buffer, *sem_names;
     unsigned long long n_stripes;
@@ -962,10 +979,10 @@ static int Core_init(Core *c, PyObject *args, PyObject *kw) {
         return -1;
     }
     if (!PyArg_ParseTupleAndKeywords(
-            args, kw, "OKKKKKKKKKKKKOIdOOOOOOOOOOOdd", kwlist, &buffer, &n_stripes, &c->sps, &c->stripe_off,
+            args, kw, "OKKKKKKKKKKKKOIdOOOOOOOOOOOOdd", kwlist, &buffer, &n_stripes, &c->sps, &c->stripe_off,
             &c->index_off, &c->arena_off, &c->stripe_arena, &c->client_off, &c->client_rec, &c->client,
             &c->max_key, &c->max_value, &c->cap_items, &sem_names, &pid, &c->start, &c->clock, &c->decode, &c->encode,
-            &c->slow_key, &c->slow_read, &c->slow_set, &c->slow_add, &c->slow_replace, &c->slow_incr,
+            &c->slow_key, &c->slow_read, &c->slow_write, &c->slow_set, &c->slow_add, &c->slow_replace, &c->slow_incr,
             &c->slow_delete, &c->sentinel,
             &c->atime_res, &c->default_ttl))
         return -1;

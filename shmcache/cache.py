@@ -215,6 +215,7 @@ class Cache(MutableMapping):
             pid=identity.pid, start=identity.start,
             clock=None if self._clock is time.time else self._clock,
             decode=self._decode, encode=self._encode, slow_key=_weak(self, Cache._key), slow_read=t.read_locked,
+            slow_write=t.write,
             slow_set=_weak(self, Cache.set), slow_add=_weak(self, Cache.add),
             slow_replace=_weak(self, Cache.replace), slow_incr=_weak(self, Cache.incr),
             slow_delete=_weak(self, Cache.delete), sentinel=_DEFAULT,

@@ -172,3 +172,54 @@ def test_mixed_processes_exact_incr(cache_name):
             if p.is_alive():
                 p.kill()
         c.close()
+
+
+class _CountingSerializer:
+    """json with a call counter: shows how often a value gets encoded."""
+
+    def __init__(self):
+        self.dumps_calls = 0
+
+    def dumps(self, obj):
+        import json
+
+        self.dumps_calls += 1
+        return json.dumps(obj)
+
+    def loads(self, data):
+        import json
+
+        return json.loads(data)
+
+
+@needs_c
+def test_regression_fallback_does_not_encode_twice(cache_name):
+    """When the C path hands a store over to Python (the stripe needs eviction
+    or compaction, or its lock is busy), it passes the already-encoded entry:
+    each value is serialized once, and the data and counters stay right."""
+    ser = _CountingSerializer()
+    c = Cache(cache_name, size="256KiB", stripes=1, serializer=ser)
+    try:
+        n = 3000  # far beyond what fits: most stores evict and compact on the Python path
+        for i in range(n):
+            c.set(f"k{i}", {"i": i, "pad": "x" * 60})
+        c.add("fresh", {"i": -1})
+        assert ser.dumps_calls == n + 1
+        assert c.stats()["evictions"] > 0 and c.stats()["sets"] == n + 1
+        assert c.get(f"k{n - 1}") == {"i": n - 1, "pad": "x" * 60}
+        assert c["fresh"] == {"i": -1}
+        assert c.check() == []
+        # a busy stripe: another handle of this process holds the lock, so
+        # sem_trywait fails and the store waits on the Python path
+        other = Cache(cache_name)
+        other._locks.lock(0)
+        import threading
+
+        t = threading.Timer(0.2, other._locks.unlock, args=(0,))
+        t.start()
+        c.set("busy", {"i": 7})
+        t.join()
+        other.close()
+        assert ser.dumps_calls == n + 2 and c["busy"] == {"i": 7}
+    finally:
+        c.close()
