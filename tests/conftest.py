@@ -1,14 +1,15 @@
 """Shared fixtures: every test gets its own cache name and leaves nothing in /dev/shm.
 
-Names made here start with ``test-`` so the end-of-session check can tell
-our leftovers from anything else on the host.
+Names made here start with ``test-<run>-`` (tests/names.py) so the
+end-of-session check can tell this run's leftovers from anything else on the
+host, other test runs included.
 """
 
 import os
-import uuid
 
 import pytest
 
+from names import PREFIX, fresh_name
 from shmcache import Cache
 
 SHM = "/dev/shm"
@@ -16,7 +17,7 @@ SHM = "/dev/shm"
 
 def _ours():
     try:
-        return {n for n in os.listdir(SHM) if n.startswith(("shmcache.test-", "sem.shmcache.test-"))}
+        return {n for n in os.listdir(SHM) if n.startswith((f"shmcache.{PREFIX}", f"sem.shmcache.{PREFIX}"))}
     except FileNotFoundError:  # pragma: no cover - not Linux
         return set()
 
@@ -52,7 +53,7 @@ def fake_clock():
 @pytest.fixture
 def cache_name():
     """A unique cache name; whatever was created under it is unlinked afterwards."""
-    name = f"test-{uuid.uuid4().hex[:12]}"
+    name = fresh_name()
     yield name
     Cache.unlink(name)
 

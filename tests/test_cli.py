@@ -6,12 +6,12 @@ import signal
 import subprocess
 import sys
 import time
-import uuid
 
 import pytest
 
 from shmcache import Cache
 from shmcache.snapshot import write_snapshot
+from names import fresh_name
 
 SUBCOMMANDS = ["daemon", "stats", "get", "set", "delete", "keys", "snapshot", "restore", "check", "ls", "rm", "demo"]
 
@@ -133,7 +133,7 @@ def test_snapshot_to_a_path_restore_and_check_the_file(cache, tmp_path, cache_na
     out = ok("snapshot", "-n", cache.name, str(path))
     assert "500 entries" in out
     assert "sound" in ok("check", "--snapshot", str(path))
-    other = f"test-{uuid.uuid4().hex[:12]}"
+    other = fresh_name()
     try:
         out = ok("restore", "-n", other, str(path), "--size", "8MiB")
         assert "restored 500 entries" in out
@@ -247,7 +247,7 @@ def test_console_script_is_installed():
 
 
 def test_demo_runs_end_to_end(tmp_path):
-    name = f"test-demo-{uuid.uuid4().hex[:8]}"
+    name = fresh_name("demo")
     try:
         r = run("demo", "--demo-name", name, "--dir", str(tmp_path / "d"), "--seconds", "1.5",
                 "--workers", "2", "--keys", "5000", "--size", "8MiB", timeout=120)

@@ -13,10 +13,11 @@ import multiprocessing
 import os
 import pickle
 import time
-import uuid
 from unittest import mock
 
-NAME = f"test-dj-{uuid.uuid4().hex[:10]}"
+from names import fresh_name
+
+NAME = fresh_name("dj")
 os.environ["SHMCACHE_DJANGO_TEST_NAME"] = NAME
 os.environ["DJANGO_SETTINGS_MODULE"] = "django_project.settings"
 

@@ -16,13 +16,13 @@ import subprocess
 import sys
 import threading
 import time
-import uuid
 from collections import Counter
 
 import psutil
 import pytest
 
 from shmcache import Cache
+from names import fresh_name
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 REQUEST_TIMEOUT = 15.0  # seconds per request: a hang, not a measurement
@@ -46,7 +46,7 @@ class Gunicorn:
     """One gunicorn master started with workers/gunicorn_conf.py."""
 
     def __init__(self, tmp_path, worker_class="sync", preload=False, env=None, name=None):
-        self.name = name or f"test-gu-{uuid.uuid4().hex[:10]}"
+        self.name = name or fresh_name("gu")
         self.snapshot = tmp_path / "cache.snapshot"
         self.port = _free_port()
         self.log_path = tmp_path / "gunicorn.log"
@@ -384,7 +384,7 @@ def test_regression_two_waiters_recover_stripe_of_sigkilled_holder():
     from shmcache.table import key_hash
 
     ctx = multiprocessing.get_context("fork")
-    name = f"test-gu-{uuid.uuid4().hex[:10]}"
+    name = fresh_name("gu")
     c = Cache(name, size="4MiB")
     procs = []
     try:

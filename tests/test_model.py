@@ -16,13 +16,13 @@ deadlines are exact and "expired at exactly the deadline" is exercised.
 
 from __future__ import annotations
 
-import uuid
 
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
 from shmcache import Cache
+from names import fresh_name
 
 _ABSENT = object()
 
@@ -65,7 +65,7 @@ def make_machine(name, keys, values, cache_kw, exact):
         def __init__(self):
             super().__init__()
             self.clock = Clock()
-            self.name = f"test-model-{uuid.uuid4().hex[:12]}"
+            self.name = fresh_name("model")
             self.cache = Cache(self.name, clock=self.clock, **self.CACHE_KW)
             self.model: dict = {}  # key -> (value, deadline or None)
             self.stamp: dict = {}  # key -> evictions counter right after its last write

@@ -8,12 +8,12 @@ test_daemon.py.
 import os
 import random
 import struct
-import uuid
 
 import numpy as np
 import pytest
 import xxhash
 
+from names import fresh_name
 from shmcache import Cache, Error
 from shmcache.snapshot import (
     FORMAT_VERSION,
@@ -32,7 +32,7 @@ from shmcache.snapshot import (
 @pytest.fixture
 def other_name():
     """A second unique cache name (restore targets), unlinked afterwards."""
-    name = f"test-{uuid.uuid4().hex[:12]}"
+    name = fresh_name()
     yield name
     Cache.unlink(name)
 

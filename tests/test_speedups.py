@@ -7,7 +7,6 @@ implementations must read each other's writes in one segment.
 
 import multiprocessing as mp
 import os
-import uuid
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -15,6 +14,7 @@ from hypothesis import strategies as st
 
 import shmcache.cache as cache_mod
 from shmcache import Cache
+from names import fresh_name
 
 needs_c = pytest.mark.skipif(cache_mod._speedups is None, reason="C accelerator not built")
 
@@ -95,7 +95,7 @@ def apply(cache, op, clock):
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(ops=ops)
 def test_c_and_python_paths_agree(ops, fake_clock):
-    name = f"test-diff-{uuid.uuid4().hex[:8]}"
+    name = fresh_name("diff")
     c, p = open_pair(name, fake_clock, size="1MiB")
     try:
         assert c._core is not None and p._core is None
