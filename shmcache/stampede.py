@@ -48,7 +48,7 @@ import time
 
 import xxhash
 
-from .cache import _DEFAULT
+from ._sentinels import DEFAULT_TTL as _DEFAULT
 from .codec import encode_key
 from .lock import is_alive, process_start
 
