@@ -5,6 +5,7 @@
 >>> cache["k"] = b"v"; cache.get("k")
 """
 
+from . import admin
 from .cache import Cache
 from .errors import (
     CacheFull,
@@ -23,6 +24,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "Cache",
+    "admin",
     "CacheFull",
     "CacheNotFound",
     "DaemonError",

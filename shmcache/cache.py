@@ -10,10 +10,12 @@ import weakref
 from collections.abc import MutableMapping
 from multiprocessing import util as mp_util
 
+from . import admin, stampede
 from . import layout as L
+from ._sentinels import DEFAULT_TTL, MISSING
 from .codec import BYTES, STR, Codec, decode_key, encode_int, encode_key
 from .errors import KeyTooLong, ValueTooLarge
-from .lock import Identity, StripeLocks, claim_client, is_alive, live_clients, release_client
+from .lock import Identity, StripeLocks, claim_client, release_client
 from .segment import Segment, sem_name
 from .table import ADD, REPLACE, SET, Table
 
@@ -44,8 +46,8 @@ def _check_speedups_layout() -> None:
 if _speedups is not None:
     _check_speedups_layout()
 
-_MISSING = object()
-_DEFAULT = object()
+_MISSING = MISSING
+_DEFAULT = DEFAULT_TTL
 
 #: Reads refresh an entry's LRU timestamp only when it is older than this many
 #: seconds: it saves a store into a shared cache line on hot keys, and LRU
@@ -594,9 +596,7 @@ class Cache(MutableMapping):
         Raises:
             whatever ``factory`` raises; otherwise as :meth:`set`.
         """
-        from .stampede import get_or_set
-
-        return get_or_set(self, key, factory, ttl, timeout)
+        return stampede.get_or_set(self, key, factory, ttl, timeout)
 
     def memoize(self, ttl=_DEFAULT, typed: bool = False, *, timeout: float = 10.0):
         """Decorator caching a function's results across processes (via
@@ -606,9 +606,7 @@ class Cache(MutableMapping):
         Raises:
             TypeError: at call time, an argument cannot be turned into a key.
         """
-        from .stampede import memoize
-
-        return memoize(self, ttl, typed, timeout)
+        return stampede.memoize(self, ttl, typed, timeout)
 
     def clear(self) -> int:
         """Remove every entry (each stripe under its lock). Returns how many were dropped.
@@ -681,24 +679,14 @@ class Cache(MutableMapping):
         """
         self._check_open()
         g = self._g
-        mm = self._seg.mm
-        totals = [L.U64.unpack_from(mm, L.H_RETIRED + 8 * k)[0] for k in range(L.N_COUNTERS)]
-        clients = live_clients(self._seg)
-        for c, _pid, _start in clients:
-            base = g.client_table_off + c * g.client_record_size + L.C_COUNTERS
-            for k in range(L.N_COUNTERS):
-                totals[k] += L.U64.unpack_from(mm, base + 8 * k)[0]
-        st = self._table.stripes
-        items = int(st[:, L.S_ITEMS // 8].sum())
-        used = st[:, L.S_USED // 8].astype("int64")
-        garbage = st[:, L.S_GARBAGE // 8].astype("int64")
-        live = used - garbage
+        out: dict = admin.counters(self)
+        del out["recoveries"]  # placed below, with the fill figures
+        fill = admin.stripes(self)
+        used = sum(x.bytes_used for x in fill)
         arena = g.stripe_arena * g.n_stripes
-        out = dict(zip(L.COUNTERS, totals))
         lookups = out["hits"] + out["misses"]
-        dpid = L.U64.unpack_from(mm, L.H_DAEMON_PID)[0]
-        dstart = L.F64.unpack_from(mm, L.H_DAEMON_START)[0]
-        beat = L.F64.unpack_from(mm, L.H_DAEMON_HEARTBEAT)[0]
+        d = admin.daemon_info(self)
+        last = d.last_snapshot
         out.update(
             name=self.name,
             layout_version=L.LAYOUT_VERSION,
@@ -708,19 +696,24 @@ class Cache(MutableMapping):
             max_items=g.max_items,
             max_key_size=g.max_key_size,
             max_value_size=g.max_value_size,
-            items=items,
-            bytes_used=int(live.sum()),
-            bytes_free=arena - int(live.sum()),
-            bytes_garbage=int(garbage.sum()),
+            items=sum(x.items for x in fill),
+            bytes_used=used,
+            bytes_free=arena - used,
+            bytes_garbage=sum(x.bytes_garbage for x in fill),
             arena_bytes=arena,
             hit_rate=(out["hits"] / lookups) if lookups else 0.0,
-            stripe_fill=[round(float(x) / g.stripe_arena, 4) for x in live],
-            recoveries=int(st[:, L.S_RECOVERIES // 8].sum()),
-            clients=sum(1 for _c, pid, start in clients if is_alive(pid, start)),
-            generation=L.U64.unpack_from(mm, L.H_GENERATION)[0],
-            daemon_pid=dpid or None,
-            daemon_alive=bool(dpid) and is_alive(dpid, dstart),
-            daemon_heartbeat_age=(time.time() - beat) if beat else None,
+            stripe_fill=[round(x.fill, 4) for x in fill],
+            recoveries=sum(x.recoveries for x in fill),
+            clients=sum(1 for c in admin.clients(self) if c.alive),
+            generation=L.U64.unpack_from(self._seg.mm, L.H_GENERATION)[0],
+            daemon_pid=d.pid,
+            daemon_alive=d.alive,
+            daemon_heartbeat_age=d.heartbeat_age,
+            daemon_snapshot_path=d.snapshot_path,
+            last_snapshot_time=last.time if last else None,
+            last_snapshot_ok=last.ok if last else None,
+            last_snapshot_entries=last.entries if last and last.ok else None,
+            last_snapshot_error=last.error if last else None,
         )
         return out
 
@@ -733,7 +726,7 @@ class Cache(MutableMapping):
             ValueError: the cache is closed.
             LockTimeout: a live process kept a stripe locked too long.
         """
-        return [p for s in range(self._g.n_stripes) for p in self._table.check(s)]
+        return admin.check(self)
 
     def _check_open(self) -> None:
         if self._closed:

@@ -19,10 +19,9 @@ import sys
 import time
 from pathlib import Path
 
-from . import __version__
+from . import __version__, admin
 from . import layout as L
 from .cache import Cache
-from .codec import decode_key
 from .errors import CacheNotFound, Error
 from .lock import is_alive
 from .segment import LOCK_DAEMON, Segment
@@ -200,16 +199,13 @@ def cmd_keys(args) -> int:
     rx = re.compile(fnmatch.translate(args.pattern), re.DOTALL)
     out = []
     with _attach(args) as c:
-        t = c._table
-        now = time.time()
-        for s in range(t.n_stripes):
-            for kb in t.keys_of(s, now):
-                k = decode_key(kb)
-                text = k if isinstance(k, str) else k.decode("utf-8", "backslashreplace")
-                if rx.match(text):
-                    out.append(k)
-            if args.limit and len(out) >= args.limit:
-                break
+        for e in admin.entries(c):
+            k = e.key
+            text = k if isinstance(k, str) else k.decode("utf-8", "backslashreplace")
+            if rx.match(text):
+                out.append(k)
+                if args.limit and len(out) >= args.limit:
+                    break
     out.sort(key=lambda k: (not isinstance(k, str), k if isinstance(k, str) else repr(k)))
     if args.limit:
         out = out[: args.limit]
@@ -218,26 +214,20 @@ def cmd_keys(args) -> int:
     return 0
 
 
-def _daemon_snapshot_path(pid: int) -> str:
-    """Where the daemon ``pid`` writes snapshots, read from its command line."""
-    import psutil
+def _daemon_snapshot_path(name: str) -> tuple[int, str]:
+    """(pid, snapshot path) of the daemon serving cache ``name``, as the daemon
+    recorded them in the header.
 
-    try:
-        p = psutil.Process(pid)
-        argv = p.cmdline()
-        cwd = p.cwd()
-    except (psutil.Error, OSError) as e:
-        raise CliError(f"cannot inspect daemon pid {pid}: {e}") from None
-    if "daemon" not in argv:
-        raise CliError(
-            f"cannot tell where daemon pid {pid} writes snapshots (it was not started by "
-            "'shmcache daemon'); give a PATH to write a snapshot from this process"
-        )
-    rest = argv[argv.index("daemon") + 1 :]
-    dargs, _ = _daemon_parser(_Parser(add_help=False)).parse_known_args(rest)
-    if not dargs.snapshot:
-        raise CliError(f"daemon pid {pid} runs without --snapshot; give a PATH to write a snapshot from here")
-    return os.path.join(cwd, dargs.snapshot)
+    Raises:
+        CliError: no daemon runs, or it runs without --snapshot.
+    """
+    with Cache(name, create=False) as c:
+        d = admin.daemon_info(c)
+    if not d.alive or not d.pid:
+        raise CliError(f"no daemon runs for cache {name!r}; give a PATH to write a snapshot from this process")
+    if not d.snapshot_path:
+        raise CliError(f"daemon pid {d.pid} runs without --snapshot; give a PATH to write a snapshot from here")
+    return d.pid, d.snapshot_path
 
 
 def wait_for_daemon_snapshot(path: str, since: float, timeout: float, pid: int | None = None):
@@ -284,15 +274,7 @@ def cmd_snapshot(args) -> int:
                     bar.finish()
         print(f"wrote {info.path}: {info.entries:,} entries, {_mib(info.bytes)} in {info.seconds:.3f} s")
         return 0
-    name = _name(args)
-    seg = Segment.open(name, create=False, timeout=1.0)
-    try:
-        pid = _daemon_pid(seg)
-    finally:
-        seg.close()
-    if not pid:
-        raise CliError(f"no daemon runs for cache {name!r}; give a PATH to write a snapshot from this process")
-    path = _daemon_snapshot_path(pid)
+    pid, path = _daemon_snapshot_path(_name(args))
     since = time.time()
     os.kill(pid, signal.SIGUSR1)
     info = wait_for_daemon_snapshot(path, since, args.timeout, pid)
@@ -337,8 +319,8 @@ def cmd_check(args) -> int:
               f"{_mib(info.bytes)}, of cache {info.name!r} taken {time.ctime(info.created)}")
         return 0
     with _attach(args) as c:
-        problems = c.check()
-        n = c._g.n_stripes
+        problems = admin.check(c)
+        n = admin.geometry(c).n_stripes
     if problems:
         for p in problems:
             print(p)

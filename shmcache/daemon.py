@@ -39,10 +39,11 @@ from collections import deque
 
 import numpy as np
 
+from . import admin
 from . import layout as L
 from .cache import Cache
 from .errors import DaemonError, Error
-from .lock import Identity, reap_dead_clients
+from .lock import Identity
 from .segment import LOCK_DAEMON
 from .snapshot import SnapshotError, restore_snapshot, terminal_progress, write_snapshot
 
@@ -74,7 +75,7 @@ class ExpiryCycle:
     def __init__(self, cache: Cache, expire_every: float = 0.1, clock=time.time, slots_per_tick: int | None = None):
         self.cache = cache
         self.clock = clock
-        g = cache._seg.geometry
+        g = admin.geometry(cache)
         self.n_stripes = g.n_stripes
         self.sps = g.slots_per_stripe
         if slots_per_tick is None:
@@ -89,11 +90,9 @@ class ExpiryCycle:
 
     def scan(self, now: float, stripes: int) -> None:
         """Queue the stripes among the next ``stripes`` (from the cursor) that hold expired entries."""
-        sl = self.cache._table.slots
         a = self.cursor
         b = min(self.n_stripes, a + stripes)
-        exp = sl["expire"][a:b]
-        counts = np.count_nonzero((exp > 0.0) & (exp <= now), axis=1)
+        counts = admin.expiring(self.cache, now, a, b - a)
         for i in np.nonzero(counts)[0].tolist():
             self.pending.append((a + i, int(counts[i])))
         self.cursor = 0 if b >= self.n_stripes else b
@@ -101,10 +100,8 @@ class ExpiryCycle:
     def sweep_stripe(self, s: int, now: float, expected: int) -> tuple[int, bool]:
         """Clean stripe s. Returns (removed, more_left)."""
         if expected >= BULK_MIN:
-            n = self.cache._table.expire_bulk(s, now, self.timing)
-            if n is not None:
-                return n, False
-        n = self.cache._table.sweep_expired(s, now, SWEEP_LIMIT)
+            return admin.expire(self.cache, s, now=now, timing=self.timing), False
+        n = admin.expire(self.cache, s, limit=SWEEP_LIMIT, now=now)
         return n, n >= SWEEP_LIMIT
 
     def tick(self, budget: float) -> int:
@@ -159,28 +156,12 @@ def recover(cache: Cache) -> tuple[list[int], list[int]]:
     at (a numpy pass over the stripe and client tables), so an idle cache costs
     no psutil calls.
     """
-    seg = cache._seg
-    g = seg.geometry
-    locks = cache._locks
-    owners = np.array([locks.stripe_owner(s)[0] != 0 for s in range(g.n_stripes)])
-    clients = np.frombuffer(seg.mm, dtype=np.uint8, count=g.max_clients * g.client_record_size,
-                            offset=g.client_table_off).reshape(g.max_clients, g.client_record_size)
-    try:
-        marked = clients[:, L.C_MARKERS : L.C_MARKERS + g.n_stripes].any(axis=0)
-        candidates = np.nonzero(owners | marked)[0].tolist()
-    finally:
-        del clients
-    recovered = []
-    for s in candidates:
-        if locks.try_recover(s, keep=False):
-            recovered.append(s)
-    for s in range(g.n_stripes):
-        # A semaphore above 1 would let two writers in at once; it can only
-        # happen if a live holder was ever taken for dead (see lock.py).
-        if locks.fix_overcount(s):
-            log.warning("stripe %d: semaphore was above 1 (a live holder taken for dead); corrected", s)
-    reaped = reap_dead_clients(seg)
-    return recovered, reaped
+    recovered = admin.recover_stripes(cache)
+    # A semaphore above 1 would let two writers in at once; it can only
+    # happen if a live holder was ever taken for dead (see lock.py).
+    for s in admin.fix_overcount(cache):
+        log.warning("stripe %d: semaphore was above 1 (a live holder taken for dead); corrected", s)
+    return recovered, admin.reap_clients(cache)
 
 
 # ------------------------------------------------------------------ daemon
@@ -237,6 +218,10 @@ class Daemon:
         if self.snapshot_path:
             if os.path.isdir(self.snapshot_path):
                 raise DaemonError(f"snapshot path {self.snapshot_path} is a directory; give a file name")
+            if len(os.fsencode(self.snapshot_path)) >= L.SNAPSHOT_PATH_MAX:
+                # recorded in the header so `shmcache snapshot` finds it
+                raise DaemonError(f"snapshot path {self.snapshot_path} is longer than "
+                                  f"{L.SNAPSHOT_PATH_MAX - 1} bytes; use a shorter one")
             os.makedirs(os.path.dirname(self.snapshot_path), exist_ok=True)
         self.snapshot_every = float(snapshot_every)
         self.expire_every = float(expire_every)
@@ -244,7 +229,7 @@ class Daemon:
         self.restore = restore
         self.cache = Cache(name, size=size, stripes=stripes, max_items=max_items, mode=mode)
         try:
-            seg = self.cache._seg
+            seg = admin.storage(self.cache).segment
             if not seg.try_file_lock(LOCK_DAEMON):
                 holder = seg.file_lock_holder(LOCK_DAEMON)
                 how = f"stop it first (kill -TERM {holder})" if holder else "stop it first"
@@ -260,20 +245,14 @@ class Daemon:
         self._snap_requested = False
         self._wake_r = self._wake_w = None
         self.snapshots = 0
-        self._beat()
+        admin.publish_daemon(self.cache, self.identity.pid, self.identity.start, self.snapshot_path)
 
     # -- header fields -----------------------------------------------------
     def _beat(self) -> None:
-        mm = self.cache._seg.mm
-        L.U64.pack_into(mm, L.H_DAEMON_PID, self.identity.pid)
-        L.F64.pack_into(mm, L.H_DAEMON_START, self.identity.start)
-        L.F64.pack_into(mm, L.H_DAEMON_HEARTBEAT, time.time())
+        admin.heartbeat(self.cache)
 
     def _clear_beat(self) -> None:
-        mm = self.cache._seg.mm
-        if L.U64.unpack_from(mm, L.H_DAEMON_PID)[0] == self.identity.pid:
-            L.U64.pack_into(mm, L.H_DAEMON_PID, 0)
-            L.F64.pack_into(mm, L.H_DAEMON_HEARTBEAT, 0.0)
+        admin.withdraw_daemon(self.cache, self.identity.pid)
 
     # -- jobs --------------------------------------------------------------
     def load_snapshot(self) -> None:
@@ -284,7 +263,7 @@ class Daemon:
         path = self.snapshot_path
         if not (self.restore and path and os.path.exists(path)):
             return
-        items = self.cache.stats()["items"]
+        items = admin.stored_items(self.cache)
         if items:
             log.info("cache %r already holds %d items; not loading snapshot %s", self.name, items, path)
             return
@@ -333,10 +312,12 @@ class Daemon:
             info = write_snapshot(self.cache, self.snapshot_path, progress=progress)
         except (OSError, Error) as e:
             log.error("snapshot to %s failed: %s", self.snapshot_path, e)
+            admin.record_snapshot(self.cache, ok=False, error=str(e))
             return None
         finally:
             if bar:
                 bar.finish()
+        admin.record_snapshot(self.cache, ok=True, entries=info.entries, nbytes=info.bytes, seconds=info.seconds)
         self.snapshots += 1
         log.info(
             "snapshot %s: %d entries, %s in %.3f s (%.0f MB/s); longest stripe lock %.2f ms",
@@ -395,8 +376,8 @@ class Daemon:
     def run(self) -> None:
         """Serve until :meth:`request_stop` (SIGTERM/SIGINT); then take the final
         snapshot, clear the heartbeat and detach."""
-        g = self.cache._seg.geometry
-        if not self.cache._seg.created:
+        g = admin.geometry(self.cache)
+        if not admin.storage(self.cache).segment.created:
             log.info("attached to the existing cache %r; its layout wins over --size/--stripes/--max-items",
                      self.name)
         self.load_snapshot()

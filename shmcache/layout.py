@@ -88,10 +88,29 @@ H_GENERATION = 256
 H_DAEMON_PID = 264
 H_DAEMON_START = 272
 H_DAEMON_HEARTBEAT = 280
+#   Last snapshot the daemon attempted (written by the daemon only, after each
+#   attempt, status last; read by shmcache.admin.daemon_info for stats, top and
+#   Prometheus). A stale read is safe: it only describes the previous attempt.
+#   time: wall clock when the attempt ended (0.0 = none yet); status: 0 none,
+#   1 written, 2 failed; entries/bytes/seconds of the written file.
+H_SNAPSHOT_TIME = 288
+H_SNAPSHOT_STATUS = 296
+H_SNAPSHOT_ENTRIES = 304
+H_SNAPSHOT_BYTES = 312
+H_SNAPSHOT_SECONDS = 320
+SNAPSHOT_NONE, SNAPSHOT_OK, SNAPSHOT_FAILED = 0, 1, 2
 #   Retired counters: a client's counters are added here when its slot is
 #   released (close, exit, or reaped after death) under the client-table lock,
 #   so totals never go backwards when a process exits.
 H_RETIRED = 512  # N_COUNTERS x u64
+#   The daemon's snapshot path and the last snapshot error, UTF-8
+#   (surrogateescape), NUL-padded: written by the daemon at start / after a
+#   failed attempt; readers (`shmcache snapshot`, stats) see at worst a torn
+#   string while it is rewritten, which they only display or retry.
+H_SNAPSHOT_PATH = 1024
+SNAPSHOT_PATH_MAX = 1024
+H_SNAPSHOT_ERROR = 2048
+SNAPSHOT_ERROR_MAX = 256
 
 # --------------------------------------------------------------------------
 # Stripe record: one 64-byte cache line per stripe, at stripe_table_off.

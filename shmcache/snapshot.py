@@ -56,7 +56,7 @@ import xxhash
 
 from . import layout as L
 from .errors import CacheFull, SnapshotError
-from .table import ADD, SET, Table
+from . import admin
 
 MAGIC = b"SHMCSNAP"
 FOOTER_MAGIC = b"SNAPEND\0"
@@ -180,10 +180,11 @@ def write_snapshot(cache, path: str, *, now: float | None = None, progress=None)
         now = created
     _remove_stale_temps(path)
     tmp = f"{path}.tmp.{os.getpid()}"
-    seg = cache._seg
-    g = seg.geometry
-    table = cache._table
-    locks = cache._locks
+    engine = admin.storage(cache)  # raw stripe copies: see admin.Storage
+    seg = engine.segment
+    g = engine.geometry
+    table = engine.table
+    locks = engine.locks
     pause = float(os.environ.get(PAUSE_ENV, "0") or 0)
     info = SnapshotInfo(path=path, entries=0, bytes=0, sections=g.n_stripes, created=created,
                         name=cache.name, source_layout_version=L.LAYOUT_VERSION,
@@ -571,19 +572,6 @@ def read_header(path) -> SnapshotInfo:
                         source_layout_version=f[4], source_stripes=f[5], source_size=f[6])
 
 
-class _Clock:
-    """The clock of the restoring table: it reads the entry being inserted's
-    original last-access time, so restored entries keep their LRU order."""
-
-    __slots__ = ("now",)
-
-    def __init__(self):
-        self.now = 0.0
-
-    def __call__(self):
-        return self.now
-
-
 def restore_snapshot(cache, path, *, merge: bool = False, now: float | None = None, progress=None) -> RestoreInfo:
     """Load the snapshot at ``path`` into ``cache``.
 
@@ -608,7 +596,7 @@ def restore_snapshot(cache, path, *, merge: bool = False, now: float | None = No
     try:
         info = RestoreInfo(path=loaded.path, entries=loaded.info.entries, bytes=loaded.info.bytes,
                            created=loaded.info.created)
-        g = cache._seg.geometry
+        g = admin.geometry(cache)
         if now is None:
             now = time.time()
         # Gather every record with its absolute data position, then order.
@@ -637,20 +625,17 @@ def restore_snapshot(cache, path, *, merge: bool = False, now: float | None = No
         total = len(keep)
         if not merge:
             cache.clear()
-        clock = _Clock()
-        table = Table(cache._seg, cache._locks, clock, cache._ctr, cache._table.cbase)
         mm = loaded.mm
-        mode = ADD if merge else SET
-        write = table.write
+        writer = admin.RawWriter(cache)
+        write = writer.write
         step = max(1, total // 200)
         try:
             for i, (p, kl, vl, ex, at, fl) in enumerate(zip(
                 keep["pos"].tolist(), keep["klen"].tolist(), keep["vlen"].tolist(),
                 keep["expire"].tolist(), keep["atime"].tolist(), keep["flags"].tolist(),
             )):
-                clock.now = at
                 try:
-                    if write(mm[p : p + kl], fl, mm[p + kl : p + kl + vl], ex, mode):
+                    if write(mm[p : p + kl], fl, mm[p + kl : p + kl + vl], ex, at, only_if_absent=merge):
                         info.loaded += 1
                     else:
                         info.skipped_present += 1
@@ -659,7 +644,7 @@ def restore_snapshot(cache, path, *, merge: bool = False, now: float | None = No
                 if progress is not None and i % step == 0:
                     progress(i, total)
         finally:
-            table.release_views()
+            writer.close()
         if progress is not None:
             progress(total, total)
         info.seconds = time.perf_counter() - t0

@@ -14,9 +14,8 @@ import os
 import threading
 import weakref
 
-from .. import layout as L
+from .. import admin
 from ..cache import Cache
-from ..codec import decode_key
 
 __all__ = [
     "CACHE_OPTIONS", "cache_from_env", "env_settings", "fit_key", "lru_keys", "max_key_size",
@@ -99,14 +98,11 @@ def fit_key(key: str, max_key: int) -> str:
 
 
 # -- entry counting and LRU order, for adapters that cull like Django ---------
-# The core has no public O(stripes) entry count yet: len(cache) scans the whole
-# index (~20 ms for 256 MiB), far too slow to run before every set as Django's
-# culling does, while the per-stripe item counters sum in microseconds.
 def stored_items(cache: Cache) -> int:
     """Entries stored in ``cache`` right now, expired ones not yet reclaimed
     included (what Django's LocMemCache and FileBasedCache count before culling).
-    A lock-free sum of per-stripe counters: exact when no write runs meanwhile."""
-    return int(cache._table.stripes[:, L.S_ITEMS // 8].sum())
+    See :func:`shmcache.admin.stored_items`."""
+    return admin.stored_items(cache)
 
 
 def lru_keys(cache: Cache, n: int) -> list:
@@ -115,14 +111,10 @@ def lru_keys(cache: Cache, n: int) -> list:
     Reads every stripe once (lock-free), so call it only when culling."""
     if n <= 0:
         return []
-    now = cache._clock()
-    t = cache._table
-    order = []
-    for s in range(t.n_stripes):
-        for kb, _flags, _vb, exp, at in t.stripe_records(s):
-            order.append((not (exp and exp <= now), at, kb))
+    order = [(e.ttl is None or e.ttl > 0, e.last_access, e.key)
+             for e in admin.entries(cache, include_expired=True)]
     order.sort(key=lambda r: (r[0], r[1]))
-    return [decode_key(kb) for _live, _at, kb in order[:n]]
+    return [key for _live, _at, key in order[:n]]
 
 
 # -- configuration from the environment (gunicorn hooks and the example app) --
