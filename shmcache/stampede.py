@@ -38,7 +38,9 @@ computes the same key for the same call.
 
 from __future__ import annotations
 
+import asyncio
 import functools
+import inspect
 import os
 import pickle
 import random
@@ -131,12 +133,25 @@ def _release(cache, lkey: str, record: bytes) -> None:
         pass
 
 
+def _check_value(v):
+    """Refuse what a sync factory must not return: an awaitable (it would be
+    pickled, or fail to be, instead of awaited)."""
+    if inspect.isawaitable(v):
+        if inspect.iscoroutine(v):
+            v.close()  # no "never awaited" warning on top of the error
+        raise TypeError(
+            "factory returned an awaitable; with an async factory or an async def, use "
+            "`await shmcache.aio.AsyncCache(cache).get_or_set(...)` or its memoize"
+        )
+    return v
+
+
 def _compute_as_owner(cache, key, factory, ttl, lkey: str, record: bytes):
     try:
         v = cache.get(key, _MISSING)
         if v is not _MISSING:
             return v
-        v = factory()
+        v = _check_value(factory())
         cache.set(key, v, ttl)
         return v
     finally:
@@ -188,6 +203,32 @@ def get_or_set(cache, key, factory, ttl=_DEFAULT, timeout: float = DEFAULT_TIMEO
     v = cache.get(key, _MISSING)
     if v is not _MISSING:
         return v
+    steps = _contest(cache, key, factory, timeout)
+    try:
+        while True:
+            what, arg = next(steps)
+            if what is _SLEEP:
+                time.sleep(arg)
+            elif what is _OWN:
+                return _compute_as_owner(cache, key, factory, ttl, *arg)
+            else:  # _ALONE: the owner is alive but slow (or stuck): do not wait longer
+                v = _check_value(factory())
+                cache.set(key, v, ttl)
+                return v
+    except StopIteration as stop:
+        return stop.value
+
+
+_SLEEP, _OWN, _ALONE = "sleep", "own", "alone"
+
+
+def _contest(cache, key, factory, timeout):
+    """The waiting protocol of get_or_set, free of any way to sleep or call the
+    factory, so the threaded and the asyncio callers share it. A generator
+    yielding ``(_SLEEP, seconds)`` (sleep, then resume it), ``(_OWN, (lkey,
+    record))`` (this caller computes, holding the lock entry) or ``(_ALONE,
+    None)`` (timed out: compute without it); it returns the value when
+    another caller stored it."""
     if not callable(factory):
         raise TypeError(f"factory must be callable, not {type(factory).__name__}")
     timeout = _check_timeout(timeout)
@@ -197,15 +238,14 @@ def get_or_set(cache, key, factory, ttl=_DEFAULT, timeout: float = DEFAULT_TIMEO
     deadline = time.monotonic() + timeout
     while True:
         if cache.add(lkey, record, ttl=timeout):
-            return _compute_as_owner(cache, key, factory, ttl, lkey, record)
+            yield _OWN, (lkey, record)
+            return None  # pragma: no cover - the driver never resumes after _OWN
         delay = POLL_FIRST
         while True:
             if time.monotonic() >= deadline:
-                # The owner is alive but slow (or stuck): do not wait longer.
-                v = factory()
-                cache.set(key, v, ttl)
-                return v
-            time.sleep(min(delay, max(0.0, deadline - time.monotonic())) * random.uniform(0.8, 1.2))
+                yield _ALONE, None
+                return None  # pragma: no cover
+            yield _SLEEP, min(delay, max(0.0, deadline - time.monotonic())) * random.uniform(0.8, 1.2)
             delay = min(delay * POLL_GROWTH, POLL_MAX)
             if key in cache:  # does not count as a hit; the get below does
                 v = cache.get(key, _MISSING)
@@ -216,7 +256,57 @@ def get_or_set(cache, key, factory, ttl=_DEFAULT, timeout: float = DEFAULT_TIMEO
                 break  # released without a value (factory raised) or expired: contest again
             if not _owner_alive(owner):
                 if _take_over(cache, lkey, owner, record, timeout):
-                    return _compute_as_owner(cache, key, factory, ttl, lkey, record)
+                    yield _OWN, (lkey, record)
+                    return None  # pragma: no cover
+
+
+async def _await_value(factory):
+    """Run ``factory``: awaited if it is async (or returns an awaitable); a
+    plain function runs in a worker thread, so a slow one (a database call)
+    does not stall the event loop."""
+    if inspect.iscoroutinefunction(factory):
+        return await factory()
+    v = await asyncio.to_thread(factory)
+    if inspect.isawaitable(v):
+        v = await v
+    return v
+
+
+async def aget_or_set(cache, key, factory, ttl=_DEFAULT, timeout: float = DEFAULT_TIMEOUT):
+    """:func:`get_or_set` for asyncio: the same protocol across processes (and
+    with synchronous callers), but waiting is ``asyncio.sleep`` and the factory
+    is awaited (async) or run in a thread (sync), so the event loop never
+    blocks on another caller's computation. Cancelling the caller that
+    computes releases the lock entry: a waiter then computes.
+
+    Raises:
+        as :func:`get_or_set`.
+    """
+    v = cache.get(key, _MISSING)
+    if v is not _MISSING:
+        return v
+    steps = _contest(cache, key, factory, timeout)
+    try:
+        while True:
+            what, arg = next(steps)
+            if what is _SLEEP:
+                await asyncio.sleep(arg)
+            elif what is _OWN:
+                lkey, record = arg
+                try:
+                    v = cache.get(key, _MISSING)
+                    if v is _MISSING:
+                        v = await _await_value(factory)
+                        cache.set(key, v, ttl)
+                    return v
+                finally:
+                    _release(cache, lkey, record)
+            else:
+                v = await _await_value(factory)
+                cache.set(key, v, ttl)
+                return v
+    except StopIteration as stop:
+        return stop.value
 
 
 # -- memoize ------------------------------------------------------------------
@@ -303,7 +393,10 @@ def memoize(cache, ttl=_DEFAULT, typed: bool = False, timeout: float = DEFAULT_T
     the same in every process. Calls go through :func:`get_or_set`, so
     concurrent calls with the same arguments run the function once. ``typed``
     keys ``f(1)`` and ``f(1.0)`` apart (as ``functools.lru_cache``). Usable
-    bare (``@cache.memoize``) or called (``@cache.memoize(ttl=60)``).
+    bare (``@cache.memoize``) or called (``@cache.memoize(ttl=60)``). An
+    ``async def`` gets an async wrapper that waits with ``asyncio.sleep``
+    (see :func:`aget_or_set`): the event loop never blocks on another
+    process's computation.
 
     The wrapper has ``cache_key(*args, **kwargs)`` (the key of one call),
     ``invalidate(*args, **kwargs)`` (drop one call's result; True if it was
@@ -323,9 +416,15 @@ def memoize(cache, ttl=_DEFAULT, typed: bool = False, timeout: float = DEFAULT_T
             """The cache key of ``fn(*args, **kwargs)``."""
             return prefix + args_digest(args, kwargs, typed)
 
-        @functools.wraps(fn)
-        def wrapper(*args, **kwargs):
-            return get_or_set(cache, cache_key(*args, **kwargs), lambda: fn(*args, **kwargs), ttl, timeout)
+        if inspect.iscoroutinefunction(fn):  # waits with asyncio.sleep, awaits fn
+            @functools.wraps(fn)
+            async def wrapper(*args, **kwargs):
+                return await aget_or_set(cache, cache_key(*args, **kwargs), functools.partial(fn, *args, **kwargs),
+                                         ttl, timeout)
+        else:
+            @functools.wraps(fn)
+            def wrapper(*args, **kwargs):
+                return get_or_set(cache, cache_key(*args, **kwargs), lambda: fn(*args, **kwargs), ttl, timeout)
 
         def invalidate(*args, **kwargs) -> bool:
             """Drop the cached result of ``fn(*args, **kwargs)``. True if there was one."""
