@@ -14,8 +14,15 @@ $(STAMP): pyproject.toml setup.py shmcache/_speedups.c
 	$(PY) -m pip install -q -e '.[test,django,flask,gunicorn]'
 	touch $(STAMP)
 
-test: $(STAMP)
+test: $(STAMP) tools
 	SHMCACHE_REQUIRE_SPEEDUPS=1 $(PY) -m pytest -q $(PYTEST_ARGS)
+
+# tmux: the `shmcache top` test drives it in a real terminal (send-keys/capture-pane)
+.PHONY: tools
+tools:
+	@command -v tmux >/dev/null || { \
+	  SUDO=$$( [ "$$(id -u)" -eq 0 ] || echo sudo ); \
+	  $$SUDO apt-get update -q && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -q tmux; }
 
 demo: $(STAMP)
 	$(PY) -m shmcache.cli demo

@@ -83,6 +83,7 @@ class StripeInfo:
     evictions: int  #: entries evicted by LRU in this stripe, ever
     recoveries: int  #: times the stripe was repaired after its lock holder died
     locked_by: int | None  #: pid recorded as the lock holder right now
+    writes: int = 0  #: write-lock holds so far (the seqlock version / 2): a rate of it shows hot stripes
 
     @property
     def fill(self) -> float:
@@ -101,7 +102,7 @@ def stripes(cache: "Cache") -> list[StripeInfo]:
         out.append(StripeInfo(
             index=i, items=row[L.S_ITEMS // 8], bytes_used=used - garbage, bytes_garbage=garbage,
             arena_bytes=arena, evictions=row[L.S_EVICTIONS // 8], recoveries=row[L.S_RECOVERIES // 8],
-            locked_by=owner or None,
+            locked_by=owner or None, writes=row[L.S_VERSION // 8] >> 1,
         ))
     return out
 

@@ -88,6 +88,26 @@ def _show_key(k) -> str:
     return k if isinstance(k, str) else repr(k)
 
 
+#: Values `shmcache set` stores as an int when no --type is given.
+_DECIMAL = re.compile(r"[+-]?[0-9]+")
+
+
+def _jsonable(v):
+    """``v`` as JSON can carry it: bytes as {"bytes": text with escapes}, numpy arrays as lists,
+    anything else JSON cannot hold as its repr."""
+    if isinstance(v, bytes):
+        return {"bytes": v.decode("utf-8", "backslashreplace")}
+    if v is None or isinstance(v, (str, int, float, bool)):
+        return v
+    if isinstance(v, (list, tuple)):
+        return [_jsonable(x) for x in v]
+    if isinstance(v, dict) and all(isinstance(k, str) for k in v):
+        return {k: _jsonable(x) for k, x in v.items()}
+    if hasattr(v, "tolist"):
+        return v.tolist()
+    return {"repr": repr(v)}
+
+
 # --------------------------------------------------------------- commands
 def cmd_daemon(args) -> int:
     """``shmcache daemon``: run the daemon in this process until SIGTERM/SIGINT (see shmcache.daemon)."""
@@ -109,6 +129,7 @@ def cmd_daemon(args) -> int:
         expire_every=args.expire_every,
         recover_every=args.recover_every,
         restore=not args.no_restore,
+        metrics=args.metrics,
     )
 
 
@@ -149,6 +170,13 @@ def cmd_stats(args) -> int:
         ("generation", f"{st['generation']}"),
         ("daemon", daemon),
     ]
+    if st["daemon_snapshot_path"] or st["last_snapshot_time"]:
+        when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(st["last_snapshot_time"])) \
+            if st["last_snapshot_time"] else "none yet"
+        outcome = "" if st["last_snapshot_ok"] is None else (
+            f", {st['last_snapshot_entries']:,} entries" if st["last_snapshot_ok"]
+            else f", FAILED: {st['last_snapshot_error']}")
+        rows.append(("snapshot", f"{st['daemon_snapshot_path'] or '-'}; last {when}{outcome}"))
     w = max(len(k) for k, _ in rows)
     for k, v in rows:
         print(f"{k:<{w}}  {v}")
@@ -162,7 +190,9 @@ def cmd_get(args) -> int:
         v = c.get(args.key, missing)
         if v is missing:
             raise CliError(f"key {args.key!r} not found in cache {c.name!r}")
-    if isinstance(v, bytes) and args.raw:
+    if args.json:
+        print(json.dumps(_jsonable(v)))
+    elif isinstance(v, bytes) and args.raw:
         sys.stdout.buffer.write(v)
         sys.stdout.flush()
     elif isinstance(v, str):
@@ -176,7 +206,11 @@ def cmd_get(args) -> int:
 
 def cmd_set(args) -> int:
     """``shmcache set``: store one value. Raises CliError on a bad value or (--nx) a present key."""
-    value = _parse_value(args.value, args.type)
+    if args.type is None:  # like Redis: SET n 5 then INCR n works
+        kind = "int" if _DECIMAL.fullmatch(args.value) else "str"
+    else:
+        kind = args.type
+    value = _parse_value(args.value, kind)
     with _attach(args) as c:
         if args.nx:
             if not c.add(args.key, value, ttl=args.ttl):
@@ -209,6 +243,9 @@ def cmd_keys(args) -> int:
     out.sort(key=lambda k: (not isinstance(k, str), k if isinstance(k, str) else repr(k)))
     if args.limit:
         out = out[: args.limit]
+    if args.json:
+        print(json.dumps([_jsonable(k) for k in out]))
+        return 0
     for k in out:
         print(_show_key(k))
     return 0
@@ -321,12 +358,194 @@ def cmd_check(args) -> int:
     with _attach(args) as c:
         problems = admin.check(c)
         n = admin.geometry(c).n_stripes
+    if args.json:
+        print(json.dumps({"name": c.name, "stripes": n, "sound": not problems, "problems": problems}, indent=2))
+        return 1 if problems else 0
     if problems:
         for p in problems:
             print(p)
         sys.stderr.write(f"shmcache: cache {c.name!r} is damaged: {len(problems)} problem(s)\n")
         return 1
     print(f"cache {c.name!r}: all {n} stripes sound")
+    return 0
+
+
+def _entry_dict(e: "admin.EntryInfo", now: float) -> dict:
+    return {
+        "key": _jsonable(e.key), "type": e.type, "size": e.size, "key_size": e.key_size,
+        "ttl": None if e.ttl is None else round(e.ttl, 3), "expires_at": e.expires_at,
+        "last_access": e.last_access, "idle": round(max(0.0, now - e.last_access), 3), "stripe": e.stripe,
+    }
+
+
+def cmd_inspect(args) -> int:
+    """``shmcache inspect``: a key's type, size, TTL and last access. Raises CliError if absent."""
+    with _attach(args) as c:
+        e = admin.inspect(c, args.key)
+        now = time.time()
+    if e is None:
+        raise CliError(f"key {args.key!r} not found in cache {c.name!r}")
+    d = _entry_dict(e, now)
+    if args.json:
+        print(json.dumps(d, indent=2))
+        return 0
+    ttl = "never expires" if e.ttl is None else f"{e.ttl:.3f} s (at {time.ctime(e.expires_at)})"
+    rows = [("key", _show_key(e.key)), ("type", e.type), ("size", f"{e.size:,} bytes (key {e.key_size} bytes)"),
+            ("ttl", ttl), ("last access", f"{d['idle']:.3f} s ago"), ("stripe", str(e.stripe))]
+    for k, v in rows:
+        print(f"{k:<12} {v}")
+    return 0
+
+
+def cmd_create(args) -> int:
+    """``shmcache create``: create a cache with the given layout. Raises CliError if it exists."""
+    name = _name(args)
+    if name in Cache.list():
+        raise CliError(f"cache {name!r} already exists (shmcache rm -n {name} first, or just attach to it)")
+    c = Cache(name, size=args.size, stripes=args.stripes, max_items=args.max_items, max_key_size=args.max_key_size,
+              max_value_size=args.max_value_size, max_clients=args.max_clients, policy=args.policy,
+              mode=int(args.mode, 8))
+    with c:
+        g = admin.geometry(c)
+    info = {"name": name, "size": g.total_size, "data_bytes": g.stripe_arena * g.n_stripes, "stripes": g.n_stripes,
+            "max_items": g.max_items, "max_key_size": g.max_key_size, "max_value_size": g.max_value_size,
+            "max_clients": g.max_clients, "policy": L.POLICY_NAMES[g.policy], "mode": oct(g.mode)}
+    if args.json:
+        print(json.dumps(info, indent=2))
+        return 0
+    print(f"created cache {name!r}: {_mib(g.total_size)}, of which {_mib(info['data_bytes'])} for entries "
+          f"({g.n_stripes} stripes); up to {g.max_items:,} items, values up to {_mib(g.max_value_size)}, "
+          f"policy {info['policy']}")
+    return 0
+
+
+# -------------------------------------------------------------------- top
+class _Sample:
+    """One reading of the counters top turns into rates."""
+
+    def __init__(self, c: Cache):
+        self.t = time.monotonic()
+        self.ctr = admin.counters(c)
+        self.stripes = admin.stripes(c)
+        self.clients = sum(1 for x in admin.clients(c) if x.alive)
+        self.daemon = admin.daemon_info(c)
+        self.geometry = admin.geometry(c)
+
+
+def top_frame(name: str, prev: _Sample, cur: _Sample, hottest: int = 5) -> dict:
+    """Rates over the interval between two samples, and the current state."""
+    dt = max(cur.t - prev.t, 1e-9)
+    d = {k: cur.ctr[k] - prev.ctr[k] for k in cur.ctr}
+    lookups = d["hits"] + d["misses"]
+    total_lookups = cur.ctr["hits"] + cur.ctr["misses"]
+    g = cur.geometry
+    used = sum(s.bytes_used for s in cur.stripes)
+    writes = sorted(((cur_s.writes - prev_s.writes, cur_s) for prev_s, cur_s in zip(prev.stripes, cur.stripes)),
+                    key=lambda r: -r[0])
+    daemon = cur.daemon
+    last = daemon.last_snapshot
+    return {
+        "name": name, "interval": round(dt, 3),
+        "ops_per_s": (lookups + d["sets"] + d["deletes"]) / dt,
+        "gets_per_s": lookups / dt, "sets_per_s": d["sets"] / dt, "deletes_per_s": d["deletes"] / dt,
+        "hit_rate": d["hits"] / lookups if lookups else None,
+        "hit_rate_all_time": cur.ctr["hits"] / total_lookups if total_lookups else None,
+        "evictions_per_s": d["evictions"] / dt, "expirations_per_s": d["expirations"] / dt,
+        "items": sum(s.items for s in cur.stripes), "max_items": g.max_items,
+        "bytes_used": used, "bytes_capacity": g.stripe_arena * g.n_stripes,
+        "bytes_garbage": sum(s.bytes_garbage for s in cur.stripes), "clients": cur.clients,
+        "hottest_stripes": [{"stripe": s.index, "writes_per_s": n / dt, "fill": round(s.fill, 4), "items": s.items}
+                            for n, s in writes[:hottest]],
+        "daemon_pid": daemon.pid if daemon.alive else None,
+        "daemon_heartbeat_age": daemon.heartbeat_age if daemon.alive else None,
+        "last_snapshot": None if last is None else {"time": last.time, "ok": last.ok, "entries": last.entries,
+                                                     "error": last.error},
+    }
+
+
+def render_top(f: dict, width: int = 100) -> list[str]:
+    """The text lines of one ``shmcache top`` screen."""
+    hr = "-" if f["hit_rate"] is None else f"{100 * f['hit_rate']:.1f}%"
+    hra = "-" if f["hit_rate_all_time"] is None else f"{100 * f['hit_rate_all_time']:.1f}%"
+    cap = f["bytes_capacity"]
+    if f["daemon_pid"]:
+        daemon = f"pid {f['daemon_pid']}, heartbeat {f['daemon_heartbeat_age']:.1f} s ago"
+    else:
+        daemon = "not running"
+    snap = f["last_snapshot"]
+    if snap:
+        snap_s = (f"{time.strftime('%H:%M:%S', time.localtime(snap['time']))} "
+                  + (f"ok, {snap['entries']:,} entries" if snap["ok"] else f"FAILED: {snap['error']}"))
+    else:
+        snap_s = "none yet"
+    lines = [
+        f"shmcache top - cache {f['name']!r} - {time.strftime('%H:%M:%S')} - every {f['interval']:.1f} s "
+        "(q quits)",
+        "",
+        f"ops/s          {f['ops_per_s']:>12,.0f}   gets {f['gets_per_s']:,.0f}  sets {f['sets_per_s']:,.0f}  "
+        f"deletes {f['deletes_per_s']:,.0f}",
+        f"hit rate       {hr:>12}   all time {hra}",
+        f"memory         {_mib(f['bytes_used']):>12}   of {_mib(cap)} ({100 * f['bytes_used'] / cap:.1f}%), "
+        f"{_mib(f['bytes_garbage'])} garbage",
+        f"items          {f['items']:>12,}   of {f['max_items']:,}",
+        f"evictions/s    {f['evictions_per_s']:>12,.0f}",
+        f"expirations/s  {f['expirations_per_s']:>12,.0f}",
+        f"clients        {f['clients']:>12}",
+        f"daemon         {daemon}; last snapshot {snap_s}",
+        "",
+        "hottest stripes   writes/s     fill    items",
+    ]
+    for h in f["hottest_stripes"]:
+        lines.append(f"  stripe {h['stripe']:>5}  {h['writes_per_s']:>10,.0f}  {100 * h['fill']:>6.1f}%  {h['items']:>7,}")
+    return [ln[:width] for ln in lines]
+
+
+def cmd_top(args) -> int:
+    """``shmcache top``: a live view of rates and state, redrawn every --interval seconds."""
+    import select
+
+    if not args.interval > 0:
+        raise CliError(f"--interval must be a positive number of seconds, got {args.interval}")
+    tty = sys.stdin.isatty() and sys.stdout.isatty() and not args.json
+    old = None
+    if tty:
+        import termios
+        import tty as ttymod
+
+        old = termios.tcgetattr(sys.stdin.fileno())
+        ttymod.setcbreak(sys.stdin.fileno())
+        sys.stdout.write("\x1b[?25l")  # hide the cursor
+    try:
+        with _attach(args) as c:
+            prev = _Sample(c)
+            n = 0
+            while not args.iterations or n < args.iterations:
+                deadline = time.monotonic() + args.interval
+                while (left := deadline - time.monotonic()) > 0:
+                    if not tty:
+                        time.sleep(left)
+                        continue
+                    r, _, _ = select.select([sys.stdin], [], [], left)
+                    if r and sys.stdin.read(1) in ("q", "Q"):
+                        return 0
+                cur = _Sample(c)
+                frame = top_frame(c.name, prev, cur)
+                prev = cur
+                n += 1
+                if args.json:
+                    print(json.dumps(frame), flush=True)
+                    continue
+                width = os.get_terminal_size().columns if tty else 100
+                text = "\n".join(render_top(frame, width))
+                sys.stdout.write(("\x1b[H\x1b[2J" if tty else "") + text + "\n")
+                sys.stdout.flush()
+    finally:
+        if old is not None:
+            import termios
+
+            sys.stdout.write("\x1b[?25h")
+            sys.stdout.flush()
+            termios.tcsetattr(sys.stdin.fileno(), termios.TCSADRAIN, old)
     return 0
 
 
@@ -607,6 +826,8 @@ def _daemon_parser(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--recover-every", type=float, default=1.0, metavar="SECONDS",
                    help="seconds between dead lock owner / dead client checks (default 1)")
     p.add_argument("--no-restore", action="store_true", help="do not load the snapshot at start")
+    p.add_argument("--metrics", metavar="HOST:PORT", help="serve Prometheus metrics at http://HOST:PORT/metrics "
+                                                          "(a bare PORT listens on 127.0.0.1; needs prometheus_client)")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     return p
 
@@ -642,18 +863,24 @@ def build_parser() -> argparse.ArgumentParser:
     sp = named(add("get", cmd_get, "print the value of a key (exit 1 if absent)"))
     sp.add_argument("key")
     sp.add_argument("--raw", action="store_true", help="write bytes values raw to stdout")
+    sp.add_argument("--json", action="store_true", help="print the value as JSON")
+    sp = named(add("inspect", cmd_inspect, "show a key's type, size, TTL and last access (exit 1 if absent)"))
+    sp.add_argument("key")
+    sp.add_argument("--json", action="store_true", help="print JSON instead of a table")
     sp = named(add("set", cmd_set, "store a value"))
     sp.add_argument("key")
     sp.add_argument("value")
     sp.add_argument("--ttl", type=float, help="seconds until it expires (default: never)")
-    sp.add_argument("--type", default="str", choices=["str", "bytes", "int", "float", "json"],
-                    help="how to store VALUE (default str; json stores the parsed object)")
+    sp.add_argument("--type", choices=["str", "bytes", "int", "float", "json"],
+                    help="how to store VALUE (default: an int if VALUE is a decimal integer, as Redis "
+                         "users expect for INCR, else str; json stores the parsed object)")
     sp.add_argument("--nx", action="store_true", help="only if the key is absent (exit 1 otherwise)")
     sp = named(add("delete", cmd_delete, "delete keys; prints how many existed"))
     sp.add_argument("keys", nargs="+", metavar="key")
     sp = named(add("keys", cmd_keys, "list keys matching a glob pattern (like Redis KEYS / SCAN MATCH)"))
     sp.add_argument("pattern", nargs="?", default="*", help="glob: * ? [abc] (default *)")
     sp.add_argument("--limit", type=int, default=0, help="print at most this many")
+    sp.add_argument("--json", action="store_true", help="print a JSON list")
     sp = named(add(
         "snapshot", cmd_snapshot, "write a snapshot",
         "Without PATH: ask the running daemon (SIGUSR1) and wait for its snapshot. "
@@ -671,6 +898,23 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--size", help="create the cache with this size if it does not exist")
     sp = named(add("check", cmd_check, "integrity check of every stripe (exit 1 on damage)"))
     sp.add_argument("--snapshot", metavar="PATH", help="verify a snapshot file instead")
+    sp.add_argument("--json", action="store_true", help="print JSON (the cache check only)")
+    sp = named(add("top", cmd_top, "live view: ops/s, hit rate, memory, evictions, expirations, hot stripes",
+                   "Redraw the cache's rates and state every --interval seconds, like redis-cli --stat "
+                   "(q or Ctrl-C quits). Rates are over the last interval, across every process."))
+    sp.add_argument("--interval", type=float, default=1.0, help="seconds between updates (default 1)")
+    sp.add_argument("--iterations", type=int, default=0, help="stop after this many updates (default: never)")
+    sp.add_argument("--json", action="store_true", help="print one JSON object per update instead")
+    sp = named(add("create", cmd_create, "create a cache with a given layout (exit 1 if it exists)"))
+    sp.add_argument("--size", default="64MiB", help="segment size, e.g. 256MiB (default 64MiB)")
+    sp.add_argument("--stripes", type=int, help="lock stripes (power of two; default one per 4 MiB, 4..64)")
+    sp.add_argument("--max-items", type=int, help="most entries (default one per 200 bytes)")
+    sp.add_argument("--max-key-size", type=int, default=1024, help="bytes (default 1024)")
+    sp.add_argument("--max-value-size", type=int, help="bytes (default a quarter of a stripe's arena)")
+    sp.add_argument("--max-clients", type=int, default=512, help="processes attached at once (default 512)")
+    sp.add_argument("--policy", default="lru", choices=["lru", "noeviction"])
+    sp.add_argument("--mode", default="600", help="permission bits (octal, default 600)")
+    sp.add_argument("--json", action="store_true", help="print the layout as JSON")
     sp = add("ls", cmd_ls, "list the caches on this host with size, items and daemon")
     sp.add_argument("--json", action="store_true")
     sp = named(add("rm", cmd_rm, "remove a cache (its shared memory and semaphores)"))

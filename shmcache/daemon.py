@@ -185,6 +185,9 @@ class Daemon:
         expire_every: seconds between expiry ticks (0: no active expiry).
         recover_every: seconds between dead-owner / dead-client checks.
         restore: load ``snapshot`` at start when it exists and the cache is empty.
+        metrics: ``"HOST:PORT"`` to serve Prometheus metrics at ``/metrics``
+            (``shmcache.contrib.prometheus``; needs ``prometheus_client``).
+            A bare ``PORT`` listens on 127.0.0.1; port 0 picks a free one.
 
     Raises:
         DaemonError: another daemon serves the cache, or ``snapshot`` is a directory.
@@ -206,6 +209,7 @@ class Daemon:
         expire_every: float = 0.1,
         recover_every: float = 1.0,
         restore: bool = True,
+        metrics: str | None = None,
     ):
         for label, v in (("snapshot_every", snapshot_every), ("expire_every", expire_every),
                          ("recover_every", recover_every)):
@@ -227,6 +231,8 @@ class Daemon:
         self.expire_every = float(expire_every)
         self.recover_every = float(recover_every)
         self.restore = restore
+        self.metrics_addr = parse_listen(metrics) if metrics else None
+        self.metrics_server = None
         self.cache = Cache(name, size=size, stripes=stripes, max_items=max_items, mode=mode)
         try:
             seg = admin.storage(self.cache).segment
@@ -338,6 +344,32 @@ class Daemon:
         if clients:
             log.info("freed %d client slot(s) of dead processes", len(clients))
 
+    def start_metrics(self) -> tuple[str, int] | None:
+        """Serve Prometheus metrics on ``metrics_addr`` in a thread (the
+        collector only reads shared memory). Returns the bound (host, port).
+
+        Raises:
+            DaemonError: prometheus_client is missing or the address is taken.
+        """
+        if self.metrics_addr is None:
+            return None
+        try:
+            from prometheus_client import CollectorRegistry, start_http_server
+
+            from .contrib.prometheus import ShmcacheCollector
+        except ImportError as e:
+            raise DaemonError(f"--metrics needs prometheus_client: pip install 'shmcache[prometheus]' ({e})") from e
+        registry = CollectorRegistry()
+        registry.register(ShmcacheCollector(self.cache))
+        host, port = self.metrics_addr
+        try:
+            self.metrics_server, _thread = start_http_server(port, addr=host, registry=registry)
+        except OSError as e:
+            raise DaemonError(f"cannot serve metrics on {host}:{port}: {e.strerror or e}") from e
+        bound = self.metrics_server.server_address[:2]
+        log.info("metrics at http://%s:%d/metrics", *((f"[{bound[0]}]" if ":" in bound[0] else bound[0]), bound[1]))
+        return bound
+
     # -- loop --------------------------------------------------------------
     def request_stop(self, *_a) -> None:
         """Ask the loop to finish (final snapshot, then return). Signal-safe."""
@@ -381,6 +413,7 @@ class Daemon:
             log.info("attached to the existing cache %r; its layout wins over --size/--stripes/--max-items",
                      self.name)
         self.load_snapshot()
+        self.start_metrics()
         # Logged once the start-up restore is done: scripts wait for this line.
         if not self.snapshot_path:
             snaps = "snapshots off"
@@ -427,7 +460,11 @@ class Daemon:
             self.take_snapshot()
 
     def close(self) -> None:
-        """Clear the heartbeat, restore signal handlers and detach. Idempotent."""
+        """Clear the heartbeat, stop serving metrics, restore signal handlers and detach. Idempotent."""
+        if self.metrics_server is not None:
+            self.metrics_server.shutdown()
+            self.metrics_server.server_close()
+            self.metrics_server = None
         if self._wake_w is not None:
             signal.set_wakeup_fd(self._old_wakeup)
             for sig, old in self._old_handlers.items():
@@ -440,6 +477,21 @@ class Daemon:
         if not self.cache.closed:
             self._clear_beat()
             self.cache.close()  # also drops LOCK_DAEMON (closing the fd releases fcntl locks)
+
+
+def parse_listen(addr: str) -> tuple[str, int]:
+    """``"127.0.0.1:9464"``, ``"[::1]:9464"`` or ``"9464"`` (127.0.0.1) -> (host, port).
+
+    Raises:
+        ValueError: not of that form, or the port is out of range.
+    """
+    host, sep, port = addr.rpartition(":")
+    if not sep:
+        host, port = "127.0.0.1", addr
+    host = host.strip("[]") or "127.0.0.1"
+    if not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ValueError(f"bad listen address {addr!r}: expected HOST:PORT, e.g. 127.0.0.1:9464")
+    return host, int(port)
 
 
 def serve(name: str, **kw) -> int:

@@ -1,0 +1,95 @@
+"""Prometheus: the daemon's /metrics, scraped over HTTP and parsed with
+prometheus_client's own parser, adds up what every worker process did."""
+
+import multiprocessing as mp
+import re
+import urllib.request
+
+import pytest
+
+from shmcache import Cache
+from test_aio import _free_port
+from test_daemon import _snapshot_now, daemon  # noqa: F401 - the daemon fixture
+
+parser = pytest.importorskip("prometheus_client.parser")
+CTX = mp.get_context("spawn")
+
+
+def _work(name, wid, n):
+    c = Cache(name, create=False)
+    for i in range(n):
+        c.set(f"w{wid}:{i}", b"x" * 100)
+    for i in range(n):
+        c.get(f"w{wid}:{i}")  # hit
+    for i in range(wid + 1):
+        c.get(f"absent:{wid}:{i}")  # miss
+    c.delete(f"w{wid}:0")
+    c.close()
+
+
+def _scrape(port):
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as r:
+        assert r.status == 200 and r.headers["Content-Type"].startswith("text/plain")
+        text = r.read().decode()
+    out = {}
+    for fam in parser.text_string_to_metric_families(text):
+        for s in fam.samples:
+            out[(s.name, tuple(sorted(s.labels.items())))] = s.value
+    return out
+
+
+def test_daemon_metrics_equal_the_sum_of_the_workers(daemon, cache_name, tmp_path):
+    port = _free_port()
+    snap = tmp_path / "m.snap"
+    d = daemon("--size", "8MiB", "--stripes", "4", "--metrics", f"127.0.0.1:{port}", "--snapshot", str(snap),
+               "--snapshot-every", "0", "--expire-every", "0")
+    assert f"metrics at http://127.0.0.1:{port}/metrics" in d.log()
+    workers = [CTX.Process(target=_work, args=(cache_name, w, 100 * (w + 1))) for w in range(3)]
+    for p in workers:
+        p.start()
+    for p in workers:
+        p.join(60)
+        assert p.exitcode == 0
+    _snapshot_now(d, snap)
+    m = _scrape(port)
+    c = (("cache", cache_name),)
+    sets = sum(100 * (w + 1) for w in range(3))
+    assert m[("shmcache_sets_total", c)] == sets
+    assert m[("shmcache_hits_total", c)] == sets
+    assert m[("shmcache_misses_total", c)] == 1 + 2 + 3
+    assert m[("shmcache_deletes_total", c)] == 3
+    assert m[("shmcache_items", c)] == sets - 3
+    assert m[("shmcache_evictions_total", c)] == 0 and m[("shmcache_recoveries_total", c)] == 0
+    assert m[("shmcache_clients", c)] == 1  # the daemon itself; the workers detached
+    assert m[("shmcache_daemon_up", c)] == 1
+    assert 0 <= m[("shmcache_daemon_heartbeat_age_seconds", c)] < 30
+    assert m[("shmcache_last_snapshot_success", c)] == 1
+    assert m[("shmcache_last_snapshot_entries", c)] == sets - 3
+    fills = [m[("shmcache_stripe_fill_ratio", (("cache", cache_name), ("stripe", str(s))))] for s in range(4)]
+    assert all(0 < f < 1 for f in fills)
+    used = m[("shmcache_bytes_used", c)]
+    assert used == pytest.approx(sum(fills) * m[("shmcache_bytes_capacity", c)] / 4, rel=1e-3)
+    # a second scrape after more traffic moves only what changed
+    with Cache(cache_name, create=False) as cache:
+        cache.get("w0:1")
+        m2 = _scrape(port)
+    assert m2[("shmcache_hits_total", c)] == sets + 1 and m2[("shmcache_sets_total", c)] == sets
+    assert d.stop() == 0
+
+
+def test_metrics_address_errors_are_clear(daemon, cache_name):
+    from shmcache.daemon import parse_listen
+
+    assert parse_listen("9464") == ("127.0.0.1", 9464)
+    assert parse_listen("[::1]:80") == ("::1", 80)
+    with pytest.raises(ValueError, match="HOST:PORT"):
+        parse_listen("localhost:http")
+    busy = _free_port()
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", busy))
+        s.listen()
+        d = daemon("--size", "1MiB", "--metrics", f"127.0.0.1:{busy}", ready=False)
+        assert d.proc.wait(30) == 1
+    assert re.search(r"shmcache: cannot serve metrics on 127\.0\.0\.1:\d+", d.log())
