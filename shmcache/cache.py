@@ -14,7 +14,7 @@ from . import admin, stampede
 from . import layout as L
 from ._sentinels import DEFAULT_TTL, MISSING
 from .codec import BYTES, STR, Codec, decode_key, encode_int, encode_key
-from .errors import KeyTooLong, ValueTooLarge
+from .errors import KeyTooLong, SettingsIgnored, SettingsMismatch, ValueTooLarge
 from .lock import Identity, StripeLocks, claim_client, release_client
 from .segment import Segment, sem_name
 from .table import ADD, REPLACE, SET, Table
@@ -95,14 +95,19 @@ class Cache(MutableMapping):
     """A cache shared by every process on this host that opens the same ``name``.
 
     ``Cache("app", size="256MiB")`` creates the segment ``/shmcache.app`` or
-    attaches to it if it exists (then the existing layout wins and ``size``,
+    attaches to it if it exists. Then the existing layout wins: ``size``,
     ``stripes``, ``max_items``, ``max_key_size``, ``max_value_size``,
-    ``max_clients``, ``policy`` and ``mode`` are ignored). Every process may set
-    its own ``default_ttl``, ``lock_timeout``, ``clock`` and ``serializer``.
+    ``max_clients``, ``policy`` and ``mode`` given here that differ from it are
+    ignored with a :class:`~shmcache.errors.SettingsIgnored` warning (once per
+    process) naming each one and its real value, or raise
+    :class:`~shmcache.errors.SettingsMismatch` with ``strict=True``. Every
+    process may set its own ``default_ttl``, ``lock_timeout``, ``clock`` and
+    ``serializer``.
 
     Args:
         name: 1-64 characters from ``[A-Za-z0-9_.-]``.
-        size: bytes of the whole segment: int, or a string like ``"256MiB"``.
+        size: bytes of the whole segment: int, or a string like ``"256MiB"``
+            (default 64 MiB). All of it is reserved in /dev/shm at creation.
         create: False to attach only (raise CacheNotFound if missing).
         stripes: lock stripes, a power of two (default: one per 4 MiB, 4..64).
         max_items: most entries (default: one per 200 bytes of ``size``).
@@ -120,10 +125,16 @@ class Cache(MutableMapping):
         clock: a ``time.time``-like function; deadlines are absolute values of it.
         serializer: object with ``dumps``/``loads`` used instead of pickle for
             values that are not bytes, str, int, float or numpy arrays.
+        strict: raise SettingsMismatch instead of warning when the existing
+            cache has other layout settings than the ones given.
 
     Raises:
         ValueError / TypeError: a bad name or setting (the message gives the limit).
         CacheNotFound: ``create=False`` and the cache does not exist.
+        OutOfSharedMemory: creating the cache would not fit in /dev/shm.
+        PermissionDenied: the cache belongs to another user or group.
+        SharedMemoryUnavailable: /dev/shm is missing or read-only.
+        SettingsMismatch: ``strict=True`` and the existing layout differs.
         LayoutMismatch: the segment is not shmcache's or has another layout version.
         CacheFull: no free client slot (``max_clients`` live processes attached).
     """
@@ -131,21 +142,22 @@ class Cache(MutableMapping):
     def __init__(
         self,
         name: str,
-        size: int | str = "64MiB",
+        size: int | str | None = None,
         *,
         create: bool = True,
         stripes: int | None = None,
         max_items: int | None = None,
-        max_key_size: int = 1024,
+        max_key_size: int | None = None,
         max_value_size: int | None = None,
-        max_clients: int = 512,
-        policy: str = "lru",
-        mode: int = 0o600,
+        max_clients: int | None = None,
+        policy: str | None = None,
+        mode: int | None = None,
         default_ttl: float | None = None,
         lock_timeout: float = 0.5,
         clock=time.time,
         serializer=None,
         init_timeout: float = 5.0,
+        strict: bool = False,
     ):
         self._closed = True  # until fully open, so close()/__del__ are safe
         default_ttl = _check_ttl(default_ttl) or None
@@ -154,16 +166,20 @@ class Cache(MutableMapping):
         if not callable(clock):
             raise TypeError("clock must be a function returning seconds, like time.time")
         codec = Codec(serializer)
-        seg = Segment.open(
-            name,
-            create=create,
-            geometry_args=dict(
-                size=size, stripes=stripes, max_items=max_items, max_key_size=max_key_size,
-                max_value_size=max_value_size, max_clients=max_clients, policy=policy,
-            ),
-            mode=mode,
-            timeout=init_timeout,
-        )
+        # None = "not given": the default when creating, not compared when attaching.
+        given = {k: v for k, v in dict(
+            size=size, stripes=stripes, max_items=max_items, max_key_size=max_key_size,
+            max_value_size=max_value_size, max_clients=max_clients, policy=policy, mode=mode,
+        ).items() if v is not None}
+        geometry_args = {**LAYOUT_DEFAULTS, **given}
+        mode = geometry_args.pop("mode")
+        seg = Segment.open(name, create=create, geometry_args=geometry_args, mode=mode, timeout=init_timeout)
+        try:
+            if not seg.created:
+                _check_settings(name, given, seg.geometry, strict)
+        except BaseException:
+            seg.close()
+            raise
         try:
             identity = Identity()
             client = claim_client(seg, identity)
@@ -801,6 +817,46 @@ class Cache(MutableMapping):
     def list() -> list[str]:
         """Names of the caches on this host."""
         return Segment.list_names()
+
+
+#: Layout settings used when a cache is created without them.
+LAYOUT_DEFAULTS = dict(size="64MiB", max_key_size=1024, max_clients=512, policy="lru", mode=0o600)
+
+_warned_settings: set = set()
+
+
+def _check_settings(name: str, given: dict, g: L.Geometry, strict: bool) -> None:
+    """Warn (once per process) or, with ``strict``, raise SettingsMismatch when
+    layout settings given to an attaching Cache differ from the segment's."""
+    diffs = []
+    if "size" in given:
+        # The creator rounds the arena down to pages per stripe: within that, same size.
+        asked = L.parse_size(given["size"])
+        if not g.total_size <= asked < g.total_size + (g.n_stripes + 2) * L.PAGE:
+            diffs.append(("size", given["size"], f"{g.total_size} bytes"))
+    if "max_items" in given:
+        n = g.n_stripes
+        if -(-given["max_items"] // n) * n != g.max_items:
+            diffs.append(("max_items", given["max_items"], str(g.max_items)))
+    real = dict(stripes=g.n_stripes, max_key_size=g.max_key_size, max_value_size=g.max_value_size,
+                max_clients=g.max_clients, policy=L.POLICY_NAMES.get(g.policy))
+    for k, v in real.items():
+        if k in given and given[k] != v:
+            diffs.append((k, given[k], repr(v)))
+    if "mode" in given and (given["mode"] & 0o777) != (g.mode & 0o777):
+        diffs.append(("mode", f"0o{given['mode']:o}", f"0o{g.mode & 0o777:o}"))
+    if not diffs:
+        return
+    what = ", ".join(f"{k}={a!r} (it has {b})" for k, a, b in diffs)
+    msg = (f"cache {name!r} already exists with another layout, which wins: {what}; to change it, "
+           f"remove the cache (shmcache rm {name}) and create it again (a snapshot keeps the entries: "
+           "shmcache snapshot, rm, restore --size)")
+    if strict:
+        raise SettingsMismatch(msg)
+    key = (name, g.created, tuple(diffs))
+    if key not in _warned_settings:
+        _warned_settings.add(key)
+        warnings.warn(msg, SettingsIgnored, stacklevel=3)
 
 
 def _weak(cache: "Cache", method):

@@ -123,7 +123,7 @@ def cmd_daemon(args) -> int:
         size=args.size,
         stripes=args.stripes,
         max_items=args.max_items,
-        mode=int(args.mode, 8),
+        mode=int(args.mode, 8) if args.mode else None,
         snapshot=args.snapshot,
         snapshot_every=args.snapshot_every,
         expire_every=args.expire_every,
@@ -813,10 +813,10 @@ def run_demo(args) -> int:
 # ----------------------------------------------------------------- parser
 def _daemon_parser(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("-n", "--name", help=f"cache name (default ${NAME_ENV})")
-    p.add_argument("--size", default="64MiB", help="segment size if the cache is created, e.g. 256MiB (default 64MiB)")
+    p.add_argument("--size", help="segment size if the cache is created, e.g. 256MiB (default 64MiB)")
     p.add_argument("--stripes", type=int, help="lock stripes if created (power of two; default one per 4 MiB, 4..64)")
     p.add_argument("--max-items", type=int, help="most entries if created (default one per 200 bytes)")
-    p.add_argument("--mode", default="600", help="permission bits (octal) if created (default 600)")
+    p.add_argument("--mode", help="permission bits (octal) if created (default 600)")
     p.add_argument("--snapshot", metavar="PATH", help="snapshot file: restored at start, written periodically, "
                                                       "on SIGUSR1 and at exit")
     p.add_argument("--snapshot-every", type=float, default=60.0, metavar="SECONDS",

@@ -199,11 +199,11 @@ class Daemon:
     def __init__(
         self,
         name: str,
-        size: int | str = "64MiB",
+        size: int | str | None = None,
         *,
         stripes: int | None = None,
         max_items: int | None = None,
-        mode: int = 0o600,
+        mode: int | None = None,
         snapshot: str | None = None,
         snapshot_every: float = 60.0,
         expire_every: float = 0.1,

@@ -43,3 +43,34 @@ class SnapshotError(Error, ValueError):
 
 class DaemonError(Error):
     """The daemon cannot run: another daemon serves the cache, or a setting is unusable."""
+
+
+class OutOfSharedMemory(Error, MemoryError):
+    """Creating the cache would not fit in the shared memory filesystem (/dev/shm).
+
+    Raised at creation, before the cache exists, instead of a SIGBUS later: the
+    segment is reserved with ``posix_fallocate``. The message names the space
+    free, the size asked for and the fix (``docker run --shm-size``, a
+    Kubernetes memory-backed ``emptyDir``, or a smaller ``size``).
+    """
+
+
+class SharedMemoryUnavailable(Error, OSError):
+    """``/dev/shm`` is missing, read-only, or the cache's name is taken by
+    something that is not a shmcache segment; the message says which."""
+
+
+class PermissionDenied(Error, PermissionError):
+    """This process may not open the cache: the message names the cache, its
+    owner, group and mode, and how to share it (``mode=0o660`` and a group
+    every process is in)."""
+
+
+class SettingsMismatch(Error, ValueError):
+    """``strict=True`` and the existing cache was created with other layout
+    settings (each named with its real value) than the ones given."""
+
+
+class SettingsIgnored(UserWarning):
+    """Attached to an existing cache whose layout settings differ from the ones
+    given; the existing ones win. Issued once per cache and settings per process."""

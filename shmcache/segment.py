@@ -11,6 +11,16 @@ header (attach) or an empty or half-written one (a creator died, or nobody has
 initialized yet), which it initializes itself. The magic is written last, so
 "magic present" means "header complete". An attacher with ``create=False``
 waits (bounded) for the magic instead.
+
+Reservation: the initializer reserves every page of the segment with
+``posix_fallocate`` before anything is mapped, and counts the semaphores (a
+tmpfs page each) against the free space first. On a small /dev/shm (Docker's
+64 MiB default) a cache that does not fit is refused with
+:class:`~shmcache.errors.OutOfSharedMemory` naming the fix, instead of a
+SIGBUS in whichever process first touches a page the filesystem cannot back.
+A sparse ``ftruncate`` alone (what POSIX shm gives) was rejected for exactly
+that reason: the failure surfaced later, in another process, mid-write,
+holding a stripe lock.
 """
 
 from __future__ import annotations
@@ -18,8 +28,10 @@ from __future__ import annotations
 import errno
 import fcntl
 import glob
+import grp
 import mmap
 import os
+import pwd
 import threading
 import time
 from contextlib import contextmanager
@@ -27,7 +39,14 @@ from contextlib import contextmanager
 import posix_ipc
 
 from . import layout
-from .errors import CacheNotFound, LayoutMismatch, LockTimeout
+from .errors import (
+    CacheNotFound,
+    LayoutMismatch,
+    LockTimeout,
+    OutOfSharedMemory,
+    PermissionDenied,
+    SharedMemoryUnavailable,
+)
 
 if not posix_ipc.SEMAPHORE_TIMEOUT_SUPPORTED:  # pragma: no cover - macOS
     raise ImportError(
@@ -45,6 +64,14 @@ LOCK_RECOVERY = 2  # repair a stripe whose lock owner died
 LOCK_DAEMON = 3  # held by the running daemon for its lifetime
 
 SHM_DIR = "/dev/shm"
+
+#: tmpfs bytes one named semaphore takes: glibc keeps each in its own
+#: /dev/shm/sem.* file of 32 bytes, and tmpfs allocates whole pages.
+SEM_BYTES = 4096
+
+# Returned by _try_open when the name was removed while we waited for the init
+# lock (a creator that failed unlinks its empty file): open the name again.
+_REOPEN = object()
 
 # fcntl locks belong to the process, not the thread: two threads would both
 # "get" one. A process-wide threading lock per (inode, byte) makes them
@@ -112,22 +139,24 @@ class Segment:
             LayoutMismatch: the segment is foreign or of another layout version.
             LockTimeout: another process held the init lock (or left a
                 half-initialized segment) for longer than ``timeout`` seconds.
+            OutOfSharedMemory: creating it would not fit in /dev/shm (nothing is left behind).
+            PermissionDenied: the cache belongs to another user or group.
+            SharedMemoryUnavailable: /dev/shm is missing or read-only, or the
+                name is taken by something that is not a segment.
         """
         layout.validate_name(name)
         # Validate the settings before touching the system (raises on bad input).
         layout.compute_geometry(**(geometry_args or {"size": layout.MIN_SIZE}))
-        path = shm_name(name)
         deadline = time.monotonic() + timeout
-        if create:
-            shm = posix_ipc.SharedMemory(path, posix_ipc.O_CREAT, mode=mode)
-        else:
-            try:
-                shm = posix_ipc.SharedMemory(path)
-            except posix_ipc.ExistentialError:
-                raise CacheNotFound(f"no cache named {name!r} on this host (no {path})") from None
+        shm = _open_shm(name, create, mode)
         try:
             while True:
                 seg = cls._try_open(name, shm, create, geometry_args, mode, deadline)
+                if seg is _REOPEN:
+                    shm.close_fd()
+                    shm = None
+                    shm = _open_shm(name, create, mode)
+                    continue
                 if seg is not None:
                     return seg
                 if time.monotonic() > deadline:
@@ -137,14 +166,18 @@ class Segment:
                     )
                 time.sleep(0.002)
         except BaseException:
-            shm.close_fd()
+            if shm is not None:
+                shm.close_fd()
             raise
 
     @classmethod
     def _try_open(cls, name, shm, create, geometry_args, mode, deadline):
         fd = shm.fd
         with _file_lock(fd, LOCK_INIT, max(0.0, deadline - time.monotonic()), what="init"):
-            size = os.fstat(fd).st_size
+            st = os.fstat(fd)
+            if st.st_nlink == 0:
+                return _REOPEN  # a creator that failed removed this file: open the name again
+            size = st.st_size
             if 0 < size < layout.PAGE:
                 # Our creator truncates to 0 and then to the full size, so a
                 # non-empty file smaller than a page was made by someone else.
@@ -171,21 +204,38 @@ class Segment:
     def _initialize(cls, name, shm, geometry, mode):
         fd = shm.fd
         os.ftruncate(fd, 0)  # zero any half-written header a dead creator left
-        os.ftruncate(fd, geometry.total_size)
-        os.fchmod(fd, mode)  # shm_open applied the umask; the user asked for `mode`
         sems = []
         try:
+            _reserve(name, fd, geometry)
+            os.fchmod(fd, mode)  # shm_open applied the umask; the user asked for `mode`
             for i in range(geometry.n_stripes):
                 sname = sem_name(name, i)
                 try:  # a semaphore left from an earlier cache of this name
                     posix_ipc.unlink_semaphore(sname)
                 except posix_ipc.ExistentialError:
                     pass
-                sems.append(posix_ipc.Semaphore(sname, posix_ipc.O_CREX, mode=mode, initial_value=1))
+                try:
+                    sems.append(posix_ipc.Semaphore(sname, posix_ipc.O_CREX, mode=mode, initial_value=1))
+                except OSError as e:
+                    if e.errno in (errno.ENOSPC, errno.ENOMEM):
+                        raise _no_room(name, geometry, _free_bytes()) from None
+                    raise
                 _chmod_sem(sname, mode)
         except BaseException:
-            for s in sems:
+            for i, s in enumerate(sems):
                 s.close()
+                try:
+                    posix_ipc.unlink_semaphore(sem_name(name, i))
+                except posix_ipc.ExistentialError:
+                    pass
+            # Nothing of a cache that could not be made may stay behind: an
+            # empty file would make the next opener fail the same way, and
+            # leak. Under the init lock; waiters see nlink 0 and reopen.
+            os.ftruncate(fd, 0)
+            try:
+                posix_ipc.unlink_shared_memory(shm_name(name))
+            except posix_ipc.ExistentialError:
+                pass
             raise
         mm = mmap.mmap(fd, geometry.total_size)
         mm[0 : layout.HEADER.size] = geometry.pack_header()
@@ -198,6 +248,10 @@ class Segment:
         try:
             for i in range(geometry.n_stripes):
                 sems.append(posix_ipc.Semaphore(sem_name(name, i)))
+        except posix_ipc.PermissionsError:
+            for s in sems:
+                s.close()
+            raise _permission_denied(name, _sem_path(sem_name(name, len(sems)))) from None
         except posix_ipc.ExistentialError:
             for s in sems:
                 s.close()
@@ -304,10 +358,174 @@ class Segment:
         return sorted(p[len(prefix):] for p in glob.glob(prefix + "*"))
 
 
+def shm_path(name: str) -> str:
+    """The file of a cache's segment (Linux)."""
+    return os.path.join(SHM_DIR, shm_name(name).lstrip("/"))
+
+
+def _sem_path(sname: str) -> str:
+    return os.path.join(SHM_DIR, "sem." + sname.lstrip("/"))
+
+
+def _open_shm(name: str, create: bool, mode: int):
+    """shm_open the cache's segment, turning every way the environment can
+    refuse into a shmcache error that says what to do."""
+    path = shm_name(name)
+    try:
+        if create:
+            return posix_ipc.SharedMemory(path, posix_ipc.O_CREAT, mode=mode)
+        return posix_ipc.SharedMemory(path)
+    except posix_ipc.PermissionsError:
+        raise _permission_denied(name, shm_path(name)) from None
+    except ValueError:  # posix_ipc's EINVAL/EISDIR: the name is not a regular file
+        _check_foreign(name)
+        raise
+    except posix_ipc.ExistentialError:
+        _check_shm_dir()
+        if create:  # pragma: no cover - O_CREAT does not fail with ENOENT in an existing directory
+            raise
+        raise CacheNotFound(f"no cache named {name!r} on this host (no {path})") from None
+    except OSError as e:
+        if e.errno == errno.EROFS:
+            raise SharedMemoryUnavailable(
+                f"{SHM_DIR} is read-only, so cache {name!r} cannot be {'created' if create else 'opened'}: "
+                f"shmcache needs a writable tmpfs there (Docker: do not mount {SHM_DIR} read-only; Kubernetes: "
+                f"mount an emptyDir with medium: Memory at {SHM_DIR})"
+            ) from None
+        if e.errno in (errno.EISDIR, errno.ENOTDIR, errno.ELOOP, errno.ENXIO, errno.EINVAL):
+            _check_foreign(name)
+        if e.errno in (errno.ENOSPC, errno.ENOMEM):
+            raise OutOfSharedMemory(
+                f"no room in {SHM_DIR} to create cache {name!r} ({e.strerror}); free some or give the "
+                "container more (docker run --shm-size=...)"
+            ) from None
+        raise
+
+
+def _check_foreign(name: str) -> None:
+    """Raise SharedMemoryUnavailable if the cache's name is taken by something
+    that is not a regular file (a directory, a device, a socket...)."""
+    import stat
+
+    try:
+        st = os.lstat(shm_path(name))
+    except OSError:
+        return
+    if not stat.S_ISREG(st.st_mode):
+        raise SharedMemoryUnavailable(
+            f"{shm_path(name)} exists and is not a shmcache segment (not a regular file); "
+            "remove it or pick another cache name"
+        )
+
+
+def _check_shm_dir() -> None:
+    if not os.path.isdir(SHM_DIR):
+        raise SharedMemoryUnavailable(
+            f"{SHM_DIR} does not exist: POSIX shared memory needs a tmpfs mounted there "
+            f"(mount -t tmpfs -o size=512m tmpfs {SHM_DIR}; containers get one by default)"
+        )
+
+
+def _free_bytes(total: bool = False) -> int | None:
+    """Bytes free in /dev/shm for us (``total``: its whole size); None if unknown."""
+    try:
+        st = os.statvfs(SHM_DIR)
+    except OSError:  # pragma: no cover
+        return None
+    return (st.f_blocks if total else st.f_bavail) * st.f_frsize
+
+
+def _human(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} GiB"  # pragma: no cover
+
+
+def reservation_bytes(geometry: layout.Geometry) -> int:
+    """The /dev/shm bytes a cache of this geometry takes: segment plus semaphores."""
+    return geometry.total_size + geometry.n_stripes * SEM_BYTES
+
+
+def _no_room(name: str, geometry: layout.Geometry, free: int | None) -> OutOfSharedMemory:
+    need = reservation_bytes(geometry)
+    total = _free_bytes(total=True)
+    have = "?" if free is None else f"{_human(free)} ({free} bytes)"
+    of = f" of {_human(total)}" if total else ""
+    mib = -(-need // 2**20)
+    want = 1 << max(6, (mib - 1).bit_length())  # a power-of-two MiB size with room to spare
+    fits = ""
+    if free:
+        fit = (free - geometry.n_stripes * SEM_BYTES - layout.PAGE) // 2**20
+        if fit * 2**20 >= layout.MIN_SIZE:
+            fits = f' (size="{fit}MiB" fits now)'
+    return OutOfSharedMemory(
+        f"cache {name!r} needs {_human(need)} ({need} bytes: the {geometry.total_size}-byte segment and "
+        f"{geometry.n_stripes} semaphores) of shared memory, but {SHM_DIR} has {have} free{of}; "
+        f"give it more (docker run --shm-size={want}m, compose shm_size: {want}m, Kubernetes: an emptyDir "
+        f"{{medium: Memory, sizeLimit: {want}Mi}} mounted at {SHM_DIR}) or create the cache with a smaller "
+        f"size{fits}"
+    )
+
+
+def _reserve(name: str, fd: int, geometry: layout.Geometry) -> None:
+    """Size the segment and allocate every page of it now (posix_fallocate), so
+    no later store can meet a page the filesystem cannot back (SIGBUS).
+
+    Raises:
+        OutOfSharedMemory: /dev/shm cannot hold the segment and its semaphores.
+    """
+    free = _free_bytes()
+    if free is not None and reservation_bytes(geometry) > free:
+        raise _no_room(name, geometry, free)
+    os.ftruncate(fd, geometry.total_size)
+    try:
+        os.posix_fallocate(fd, 0, geometry.total_size)
+    except OSError as e:
+        if e.errno in (errno.ENOSPC, errno.ENOMEM, errno.EFBIG):
+            raise _no_room(name, geometry, _free_bytes()) from None
+        raise
+
+
+def _who(uid: int | None = None, gid: int | None = None) -> str:
+    if uid is not None:
+        try:
+            return f"{pwd.getpwuid(uid).pw_name} (uid {uid})"
+        except KeyError:
+            return f"uid {uid}"
+    try:
+        return f"{grp.getgrgid(gid).gr_name} (gid {gid})"
+    except KeyError:
+        return f"gid {gid}"
+
+
+def _permission_denied(name: str, path: str) -> PermissionDenied:
+    """The error for a cache this process may not open, with what to change."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        st = None
+    me = f"uid {os.geteuid()}, gid {os.getegid()}, groups {sorted(set(os.getgroups()))}"
+    if st is None:
+        what = f"{path} is not accessible"
+        group = "a group every process is in"
+    else:
+        what = (f"{path} is owned by user {_who(uid=st.st_uid)}, group {_who(gid=st.st_gid)}, "
+                f"mode {st.st_mode & 0o7777:04o}")
+        group = f"its group {_who(gid=st.st_gid).split(' ')[0]}"
+    return PermissionDenied(
+        f"permission denied opening cache {name!r}: {what}; this process runs as {me}. To share a cache "
+        f"between users, create it with mode=0o660 (shmcache daemon --mode 660) and run every process in "
+        f"{group} (usermod -aG GROUP USER; Docker --group-add); or remove it (shmcache rm {name}) and let "
+        f"this user create it"
+    )
+
+
 def _chmod_sem(sname: str, mode: int) -> None:
     # sem_open applies the umask, so 0o660 would become 0o640 and group
     # members could not attach. Linux keeps named semaphores in /dev/shm.
-    path = os.path.join(SHM_DIR, "sem." + sname.lstrip("/"))
+    path = _sem_path(sname)
     try:
         os.chmod(path, mode)
     except FileNotFoundError:  # pragma: no cover - not Linux

@@ -26,7 +26,7 @@ __all__ = [
 CACHE_OPTIONS = frozenset(
     {
         "size", "stripes", "max_items", "max_key_size", "max_value_size", "max_clients",
-        "policy", "mode", "default_ttl", "lock_timeout", "clock", "serializer", "init_timeout",
+        "policy", "mode", "default_ttl", "lock_timeout", "clock", "serializer", "init_timeout", "strict",
     }
 )
 # Settings each process chooses for itself: handles differing in these are
