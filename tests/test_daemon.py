@@ -311,7 +311,9 @@ def test_snapshot_round_trip_through_a_daemon_restart(make_cache, cache_name, da
     values = {f"k{i}": (f"value {i}" if i % 3 else {"n": i}) for i in range(2000)}
     c.set_many({k: v for k, v in values.items() if int(k[1:]) % 2}, ttl=300)
     c.set_many({k: v for k, v in values.items() if not int(k[1:]) % 2})
-    c.set_many({f"brief{i}": i for i in range(300)}, ttl=1.0)
+    # brief: long enough to outlive a daemon start on a loaded machine (1 s did not)
+    c.set_many({f"brief{i}": i for i in range(300)}, ttl=5.0)
+    brief_deadline = time.time() + 5.0
     deadline = time.time() + 300
     d = daemon("--snapshot", str(snap), "--snapshot-every", "0", "--expire-every", "0")
     info = _snapshot_now(d, snap)
@@ -319,7 +321,7 @@ def test_snapshot_round_trip_through_a_daemon_restart(make_cache, cache_name, da
     d.kill()  # SIGKILL: only the file on disk survives
     c.close()
     Cache.unlink(cache_name)
-    time.sleep(1.1)  # the brief keys expire while nothing runs
+    time.sleep(max(0.0, brief_deadline - time.time()) + 0.1)  # the brief keys expire while nothing runs
     d2 = daemon("--size", "8MiB", "--snapshot", str(snap), "--expire-every", "0")
     assert "restored" in d2.log()
     with Cache(cache_name, create=False) as c2:
