@@ -11,10 +11,17 @@ STAMP := $(VENV)/.installed
 $(STAMP): pyproject.toml setup.py shmcache/_speedups.c
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[test,django,flask,gunicorn]'
+	$(PY) -m pip install -q -e '.[test,django,flask,gunicorn,near]'
 	touch $(STAMP)
 
-test: $(STAMP) tools
+# The near-cache tests (tests/test_near*.py) start a real redis-server.
+.PHONY: redis-server
+redis-server:
+	@command -v redis-server >/dev/null && command -v redis-cli >/dev/null || { \
+	  SUDO=$$( [ "$$(id -u)" -eq 0 ] || echo sudo ); \
+	  $$SUDO apt-get update -q && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -q redis-server; }
+
+test: $(STAMP) tools redis-server
 	SHMCACHE_REQUIRE_SPEEDUPS=1 $(PY) -m pytest -q $(PYTEST_ARGS)
 
 # tmux: the `shmcache top` test drives it in a real terminal (send-keys/capture-pane)

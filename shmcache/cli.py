@@ -130,6 +130,9 @@ def cmd_daemon(args) -> int:
         recover_every=args.recover_every,
         restore=not args.no_restore,
         metrics=args.metrics,
+        upstream=args.upstream,
+        track_prefixes=args.track_prefix or (),
+        track_ping=args.track_ping,
     )
 
 
@@ -828,6 +831,12 @@ def _daemon_parser(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--no-restore", action="store_true", help="do not load the snapshot at start")
     p.add_argument("--metrics", metavar="HOST:PORT", help="serve Prometheus metrics at http://HOST:PORT/metrics "
                                                           "(a bare PORT listens on 127.0.0.1; needs prometheus_client)")
+    p.add_argument("--upstream", metavar="URL", help="Redis to track for the near cache (shmcache.near): "
+                                                     "redis://, rediss://, unix:// or redis+sentinel:// URL")
+    p.add_argument("--track-prefix", action="append", metavar="PREFIX",
+                   help="key prefix to track (repeatable; default: every key)")
+    p.add_argument("--track-ping", type=float, default=0.1, metavar="SECONDS",
+                   help="seconds between tracker PINGs; near-cache reads are at most twice that behind (default 0.1)")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     return p
 

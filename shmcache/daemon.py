@@ -19,6 +19,9 @@ thread:
   on SIGTERM/SIGINT (see ``shmcache.snapshot``).
 * **heartbeat**: daemon pid, start time and the time of the last tick in the
   header, read by ``Cache.stats()`` and ``shmcache stats``/``ls``.
+* **tracking** (with ``upstream``): the near cache's one Redis tracking
+  connection for the host, on a thread of its own (``shmcache.near.Tracker``),
+  so a snapshot or an expiry tick never delays an invalidation.
 
 Once the start-up restore is done the daemon logs ``daemon pid <pid> serving
 cache ...``; launchers (the demo, the gunicorn config, the tests) wait for
@@ -188,6 +191,10 @@ class Daemon:
         metrics: ``"HOST:PORT"`` to serve Prometheus metrics at ``/metrics``
             (``shmcache.contrib.prometheus``; needs ``prometheus_client``).
             A bare ``PORT`` listens on 127.0.0.1; port 0 picks a free one.
+        upstream: Redis URL to track for :mod:`shmcache.near` (None: no tracking).
+        track_prefixes: key prefixes to track (empty: every key).
+        track_ping: seconds between the tracker's PINGs (readers trust the near
+            cache for twice that after the last answered one).
 
     Raises:
         DaemonError: another daemon serves the cache, or ``snapshot`` is a directory.
@@ -210,6 +217,9 @@ class Daemon:
         recover_every: float = 1.0,
         restore: bool = True,
         metrics: str | None = None,
+        upstream: str | None = None,
+        track_prefixes=(),
+        track_ping: float = 0.1,
     ):
         for label, v in (("snapshot_every", snapshot_every), ("expire_every", expire_every),
                          ("recover_every", recover_every)):
@@ -245,6 +255,18 @@ class Daemon:
         except BaseException:
             self.cache.close()
             raise
+        self.tracker = None
+        if track_prefixes and not upstream:
+            self.cache.close()
+            raise ValueError("track_prefixes (--track-prefix) needs upstream (--upstream URL)")
+        if upstream:
+            from .near import Tracker
+
+            try:
+                self.tracker = Tracker(self.cache, upstream, track_prefixes, track_ping)
+            except BaseException:
+                self.cache.close()
+                raise
         self.identity = Identity()
         self.expiry = ExpiryCycle(self.cache, expire_every or 0.1)
         self._stop = False
@@ -414,6 +436,8 @@ class Daemon:
                      self.name)
         self.load_snapshot()
         self.start_metrics()
+        if self.tracker is not None:
+            self.tracker.start()
         # Logged once the start-up restore is done: scripts wait for this line.
         if not self.snapshot_path:
             snaps = "snapshots off"
@@ -474,6 +498,8 @@ class Daemon:
             os.close(self._wake_r)
             os.close(self._wake_w)
             self._wake_r = self._wake_w = None
+        if self.tracker is not None:
+            self.tracker.stop()
         if not self.cache.closed:
             self._clear_beat()
             self.cache.close()  # also drops LOCK_DAEMON (closing the fd releases fcntl locks)

@@ -1,0 +1,909 @@
+"""A near cache in front of Redis: one shared copy of the hot keys per host.
+
+::
+
+    from shmcache.near import NearCache
+    near = NearCache("app", "redis://10.0.0.5:6379/0", prefixes=["app:"], max_ttl=60)
+    near.get("app:user:42")          # shared memory, or Redis (GET+PTTL) and kept
+    near.set("app:user:42", b"...")  # Redis, then the local copy is dropped
+
+    # beside it, once per host (holds the one tracking connection):
+    #   shmcache daemon --name app --upstream redis://10.0.0.5:6379/0 --track-prefix app:
+
+Every worker on the host reads one copy of a key at memory speed; the
+daemon's :class:`Tracker` holds one RESP3 connection with ``CLIENT TRACKING
+ON BCAST PREFIX ...`` and drops each key Redis says changed. Redis stays the
+source of truth: a miss, a bypassed read and every write go to it.
+
+**The bound** ("coherent" precisely): with the tracker running, a read
+started at time R never returns a value that Redis had already replaced
+(or deleted, or let expire) before ``R - max_staleness``, where
+``max_staleness = 2 * ping_interval`` (0.2 s by default). In the normal case
+the copy is dropped within about a millisecond of the write's acknowledgement
+(benchmarks/bench_near.py measures it); the bound is what holds when
+anything fails. A process that writes through the near cache reads its own
+write at once.
+
+Why it holds, piece by piece:
+
+* **Heartbeat.** The tracker PINGs Redis every ``ping_interval`` seconds on
+  the tracking connection and, when the PONG comes back, publishes the time
+  the PING was *sent* (``time.monotonic()``, one clock for every process of
+  the host on Linux). Redis writes a BCAST invalidation to the tracking
+  connection before it acknowledges the write to the writer, and replies in
+  order, so once that PONG is handled every write acknowledged before the
+  PING was sent has been applied here. Readers trust shared memory only while
+  the published PING time is at most ``max_staleness`` old, otherwise they
+  read Redis (*bypass*, fail closed): a SIGKILLed daemon, a stuck tracker
+  thread, a silent network partition all end up there within the bound.
+* **Epoch.** Every entry is stored with the epoch it was filled under; the
+  tracker draws a new random 64-bit epoch each time tracking (re)starts (a
+  new daemon, a reconnect after ``CLIENT KILL``, a Redis restart or a
+  failover) and on a ``null`` invalidation (FLUSHALL/FLUSHDB), and publishes
+  it together with the heartbeat. Everything filled before is then invalid at
+  once, O(1), without a scan (the dead entries go by TTL or LRU). While the
+  connection is down the tracker publishes "down" and readers bypass.
+* **Fill sequence.** Before it sends GET, a worker reads the invalidation
+  sequence of the key's sequence stripe (one of 1024, by crc32 of the key);
+  the tracker bumps that sequence *before* it deletes the key. The entry is
+  stored with the sequence it was filled under and only counts as a hit while
+  the stripe's sequence is still that value. So an invalidation that
+  overtakes a fill (the race the Redis docs warn about) leaves an entry that
+  is never served, even if the filler is killed between its checks.
+* **TTL.** The local TTL is ``min(max_ttl, PTTL)`` with the PTTL counted from
+  *before* the GET+PTTL round trip, so it never outlives the server's key.
+
+**Why reserved keys and not a new Cache facility.** The epoch, heartbeat and
+sequences are ordinary entries of the cache under the reserved prefix
+``b"\\x00shmcache.near\\x00"`` (bytes keys), read with ``Cache.get`` and
+written with ``Cache.set``/``Cache.incr`` like any user data, so this module
+needs nothing from the table and survives its rewrites (STYLE.md: adapters
+use the public API). The cost is two extra lookups per hit (~0.2 us each
+with the C core), measured in benchmarks/bench_near.py; a dedicated
+"control words" area in the header would save those at the price of a layout
+change. Reserved entries can be evicted or cleared like any other: a missing
+heartbeat means bypass, and a sequence key that comes back starts from a new
+random value, so an eviction never makes an old entry valid again.
+
+Values: with no ``serializer`` they go to Redis as redis-py sends them
+(bytes, str, int, float) and come back as bytes (str if the client has
+``decode_responses=True``), so plain Redis clients read what you wrote. With
+``serializer`` (``dumps``/``loads``), every value goes through it (the
+Django backend uses Django's own Redis serializer this way).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import struct
+import threading
+import time
+import weakref
+import zlib
+from collections import deque
+from urllib.parse import unquote, urlparse
+
+from .cache import Cache
+from .errors import CacheFull, Error, KeyTooLong, ValueTooLarge
+
+log = logging.getLogger("shmcache.near")
+
+#: Prefix of every key this module keeps in the cache (bytes keys, so they
+#: never collide with str keys; a NUL byte, so not with sane bytes keys).
+NS = b"\x00shmcache.near\x00"
+#: The tracker's control word: epoch, heartbeat, max_staleness, up. Written by
+#: the tracker only (Cache.set, so readers see all four fields or none).
+CTL_KEY = NS + b"ctl"
+#: JSON: what the tracker follows (upstream without password, prefixes, pid).
+INFO_KEY = NS + b"tracker"
+ENTRY_PREFIX = NS + b"k:"
+STAT_PREFIX = NS + b"stat:"
+#: Sequence stripes. More stripes: fewer fills lost to another key's
+#: invalidation; each is one small entry.
+N_SEQ = 1024
+SEQ_KEYS = tuple(NS + b"seq:" + i.to_bytes(2, "big") for i in range(N_SEQ))
+
+#: epoch (u64), heartbeat = monotonic time the acknowledged PING was sent
+#: (f64), max_staleness seconds (f64), up (u8: 1 = tracking, 0 = down).
+CTL = struct.Struct("<QddB")
+#: entry header: epoch (u64), fill sequence (u64), kind (u8) + the raw value.
+HDR = struct.Struct("<QQB")
+VALUE, ABSENT = 0, 1
+
+#: Counters kept under STAT_PREFIX (shared, all processes of the host).
+WORKER_STATS = ("near_hits", "near_misses", "upstream_reads", "bypassed_reads", "fills_discarded")
+TRACKER_STATS = ("invalidations", "flushes", "epoch_bumps", "reconnects")
+#: A process adds its own counts to the shared ones at most this often (s).
+STATS_FLUSH_SECONDS = 1.0
+
+_MISS = object()
+_live = weakref.WeakSet()
+
+
+def _new_epoch() -> int:
+    # Random, not a counter: a restarted daemon, or a control word that was
+    # evicted, must never reissue an epoch old entries carry (p = 2**-64).
+    return random.SystemRandom().getrandbits(64) or 1
+
+
+def _new_seq() -> int:
+    return random.SystemRandom().getrandbits(62)
+
+
+def seq_key(kb: bytes) -> bytes:
+    """The sequence stripe key of the Redis key ``kb``."""
+    return SEQ_KEYS[zlib.crc32(kb) & (N_SEQ - 1)]
+
+
+def _redis_key(key) -> bytes:
+    t = type(key)
+    if t is bytes:
+        return key
+    if t is str or isinstance(key, str):
+        return str.encode(key)
+    if isinstance(key, (bytearray, memoryview)):
+        return bytes(key)
+    raise TypeError(f"key must be str or bytes, not {type(key).__name__}")
+
+
+def _prefixes(prefixes) -> tuple[bytes, ...]:
+    if prefixes is None:
+        return ()
+    if isinstance(prefixes, (str, bytes)):
+        raise TypeError("prefixes must be a list of str or bytes, e.g. ['app:']")
+    out = tuple(_redis_key(p) for p in prefixes)
+    if any(not p for p in out):
+        raise ValueError("an empty prefix tracks every key: give prefixes=None for that")
+    return out
+
+
+def connect(url: str, **kwargs):
+    """A redis-py client for ``url``.
+
+    ``redis://``, ``rediss://`` and ``unix://`` are redis-py's own URLs.
+    ``redis+sentinel://[:password@]host:port[,host:port...]/service[/db]``
+    asks those Sentinels for the master of ``service`` (redis-py's
+    ``Sentinel.master_for``, which follows failovers).
+
+    Raises:
+        ValueError: a malformed URL.
+        ImportError: redis-py is not installed (``pip install shmcache[near]``).
+    """
+    import redis
+
+    if not isinstance(url, str):
+        raise TypeError(f"upstream must be a redis:// URL or a redis-py client, not {type(url).__name__}")
+    if url.startswith("redis+sentinel://"):
+        from redis.sentinel import Sentinel
+
+        u = urlparse(url)
+        parts = [p for p in u.path.split("/") if p]
+        if not parts:
+            raise ValueError(f"{_safe_url(url)}: give the Sentinel service name, e.g. redis+sentinel://h:26379/mymaster")
+        hosts = []
+        for hp in u.netloc.rpartition("@")[2].split(","):
+            h, _, p = hp.rpartition(":")
+            hosts.append((h or "127.0.0.1", int(p or 26379)))
+        if u.password:
+            kwargs.setdefault("password", unquote(u.password))
+        db = int(parts[1]) if len(parts) > 1 else 0
+        sentinel = Sentinel(hosts, socket_timeout=kwargs.get("socket_timeout", 1.0))
+        return sentinel.master_for(parts[0], db=db, **kwargs)
+    return redis.Redis.from_url(url, **kwargs)
+
+
+def _safe_url(url: str) -> str:
+    """``url`` with its password replaced by ``***`` (for logs and shared memory)."""
+    try:
+        u = urlparse(url)
+    except ValueError:
+        return "<bad url>"
+    if u.password:
+        host = u.netloc.rpartition("@")[2]
+        user = u.username or ""
+        return u._replace(netloc=f"{user}:***@{host}").geturl()
+    return url
+
+
+def read_stats(cache: Cache) -> dict | None:
+    """The near-cache counters and tracker state of ``cache``, or None if no
+    near cache or tracker ever used it. Public-API reads only."""
+    raw = {name: cache.get(STAT_PREFIX + name.encode(), 0) for name in WORKER_STATS + TRACKER_STATS}
+    ctl = cache.get(CTL_KEY)
+    info = cache.get(INFO_KEY)
+    if ctl is None and info is None and not any(raw.values()):
+        return None
+    out = dict(raw)
+    if ctl is not None and len(ctl) == CTL.size:
+        epoch, beat, max_age, up = CTL.unpack(ctl)
+        age = time.monotonic() - beat
+        out.update(tracker_up=bool(up) and 0 <= age <= max_age, tracker_state="up" if up else "down",
+                   heartbeat_age=age if beat else None, max_staleness=max_age, epoch=epoch)
+    else:
+        out.update(tracker_up=False, tracker_state="none", heartbeat_age=None, max_staleness=None, epoch=None)
+    if info is not None:
+        try:
+            out["tracker"] = json.loads(info)
+        except ValueError:
+            out["tracker"] = None
+    return out
+
+
+class NearCache:
+    """Redis with one shared copy of the hot keys per host; see the module docstring.
+
+    Args:
+        cache: a :class:`shmcache.Cache`, or a cache name (attached, or created
+            with default settings; the daemon usually creates it).
+        redis: a redis-py client, or a URL for :func:`connect`.
+        prefixes: only keys starting with one of these are kept locally (the
+            rest go to Redis every time); None: every key the daemon tracks.
+        max_ttl: seconds a local copy lives at most (never longer than the
+            key's TTL in Redis).
+        neg_ttl: seconds a "no such key" answer is kept (None: not kept).
+        serializer: object with ``dumps(value) -> bytes`` and ``loads(bytes)``
+            applied to every value; None: redis-py's own types (see above).
+
+    Raises:
+        TypeError / ValueError: a bad argument (the message names it).
+        ImportError: redis-py is not installed (``pip install shmcache[near]``).
+    """
+
+    def __init__(self, cache, redis, prefixes=None, *, max_ttl: float = 60.0, neg_ttl: float | None = None,
+                 serializer=None):
+        for label, v, none_ok in (("max_ttl", max_ttl, False), ("neg_ttl", neg_ttl, True)):
+            if v is None and none_ok:
+                continue
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0:
+                raise ValueError(f"{label} must be a positive number of seconds, got {v!r}")
+        if serializer is not None and not (callable(getattr(serializer, "dumps", None))
+                                           and callable(getattr(serializer, "loads", None))):
+            raise TypeError("serializer must have dumps(value) -> bytes and loads(bytes) -> value")
+        self.prefixes = _prefixes(prefixes)
+        self.max_ttl = float(max_ttl)
+        self.neg_ttl = float(neg_ttl) if neg_ttl else None
+        self.serializer = serializer
+        self._own_redis = isinstance(redis, str)
+        self._redis = connect(redis) if self._own_redis else redis
+        if not hasattr(self._redis, "pipeline"):
+            raise TypeError(f"redis must be a redis-py client or a URL, not {type(redis).__name__}")
+        try:
+            self._decode = bool(self._redis.get_encoder().decode_responses)
+        except AttributeError:
+            self._decode = False
+        self._own_cache = isinstance(cache, str)
+        self._cache = Cache(cache) if self._own_cache else cache
+        if not isinstance(self._cache, Cache):
+            raise TypeError(f"cache must be a shmcache.Cache or a cache name, not {type(cache).__name__}")
+        #: longest Redis key kept locally (longer ones always go to Redis)
+        self._max_key = self._cache.stats()["max_key_size"] - len(ENTRY_PREFIX) - 1
+        self._epoch_seen = None
+        self._tracked: tuple[bytes, ...] | None = None  # the tracker's prefixes, () = all; None: unusable
+        #: test hook, called as hook(redis_key, stage) with stage "reply" (the
+        #: fill's reply is in, the sequence not yet re-checked) and "store"
+        #: (re-checked, about to write): makes the invalidation-overtakes-fill
+        #: races deterministic in tests. Never set it in production.
+        self._fill_hook = None
+        self._reset_counts()
+        _live.add(self)
+
+    # -- plumbing ---------------------------------------------------------
+    def _reset_counts(self) -> None:
+        self._counts = dict.fromkeys(WORKER_STATS, 0)
+        self._flushed = time.monotonic()
+
+    def _flush_counts(self) -> None:
+        c = self._counts
+        self._reset_counts()
+        try:
+            for name, n in c.items():
+                if n:
+                    self._cache.incr(STAT_PREFIX + name.encode(), n, ttl=None)
+        except (Error, ValueError, TypeError) as e:  # full cache, closed cache: stats are best effort
+            log.debug("near-cache stats not flushed: %s", e)
+
+    def _usable(self, kb: bytes, now: float):
+        """The epoch to read and fill under, or None when this read must go to
+        Redis (tracker down or late, key not tracked)."""
+        ctl = self._cache.get(CTL_KEY)
+        if ctl is None or len(ctl) != CTL.size:
+            return None
+        epoch, beat, max_age, up = CTL.unpack(ctl)
+        if not up or not 0.0 <= now - beat <= max_age:
+            return None
+        if epoch != self._epoch_seen:
+            self._learn_tracker(epoch)
+        tracked = self._tracked
+        if tracked is None or (tracked and not kb.startswith(tracked)):
+            return None
+        return epoch
+
+    def _learn_tracker(self, epoch: int) -> None:
+        # Once per epoch: which prefixes does the tracker follow? A key it
+        # does not follow would never be invalidated, so it must not be kept.
+        self._epoch_seen = epoch
+        self._tracked = None
+        info = self._cache.get(INFO_KEY)
+        try:
+            d = json.loads(info)
+            tracked = tuple(p.encode("latin-1") for p in d["prefixes"])
+        except (TypeError, ValueError, KeyError, AttributeError):
+            log.warning("near cache %r: the tracker left no readable description; reading Redis directly",
+                        self._cache.name)
+            return
+        mine = self.prefixes
+        if tracked and mine and not all(p.startswith(tracked) for p in mine):
+            log.warning("near cache %r: the daemon tracks prefixes %r, which do not cover %r; keys outside "
+                        "them are read from Redis every time", self._cache.name, tracked, mine)
+        self._tracked = tracked
+
+    def _in(self, value):
+        return self.serializer.dumps(value) if self.serializer is not None else value
+
+    def _out(self, raw):
+        if self.serializer is not None:
+            return self.serializer.loads(raw)
+        if self._decode and type(raw) is bytes:
+            return raw.decode()
+        return raw
+
+    def _local_key(self, kb: bytes):
+        if self.prefixes and not kb.startswith(self.prefixes):
+            return None
+        if len(kb) > self._max_key:
+            return None
+        return ENTRY_PREFIX + kb
+
+    def _count(self, name: str, n: int = 1) -> None:
+        self._counts[name] += n
+        if time.monotonic() - self._flushed > STATS_FLUSH_SECONDS:
+            self._flush_counts()
+
+    # -- reads ------------------------------------------------------------
+    def get(self, key, default=None):
+        """The value of ``key``: from shared memory when a fresh copy is there,
+        else from Redis (GET + PTTL in one round trip), then kept locally.
+
+        Raises:
+            TypeError: the key is not str or bytes.
+            redis.RedisError: Redis cannot be reached (nothing is served that
+                cannot be known fresh).
+        """
+        raw = self._get_raw(_redis_key(key))
+        return default if raw is _MISS else self._out(raw)
+
+    def __getitem__(self, key):
+        raw = self._get_raw(_redis_key(key))
+        if raw is _MISS:
+            raise KeyError(key)
+        return self._out(raw)
+
+    def __contains__(self, key) -> bool:
+        return self._get_raw(_redis_key(key)) is not _MISS
+
+    def _get_raw(self, kb: bytes):
+        lk = self._local_key(kb)
+        if lk is None:
+            return self._upstream_get(kb)
+        now = time.monotonic()
+        epoch = self._usable(kb, now)
+        if epoch is None:
+            self._counts["bypassed_reads"] += 1
+            return self._upstream_get(kb)
+        c = self._cache
+        sk = SEQ_KEYS[zlib.crc32(kb) & (N_SEQ - 1)]
+        seq = c.get(sk)
+        e = c.get(lk)
+        if e is not None and seq is not None:
+            e_epoch, e_seq, kind = HDR.unpack_from(e)
+            if e_epoch == epoch and e_seq == seq:
+                counts = self._counts
+                counts["near_hits"] += 1
+                if now - self._flushed > STATS_FLUSH_SECONDS:
+                    self._flush_counts()
+                return e[HDR.size:] if kind == VALUE else _MISS
+        return self._fill(kb, lk, epoch, sk, seq)
+
+    def _upstream_get(self, kb: bytes):
+        self._count("upstream_reads")
+        v = self._redis.get(kb)
+        if v is None:
+            return _MISS
+        return v.encode() if type(v) is str else v
+
+    def _fill(self, kb: bytes, lk: bytes, epoch: int, sk: bytes, seq):
+        c = self._cache
+        if seq is None:
+            c.add(sk, _new_seq(), ttl=None)
+            seq = c.get(sk)
+        t0 = time.monotonic()
+        pipe = self._redis.pipeline(transaction=False)
+        pipe.get(kb)
+        pipe.pttl(kb)
+        val, pttl = pipe.execute()
+        self._counts["near_misses"] += 1
+        self._count("upstream_reads")
+        if type(val) is str:
+            val = val.encode()
+        if self._fill_hook is not None:
+            self._fill_hook(kb, "reply")
+        if seq is not None:
+            self._store(lk, sk, epoch, seq, val, pttl, t0)
+        return _MISS if val is None else val
+
+    def _store(self, lk, sk, epoch, seq, val, pttl, t0) -> None:
+        """Keep a fill, tagged with the epoch and sequence read before its GET."""
+        if val is None:
+            if not self.neg_ttl:
+                return
+            ttl, kind, val = self.neg_ttl, ABSENT, b""
+        elif pttl == -2:  # gone between GET and PTTL
+            return
+        else:
+            kind = VALUE
+            ttl = self.max_ttl
+            if pttl >= 0:  # counted from before the request: never past the server's expiry
+                ttl = min(ttl, pttl / 1000.0 - (time.monotonic() - t0))
+            if ttl <= 0.001:
+                return
+        c = self._cache
+        if c.get(sk) != seq:  # an invalidation overtook this fill: do not even write it
+            self._counts["fills_discarded"] += 1
+            return
+        if self._fill_hook is not None:
+            self._fill_hook(lk[len(ENTRY_PREFIX):], "store")
+        try:
+            c.set(lk, HDR.pack(epoch, seq, kind) + val, ttl=ttl)
+        except (ValueTooLarge, KeyTooLong, CacheFull):
+            pass  # too big to keep here: it is read from Redis each time
+
+    def get_many(self, keys) -> dict:
+        """``{key: value}`` for the keys that exist; the local misses are read in
+        one round trip (MGET + their PTTLs).
+
+        Raises:
+            as :meth:`get`, for the first bad key.
+        """
+        keys = list(keys)
+        kbs = [_redis_key(k) for k in keys]
+        out = {}
+        now = time.monotonic()
+        c = self._cache
+        fills = []  # (key, kb, lk, sk, seq, epoch)
+        plain = []  # (key, kb): straight to Redis
+        for key, kb in zip(keys, kbs):
+            lk = self._local_key(kb)
+            epoch = None if lk is None else self._usable(kb, now)
+            if epoch is None:
+                if lk is not None:
+                    self._counts["bypassed_reads"] += 1
+                plain.append((key, kb))
+                continue
+            sk = seq_key(kb)
+            seq = c.get(sk)
+            e = c.get(lk)
+            if e is not None and seq is not None:
+                e_epoch, e_seq, kind = HDR.unpack_from(e)
+                if e_epoch == epoch and e_seq == seq:
+                    self._counts["near_hits"] += 1
+                    if kind == VALUE:
+                        out[key] = self._out(e[HDR.size:])
+                    continue
+            if seq is None:
+                c.add(sk, _new_seq(), ttl=None)
+                seq = c.get(sk)
+            fills.append((key, kb, lk, sk, seq, epoch))
+        if not fills and not plain:
+            self._count("near_hits", 0)
+            return out
+        t0 = time.monotonic()
+        pipe = self._redis.pipeline(transaction=False)
+        wanted = [kb for _k, kb, *_ in fills] + [kb for _k, kb in plain]
+        pipe.mget(wanted)
+        for _key, kb, *_ in fills:
+            pipe.pttl(kb)
+        res = pipe.execute()
+        vals, pttls = res[0], res[1:]
+        self._counts["near_misses"] += len(fills)
+        self._count("upstream_reads", len(wanted))
+        for i, (key, kb, lk, sk, seq, epoch) in enumerate(fills):
+            v = vals[i]
+            if type(v) is str:
+                v = v.encode()
+            if self._fill_hook is not None:
+                self._fill_hook(kb, "reply")
+            if seq is not None:
+                self._store(lk, sk, epoch, seq, v, pttls[i], t0)
+            if v is not None:
+                out[key] = self._out(v)
+        for j, (key, _kb) in enumerate(plain):
+            v = vals[len(fills) + j]
+            if v is not None:
+                out[key] = self._out(v.encode() if type(v) is str else v)
+        return out
+
+    def ttl(self, key) -> float | None:
+        """Seconds until ``key`` expires in Redis (None: never). Raises KeyError if absent."""
+        kb = _redis_key(key)
+        ms = self._redis.pttl(kb)
+        if ms == -2:
+            raise KeyError(key)
+        return None if ms == -1 else ms / 1000.0
+
+    # -- writes: Redis first, then the local copy goes --------------------
+    def _drop(self, kbs) -> None:
+        # Bump the key's sequence before deleting, like the tracker: a fill
+        # on this host that started before the write can then never be kept,
+        # so this process reads its own write at once (the tracker's
+        # invalidation arrives a moment later and does the same on every host).
+        c = self._cache
+        lks = []
+        for kb in kbs:
+            lk = self._local_key(kb)
+            if lk is not None:
+                c.incr(seq_key(kb), 1, default=_new_seq(), ttl=None)
+                lks.append(lk)
+        if lks:
+            c.delete_many(lks)
+
+    @staticmethod
+    def _px(ttl):
+        if ttl is None:
+            return None
+        if isinstance(ttl, bool) or not isinstance(ttl, (int, float)) or not ttl > 0:
+            raise ValueError(f"ttl must be a positive number of seconds or None, got {ttl!r}")
+        return max(1, int(round(ttl * 1000)))
+
+    def set(self, key, value, ttl: float | None = None) -> bool:
+        """SET in Redis (``ttl`` seconds, None: no expiry), then drop the local copy. Returns True.
+
+        Raises:
+            ValueError: a bad ttl.
+            redis.DataError: a value redis-py cannot send (use ``serializer``).
+            redis.RedisError: Redis cannot be reached.
+        """
+        kb = _redis_key(key)
+        px = self._px(ttl)
+        try:
+            return bool(self._redis.set(kb, self._in(value), px=px))
+        finally:
+            self._drop((kb,))
+
+    def __setitem__(self, key, value) -> None:
+        self.set(key, value)
+
+    def add(self, key, value, ttl: float | None = None) -> bool:
+        """SET NX: store only if absent in Redis. Returns whether it stored. Raises as :meth:`set`."""
+        kb = _redis_key(key)
+        px = self._px(ttl)
+        try:
+            return bool(self._redis.set(kb, self._in(value), px=px, nx=True))
+        finally:
+            self._drop((kb,))
+
+    def set_many(self, mapping, ttl: float | None = None) -> None:
+        """SET every item in one round trip (a pipeline), then drop the local copies.
+        Raises as :meth:`set`."""
+        px = self._px(ttl)
+        items = [(_redis_key(k), self._in(v)) for k, v in (mapping.items() if hasattr(mapping, "items") else mapping)]
+        pipe = self._redis.pipeline(transaction=False)
+        for kb, v in items:
+            pipe.set(kb, v, px=px)
+        try:
+            pipe.execute()
+        finally:
+            self._drop([kb for kb, _v in items])
+
+    def delete(self, key) -> bool:
+        """DEL in Redis, then drop the local copy. True if Redis had the key."""
+        kb = _redis_key(key)
+        try:
+            return bool(self._redis.delete(kb))
+        finally:
+            self._drop((kb,))
+
+    def __delitem__(self, key) -> None:
+        if not self.delete(key):
+            raise KeyError(key)
+
+    def delete_many(self, keys) -> int:
+        """DEL every key at once; returns how many Redis had."""
+        kbs = [_redis_key(k) for k in keys]
+        if not kbs:
+            return 0
+        try:
+            return int(self._redis.delete(*kbs))
+        finally:
+            self._drop(kbs)
+
+    def incr(self, key, delta: int = 1) -> int:
+        """INCRBY in Redis (atomic across every host); returns the new value.
+
+        Raises:
+            redis.ResponseError: the value is not an integer.
+        """
+        if isinstance(delta, bool) or not isinstance(delta, int):
+            raise TypeError(f"delta must be an int, not {type(delta).__name__}")
+        kb = _redis_key(key)
+        try:
+            return int(self._redis.incrby(kb, delta))
+        finally:
+            self._drop((kb,))
+
+    def decr(self, key, delta: int = 1) -> int:
+        """DECRBY; see :meth:`incr`."""
+        if isinstance(delta, bool) or not isinstance(delta, int):
+            raise TypeError(f"delta must be an int, not {type(delta).__name__}")
+        return self.incr(key, -delta)
+
+    def touch(self, key, ttl: float | None = None) -> bool:
+        """EXPIRE (PEXPIRE) or, with ``ttl=None``, PERSIST. False if the key is absent."""
+        kb = _redis_key(key)
+        px = self._px(ttl)
+        try:
+            if px is None:
+                return bool(self._redis.persist(kb)) or bool(self._redis.exists(kb))
+            return bool(self._redis.pexpire(kb, px))
+        finally:
+            self._drop((kb,))
+
+    # -- management ---------------------------------------------------------
+    def stats(self) -> dict:
+        """This host's near-cache counters (every process; each adds its own
+        at most STATS_FLUSH_SECONDS late, this one's now) and the tracker's
+        state: ``near_hits``, ``near_misses`` (fills), ``upstream_reads``,
+        ``bypassed_reads``, ``fills_discarded`` (an invalidation overtook
+        them), ``invalidations`` (keys), ``flushes`` (null invalidations),
+        ``epoch_bumps``, ``reconnects``, ``tracker_up``, ``heartbeat_age``,
+        ``max_staleness``, ``epoch``."""
+        self._flush_counts()
+        return read_stats(self._cache) or {}
+
+    def close(self) -> None:
+        """Add this process's counts to the shared ones; close what this object opened. Idempotent."""
+        if getattr(self, "_closed", False):
+            return
+        self._closed = True
+        _live.discard(self)
+        if not self._cache.closed:
+            self._flush_counts()
+        if self._own_cache:
+            self._cache.close()
+        if self._own_redis:
+            self._redis.close()
+
+    def __enter__(self) -> "NearCache":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"<shmcache.near.NearCache {self._cache.name!r} prefixes={list(self.prefixes)!r}>"
+
+
+def _after_fork_in_child() -> None:
+    # The parent's unflushed counts are the parent's to report.
+    for n in list(_live):
+        n._reset_counts()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+# ------------------------------------------------------------------ tracker
+class Tracker:
+    """The daemon's one tracking connection per host.
+
+    Holds a RESP3 connection with ``CLIENT TRACKING ON BCAST [PREFIX p ...]``;
+    for each invalidated key bumps its sequence stripe, then deletes the
+    local copy; a ``null`` invalidation (FLUSHALL/FLUSHDB) publishes a new
+    epoch. PINGs every ``ping_interval`` seconds and publishes the
+    heartbeat; on any connection error publishes "down", reconnects with
+    backoff (0.05 s doubling to 2 s), re-enables tracking and only then
+    publishes a new epoch and "up".
+
+    Args:
+        cache: the daemon's :class:`Cache`.
+        upstream: URL (see :func:`connect`) or a callable returning a
+            redis-py client (created with ``protocol=3``).
+        prefixes: key prefixes to track (empty: every key).
+        ping_interval: seconds between PINGs; readers trust shared memory for
+            ``max_staleness = 2 * ping_interval``.
+
+    Raises:
+        ValueError: a bad interval or overlapping prefixes (Redis refuses them).
+    """
+
+    def __init__(self, cache: Cache, upstream, prefixes=(), ping_interval: float = 0.1):
+        if isinstance(ping_interval, bool) or not isinstance(ping_interval, (int, float)) \
+                or not 0.001 <= ping_interval <= 60:
+            raise ValueError(f"ping_interval must be 0.001..60 seconds, got {ping_interval!r}")
+        self.prefixes = _prefixes(list(prefixes)) if prefixes else ()
+        for a in self.prefixes:
+            for b in self.prefixes:
+                if a is not b and b.startswith(a):
+                    raise ValueError(f"tracked prefixes {a!r} and {b!r} overlap (Redis refuses that); keep {a!r}")
+        self.cache = cache
+        self.upstream = upstream
+        self.ping_interval = float(ping_interval)
+        self.max_staleness = 2 * self.ping_interval
+        #: a PING unanswered this long means the connection is dead (readers
+        #: already bypass after max_staleness; this decides when to reconnect)
+        self.ping_timeout = max(1.0, 10 * self.ping_interval)
+        self.epoch = _new_epoch()
+        self.up = False
+        self._beat = 0.0
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._conn = None
+        self.connected = threading.Event()  # set while tracking is on (tests, launchers)
+
+    # -- shared memory ------------------------------------------------------
+    def _publish(self, beat: float) -> None:
+        self._beat = beat
+        self.cache.set(CTL_KEY, CTL.pack(self.epoch, beat, self.max_staleness, 1 if self.up else 0), ttl=None)
+
+    def _bump(self, name: str, n: int = 1) -> None:
+        self.cache.incr(STAT_PREFIX + name.encode(), n, ttl=None)
+
+    def _describe(self) -> None:
+        url = self.upstream if isinstance(self.upstream, str) else repr(self.upstream)
+        self.cache.set(INFO_KEY, json.dumps({
+            "upstream": _safe_url(url), "pid": os.getpid(), "ping_interval": self.ping_interval,
+            "prefixes": [p.decode("latin-1") for p in self.prefixes],
+        }).encode(), ttl=None)
+
+    def go_down(self) -> None:
+        """Publish "down": readers bypass shared memory from now on."""
+        self.up = False
+        try:
+            self._publish(0.0)
+        except (Error, ValueError) as e:
+            log.warning("could not publish tracker state: %s", e)
+
+    def new_epoch(self) -> None:
+        """Invalidate every entry filled so far (O(1))."""
+        self.epoch = _new_epoch()
+        self._bump("epoch_bumps")
+
+    def on_invalidate(self, msg) -> None:
+        """Handle one RESP3 ``invalidate`` push: ``[b"invalidate", keys | None]``."""
+        keys = msg[1] if len(msg) > 1 else None
+        c = self.cache
+        if keys is None:  # FLUSHALL / FLUSHDB: everything filled so far goes
+            # Republish the last acknowledged PING's time, not now: only the
+            # pushes before this one are known to have arrived.
+            self.new_epoch()
+            self._publish(self._beat if self.up else 0.0)
+            self._bump("flushes")
+            return
+        lks = []
+        for k in keys:
+            kb = k.encode() if type(k) is str else bytes(k)
+            # The sequence first, then the delete: a fill that read the old
+            # sequence is then never served, whichever of the two it races.
+            c.incr(SEQ_KEYS[zlib.crc32(kb) & (N_SEQ - 1)], 1, default=_new_seq(), ttl=None)
+            if len(ENTRY_PREFIX) + len(kb) < 1 << 16:
+                lks.append(ENTRY_PREFIX + kb)
+        if lks:
+            try:
+                c.delete_many(lks)
+            except KeyTooLong:  # a key only too long to be kept: delete what can exist
+                for lk in lks:
+                    try:
+                        c.delete(lk)
+                    except KeyTooLong:
+                        pass
+        self._bump("invalidations", len(keys))
+
+    # -- connection ---------------------------------------------------------
+    def _client(self):
+        kw = dict(protocol=3, socket_timeout=self.ping_timeout, socket_connect_timeout=self.ping_timeout,
+                  health_check_interval=0)
+        if callable(self.upstream):
+            return self.upstream()
+        return connect(self.upstream, **kw)
+
+    def _session(self, client) -> None:
+        """Track on one connection until it fails (raises) or stop() is called."""
+        conn = client.connection_pool.make_connection()
+        self._conn = conn
+        try:
+            conn.connect()
+            if str(conn.protocol) != "3":
+                raise ValueError("the tracking connection needs RESP3 (protocol=3)")
+            conn._parser.set_invalidation_push_handler(self._on_push)  # redis-py's own CSC does the same
+            args = ["CLIENT", "TRACKING", "ON", "BCAST"]
+            for p in self.prefixes:
+                args += ["PREFIX", p]
+            sent = time.monotonic()
+            conn.send_command(*args)
+            conn.read_response()
+            # Tracking is on: whatever is written from now on reaches us. Only
+            # now may readers trust shared memory again, under a new epoch.
+            self.new_epoch()
+            self.up = True
+            self._describe()
+            self._publish(sent)
+            self.connected.set()
+            log.info("tracking %s (prefixes %s); readers may be %.3g s behind at most",
+                     _safe_url(self.upstream) if isinstance(self.upstream, str) else "upstream",
+                     [p.decode("latin-1") for p in self.prefixes] or "all keys", self.max_staleness)
+            pending: deque = deque()
+            next_ping = time.monotonic()
+            while not self._stop.is_set():
+                now = time.monotonic()
+                if now >= next_ping:
+                    conn.send_command("PING")
+                    pending.append(now)
+                    next_ping = now + self.ping_interval
+                if pending and now - pending[0] > self.ping_timeout:
+                    raise TimeoutError(f"no PONG for {now - pending[0]:.2f} s")
+                if conn.can_read(timeout=max(0.0, min(next_ping - time.monotonic(), self.ping_interval))):
+                    r = conn.read_response(push_request=True)
+                    if r is _PUSHED:
+                        continue
+                    if not pending:
+                        raise ValueError(f"unexpected reply on the tracking connection: {r!r}")
+                    self._publish(pending.popleft())
+        finally:
+            self.connected.clear()
+            self._conn = None
+            conn.disconnect()
+
+    def _on_push(self, msg):
+        self.on_invalidate(msg)
+        return _PUSHED
+
+    def run(self) -> None:
+        """Track until :meth:`stop`: sessions, reconnects with backoff."""
+        import redis
+
+        backoff = 0.05
+        client = None
+        self._describe()
+        while not self._stop.is_set():
+            try:
+                if client is None:
+                    client = self._client()
+                self._session(client)
+            except (redis.RedisError, OSError, ValueError) as e:
+                if self._stop.is_set():
+                    break
+                was_up = self.up
+                self.go_down()
+                self._bump("reconnects")
+                if was_up:
+                    log.warning("tracking connection lost (%s); readers go to Redis until it is back", e)
+                else:
+                    log.warning("cannot track %s: %s; retrying in %.2f s",
+                                _safe_url(self.upstream) if isinstance(self.upstream, str) else "upstream", e, backoff)
+                self._stop.wait(backoff)
+                backoff = min(2.0, backoff * 2) if not was_up else 0.05
+            except Error as e:  # the cache itself failed (closed, locked): retry, readers bypass meanwhile
+                log.error("tracker cannot update the cache: %s", e)
+                self.go_down()
+                self._stop.wait(0.5)
+            else:
+                backoff = 0.05
+        self.go_down()
+
+    def start(self) -> None:
+        """Run in a daemon thread."""
+        self.go_down()  # a restored or leftover "up" from an earlier daemon must not count
+        self._thread = threading.Thread(target=self.run, name="shmcache-tracker", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """Stop tracking, publish "down" and wait for the thread (at most ``timeout`` s). Idempotent."""
+        self._stop.set()
+        t = self._thread
+        if t is not None and t is not threading.current_thread():
+            t.join(timeout)
+
+
+_PUSHED = object()
