@@ -121,6 +121,14 @@ STATS_FLUSH_SECONDS = 1.0
 
 _MISS = object()
 _live = weakref.WeakSet()
+# bound once for the hit path
+_CTL_SIZE = CTL.size
+_ctl_unpack = CTL.unpack
+_HDR_SIZE = HDR.size
+_hdr_unpack_from = HDR.unpack_from
+_monotonic = time.monotonic
+_crc32 = zlib.crc32
+_SEQ_MASK = N_SEQ - 1
 
 
 def _new_epoch() -> int:
@@ -293,10 +301,12 @@ class NearCache:
     # -- plumbing ---------------------------------------------------------
     def _reset_counts(self) -> None:
         self._counts = dict.fromkeys(WORKER_STATS, 0)
+        self._hits = 0  # kept apart from _counts: the hit path is the hot one
         self._flushed = time.monotonic()
 
     def _flush_counts(self) -> None:
         c = self._counts
+        c["near_hits"] += self._hits
         self._reset_counts()
         try:
             for name, n in c.items():
@@ -372,7 +382,33 @@ class NearCache:
             redis.RedisError: Redis cannot be reached (nothing is served that
                 cannot be known fresh).
         """
-        raw = self._get_raw(_redis_key(key))
+        kb = key.encode() if type(key) is str else _redis_key(key)
+        # The hit path, inlined: each Python call or lookup here costs about
+        # as much as one Cache.get. Anything unusual takes _get_raw.
+        c = self._cache
+        prefixes = self.prefixes
+        tracked = self._tracked
+        if (not prefixes or kb.startswith(prefixes)) and len(kb) <= self._max_key and tracked is not None \
+                and (not tracked or kb.startswith(tracked)):
+            ctl = c.get(CTL_KEY)
+            if ctl is not None and len(ctl) == _CTL_SIZE:
+                epoch, beat, max_age, up = _ctl_unpack(ctl)
+                now = _monotonic()
+                if up and epoch == self._epoch_seen and 0.0 <= now - beat <= max_age:
+                    seq = c.get(SEQ_KEYS[_crc32(kb) & _SEQ_MASK])
+                    e = c.get(ENTRY_PREFIX + kb)
+                    if e is not None and seq is not None:
+                        e_epoch, e_seq, kind = _hdr_unpack_from(e)
+                        if e_epoch == epoch and e_seq == seq:
+                            self._hits += 1
+                            if now - self._flushed > STATS_FLUSH_SECONDS:
+                                self._flush_counts()
+                            if kind != VALUE:
+                                return default
+                            if self.serializer is None and not self._decode:
+                                return e[_HDR_SIZE:]
+                            return self._out(e[_HDR_SIZE:])
+        raw = self._get_raw(kb)
         return default if raw is _MISS else self._out(raw)
 
     def __getitem__(self, key):
@@ -400,8 +436,7 @@ class NearCache:
         if e is not None and seq is not None:
             e_epoch, e_seq, kind = HDR.unpack_from(e)
             if e_epoch == epoch and e_seq == seq:
-                counts = self._counts
-                counts["near_hits"] += 1
+                self._hits += 1
                 if now - self._flushed > STATS_FLUSH_SECONDS:
                     self._flush_counts()
                 return e[HDR.size:] if kind == VALUE else _MISS
@@ -488,7 +523,7 @@ class NearCache:
             if e is not None and seq is not None:
                 e_epoch, e_seq, kind = HDR.unpack_from(e)
                 if e_epoch == epoch and e_seq == seq:
-                    self._counts["near_hits"] += 1
+                    self._hits += 1
                     if kind == VALUE:
                         out[key] = self._out(e[HDR.size:])
                     continue
@@ -548,6 +583,12 @@ class NearCache:
                 lks.append(lk)
         if lks:
             c.delete_many(lks)
+
+    def invalidate(self, *keys) -> None:
+        """Drop this host's copies of ``keys`` now, after writing them to Redis
+        by other means (the tracker would drop them anyway, a moment later;
+        this makes the writing process read its own write at once)."""
+        self._drop([_redis_key(k) for k in keys])
 
     @staticmethod
     def _px(ttl):
@@ -683,6 +724,118 @@ class NearCache:
 
     def __repr__(self) -> str:
         return f"<shmcache.near.NearCache {self._cache.name!r} prefixes={list(self.prefixes)!r}>"
+
+
+# ------------------------------------------------------ a redis-py look-alike
+#: redis-py methods that change the key named by their first argument (or ``name=``).
+_WRITES_ONE = frozenset({
+    "set", "setex", "psetex", "setnx", "getset", "getdel", "getex", "append", "setrange", "incr", "incrby",
+    "incrbyfloat", "decr", "decrby", "expire", "pexpire", "expireat", "pexpireat", "persist", "rename",
+    "renamenx", "copy",
+})
+#: ... every key among their positional arguments.
+_WRITES_ALL = frozenset({"delete", "unlink"})
+#: ... the keys of their mapping.
+_WRITES_MAPPING = frozenset({"mset", "msetnx"})
+
+
+def _written_keys(method: str, args, kwargs) -> list:
+    if method in _WRITES_ONE:
+        keys = [kwargs.get("name", args[0] if args else None)]
+        if method in ("rename", "renamenx", "copy"):  # the destination changes too
+            keys.append(kwargs.get("dst", args[1] if len(args) > 1 else None))
+        return [k for k in keys if isinstance(k, (str, bytes))]
+    if method in _WRITES_ALL:
+        return [k for k in args if isinstance(k, (str, bytes))]
+    if method in _WRITES_MAPPING:
+        mapping = kwargs.get("mapping", args[0] if args else {})
+        return list(mapping)
+    return []
+
+
+class NearRedis:
+    """A redis-py client whose ``get``, ``mget`` and ``exists`` are served by a
+    :class:`NearCache`; every other method is the client's own, and the
+    writes among them (SET, DEL, INCR, EXPIRE, MSET... also inside a
+    ``pipeline()``) drop this host's copies of the keys they touch once Redis
+    answered. For code that already talks to Redis through redis-py (Django's
+    and Flask-Caching's Redis backends): wrap the client, keep the code.
+
+    Reads follow NearCache: raw bytes, or str with a ``decode_responses`` client.
+    """
+
+    def __init__(self, near: NearCache):
+        self.near = near
+        self.client = near._redis
+
+    def get(self, name):
+        return self.near.get(name)
+
+    def mget(self, keys, *args):
+        keys = [keys, *args] if isinstance(keys, (str, bytes)) else list(keys) + list(args)
+        found = self.near.get_many(keys)
+        return [found.get(k) for k in keys]
+
+    def exists(self, *names) -> int:
+        return sum(1 for n in names if n in self.near)
+
+    def pipeline(self, transaction: bool = True, shard_hint=None):
+        return _NearPipeline(self.client.pipeline(transaction=transaction, shard_hint=shard_hint), self.near)
+
+    def __getattr__(self, name):
+        attr = getattr(self.client, name)
+        if name not in _WRITES_ONE and name not in _WRITES_ALL and name not in _WRITES_MAPPING:
+            return attr
+        near = self.near
+
+        def write(*args, **kwargs):
+            try:
+                return attr(*args, **kwargs)
+            finally:
+                near.invalidate(*_written_keys(name, args, kwargs))
+
+        return write
+
+    def __repr__(self) -> str:
+        return f"<shmcache.near.NearRedis {self.near!r}>"
+
+
+class _NearPipeline:
+    """A redis-py pipeline that drops the local copies of the keys it wrote on execute()."""
+
+    def __init__(self, pipe, near: NearCache):
+        self._pipe = pipe
+        self._near = near
+        self._keys: list = []
+
+    def __getattr__(self, name):
+        attr = getattr(self._pipe, name)
+        if not callable(attr) or name.startswith("_"):
+            return attr
+
+        def call(*args, **kwargs):
+            self._keys.extend(_written_keys(name, args, kwargs))
+            r = attr(*args, **kwargs)
+            return self if r is self._pipe else r
+
+        return call
+
+    def execute(self, *args, **kwargs):
+        keys, self._keys = self._keys, []
+        try:
+            return self._pipe.execute(*args, **kwargs)
+        finally:
+            if keys:
+                self._near.invalidate(*keys)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self._pipe.reset()
+
+    def __len__(self) -> int:
+        return len(self._pipe)
 
 
 def _after_fork_in_child() -> None:

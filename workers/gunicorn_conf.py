@@ -31,6 +31,9 @@ SHMCACHE_SIZE              segment size (default ``64MiB``)
 SHMCACHE_SNAPSHOT          snapshot file (default ``demo-data/<name>.snapshot``)
 SHMCACHE_DAEMON            ``0`` to run without the daemon
 SHMCACHE_DAEMON_ARGS       extra daemon arguments (shell syntax)
+SHMCACHE_UPSTREAM          Redis URL: the daemon tracks it (``--upstream``)
+                           for a near cache (``shmcache.near``)
+SHMCACHE_TRACK_PREFIX      comma-separated key prefixes it tracks (default: all)
 SHMCACHE_DAEMON_LOG        daemon log file (default ``<snapshot>.daemon.log``)
 SHMCACHE_DAEMON_WAIT       seconds to wait for the daemon's restore (default 60)
 SHMCACHE_KEEP              ``1`` to keep the cache when gunicorn exits
@@ -99,6 +102,11 @@ def daemon_command(environ=None) -> list[str]:
     s = env_settings(env)
     cmd = [sys.executable, "-m", "shmcache", "daemon", "--name", s["name"], "--size", str(s["size"]),
            "--snapshot", _snapshot_path(s["name"])]
+    if env.get("SHMCACHE_UPSTREAM"):
+        cmd += ["--upstream", env["SHMCACHE_UPSTREAM"]]
+        for p in env.get("SHMCACHE_TRACK_PREFIX", "").split(","):
+            if p.strip():
+                cmd += ["--track-prefix", p.strip()]
     return cmd + shlex.split(env.get("SHMCACHE_DAEMON_ARGS", ""))
 
 

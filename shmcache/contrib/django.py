@@ -35,6 +35,29 @@ below), except that the data lives in shared memory:
   request); all backend objects of a process share one handle, forked workers
   claim their own client slot.
 
+**A near cache in front of Redis** (see :mod:`shmcache.near`): give
+``OPTIONS["upstream"]`` and the backend becomes Django's own ``RedisCache``
+(same key format, serializer, timeouts and semantics, so an app moving from
+``django.core.cache.backends.redis.RedisCache`` keeps its data by changing
+BACKEND and adding ``upstream``) whose reads are served from this host's
+shared memory::
+
+    "default": {
+        "BACKEND": "shmcache.contrib.django.ShmCache",
+        "LOCATION": "myapp",              # the shmcache segment
+        "KEY_PREFIX": "myapp",
+        "OPTIONS": {"upstream": "redis://10.0.0.5:6379/0", "max_ttl": 60},
+    }
+
+with ``shmcache daemon --name myapp --upstream redis://10.0.0.5:6379/0
+--track-prefix myapp:`` on each host. ``near_prefixes`` (default
+``["<KEY_PREFIX>:"]``, or every tracked key without a prefix), ``max_ttl`` and
+``neg_ttl`` go to :class:`~shmcache.near.NearCache`; :class:`shmcache.Cache`
+arguments size the segment; the rest (``db``, ``pool_class``,
+``parser_class``, ``serializer``...) are ``RedisCache``'s. Reads and writes
+both go to the upstream named first (a replica could answer a fill with a
+value older than an invalidation already applied).
+
 The remaining ``OPTIONS`` are :class:`shmcache.Cache` arguments (``size``,
 ``stripes``, ``max_items``, ``max_key_size``, ``max_value_size``,
 ``max_clients``, ``policy``, ``mode``, ``lock_timeout``, ``clock``,
@@ -48,6 +71,7 @@ import logging
 
 from asgiref.sync import sync_to_async
 from django.core.cache.backends.base import DEFAULT_TIMEOUT, BaseCache
+from django.core.cache.backends.redis import RedisCache, RedisCacheClient
 from django.core.exceptions import ImproperlyConfigured
 
 from .. import stampede
@@ -75,6 +99,12 @@ class ShmCache(BaseCache):
     Raises (at construction):
         ImproperlyConfigured: an unknown ``OPTIONS`` key, or a bad name or size.
     """
+
+    def __new__(cls, location=None, params=None, *args, **kwargs):
+        # OPTIONS["upstream"]: the near cache in front of Redis instead.
+        if cls is ShmCache and params and (params.get("OPTIONS") or {}).get("upstream"):
+            return NearRedisCache(location, params)
+        return super().__new__(cls)
 
     def __init__(self, location, params):
         super().__init__(params)
@@ -328,3 +358,64 @@ class ShmCache(BaseCache):
         if v is not _MISSING:
             return v
         return await sync_to_async(self.get_or_set, thread_sensitive=False)(key, default, timeout, version)
+
+
+# ------------------------------------------------- near cache in front of Redis
+_NEAR_OPTIONS = {"near_prefixes": "prefixes", "max_ttl": "max_ttl", "neg_ttl": "neg_ttl"}
+
+
+class NearRedisClient(RedisCacheClient):
+    """Django's Redis client, with GET/MGET/EXISTS served by a per-process
+    :class:`~shmcache.near.NearCache` over the host's shared segment."""
+
+    def __init__(self, servers, near=None, **options):
+        super().__init__(servers, **options)
+        self._near_settings = near or {}
+        self._near = None
+
+    def get_client(self, key=None, *, write=False):
+        """The :class:`~shmcache.near.NearRedis` of this process (always the first server)."""
+        if self._near is None:
+            from ..near import NearCache, NearRedis
+
+            cfg = self._near_settings
+            cache = shared_cache(cfg["name"], **cfg["cache_options"])
+            near = NearCache(cache, super().get_client(write=True), cfg["prefixes"], max_ttl=cfg["max_ttl"],
+                             neg_ttl=cfg["neg_ttl"])
+            self._near = NearRedis(near)
+        return self._near
+
+
+class NearRedisCache(RedisCache):
+    """``ShmCache`` with ``OPTIONS["upstream"]``: Django's ``RedisCache`` whose
+    reads come from this host's near cache. See the module docstring.
+
+    Raises (at construction):
+        ImproperlyConfigured: a bad near-cache or segment option.
+    """
+
+    def __init__(self, location, params):
+        options = dict(params.get("OPTIONS") or {})
+        upstream = options.pop("upstream")
+        near = {"max_ttl": 60.0, "neg_ttl": None}
+        for opt, arg in _NEAR_OPTIONS.items():
+            if opt in options:
+                near[arg] = options.pop(opt)
+        cache_options = {k: options.pop(k) for k in list(options) if k in CACHE_OPTIONS and k != "serializer"}
+        for k in _OWN_OPTIONS:
+            options.pop(k, None)
+        super().__init__(upstream, {**params, "OPTIONS": options})
+        if "prefixes" not in near:
+            near["prefixes"] = [f"{self.key_prefix}:"] if self.key_prefix else None
+        self._class = NearRedisClient
+        self._options = {**options, "near": {"name": location or "django", "cache_options": cache_options, **near}}
+        try:
+            from ..near import _prefixes
+
+            _prefixes(near["prefixes"])
+            for label in ("max_ttl", "neg_ttl"):
+                v = near[label]
+                if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or v <= 0):
+                    raise ValueError(f"{label} must be a positive number of seconds, got {v!r}")
+        except (TypeError, ValueError) as e:
+            raise ImproperlyConfigured(f"ShmCache {location!r} with upstream: {e}") from e

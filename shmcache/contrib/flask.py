@@ -21,6 +21,16 @@ atomic across processes for ints. ``clear()`` removes the keys under
 empty. Keys longer than the segment's ``max_key_size`` are stored under a
 SHA-256 digest. ``CACHE_OPTIONS`` may carry any :class:`shmcache.Cache`
 argument (``size``, ``max_value_size``, ``lock_timeout``, ``clock``...).
+
+**A near cache in front of Redis** (see :mod:`shmcache.near`): with
+``CACHE_SHMCACHE_UPSTREAM="redis://10.0.0.5:6379/0"`` (or ``upstream=`` in
+``CACHE_OPTIONS`` or the constructor) the backend becomes Flask-Caching's own
+``RedisCache`` (same serializer, key prefix and semantics, so an app moving
+from ``CACHE_TYPE="RedisCache"`` keeps its data) whose reads are served from
+this host's shared memory, kept coherent by ``shmcache daemon --name NAME
+--upstream URL --track-prefix <CACHE_KEY_PREFIX>`` on each host.
+``near_prefixes`` (default ``[CACHE_KEY_PREFIX]``, or every tracked key),
+``max_ttl`` and ``neg_ttl`` go to :class:`~shmcache.near.NearCache`.
 """
 
 from __future__ import annotations
@@ -30,6 +40,7 @@ import logging
 from typing import Any
 
 from flask_caching.backends.base import BaseCache
+from flask_caching.backends.rediscache import RedisCache as FlaskRedisCache
 
 from .. import stampede
 from ..errors import ValueTooLarge
@@ -55,6 +66,11 @@ class ShmCache(BaseCache):
         TypeError / ValueError: an unknown option, a bad name or size.
     """
 
+    def __new__(cls, *args, upstream=None, **kwargs):
+        if cls is ShmCache and upstream:
+            return NearRedisCache(*args, upstream=upstream, **kwargs)
+        return super().__new__(cls)
+
     def __init__(
         self,
         name: str = "flask",
@@ -79,6 +95,8 @@ class ShmCache(BaseCache):
             kwargs.setdefault("size", config["CACHE_SHMCACHE_SIZE"])
         if config.get("CACHE_KEY_PREFIX"):
             kwargs.setdefault("key_prefix", config["CACHE_KEY_PREFIX"])
+        if config.get("CACHE_SHMCACHE_UPSTREAM"):
+            kwargs.setdefault("upstream", config["CACHE_SHMCACHE_UPSTREAM"])
         return cls(*args, **kwargs)
 
     # -- helpers ------------------------------------------------------------
@@ -196,3 +214,32 @@ class ShmCache(BaseCache):
         if ttl == 0:
             return factory()
         return stampede.get_or_set(self._cache, self._key(key), factory, ttl, self.stampede_timeout)
+
+
+class NearRedisCache(FlaskRedisCache):
+    """``ShmCache`` with ``upstream``: Flask-Caching's ``RedisCache`` whose reads
+    come from this host's near cache. See the module docstring.
+
+    Args:
+        name: the shmcache segment (default ``"flask"``).
+        upstream: a Redis URL (see :func:`shmcache.near.connect`) or a redis-py client.
+        default_timeout, key_prefix: as ``RedisCache``.
+        near_prefixes, max_ttl, neg_ttl: as :class:`~shmcache.near.NearCache`.
+        **options: :class:`shmcache.Cache` arguments (``size``...).
+
+    Raises:
+        TypeError / ValueError: an unknown option or a bad setting.
+    """
+
+    def __init__(self, name: str = "flask", upstream=None, default_timeout=300, key_prefix="",
+                 near_prefixes=None, max_ttl: float = 60.0, neg_ttl: float | None = None,
+                 ignore_delete_many_errors: bool = False, **options):
+        from ..near import NearCache, NearRedis, connect
+
+        cache = shared_cache(name, **options)
+        client = connect(upstream) if isinstance(upstream, str) else upstream
+        if near_prefixes is None and isinstance(key_prefix, str) and key_prefix:
+            near_prefixes = [key_prefix]
+        self.near = NearCache(cache, client, near_prefixes, max_ttl=max_ttl, neg_ttl=neg_ttl)
+        super().__init__(host=NearRedis(self.near), default_timeout=default_timeout, key_prefix=key_prefix,
+                         ignore_delete_many_errors=ignore_delete_many_errors)
