@@ -20,7 +20,9 @@ from .errors import (
     SettingsIgnored,
     SettingsMismatch,
     SharedMemoryUnavailable,
+    PickleRefused,
     SnapshotError,
+    UntrustedSegment,
     ValueTooLarge,
 )
 from .layout import LAYOUT_VERSION, parse_size
@@ -43,6 +45,8 @@ __all__ = [
     "SettingsIgnored",
     "SettingsMismatch",
     "SharedMemoryUnavailable",
+    "PickleRefused",
+    "UntrustedSegment",
     "ValueTooLarge",
     "SnapshotError",
     "parse_size",

@@ -92,6 +92,12 @@ typedef struct {
  * cache) the mapping is gone: every entry point and every return from a
  * Python callback checks this before touching shared memory. */
 #define CLOSED(c) ((c)->base == NULL)
+/* Seqlock versions set parity instead of inverting it: a version left odd by
+ * damage (one flipped bit) would otherwise be even while the next writer
+ * mutates, and lock-free readers would take torn values for consistent ones.
+ * Both always change the value, so a reader that straddles them retries. */
+#define LOCKED_VERSION(v) (((v) + 1) | 1)
+#define UNLOCKED_VERSION(v) (((v) + 2) & ~(uint64_t)1)
 static PyObject *closed_error(void) {
     PyErr_SetString(PyExc_ValueError, "cache is closed");
     return NULL;
@@ -127,7 +133,13 @@ static int get_now(Core *c, double *out) {
     if (!r) return -1;
     *out = PyFloat_AsDouble(r);
     Py_DECREF(r);
-    return (*out == -1.0 && PyErr_Occurred()) ? -1 : 0;
+    if (*out == -1.0 && PyErr_Occurred()) return -1;
+    if (!isfinite(*out)) { /* NaN would make every deadline unreachable: keys that never expire */
+        PyErr_Format(PyExc_ValueError, "the cache's clock returned %s; it must return finite seconds like time.time",
+                     isnan(*out) ? "nan" : (*out > 0 ? "inf" : "-inf"));
+        return -1;
+    }
+    return 0;
 }
 
 /* Encoded key: str -> UTF-8 (cached in the str), bytes -> 0xFF + bytes.
@@ -265,7 +277,7 @@ static int lock_fast(Core *c, uint64_t s) {
     BARRIER();
     (*mk)--;
     uint64_t *ver = u64at(rec + S_VERSION);
-    __atomic_store_n(ver, __atomic_load_n(ver, __ATOMIC_RELAXED) + 1, __ATOMIC_RELAXED);
+    __atomic_store_n(ver, LOCKED_VERSION(__atomic_load_n(ver, __ATOMIC_RELAXED)), __ATOMIC_RELAXED);
     __atomic_thread_fence(__ATOMIC_RELEASE);
     return 1;
 }
@@ -273,7 +285,7 @@ static int lock_fast(Core *c, uint64_t s) {
 static void unlock_fast(Core *c, uint64_t s) {
     char *rec = stripe_rec(c, s);
     uint64_t *ver = u64at(rec + S_VERSION);
-    __atomic_store_n(ver, __atomic_load_n(ver, __ATOMIC_RELAXED) + 1, __ATOMIC_RELEASE);
+    __atomic_store_n(ver, UNLOCKED_VERSION(__atomic_load_n(ver, __ATOMIC_RELAXED)), __ATOMIC_RELEASE);
     uint8_t *mk = marker(c, s);
     (*mk)++;
     BARRIER();
@@ -335,7 +347,8 @@ static int write_locked(Core *c, uint64_t s, uint32_t tag, const char *k, Py_ssi
         return 0;
     }
     uint64_t items = *u64at(rec + S_ITEMS), used = *u64at(rec + S_USED);
-    if (used + alloc > c->stripe_arena || (i < 0 && items >= c->cap_items)) return 2;
+    /* `used > stripe_arena` first: a damaged (wrapped) bump pointer must not overflow the sum */
+    if (used > c->stripe_arena || alloc > c->stripe_arena - used || (i < 0 && items >= c->cap_items)) return 2;
     write_entry(arena + used, k, klen, flags, v, vlen);
     uint64_t pos;
     if (i >= 0) {
@@ -343,8 +356,11 @@ static int write_locked(Core *c, uint64_t s, uint32_t tag, const char *k, Py_ssi
         *u64at(rec + S_GARBAGE) += old_alloc;
     } else {
         pos = tag % c->sps;
-        while (*(uint32_t *)(slots + pos * SLOT_SIZE) != 0)
+        uint64_t n = 0; /* at most one lap: only damage leaves a slice with no empty slot */
+        while (*(uint32_t *)(slots + pos * SLOT_SIZE) != 0) {
+            if (++n == c->sps) return 2; /* the Python path repairs the stripe */
             if (++pos == c->sps) pos = 0;
+        }
         *u64at(rec + S_ITEMS) = items + 1;
     }
     slot_t sl = {tag, (uint32_t)used, (uint32_t)vlen, (uint16_t)klen, (uint8_t)flags, 0, expire, now};
@@ -358,7 +374,7 @@ static void delete_at(Core *c, uint64_t s, uint64_t i, slot_t *sl) {
     char *slots = slots_of(c, s);
     char *rec = stripe_rec(c, s);
     uint64_t sps = c->sps, j = i, k = i;
-    for (;;) {
+    for (uint64_t n = 1; n < sps; n++) { /* at most one lap, even with no empty slot */
         if (++k == sps) k = 0;
         uint32_t t = *(uint32_t *)(slots + k * SLOT_SIZE);
         if (t == 0) break;
@@ -933,7 +949,7 @@ static PyObject *Core_lock(Core *c, PyObject *args) {
     BARRIER();
     (*marker(c, s))--;
     uint64_t *ver = u64at(stripe_rec(c, s) + S_VERSION);
-    __atomic_store_n(ver, __atomic_load_n(ver, __ATOMIC_RELAXED) + 1, __ATOMIC_RELAXED);
+    __atomic_store_n(ver, LOCKED_VERSION(__atomic_load_n(ver, __ATOMIC_RELAXED)), __ATOMIC_RELAXED);
     __atomic_thread_fence(__ATOMIC_RELEASE);
     Py_RETURN_TRUE;
 }

@@ -357,7 +357,13 @@ def check(cache: "Cache", *, fix: bool = False) -> list[str]:
     cache._check_open()
     problems = []
     for s in range(cache._g.n_stripes):
-        found = cache._table.check(s)
+        stuck = cache._stuck_odd_version(s)
+        found = cache._table.check(s)  # its lock and unlock set the version's parity right
+        if stuck is not None:
+            found.append(
+                f"stripe {s}: seqlock version {stuck} was odd while no writer held the lock "
+                f"(damage): lock-free readers had to fall back to the lock; repaired"
+            )
         if found and fix:
             repair(cache, s)
         problems.extend(found)

@@ -17,7 +17,7 @@ from .codec import BYTES, STR, Codec, decode_key, encode_int, encode_key
 from .errors import KeyTooLong, SettingsIgnored, SettingsMismatch, ValueTooLarge
 from .lock import Identity, StripeLocks, claim_client, release_client
 from .segment import Segment, sem_name
-from .table import ADD, REPLACE, SET, Table
+from .table import ADD, REPLACE, SET, Table, Undecodable
 
 try:  # the C fast paths; without a compiler shmcache runs in pure Python
     from . import _speedups
@@ -81,6 +81,28 @@ class _State:
         self.seg.close()
 
 
+#: The longest a caller may ask to wait for a lock or an initializing creator
+#: (seconds). Beyond an hour a wait is a hang, and `inf` or 1e300 would
+#: overflow the kernel's timespec.
+MAX_WAIT = 3600.0
+
+
+def check_seconds(label: str, value, *, maximum: float, zero_ok: bool = False) -> float:
+    """A duration in seconds: a real number, finite, positive (or 0 if ``zero_ok``), at most ``maximum``.
+
+    Raises:
+        TypeError: not an int or float (bools are refused).
+        ValueError: NaN, infinite, negative, zero (unless allowed) or above ``maximum``;
+            the message names the setting and the limit.
+    """
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{label} must be a number of seconds, not {type(value).__name__}")
+    low = "0 or more" if zero_ok else "more than 0"
+    if not (value >= 0 if zero_ok else value > 0) or not value <= maximum:
+        raise ValueError(f"{label} must be a finite number of seconds, {low} and at most {maximum:g}, got {value!r}")
+    return float(value)
+
+
 def _check_ttl(ttl) -> float:
     if ttl is None:
         return 0.0
@@ -127,6 +149,17 @@ class Cache(MutableMapping):
             values that are not bytes, str, int, float or numpy arrays.
         strict: raise SettingsMismatch instead of warning when the existing
             cache has other layout settings than the ones given.
+        owner: a uid or user name trusted besides this process's own user: the
+            segment and its semaphores must belong to one of the two, or the
+            attach is refused (UntrustedSegment). On attach, ``mode`` is the
+            loosest permission the segment may have.
+        allow_pickle: None (default): unpickle only from a cache nobody but
+            this user can write (it owns the segment, no group/other write
+            bits); a shared cache stores bytes, str, int, float, numpy arrays
+            and plain containers of them (list, tuple, dict, set, None, bool)
+            and refuses values that would need a class to rebuild. True:
+            always full pickle (every writer is trusted). False: never.
+            See the README section "Security".
 
     Raises:
         ValueError / TypeError: a bad name or setting (the message gives the limit).
@@ -137,6 +170,8 @@ class Cache(MutableMapping):
         SettingsMismatch: ``strict=True`` and the existing layout differs.
         LayoutMismatch: the segment is not shmcache's or has another layout version.
         CacheFull: no free client slot (``max_clients`` live processes attached).
+        UntrustedSegment: the segment belongs to an untrusted user, grants more
+            than ``mode``, or is not a regular file.
     """
 
     def __init__(
@@ -158,13 +193,19 @@ class Cache(MutableMapping):
         serializer=None,
         init_timeout: float = 5.0,
         strict: bool = False,
+        owner: int | str | None = None,
+        allow_pickle: bool | None = None,
     ):
         self._closed = True  # until fully open, so close()/__del__ are safe
         default_ttl = _check_ttl(default_ttl) or None
-        if isinstance(lock_timeout, bool) or not isinstance(lock_timeout, (int, float)) or not lock_timeout > 0:
-            raise ValueError(f"lock_timeout must be a positive number of seconds, got {lock_timeout!r}")
+        lock_timeout = check_seconds("lock_timeout", lock_timeout, maximum=MAX_WAIT)
+        init_timeout = check_seconds("init_timeout", init_timeout, maximum=MAX_WAIT)
         if not callable(clock):
             raise TypeError("clock must be a function returning seconds, like time.time")
+        if clock is not time.time:
+            clock = _finite_clock(clock)
+        if allow_pickle is not None and not isinstance(allow_pickle, bool):
+            raise TypeError(f"allow_pickle must be True, False or None, not {type(allow_pickle).__name__}")
         codec = Codec(serializer)
         # None = "not given": the default when creating, not compared when attaching.
         given = {k: v for k, v in dict(
@@ -173,13 +214,18 @@ class Cache(MutableMapping):
         ).items() if v is not None}
         geometry_args = {**LAYOUT_DEFAULTS, **given}
         mode = geometry_args.pop("mode")
-        seg = Segment.open(name, create=create, geometry_args=geometry_args, mode=mode, timeout=init_timeout)
+        seg = Segment.open(name, create=create, geometry_args=geometry_args, mode=mode, timeout=init_timeout,
+                           owner=owner)
         try:
             if not seg.created:
                 _check_settings(name, given, seg.geometry, strict)
         except BaseException:
             seg.close()
             raise
+        codec.where = f"cache {name!r}"
+        codec.allow_pickle = seg.private if allow_pickle is None else allow_pickle
+        if not seg.private:
+            codec.why = "users other than you can write it: see its owner and mode"
         try:
             identity = Identity()
             client = claim_client(seg, identity)
@@ -189,6 +235,7 @@ class Cache(MutableMapping):
         g = seg.geometry
         self.name = name
         self._core = None
+        self._trust = dict(mode=given.get("mode"), owner=owner, allow_pickle=allow_pickle)
         self._default_ttl = default_ttl
         self.lock_timeout = float(lock_timeout)
         self._clock = clock
@@ -520,13 +567,18 @@ class Cache(MutableMapping):
             TypeError / KeyTooLong / ValueError: as :meth:`get`.
             LockTimeout: a live process kept the stripe locked too long.
         """
-        r = self._table.pop(self._key(key))
+        # Decoded before it is removed (under the stripe lock): a value this
+        # process cannot decode (a class it lacks, a refused pickle) stays.
+        try:
+            r = self._table.pop(self._key(key), decode=_Decoded.of(self._decode))
+        except Undecodable as e:
+            raise e.__cause__ from None
         if r is None:
             if default is _MISSING:
                 raise KeyError(key)
             return default
         self._ctr[self._i_deletes] += 1
-        return self._decode(*r)
+        return r.value
 
     def setdefault(self, key, default=None):
         """``cache[key]`` if present, else store ``default`` (atomically, via add) and return it.
@@ -744,6 +796,19 @@ class Cache(MutableMapping):
         """
         return admin.check(self)
 
+    def _stuck_odd_version(self, s: int) -> int | None:
+        """The stripe's version if it is odd while its lock is free, else None.
+
+        A writer takes the semaphore before it makes the version odd and makes
+        it even before it posts, so an odd version that stays the same across a
+        read of a free semaphore was left by damage, not by a writer."""
+        off = (self._g.stripe_table_off + s * L.STRIPE_SIZE + L.S_VERSION) >> 3
+        v = self._ctr[off]
+        if not v & 1:
+            return None
+        free = self._seg.sems[s].value > 0
+        return v if free and self._ctr[off] == v else None
+
     def _check_open(self) -> None:
         if self._closed:
             raise ValueError(f"cache {self.name!r} is closed")
@@ -794,7 +859,7 @@ class Cache(MutableMapping):
 
     def __reduce__(self):
         # Pickled (e.g. to a spawned process): the receiver attaches by name.
-        return (_attach, (self.name, self.default_ttl, self.lock_timeout))
+        return (_attach, (self.name, self.default_ttl, self.lock_timeout, self._trust))
 
     __hash__ = object.__hash__
 
@@ -859,6 +924,20 @@ def _check_settings(name: str, given: dict, g: L.Geometry, strict: bool) -> None
         warnings.warn(msg, SettingsIgnored, stacklevel=3)
 
 
+def _finite_clock(clock):
+    """``clock`` checked on every call: a NaN or infinite time would make every
+    deadline unreachable (keys that never expire), so it raises instead."""
+
+    def now() -> float:
+        t = clock()
+        if not math.isfinite(t):
+            raise ValueError(f"the cache's clock returned {t!r}; it must return finite seconds like time.time")
+        return t
+
+    now.__wrapped__ = clock
+    return now
+
+
 def _weak(cache: "Cache", method):
     """``method`` bound to ``cache`` through a weak reference.
 
@@ -875,6 +954,19 @@ def _weak(cache: "Cache", method):
     return call
 
 
+class _Decoded:
+    """A decoded value, told apart from pop's None (absent) even when it is None."""
+
+    __slots__ = ("value",)
+
+    def __init__(self, value):
+        self.value = value
+
+    @staticmethod
+    def of(decode):
+        return lambda flags, vb: _Decoded(decode(flags, vb))
+
+
 class _Closed:
     """Stands in for the table of a closed Cache: any use raises ValueError."""
 
@@ -885,8 +977,8 @@ class _Closed:
         self._fn()
 
 
-def _attach(name, default_ttl, lock_timeout):
-    return Cache(name, create=False, default_ttl=default_ttl, lock_timeout=lock_timeout)
+def _attach(name, default_ttl, lock_timeout, trust=None):
+    return Cache(name, create=False, default_ttl=default_ttl, lock_timeout=lock_timeout, **(trust or {}))
 
 
 def _after_fork_in_child() -> None:

@@ -27,6 +27,8 @@ from .lock import is_alive
 from .segment import LOCK_DAEMON, Segment
 
 NAME_ENV = "SHMCACHE_NAME"
+#: Inspection commands attach whatever the mode (the owner check still holds).
+ANY_MODE = 0o777
 
 
 class CliError(Exception):
@@ -59,7 +61,39 @@ def _name(args) -> str:
 
 
 def _attach(args) -> Cache:
-    return Cache(_name(args), create=False)
+    # Inspection accepts any mode: the owner check still applies, and values
+    # are unpickled only from a cache nobody else can write (see Cache's allow_pickle).
+    return Cache(_name(args), create=False, mode=ANY_MODE, owner=getattr(args, "owner", None))
+
+
+def _open_segment(args, name: str, timeout: float) -> Segment:
+    return Segment.open(name, create=False, timeout=timeout, mode=ANY_MODE, owner=getattr(args, "owner", None))
+
+
+def _octal_mode(text: str) -> int:
+    try:
+        return int(text, 8)
+    except ValueError:
+        raise CliError(f"--mode {text!r} is not octal permission bits like 600 or 660") from None
+
+
+def _stop_daemon(seg: Segment, pid: int, name: str, timeout: float) -> None:
+    """SIGTERM the daemon ``pid`` of ``seg`` and wait until it released the daemon lock.
+
+    Raises:
+        CliError: it is still running after ``timeout`` seconds (nothing is removed).
+    """
+    try:
+        os.kill(pid, signal.SIGTERM)
+    except ProcessLookupError:
+        return
+    deadline = time.monotonic() + timeout
+    while _daemon_pid(seg) == pid:
+        if time.monotonic() > deadline:
+            raise CliError(f"daemon pid {pid} of cache {name!r} did not stop within {timeout:g} s of SIGTERM; "
+                           "nothing was removed")
+        time.sleep(0.02)
+    print(f"stopped daemon pid {pid} of cache {name!r}")
 
 
 def _daemon_pid(seg: Segment) -> int | None:
@@ -123,7 +157,8 @@ def cmd_daemon(args) -> int:
         size=args.size,
         stripes=args.stripes,
         max_items=args.max_items,
-        mode=int(args.mode, 8) if args.mode else None,
+        mode=_octal_mode(args.mode) if args.mode else None,
+        owner=args.owner,
         snapshot=args.snapshot,
         snapshot_every=args.snapshot_every,
         expire_every=args.expire_every,
@@ -261,7 +296,7 @@ def _daemon_snapshot_path(name: str) -> tuple[int, str]:
     Raises:
         CliError: no daemon runs, or it runs without --snapshot.
     """
-    with Cache(name, create=False) as c:
+    with Cache(name, create=False, mode=ANY_MODE) as c:
         d = admin.daemon_info(c)
     if not d.alive or not d.pid:
         raise CliError(f"no daemon runs for cache {name!r}; give a PATH to write a snapshot from this process")
@@ -552,10 +587,10 @@ def cmd_top(args) -> int:
     return 0
 
 
-def _describe(name: str) -> dict:
+def _describe(args, name: str) -> dict:
     row = {"name": name, "size": None, "items": None, "clients": None, "daemon_pid": None, "status": "ok"}
     try:
-        seg = Segment.open(name, create=False, timeout=0.5)
+        seg = _open_segment(args, name, 0.5)
     except Error as e:
         row["status"] = str(e).split(";")[0]
         return row
@@ -581,7 +616,7 @@ def _describe(name: str) -> dict:
 
 def cmd_ls(args) -> int:
     """``shmcache ls``: list the caches on this host."""
-    rows = [_describe(n) for n in Segment.list_names()]
+    rows = [_describe(args, n) for n in Segment.list_names()]
     if args.json:
         print(json.dumps(rows, indent=2))
         return 0
@@ -602,21 +637,27 @@ def cmd_ls(args) -> int:
 
 
 def cmd_rm(args) -> int:
-    """``shmcache rm``: unlink a cache. Raises CliError if absent or its daemon runs (without --force)."""
+    """``shmcache rm``: unlink a cache. Raises CliError if absent, or if its daemon runs
+    (without --force; with it, when the daemon does not stop within --timeout seconds)."""
     name = _name(args)
     try:
-        seg = Segment.open(name, create=False, timeout=0.5)
+        seg = _open_segment(args, name, 0.5)
     except CacheNotFound:
         raise CliError(f"no cache named {name!r} on this host") from None
     except Error:
-        seg = None  # damaged or foreign layout: removing it is the fix
+        seg = None  # damaged, foreign or untrusted: removing it is the fix
     if seg is not None:
         try:
             pid = _daemon_pid(seg)
+            if pid and not args.force:
+                raise CliError(f"daemon pid {pid} is running for cache {name!r}; stop it first or use --force")
+            if pid:
+                # A daemon left running on a removed cache would go on writing its
+                # snapshot file, over the snapshots of the cache that replaces it:
+                # stop it (it writes its final snapshot) before removing anything.
+                _stop_daemon(seg, pid, name, args.timeout)
         finally:
             seg.close()
-        if pid and not args.force:
-            raise CliError(f"daemon pid {pid} is running for cache {name!r}; stop it first or use --force")
     Cache.unlink(name)
     print(f"removed cache {name!r}")
     return 0
@@ -819,7 +860,8 @@ def _daemon_parser(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--size", help="segment size if the cache is created, e.g. 256MiB (default 64MiB)")
     p.add_argument("--stripes", type=int, help="lock stripes if created (power of two; default one per 4 MiB, 4..64)")
     p.add_argument("--max-items", type=int, help="most entries if created (default one per 200 bytes)")
-    p.add_argument("--mode", help="permission bits (octal) if created (default 600)")
+    p.add_argument("--mode", help="permission bits (octal) if created; on attach the loosest accepted (default 600)")
+    p.add_argument("--owner", metavar="USER", help="also trust a cache owned by this user (name or uid)")
     p.add_argument("--snapshot", metavar="PATH", help="snapshot file: restored at start, written periodically, "
                                                       "on SIGUSR1 and at exit")
     p.add_argument("--snapshot-every", type=float, default=60.0, metavar="SECONDS",
@@ -859,6 +901,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     def named(sp):
         sp.add_argument("-n", "--name", help=f"cache name (default ${NAME_ENV})")
+        sp.add_argument("--owner", metavar="USER", help="also trust a cache owned by this user (name or uid)")
         return sp
 
     _daemon_parser(add(
@@ -927,7 +970,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp = add("ls", cmd_ls, "list the caches on this host with size, items and daemon")
     sp.add_argument("--json", action="store_true")
     sp = named(add("rm", cmd_rm, "remove a cache (its shared memory and semaphores)"))
-    sp.add_argument("--force", action="store_true", help="even while its daemon runs")
+    sp.add_argument("--force", action="store_true", help="even while its daemon runs: stop it first (SIGTERM)")
+    sp.add_argument("--timeout", type=float, default=30.0,
+                    help="seconds --force waits for the daemon to stop (default 30)")
     sp = add("demo", cmd_demo, "daemon + load generators + snapshot + warm restart, in under 30 s")
     sp.add_argument("--seconds", type=float, default=5.0, help="how long the load generators run (default 5)")
     sp.add_argument("--workers", type=int, default=3, help="load generator processes (default 3)")

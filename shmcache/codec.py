@@ -15,6 +15,16 @@ tag     payload
 6       the user's ``serializer`` (instead of pickle)
 ======  =========================================================
 
+Pickle is the trust boundary: unpickling runs whatever code the writer put
+in the bytes. A codec with ``allow_pickle=False`` (what :class:`Cache` uses
+for a cache that anyone but this user can write) still writes tag 5, but only
+through a pickler that refuses every global and reads it back through an
+unpickler that refuses every global: plain ``None``, ``bool``, ``int``,
+``float``, ``str``, ``bytes``, ``bytearray``, ``list``, ``tuple``, ``dict``,
+``set`` and ``frozenset`` values round-trip; anything that needs a class or a
+function to rebuild is refused at ``set`` (``TypeError``) and at ``get``
+(``PickleRefused``) without running any of it.
+
 Keys are ``str`` (stored as UTF-8) or ``bytes`` (stored behind a 0xFF byte,
 which UTF-8 never produces), so ``"a"`` and ``b"a"`` are two different keys and
 ``keys()`` gives each back with its own type.
@@ -22,10 +32,13 @@ which UTF-8 never produces), so ``"a"`` and ``b"a"`` are two different keys and
 
 from __future__ import annotations
 
+import io
 import pickle
 import struct
 
 import numpy as np
+
+from .errors import LayoutMismatch, PickleRefused
 
 BYTES, STR, INT, FLOAT, NDARRAY, PICKLE, CUSTOM = range(7)
 _F64 = struct.Struct("<d")
@@ -74,10 +87,15 @@ class Codec:
     ``loads(bytes) -> obj`` (the ``json`` module, ``msgpack``...).
     """
 
-    def __init__(self, serializer=None):
+    def __init__(self, serializer=None, allow_pickle: bool = True, where: str = "this cache", why: str = ""):
         if serializer is not None and not (hasattr(serializer, "dumps") and hasattr(serializer, "loads")):
             raise TypeError("serializer must have dumps() and loads(), like the json or pickle modules")
         self.serializer = serializer
+        #: False: only global-free pickles are written and read (see the module doc).
+        self.allow_pickle = allow_pickle
+        #: Name the cache and why it does not trust pickle, in refusals.
+        self.where = where
+        self.why = why or "allow_pickle=False"
 
     def encode(self, value):
         """(tag, payload) for a value.
@@ -107,6 +125,18 @@ class Codec:
             if isinstance(data, str):
                 data = data.encode()
             return CUSTOM, data
+        if not self.allow_pickle:
+            try:
+                return PICKLE, _safe_dumps(value)
+            except _NeedsGlobal as e:
+                raise TypeError(
+                    f"{self.where} does not trust pickle ({self.why}), and a "
+                    f"{type(value).__name__} value needs {e} to be rebuilt, which would run code on read: "
+                    f"store bytes, str, int, float, numpy arrays or plain containers of them, pass "
+                    f"serializer= (json, msgpack...), or allow_pickle=True if every writer is trusted"
+                ) from None
+            except Exception as e:
+                raise TypeError(f"cannot pickle value of type {type(value).__name__}: {e}") from e
         try:
             return PICKLE, pickle.dumps(value, protocol=5)
         except Exception as e:
@@ -116,8 +146,9 @@ class Codec:
         """The value back from (tag, payload).
 
         Raises:
-            ValueError: unknown tag, or a custom-serialized value read without
-                a serializer.
+            ValueError: a custom-serialized value read without a serializer.
+            LayoutMismatch: an unknown tag (a damaged entry).
+            PickleRefused: a pickle that needs a global, with pickle not allowed.
         """
         if tag == BYTES:
             return data
@@ -130,12 +161,59 @@ class Codec:
         if tag == NDARRAY:
             return _decode_array(data)
         if tag == PICKLE:
-            return pickle.loads(data)
+            if self.allow_pickle:
+                return pickle.loads(data)
+            return _SafeUnpickler(f"{self.where}, which does not trust pickle ({self.why})", io.BytesIO(data)).load()
         if tag == CUSTOM:
             if self.serializer is None:
                 raise ValueError("value was stored with a custom serializer; open the cache with serializer=")
             return self.serializer.loads(data)
-        raise ValueError(f"unknown value type tag {tag}")
+        raise LayoutMismatch(
+            f"a stored value has unknown type tag {tag}: its entry is damaged, or was written by a "
+            f"newer shmcache; delete the key (or run 'shmcache check')"
+        )
+
+
+class _NeedsGlobal(Exception):
+    pass
+
+
+class _SafePickler(pickle.Pickler):
+    """Pickles only values that need no global to rebuild.
+
+    ``reducer_override`` sees every object except None, bools and exact
+    int/float/str/bytes/list/tuple/dict/set/frozenset (which pickle by opcode),
+    so anything reaching it would be written as a class or a reduce call.
+    """
+
+    def reducer_override(self, obj):
+        if type(obj) is bytearray:  # protocol 5 has an opcode for it
+            return NotImplemented
+        t = type(obj)
+        raise _NeedsGlobal(f"{t.__module__}.{t.__qualname__}")
+
+
+def _safe_dumps(value) -> bytes:
+    buf = io.BytesIO()
+    _SafePickler(buf, protocol=5).dump(value)
+    return buf.getvalue()
+
+
+class _SafeUnpickler(pickle.Unpickler):
+    """Reads a pickle only if rebuilding it calls nothing: every global (and
+    so every class, function and reduce call) is refused before it is looked
+    up. Persistent ids are refused by the base class."""
+
+    def __init__(self, where: str, file):
+        super().__init__(file)
+        self._where = where
+
+    def find_class(self, module, name):
+        raise PickleRefused(
+            f"a value in {self._where} is a pickle that needs {module}.{name}; unpickling it would run "
+            f"code chosen by whoever wrote it. Open the cache with allow_pickle=True only if every user "
+            f"who can write it is trusted"
+        )
 
 
 def _encode_array(a: np.ndarray) -> bytes:

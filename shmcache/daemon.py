@@ -33,10 +33,12 @@ takes about a second); reads still never return expired entries.
 
 from __future__ import annotations
 
+import fcntl
 import logging
 import os
 import select
 import signal
+import stat
 import time
 from collections import deque
 
@@ -44,7 +46,7 @@ import numpy as np
 
 from . import admin
 from . import layout as L
-from .cache import Cache
+from .cache import Cache, check_seconds
 from .errors import DaemonError, Error
 from .lock import Identity
 from .segment import LOCK_DAEMON
@@ -181,7 +183,9 @@ class Daemon:
 
     Args:
         name: the cache (created with the layout settings below if missing).
-        size, stripes, max_items, mode: layout, only used when creating.
+        size, stripes, max_items: layout, only used when creating.
+        mode: permission bits if created; on attach, the loosest accepted.
+        owner: a uid or user name trusted besides the daemon's own user.
         snapshot: snapshot file path (None: no snapshots).
         snapshot_every: seconds between periodic snapshots (0: only on
             SIGUSR1 and at exit).
@@ -197,8 +201,12 @@ class Daemon:
             cache for twice that after the last answered one).
 
     Raises:
-        DaemonError: another daemon serves the cache, or ``snapshot`` is a directory.
-        ValueError / TypeError: a bad name, size or interval.
+        DaemonError: another daemon serves the cache or writes ``snapshot``,
+            or ``snapshot`` is a directory, FIFO, device or symlink.
+        ValueError / TypeError: a bad name, size or interval (NaN, infinite,
+            negative or above MAX_INTERVAL).
+        UntrustedSegment: the existing segment belongs to an untrusted user
+            or is looser than ``mode`` (pass ``owner``/``mode``).
         LayoutMismatch: the existing segment has another layout version.
         OSError: the snapshot's directory cannot be created.
     """
@@ -211,6 +219,7 @@ class Daemon:
         stripes: int | None = None,
         max_items: int | None = None,
         mode: int | None = None,
+        owner: int | str | None = None,
         snapshot: str | None = None,
         snapshot_every: float = 60.0,
         expire_every: float = 0.1,
@@ -221,29 +230,27 @@ class Daemon:
         track_prefixes=(),
         track_ping: float = 0.1,
     ):
-        for label, v in (("snapshot_every", snapshot_every), ("expire_every", expire_every),
-                         ("recover_every", recover_every)):
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0:
-                raise ValueError(f"{label} must be a number of seconds >= 0, got {v!r}")
-        if recover_every == 0:
-            raise ValueError("recover_every must be > 0 seconds")
+        # NaN compares false with everything: unchecked, it silently turned
+        # recovery or snapshots off. Bounded so a sleep can never overflow.
+        check_seconds("snapshot_every", snapshot_every, maximum=MAX_INTERVAL, zero_ok=True)
+        check_seconds("expire_every", expire_every, maximum=MAX_INTERVAL, zero_ok=True)
+        check_seconds("recover_every", recover_every, maximum=MAX_INTERVAL)
         self.name = name
         self.snapshot_path = os.path.abspath(snapshot) if snapshot else None
+        self._snap_lock = None
         if self.snapshot_path:
-            if os.path.isdir(self.snapshot_path):
-                raise DaemonError(f"snapshot path {self.snapshot_path} is a directory; give a file name")
             if len(os.fsencode(self.snapshot_path)) >= L.SNAPSHOT_PATH_MAX:
                 # recorded in the header so `shmcache snapshot` finds it
                 raise DaemonError(f"snapshot path {self.snapshot_path} is longer than "
                                   f"{L.SNAPSHOT_PATH_MAX - 1} bytes; use a shorter one")
-            os.makedirs(os.path.dirname(self.snapshot_path), exist_ok=True)
+            _check_snapshot_path(self.snapshot_path)
         self.snapshot_every = float(snapshot_every)
         self.expire_every = float(expire_every)
         self.recover_every = float(recover_every)
         self.restore = restore
         self.metrics_addr = parse_listen(metrics) if metrics else None
         self.metrics_server = None
-        self.cache = Cache(name, size=size, stripes=stripes, max_items=max_items, mode=mode)
+        self.cache = Cache(name, size=size, stripes=stripes, max_items=max_items, mode=mode, owner=owner)
         try:
             seg = admin.storage(self.cache).segment
             if not seg.try_file_lock(LOCK_DAEMON):
@@ -252,8 +259,11 @@ class Daemon:
                 raise DaemonError(
                     f"a daemon (pid {holder or '?'}) is already running for cache {name!r}; {how}"
                 )
+            if self.snapshot_path:
+                self._snap_lock = _lock_snapshot_path(self.snapshot_path)
         except BaseException:
             self.cache.close()
+            self._release_snapshot_lock()
             raise
         self.tracker = None
         if track_prefixes and not upstream:
@@ -503,6 +513,70 @@ class Daemon:
         if not self.cache.closed:
             self._clear_beat()
             self.cache.close()  # also drops LOCK_DAEMON (closing the fd releases fcntl locks)
+        self._release_snapshot_lock()
+
+    def _release_snapshot_lock(self) -> None:
+        if self._snap_lock is not None:
+            os.close(self._snap_lock)  # drops the flock
+            self._snap_lock = None
+
+
+#: The longest interval a daemon timer accepts (seconds; about 11.6 days).
+MAX_INTERVAL = 1e6
+
+
+def _check_snapshot_path(path: str) -> None:
+    """Refuse a snapshot path that exists and is not a regular file (a FIFO
+    would block the restore's open() forever), and create its directory.
+
+    Raises:
+        DaemonError: a directory, FIFO, device, socket or symlink.
+        OSError: the directory cannot be created.
+    """
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        st = None
+    if st is not None and not stat.S_ISREG(st.st_mode):
+        kind = "a directory" if stat.S_ISDIR(st.st_mode) else \
+            "a symbolic link" if stat.S_ISLNK(st.st_mode) else "not a regular file (a FIFO, device or socket)"
+        raise DaemonError(f"snapshot path {path} is {kind}; give the path of a regular file")
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+
+
+def _lock_snapshot_path(path: str) -> int:
+    """Make this daemon the only writer of snapshot ``path``: an ``flock`` on
+    ``<path>.lock``, held until the daemon exits (the kernel drops it if the
+    daemon dies). Two daemons writing one file (a cache removed and recreated
+    while its old daemon lived on, or two caches configured with one path)
+    would each overwrite the other's newer snapshot. Returns the lock's fd.
+
+    Raises:
+        DaemonError: another daemon holds the lock (the message names its pid),
+            or the lock file cannot be opened.
+    """
+    lock_path = path + ".lock"
+    try:
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, 0o600)
+    except OSError as e:
+        raise DaemonError(f"cannot open the snapshot lock file {lock_path}: {e.strerror}") from None
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise DaemonError(f"snapshot lock file {lock_path} is not a regular file; remove it")
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+            raise DaemonError(
+                f"snapshot file {path} is written by another daemon (pid {holder}, lock {lock_path}); "
+                f"two daemons must not share one snapshot file: stop that daemon or give another --snapshot"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
 
 
 def parse_listen(addr: str) -> tuple[str, int]:

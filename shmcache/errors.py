@@ -41,6 +41,17 @@ class SnapshotError(Error, ValueError):
     format. The message names the file and what failed; nothing was changed."""
 
 
+class PickleRefused(Error, ValueError):
+    """A value would need full pickle, and this cache does not trust pickle.
+
+    Unpickling runs code chosen by whoever wrote the value. By default only a
+    cache that nobody but this user can write (owner is this user, no group or
+    other write bits) uses full pickle; a shared cache stores bytes, str, int,
+    float, numpy arrays and plain containers of them (list, tuple, dict, set,
+    None, bool), a ``serializer=``, or full pickle with ``allow_pickle=True``.
+    """
+
+
 class DaemonError(Error):
     """The daemon cannot run: another daemon serves the cache, or a setting is unusable."""
 
@@ -64,6 +75,17 @@ class PermissionDenied(Error, PermissionError):
     """This process may not open the cache: the message names the cache, its
     owner, group and mode, and how to share it (``mode=0o660`` and a group
     every process is in)."""
+
+
+class UntrustedSegment(PermissionDenied):
+    """The segment (or a semaphore or snapshot file) is not one this process may trust:
+    it belongs to another user, grants more access than the caller's ``mode``,
+    or is not a regular file. Nothing was read from it and nothing was changed.
+
+    A PermissionDenied that shmcache decides, not the kernel. The message
+    names the owner and mode found and what to do (pass ``owner=``
+    or ``mode=`` if that is intended; otherwise remove the file).
+    """
 
 
 class SettingsMismatch(Error, ValueError):

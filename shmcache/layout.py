@@ -334,7 +334,47 @@ class Geometry:
                 f"{where} has layout version {version}, this shmcache reads layout version "
                 f"{LAYOUT_VERSION}; restore it from a snapshot or remove it (shmcache rm)"
             )
+        if f[2] != PAGE:
+            raise LayoutMismatch(
+                f"{where} is damaged: its header says the header is {f[2]} bytes, not {PAGE}; "
+                f"remove it (shmcache rm) and recreate it"
+            )
         return cls(*f[3:])
+
+    def check(self, file_size: int, where: str = "segment", name: str = "NAME") -> None:
+        """Refuse a header that disagrees with itself or with the file it heads.
+
+        A segment is input like any other: a corrupted or hostile header must
+        not steer an offset outside the mapping. Every derived field (offsets,
+        arena sizes, limits) must be what :func:`compute_geometry` makes of the
+        header's own settings, and the file must be at least ``total_size``.
+
+        Raises:
+            LayoutMismatch: naming the field that is off and what to do.
+        """
+        fix = f"remove it with 'shmcache rm {name}' (or Cache.unlink) and recreate it"
+        if self.policy not in POLICY_NAMES:
+            raise LayoutMismatch(f"{where} is damaged: its header names eviction policy {self.policy}; {fix}")
+        try:
+            want = compute_geometry(
+                self.total_size, stripes=self.n_stripes, max_items=self.max_items,
+                max_key_size=self.max_key_size, max_value_size=self.max_value_size,
+                max_clients=self.max_clients, policy=POLICY_NAMES[self.policy],
+                mode=self.mode, created=self.created,
+            )
+        except (TypeError, ValueError) as e:
+            raise LayoutMismatch(f"{where} is damaged: its header settings are impossible ({e}); {fix}") from None
+        bad = [f for f in self.__dataclass_fields__ if getattr(self, f) != getattr(want, f)]
+        if bad:
+            f = bad[0]
+            raise LayoutMismatch(
+                f"{where} is damaged: its header says {f}={getattr(self, f)}, but its own settings imply "
+                f"{getattr(want, f)}; {fix}"
+            )
+        if file_size < self.total_size:
+            raise LayoutMismatch(
+                f"{where} is {file_size} bytes but its header says {self.total_size}; it is damaged: {fix}"
+            )
 
 
 def compute_geometry(

@@ -87,6 +87,8 @@ def is_alive(pid: int, start: float) -> bool:
     return s < 0 or s == start
 
 
+_U64_MAX = 2**64 - 1
+
 class Identity:
     """This process as the segment records it: pid and start time. Renewed after fork."""
 
@@ -195,14 +197,16 @@ class StripeLocks:
         so = self.geometry.stripe_table_off + s * L.STRIPE_SIZE
         mm[so + L.S_OWNER_PID : so + L.S_OWNER_PID + 16] = self.identity.owner
         mm[mb] -= 1
-        self._q[so >> 3] += 1  # version odd: readers of this stripe retry
+        # Parity is set, not inverted (as in _speedups.c): a version damaged to
+        # odd must not turn even while we mutate, or readers take torn values.
+        self._q[so >> 3] = ((self._q[so >> 3] + 1) | 1) & _U64_MAX  # odd: readers of this stripe retry
 
     def unlock(self, s: int) -> None:
         """Release stripe ``s`` (seqlock version becomes even)."""
         mm = self.mm
         so = self.geometry.stripe_table_off + s * L.STRIPE_SIZE
         mb = self._marker_base + s
-        self._q[so >> 3] += 1  # version even: the stripe is consistent again
+        self._q[so >> 3] = (self._q[so >> 3] + 2) & (_U64_MAX - 1)  # even: the stripe is consistent again
         mm[mb] += 1
         mm[so + L.S_OWNER_PID : so + L.S_OWNER_PID + 16] = _ZERO16
         self.sems[s].release()

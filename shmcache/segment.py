@@ -32,6 +32,7 @@ import grp
 import mmap
 import os
 import pwd
+import stat
 import threading
 import time
 from contextlib import contextmanager
@@ -46,6 +47,7 @@ from .errors import (
     OutOfSharedMemory,
     PermissionDenied,
     SharedMemoryUnavailable,
+    UntrustedSegment,
 )
 
 if not posix_ipc.SEMAPHORE_TIMEOUT_SUPPORTED:  # pragma: no cover - macOS
@@ -115,6 +117,10 @@ class Segment:
         self.created = created
         self._ino = os.fstat(self.fd).st_ino
         self.closed = False
+        #: True if nobody but this process's user can write the segment (its
+        #: owner is our euid and it has no group/other write bits): the only
+        #: case in which values are unpickled by default (see codec.py).
+        self.private = False
 
     # -- open -------------------------------------------------------------
     @classmethod
@@ -126,6 +132,7 @@ class Segment:
         geometry_args: dict | None = None,
         mode: int = 0o600,
         timeout: float = 5.0,
+        owner: int | str | None = None,
     ) -> "Segment":
         """Create the named segment or attach to the existing one.
 
@@ -133,10 +140,22 @@ class Segment:
         this process ends up creating the segment; they are validated first
         either way, so a bad setting fails before anything is created.
 
+        Creation is exclusive (``O_CREAT|O_EXCL``): a file this process did not
+        create is never truncated, initialized or overwritten. Attaching
+        checks the open descriptor (``fstat``, not the path) before reading a
+        byte: the owner must be this process's effective uid or ``owner``
+        (a uid or user name the caller trusts), and the mode may grant nothing
+        beyond ``mode``. The header is then checked against its own settings
+        and the file's real size, and every semaphore gets the same owner and
+        mode checks.
+
         Raises:
-            ValueError / TypeError: bad name or setting.
+            ValueError / TypeError: bad name, setting, mode or owner.
             CacheNotFound: ``create=False`` and no such cache.
-            LayoutMismatch: the segment is foreign or of another layout version.
+            UntrustedSegment: the segment or a semaphore belongs to another
+                user, grants more than ``mode``, or is not a regular file.
+            LayoutMismatch: the segment is foreign, of another layout version,
+                or damaged (a header inconsistent with itself or its size, no magic).
             LockTimeout: another process held the init lock (or left a
                 half-initialized segment) for longer than ``timeout`` seconds.
             OutOfSharedMemory: creating it would not fit in /dev/shm (nothing is left behind).
@@ -145,17 +164,19 @@ class Segment:
                 name is taken by something that is not a segment.
         """
         layout.validate_name(name)
+        mode = validate_mode(mode)
+        trusted = {os.geteuid(), resolve_owner(owner)}
         # Validate the settings before touching the system (raises on bad input).
         layout.compute_geometry(**(geometry_args or {"size": layout.MIN_SIZE}))
         deadline = time.monotonic() + timeout
-        shm = _open_shm(name, create, mode)
+        shm, created = _create_or_open(name, create, mode, trusted)
         try:
             while True:
-                seg = cls._try_open(name, shm, create, geometry_args, mode, deadline)
+                seg = cls._try_open(name, shm, created, geometry_args, mode, trusted, deadline)
                 if seg is _REOPEN:
                     shm.close_fd()
                     shm = None
-                    shm = _open_shm(name, create, mode)
+                    shm, created = _create_or_open(name, create, mode, trusted)
                     continue
                 if seg is not None:
                     return seg
@@ -171,34 +192,41 @@ class Segment:
             raise
 
     @classmethod
-    def _try_open(cls, name, shm, create, geometry_args, mode, deadline):
+    def _try_open(cls, name, shm, created, geometry_args, mode, trusted, deadline):
         fd = shm.fd
         with _file_lock(fd, LOCK_INIT, max(0.0, deadline - time.monotonic()), what="init"):
             st = os.fstat(fd)
             if st.st_nlink == 0:
                 return _REOPEN  # a creator that failed removed this file: open the name again
+            if created:  # nobody else can have written to a file we created exclusively
+                geometry = layout.compute_geometry(
+                    **(geometry_args or {"size": layout.MIN_SIZE}), mode=mode, created=time.time()
+                )
+                return cls._initialize(name, shm, geometry, mode)
             size = st.st_size
-            if 0 < size < layout.PAGE:
-                # Our creator truncates to 0 and then to the full size, so a
-                # non-empty file smaller than a page was made by someone else.
+            if size == 0:
+                return None  # its creator has not taken the init lock yet: wait for the magic
+            if size < layout.PAGE:
+                # Our creator sizes the file under the init lock, so a non-empty
+                # file smaller than a page was made by someone else.
                 raise LayoutMismatch(
                     f"{SHM_DIR}{shm_name(name)} is a {size}-byte file, not a shmcache segment "
                     f"(this shmcache reads layout version {layout.LAYOUT_VERSION}); remove it or pick another name"
                 )
-            if size >= layout.PAGE:
-                head = os.pread(fd, layout.HEADER.size, 0)
-                if head[:8] != b"\0" * 8:
-                    geometry = layout.Geometry.unpack_header(head, where=f"segment {shm_name(name)}")
-                    if size < geometry.total_size:
-                        raise LayoutMismatch(
-                            f"segment {shm_name(name)} is {size} bytes but its header says "
-                            f"{geometry.total_size}; it is damaged: remove it with 'shmcache rm {name}'"
-                        )
-                    return cls._attach(name, shm, geometry)
-            if not create:
-                return None  # someone is about to initialize; wait for the magic
-            geometry = layout.compute_geometry(**geometry_args, mode=mode, created=time.time())
-            return cls._initialize(name, shm, geometry, mode)
+            head = os.pread(fd, layout.HEADER.size, 0)
+            if head[:8] == b"\0" * 8:
+                # Under the init lock a live creator has either not started (size 0)
+                # or finished (magic written): this one died mid-way, or the magic
+                # of a live segment was wiped. Re-initializing would wipe every
+                # attached process's data under it, so refuse and leave it alone.
+                raise LayoutMismatch(
+                    f"segment {shm_name(name)} has no shmcache magic: its creator died while "
+                    f"creating it or it was damaged; nothing was changed. Remove it with "
+                    f"'shmcache rm {name}' (or Cache.unlink) and create it again"
+                )
+            geometry = layout.Geometry.unpack_header(head, where=f"segment {shm_name(name)}")
+            geometry.check(size, where=f"segment {shm_name(name)}", name=name)
+            return cls._attach(name, shm, geometry, mode, trusted)
 
     @classmethod
     def _initialize(cls, name, shm, geometry, mode):
@@ -214,8 +242,17 @@ class Segment:
                     posix_ipc.unlink_semaphore(sname)
                 except posix_ipc.ExistentialError:
                     pass
+                except posix_ipc.PermissionsError:
+                    pass  # another user's: the exclusive create below refuses it
                 try:
                     sems.append(posix_ipc.Semaphore(sname, posix_ipc.O_CREX, mode=mode, initial_value=1))
+                except posix_ipc.ExistentialError:
+                    st = os.stat(_sem_path(sname), follow_symlinks=False)
+                    raise UntrustedSegment(
+                        f"cannot create cache {name!r}: semaphore {_sem_path(sname)} already exists and "
+                        f"belongs to {_who(uid=st.st_uid)} (mode 0o{st.st_mode & 0o7777:o}); it was not made "
+                        f"by this process, so it is not used. Remove it (as its owner or root) and retry"
+                    ) from None
                 except OSError as e:
                     if e.errno in (errno.ENOSPC, errno.ENOMEM):
                         raise _no_room(name, geometry, _free_bytes()) from None
@@ -240,14 +277,28 @@ class Segment:
         mm = mmap.mmap(fd, geometry.total_size)
         mm[0 : layout.HEADER.size] = geometry.pack_header()
         mm[0:8] = layout.MAGIC  # last: the header is now complete
-        return cls(name, shm, mm, geometry, sems, created=True)
+        seg = cls(name, shm, mm, geometry, sems, created=True)
+        seg.private = not mode & 0o022
+        return seg
 
     @classmethod
-    def _attach(cls, name, shm, geometry):
+    def _attach(cls, name, shm, geometry, mode, trusted):
         sems = []
         try:
             for i in range(geometry.n_stripes):
-                sems.append(posix_ipc.Semaphore(sem_name(name, i)))
+                sname = sem_name(name, i)
+                # /dev/shm is sticky: a file of a trusted user checked here cannot
+                # be swapped by anyone else before sem_open (which uses O_NOFOLLOW).
+                try:
+                    st = os.stat(_sem_path(sname), follow_symlinks=False)
+                except FileNotFoundError:
+                    raise posix_ipc.ExistentialError(sname) from None
+                check_trusted(st, _sem_path(sname), name, trusted, mode)
+                sems.append(posix_ipc.Semaphore(sname))
+        except UntrustedSegment:
+            for s in sems:
+                s.close()
+            raise
         except posix_ipc.PermissionsError:
             for s in sems:
                 s.close()
@@ -259,8 +310,11 @@ class Segment:
                 f"cache {name!r} is missing semaphore {sem_name(name, len(sems))}; it is damaged: "
                 f"remove it with 'shmcache rm {name}' (or Cache.unlink)"
             ) from None
+        st = os.fstat(shm.fd)
         mm = mmap.mmap(shm.fd, geometry.total_size)
-        return cls(name, shm, mm, geometry, sems, created=False)
+        seg = cls(name, shm, mm, geometry, sems, created=False)
+        seg.private = st.st_uid == os.geteuid() and not st.st_mode & 0o022
+        return seg
 
     # -- locks --------------------------------------------------------------
     def file_lock(self, byte: int, timeout: float, what: str = "lock"):
@@ -329,7 +383,8 @@ class Segment:
             try:
                 head = os.pread(shm.fd, layout.HEADER.size, 0)
                 if head[:8] == layout.MAGIC and len(head) == layout.HEADER.size:
-                    n = layout.HEADER.unpack_from(head)[4]
+                    # A damaged header may claim 2**32 stripes: never trust it beyond the limit.
+                    n = min(layout.HEADER.unpack_from(head)[4], layout.MAX_STRIPES)
             finally:
                 shm.close_fd()
             try:
@@ -367,13 +422,50 @@ def _sem_path(sname: str) -> str:
     return os.path.join(SHM_DIR, "sem." + sname.lstrip("/"))
 
 
+def _create_or_open(name: str, create: bool, mode: int, trusted) -> tuple:
+    """(shm, created): create the segment exclusively, or open the existing one
+    and check that it is trusted (owner, mode, regular file) before anything
+    reads it. A creator sets the mode it was asked for at once (shm_open
+    applied the umask).
+
+    Raises:
+        as :func:`_open_shm`; UntrustedSegment.
+    """
+    for _ in range(3):  # the name may vanish between a failed create and the open
+        if create:
+            try:
+                shm = _open_shm(name, True, mode)
+                try:
+                    os.fchmod(shm.fd, mode)
+                except BaseException:
+                    shm.close_fd()
+                    raise
+                return shm, True
+            except posix_ipc.ExistentialError:
+                pass  # it exists: attach
+        try:
+            shm = _open_shm(name, False, mode)
+        except CacheNotFound:
+            if not create:
+                raise
+            continue
+        try:
+            check_trusted(os.fstat(shm.fd), shm_path(name), name, trusted, mode)
+        except BaseException:
+            shm.close_fd()
+            raise
+        return shm, False
+    raise LockTimeout(f"cache {name!r} kept appearing and disappearing while opening it; try again")  # pragma: no cover
+
+
 def _open_shm(name: str, create: bool, mode: int):
-    """shm_open the cache's segment, turning every way the environment can
-    refuse into a shmcache error that says what to do."""
+    """shm_open the cache's segment (``create``: exclusively, O_CREAT|O_EXCL),
+    turning every way the environment can refuse into a shmcache error that
+    says what to do. glibc's shm_open adds O_NOFOLLOW: a symlink is never followed."""
     path = shm_name(name)
     try:
         if create:
-            return posix_ipc.SharedMemory(path, posix_ipc.O_CREAT, mode=mode)
+            return posix_ipc.SharedMemory(path, posix_ipc.O_CREX, mode=mode)
         return posix_ipc.SharedMemory(path)
     except posix_ipc.PermissionsError:
         raise _permission_denied(name, shm_path(name)) from None
@@ -500,6 +592,75 @@ def _who(uid: int | None = None, gid: int | None = None) -> str:
         return f"gid {gid}"
 
 
+def validate_mode(mode) -> int:
+    """Check permission bits for a segment: 0o600 (owner read+write) up to 0o777.
+
+    Raises:
+        TypeError: not an int.
+        ValueError: out of range, or without owner read and write.
+    """
+    if isinstance(mode, bool) or not isinstance(mode, int):
+        raise TypeError(f"mode must be an int of permission bits like 0o600, not {type(mode).__name__}")
+    if not 0 <= mode <= 0o777 or mode & 0o600 != 0o600:
+        raise ValueError(
+            f"mode must be permission bits between 0o600 and 0o777 that include owner read and write "
+            f"(0o600 private, 0o660 shared with the group), got {mode!r}"
+            + (f" (0o{mode:o})" if mode >= 0 else "")
+        )
+    return mode
+
+
+def resolve_owner(owner) -> int:
+    """The uid a caller trusts besides itself: None = this process's effective uid.
+
+    Raises:
+        TypeError: neither None, an int uid nor a user name.
+        ValueError: a negative uid or an unknown user name.
+    """
+    if owner is None:
+        return os.geteuid()
+    if isinstance(owner, bool) or not isinstance(owner, (int, str)):
+        raise TypeError(f"owner must be a uid (int) or a user name (str), not {type(owner).__name__}")
+    if isinstance(owner, int):
+        if owner < 0:
+            raise ValueError(f"owner must be a uid >= 0, got {owner}")
+        return owner
+    if owner.isdigit():  # "1000" from a command line
+        return int(owner)
+    try:
+        return pwd.getpwnam(owner).pw_uid
+    except KeyError:
+        raise ValueError(f"owner {owner!r}: no such user on this host") from None
+
+
+def check_trusted(st: os.stat_result, path: str, name: str, trusted, mode: int) -> None:
+    """Refuse a segment/semaphore file that is not a regular file owned by a
+    trusted uid with no permission bits beyond ``mode``.
+
+    Whoever can write a segment decides what every reader gets back (and, with
+    pickle, what code it runs), so a file is trusted only by who made it.
+
+    Raises:
+        UntrustedSegment: naming the owner, the mode and what to do.
+    """
+    if not stat.S_ISREG(st.st_mode):
+        raise UntrustedSegment(f"{path} is not a regular file; shmcache does not use it (remove it)")
+    if st.st_uid not in trusted:
+        raise UntrustedSegment(
+            f"{path} belongs to {_who(uid=st.st_uid)}, not to you ({_who(uid=os.geteuid())}); shmcache only "
+            f"attaches to caches made by a user it trusts, because whoever can write one controls what "
+            f"you read from it. If that user is trusted, pass owner={st.st_uid} (CLI/daemon: --owner "
+            f"{st.st_uid}); otherwise remove it ('shmcache rm {name}' as that user or root)"
+        )
+    found = st.st_mode & 0o777
+    if found & ~mode:
+        raise UntrustedSegment(
+            f"{path} has mode 0o{found:o}, which grants more than the mode=0o{mode:o} you asked for "
+            f"(extra bits 0o{found & ~mode:o}); if sharing it that widely is intended pass mode=0o{found:o} "
+            f"(CLI/daemon: --mode {found:o}), otherwise remove it ('shmcache rm {name}')"
+        )
+
+
 def _permission_denied(name: str, path: str) -> PermissionDenied:
     """The error for a cache this process may not open, with what to change."""
     try:
@@ -516,7 +677,8 @@ def _permission_denied(name: str, path: str) -> PermissionDenied:
         group = f"its group {_who(gid=st.st_gid).split(' ')[0]}"
     return PermissionDenied(
         f"permission denied opening cache {name!r}: {what}; this process runs as {me}. To share a cache "
-        f"between users, create it with mode=0o660 (shmcache daemon --mode 660) and run every process in "
+        f"between users, create it with mode=0o660 (shmcache daemon --mode 660), attach with mode=0o660 and "
+        f"owner=<its owner>, and run every process in "
         f"{group} (usermod -aG GROUP USER; Docker --group-add); or remove it (shmcache rm {name}) and let "
         f"this user create it"
     )

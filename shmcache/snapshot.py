@@ -44,6 +44,7 @@ import errno
 import glob
 import mmap
 import os
+import stat
 import struct
 import time
 from collections import deque
@@ -428,26 +429,46 @@ class _Loaded:
             self.mm = None
 
 
-def _open_verified(path) -> _Loaded:
-    path = os.fspath(path)
+def open_snapshot_fd(path: str) -> int:
+    """A read-only fd of the regular file at ``path``.
+
+    Opened with O_NOFOLLOW (a symlink planted at the path is not followed) and
+    O_NONBLOCK (a FIFO would otherwise block open() forever); anything but a
+    regular file is refused before a byte is read.
+
+    Raises:
+        SnapshotError: missing, a directory, a symlink, a FIFO/device/socket, or unreadable.
+    """
     what = f"snapshot {path}"
     try:
-        fd = os.open(path, os.O_RDONLY)
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
     except FileNotFoundError:
         raise SnapshotError(f"{what} does not exist") from None
     except IsADirectoryError:
         raise SnapshotError(f"{what} is a directory, not a snapshot file") from None
     except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise SnapshotError(f"{what} is a symbolic link; give the real file's path") from None
         raise SnapshotError(f"cannot open {what}: {e.strerror}") from None
     try:
         st = os.fstat(fd)
-        import stat as _stat
-
-        if _stat.S_ISDIR(st.st_mode):
+        if stat.S_ISDIR(st.st_mode):
             raise SnapshotError(f"{what} is a directory, not a snapshot file")
-        if not _stat.S_ISREG(st.st_mode):
-            raise SnapshotError(f"{what} is not a regular file")
-        size = st.st_size
+        if not stat.S_ISREG(st.st_mode):
+            raise SnapshotError(f"{what} is not a regular file (a FIFO, device or socket); refused")
+        os.set_blocking(fd, True)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def _open_verified(path) -> _Loaded:
+    path = os.fspath(path)
+    what = f"snapshot {path}"
+    fd = open_snapshot_fd(path)
+    try:
+        size = os.fstat(fd).st_size
         if size == 0:
             raise SnapshotError(f"{what} is empty (0 bytes): not a snapshot")
         mm = mmap.mmap(fd, size, prot=mmap.PROT_READ)
@@ -556,10 +577,8 @@ def read_header(path) -> SnapshotInfo:
     """
     path = os.fspath(path)
     try:
-        with open(path, "rb") as f:
+        with open(open_snapshot_fd(path), "rb") as f:
             head = f.read(SNAP_HEADER.size)
-    except IsADirectoryError:
-        raise SnapshotError(f"snapshot {path} is a directory, not a snapshot file") from None
     except OSError as e:
         raise SnapshotError(f"cannot read snapshot {path}: {e.strerror}") from None
     if len(head) < SNAP_HEADER.size or head[:8] != MAGIC:

@@ -27,7 +27,7 @@ import numpy as np
 import xxhash
 
 from . import layout as L
-from .errors import CacheFull, Error
+from .errors import CacheFull, Error, LayoutMismatch
 from .lock import StripeLocks
 
 _xxh3 = xxhash.xxh3_64_intdigest
@@ -65,7 +65,14 @@ _MISSING = object()
 #: for CacheFull, after saving the accounting): no repair needed. Anything
 #: else escaping the lock hold (KeyboardInterrupt, MemoryError, a bug) may
 #: leave the stripe half-mutated, so Table._undo repairs it before unlocking.
-_CLEAN = (Error, TypeError, KeyError)
+_U64_MAX = 2**64 - 1
+
+
+class Undecodable(Exception):
+    """``pop``'s decode failed before anything changed; the error is ``__cause__``."""
+
+
+_CLEAN = (Error, TypeError, KeyError, Undecodable)
 
 
 def key_hash(kb: bytes) -> int:
@@ -339,7 +346,7 @@ class Table:
         ab = self.arena_off + s * self.stripe_arena + _HDR
         klen = len(kb)
         i = tag % sps
-        while True:
+        for _ in range(sps):  # at most one lap: a damaged slice may have no empty slot
             t, off, vlen, kl, flags, _sp, exp, at = _SLOT_unpack(mm, base + i * _SS)
             if t == 0:
                 return -1
@@ -348,17 +355,20 @@ class Table:
             i += 1
             if i == sps:
                 i = 0
+        return -1
 
     def _empty_from(self, s: int, tag: int) -> int:
         mm = self.mm
         sps = self.sps
         base = self.index_off + s * sps * _SS
         i = tag % sps
-        while _U64_unpack(mm, base + i * _SS)[0] & 0xFFFFFFFF:
+        for _ in range(sps):  # at most one lap; -1: no empty slot (a damaged slice)
+            if not _U64_unpack(mm, base + i * _SS)[0] & 0xFFFFFFFF:
+                return i
             i += 1
             if i == sps:
                 i = 0
-        return i
+        return -1
 
     def _account(self, s: int):
         return _ACCOUNT.unpack_from(self.mm, self.stripe_off + (s << 6) + L.S_ITEMS)
@@ -397,7 +407,7 @@ class Table:
         base = self.index_off + s * sps * _SS
         j = i
         k = i
-        while True:
+        for _ in range(sps - 1):  # at most one lap, even in a slice with no empty slot
             k += 1
             if k == sps:
                 k = 0
@@ -676,7 +686,14 @@ class Table:
             ovlen, kl = _SLOT_unpack(mm, p)[2:4]
             garbage += (_HDR + kl + ovlen + 7) & ~7
         else:
-            p = base + self._empty_from(s, tag) * _SS
+            e = self._empty_from(s, tag)
+            if e < 0:  # writers keep a slot free (MAX_LOAD): only damage fills a slice
+                dropped = self._repair_or_empty(s)
+                raise LayoutMismatch(
+                    f"stripe {s}'s index had no empty slot (damaged); it was repaired "
+                    f"({'emptied' if dropped < 0 else f'{dropped} bad slots dropped'}): retry the write"
+                )
+            p = base + e * _SS
             items += 1
         _SLOT_pack(mm, p, tag, off, vlen, klen, flags, 0, expire, now)  # publish
         self._set_account(s, items, used + alloc, garbage)
@@ -710,8 +727,13 @@ class Table:
         """Remove kb. True if a live (unexpired) entry was removed."""
         return self.pop(kb, want_value=False) is not None
 
-    def pop(self, kb: bytes, want_value: bool = True):
-        """Remove kb and return (flags, value_bytes), or None if absent/expired."""
+    def pop(self, kb: bytes, want_value: bool = True, decode=None):
+        """Remove kb and return (flags, value_bytes), or None if absent/expired.
+
+        With ``decode(flags, value_bytes)``, return what it returns instead; it
+        runs under the stripe lock before the entry is removed, so a value this
+        process cannot decode stays in the cache (raises Undecodable from the error).
+        """
         h = _xxh3(kb)
         s = h & self.mask
         tag = (h >> 32) | 1
@@ -729,6 +751,11 @@ class Table:
                 if want_value:
                     a = self.arena_off + s * self.stripe_arena + off + _HDR + klen
                     out = (flags, mm[a : a + vlen])
+                    if decode is not None:
+                        try:
+                            out = decode(*out)
+                        except Exception as e:
+                            raise Undecodable() from e
                 else:
                     out = (flags, b"")
             self._set_account(s, *self._remove(s, i, self._account(s)))
@@ -1040,9 +1067,9 @@ class Table:
         st = self.stripes
         v = int(st[s, 0])
         if not v & 1:
-            st[s, 0] = v + 1
+            st[s, 0] = (v + 1) & _U64_MAX  # (a damaged version may be 2**64 - 1)
         dropped = self._repair_or_empty(s)
-        st[s, 0] = int(st[s, 0]) + 1  # even again
+        st[s, 0] = (int(st[s, 0]) + 1) & _U64_MAX  # even again
         return dropped
 
     def _repair_or_empty(self, s: int) -> int:
@@ -1124,6 +1151,8 @@ class Table:
                 if j == i:
                     continue  # reachable
                 e = self._empty_from(s, t)
+                if e < 0:
+                    raise RuntimeError(f"stripe {s}: no empty slot to re-home slot {i}")  # -> emptied
                 p, q = base + i * _SS, base + e * _SS
                 mm[q : q + _SS] = mm[p : p + _SS]
                 self._delete_at(s, i)

@@ -167,6 +167,7 @@ def test_foreign_segment_is_refused(cache_name, filler):
     data = (filler * (2**20 // len(filler) + 1))[: 2**20]
     with open(path, "wb") as f:
         f.write(data)
+    os.chmod(path, 0o600)  # trusted owner and mode: only the content is foreign
     try:
         for create in (True, False):
             with pytest.raises(LayoutMismatch) as ei:
@@ -185,6 +186,7 @@ def test_regression_small_foreign_segment_is_refused(cache_name):
     data = b"\xab" * 100
     with open(path, "wb") as f:
         f.write(data)
+    os.chmod(path, 0o600)
     try:
         with pytest.raises(LayoutMismatch):
             Cache(cache_name, size="1MiB").close()

@@ -27,11 +27,12 @@ CACHE_OPTIONS = frozenset(
     {
         "size", "stripes", "max_items", "max_key_size", "max_value_size", "max_clients",
         "policy", "mode", "default_ttl", "lock_timeout", "clock", "serializer", "init_timeout", "strict",
+        "owner", "allow_pickle",
     }
 )
 # Settings each process chooses for itself: handles differing in these are
 # distinct objects. The rest only matter to whoever creates the segment.
-_PER_PROCESS = ("default_ttl", "lock_timeout", "clock", "serializer")
+_PER_PROCESS = ("default_ttl", "lock_timeout", "clock", "serializer", "mode", "owner", "allow_pickle")
 
 _lock = threading.Lock()
 _handles: dict[tuple, Cache] = {}

@@ -61,8 +61,13 @@ value older than an invalidation already applied).
 The remaining ``OPTIONS`` are :class:`shmcache.Cache` arguments (``size``,
 ``stripes``, ``max_items``, ``max_key_size``, ``max_value_size``,
 ``max_clients``, ``policy``, ``mode``, ``lock_timeout``, ``clock``,
-``serializer``); the size and layout ones only matter to the process that
-creates the segment.
+``serializer``, ``owner``, ``allow_pickle``); the size and layout ones only
+matter to the process that creates the segment. Django pickles what it
+caches, and so does this backend, but only for a cache no other user can
+write: a cache shared with a group (``"mode": 0o660``) stores strings,
+numbers, bytes and plain containers, and refuses model instances and other
+objects unless ``"allow_pickle": True`` says every writer is trusted (see the
+README section "Security").
 """
 
 from __future__ import annotations

@@ -21,6 +21,9 @@ atomic across processes for ints. ``clear()`` removes the keys under
 empty. Keys longer than the segment's ``max_key_size`` are stored under a
 SHA-256 digest. ``CACHE_OPTIONS`` may carry any :class:`shmcache.Cache`
 argument (``size``, ``max_value_size``, ``lock_timeout``, ``clock``...).
+Values are pickled only in a cache no other user can write; a cache shared
+with a group (``"mode": 0o660``) stores strings, numbers, bytes and plain
+containers unless ``"allow_pickle": True`` (README section "Security").
 
 **A near cache in front of Redis** (see :mod:`shmcache.near`): with
 ``CACHE_SHMCACHE_UPSTREAM="redis://10.0.0.5:6379/0"`` (or ``upstream=`` in

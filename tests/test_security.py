@@ -1,0 +1,510 @@
+"""Trust boundaries: whose segment a process attaches to, and what it unpickles.
+
+Regression tests for the rows of issue 10's table are named ``test_row<N>_...``.
+The user tests create a real unprivileged user (useradd) and act as it in a
+forked child (setgid/setuid), so the kernel's owner and mode checks are real.
+"""
+
+from __future__ import annotations
+
+import fractions
+import hashlib
+import multiprocessing as mp
+import os
+import pwd
+import struct
+import subprocess
+import sys
+import uuid
+
+import posix_ipc
+import pytest
+
+from shmcache import Cache, PickleRefused, UntrustedSegment
+from shmcache.daemon import Daemon
+
+SHM = "/dev/shm"
+
+
+def _seg_path(name: str) -> str:
+    return f"{SHM}/shmcache.{name}"
+
+
+def _sem_paths(name: str) -> list[str]:
+    return sorted(f"{SHM}/{n}" for n in os.listdir(SHM) if n.startswith(f"sem.shmcache.{name}."))
+
+
+def _digest(path: str) -> str:
+    with open(path, "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()
+
+
+class Payload:
+    """Unpickling this runs ``os.system`` and leaves a marker file: proof that code ran."""
+
+    def __init__(self, marker: str):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+@pytest.fixture(scope="module")
+def other_user():
+    """An unprivileged user made for these tests, removed afterwards: (name, uid, gid)."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root to create a user")
+    name = f"shmct{uuid.uuid4().hex[:8]}"
+    subprocess.run(["useradd", "--system", "--no-create-home", "--shell", "/usr/sbin/nologin", name],
+                   check=True, capture_output=True)
+    try:
+        pw = pwd.getpwnam(name)
+        yield name, pw.pw_uid, pw.pw_gid
+    finally:
+        subprocess.run(["userdel", name], capture_output=True)
+
+
+def _as_user(uid: int, gid: int, fn, *args, timeout: float = 30.0):
+    """Run ``fn(*args)`` in a forked child that became ``uid``/``gid``; return what it returns."""
+    ctx = mp.get_context("fork")
+    q = ctx.Queue()
+
+    def child():
+        try:
+            os.setgroups([])
+            os.setgid(gid)
+            os.setuid(uid)
+            q.put(("ok", fn(*args)))
+        except BaseException as e:  # noqa: BLE001 - reported to the parent
+            q.put(("err", f"{type(e).__name__}: {e}"))
+
+    p = ctx.Process(target=child)
+    p.start()
+    status, value = q.get(timeout=timeout)
+    p.join(timeout)
+    assert p.exitcode == 0
+    if status == "err":
+        raise AssertionError(f"as uid {uid}: {value}")
+    return value
+
+
+# -- row 1: a squatted segment --------------------------------------------------------------
+def test_row1_root_refuses_a_segment_squatted_by_another_user_and_runs_no_payload(
+        other_user, cache_name, tmp_path):
+    user, uid, gid = other_user
+    marker = tmp_path / "payload-ran"
+    # The squat: a complete segment, mode 0666, owned by the other user, with a pickle planted.
+    with Cache(cache_name, size="1MiB", mode=0o666, allow_pickle=True) as c:
+        c.set("k", Payload(str(marker)))
+    for p in [_seg_path(cache_name), *_sem_paths(cache_name)]:
+        os.chown(p, uid, gid)
+        os.chmod(p, 0o666)
+
+    for kwargs in (dict(size="64MiB", mode=0o600), dict(create=False), dict(mode=0o666)):
+        with pytest.raises(UntrustedSegment) as ei:
+            Cache(cache_name, **kwargs).get("k")
+        msg = str(ei.value)
+        assert f"uid {uid} ({user})" in msg and "owner=" in msg
+    # Naming the owner is not enough while the mode is looser than asked for.
+    with pytest.raises(UntrustedSegment, match=r"mode 0o666.*mode=0o600"):
+        Cache(cache_name, owner=user)
+    # The daemon applies the same check before it touches anything.
+    with pytest.raises(UntrustedSegment):
+        Daemon(cache_name, snapshot=str(tmp_path / "s.snap"))
+    # Trusting the user and the mode explicitly attaches, but a shared cache does not unpickle.
+    with Cache(cache_name, owner=user, mode=0o666) as c:
+        with pytest.raises(PickleRefused, match="posix.system"):
+            c.get("k")
+        with pytest.raises(PickleRefused):
+            c.pop("k")
+        assert "k" in c  # pop decoded first: the refused value stays
+    assert not marker.exists()
+    assert os.stat(_seg_path(cache_name)).st_uid == uid  # never taken over, never re-initialized
+
+
+def test_row1_creation_never_reuses_a_file_it_did_not_create(other_user, cache_name):
+    user, uid, gid = other_user
+    with Cache(cache_name, size="1MiB", mode=0o600) as c:
+        c["k"] = b"v"
+    for p in [_seg_path(cache_name), *_sem_paths(cache_name)]:
+        os.chown(p, uid, gid)
+    before = _digest(_seg_path(cache_name))
+    with pytest.raises(UntrustedSegment, match="belongs to"):
+        Cache(cache_name, size="2MiB")
+    assert _digest(_seg_path(cache_name)) == before
+
+
+def test_row1_a_squatted_semaphore_is_refused(other_user, cache_name):
+    user, uid, gid = other_user
+    with Cache(cache_name, size="1MiB", stripes=4):
+        pass
+    os.chown(_sem_paths(cache_name)[2], uid, gid)
+    with pytest.raises(UntrustedSegment, match=r"sem\.shmcache.*belongs to"):
+        Cache(cache_name)
+    # A creator does not take over another user's semaphore either.
+    Cache.unlink(cache_name)
+    posix_ipc.Semaphore(f"/shmcache.{cache_name}.1", posix_ipc.O_CREX, mode=0o666, initial_value=1).close()
+    os.chown(f"{SHM}/sem.shmcache.{cache_name}.1", uid, gid)
+    os.chmod(f"{SHM}/sem.shmcache.{cache_name}.1", 0o666)
+    try:
+        # root may unlink it (and then creates its own exclusively); the outcome is
+        # a cache whose every semaphore is root's.
+        with Cache(cache_name, size="1MiB", stripes=4):
+            assert {os.stat(p).st_uid for p in _sem_paths(cache_name)} == {0}
+    finally:
+        Cache.unlink(cache_name)
+
+
+def test_row1_symlink_and_fifo_in_place_of_a_segment_are_refused(cache_name, tmp_path):
+    target = tmp_path / "target"
+    target.write_bytes(b"\0" * 4096)
+    os.symlink(target, _seg_path(cache_name))
+    try:
+        with pytest.raises(OSError):  # shm_open uses O_NOFOLLOW: ELOOP
+            Cache(cache_name, size="1MiB")
+        assert target.read_bytes() == b"\0" * 4096
+    finally:
+        os.unlink(_seg_path(cache_name))
+
+
+@pytest.mark.parametrize("mode", [-1, 0o7777, 0o4600, 0o400, 0o1000, 1.5, True, "0o600"])
+def test_row12_bad_modes_are_refused(cache_name, mode):
+    with pytest.raises((ValueError, TypeError), match="mode"):
+        Cache(cache_name, size="1MiB", mode=mode)
+    assert not os.path.exists(_seg_path(cache_name))
+
+
+def test_a_looser_segment_than_asked_for_is_refused(make_cache, cache_name):
+    make_cache(size="1MiB", mode=0o660)
+    with pytest.raises(UntrustedSegment, match=r"mode 0o660.*mode=0o600.*pass mode=0o660"):
+        Cache(cache_name)
+    with Cache(cache_name, mode=0o660) as c, Cache(cache_name, mode=0o666) as c2:
+        c["k"] = b"v"
+        assert c2["k"] == b"v"
+
+
+# -- row 2: the pickle trust boundary -------------------------------------------------------
+def test_row2_private_cache_pickles_by_default(make_cache):
+    c = make_cache(size="1MiB")
+    c["f"] = fractions.Fraction(1, 3)
+    assert c["f"] == fractions.Fraction(1, 3)
+
+
+def _user_creates_shared_cache(name):
+    with Cache(name, size="1MiB", mode=0o660) as c:
+        c["from_user"] = {"list": [1, 2.5, "x", b"y", None, True], "tuple": (1, 2), "set": {3}}
+        try:
+            c["obj"] = fractions.Fraction(1, 3)
+            refused = False
+        except TypeError:
+            refused = True
+    return refused
+
+
+def _user_plants(name, marker):
+    with Cache(name, mode=0o660, allow_pickle=True) as c:
+        c["planted"] = Payload(marker)
+        c["frac"] = fractions.Fraction(2, 3)
+        return os.stat(_seg_path(name)).st_uid
+
+
+def _user_reads(name):
+    with Cache(name, mode=0o660) as c:
+        return c["from_root"]
+
+
+def test_row2_a_0660_cache_shared_by_two_users_uses_the_safe_encoding(other_user, cache_name, tmp_path):
+    user, uid, gid = other_user
+    marker = str(tmp_path / "payload-ran")
+    os.chmod(tmp_path, 0o777)
+    # The other user creates a group-shared cache: it may not store objects needing pickle.
+    assert _as_user(uid, gid, _user_creates_shared_cache, cache_name) is True
+    assert os.stat(_seg_path(cache_name)).st_mode & 0o777 == 0o660
+    with Cache(cache_name, owner=user, mode=0o660) as c:
+        assert c["from_user"] == {"list": [1, 2.5, "x", b"y", None, True], "tuple": (1, 2), "set": {3}}
+        c["from_root"] = [b"raw", 7, {"nested": (1.5,)}]
+        with pytest.raises(TypeError, match=r"does not trust pickle.*fractions.Fraction.*allow_pickle=True"):
+            c["obj"] = fractions.Fraction(1, 3)
+        assert "obj" not in c
+    assert _as_user(uid, gid, _user_reads, cache_name) == [b"raw", 7, {"nested": (1.5,)}]
+    # A group member plants pickles: root refuses them unless it says it trusts every writer.
+    assert _as_user(uid, gid, _user_plants, cache_name, marker) == uid
+    with Cache(cache_name, owner=user, mode=0o660) as c:
+        for k in ("planted", "frac"):
+            with pytest.raises(PickleRefused, match="allow_pickle=True"):
+                c.get(k)
+        with pytest.raises(PickleRefused):
+            c.items()
+    assert not os.path.exists(marker)
+    with Cache(cache_name, owner=user, mode=0o660, allow_pickle=True) as c:
+        assert c["frac"] == fractions.Fraction(2, 3)
+    assert not os.path.exists(marker)  # (the planted payload was never read with pickle allowed)
+
+
+def test_row2_allow_pickle_false_refuses_even_a_private_cache(make_cache, cache_name):
+    c = make_cache(size="1MiB")
+    c["f"] = fractions.Fraction(1, 3)
+    with Cache(cache_name, allow_pickle=False) as strict:
+        with pytest.raises(PickleRefused, match="fractions.Fraction"):
+            strict["f"]
+        strict["plain"] = {"a": [1, (2, 3)], "b": frozenset({4}), "c": bytearray(b"z")}
+        assert strict["plain"] == {"a": [1, (2, 3)], "b": frozenset({4}), "c": bytearray(b"z")}
+    with pytest.raises(TypeError, match="allow_pickle"):
+        Cache(cache_name, allow_pickle=1)
+
+
+def test_row2_shared_cache_with_a_serializer_stores_objects(make_cache, cache_name):
+    import json
+
+    c = make_cache(size="1MiB", mode=0o660, serializer=json)
+    c["doc"] = {"a": [1, 2]}
+    assert c["doc"] == {"a": [1, 2]}
+
+
+# -- row 6: a zeroed magic never re-initializes ---------------------------------------------
+def test_row6_zeroed_magic_of_a_live_segment_is_refused_not_reinitialized(make_cache, cache_name):
+    c = make_cache(size="4MiB")
+    c.set_many({f"k{i}": i for i in range(2000)})
+    sems = {p: os.stat(p).st_ino for p in _sem_paths(cache_name)}
+    magic = bytes(c._seg.mm[0:8])
+    c._seg.mm[0:8] = b"\0" * 8
+    for create in (True, False):
+        with pytest.raises(Exception, match="no shmcache magic.*nothing was changed"):
+            Cache(cache_name, size="4MiB", create=create, init_timeout=0.5)
+    c._seg.mm[0:8] = magic
+    assert len(c) == 2000 and c["k1999"] == 1999  # the attached writer lives on, data intact
+    assert {p: os.stat(p).st_ino for p in _sem_paths(cache_name)} == sems  # semaphores not recreated
+
+
+def test_row6_a_foreign_file_with_zero_first_bytes_is_not_overwritten(cache_name):
+    path = _seg_path(cache_name)
+    data = b"\0" * 8 + os.urandom(2**20 - 8)
+    with open(path, "wb") as f:
+        f.write(data)
+    os.chmod(path, 0o600)
+    try:
+        with pytest.raises(Exception, match="no shmcache magic"):
+            Cache(cache_name, size="1MiB")
+        with open(path, "rb") as f:
+            assert f.read() == data
+    finally:
+        os.unlink(path)
+
+
+# -- row 10/11/12: operations that cannot lose data, time that cannot stall --------------------
+def test_row11_pop_of_an_undecodable_value_keeps_the_key(make_cache, cache_name):
+    import json
+
+    writer = make_cache(size="1MiB", serializer=json)
+    writer["k"] = {"a": 1}
+    with Cache(cache_name) as reader:  # no serializer: cannot decode tag CUSTOM
+        with pytest.raises(ValueError, match="serializer"):
+            reader.pop("k")
+        assert "k" in reader
+    assert writer.pop("k") == {"a": 1}
+    assert "k" not in writer
+    writer["none"] = None
+    assert writer.pop("none", "dflt") is None  # a stored None is a value, not "absent"
+
+
+@pytest.mark.parametrize("value", [float("inf"), 1e300, float("nan"), -1.0, 0, 3601.0, True, "1"])
+def test_row12_lock_and_init_timeouts_must_be_finite_positive_and_bounded(cache_name, value):
+    for kw in ("lock_timeout", "init_timeout"):
+        with pytest.raises((ValueError, TypeError), match=kw):
+            Cache(cache_name, size="1MiB", **{kw: value})
+    assert not os.path.exists(_seg_path(cache_name))
+
+
+@pytest.mark.parametrize("label", ["snapshot_every", "expire_every", "recover_every"])
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), -1.0, 1e300])
+def test_row12_daemon_intervals_nan_and_inf_are_refused(cache_name, label, value):
+    with pytest.raises(ValueError, match=label):
+        Daemon(cache_name, **{label: value})
+    assert not os.path.exists(_seg_path(cache_name))
+
+
+def test_row12_daemon_cli_refuses_nan_interval(cache_name):
+    r = subprocess.run([sys.executable, "-m", "shmcache", "daemon", "-n", cache_name, "--recover-every", "nan"],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 1 and "recover_every" in r.stderr
+    assert not os.path.exists(_seg_path(cache_name))
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+@pytest.mark.parametrize("pure", [False, True])
+def test_row12_a_nan_clock_is_refused_not_a_key_that_never_expires(cache_name, bad, pure, monkeypatch):
+    import shmcache.cache as cm
+
+    monkeypatch.setattr(cm, "USE_SPEEDUPS", cm.USE_SPEEDUPS and not pure)
+    now = [1000.0]
+    with Cache(cache_name, size="1MiB", clock=lambda: now[0]) as c:
+        c.set("k", b"v", ttl=5)
+        now[0] = bad
+        for op in (lambda: c.set("k2", b"v", ttl=5), lambda: c.get("k"), lambda: c.delete("k")):
+            with pytest.raises(ValueError, match="clock returned"):
+                op()
+        now[0] = 1006.0
+        assert "k" not in c and "k2" not in c
+
+
+# -- rows 3-5: the segment is untrusted input -----------------------------------------------
+HEADER_FIELDS = ["magic", "layout_version", "header_size", "total_size", "n_stripes", "max_clients",
+                 "slots_per_stripe", "max_key_size", "max_value_size", "stripe_arena", "max_items",
+                 "stripe_table_off", "client_table_off", "client_record_size", "index_off", "arena_off",
+                 "created", "policy", "mode"]
+_HEADER_SCRIPT = r"""
+import struct, sys
+from shmcache import Cache, Error, layout as L
+name = sys.argv[1]
+fmt = L.HEADER.format
+codes = [c for c in fmt.lstrip("<").replace("8s", "s")]
+offs, o = [], 0
+for c in codes:
+    offs.append(o)
+    o += 8 if c in "sQd" else 4
+import mmap, os
+fd = os.open(f"/dev/shm/shmcache.{name}", os.O_RDWR)
+mm = mmap.mmap(fd, L.PAGE)
+results = []
+for i, c in enumerate(codes[2:], start=2):
+    if c == "d":
+        continue
+    width = 8 if c == "Q" else 4
+    f = "<Q" if width == 8 else "<I"
+    old = struct.unpack_from(f, mm, offs[i])[0]
+    for new in (old + 4096, old // 2, old * 2 + 1, 0, (1 << (8 * width)) - 1):
+        new &= (1 << (8 * width)) - 1
+        if new == old:
+            continue
+        struct.pack_into(f, mm, offs[i], new)
+        try:
+            with Cache(name, create=False) as c:
+                c.set("x", b"y")
+                got = c.get("x")
+            results.append(f"{i} {new}: attached")
+        except Error as e:
+            results.append(f"{i} {new}: {type(e).__name__}")
+        struct.pack_into(f, mm, offs[i], old)
+print("\n".join(results))
+"""
+
+
+@pytest.mark.parametrize("pure", [False, True], ids=["c", "pure"])
+def test_row3_every_corrupted_header_field_is_refused_never_a_segfault(make_cache, cache_name, pure):
+    c = make_cache(size="2MiB", stripes=4)
+    c.set_many({f"k{i}": i for i in range(200)})
+    env = dict(os.environ, **({"SHMCACHE_PURE_PYTHON": "1"} if pure else {}))
+    if pure:
+        env.pop("SHMCACHE_REQUIRE_SPEEDUPS", None)
+    r = subprocess.run([sys.executable, "-c", _HEADER_SCRIPT, cache_name], capture_output=True, text=True,
+                       timeout=120, env=env)
+    assert r.returncode == 0, r.stderr[-2000:]  # a SIGSEGV/SIGBUS would show as -11 / -7
+    lines = r.stdout.strip().split("\n")
+    # Limits that place nothing (max_key_size 7, max_value_size 8, policy 17, mode 18)
+    # may attach with another in-range value; every size and offset is refused.
+    placing = [ln for ln in lines if int(ln.split()[0]) not in (7, 8, 17, 18)]
+    assert all(ln.endswith("LayoutMismatch") for ln in placing), placing
+    assert len(placing) > 40
+    assert c.check() == [] and c["k199"] == 199  # the live handle never noticed
+
+
+@pytest.mark.parametrize("pure", [False, True], ids=["c", "pure"])
+def test_row3_a_wrapped_bump_pointer_never_writes_outside_the_arena(make_cache, cache_name, pure, monkeypatch):
+    import shmcache.cache as cm
+    from shmcache import layout as L
+
+    monkeypatch.setattr(cm, "USE_SPEEDUPS", cm.USE_SPEEDUPS and not pure)
+    c = make_cache(size="2MiB", stripes=4)
+    c.set_many({f"k{i}": b"v%d" % i for i in range(400)})
+    g = c._seg.geometry
+    for s in range(4):
+        struct.pack_into("<Q", c._seg.mm, g.stripe_table_off + s * L.STRIPE_SIZE + L.S_USED, 2**64 - 8)
+    for i in range(50):  # every stripe gets writes with the wrapped pointer
+        try:
+            c.set(f"new{i}", b"x" * 100)
+        except Exception as e:  # noqa: BLE001 - only shmcache errors are acceptable
+            assert isinstance(e, __import__("shmcache").Error), e
+    assert all(c.get(f"k{i}") in (None, b"v%d" % i) for i in range(400))
+    assert all(c.get(f"new{i}") in (None, b"x" * 100) for i in range(50))
+    c.check()
+    assert c.check() == []
+
+
+def _fill_slice(c, s: int) -> None:
+    from shmcache import layout as L
+
+    g = c._seg.geometry
+    base = g.index_off + s * g.slots_per_stripe * L.SLOT_SIZE
+    for i in range(g.slots_per_stripe):
+        if not struct.unpack_from("<I", c._seg.mm, base + i * L.SLOT_SIZE)[0]:
+            struct.pack_into("<I", c._seg.mm, base + i * L.SLOT_SIZE, (i * 2654435761 | 1) & 0xFFFFFFFF)
+
+
+_SLICE_SCRIPT = r"""
+import sys
+from shmcache import Cache, Error
+from shmcache.daemon import Daemon
+name = sys.argv[1]
+out = []
+with Cache(name, create=False, lock_timeout=0.2) as c:
+    for i in range(64):
+        try:
+            c.set(f"new{i}", b"v")
+        except Error as e:
+            out.append(type(e).__name__)
+    got = [c.get(f"k{i}") for i in range(200)]
+    assert all(v in (None, i) for i, v in enumerate(got)), got
+    c.delete("k1"); c.pop("k2", None)
+    out.append(f"check {len(c.check())}")
+    out.append(f"check-after {len(c.check())}")
+d = Daemon(name, recover_every=0.5)
+d.recover_once(); d.expiry.sweep_all(); d.close()
+print(" ".join(out))
+"""
+
+
+@pytest.mark.parametrize("pure", [False, True], ids=["c", "pure"])
+def test_row4_a_stripe_index_with_no_empty_slot_never_hangs(make_cache, cache_name, pure):
+    # small slices: repairing a full slice is quadratic in its size (backward-shift deletes)
+    c = make_cache(size="2MiB", stripes=4, max_items=800)
+    c.set_many({f"k{i}": i for i in range(200)})
+    for s in range(4):
+        _fill_slice(c, s)
+    env = dict(os.environ, **({"SHMCACHE_PURE_PYTHON": "1"} if pure else {}))
+    if pure:
+        env.pop("SHMCACHE_REQUIRE_SPEEDUPS", None)
+    r = subprocess.run([sys.executable, "-c", _SLICE_SCRIPT, cache_name], capture_output=True, text=True,
+                       timeout=120, env=env)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "check-after 0" in r.stdout  # the first write or check repaired every slice
+    assert c.check() == []
+
+
+def test_row5_an_odd_seqlock_version_is_reported_and_its_parity_restored(make_cache):
+    from shmcache import layout as L
+
+    c = make_cache(size="2MiB", stripes=4)
+    c.set_many({f"k{i}": b"v%d" % i for i in range(200)})
+    g = c._seg.geometry
+    q = memoryview(c._seg.mm).cast("Q")
+    try:
+        ver = [(g.stripe_table_off + s * L.STRIPE_SIZE + L.S_VERSION) >> 3 for s in range(4)]
+        q[ver[0]] |= 1  # one flipped bit
+        q[ver[1]] = 2**64 - 1
+        problems = c.check()
+        assert sum("was odd while no writer held the lock" in p for p in problems) == 2, problems
+        assert all(q[v] % 2 == 0 for v in ver)
+        assert c.check() == []
+        # A writer sets parity, it does not invert it: odd while it mutates, even after.
+        q[ver[2]] |= 1
+        c._locks.lock(2)
+        assert q[ver[2]] % 2 == 1
+        c._locks.unlock(2)
+        assert q[ver[2]] % 2 == 0
+        q[ver[3]] |= 1
+        for i in range(200):
+            c.set(f"k{i}", b"w%d" % i)
+        assert q[ver[3]] % 2 == 0
+        assert all(c[f"k{i}"] == b"w%d" % i for i in range(200))
+    finally:
+        q.release()
