@@ -1,0 +1,86 @@
+"""Worker of tests/test_corruption_fuzz.py: exercises a (corrupted) cache on request.
+
+Reads one line per trial on stdin (``<trial> <n_keys> <with_daemon>``), then
+attaches to the cache named on the command line, reads every key, writes,
+deletes, runs ``check()`` (and, if asked, starts a daemon and runs one
+expiry sweep and one recovery pass), and prints one JSON line with what
+happened. A crash (SIGSEGV/SIGBUS) or a hang shows up in the parent as a dead
+or silent worker.
+"""
+
+import json
+import os
+import sys
+import tempfile
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from values import bad_value, make_value  # noqa: E402
+
+from shmcache import Cache, Error  # noqa: E402
+
+
+def trial(name: str, n_keys: int, with_daemon: bool) -> dict:
+    out = {"attach": "ok", "torn": [], "errors": [], "check": None, "daemon": None}
+    try:
+        c = Cache(name, create=False, lock_timeout=0.2, init_timeout=1.0)
+    except Error as e:
+        out["attach"] = f"{type(e).__name__}: {e}"
+        return out
+    try:
+        for step in ("read", "write", "read-back", "delete", "check"):
+            try:
+                if step in ("read", "read-back"):
+                    for i in range(n_keys):
+                        k = f"k{i}"
+                        v = c.get(k)
+                        if v is not None and bad_value(k, v):
+                            out["torn"].append(f"{step} {k}: {bad_value(k, v)}")
+                elif step == "write":
+                    for i in range(0, n_keys, 7):
+                        c.set(f"k{i}", make_value(f"k{i}", 1, i, 40 + i % 200))
+                        c.set(f"n{i}", make_value(f"n{i}", 1, i, 60))
+                    for i in range(0, n_keys, 7):
+                        v = c.get(f"n{i}")
+                        if v is not None and bad_value(f"n{i}", v):
+                            out["torn"].append(f"new n{i}: {bad_value(f'n{i}', v)}")
+                elif step == "delete":
+                    for i in range(3, n_keys, 11):
+                        c.delete(f"k{i}")
+                        c.pop(f"n{i}", None)
+                else:
+                    out["check"] = c.check()
+            except Error as e:  # refused cleanly (LockTimeout, LayoutMismatch...): allowed
+                out["errors"].append(f"{step}: {type(e).__name__}: {e}")
+        if with_daemon:
+            from shmcache.daemon import Daemon
+
+            try:
+                with tempfile.TemporaryDirectory() as d:
+                    dm = Daemon(name, snapshot=os.path.join(d, "s.snap"), restore=False)
+                    try:
+                        dm.expiry.sweep_all()
+                        dm.recover_once()
+                        dm.take_snapshot()
+                    finally:
+                        dm.close()
+                out["daemon"] = "ok"
+            except Error as e:
+                out["daemon"] = f"{type(e).__name__}: {e}"
+        out["check_after"] = c.check()
+    finally:
+        c.close()
+    return out
+
+
+def main() -> None:
+    name = sys.argv[1]
+    for line in sys.stdin:
+        t, n_keys, with_daemon = line.split()
+        res = trial(name, int(n_keys), with_daemon == "1")
+        res["trial"] = int(t)
+        print(json.dumps(res), flush=True)
+
+
+if __name__ == "__main__":
+    main()
