@@ -17,12 +17,13 @@ import signal
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
 from . import __version__, admin
 from . import layout as L
 from .cache import Cache
-from .errors import CacheNotFound, Error
+from .errors import CacheNotFound, Error, SettingsIgnored
 from .lock import is_alive
 from .segment import LOCK_DAEMON, Segment
 
@@ -63,7 +64,9 @@ def _name(args) -> str:
 def _attach(args) -> Cache:
     # Inspection accepts any mode: the owner check still applies, and values
     # are unpickled only from a cache nobody else can write (see Cache's allow_pickle).
-    return Cache(_name(args), create=False, mode=ANY_MODE, owner=getattr(args, "owner", None))
+    with warnings.catch_warnings():  # ANY_MODE is a limit here, not a setting that was ignored
+        warnings.simplefilter("ignore", SettingsIgnored)
+        return Cache(_name(args), create=False, mode=ANY_MODE, owner=getattr(args, "owner", None))
 
 
 def _open_segment(args, name: str, timeout: float) -> Segment:
@@ -296,7 +299,10 @@ def _daemon_snapshot_path(name: str) -> tuple[int, str]:
     Raises:
         CliError: no daemon runs, or it runs without --snapshot.
     """
-    with Cache(name, create=False, mode=ANY_MODE) as c:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", SettingsIgnored)
+        c = Cache(name, create=False, mode=ANY_MODE)
+    with c:
         d = admin.daemon_info(c)
     if not d.alive or not d.pid:
         raise CliError(f"no daemon runs for cache {name!r}; give a PATH to write a snapshot from this process")
