@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import os
+import sys
 import time
 import warnings
 import weakref
@@ -57,6 +58,11 @@ ATIME_RESOLUTION = 0.01
 _live_caches: "weakref.WeakSet[Cache]" = weakref.WeakSet()
 
 
+#: The instance attributes _bind points at C methods of the core.
+_FAST_METHODS = ("get", "set", "add", "replace", "incr", "delete", "_contains", "_read")
+_getrefcount = getattr(sys, "getrefcount", None)  # CPython; elsewhere, release at once as before
+
+
 class _State:
     """What the finalizer needs (it must not reference the Cache itself)."""
 
@@ -66,6 +72,41 @@ class _State:
         self.client = client
         self.views: list = []
         self.released = False
+        #: The Cache's __dict__ (set once the Cache is built): where its C fast
+        #: methods live. Not the Cache itself, which must die by refcount.
+        self.attrs: dict | None = None
+        self.deferred = False  # on_death is waiting for held fast methods to go
+
+    def on_death(self) -> None:
+        """The Cache was dropped. Release now, unless one of its C fast methods
+        is still referenced: ``Cache(name).get(k)`` drops the Cache before the
+        call starts, and ``g = Cache(name).get`` keeps using it. The C methods
+        are bound to the core, not to the Cache, so they would find the
+        mapping gone; instead the release waits until the last of them is gone.
+        """
+        if self.deferred and not mp_util.is_exiting():  # both finalizers call this
+            return
+        held = []
+        attrs = self.attrs
+        if attrs is not None and _getrefcount is not None:
+            for name in _FAST_METHODS:
+                m = attrs.get(name)
+                # references: attrs, the local `m`, getrefcount's argument
+                if m is not None and _getrefcount(m) > 3:
+                    held.append(name)
+        if not held or mp_util.is_exiting():  # at exit, give the slot back regardless
+            self.release()
+            return
+        self.deferred = True
+        left = [len(held)]
+
+        def one_gone() -> None:
+            left[0] -= 1
+            if not left[0]:
+                self.release()
+
+        for name in held:
+            weakref.finalize(attrs.pop(name), one_gone)  # the dict's reference goes; the caller's stays
 
     def release(self) -> None:
         if self.released:
@@ -257,7 +298,8 @@ class Cache(MutableMapping):
             self._state.views.insert(0, self._core.release)
             self._locks.attach_core(self._core)
         self._bind()
-        self._finalizer = weakref.finalize(self, _State.release, self._state)
+        self._state.attrs = self.__dict__
+        self._finalizer = weakref.finalize(self, _State.on_death, self._state)
         self._register_mp_finalizer()
         mp_util.register_after_fork(self, Cache._register_mp_finalizer)
         self._closed = False
@@ -334,7 +376,7 @@ class Cache(MutableMapping):
         # finalizers do. Without this a pool worker's client slot would wait
         # to be reaped. The child clears that registry after fork, hence the
         # re-registration through register_after_fork.
-        mp_util.Finalize(self, _State.release, args=(self._state,), exitpriority=10)
+        mp_util.Finalize(self, _State.on_death, args=(self._state,), exitpriority=10)
 
     def _after_fork(self) -> None:
         # The child must never use the parent's client slot: claim its own.
@@ -839,7 +881,8 @@ class Cache(MutableMapping):
             return
         self._closed = True
         _live_caches.discard(self)
-        self._finalizer()
+        self._finalizer.detach()
+        self._state.release()  # now, even if someone holds a fast method: it raises "closed"
 
         def closed(*_a, **_k):
             raise ValueError(f"cache {self.name!r} is closed")
@@ -947,9 +990,14 @@ def _weak(cache: "Cache", method):
     its client slot back.
     """
     ref = weakref.ref(cache)
+    attrs = cache.__dict__
 
     def call(*args, **kwargs):
-        return method(ref(), *args, **kwargs)
+        c = ref()
+        if c is None:  # a fast method outlived its Cache (see _State.on_death): same state, new face
+            c = object.__new__(Cache)
+            c.__dict__ = attrs
+        return method(c, *args, **kwargs)
 
     return call
 

@@ -509,3 +509,38 @@ def test_row5_an_odd_seqlock_version_is_reported_and_its_parity_restored(make_ca
         assert all(c[f"k{i}"] == b"w%d" % i for i in range(200))
     finally:
         q.release()
+
+
+# -- row 10: a temporary handle -------------------------------------------------------------
+@pytest.mark.parametrize("pure", [False, True], ids=["c", "pure"])
+def test_row10_a_temporary_handle_works_for_the_whole_call(make_cache, cache_name, pure, monkeypatch):
+    import gc
+
+    import shmcache.cache as cm
+    from shmcache import KeyTooLong
+
+    monkeypatch.setattr(cm, "USE_SPEEDUPS", cm.USE_SPEEDUPS and not pure)
+    keep = make_cache(size="1MiB", max_clients=4, max_key_size=64)
+    keep["k"] = b"v"
+    for i in range(40):  # ten times max_clients: every temporary handle gives its slot back
+        assert Cache(cache_name).get("k") == b"v"
+        assert Cache(cache_name).set(f"t{i}", i) is True
+        assert Cache(cache_name).add(f"t{i}", 0) is False
+        assert Cache(cache_name).incr(f"n{i}") == 1
+        assert Cache(cache_name).delete(f"t{i}") is True
+        assert "k" in Cache(cache_name) and Cache(cache_name)["k"] == b"v"
+    g = Cache(cache_name).get  # a method kept beyond its handle keeps the handle working
+    gc.collect()
+    assert g("k") == b"v" and g("absent", 7) == 7
+    with pytest.raises(TypeError):  # the slow paths (key checks) work without the handle too
+        g(5)
+    with pytest.raises(KeyTooLong):
+        g("x" * 100)
+    del g
+    gc.collect()
+    assert keep.stats()["clients"] == 1
+    c = Cache(cache_name)
+    s = c.set
+    c.close()
+    with pytest.raises(ValueError, match="closed"):  # close() still closes at once
+        s("k", b"w")
