@@ -903,6 +903,17 @@ static void take_locked(Core *c, uint64_t s) {
     memcpy(rec + S_OWNER, own, 16);
 }
 
+/* Lock waits run on CLOCK_MONOTONIC (sem_clockwait, glibc 2.30+): with
+ * sem_timedwait's CLOCK_REALTIME deadline, an NTP or manual step back of S
+ * seconds while a writer waited on a dead holder delayed its recovery by S. */
+#if defined(__GLIBC__) && (__GLIBC__ > 2 || (__GLIBC__ == 2 && __GLIBC_MINOR__ >= 30))
+#define WAIT_CLOCK CLOCK_MONOTONIC
+static int timed_wait(sem_t *sem, const struct timespec *dl) { return sem_clockwait(sem, CLOCK_MONOTONIC, dl); }
+#else
+#define WAIT_CLOCK CLOCK_REALTIME
+static int timed_wait(sem_t *sem, const struct timespec *dl) { return sem_timedwait(sem, dl); }
+#endif
+
 static PyObject *Core_lock(Core *c, PyObject *args) {
     unsigned long long s;
     double timeout;
@@ -912,7 +923,7 @@ static PyObject *Core_lock(Core *c, PyObject *args) {
     BARRIER();
     if (sem_trywait(sem) != 0) {
         struct timespec dl;
-        clock_gettime(CLOCK_REALTIME, &dl);
+        clock_gettime(WAIT_CLOCK, &dl);
         double whole = floor(timeout);
         dl.tv_sec += (time_t)whole;
         dl.tv_nsec += (long)((timeout - whole) * 1e9);
@@ -923,7 +934,7 @@ static PyObject *Core_lock(Core *c, PyObject *args) {
         for (;;) {
             int r, err;
             Py_BEGIN_ALLOW_THREADS
-            r = sem_timedwait(sem, &dl);
+            r = timed_wait(sem, &dl);
             err = errno;
             Py_END_ALLOW_THREADS
             if (CLOSED(c)) { /* closed by another thread meanwhile: the marker went with our slot */
