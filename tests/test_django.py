@@ -913,7 +913,7 @@ class ShmCacheTests(SimpleTestCase):
 
     def test_default_timeout_and_options(self):
         self.assertEqual(cache.default_timeout, 300)
-        self.assertEqual(cache._max_entries, 300)
+        self.assertIsNone(cache._max_entries)  # no MAX_ENTRIES given: no culling
         self.assertEqual(caches["cull"]._max_entries, 30)
         self.assertIsNone(ShmCache(NAME, {"OPTIONS": {"MAX_ENTRIES": None}})._max_entries)
         cache.set("k", 1)
@@ -1059,3 +1059,94 @@ def test_importing_shmcache_imports_no_framework():
     )
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stdout + r.stderr
+
+
+# -- regressions and django-redis extras (issue 13) ---------------------------
+def test_readme_settings_block_keeps_1000_of_1000_entries(cache_name):
+    """The README's settings block, as written: Django's MAX_ENTRIES=300 default
+    used to cull it down to 203 entries at ~100x the cost per set."""
+    readme = ShmCache(cache_name, {"TIMEOUT": 300, "OPTIONS": {"size": "256MiB"}})
+    try:
+        for i in range(1000):
+            readme.set(f"k{i}", i)
+        assert sum(1 for i in range(1000) if readme.get(f"k{i}") == i) == 1000
+    finally:
+        readme.raw.close()
+        Cache.unlink(cache_name)
+
+
+def test_explicit_max_entries_still_culls():
+    culled = ShmCache(NAME, {"OPTIONS": {"MAX_ENTRIES": 10, "size": "8MiB"}})
+    culled.clear()
+    for i in range(25):
+        culled.set(f"c{i}", i)
+    assert 0 < sum(1 for i in range(25) if culled.has_key(f"c{i}")) <= 10
+    culled.clear()
+
+
+def test_django_redis_ttl_expire_persist():
+    CLOCK.advance(0)
+    cache.clear()
+    cache.set("t", 1, timeout=100)
+    assert cache.ttl("t") == 100
+    cache.set("forever", 1, timeout=None)
+    assert cache.ttl("forever") is None and cache.ttl("absent") == 0
+    assert cache.expire("forever", 20) and cache.ttl("forever") == 20
+    assert cache.persist("forever") and cache.ttl("forever") is None
+    assert not cache.expire("absent", 5) and not cache.persist("absent")
+    CLOCK.advance(101)
+    assert cache.ttl("t") == 0
+    cache.clear()
+
+
+def test_django_redis_keys_iter_keys_delete_pattern():
+    cache.clear()
+    other = caches["prefix"]
+    for k in ("user:1", "user:2", "session:9"):
+        cache.set(k, k)
+    other.set("user:3", 3)
+    v2 = caches["v2"]
+    v2.set("user:4", 4)
+    assert sorted(cache.keys("user:*")) == ["user:1", "user:2"]  # not the prefixed or version-2 alias's
+    assert sorted(cache.iter_keys("*")) == ["session:9", "user:1", "user:2"]
+    assert other.keys("user:*") == ["user:3"] and v2.keys("user:*") == ["user:4"]
+    assert cache.delete_pattern("user:*") == 2
+    assert cache.keys("*") == ["session:9"] and other.get("user:3") == 3
+    custom = caches["custom_key"]
+    custom.set("ck", 1)
+    assert custom.keys("c*") == [custom.make_key("ck")]  # custom KEY_FUNCTION: the stored key
+    cache.clear()
+
+
+def _hold_lock(started, release):
+    from django.core.cache import cache as child_cache
+
+    with child_cache.lock("job", timeout=30):
+        started.set()
+        release.wait(30)
+
+
+def test_django_redis_lock_across_processes():
+    from shmcache.contrib import LockError
+
+    cache.clear()
+    started, release = CTX.Event(), CTX.Event()
+    p = CTX.Process(target=_hold_lock, args=(started, release))
+    p.start()
+    try:
+        assert started.wait(30)
+        lock = cache.lock("job", timeout=30, sleep=0.01)
+        assert lock.locked() and not lock.acquire(blocking=False)
+        assert not lock.acquire(blocking_timeout=0.05)
+        with pytest.raises(LockError):
+            lock.release()
+        release.set()
+        assert lock.acquire(blocking_timeout=20) and lock.owned()
+        lock.release()
+        assert not lock.locked()
+    finally:
+        release.set()
+        p.join(30)
+    assert p.exitcode == 0
+    assert cache.raw is caches["v2"].raw  # one handle per LOCATION: the raw Cache
+    cache.clear()

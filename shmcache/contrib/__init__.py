@@ -12,13 +12,15 @@ from __future__ import annotations
 import hashlib
 import os
 import threading
+import time
 import weakref
 
 from .. import admin
 from ..cache import Cache
+from ..errors import Error
 
 __all__ = [
-    "CACHE_OPTIONS", "cache_from_env", "env_settings", "fit_key", "lru_keys", "max_key_size",
+    "CACHE_OPTIONS", "KeyLock", "LockError", "cache_from_env", "env_settings", "fit_key", "lru_keys", "max_key_size",
     "shared_cache", "stored_items",
 ]
 
@@ -151,3 +153,69 @@ def cache_from_env(environ=None) -> Cache:
     """
     settings = env_settings(environ)
     return shared_cache(settings.pop("name"), **settings)
+
+
+class KeyLock:
+    """A lock shared by every process, held as a cache entry (the shape of
+    redis-py's ``Lock``): ``acquire()`` stores a random token with ``add``
+    (atomic across processes), ``release()`` removes it if it is still ours.
+    ``timeout`` (seconds, None = until released) bounds how long a crashed
+    holder keeps it; a waiter polls every ``sleep`` seconds, at most
+    ``blocking_timeout`` seconds (None = forever).
+
+    Raises (from :meth:`release`):
+        LockError: the lock is not held by this object (never acquired,
+            released already, or expired and taken by another).
+    """
+
+    def __init__(self, cache: Cache, key: str, *, timeout: float | None = None, sleep: float = 0.1,
+                 blocking: bool = True, blocking_timeout: float | None = None) -> None:
+        self.cache = cache
+        self.key = key
+        self.timeout = timeout
+        self.sleep = sleep
+        self.blocking = blocking
+        self.blocking_timeout = blocking_timeout
+        self.token: bytes | None = None
+
+    def acquire(self, blocking: bool | None = None, blocking_timeout: float | None = None) -> bool:
+        """Take the lock; False if it could not within ``blocking_timeout``."""
+        blocking = self.blocking if blocking is None else blocking
+        wait = self.blocking_timeout if blocking_timeout is None else blocking_timeout
+        token = os.urandom(16)
+        deadline = None if wait is None else time.monotonic() + wait
+        while True:
+            if self.cache.add(self.key, token, ttl=self.timeout):
+                self.token = token
+                return True
+            if not blocking or (deadline is not None and time.monotonic() >= deadline):
+                return False
+            time.sleep(self.sleep if deadline is None else max(0.0, min(self.sleep, deadline - time.monotonic())))
+
+    def locked(self) -> bool:
+        """True if anyone holds the lock."""
+        return self.key in self.cache
+
+    def owned(self) -> bool:
+        """True if this object holds the lock."""
+        return self.token is not None and self.cache.get(self.key) == self.token
+
+    def release(self) -> None:
+        """Give the lock back. (Check and delete are two steps: the window only
+        matters once the lock outlived its ``timeout``, as in stampede.py.)"""
+        token, self.token = self.token, None
+        if token is None or self.cache.get(self.key) != token:
+            raise LockError(f"cannot release lock {self.key!r}: not held by this object")
+        self.cache.delete(self.key)
+
+    def __enter__(self) -> "KeyLock":
+        if not self.acquire():
+            raise LockError(f"could not acquire lock {self.key!r} within {self.blocking_timeout} s")
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+
+class LockError(Error):
+    """A :class:`KeyLock` could not be acquired in time, or was released by a non-owner."""

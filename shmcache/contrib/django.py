@@ -22,10 +22,14 @@ below), except that the data lives in shared memory:
 - ``incr``/``decr`` of a missing key raise ``ValueError``; of a non-number
   ``TypeError``; ints are updated atomically across processes in place, other
   numbers (float, Decimal) as ``LocMemCache`` does (value + delta);
-- culling: before storing, if ``MAX_ENTRIES`` (default 300) entries are
-  stored, ``1/CULL_FREQUENCY`` of them are dropped (expired first, then least
-  recently used); ``CULL_FREQUENCY`` 0 clears everything. ``"MAX_ENTRIES":
-  None`` turns culling off and leaves capacity to the segment's own LRU;
+- culling only when ``MAX_ENTRIES`` is given in ``OPTIONS`` (Django's
+  memcached and Redis backends ignore it; by default the segment's own LRU
+  bounds memory): before storing, if ``MAX_ENTRIES`` entries are stored,
+  ``1/CULL_FREQUENCY`` of them are dropped (expired first, then least
+  recently used); ``CULL_FREQUENCY`` 0 clears everything;
+- django-redis' extras: ``ttl``, ``expire``, ``persist``, ``keys``,
+  ``iter_keys``, ``delete_pattern``, ``lock``, and ``raw`` (the
+  :class:`shmcache.Cache` itself);
 - a value over the segment's ``max_value_size`` is not stored and the old
   value is removed (what Django's memcached backends do);
 - ``get_or_set`` is stampede-protected: the callable runs once across all
@@ -72,16 +76,20 @@ README section "Security").
 
 from __future__ import annotations
 
+import fnmatch
 import logging
+import math
+import re
 
 from asgiref.sync import sync_to_async
-from django.core.cache.backends.base import DEFAULT_TIMEOUT, BaseCache
+from django.core.cache.backends.base import DEFAULT_TIMEOUT, BaseCache, default_key_func
 from django.core.cache.backends.redis import RedisCache, RedisCacheClient
 from django.core.exceptions import ImproperlyConfigured
 
-from .. import stampede
+from .. import admin, stampede
+from ..cache import Cache
 from ..errors import ValueTooLarge
-from . import CACHE_OPTIONS, fit_key, lru_keys, max_key_size, shared_cache, stored_items
+from . import CACHE_OPTIONS, KeyLock, fit_key, lru_keys, max_key_size, shared_cache, stored_items
 
 logger = logging.getLogger("shmcache.contrib.django")
 
@@ -114,8 +122,12 @@ class ShmCache(BaseCache):
     def __init__(self, location, params):
         super().__init__(params)
         options = dict(params.get("OPTIONS") or {})
-        if "MAX_ENTRIES" in options and options["MAX_ENTRIES"] is None:
-            self._max_entries = None  # culling off: the segment's LRU bounds memory
+        if options.get("MAX_ENTRIES") is None and "max_entries" not in params:
+            # Culling only when MAX_ENTRIES is given, as Django's memcached and
+            # Redis backends ignore it: LocMemCache's default of 300 would keep
+            # 300 entries of a 256 MiB segment, at ~100x the cost per set
+            # (culling scans the index). The segment's own LRU bounds memory.
+            self._max_entries = None
         unknown = set(options) - CACHE_OPTIONS - _OWN_OPTIONS
         if unknown:
             raise ImproperlyConfigured(
@@ -303,6 +315,73 @@ class ShmCache(BaseCache):
         except ValueTooLarge as e:
             logger.warning("%s", e)
             return default() if callable(default) else default
+
+    # -- django-redis extras --------------------------------------------------
+    @property
+    def raw(self) -> Cache:
+        """The :class:`shmcache.Cache` under this backend (shared by every alias
+        with the same ``LOCATION``): for ``get_or_set`` with a ttl, ``memoize``,
+        ``shmcache.admin``, ``shmcache.aio.AsyncCache(cache.raw)``... Keys there
+        are raw: Django's prefix and version are not applied."""
+        return self._cache
+
+    def ttl(self, key, version=None):
+        """Seconds until ``key`` expires (django-redis): None if it never does,
+        0 if it is absent or expired."""
+        try:
+            left = self._cache.ttl(self._key(key, version))
+        except KeyError:
+            return 0
+        return None if left is None else max(0, int(math.ceil(left)))
+
+    def expire(self, key, timeout, version=None):
+        """Give ``key`` a new timeout in seconds (django-redis; ``None`` = never
+        expire, 0 or less deletes it). False if it is absent."""
+        return self.touch(key, timeout, version)
+
+    def persist(self, key, version=None):
+        """Remove ``key``'s expiry (django-redis). False if it is absent."""
+        return self._cache.persist(self._key(key, version))
+
+    def _raw_pattern(self, search, version):
+        # The pattern goes through KEY_PREFIX, VERSION and KEY_FUNCTION like a
+        # key, so '*' matches inside this alias's namespace only.
+        return re.compile(fnmatch.translate(self.make_key(search, version=version)), re.DOTALL)
+
+    def _user_key(self, raw: str) -> str:
+        # The inverse of Django's default key function ("prefix:version:key");
+        # with a custom KEY_FUNCTION the stored key is returned as it is.
+        if self.key_func is default_key_func:
+            return raw.split(":", 2)[2]
+        return raw
+
+    def iter_keys(self, search="*", version=None, itersize=None):
+        """The keys matching the glob ``search`` (django-redis), one stripe at
+        a time, without this alias's prefix and version. Keys longer than the
+        segment's ``max_key_size`` are stored under a digest and never match."""
+        rx = self._raw_pattern(search, version)
+        for e in admin.entries(self._cache):
+            if isinstance(e.key, str) and rx.match(e.key):
+                yield self._user_key(e.key)
+
+    def keys(self, search="*", version=None):
+        """A list of :meth:`iter_keys` (django-redis's ``keys``)."""
+        return list(self.iter_keys(search, version))
+
+    def delete_pattern(self, pattern, version=None, prefix=None, itersize=None):
+        """Delete every key matching the glob ``pattern`` (django-redis).
+        Returns how many were deleted."""
+        rx = self._raw_pattern(pattern, version)
+        raw = [e.key for e in admin.entries(self._cache) if isinstance(e.key, str) and rx.match(e.key)]
+        return self._cache.delete_many(raw)
+
+    def lock(self, key, timeout=None, sleep=0.1, blocking=True, blocking_timeout=None, version=None):
+        """A lock shared by every process (django-redis / redis-py ``Lock``):
+        ``with cache.lock("report", timeout=30): ...``. It is an entry under
+        ``key`` (prefixed and versioned like any key) that lives ``timeout``
+        seconds at most (None: until released). See :class:`shmcache.contrib.KeyLock`."""
+        return KeyLock(self._cache, self._key(key, version), timeout=timeout, sleep=sleep, blocking=blocking,
+                       blocking_timeout=blocking_timeout)
 
     # -- async: memory operations run inline (microseconds, no I/O) ---------
     async def aadd(self, key, value, timeout=DEFAULT_TIMEOUT, version=None):
