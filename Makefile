@@ -1,12 +1,13 @@
 # make test  - create .venv if needed, install shmcache with its test extra, run pytest
 # make demo  - run the demo (daemon + workers + snapshot + warm restart)
 # make bench - run the benchmarks
+# make dist  - build the wheel and the sdist into dist/
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: test demo bench clean
+.PHONY: test demo bench clean dist
 
 $(STAMP): pyproject.toml setup.py shmcache/_speedups.c
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -46,5 +47,10 @@ bench: $(STAMP)
 bench-core: $(STAMP)
 	$(PY) benchmarks/bench_core.py $(BENCH_ARGS)
 
+dist: $(STAMP)
+	$(PY) -c 'import build' 2>/dev/null || $(PY) -m pip install -q build
+	rm -rf dist
+	$(PY) -m build --outdir dist .
+
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache
+	rm -rf $(VENV) build dist *.egg-info .pytest_cache

@@ -8,8 +8,9 @@ import sys
 import time
 import warnings
 import weakref
-from collections.abc import MutableMapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, MutableMapping
 from multiprocessing import util as mp_util
+from typing import Any, TypeVar, Union
 
 from . import admin, stampede
 from . import layout as L
@@ -154,7 +155,14 @@ def _check_ttl(ttl) -> float:
     return float(ttl)
 
 
-class Cache(MutableMapping):
+#: A key: ``str`` and ``bytes`` are both stored (``"a"`` and ``b"a"`` are different keys).
+Key = Union[str, bytes]
+#: A ``ttl=`` argument: seconds, None (never expire), or omitted (``default_ttl``).
+TTL = Union[float, None, Any]
+T = TypeVar("T")
+
+
+class Cache(MutableMapping[Any, Any]):
     """A cache shared by every process on this host that opens the same ``name``.
 
     ``Cache("app", size="256MiB")`` creates the segment ``/shmcache.app`` or
@@ -230,13 +238,13 @@ class Cache(MutableMapping):
         mode: int | None = None,
         default_ttl: float | None = None,
         lock_timeout: float = 0.5,
-        clock=time.time,
-        serializer=None,
+        clock: Callable[[], float] = time.time,
+        serializer: Any = None,
         init_timeout: float = 5.0,
         strict: bool = False,
         owner: int | str | None = None,
         allow_pickle: bool | None = None,
-    ):
+    ) -> None:
         self._closed = True  # until fully open, so close()/__del__ are safe
         default_ttl = _check_ttl(default_ttl) or None
         lock_timeout = check_seconds("lock_timeout", lock_timeout, maximum=MAX_WAIT)
@@ -426,7 +434,7 @@ class Cache(MutableMapping):
         return self._clock() + t if t else 0.0
 
     # -- reads --------------------------------------------------------------
-    def get(self, key, default=None):
+    def get(self, key: Key, default: Any = None) -> Any:
         """The value stored under ``key``, or ``default`` if absent or expired.
 
         Raises:
@@ -461,13 +469,13 @@ class Cache(MutableMapping):
             return val.decode()
         return self._decode(flags, val)
 
-    def __getitem__(self, key):
+    def __getitem__(self, key: Key) -> Any:
         value = self.get(key, _MISSING)
         if value is _MISSING:
             raise KeyError(key)
         return value
 
-    def __contains__(self, key) -> bool:
+    def __contains__(self, key: object) -> bool:
         """True if ``key`` is present and unexpired (does not count as a hit).
 
         Raises:
@@ -479,7 +487,7 @@ class Cache(MutableMapping):
         r = self._read(self._key(key))
         return r is not None and not (r[2] and r[2] <= self._clock())
 
-    def ttl(self, key) -> float | None:
+    def ttl(self, key: Key) -> float | None:
         """Seconds until ``key`` expires, or None if it never does.
 
         Raises:
@@ -492,7 +500,7 @@ class Cache(MutableMapping):
             raise KeyError(key)
         return r[2] - now if r[2] else None
 
-    def get_many(self, keys) -> dict:
+    def get_many(self, keys: Iterable[Key]) -> dict[Any, Any]:
         """``{key: value}`` for the keys that are present (absent ones are left out).
 
         Raises:
@@ -506,7 +514,7 @@ class Cache(MutableMapping):
         return out
 
     # -- writes -------------------------------------------------------------
-    def set(self, key, value, ttl=_DEFAULT) -> bool:
+    def set(self, key: Key, value: Any, ttl: TTL = _DEFAULT) -> bool:
         """Store ``value`` under ``key``, expiring after ``ttl`` seconds
         (``None``: never; default: the cache's ``default_ttl``). Returns True.
 
@@ -529,7 +537,7 @@ class Cache(MutableMapping):
     def __setitem__(self, key, value) -> None:
         self.set(key, value)
 
-    def add(self, key, value, ttl=_DEFAULT) -> bool:
+    def add(self, key: Key, value: Any, ttl: TTL = _DEFAULT) -> bool:
         """Store only if ``key`` is absent (or expired). Returns whether it stored.
         Atomic across processes. Raises as :meth:`set`."""
         kb = self._key(key)
@@ -539,7 +547,7 @@ class Cache(MutableMapping):
             self._ctr[self._i_sets] += 1
         return stored
 
-    def replace(self, key, value, ttl=_DEFAULT) -> bool:
+    def replace(self, key: Key, value: Any, ttl: TTL = _DEFAULT) -> bool:
         """Store only if ``key`` is present. Returns whether it stored. Raises as :meth:`set`."""
         kb = self._key(key)
         flags, vb = self._value(value)
@@ -548,7 +556,7 @@ class Cache(MutableMapping):
             self._ctr[self._i_sets] += 1
         return stored
 
-    def set_many(self, mapping, ttl=_DEFAULT) -> None:
+    def set_many(self, mapping: Mapping[Any, Any] | Iterable[tuple[Any, Any]], ttl: TTL = _DEFAULT) -> None:
         """Store every item of ``mapping`` (each stripe locked once).
 
         All keys and values are encoded and checked first, so bad input stores
@@ -566,7 +574,7 @@ class Cache(MutableMapping):
         self._table.write_many(entries)
         self._ctr[self._i_sets] += len(entries)
 
-    def update(self, other=(), /, **kw) -> None:
+    def update(self, other: Any = (), /, **kw: Any) -> None:
         """dict.update: store every item (no ttl beyond ``default_ttl``).
 
         Raises:
@@ -574,7 +582,7 @@ class Cache(MutableMapping):
         """
         self.set_many(dict(other, **kw))
 
-    def delete(self, key) -> bool:
+    def delete(self, key: Key) -> bool:
         """Remove ``key``. Returns True if it was present (and unexpired).
 
         Raises:
@@ -586,11 +594,11 @@ class Cache(MutableMapping):
             self._ctr[self._i_deletes] += 1
         return done
 
-    def __delitem__(self, key) -> None:
+    def __delitem__(self, key: Key) -> None:
         if not self.delete(key):
             raise KeyError(key)
 
-    def delete_many(self, keys) -> int:
+    def delete_many(self, keys: Iterable[Key]) -> int:
         """Remove every key in ``keys`` (each stripe locked once); returns how
         many were present. Every key is checked before any is removed.
 
@@ -601,7 +609,7 @@ class Cache(MutableMapping):
         self._ctr[self._i_deletes] += n
         return n
 
-    def pop(self, key, default=_MISSING):
+    def pop(self, key: Key, default: Any = _MISSING) -> Any:
         """Remove ``key`` and return its value (atomically); ``default`` if absent.
 
         Raises:
@@ -622,7 +630,7 @@ class Cache(MutableMapping):
         self._ctr[self._i_deletes] += 1
         return r.value
 
-    def setdefault(self, key, default=None):
+    def setdefault(self, key: Key, default: Any = None) -> Any:
         """``cache[key]`` if present, else store ``default`` (atomically, via add) and return it.
 
         Raises:
@@ -635,7 +643,7 @@ class Cache(MutableMapping):
             if self.add(key, default):
                 return default
 
-    def incr(self, key, delta: int = 1, default: int | None = 0, ttl=None) -> int:
+    def incr(self, key: Key, delta: int = 1, default: int | None = 0, ttl: float | None = None) -> int:
         """Add ``delta`` to the int under ``key`` atomically across processes; return the result.
 
         A missing key starts at ``default`` (None: raise KeyError) and gets
@@ -659,13 +667,13 @@ class Cache(MutableMapping):
         self._ctr[self._i_sets] += 1
         return value
 
-    def decr(self, key, delta: int = 1, default: int | None = 0, ttl=None) -> int:
+    def decr(self, key: Key, delta: int = 1, default: int | None = 0, ttl: float | None = None) -> int:
         """Subtract ``delta`` atomically; see :meth:`incr`."""
         if isinstance(delta, bool) or not isinstance(delta, int):
             raise TypeError(f"delta must be an int, not {type(delta).__name__}")
         return self.incr(key, -delta, default, ttl)
 
-    def touch(self, key, ttl=None) -> bool:
+    def touch(self, key: Key, ttl: float | None = None) -> bool:
         """Give ``key`` a new ttl (None: never expire). False if absent or expired.
 
         Raises:
@@ -675,7 +683,7 @@ class Cache(MutableMapping):
         """
         return self._table.touch(self._key(key), self._deadline(ttl))
 
-    def expire(self, key, ttl: float) -> bool:
+    def expire(self, key: Key, ttl: float) -> bool:
         """Redis' EXPIRE: ``key`` expires ``ttl`` seconds from now. False if absent.
 
         Raises:
@@ -687,7 +695,7 @@ class Cache(MutableMapping):
             raise ValueError("expire needs a ttl in seconds; use touch(key, None) to remove an expiry")
         return self.touch(key, ttl)
 
-    def persist(self, key) -> bool:
+    def persist(self, key: Key) -> bool:
         """Remove ``key``'s expiry (Redis' PERSIST). False if absent.
 
         Raises:
@@ -695,7 +703,7 @@ class Cache(MutableMapping):
         """
         return self.touch(key, None)
 
-    def get_or_set(self, key, factory, ttl=_DEFAULT, *, timeout: float = 10.0):
+    def get_or_set(self, key: Key, factory: Callable[[], T], ttl: TTL = _DEFAULT, *, timeout: float = 10.0) -> T:
         """``cache[key]`` if present; otherwise compute ``factory()`` once across
         all processes, store it with ``ttl`` and return it.
 
@@ -708,7 +716,7 @@ class Cache(MutableMapping):
         """
         return stampede.get_or_set(self, key, factory, ttl, timeout)
 
-    def memoize(self, ttl=_DEFAULT, typed: bool = False, *, timeout: float = 10.0):
+    def memoize(self, ttl: TTL = _DEFAULT, typed: bool = False, *, timeout: float = 10.0) -> Any:
         """Decorator caching a function's results across processes (via
         :meth:`get_or_set`); the wrapper has ``cache_clear()`` and
         ``invalidate(*args)``. See :func:`shmcache.stampede.memoize`.
@@ -728,7 +736,7 @@ class Cache(MutableMapping):
         return self._table.clear()
 
     # -- iteration ----------------------------------------------------------
-    def keys(self) -> list:
+    def keys(self) -> list[Any]:  # type: ignore[override]  # a list, not a view
         """A list of the live keys (each stripe read consistently; the whole is a
         point-in-time view, not a snapshot across stripes).
 
@@ -740,7 +748,7 @@ class Cache(MutableMapping):
         t = self._table
         return [decode_key(kb) for s in range(t.n_stripes) for kb in t.keys_of(s, now)]
 
-    def items(self) -> list:
+    def items(self) -> list[tuple[Any, Any]]:  # type: ignore[override]
         """A list of ``(key, value)`` pairs, consistent per stripe.
 
         Raises:
@@ -758,7 +766,7 @@ class Cache(MutableMapping):
             if not (exp and exp <= now)
         ]
 
-    def values(self) -> list:
+    def values(self) -> list[Any]:  # type: ignore[override]
         """A list of the live values.
 
         Raises:
@@ -766,7 +774,7 @@ class Cache(MutableMapping):
         """
         return [v for _k, v in self.items()]
 
-    def __iter__(self):
+    def __iter__(self) -> Iterator[Any]:
         return iter(self.keys())
 
     def __len__(self) -> int:
@@ -779,7 +787,7 @@ class Cache(MutableMapping):
         return self._table.count(self._clock())
 
     # -- management ---------------------------------------------------------
-    def stats(self) -> dict:
+    def stats(self) -> dict[str, Any]:
         """Counters and fill: hits, misses, sets, deletes, evictions, expirations
         (all processes, including ones that exited), items, bytes used and
         free, per-stripe fill, attached clients and daemon status.
@@ -893,7 +901,7 @@ class Cache(MutableMapping):
     def __enter__(self) -> "Cache":
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.close()
 
     def __repr__(self) -> str:

@@ -6,6 +6,7 @@ import os
 import pickle
 import signal
 import pydoc
+import re
 import subprocess
 import sys
 
@@ -167,8 +168,9 @@ def test_snapshot_path_too_long_is_refused(cache_name, tmp_path):
 
 
 def test_readable_sentinels():
-    assert "ttl=DEFAULT_TTL" in pydoc.render_doc(Cache.set)
-    assert "default=MISSING" in pydoc.render_doc(Cache.pop)
+    assert re.search(r"ttl(: \S+)? ?= ?DEFAULT_TTL\)", pydoc.render_doc(Cache.set))
+    assert re.search(r"default(: \S+)? ?= ?MISSING\)", pydoc.render_doc(Cache.pop))
+    assert "object at 0x" not in pydoc.render_doc(Cache)
     assert pickle.loads(pickle.dumps(DEFAULT_TTL)) is DEFAULT_TTL and repr(MISSING) == "MISSING"
 
 

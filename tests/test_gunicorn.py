@@ -45,13 +45,14 @@ def _has_option(cli: str) -> bool:
 class Gunicorn:
     """One gunicorn master started with workers/gunicorn_conf.py."""
 
-    def __init__(self, tmp_path, worker_class="sync", preload=False, env=None, name=None):
+    def __init__(self, tmp_path, worker_class="sync", preload=False, env=None, name=None,
+                 config="workers/gunicorn_conf.py", cwd=ROOT):
         self.name = name or fresh_name("gu")
         self.snapshot = tmp_path / "cache.snapshot"
         self.port = _free_port()
         self.log_path = tmp_path / "gunicorn.log"
         args = [
-            sys.executable, "-m", "gunicorn", "-c", "workers/gunicorn_conf.py",
+            sys.executable, "-m", "gunicorn", "-c", config,
             "-b", f"127.0.0.1:{self.port}", "-w", "3", "-k", worker_class, "--graceful-timeout", "5",
         ]
         if worker_class == "gthread":
@@ -69,15 +70,16 @@ class Gunicorn:
             SHMCACHE_DEMO_RATE_LIMIT="25",
             SHMCACHE_DEMO_RATE_WINDOW="600",
             SHMCACHE_DEMO_EXPENSIVE_SECONDS="0.5",
-            **(env or {}),
         )
+        self.env.update(env or {})
         self.args = args
+        self.cwd = cwd
         self.proc = None
         self.started = self.stopped = False
 
     def start(self):
         self._log = open(self.log_path, "ab")
-        self.proc = subprocess.Popen(self.args, cwd=ROOT, env=self.env, stdout=self._log, stderr=subprocess.STDOUT)
+        self.proc = subprocess.Popen(self.args, cwd=self.cwd, env=self.env, stdout=self._log, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + 30
         while True:
             if self.proc.poll() is not None:
@@ -411,3 +413,19 @@ def test_regression_two_waiters_recover_stripe_of_sigkilled_holder():
                 p.join(5)
         c.close()
         Cache.unlink(name)
+
+
+def test_packaged_hooks_work_from_any_directory(gunicorn, tmp_path):
+    """`gunicorn -c python:shmcache.contrib.gunicorn APP` as a pip user runs it:
+    no workers/ directory, started elsewhere, no snapshot configured."""
+    run_dir = tmp_path / "elsewhere"
+    run_dir.mkdir()
+    g = gunicorn(config="python:shmcache.contrib.gunicorn", cwd=run_dir,
+                 env={"SHMCACHE_SNAPSHOT": "", "SHMCACHE_DAEMON_LOG": str(tmp_path / "daemon.log"),
+                      "PYTHONPATH": str(ROOT)})
+    assert g.get("/")[0] == 200
+    with Cache(g.name, create=False) as c:
+        st = c.stats()
+        assert st["daemon_alive"] and st["daemon_snapshot_path"] is None
+    assert "serving" in (tmp_path / "daemon.log").read_text()
+    assert not list(run_dir.iterdir())  # nothing written where it was started

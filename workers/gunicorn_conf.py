@@ -1,46 +1,14 @@
-"""gunicorn configuration: one shmcache for all workers, its daemon beside the master.
+"""gunicorn configuration of the example app: shmcache's hooks plus the demo's settings.
 
 Start (from the repository root)::
 
     gunicorn -c workers/gunicorn_conf.py workers.app:app
     gunicorn -c workers/gunicorn_conf.py --preload -k gthread --threads 4 workers.app:app
 
-What the hooks do, in the master unless said otherwise:
-
-- ``on_starting``: create the cache (or attach: it may exist from a previous
-  run kept with SHMCACHE_KEEP=1) and start the daemon,
-  ``python -m shmcache daemon --name N --size S --snapshot PATH``, which
-  expires keys, recovers locks of crashed workers and snapshots to PATH (and
-  restores from it at start, so a restart comes back warm).
-- ``when_ready`` (still before the first worker is forked): wait until the
-  daemon serves, i.e. has restored the snapshot, so no request writes into the
-  cache before it is warm (the daemon only restores into an empty cache).
-- ``post_fork`` (in each new worker): attach the worker. The handle opened in
-  the master is inherited; shmcache claims a client slot of the worker's own at
-  fork, so the app (imported before the fork with ``--preload``, after it
-  without) reuses it through ``shmcache.contrib.cache_from_env()``.
-- ``worker_exit`` (in the worker): give the client slot back.
-- ``on_exit``: SIGTERM the daemon (it writes a final snapshot), wait for it,
-  then unlink the cache unless SHMCACHE_KEEP=1.
-
-Settings (environment, read by the hooks and the app alike):
-
-=========================  ==============================================
-SHMCACHE_NAME              cache name (default ``gunicorn-demo``)
-SHMCACHE_SIZE              segment size (default ``64MiB``)
-SHMCACHE_SNAPSHOT          snapshot file (default ``demo-data/<name>.snapshot``)
-SHMCACHE_DAEMON            ``0`` to run without the daemon
-SHMCACHE_DAEMON_ARGS       extra daemon arguments (shell syntax)
-SHMCACHE_UPSTREAM          Redis URL: the daemon tracks it (``--upstream``)
-                           for a near cache (``shmcache.near``)
-SHMCACHE_TRACK_PREFIX      comma-separated key prefixes it tracks (default: all)
-SHMCACHE_DAEMON_LOG        daemon log file (default ``<snapshot>.daemon.log``)
-SHMCACHE_DAEMON_WAIT       seconds to wait for the daemon's restore (default 60)
-SHMCACHE_KEEP              ``1`` to keep the cache when gunicorn exits
-SHMCACHE_LOCK_TIMEOUT      seconds before a writer checks a stripe's holder
-SHMCACHE_BIND              listen address (default ``127.0.0.1:8000``)
-WEB_CONCURRENCY            workers (default 3)
-=========================  ==============================================
+The hooks are ``shmcache.contrib.gunicorn``'s (see its docstring and the
+README's "Using with gunicorn"); this file adds what the example needs: the
+app, and a snapshot under ``demo-data/`` unless SHMCACHE_SNAPSHOT says
+otherwise. Copy it as the start of your own config.
 
 What to watch for: the master logs the daemon's pid and log file; ``ls /dev/shm`` shows
 ``shmcache.<name>`` while gunicorn runs and not after (unless kept);
@@ -48,174 +16,12 @@ What to watch for: the master logs the daemon's pid and log file; ``ls /dev/shm`
 shows ``recoveries`` if it died holding a lock).
 """
 
-from __future__ import annotations
-
-import importlib.util
 import os
-import shlex
-import signal
-import subprocess
-import sys
-import time
 
-from shmcache import Cache
-from shmcache.contrib import cache_from_env, env_settings
+from shmcache.contrib import env_settings
 
-bind = os.environ.get("SHMCACHE_BIND", "127.0.0.1:8000")
-workers = int(os.environ.get("WEB_CONCURRENCY", "3"))
+os.environ.setdefault("SHMCACHE_SNAPSHOT", os.path.join("demo-data", f"{env_settings()['name']}.snapshot"))
+
+from shmcache.contrib.gunicorn import *  # noqa: E402,F401,F403 - the hooks and bind/workers
+
 wsgi_app = "workers.app:app"
-
-#: How long ``on_exit`` waits for the daemon's final snapshot (seconds).
-DAEMON_STOP_TIMEOUT = 30.0
-
-_daemon: subprocess.Popen | None = None
-_daemon_log: tuple[str, int] = ("", 0)  # (path, size before this daemon started)
-_cache: Cache | None = None
-
-# Started through this launcher rather than directly so the daemon gets
-# SIGTERM (and writes its snapshot) if the master dies without running
-# on_exit (SIGKILL, OOM killer): PR_SET_PDEATHSIG survives exec, and a
-# preexec_fn would run Python (shmcache's fork hooks) between fork and exec.
-_LAUNCHER = """\
-import ctypes, os, signal, sys
-try:
-    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-except Exception:
-    pass
-if os.getppid() != int(sys.argv[1]):
-    sys.exit(0)  # the master is already gone
-os.execv(sys.executable, [sys.executable, "-m", "shmcache"] + sys.argv[2:])
-"""
-
-
-def _snapshot_path(name: str) -> str:
-    return os.environ.get("SHMCACHE_SNAPSHOT") or os.path.join("demo-data", f"{name}.snapshot")
-
-
-def _daemon_log_path(name: str) -> str:
-    return os.environ.get("SHMCACHE_DAEMON_LOG") or _snapshot_path(name) + ".daemon.log"
-
-
-def daemon_command(environ=None) -> list[str]:
-    """The daemon's command line (without the launcher) for these settings."""
-    env = os.environ if environ is None else environ
-    s = env_settings(env)
-    cmd = [sys.executable, "-m", "shmcache", "daemon", "--name", s["name"], "--size", str(s["size"]),
-           "--snapshot", _snapshot_path(s["name"])]
-    if env.get("SHMCACHE_UPSTREAM"):
-        cmd += ["--upstream", env["SHMCACHE_UPSTREAM"]]
-        for p in env.get("SHMCACHE_TRACK_PREFIX", "").split(","):
-            if p.strip():
-                cmd += ["--track-prefix", p.strip()]
-    return cmd + shlex.split(env.get("SHMCACHE_DAEMON_ARGS", ""))
-
-
-def _start_daemon(server) -> None:
-    global _daemon, _daemon_log
-    if os.environ.get("SHMCACHE_DAEMON", "1") == "0":
-        server.log.info("shmcache: daemon disabled (SHMCACHE_DAEMON=0)")
-        return
-    if importlib.util.find_spec("shmcache.__main__") is None:
-        server.log.warning("shmcache: no 'python -m shmcache' in this install; running without the daemon")
-        return
-    name = env_settings()["name"]
-    cmd = daemon_command()
-    log_path = _daemon_log_path(name)
-    for d in {os.path.dirname(_snapshot_path(name)), os.path.dirname(log_path)}:
-        if d:
-            os.makedirs(d, exist_ok=True)
-    # The daemon logs to a file, not through the master: a reader thread in
-    # the master could hold stderr's lock at a fork and deadlock the worker.
-    with open(log_path, "ab") as log:
-        _daemon_log = (log_path, log.tell())
-        _daemon = subprocess.Popen(
-            [sys.executable, "-c", _LAUNCHER, str(os.getpid())] + cmd[3:],
-            stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, close_fds=True,
-        )
-    server.log.info("shmcache: daemon started (pid %s, log %s): %s", _daemon.pid, log_path, shlex.join(cmd))
-
-
-def _wait_for_daemon(server) -> None:
-    """Block until the daemon logs that it serves (snapshot restored), it exits,
-    or SHMCACHE_DAEMON_WAIT seconds pass."""
-    global _daemon
-    log_path, offset = _daemon_log
-    ready = f"daemon pid {_daemon.pid} serving".encode()
-    deadline = time.monotonic() + float(os.environ.get("SHMCACHE_DAEMON_WAIT", "60"))
-    while True:
-        try:
-            with open(log_path, "rb") as f:
-                f.seek(offset)
-                text = f.read()
-        except OSError:
-            text = b""
-        if ready in text:
-            server.log.info("shmcache: daemon serving (%s)", log_path)
-            return
-        if _daemon.poll() is not None:
-            tail = text.decode(errors="replace").strip().splitlines()[-3:]
-            server.log.error("shmcache: the daemon exited (status %s); running without it: %s",
-                             _daemon.returncode, " | ".join(tail))
-            _daemon = None
-            return
-        if time.monotonic() > deadline:
-            server.log.warning("shmcache: the daemon is not serving yet (see %s); starting the workers anyway",
-                               log_path)
-            return
-        time.sleep(0.05)
-
-
-def _stop_daemon(server) -> None:
-    global _daemon
-    proc, _daemon = _daemon, None
-    if proc is None or proc.poll() is not None:
-        return
-    proc.send_signal(signal.SIGTERM)  # the daemon writes a final snapshot, then exits
-    try:
-        proc.wait(DAEMON_STOP_TIMEOUT)
-        server.log.info("shmcache: daemon stopped (exit status %s)", proc.returncode)
-    except subprocess.TimeoutExpired:
-        server.log.error("shmcache: daemon did not stop within %.0f s; killing it", DAEMON_STOP_TIMEOUT)
-        proc.kill()
-        proc.wait(5)
-
-
-def on_starting(server):
-    """Create (or attach) the cache and start its daemon, before any worker exists."""
-    global _cache
-    _cache = cache_from_env()
-    server.log.info("shmcache: cache %r ready (%s bytes)", _cache.name, _cache.stats()["size"])
-    _start_daemon(server)
-
-
-def when_ready(server):
-    """Before the first fork: wait for the daemon's restore (the cache works without a daemon)."""
-    if _daemon is not None:
-        _wait_for_daemon(server)
-
-
-def post_fork(server, worker):
-    """In the new worker: attach to the cache (own client slot, claimed at fork)."""
-    cache = cache_from_env()
-    worker.log.info("shmcache: worker %s attached to %r", worker.pid, cache.name)
-
-
-def worker_exit(server, worker):
-    """In the exiting worker: give its client slot back."""
-    try:
-        cache_from_env().close()
-    except Exception:  # pragma: no cover - never block an exit; the daemon reaps slots
-        pass
-
-
-def on_exit(server):
-    """Stop the daemon (final snapshot), detach, unlink the cache unless SHMCACHE_KEEP=1."""
-    _stop_daemon(server)
-    name = env_settings()["name"]
-    if _cache is not None:
-        _cache.close()
-    if os.environ.get("SHMCACHE_KEEP") == "1":
-        server.log.info("shmcache: keeping cache %r (SHMCACHE_KEEP=1)", name)
-    else:
-        Cache.unlink(name)
-        server.log.info("shmcache: cache %r unlinked", name)
