@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 import shmcache
+from shmcache import admin
 from shmcache import Cache, CacheNotFound, KeyTooLong, ValueTooLarge, parse_size
 
 MAX_KEY = 100
@@ -127,7 +128,7 @@ def _too_large(limit):
 @pytest.mark.parametrize("kind", ["bytes", "str", "ndarray", "pickled", "huge-int"])
 @pytest.mark.parametrize("op", ["set", "add", "replace", "set_many", "setitem"])
 def test_value_too_large(seeded, kind, op):
-    limit = seeded._g.max_value_size
+    limit = admin.geometry(seeded).max_value_size
     value = _too_large(limit)[kind]
     call = {
         "set": lambda: seeded.set("b", value),
@@ -143,7 +144,7 @@ def test_value_too_large(seeded, kind, op):
 
 
 def test_value_at_the_limit_is_accepted(seeded):
-    limit = seeded._g.max_value_size
+    limit = admin.geometry(seeded).max_value_size
     seeded["edge"] = b"e" * limit
     assert seeded["edge"] == b"e" * limit
 

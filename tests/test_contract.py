@@ -21,6 +21,7 @@ import random
 import numpy as np
 import pytest
 
+from shmcache import admin
 from shmcache import Cache
 
 CONFIGS = {
@@ -210,7 +211,7 @@ class TestContract:
         assert c.keys() == [b"ba"]
 
     def test_keys_up_to_max_key_size(self, c):
-        n = c._g.max_key_size
+        n = admin.geometry(c).max_key_size
         c["k" * n] = 1  # a str key is stored as its UTF-8 bytes
         c[b"b" * (n - 1)] = 2  # a bytes key takes one more byte (its type marker)
         assert c["k" * n] == 1 and c[b"b" * (n - 1)] == 2
@@ -485,7 +486,7 @@ class TestContract:
         s0 = c.stats()
         assert s0["bytes_used"] == 0
         assert s0["bytes_used"] + s0["bytes_free"] == s0["arena_bytes"]
-        assert len(s0["stripe_fill"]) == s0["stripes"] == c._g.n_stripes
+        assert len(s0["stripe_fill"]) == s0["stripes"] == admin.geometry(c).n_stripes
         c["k"] = b"x" * 1000
         s1 = c.stats()
         assert 1000 < s1["bytes_used"] < 1100
@@ -615,10 +616,10 @@ class TestContract:
         assert _same(a, original)  # nor the array that was stored
 
     def test_large_values(self, c):
-        big = os.urandom(c._g.max_value_size)
+        big = os.urandom(admin.geometry(c).max_value_size)
         c["big"] = big
         assert c["big"] == big
-        arr = np.random.default_rng(1).random(c._g.max_value_size // 8 - 64)
+        arr = np.random.default_rng(1).random(admin.geometry(c).max_value_size // 8 - 64)
         c["arr"] = arr
         assert np.array_equal(c["arr"], arr)
 

@@ -12,6 +12,7 @@ import struct
 import posix_ipc
 import pytest
 
+from shmcache import admin
 from shmcache import LAYOUT_VERSION, Cache, CacheNotFound, LayoutMismatch, parse_size
 from shmcache import layout as L
 
@@ -128,13 +129,13 @@ def test_geometry_caps_stripe_arena_at_u32():
 @pytest.mark.parametrize("size,kw", [("8MiB", {}), ("32MiB", dict(stripes=64)), ("5000000", dict(stripes=2))])
 def test_segment_file_matches_geometry(make_cache, cache_name, size, kw):
     c = make_cache(size=size, **kw)
-    g = c._seg.geometry
+    g = admin.geometry(c)
     assert os.stat(_seg_path(cache_name)).st_size == g.total_size <= parse_size(size)
     assert c.stats()["size"] == g.total_size
     assert len(_sem_files(cache_name)) == g.n_stripes
     # an attacher with other settings gets the creator's layout
     d = make_cache(size="1MiB", stripes=1, max_key_size=7)
-    assert d._seg.geometry == g
+    assert admin.geometry(d) == g
     assert d._seg.created is False
 
 
@@ -222,7 +223,7 @@ def _racer(name, i, start, written, results):
     try:
         c[f"w{i}"] = i
         c.incr("count")
-        results.put(("opened", i, c._seg.created, dataclasses.asdict(c._seg.geometry)))
+        results.put(("opened", i, c._seg.created, dataclasses.asdict(admin.geometry(c))))
         written.wait(timeout=60)
         seen = {k: c.get(k) for k in [f"w{j}" for j in range(N_RACERS)] + ["count"]}
         results.put(("seen", i, seen, c.check()))
@@ -301,7 +302,7 @@ def test_default_mode_ignores_permissive_umask(make_cache, cache_name):
 def test_group_mode_on_segment(make_cache, cache_name, umask_022):
     c = make_cache(size="1MiB", stripes=4, mode=0o660)
     assert os.stat(_seg_path(cache_name)).st_mode & 0o777 == 0o660
-    assert c._seg.geometry.mode == 0o660
+    assert admin.geometry(c).mode == 0o660
 
 
 def test_regression_group_mode_on_semaphores(make_cache, cache_name, umask_022):

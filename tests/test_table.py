@@ -12,6 +12,7 @@ from __future__ import annotations
 import pytest
 
 import shmcache.cache
+from shmcache import admin
 from shmcache import layout as L
 
 
@@ -123,7 +124,7 @@ def test_regression_clear_bumps_generation_under_every_stripe_lock(make_cache, m
     monkeypatch.setattr(locks, "lock", lambda s: (real_lock(s), events.append(("lock", s, gen())))[0])
     monkeypatch.setattr(locks, "unlock", lambda s: (events.append(("unlock", s, gen())), real_unlock(s))[0])
     assert c.clear() == 100
-    n = c._g.n_stripes
+    n = admin.geometry(c).n_stripes
     assert events == [("lock", s, g0) for s in range(n)] + [("unlock", s, g0 + 1) for s in reversed(range(n))]
     monkeypatch.undo()
     assert len(c) == 0 and c.check() == [] and c.stats()["generation"] == g0 + 1
