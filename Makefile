@@ -12,10 +12,11 @@ STAMP := $(VENV)/.installed
 $(STAMP): pyproject.toml setup.py shmcache/_speedups.c
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[test,django,flask,gunicorn,near]'
+	$(PY) -m pip install -q -e '.[test,django,flask,gunicorn,near,server]'
 	touch $(STAMP)
 
-# The near-cache tests (tests/test_near*.py) start a real redis-server.
+# The near-cache tests (tests/test_near*.py) start a real redis-server; the
+# `shmcache serve` tests drive its redis-cli (tests/test_server.py).
 .PHONY: redis-server
 redis-server:
 	@command -v redis-server >/dev/null && command -v redis-cli >/dev/null || { \

@@ -15,11 +15,11 @@ from typing import Any, TypeVar, Union
 from . import admin, stampede
 from . import layout as L
 from ._sentinels import DEFAULT_TTL, MISSING
-from .codec import BYTES, STR, Codec, decode_key, encode_int, encode_key
+from .codec import BYTES, CUSTOM, STR, Codec, decode_key, encode_int, encode_key
 from .errors import KeyTooLong, SettingsIgnored, SettingsMismatch, ValueTooLarge
 from .lock import Identity, StripeLocks, claim_client, release_client
 from .segment import Segment, sem_name
-from .table import ADD, REPLACE, SET, Table, Undecodable
+from .table import ADD, DELETE, REPLACE, SET, Table, Undecodable, key_hash
 
 try:  # the C fast paths; without a compiler shmcache runs in pure Python
     from . import _speedups
@@ -451,18 +451,10 @@ class Cache(MutableMapping[Any, Any]):
                 kb = self._key(key)
         else:
             kb = self._key(key)
-        r = self._read(kb)
+        r = self._lookup(kb)
         if r is None:
-            self._ctr[self._i_misses] += 1
             return default
-        flags, val, exp, p, at = r
-        now = self._clock()
-        if exp and exp <= now:
-            self._ctr[self._i_misses] += 1
-            return default
-        if now - at > ATIME_RESOLUTION:
-            self._table.touch_atime(p, now)
-        self._ctr[self._i_hits] += 1
+        flags, val, _exp = r
         if flags == BYTES:
             return val
         if flags == STR:
@@ -512,6 +504,133 @@ class Cache(MutableMapping[Any, Any]):
             if v is not _MISSING:
                 out[k] = v
         return out
+
+    # -- raw entries (for adapters such as shmcache.server) -------------------
+    #: Returned by an :meth:`update_raw` function to delete the key.
+    DELETE = DELETE
+
+    @property
+    def clock(self):
+        """The clock deadlines are measured on (``time.time`` unless injected)."""
+        return self._clock
+
+    def get_raw(self, key):
+        """The stored form of ``key``'s value: ``(tag, payload, expire)``, or None.
+
+        ``tag`` is the codec's type tag (``shmcache.codec.BYTES``, ``STR``,
+        ``INT``...), ``payload`` the encoded bytes, ``expire`` the absolute
+        deadline on :attr:`clock` (0.0: never). Nothing is decoded or
+        unpickled, so an adapter can refuse types it cannot show. Lock-free
+        and counted as a hit or miss, like :meth:`get`.
+
+        Raises:
+            TypeError / KeyTooLong / ValueError: as :meth:`get`.
+        """
+        return self._lookup(self._key(key))
+
+    def _lookup(self, kb: bytes):
+        """(flags, payload, expire) of a live entry, counted as a hit or miss."""
+        r = self._read(kb)
+        if r is None:
+            self._ctr[self._i_misses] += 1
+            return None
+        flags, val, exp, p, at = r
+        now = self._clock()
+        if exp and exp <= now:
+            self._ctr[self._i_misses] += 1
+            return None
+        if now - at > ATIME_RESOLUTION:
+            self._table.touch_atime(p, now)
+        self._ctr[self._i_hits] += 1
+        return flags, val, exp
+
+    def update_raw(self, key, fn):
+        """Atomically read-modify-write ``key``'s stored form across processes.
+
+        ``fn(current)`` gets ``(tag, payload, expire)`` as :meth:`get_raw`
+        gives it, or None if the key is absent or expired, and returns:
+        None to change nothing, ``Cache.DELETE`` to delete the key, or a new
+        ``(tag, payload, expire)`` to store (``expire`` absolute on
+        :attr:`clock`, 0.0 = never; ``tag`` one the codec decodes). It runs
+        holding the key's stripe lock, so it must be quick and must not use
+        the cache; if it raises, nothing changes. Returns what ``fn`` returned.
+
+        This is the one primitive behind Redis' read-modify-write commands
+        (APPEND, SETRANGE, GETSET, SET ... GET/KEEPTTL, EXPIRE NX/XX/GT/LT...).
+
+        Raises:
+            TypeError / KeyTooLong / ValueError: bad key as :meth:`get`; ``fn``
+                returned a bad tag or a payload that is not bytes.
+            ValueTooLarge: the new payload exceeds ``max_value_size``.
+            CacheFull / LockTimeout: as :meth:`set`.
+            whatever ``fn`` raises.
+        """
+        kb = self._key(key)
+        max_value = self._max_value
+        changed = []
+
+        def checked(cur):
+            new = fn(cur)
+            if new is None:
+                return None
+            if new is DELETE:
+                changed.append(cur is not None)
+                return new
+            tag, payload, expire = new
+            if not (isinstance(tag, int) and BYTES <= tag <= CUSTOM) or isinstance(tag, bool):
+                raise ValueError(f"update_raw: unknown value type tag {tag!r}")
+            if not isinstance(payload, (bytes, bytearray, memoryview)):
+                raise TypeError(f"update_raw: payload must be bytes, not {type(payload).__name__}")
+            if len(payload) > max_value:
+                self._value(payload)  # raises ValueTooLarge with the full message
+            if not isinstance(expire, (int, float)) or not expire >= 0 or math.isinf(expire):
+                raise ValueError(f"update_raw: expire must be an absolute deadline >= 0, got {expire!r}")
+            changed.append(True)
+            return tag, payload, float(expire)
+
+        out = self._table.update(kb, checked)
+        if changed:
+            self._ctr[self._i_deletes if out is DELETE else self._i_sets] += changed[0]
+        return out
+
+    def scan(self, cursor: int = 0, count: int = 10) -> tuple[int, list]:
+        """Iterate the keys in steps, as Redis' SCAN: ``(next_cursor, keys)``.
+
+        Start with cursor 0 and call again with the returned cursor until it
+        is 0. A key present from the first call to the last is returned at
+        least once, whatever is written meanwhile (keys are visited stripe by
+        stripe in the order of a hash of the key, and the cursor is the
+        position in that order, not in the table); a key written or deleted
+        meanwhile may or may not be. ``count`` is a hint: a step returns about
+        that many keys, more when keys share a hash position. Each step reads
+        one stripe's key list (at most ``max_items / stripes`` keys).
+
+        Raises:
+            ValueError: a cursor this cache did not hand out; the cache is closed.
+        """
+        self._check_open()
+        if isinstance(cursor, bool) or not isinstance(cursor, int) or cursor < 0:
+            raise ValueError(f"invalid scan cursor {cursor!r}")
+        s, pos = divmod(cursor - 1, 1 << 32) if cursor else (0, 0)  # 0 is "start" and "done"
+        t = self._table
+        if s >= t.n_stripes:
+            raise ValueError(f"invalid scan cursor {cursor!r}")
+        count = max(1, int(count))
+        out = []
+        while s < t.n_stripes:
+            now = self._clock()
+            keyed = sorted((key_hash(kb) >> 32, kb) for kb in t.keys_of(s, now))
+            for i, (h, kb) in enumerate(keyed):
+                if h < pos:
+                    continue
+                if len(out) >= count and h != keyed[i - 1][0]:
+                    return (s << 32) + h + 1, out
+                out.append(decode_key(kb))
+            s += 1
+            pos = 0
+            if len(out) >= count:
+                break
+        return (0 if s >= t.n_stripes else (s << 32) + 1), out
 
     # -- writes -------------------------------------------------------------
     def set(self, key: Key, value: Any, ttl: TTL = _DEFAULT) -> bool:

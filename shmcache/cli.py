@@ -155,6 +155,44 @@ def cmd_daemon(args) -> int:
         format="%(asctime)s shmcache[%(process)d] %(levelname)s %(message)s",
         stream=sys.stderr,
     )
+    resp = _start_resp_child(args) if args.serve is not None else None
+    try:
+        return _daemon_serve(serve, args)
+    finally:
+        if resp is not None:
+            _stop(resp, timeout=10)
+
+
+def _start_resp_child(args) -> subprocess.Popen:
+    """``daemon --serve PORT``: a ``shmcache serve`` process beside the daemon,
+    stopped with it (and by the kernel if the daemon is SIGKILLed)."""
+    cmd = [sys.executable, "-m", "shmcache", "serve", "--name", _name(args), "--size", str(args.size),
+           "--port", str(args.serve), "--log-level", args.log_level]
+    for flag in ("bind", "unix", "workers", "requirepass_file"):
+        v = getattr(args, flag)
+        if v is not None and v is not False:
+            cmd += ["--" + flag.replace("_", "-"), str(v)]
+    if args.unix_mode != "600":
+        cmd += ["--unix-mode", args.unix_mode]
+    for k in _SERVE_LIMITS:
+        if getattr(args, k) is not None:
+            cmd += ["--" + k.replace("_", "-"), str(getattr(args, k))]
+    env = dict(os.environ)
+    if args.requirepass is not None:  # through the environment: not visible in ps
+        env["SHMCACHE_REQUIREPASS"] = args.requirepass
+    return subprocess.Popen(cmd, env=env, preexec_fn=_die_with_parent)
+
+
+def _die_with_parent() -> None:
+    try:
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except Exception:  # pragma: no cover - not Linux
+        pass
+
+
+def _daemon_serve(serve, args) -> int:
     return serve(
         _name(args),
         size=args.size,
@@ -172,6 +210,54 @@ def cmd_daemon(args) -> int:
         track_prefixes=args.track_prefix or (),
         track_ping=args.track_ping,
     )
+
+
+def cmd_serve(args) -> int:
+    """``shmcache serve``: a Redis-protocol endpoint over the cache (see shmcache.server)."""
+    from .server import serve
+
+    logging.basicConfig(
+        level=getattr(logging, args.log_level.upper()),
+        format="%(asctime)s shmcache-serve[%(process)d] %(levelname)s %(message)s",
+        stream=sys.stderr,
+    )
+    limits = {k: getattr(args, k) for k in _SERVE_LIMITS if getattr(args, k) is not None}
+    return serve(
+        _name(args), size=args.size, host=args.bind or "127.0.0.1", bind_explicit=args.bind is not None,
+        port=None if args.no_tcp else args.port, unix=args.unix, unix_mode=int(args.unix_mode, 8),
+        workers=args.workers, password=args.requirepass or os.environ.get("SHMCACHE_REQUIREPASS") or None,
+        password_file=args.requirepass_file, **limits,
+    )
+
+
+_SERVE_LIMITS = ("max_bulk_len", "max_multibulk", "max_query_buffer", "max_output_buffer", "max_clients")
+
+
+def _serve_parser(p: argparse.ArgumentParser, port_flag: str = "--port") -> argparse.ArgumentParser:
+    """Options of ``shmcache serve`` (also ``daemon --serve``)."""
+    if port_flag == "--port":
+        p.add_argument("--port", type=int, default=6380,
+                       help="TCP port (default 6380; 0: pick a free one, logged at start)")
+        p.add_argument("--no-tcp", action="store_true", help="listen on the --unix socket only")
+    p.add_argument("--bind", help="address to listen on (default 127.0.0.1; a non-loopback address "
+                                  "must be given here explicitly)")
+    p.add_argument("--unix", metavar="PATH", help="also listen on this unix socket")
+    p.add_argument("--unix-mode", default="600", help="permission bits (octal) of the unix socket (default 600)")
+    p.add_argument("--workers", type=int, default=1, help="server processes sharing the port (SO_REUSEPORT; default 1)")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--requirepass", metavar="PASSWORD", help="require AUTH with this password (visible in "
+                                                             "ps: prefer --requirepass-file or $SHMCACHE_REQUIREPASS)")
+    g.add_argument("--requirepass-file", metavar="FILE", help="require AUTH with the first line of FILE (mode 600)")
+    for k in _SERVE_LIMITS:
+        p.add_argument("--" + k.replace("_", "-"), type=int, metavar="N",
+                       help=f"per-client limit (default {_serve_default(k)})")
+    return p
+
+
+def _serve_default(k: str) -> int:
+    from .server import LIMIT_DEFAULTS
+
+    return LIMIT_DEFAULTS[k]
 
 
 def cmd_stats(args) -> int:
@@ -886,6 +972,10 @@ def _daemon_parser(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--track-ping", type=float, default=0.1, metavar="SECONDS",
                    help="seconds between tracker PINGs; near-cache reads are at most twice that behind (default 0.1)")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    p.add_argument("--serve", type=int, metavar="PORT",
+                   help="also serve the cache over the Redis protocol on PORT (a 'shmcache serve' process "
+                        "stopped with the daemon; the serve options below apply)")
+    _serve_parser(p, port_flag=None)
     return p
 
 
@@ -916,6 +1006,13 @@ def build_parser() -> argparse.ArgumentParser:
         "expire keys actively, recover stripes and client slots of dead processes, and write "
         "snapshots (every --snapshot-every seconds, on SIGUSR1, and at exit). One daemon per cache.",
     ))
+    sp = _serve_parser(named(add(
+        "serve", cmd_serve, "serve the cache over the Redis protocol (RESP2/RESP3)",
+        "Any language's Redis client, and redis-cli, reads and writes the same keys as Python. "
+        "Binds 127.0.0.1 unless --bind is given. See 'Redis protocol' in the README.",
+    )))
+    sp.add_argument("--size", default="64MiB", help="segment size if the cache is created (default 64MiB)")
+    sp.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     sp = named(add("stats", cmd_stats, "show counters, fill and daemon status"))
     sp.add_argument("--json", action="store_true", help="print JSON instead of a table")
     sp = named(add("get", cmd_get, "print the value of a key (exit 1 if absent)"))

@@ -61,6 +61,9 @@ INT_FLAG = 2  # codec's tag for int; incr works in place on 8-byte ints
 
 _MISSING = object()
 
+#: What an :meth:`Table.update` function returns to delete the key.
+DELETE = object()
+
 #: What a locked mutation raises on purpose, before it changes anything (or,
 #: for CacheFull, after saving the accounting): no repair needed. Anything
 #: else escaping the lock hold (KeyboardInterrupt, MemoryError, a bug) may
@@ -841,6 +844,55 @@ class Table:
             else:
                 self._write_locked(s, tag, kb, INT_FLAG, encode_int(value), exp, SET, now)
             return value
+        except _CLEAN:
+            raise
+        except BaseException:
+            self._undo(s)
+            raise
+        finally:
+            self.locks.unlock(s)
+
+    def update(self, kb: bytes, fn):
+        """Atomic read-modify-write of one key under its stripe lock.
+
+        ``fn(current)`` gets ``(flags, value_bytes, expire)`` or None (absent or
+        expired) and returns None (change nothing), :data:`DELETE`, or a new
+        ``(flags, value_bytes, expire)`` to store (``expire`` absolute, 0 =
+        never). It runs with the stripe locked: it must be short and must not
+        use the cache. An exception from ``fn`` propagates with nothing changed.
+        Returns what ``fn`` returned.
+
+        Raises:
+            CacheFull: noeviction and no room for the new value.
+            LockTimeout: the stripe stayed locked by a live process.
+        """
+        h = _xxh3(kb)
+        s = h & self.mask
+        tag = (h >> 32) | 1
+        self.locks.lock(s)
+        try:
+            now = self.clock()
+            mm = self.mm
+            i = self._find(s, tag, kb)
+            cur = None
+            if i >= 0:
+                t, off, vlen, klen, flags, _sp, exp, at = _SLOT_unpack(mm, self.index_off + (s * self.sps + i) * _SS)
+                if not (exp and exp <= now):
+                    a = self.arena_off + s * self.stripe_arena + off + _HDR + klen
+                    cur = (flags, mm[a : a + vlen], exp)
+            new = fn(cur)  # before any change: whatever it raises leaves the stripe as it was
+        except BaseException:
+            self.locks.unlock(s)
+            raise
+        try:
+            if new is DELETE:
+                if i >= 0:
+                    self._set_account(s, *self._remove(s, i, self._account(s)))
+                    if cur is None:
+                        self.ctr[self.cbase + L.C_EXPIRATIONS] += 1
+            elif new is not None:
+                self._write_locked(s, tag, kb, new[0], new[1], new[2], SET, now)
+            return new
         except _CLEAN:
             raise
         except BaseException:

@@ -40,6 +40,8 @@ SHMCACHE_DAEMON_ARGS       extra daemon arguments (shell syntax), e.g. ``--metri
 SHMCACHE_UPSTREAM          Redis URL: the daemon tracks it (``--upstream``)
                            for a near cache (``shmcache.near``)
 SHMCACHE_TRACK_PREFIX      comma-separated key prefixes it tracks (default: all)
+SHMCACHE_SERVE             a port: the daemon also serves the cache over the Redis
+                           protocol there (``shmcache daemon --serve PORT``)
 SHMCACHE_DAEMON_LOG        daemon log file (default ``<snapshot>.daemon.log``,
                            or ``$TMPDIR/shmcache-<name>.daemon.log``)
 SHMCACHE_DAEMON_WAIT       seconds to wait for the daemon's restore (default 60)
@@ -118,6 +120,8 @@ def daemon_command(environ=None) -> list[str]:
         for p in env.get("SHMCACHE_TRACK_PREFIX", "").split(","):
             if p.strip():
                 cmd += ["--track-prefix", p.strip()]
+    if env.get("SHMCACHE_SERVE"):  # the Redis-protocol endpoint, run and stopped with the daemon
+        cmd += ["--serve", env["SHMCACHE_SERVE"]]
     return cmd + shlex.split(env.get("SHMCACHE_DAEMON_ARGS", ""))
 
 

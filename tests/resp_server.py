@@ -1,0 +1,69 @@
+"""Start and stop a real ``shmcache serve`` process for the RESP tests."""
+
+import os
+import re
+import select
+import signal
+import subprocess
+import sys
+import time
+
+_LISTEN = re.compile(r"tcp [^ ,]+:(\d+)")
+
+
+class ServeProcess:
+    """``python -m shmcache serve`` on a free port, stopped by PID."""
+
+    def __init__(self, name: str, *args: str, size: str = "16MiB", unix: str | None = None):
+        cmd = [sys.executable, "-m", "shmcache", "serve", "-n", name, "--size", size, "--port", "0",
+               "--log-level", "info", *args]
+        if unix:
+            cmd += ["--unix", unix]
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        self.log = []
+        self.port = None
+        deadline = time.monotonic() + 30
+        while self.port is None:
+            left = deadline - time.monotonic()
+            if left <= 0 or self.proc.poll() is not None:
+                self.stop()
+                raise RuntimeError("shmcache serve did not start:\n" + "".join(self.log))
+            r, _, _ = select.select([self.proc.stderr], [], [], left)
+            if r:
+                line = self.proc.stderr.readline().decode()
+                self.log.append(line)
+                m = _LISTEN.search(line)
+                if m:
+                    self.port = int(m.group(1))
+        # the workers listen from the moment the sockets are bound (before the log line)
+
+    def stop(self, timeout: float = 15) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+        rest = self.proc.stderr.read().decode() if self.proc.stderr else ""
+        self.log.append(rest)
+        self.proc.stderr.close()
+        return self.proc.returncode
+
+    def stderr(self) -> str:
+        return "".join(self.log)
+
+
+def worker_pids(parent: int) -> list[int]:
+    """The server worker processes forked by ``parent``."""
+    out = []
+    for pid in os.listdir("/proc"):
+        if pid.isdigit():
+            try:
+                with open(f"/proc/{pid}/stat") as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[1]) == parent:
+                out.append(int(pid))
+    return out

@@ -1,0 +1,652 @@
+"""``shmcache serve``: real Redis clients (redis-cli, redis-py RESP2/RESP3)
+against a real server process, sharing the keyspace with Python's Cache."""
+
+import os
+import shutil
+import socket
+import stat
+import subprocess
+import threading
+import time
+
+import numpy as np
+import pytest
+
+redis = pytest.importorskip("redis", reason="make test installs redis-py (the 'server' extra's test deps)")
+pytest.importorskip("hiredis", reason="shmcache serve needs hiredis: pip install 'shmcache[server]'")
+
+from names import fresh_name  # noqa: E402
+from resp_server import ServeProcess, worker_pids  # noqa: E402
+from shmcache import Cache  # noqa: E402
+from shmcache.server import ServerError, check_bind, read_password  # noqa: E402
+
+REDIS_CLI = shutil.which("redis-cli")
+
+
+def client(port=None, **kw):
+    """redis-py without its retries (which wait seconds on an expected error)."""
+    from redis.backoff import NoBackoff
+    from redis.retry import Retry
+
+    kw.setdefault("socket_timeout", 10)
+    return redis.Redis(port=port, retry=Retry(NoBackoff(), 0), **kw)
+
+
+@pytest.fixture(scope="module")
+def served():
+    """One server for the module: (ServeProcess, Cache attached to the same segment)."""
+    name = fresh_name("resp")
+    srv = ServeProcess(name)
+    cache = Cache(name, create=False)
+    try:
+        yield srv, cache
+    finally:
+        cache.close()
+        rc = srv.stop()
+        Cache.unlink(name)
+        assert rc == 0, srv.stderr()
+
+
+@pytest.fixture
+def server(served):
+    srv, cache = served
+    cache.clear()
+    return srv, cache
+
+
+@pytest.fixture(params=[2, 3], ids=["resp2", "resp3"])
+def r(server, request):
+    srv, cache = server
+    c = client(port=srv.port, protocol=request.param)
+    yield c
+    c.close()
+
+
+def raw(port: int, data: bytes, wait: float = 0.3) -> bytes:
+    """Send bytes on a fresh connection; everything the server answers until it closes or goes quiet."""
+    s = socket.create_connection(("127.0.0.1", port), timeout=5)
+    try:
+        s.sendall(data)
+        out = b""
+        s.settimeout(wait)
+        while True:
+            try:
+                chunk = s.recv(65536)
+            except socket.timeout:
+                break
+            if not chunk:
+                break
+            out += chunk
+        return out
+    finally:
+        s.close()
+
+
+def closed_by_server(s: socket.socket) -> bool:
+    s.settimeout(5)
+    try:
+        while s.recv(65536):
+            pass
+        return True
+    except (ConnectionResetError, socket.timeout):
+        return False
+
+
+# ------------------------------------------------------------ type mapping
+def test_python_values_read_over_resp(r, server):
+    _, cache = server
+    cache["b"] = b"\x00bin\xff"
+    cache["s"] = "héllo"
+    cache["i"] = -42
+    cache["big"] = 2**70
+    cache["f"] = 2.5
+    cache["f3"] = 3.0
+    assert r.get("b") == b"\x00bin\xff"
+    assert r.get("s") == "héllo".encode()
+    assert r.get("i") == b"-42"
+    assert r.get("big") == str(2**70).encode()
+    assert r.get("f") == b"2.5"
+    assert r.get("f3") == b"3"
+    assert r.strlen("s") == len("héllo".encode())
+    assert r.type("s") in (b"string", "string") and r.type("i") in (b"string", "string")
+
+
+def test_pickled_and_numpy_values_are_wrongtype_never_raw_pickle(r, server):
+    _, cache = server
+    cache["p"] = {"a": 1}
+    cache["arr"] = np.arange(4)
+    for k in ("p", "arr"):
+        with pytest.raises(redis.ResponseError, match="^WRONGTYPE"):
+            r.get(k)
+        with pytest.raises(redis.ResponseError, match="^WRONGTYPE"):
+            r.append(k, "x")
+        with pytest.raises(redis.ResponseError, match="^WRONGTYPE"):
+            r.incr(k)
+    assert r.mget("p", "arr") == [None, None]
+    assert r.type("p") in (b"python", "python")
+    assert r.type("arr") in (b"ndarray", "ndarray")
+    assert r.exists("p", "arr") == 2
+    assert cache["p"] == {"a": 1}  # untouched by the refused writes
+
+
+def test_resp_writes_read_in_python(r, server):
+    _, cache = server
+    r.set("k", "v")
+    assert cache["k"] == b"v"
+    r.set(b"\xff\x00", b"binary key")  # not UTF-8: a Python bytes key
+    assert cache[b"\xff\x00"] == b"binary key"
+    assert r.get(b"\xff\x00") == b"binary key"
+    r.incr("n")
+    r.incrby("n", 41)
+    assert cache["n"] == 42
+    assert type(cache["n"]) is int
+
+
+def test_incr_and_cache_incr_agree_on_one_key(r, server):
+    _, cache = server
+    r.set("c", "10")  # decimal text from RESP: INCR converts it to an int
+    assert r.incr("c") == 11
+    assert cache.incr("c", 5) == 16
+    assert r.decrby("c", 6) == 10
+    assert r.get("c") == b"10"
+    cache.set("c2", 7)
+    assert r.incr("c2") == 8
+
+
+def test_incr_concurrently_from_python_processes_and_resp(r, server):
+    import multiprocessing as mp
+
+    _, cache = server
+    ctx = mp.get_context("fork")
+    procs = [ctx.Process(target=_bump, args=(cache.name, 500)) for _ in range(2)]
+    for p in procs:
+        p.start()
+    for _ in range(500):
+        r.incr("ctr")
+    for p in procs:
+        p.join(60)
+        assert p.exitcode == 0
+    assert int(r.get("ctr")) == 1500 == cache["ctr"]
+
+
+def _bump(name, n):
+    c = Cache(name, create=False)
+    for _ in range(n):
+        c.incr("ctr")
+    c.close()
+
+
+def test_ttls_are_shared_both_ways(r, server):
+    _, cache = server
+    cache.set("py", b"x", ttl=100)
+    assert 98 <= r.ttl("py") <= 100
+    assert 98_000 <= r.pttl("py") <= 100_000
+    r.set("rs", "y", ex=50)
+    assert 48 < cache.ttl("rs") <= 50
+    r.persist("rs")
+    assert cache.ttl("rs") is None
+    assert r.ttl("rs") == -1
+    assert r.ttl("missing") == -2
+    r.set("gone", "z", px=1)
+    time.sleep(0.05)
+    assert r.get("gone") is None
+    assert "gone" not in cache
+
+
+# ----------------------------------------------------------------- strings
+def test_set_options(r):
+    assert r.set("a", "1", nx=True)
+    assert r.set("a", "2", nx=True) is None
+    assert r.set("a", "3", xx=True)
+    assert r.set("nope", "3", xx=True) is None
+    assert r.get("nope") is None
+    assert r.set("a", "4", get=True) == b"3"
+    r.set("a", "5", ex=100)
+    r.set("a", "6", keepttl=True)
+    assert 98 <= r.ttl("a") <= 100
+    r.set("a", "7")
+    assert r.ttl("a") == -1
+    r.set("a", "8", exat=int(time.time()) + 100)
+    assert 98 <= r.ttl("a") <= 100
+    r.set("a", "9", pxat=int(time.time() * 1000) + 100_000)
+    assert 98 <= r.ttl("a") <= 100
+    with pytest.raises(redis.ResponseError, match="invalid expire time in 'set' command"):
+        r.set("a", "x", ex=0)
+    with pytest.raises(redis.ResponseError, match="syntax error"):
+        r.execute_command("SET", "a", "x", "NX", "XX")
+    assert r.get("a") == b"9"
+
+
+def test_string_commands(r):
+    assert r.setnx("s", "x") and not r.setnx("s", "y")
+    r.setex("e", 100, "v")
+    assert 98 <= r.ttl("e") <= 100
+    r.psetex("pe", 100_000, "v")
+    assert 98 <= r.ttl("pe") <= 100
+    assert r.getset("s", "z") == b"x"
+    assert r.getdel("s") == b"z" and r.get("s") is None
+    r.set("g", "v")
+    assert r.getex("g", ex=100) == b"v" and 98 <= r.ttl("g") <= 100
+    assert r.getex("g", persist=True) == b"v" and r.ttl("g") == -1
+    r.mset({"m1": "a", "m2": "b"})
+    assert r.mget("m1", "m2", "m3") == [b"a", b"b", None]
+    assert not r.msetnx({"m1": "x", "m4": "y"})
+    assert r.get("m4") is None
+    assert r.msetnx({"m4": "x", "m5": "y"})
+    assert r.append("ap", "Hello") == 5 and r.append("ap", " World") == 11
+    assert r.getrange("ap", 0, 4) == b"Hello"
+    assert r.getrange("ap", -5, -1) == b"World"
+    assert r.getrange("ap", 5, 1) == b""
+    assert r.setrange("ap", 6, "Redis") == 11 and r.get("ap") == b"Hello Redis"
+    assert r.setrange("pad", 3, "x") == 4 and r.get("pad") == b"\x00\x00\x00x"
+    assert r.strlen("ap") == 11 and r.strlen("missing") == 0
+
+
+def test_incr_family_errors(r):
+    r.set("t", "abc")
+    with pytest.raises(redis.ResponseError, match="value is not an integer or out of range"):
+        r.incr("t")
+    r.set("t", " 1")
+    with pytest.raises(redis.ResponseError, match="value is not an integer or out of range"):
+        r.incr("t")
+    r.set("t", str(2**63 - 1))
+    with pytest.raises(redis.ResponseError, match="increment or decrement would overflow"):
+        r.incr("t")
+    assert r.get("t") == str(2**63 - 1).encode()
+    r.set("t", 2**63 - 2)
+    r.incr("t")  # now the stored form is an int
+    with pytest.raises(redis.ResponseError, match="increment or decrement would overflow"):
+        r.incr("t")
+    assert r.get("t") == str(2**63 - 1).encode()
+    assert r.incrbyfloat("fl", 10.5) == 10.5
+    assert r.incrbyfloat("fl", 0.1) == pytest.approx(10.6)
+    assert r.get("fl") == b"10.6"
+    r.set("fl", "1.5")
+    assert r.incrbyfloat("fl", 1.5) == 3.0 and r.get("fl") == b"3"
+    with pytest.raises(redis.ResponseError, match="value is not a valid float"):
+        r.incrbyfloat("fl", "x")
+
+
+# ---------------------------------------------------------------- keyspace
+def test_keyspace_commands(r, server):
+    _, cache = server
+    r.mset({"k1": "a", "k2": "b", "other": "c"})
+    assert sorted(r.keys("k*")) == [b"k1", b"k2"]
+    assert sorted(r.keys("k[12]")) == [b"k1", b"k2"]
+    assert r.keys("k?x") == []
+    assert r.exists("k1", "k1", "nope") == 2
+    assert r.dbsize() == 3 == len(cache)
+    assert r.delete("k1", "nope") == 1
+    assert r.unlink("k2") == 1
+    assert r.touch("other", "nope") == 1
+    r.rename("other", "moved")
+    assert r.get("moved") == b"c" and r.get("other") is None
+    with pytest.raises(redis.ResponseError, match="no such key"):
+        r.rename("other", "x")
+    r.set("taken", "t")
+    assert not r.renamenx("moved", "taken")
+    assert r.copy("moved", "copied") and r.get("copied") == b"c"
+    assert not r.copy("moved", "taken")
+    assert r.copy("moved", "taken", replace=True) and r.get("taken") == b"c"
+    assert r.randomkey() in {b"moved", b"copied", b"taken"}
+    r.flushdb()
+    assert r.dbsize() == 0 and r.randomkey() is None
+
+
+def test_expire_options(r):
+    r.set("k", "v")
+    assert r.expire("k", 100, xx=True) is False
+    assert r.expire("k", 100, nx=True) is True
+    assert r.expire("k", 50, nx=True) is False
+    assert r.expire("k", 50, gt=True) is False
+    assert r.expire("k", 200, gt=True) is True
+    assert r.expire("k", 300, lt=True) is False
+    assert r.expire("k", 150, lt=True) is True
+    assert 148 <= r.ttl("k") <= 150
+    at = int(time.time()) + 500
+    assert r.expireat("k", at)
+    assert r.expiretime("k") == at
+    assert abs(r.pexpiretime("k") - at * 1000) < 2
+    assert r.pexpire("k", 100_000) and 98 <= r.ttl("k") <= 100
+    assert r.expire("k", -1) and r.get("k") is None  # a past deadline deletes
+    assert r.expire("nokey", 10) is False
+
+
+def test_scan_returns_every_key_present_throughout_despite_concurrent_writes(r, server):
+    srv, cache = server
+    stable = {f"stable:{i}" for i in range(2000)}
+    cache.set_many({k: b"x" for k in stable}, ttl=None)
+    stop = threading.Event()
+
+    def churn():
+        c = client(port=srv.port)
+        i = 0
+        while not stop.is_set():
+            c.set(f"churn:{i}", "y")
+            if i % 3 == 0:
+                c.delete(f"churn:{i // 2}")
+            i += 1
+        c.close()
+
+    t = threading.Thread(target=churn)
+    t.start()
+    try:
+        seen = set()
+        cursor = 0
+        while True:
+            cursor, keys = r.scan(cursor, match="stable:*", count=50)
+            seen.update(k.decode() for k in keys)
+            if cursor == 0:
+                break
+    finally:
+        stop.set()
+        t.join(30)
+    assert seen == stable
+    assert set(k.decode() for k in r.scan_iter(_type="string", match="stable:1*")) == {k for k in stable if k.startswith("stable:1")}
+
+
+# ------------------------------------------------------------- connection
+def test_connection_commands(r, server):
+    assert r.ping()
+    assert r.echo("hi") == b"hi"
+    assert r.client_setname("app1") and r.client_getname() in (b"app1", "app1")
+    cid = r.client_id()
+    assert isinstance(cid, int)
+    assert any(c["name"] == "app1" for c in r.client_list())
+    assert r.execute_command("SELECT", 0)
+    with pytest.raises(redis.ResponseError, match="DB index is out of range"):
+        r.execute_command("SELECT", 1)
+    with pytest.raises(redis.ResponseError) as e:
+        r.execute_command("NOSUCH", "a", "b")
+    assert str(e.value) == "unknown command 'NOSUCH', with args beginning with: 'a' 'b' "
+    with pytest.raises(redis.ResponseError, match="wrong number of arguments for 'get' command"):
+        r.execute_command("GET")
+    info = r.info()
+    assert info["redis_version"] and "connected_clients" in info
+    assert "keyspace_hits" in r.info("stats")
+    assert r.config_get("maxmemory")["maxmemory"]
+    assert r.command_count() > 50
+    t = r.time()
+    assert abs(t[0] - time.time()) < 5
+    assert r.execute_command("DEBUG", "SLEEP", "0")
+    assert r.execute_command("OBJECT", "ENCODING", "nope") is None
+
+
+def test_client_kill_own_connections(server):
+    srv, _ = server
+    a = client(port=srv.port)
+    b = socket.create_connection(("127.0.0.1", srv.port), timeout=5)
+    b.sendall(b"CLIENT ID\r\n")
+    bid = int(b.recv(100)[1:-2])
+    assert a.client_kill_filter(_id=bid) == 1
+    assert closed_by_server(b)
+    b.close()
+    a.close()
+
+
+def test_multi_exec_single_key_is_atomic_and_watch_aborts(r, server):
+    _, cache = server
+    r.set("acct", "100")
+    with r.pipeline(transaction=True) as p:
+        p.incrby("acct", -30).get("acct").expire("acct", 100).ttl("acct")
+        assert p.execute() == [70, b"70", True, 100]
+    # WATCH + a change from Python before EXEC: the transaction is aborted
+    with r.pipeline(transaction=True) as p:
+        p.watch("acct")
+        p.multi()
+        p.set("acct", "0")
+        cache.set("acct", b"changed")
+        with pytest.raises(redis.WatchError):
+            p.execute()
+    assert cache["acct"] == b"changed"
+    # an error in one command does not undo the others, as in Redis
+    r.set("w", "abc")
+    with r.pipeline(transaction=True) as p:
+        p.append("w", "d").incr("w").get("w")
+        res = p.execute(raise_on_error=False)
+    assert res[0] == 4 and isinstance(res[1], redis.ResponseError) and res[2] == b"abcd"
+
+
+def test_multi_exec_many_keys_and_errors(r):
+    with r.pipeline(transaction=True) as p:
+        p.set("x", "1").set("y", "2").mget("x", "y")
+        assert p.execute() == [True, True, [b"1", b"2"]]
+    c = r.connection_pool.get_connection("MULTI")
+    try:
+        c.send_command("MULTI")
+        assert c.read_response() in (b"OK", "OK")
+        c.send_command("NOSUCH")
+        with pytest.raises(redis.ResponseError):
+            c.read_response()
+        c.send_command("EXEC")
+        with pytest.raises(redis.exceptions.ExecAbortError):
+            c.read_response()
+        c.send_command("EXEC")
+        with pytest.raises(redis.ResponseError, match="EXEC without MULTI"):
+            c.read_response()
+    finally:
+        r.connection_pool.release(c)
+
+
+def test_pipelining_many_commands_one_round_trip(r):
+    with r.pipeline(transaction=False) as p:
+        for i in range(1000):
+            p.set(f"p{i}", i)
+        for i in range(1000):
+            p.get(f"p{i}")
+        res = p.execute()
+    assert res[1000:] == [str(i).encode() for i in range(1000)]
+
+
+# --------------------------------------------------------------- protocol
+def test_inline_commands(server):
+    srv, _ = server
+    out = raw(srv.port, b'PING\r\nSET a "hello world"\r\nGET a\r\nset b \'x y\'\nget b\n')
+    assert out == b"+PONG\r\n+OK\r\n$11\r\nhello world\r\n+OK\r\n$3\r\nx y\r\n"
+
+
+@pytest.mark.parametrize("bad, message", [
+    (b"*1\r\nfoo\r\n", b"-ERR Protocol error: expected '$', got 'f'\r\n"),
+    (b"*3000000000\r\n", b"-ERR Protocol error: invalid multibulk length\r\n"),
+    (b"*3\r\n$3\r\nSET\r\n$2000000000\r\n", b"-ERR Protocol error: invalid bulk length\r\n"),
+    (b"*1\r\n$abc\r\n", b"-ERR Protocol error: invalid bulk length\r\n"),
+    (b'SET a "unbalanced\r\n', b"-ERR Protocol error: unbalanced quotes in request\r\n"),
+    (b"x" * 70000, b"-ERR Protocol error: too big inline request\r\n"),
+])
+def test_malformed_input_gets_protocol_error_and_close(server, bad, message):
+    srv, cache = server
+    cache["keep"] = b"me"
+    s = socket.create_connection(("127.0.0.1", srv.port), timeout=5)
+    try:
+        s.sendall(b"*1\r\n$4\r\nPING\r\n")
+        assert s.recv(100) == b"+PONG\r\n"
+        s.sendall(bad)
+        out = b""
+        while True:
+            chunk = s.recv(65536)
+            if not chunk:
+                break
+            out += chunk
+    finally:
+        s.close()
+    assert out == message
+    assert cache["keep"] == b"me" and len(cache) == 1
+    assert client(port=srv.port).ping()
+
+
+def test_negative_multibulk_is_ignored(server):
+    srv, _ = server
+    assert raw(srv.port, b"*-10\r\n*1\r\n$4\r\nPING\r\n") == b"+PONG\r\n"
+
+
+def test_query_buffer_limit(tmp_path):
+    name = fresh_name("resp")
+    srv = ServeProcess(name, "--max-query-buffer", "100000", "--max-bulk-len", "1000000")
+    try:
+        s = socket.create_connection(("127.0.0.1", srv.port), timeout=5)
+        s.sendall(b"*3\r\n$3\r\nSET\r\n$1\r\nk\r\n$900000\r\n")
+        try:
+            for _ in range(20):
+                s.sendall(b"x" * 10000)
+        except (BrokenPipeError, ConnectionResetError):
+            pass
+        out = s.recv(1000)
+        assert out.startswith(b"-ERR Protocol error: query buffer of ")
+        assert b"max-query-buffer=100000" in out
+        s.close()
+        assert client(port=srv.port).ping()
+    finally:
+        assert srv.stop() == 0
+        Cache.unlink(name)
+
+
+def test_max_clients(tmp_path):
+    name = fresh_name("resp")
+    srv = ServeProcess(name, "--max-clients", "2")
+    try:
+        a, b = client(port=srv.port), client(port=srv.port)
+        a.ping(), b.ping()
+        with pytest.raises(redis.ConnectionError, match="max number of clients reached"):
+            client(port=srv.port).ping()
+        a.close()
+        b.close()
+    finally:
+        assert srv.stop() == 0
+        Cache.unlink(name)
+
+
+# ----------------------------------------------------------- safe defaults
+def test_auth_and_unix_socket_mode(tmp_path):
+    name = fresh_name("resp")
+    pwfile = tmp_path / "pw"
+    pwfile.write_text("s3cret\n")
+    pwfile.chmod(0o600)
+    sock = str(tmp_path / "s.sock")
+    srv = ServeProcess(name, "--requirepass-file", str(pwfile), unix=sock)
+    try:
+        assert stat.S_IMODE(os.stat(sock).st_mode) == 0o600
+        noauth = client(port=srv.port, protocol=2)
+        with pytest.raises(redis.AuthenticationError):
+            noauth.get("x")
+        with pytest.raises(redis.AuthenticationError):
+            client(port=srv.port, password="wrong").ping()
+        for proto in (2, 3):
+            ok = client(unix_socket_path=sock, password="s3cret", protocol=proto)
+            assert ok.set("x", "1") and ok.get("x") == b"1"
+            ok.close()
+        assert raw(srv.port, b"GET x\r\n") == b"-NOAUTH Authentication required.\r\n"
+    finally:
+        assert srv.stop() == 0
+        Cache.unlink(name)
+    assert not os.path.exists(sock)
+
+
+def test_refuses_non_loopback_bind_unless_explicit(tmp_path):
+    with pytest.raises(ServerError, match="non-loopback"):
+        check_bind("0.0.0.0", explicit=False)
+    check_bind("0.0.0.0", explicit=True)
+    check_bind("::1", explicit=False)
+    loose = tmp_path / "pw"
+    loose.write_text("x")
+    loose.chmod(0o644)
+    with pytest.raises(ServerError, match="chmod 600"):
+        read_password(None, str(loose))
+
+
+# ------------------------------------------------------------------ workers
+def test_two_workers_share_the_keyspace_and_a_dead_worker_is_replaced():
+    name = fresh_name("resp")
+    srv = ServeProcess(name, "--workers", "2")
+    try:
+        clients = [client(port=srv.port) for _ in range(8)]
+        pids = set()
+        for i, c in enumerate(clients):
+            c.set(f"w{i}", i)
+            pids.add(c.info("server")["process_id"])
+        assert len(pids) == 2  # SO_REUSEPORT spread 8 connections over both
+        assert all(c.get(f"w{j}") == str(j).encode() for c in clients for j in range(8))
+        victim = worker_pids(srv.proc.pid)[0]
+        os.kill(victim, 9)
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            kids = worker_pids(srv.proc.pid)
+            if len(kids) == 2 and victim not in kids:
+                break
+            time.sleep(0.1)
+        assert len(worker_pids(srv.proc.pid)) == 2
+        fresh = client(port=srv.port)
+        assert fresh.get("w3") == b"3"
+        for c in clients:
+            c.close()
+    finally:
+        assert srv.stop() == 0
+        Cache.unlink(name)
+
+
+# ---------------------------------------------------------------- redis-cli
+@pytest.mark.skipif(REDIS_CLI is None, reason="redis-cli not installed (make test installs redis-tools)")
+def test_redis_cli(server):
+    srv, cache = server
+
+    def cli(*args):
+        return subprocess.run([REDIS_CLI, "-p", str(srv.port), "--raw", *args], capture_output=True,
+                              timeout=30, check=True).stdout.decode()
+
+    cache["from_py"] = "snake"
+    cache["n"] = 5
+    cache.set("ttl", b"x", ttl=60)
+    assert cli("GET", "from_py") == "snake\n"
+    assert cli("INCR", "n") == "6\n"
+    assert 58 <= int(cli("TTL", "ttl")) <= 60
+    assert cli("SET", "from_cli", "hello", "EX", "30") == "OK\n"
+    assert cache["from_cli"] == b"hello" and 28 < cache.ttl("from_cli") <= 30
+    assert cli("PING") == "PONG\n"
+    assert cli("HELLO", "3").startswith("server redis\n")
+    assert "unknown command" in cli("NOSUCH")
+    piped = subprocess.run([REDIS_CLI, "-p", str(srv.port), "--pipe"], input=b"SET a 1\r\nSET b 2\r\n",
+                           capture_output=True, timeout=30)
+    assert b"errors: 0, replies: 2" in piped.stdout
+    assert cache["a"] == b"1" and cache["b"] == b"2"
+
+
+# ------------------------------------------------- daemon --serve, gunicorn
+def test_daemon_serve_runs_and_stops_a_resp_server(tmp_path):
+    import sys
+
+    from resp_server import _LISTEN  # noqa: F401
+
+    name = fresh_name("resp")
+    with socket.socket() as s:  # a free port for the daemon's server
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    d = subprocess.Popen([sys.executable, "-m", "shmcache", "daemon", "-n", name, "--size", "8MiB",
+                          "--serve", str(port), "--workers", "2"],
+                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                c = client(port=port)
+                c.set("via-daemon", "1")
+                break
+            except redis.ConnectionError:
+                assert time.monotonic() < deadline and d.poll() is None, d.stderr.read().decode()
+                time.sleep(0.1)
+        with Cache(name, create=False) as cache:
+            assert cache["via-daemon"] == b"1"
+        c.close()
+    finally:
+        d.terminate()
+        assert d.wait(30) == 0
+        d.stderr.close()
+    with pytest.raises(redis.ConnectionError):
+        client(port=port).ping()
+    Cache.unlink(name)
+
+
+def test_gunicorn_config_passes_serve_to_the_daemon():
+    from shmcache.contrib.gunicorn import daemon_command
+
+    cmd = daemon_command({"SHMCACHE_NAME": "x", "SHMCACHE_SERVE": "6390"})
+    assert cmd[cmd.index("--serve") + 1] == "6390"
+    assert "--serve" not in daemon_command({"SHMCACHE_NAME": "x"})
