@@ -23,7 +23,13 @@ redis-server:
 	  SUDO=$$( [ "$$(id -u)" -eq 0 ] || echo sudo ); \
 	  $$SUDO apt-get update -q && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -q redis-server; }
 
-test: $(STAMP) tools redis-server
+# ioredis from npm: the Node.js client in the `shmcache serve` tests (skipped without npm)
+NODE_MODULES := tests/node/node_modules/.package-lock.json
+$(NODE_MODULES): tests/node/package.json tests/node/package-lock.json
+	@if command -v npm >/dev/null; then cd tests/node && npm ci --no-audit --no-fund --loglevel=error; \
+	else echo "npm not found: the Node.js client test of shmcache serve will be skipped"; fi
+
+test: $(STAMP) tools redis-server $(NODE_MODULES)
 	SHMCACHE_REQUIRE_SPEEDUPS=1 $(PY) -m pytest -q $(PYTEST_ARGS)
 
 # tmux: the `shmcache top` test drives it in a real terminal (send-keys/capture-pane)
