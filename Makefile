@@ -29,7 +29,14 @@ $(NODE_MODULES): tests/node/package.json tests/node/package-lock.json
 	@if command -v npm >/dev/null; then cd tests/node && npm ci --no-audit --no-fund --loglevel=error; \
 	else echo "npm not found: the Node.js client test of shmcache serve will be skipped"; fi
 
-test: $(STAMP) tools redis-server $(NODE_MODULES)
+# tcl: runs Redis' own test suite against `shmcache serve` (tests/test_server_redis_suite.py)
+.PHONY: tclsh
+tclsh:
+	@command -v tclsh >/dev/null || { \
+	  SUDO=$$( [ "$$(id -u)" -eq 0 ] || echo sudo ); \
+	  $$SUDO apt-get update -q && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -q tcl; }
+
+test: $(STAMP) tools redis-server tclsh $(NODE_MODULES)
 	SHMCACHE_REQUIRE_SPEEDUPS=1 $(PY) -m pytest -q $(PYTEST_ARGS)
 
 # tmux: the `shmcache top` test drives it in a real terminal (send-keys/capture-pane)
@@ -49,6 +56,8 @@ bench: $(STAMP)
 	$(PY) -c 'import lmdb, diskcache, redis, hiredis, pymemcache, UltraDict, matplotlib' 2>/dev/null \
 	  || $(PY) -m pip install -q -e '.[bench]'
 	$(PY) -m benchmarks $(BENCH_ARGS)
+	$(PY) -c 'import hiredis' 2>/dev/null || $(PY) -m pip install -q -e '.[server]'
+	$(PY) benchmarks/bench_resp.py --out benchmarks/results/resp.md $(RESP_BENCH_ARGS)
 
 .PHONY: bench-core
 bench-core: $(STAMP)

@@ -650,3 +650,59 @@ def test_gunicorn_config_passes_serve_to_the_daemon():
     cmd = daemon_command({"SHMCACHE_NAME": "x", "SHMCACHE_SERVE": "6390"})
     assert cmd[cmd.index("--serve") + 1] == "6390"
     assert "--serve" not in daemon_command({"SHMCACHE_NAME": "x"})
+
+
+def test_regression_keys_pattern_with_many_stars_does_not_stall_the_server(r):
+    """A glob translated to a regex backtracked exponentially on this pattern
+    (from Redis' own keyspace tests), blocking the worker; the client's
+    socket timeout bounds the call."""
+    r.set("a" * 64, 1)
+    assert r.keys("a*" * 36 + "b") == []
+    assert r.keys("a*" * 36) == [b"a" * 64]
+    assert r.scan(0, match="a*" * 36 + "b", count=1000)[1] == []
+
+
+def test_expire_rejects_seconds_that_overflow_in_milliseconds(r):
+    r.set("foo", "bar")
+    with pytest.raises(redis.ResponseError, match="invalid expire time in 'expire' command"):
+        r.expire("foo", -9223372036854776)
+    assert r.get("foo") == b"bar"
+
+
+def test_function_flush_and_list_with_no_scripting(r):
+    assert r.execute_command("FUNCTION", "FLUSH")
+    assert r.execute_command("FUNCTION", "LIST") == []
+
+
+def test_regression_randomkey_returns_each_of_two_keys(r):
+    """RANDOMKEY took the first key after a random position: two keys in one
+    stripe with close hashes made one of them (nearly) never returned."""
+    r.set("foo", "x")
+    r.set("bar", "y")
+    seen = {r.randomkey() for _ in range(100)}
+    assert seen == {b"foo", b"bar"}
+
+
+def test_regression_garbage_after_star_is_a_protocol_error_not_a_wait(server):
+    """'*' then a line that never ends ('\\n' but no '\\r\\n'): Redis answers
+    'too big mbulk count string'; we waited for the query buffer limit."""
+    srv, _ = server
+    s = socket.create_connection(("127.0.0.1", srv.port), timeout=5)
+    s.sendall(b"*\x00")
+    time.sleep(0.05)
+    out = b""
+    try:
+        for _ in range(50):
+            s.sendall(b"A" * 1024 + b"\n")
+    except (BrokenPipeError, ConnectionResetError):
+        pass
+    try:
+        while True:
+            chunk = s.recv(1000)
+            if not chunk:
+                break
+            out += chunk
+    except ConnectionResetError:
+        pass
+    s.close()
+    assert out.startswith(b"-ERR Protocol error: ")

@@ -201,7 +201,9 @@ class Server:
         if port is not None or sock is not None:
             check_bind(host, bind_explicit)
         self.cache = cache
-        self.max_value = cache.stats()["max_value_size"]
+        st = cache.stats()
+        self.max_value = st["max_value_size"]
+        self.stripes = st["stripes"]
         self.bind = host
         self.port = port or 0
         self.unix = unix
