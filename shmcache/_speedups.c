@@ -80,8 +80,9 @@ typedef struct {
     uint64_t mask, sps, stripe_off, index_off, arena_off, stripe_arena;
     uint64_t client_off, client_rec, client, max_key, max_value, cap_items;
     double atime_res, default_ttl;
-    uint32_t pid;
-    double start;
+    /* This process's stripe owner record (layout.OWNER: client slot + 1, the
+     * slot's generation, pid), built by lock.Client; stored as is. */
+    unsigned char owner[16];
     sem_t **sems;
     Py_ssize_t n_sems;
     PyObject *clock, *decode, *encode, *slow_key, *slow_read, *slow_write, *slow_set, *slow_add, *slow_replace, *slow_incr,
@@ -269,11 +270,7 @@ static int lock_fast(Core *c, uint64_t s) {
     }
     BARRIER();
     char *rec = stripe_rec(c, s);
-    uint32_t own[4];
-    own[0] = c->pid;
-    own[1] = 0;
-    memcpy(&own[2], &c->start, 8);
-    memcpy(rec + S_OWNER, own, 16);
+    memcpy(rec + S_OWNER, c->owner, 16);
     BARRIER();
     (*mk)--;
     uint64_t *ver = u64at(rec + S_VERSION);
@@ -836,14 +833,14 @@ static PyObject *Core_contains(Core *c, PyObject *key) {
     Py_RETURN_TRUE;
 }
 
+static int set_owner(Core *c, const char *owner, Py_ssize_t len);
+
 static PyObject *Core_set_identity(Core *c, PyObject *args) {
     unsigned long long client;
-    unsigned int pid;
-    double start;
-    if (!PyArg_ParseTuple(args, "KId", &client, &pid, &start)) return NULL;
+    const char *owner;
+    Py_ssize_t len;
+    if (!PyArg_ParseTuple(args, "Ky#", &client, &owner, &len) || set_owner(c, owner, len) < 0) return NULL;
     c->client = client;
-    c->pid = pid;
-    c->start = start;
     Py_RETURN_NONE;
 }
 
@@ -894,13 +891,15 @@ static int stripe_arg(Core *c, unsigned long long s) {
     return 1;
 }
 
-static void take_locked(Core *c, uint64_t s) {
-    char *rec = stripe_rec(c, s);
-    uint32_t own[4];
-    own[0] = c->pid;
-    own[1] = 0;
-    memcpy(&own[2], &c->start, 8);
-    memcpy(rec + S_OWNER, own, 16);
+static void take_locked(Core *c, uint64_t s) { memcpy(stripe_rec(c, s) + S_OWNER, c->owner, 16); }
+
+static int set_owner(Core *c, const char *owner, Py_ssize_t len) {
+    if (len != 16) {
+        PyErr_SetString(PyExc_ValueError, "owner must be 16 bytes (layout.OWNER)");
+        return -1;
+    }
+    memcpy(c->owner, owner, 16);
+    return 0;
 }
 
 /* Lock waits run on CLOCK_MONOTONIC (sem_clockwait, glibc 2.30+): with
@@ -995,20 +994,21 @@ static PyObject *Core_mark(Core *c, PyObject *args) {
 static int Core_init(Core *c, PyObject *args, PyObject *kw) {
     static char *kwlist[] = {"buffer", "n_stripes", "sps", "stripe_off", "index_off", "arena_off",
                              "stripe_arena", "client_off", "client_rec", "client", "max_key",
-                             "max_value", "cap_items", "sem_names", "pid", "start", "clock", "decode", "encode",
+                             "max_value", "cap_items", "sem_names", "owner", "clock", "decode", "encode",
                              "slow_key", "slow_read", "slow_write", "slow_set", "slow_add", "slow_replace", "slow_incr", "slow_delete",
                              "sentinel", "atime_res", "default_ttl", NULL};
     PyObject *buffer, *sem_names;
     unsigned long long n_stripes;
-    unsigned int pid;
+    const char *owner;
+    Py_ssize_t owner_len;
     if (c->has_view || c->sems || c->clock) { /* before parsing: it writes into the fields */
         PyErr_SetString(PyExc_RuntimeError, "Core is already initialized");
         return -1;
     }
     if (!PyArg_ParseTupleAndKeywords(
-            args, kw, "OKKKKKKKKKKKKOIdOOOOOOOOOOOOdd", kwlist, &buffer, &n_stripes, &c->sps, &c->stripe_off,
+            args, kw, "OKKKKKKKKKKKKOy#OOOOOOOOOOOOdd", kwlist, &buffer, &n_stripes, &c->sps, &c->stripe_off,
             &c->index_off, &c->arena_off, &c->stripe_arena, &c->client_off, &c->client_rec, &c->client,
-            &c->max_key, &c->max_value, &c->cap_items, &sem_names, &pid, &c->start, &c->clock, &c->decode, &c->encode,
+            &c->max_key, &c->max_value, &c->cap_items, &sem_names, &owner, &owner_len, &c->clock, &c->decode, &c->encode,
             &c->slow_key, &c->slow_read, &c->slow_write, &c->slow_set, &c->slow_add, &c->slow_replace, &c->slow_incr,
             &c->slow_delete, &c->sentinel,
             &c->atime_res, &c->default_ttl))
@@ -1021,7 +1021,7 @@ static int Core_init(Core *c, PyObject *args, PyObject *kw) {
         return -1;
     }
     c->mask = n_stripes - 1;
-    c->pid = pid;
+    if (set_owner(c, owner, owner_len) < 0) return -1;
     if (PyObject_GetBuffer(buffer, &c->view, PyBUF_WRITABLE) < 0) return -1;
     c->has_view = 1;
     c->base = c->view.buf;
@@ -1108,7 +1108,7 @@ static PyMethodDef Core_methods[] = {
      "delete(key) -> True if a live key was removed."},
     {"contains", (PyCFunction)Core_contains, METH_O, "contains(key) -> bool."},
     {"set_identity", (PyCFunction)Core_set_identity, METH_VARARGS,
-     "set_identity(client, pid, start): after fork, use this client slot and owner record."},
+     "set_identity(client, owner): after fork, use this client slot and 16-byte owner record."},
     {"release", (PyCFunction)Core_release, METH_NOARGS, "Drop the buffer export (the cache is closed)."},
     {"lock", (PyCFunction)Core_lock, METH_VARARGS,
      "lock(stripe, timeout) -> True when held (owner recorded, version odd), False on timeout."},

@@ -38,7 +38,7 @@ import numpy as np
 from . import codec
 from . import layout as L
 from .codec import decode_key
-from .lock import is_alive, live_clients, reap_dead_clients
+from .lock import client_alive, daemon_pid, live_clients, reap_dead_clients
 
 if TYPE_CHECKING:  # pragma: no cover
     from .cache import Cache
@@ -97,7 +97,7 @@ def stripes(cache: "Cache") -> list[StripeInfo]:
     arena = cache._g.stripe_arena
     out = []
     for i, row in enumerate(st.tolist()):
-        owner = L.OWNER.unpack(L.U64.pack(row[L.S_OWNER_PID // 8]) + L.U64.pack(row[L.S_OWNER_START // 8]))[0]
+        owner = L.OWNER.unpack(L.U64.pack(row[L.S_OWNER // 8]) + L.U64.pack(row[L.S_OWNER // 8 + 1]))[2]
         used, garbage = row[L.S_USED // 8], row[L.S_GARBAGE // 8]
         out.append(StripeInfo(
             index=i, items=row[L.S_ITEMS // 8], bytes_used=used - garbage, bytes_garbage=garbage,
@@ -157,7 +157,7 @@ def clients(cache: "Cache") -> list[ClientInfo]:
     for c, pid, start in live_clients(cache._seg):
         base = g.client_table_off + c * g.client_record_size + L.C_COUNTERS
         ctr = {name: L.U64.unpack_from(mm, base + 8 * k)[0] for k, name in enumerate(L.COUNTERS)}
-        out.append(ClientInfo(slot=c, pid=pid, alive=is_alive(pid, start), counters=ctr))
+        out.append(ClientInfo(slot=c, pid=pid, alive=client_alive(cache._seg, c), counters=ctr))
     return out
 
 
@@ -201,7 +201,6 @@ def daemon_info(cache: "Cache") -> DaemonInfo:
     cache._check_open()
     mm = cache._seg.mm
     pid = L.U64.unpack_from(mm, L.H_DAEMON_PID)[0]
-    start = L.F64.unpack_from(mm, L.H_DAEMON_START)[0]
     beat = L.F64.unpack_from(mm, L.H_DAEMON_HEARTBEAT)[0]
     status = L.U64.unpack_from(mm, L.H_SNAPSHOT_STATUS)[0]
     last = None
@@ -216,7 +215,7 @@ def daemon_info(cache: "Cache") -> DaemonInfo:
         )
     return DaemonInfo(
         pid=pid or None,
-        alive=bool(pid) and is_alive(pid, start),
+        alive=bool(pid) and daemon_pid(cache._seg) is not None,
         heartbeat=beat or None,
         heartbeat_age=(time.time() - beat) if beat else None,
         snapshot_path=_read_text(mm, L.H_SNAPSHOT_PATH, L.SNAPSHOT_PATH_MAX) if pid else None,
@@ -443,7 +442,9 @@ def recover_stripes(cache: "Cache") -> list[int]:
 
     Only stripes with an owner recorded or an acquiring marker set are looked
     at (a numpy pass over the stripe and client tables), so an idle cache
-    costs no process lookups.
+    costs no fcntl calls. "Dead" is the kernel's answer (the holder's client
+    slot lock is free), so a live holder in another PID namespace is never
+    taken over.
 
     Raises:
         LockTimeout: the recovery lock stayed busy.
@@ -452,7 +453,7 @@ def recover_stripes(cache: "Cache") -> list[int]:
     seg = cache._seg
     g = seg.geometry
     locks = cache._locks
-    owners = np.array([locks.stripe_owner(s)[0] != 0 for s in range(g.n_stripes)])
+    owners = np.array([locks.stripe_owner(s)[1] >= 0 for s in range(g.n_stripes)])
     table = np.frombuffer(seg.mm, dtype=np.uint8, count=g.max_clients * g.client_record_size,
                           offset=g.client_table_off).reshape(g.max_clients, g.client_record_size)
     try:

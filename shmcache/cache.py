@@ -17,7 +17,7 @@ from . import layout as L
 from ._sentinels import DEFAULT_TTL, MISSING
 from .codec import BYTES, CUSTOM, STR, Codec, decode_key, encode_int, encode_key
 from .errors import KeyTooLong, SettingsIgnored, SettingsMismatch, ValueTooLarge
-from .lock import Identity, StripeLocks, claim_client, release_client
+from .lock import Client, Identity, StripeLocks, claim_client, release_client
 from .segment import Segment, sem_name
 from .table import ADD, DELETE, REPLACE, SET, Table, Undecodable, key_hash
 
@@ -67,7 +67,7 @@ _getrefcount = getattr(sys, "getrefcount", None)  # CPython; elsewhere, release 
 class _State:
     """What the finalizer needs (it must not reference the Cache itself)."""
 
-    def __init__(self, seg: Segment, identity: Identity, client: int):
+    def __init__(self, seg: Segment, identity: Identity, client: Client):
         self.seg = seg
         self.identity = identity
         self.client = client
@@ -114,7 +114,7 @@ class _State:
             return
         self.released = True
         try:
-            release_client(self.seg, self.identity, self.client)
+            release_client(self.seg, self.client)
         except Exception:  # pragma: no cover - best effort at exit; the daemon reaps it
             pass
         for release in self.views:
@@ -314,20 +314,20 @@ class Cache(MutableMapping[Any, Any]):
         _live_caches.add(self)
 
     # -- plumbing -----------------------------------------------------------
-    def _counter_base(self, client: int) -> int:
-        return (self._g.client_table_off + client * self._g.client_record_size + L.C_COUNTERS) >> 3
+    def _counter_base(self, client: Client) -> int:
+        return (self._g.client_table_off + client.slot * self._g.client_record_size + L.C_COUNTERS) >> 3
 
-    def _make_core(self, client: int, identity: Identity):
+    def _make_core(self, client: Client, identity: Identity):
         g = self._g
         t = self._table
         return _speedups.Core(
             buffer=self._seg.mm, n_stripes=g.n_stripes, sps=g.slots_per_stripe,
             stripe_off=g.stripe_table_off, index_off=g.index_off, arena_off=g.arena_off,
             stripe_arena=g.stripe_arena, client_off=g.client_table_off,
-            client_rec=g.client_record_size, client=client, max_key=g.max_key_size,
+            client_rec=g.client_record_size, client=client.slot, max_key=g.max_key_size,
             max_value=g.max_value_size, cap_items=g.items_per_stripe,
             sem_names=[sem_name(self.name, i) for i in range(g.n_stripes)],
-            pid=identity.pid, start=identity.start,
+            owner=client.owner,
             clock=None if self._clock is time.time else self._clock,
             decode=self._decode, encode=self._encode, slow_key=_weak(self, Cache._key), slow_read=t.read_locked,
             slow_write=t.write,
@@ -354,7 +354,7 @@ class Cache(MutableMapping[Any, Any]):
         core = self._core
         if core is not None:
             st = self._state
-            core.set_identity(st.client, st.identity.pid, st.identity.start)
+            core.set_identity(st.client.slot, st.client.owner)
             self._read = core.read
             self.get = core.get
             self.set = core.set
@@ -390,6 +390,9 @@ class Cache(MutableMapping[Any, Any]):
         # The child must never use the parent's client slot: claim its own.
         if self._closed:
             return
+        # The inherited client lock is the parent's: drop our reference to it
+        # (never unlock it), or the parent would look alive after its death.
+        self._state.client.abandon()
         identity = Identity()
         try:
             client = claim_client(self._seg, identity)

@@ -23,9 +23,9 @@ from pathlib import Path
 from . import __version__, admin
 from . import layout as L
 from .cache import Cache
-from .errors import CacheNotFound, Error, SettingsIgnored
-from .lock import is_alive
-from .segment import LOCK_DAEMON, Segment
+from .errors import CacheNotFound, Error, PermissionDenied, SettingsIgnored, UntrustedSegment
+from .lock import attached_clients, daemon_pid
+from .segment import Segment
 
 NAME_ENV = "SHMCACHE_NAME"
 #: Inspection commands attach whatever the mode (the owner check still holds).
@@ -100,8 +100,8 @@ def _stop_daemon(seg: Segment, pid: int, name: str, timeout: float) -> None:
 
 
 def _daemon_pid(seg: Segment) -> int | None:
-    """The pid holding the cache's daemon lock (the kernel's answer), or None."""
-    return seg.file_lock_holder(LOCK_DAEMON)
+    """The pid of the daemon holding the cache's daemon lock (the kernel's answer), or None."""
+    return daemon_pid(seg)
 
 
 def _parse_value(text: str, kind: str):
@@ -683,6 +683,9 @@ def _describe(args, name: str) -> dict:
     row = {"name": name, "size": None, "items": None, "clients": None, "daemon_pid": None, "status": "ok"}
     try:
         seg = _open_segment(args, name, 0.5)
+    except PermissionDenied as e:  # another user's cache: list it, do not fail
+        row["status"] = str(e).split(";")[0] if isinstance(e, UntrustedSegment) else "no access"
+        return row
     except Error as e:
         row["status"] = str(e).split(";")[0]
         return row
@@ -693,13 +696,8 @@ def _describe(args, name: str) -> dict:
         st = np.frombuffer(seg.mm, dtype=np.uint64, count=g.n_stripes * 8, offset=g.stripe_table_off)
         row["items"] = int(st.reshape(g.n_stripes, 8)[:, L.S_ITEMS // 8].sum())
         del st
-        clients = 0
-        for c in range(g.max_clients):
-            pid, _, start = L.CLIENT_HEAD.unpack_from(seg.mm, g.client_table_off + c * g.client_record_size)
-            if pid and is_alive(pid, start):
-                clients += 1
         row["size"] = g.total_size
-        row["clients"] = clients
+        row["clients"] = attached_clients(seg)
         row["daemon_pid"] = _daemon_pid(seg)
     finally:
         seg.close()

@@ -41,7 +41,7 @@ MAGIC = b"SHMCACHE"
 #: Bumped whenever any offset or field below changes meaning. Attaching to a
 #: segment of another version raises LayoutMismatch; snapshots carry entries,
 #: not layouts, so they restore across versions.
-LAYOUT_VERSION = 1
+LAYOUT_VERSION = 2  # 2: owners are client slots + generation, clients locked (OFD) for liveness
 
 PAGE = 4096
 CACHE_LINE = 64
@@ -118,10 +118,15 @@ STRIPE_SIZE = CACHE_LINE
 STRIPE = struct.Struct(
     "<Q"  # version    seqlock: odd while a writer mutates. Writer only, under lock.
     #                  Readers compare before/after; a stale read just retries.
-    "I"  # owner_pid   writer, right after acquiring; cleared right before release.
+    # owner (16 bytes, layout.OWNER, one store): written by the stripe's holder right after
+    #   acquiring (C lock_fast / take_locked, lock.StripeLocks.lock), cleared right before
+    #   releasing; read by waiters, recoverers and the daemon, which ask the kernel whether
+    #   the recorded client slot's lock is still held (lock.client_alive). A stale read is
+    #   safe: recovery re-reads it under the recovery lock and probes the semaphore.
+    "I"  # owner_client  client slot + 1 of the holder; 0 = none recorded
+    "I"  # owner_gen     that slot's generation when the holder claimed it (a reused slot differs)
+    "I"  # owner_pid     the holder's pid in its own PID namespace: for messages only
     "I"  # _pad
-    "d"  # owner_start start of owner_pid in clock ticks since boot (lock.process_start), so a
-    #                  reused pid is not mistaken for the owner.
     "Q"  # items       live index slots in this stripe. Under lock; stale read safe.
     "Q"  # used        arena bump pointer (bytes from stripe arena start). Under lock.
     "Q"  # garbage     bytes below `used` held by dead entries. Under lock.
@@ -129,22 +134,34 @@ STRIPE = struct.Struct(
     "Q"  # recoveries  times this stripe was repaired after a dead owner.
 )
 S_VERSION = 0
-S_OWNER_PID = 8
-S_OWNER_START = 16
+S_OWNER = 8
+S_OWNER_PID = S_OWNER  # where the 16-byte owner record starts (name kept for callers)
 S_ITEMS = 24
 S_USED = 32
 S_GARBAGE = 40
 S_EVICTIONS = 48
 S_RECOVERIES = 56
-OWNER = struct.Struct("<IId")  # pid, pad, start: one 16-byte store at S_OWNER_PID
+OWNER = struct.Struct("<IIII")  # client + 1, gen, pid, pad: one 16-byte store at S_OWNER
 ACCOUNT = struct.Struct("<QQQ")  # items, used, garbage at S_ITEMS
 
 # --------------------------------------------------------------------------
-# Client record: claimed by each attached process (pid + start time), at
-# client_table_off + i * client_record_size. Size: 64 + n_stripes rounded up
-# to 64.
-CLIENT_HEAD = struct.Struct("<IId")  # pid, pad, start; pid 0 = free slot
+# Client record: claimed by each attached process, at client_table_off +
+# i * client_record_size. Size: 64 + n_stripes rounded up to 64.
+# Liveness: the claimer holds an OFD fcntl write lock on the record's first
+# byte (file offset client_table_off + i * client_record_size) for as long as
+# it is attached; the kernel drops it when the process dies. "Client i is
+# alive" = "that byte is locked" (lock.client_alive), in every PID namespace.
+# The head is written under the client-table lock (LOCK_CLIENTS) by the
+# claimer (lock._take_slot), and by whoever retires the slot (its owner at
+# close, or a reaper once the byte is unlocked), which zeroes the record but
+# keeps gen. Read by recoverers, reapers, stats and `shmcache ls`.
+CLIENT_HEAD = struct.Struct("<IId")  # pid, gen, start; pid 0 = free slot
+#   pid: the claimer's pid in its own PID namespace (display only)
+#   gen: bumped at every claim of this slot (never 0 once claimed); stripe
+#        owner records carry it, so an owner whose slot was reused is dead
+#   start: the claimer's start in clock ticks since boot (display only)
 C_PID = 0
+C_GEN = 4
 C_START = 8
 C_COUNTERS = 16  # N_COUNTERS x u64, written only by the owning process
 COUNTERS = ("hits", "misses", "sets", "deletes", "evictions", "expirations")

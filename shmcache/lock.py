@@ -3,19 +3,36 @@
 A writer holds a stripe's POSIX semaphore and keeps the stripe's seqlock
 version odd while it mutates. Readers never lock (see ``table.Table.get``).
 
-POSIX semaphores are not released when their holder dies, so every holder
-records itself (pid + process start time) in the stripe record right after
-acquiring and clears it right before releasing. The two windows where the
-semaphore may be held with no owner recorded (between sem_wait returning and
-the owner store; between the owner clear and sem_post) are covered by a
-per-client, per-stripe *marker* byte set for the duration of each window.
+**Liveness comes from the kernel.** Every attached process claims a client
+slot and, for as long as it is attached, holds an OFD ``fcntl`` lock on that
+slot's byte of the segment file (a private open file description, see
+:class:`Client`). The kernel drops the lock when the process dies, however it
+dies, and answers "is that byte locked" the same in every PID namespace that
+shares the file. So a process is alive exactly when its slot's byte is locked:
+no pid, no start time, no /proc, no timeout guess. (pid + start time, used
+before, meant nothing across PID namespaces or with ``hidepid=2``: a live
+holder in a sidecar container was "recovered" while it wrote, leaving the
+semaphore at 2. A robust process-shared futex was the other candidate; it
+would have replaced the semaphores, the C fast paths and every waiter, while
+this keeps them and adds one fcntl per attach.)
 
-A writer whose acquire times out looks at the owner (and, if there is none, at
-the markers): if every piece of evidence points at a dead process, it takes the
-recovery lock (an fcntl lock the kernel releases if the recoverer dies too),
-re-checks, repairs the stripe through the table's ``repair`` callback and keeps
-the semaphore as its own. The daemon runs the same check on a timer and
-releases the semaphore instead.
+POSIX semaphores are not released when their holder dies, so every holder
+records itself in the stripe record right after acquiring and clears it
+right before releasing: its client slot and that slot's generation (bumped at
+every claim, so a slot reused by a new process is not taken for the old
+owner). The two windows where the semaphore may be held with no owner
+recorded (between sem_wait returning and the owner store; between the owner
+clear and sem_post) are covered by a per-client, per-stripe *marker* byte set
+for the duration of each window.
+
+A writer that finds the stripe busy waits in short slices (POLL_FIRST up to
+POLL_MAX seconds) and, between slices, asks whether the recorded owner's byte
+is still locked: a dead holder is noticed within one slice of its death, not
+after ``lock_timeout``. Then it takes the recovery lock (an fcntl lock the
+kernel releases if the recoverer dies too), re-checks, repairs the stripe
+through the table's ``repair`` callback and keeps the semaphore as its own.
+The daemon runs the same check on a timer and releases the semaphore instead,
+and frees client slots by the same test.
 """
 
 from __future__ import annotations
@@ -30,7 +47,7 @@ import psutil
 
 from . import layout as L
 from .errors import CacheFull, LockTimeout
-from .segment import LOCK_CLIENTS, LOCK_RECOVERY, Segment
+from .segment import LOCK_CLIENTS, LOCK_DAEMON, LOCK_RECOVERY, Segment
 
 _ZERO16 = bytes(16)
 
@@ -42,6 +59,14 @@ _ZERO16 = bytes(16)
 #: for dead.
 MARKER_GRACE = 1.0
 
+#: A writer waiting on a busy stripe wakes after POLL_FIRST seconds, then
+#: after twice as long each time up to POLL_MAX, to check whether the holder
+#: died (one fcntl F_OFD_GETLK, ~1 us). A release wakes it at once anyway, so
+#: this bounds only the stall after a holder's death (at most POLL_MAX plus
+#: the repair) and costs a live holder's waiters one syscall per POLL_MAX.
+POLL_FIRST = 0.0005
+POLL_MAX = 0.004
+
 
 def process_start(pid: int) -> float | None:
     """When process ``pid`` started, in clock ticks since boot, or None if it
@@ -51,6 +76,9 @@ def process_start(pid: int) -> float | None:
     that one adds the boot time, which the kernel derives from the wall clock,
     so an NTP step or `date -s` would make every live process look like
     another one (and so dead). Ticks since boot never move.
+
+    Informational only for the cache itself (client records show it): liveness
+    is the client slot's lock. ``shmcache.stampede`` still uses it.
     """
     try:
         with open(f"/proc/{pid}/stat", "rb") as f:
@@ -78,7 +106,11 @@ def _psutil_start(pid: int) -> float | None:  # pragma: no cover - non-Linux
 
 
 def is_alive(pid: int, start: float) -> bool:
-    """True if ``pid`` runs and started at ``start`` (so a reused pid is not mistaken)."""
+    """True if ``pid`` runs and started at ``start`` (so a reused pid is not mistaken).
+
+    Only meaningful inside one PID namespace; the cache's own liveness checks
+    use :func:`client_alive` instead.
+    """
     if pid == 0:
         return False
     s = process_start(pid)
@@ -90,12 +122,55 @@ def is_alive(pid: int, start: float) -> bool:
 _U64_MAX = 2**64 - 1
 
 class Identity:
-    """This process as the segment records it: pid and start time. Renewed after fork."""
+    """This process as the segment records it: pid and start time (for
+    people and messages, not for liveness). Renewed after fork."""
 
     def __init__(self) -> None:
         self.pid = os.getpid()
-        self.start = process_start(self.pid)
-        self.owner = L.OWNER.pack(self.pid, 0, self.start)
+        self.start = process_start(self.pid) or 0.0
+
+
+class Client:
+    """One attached process's client slot and the lock that says it is alive.
+
+    ``fd`` is a private open file description of the segment (never mapped,
+    never shared with another Cache) holding an OFD lock on the slot's byte.
+    OFD locks, not classic POSIX ones: a POSIX lock is dropped when the
+    process closes *any* fd of the file (another Cache of the same name, a
+    ``Cache.unlink``), and is per process, so no test could tell our own slot
+    from a dead one. An OFD lock lives exactly as long as the open file
+    description: it dies with the process, and only with it.
+
+    Fork: the child inherits ``fd``, so parent and child share the lock. The
+    child must drop its reference (:meth:`abandon`, which closes without
+    unlocking: an unlock would free the parent's slot) and claim a slot of its
+    own; until it does, a dead parent would still look alive. ``fd`` is
+    O_CLOEXEC, so exec'd children never keep it.
+    """
+
+    __slots__ = ("slot", "gen", "fd", "owner")
+
+    def __init__(self, slot: int, gen: int, fd: int, pid: int):
+        self.slot = slot
+        self.gen = gen
+        self.fd = fd
+        #: What this process stores as a stripe's owner record (layout.OWNER).
+        self.owner = L.OWNER.pack(slot + 1, gen, pid, 0)
+
+    def abandon(self) -> None:
+        """In a forked child: drop the inherited reference to the parent's lock."""
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
+def client_alive(seg: Segment, c: int, gen: int | None = None) -> bool:
+    """True if client slot ``c`` (of generation ``gen``, if given) belongs to a
+    process that is still attached: its byte is locked. Cross-namespace, exact."""
+    pid, cgen, _ = L.CLIENT_HEAD.unpack_from(seg.mm, _client_base(seg.geometry, c))
+    if pid == 0 or (gen is not None and cgen != gen):
+        return False
+    return seg.ofd_locked(_client_base(seg.geometry, c))
 
 
 class StripeLocks:
@@ -117,7 +192,7 @@ class StripeLocks:
         self,
         seg: Segment,
         identity: Identity,
-        client: int,
+        client: Client,
         lock_timeout: float,
         repair: Callable[[int], None],
     ) -> None:
@@ -142,25 +217,18 @@ class StripeLocks:
 
     def _lock_c(self, s: int) -> None:
         core = self._core
-        if core.lock(s, self.lock_timeout):
+        if core.lock(s, POLL_FIRST):
             return
-        hard = time.monotonic() + max(10 * self.lock_timeout, 5.0)
-        while True:
-            if self.try_recover(s, keep=True):
-                core.take(s)  # we hold it as the recoverer: version odd, as lock() leaves it
-                return
-            if core.lock(s, self.lock_timeout):
-                return
-            if time.monotonic() > hard:
-                self._timeout(s)
+        self._wait(s, core.lock, core.take)
 
-    def set_client(self, client: int) -> None:
-        """Use client slot ``client`` for this process's markers."""
+    def set_client(self, client: Client) -> None:
+        """Use client slot ``client`` for this process's markers and owner records."""
         g = self.geometry
         self.client = client
-        self._marker_base = g.client_table_off + client * g.client_record_size + L.C_MARKERS
+        self.owner = client.owner
+        self._marker_base = g.client_table_off + client.slot * g.client_record_size + L.C_MARKERS
 
-    def after_fork(self, identity: Identity, client: int) -> None:
+    def after_fork(self, identity: Identity, client: Client) -> None:
         """In a forked child: new identity, fresh thread locks, own client slot."""
         self.identity = identity
         self._tlocks = [threading.Lock() for _ in range(self.geometry.n_stripes)]
@@ -186,16 +254,14 @@ class StripeLocks:
         # while this one waits; they always leave it as they found it.
         mm[mb] += 1
         try:
-            try:
-                self._acquire(s, self.lock_timeout)
-            except posix_ipc.BusyError:
-                self._slow_acquire(s)
+            if not self._acquire(s, POLL_FIRST):
+                self._wait(s, self._acquire, None)
         except BaseException:
             mm[mb] -= 1
             tl.release()
             raise
         so = self.geometry.stripe_table_off + s * L.STRIPE_SIZE
-        mm[so + L.S_OWNER_PID : so + L.S_OWNER_PID + 16] = self.identity.owner
+        mm[so + L.S_OWNER : so + L.S_OWNER + 16] = self.owner
         mm[mb] -= 1
         # Parity is set, not inverted (as in _speedups.c): a version damaged to
         # odd must not turn even while we mutate, or readers take torn values.
@@ -208,39 +274,54 @@ class StripeLocks:
         mb = self._marker_base + s
         self._q[so >> 3] = (self._q[so >> 3] + 2) & (_U64_MAX - 1)  # even: the stripe is consistent again
         mm[mb] += 1
-        mm[so + L.S_OWNER_PID : so + L.S_OWNER_PID + 16] = _ZERO16
+        mm[so + L.S_OWNER : so + L.S_OWNER + 16] = _ZERO16
         self.sems[s].release()
         mm[mb] -= 1
         self._tlocks[s].release()
 
     # -- contention and recovery --------------------------------------------
-    def _acquire(self, s: int, timeout: float) -> None:
-        """sem_timedwait, retried when a signal interrupts it (PEP 475)."""
+    def _acquire(self, s: int, timeout: float) -> bool:
+        """sem_timedwait, retried when a signal interrupts it (PEP 475). True if taken."""
         deadline = time.monotonic() + timeout
         while True:
             try:
                 self.sems[s].acquire(max(0.0, deadline - time.monotonic()))
-                return
+                return True
             except posix_ipc.SignalError:
                 continue
-
-    def _slow_acquire(self, s: int) -> None:
-        # Waited lock_timeout already. Keep waiting while a live process holds
-        # the stripe, up to a hard bound; recover at once from a dead one.
-        hard = time.monotonic() + max(10 * self.lock_timeout, 5.0)
-        while True:
-            if self.try_recover(s, keep=True):
-                return
-            try:
-                self._acquire(s, self.lock_timeout)
-                return
             except posix_ipc.BusyError:
-                pass
+                return False
+
+    def _wait(self, s: int, acquire, take) -> None:
+        """Wait for busy stripe ``s``: in slices of POLL_FIRST..POLL_MAX seconds,
+        checking between them whether its holder died (then recover at once).
+        ``acquire(s, timeout) -> bool`` waits one slice; ``take(s)`` (C path)
+        records us as holder after a recovery that kept the semaphore.
+
+        A recorded owner is checked every slice; marker-only evidence (a holder
+        that died before recording itself) only once ``lock_timeout`` has passed,
+        as it needs a grace period to rule out a live holder mid-step.
+
+        Raises:
+            LockTimeout: a live process kept the stripe for max(10 x lock_timeout, 5 s).
+        """
+        t0 = time.monotonic()
+        hard = t0 + max(10 * self.lock_timeout, 5.0)
+        poll = POLL_FIRST
+        while True:
+            if self.owner_dead(s) or time.monotonic() - t0 >= self.lock_timeout:
+                if self.try_recover(s, keep=True):
+                    if take is not None:
+                        take(s)  # we hold it as the recoverer: version odd, as lock() leaves it
+                    return
+            poll = min(poll * 2, POLL_MAX)
+            if acquire(s, poll):
+                return
             if time.monotonic() > hard:
                 self._timeout(s)
 
     def _timeout(self, s: int):
-        pid = L.OWNER.unpack_from(self.mm, self._stripe_off(s) + L.S_OWNER_PID)[0]
+        _c, _g, pid, _ = L.OWNER.unpack_from(self.mm, self._stripe_off(s) + L.S_OWNER)
         raise LockTimeout(
             f"stripe {s} of cache {self.seg.name!r} has been held by live process "
             f"{pid or '(unknown)'} for more than {max(10 * self.lock_timeout, 5.0):.1f} s"
@@ -249,9 +330,15 @@ class StripeLocks:
     def _stripe_off(self, s: int) -> int:
         return self.geometry.stripe_table_off + s * L.STRIPE_SIZE
 
-    def _evidence(self, s: int) -> tuple[bool, list[tuple[int, int, float]]] | None:
+    def owner_dead(self, s: int) -> bool:
+        """True if stripe ``s`` records an owner whose process is gone (its
+        client slot's byte is unlocked, or the slot was reused). One fcntl."""
+        c, gen, _pid, _ = L.OWNER.unpack_from(self.mm, self._stripe_off(s) + L.S_OWNER)
+        return c != 0 and not client_alive(self.seg, c - 1, gen)
+
+    def _evidence(self, s: int) -> tuple[bool, list[tuple[int, int]]] | None:
         """Who could hold stripe ``s``: None if a live process might; else
-        (owner_is_dead, [(slot, pid, start) of dead clients with a marker on s]).
+        (owner_is_dead, [(slot, gen) of dead clients with a marker on s]).
 
         A recorded owner is authoritative: only the holder writes it, right
         after sem_wait, and clears it right before sem_post. Markers matter
@@ -263,17 +350,17 @@ class StripeLocks:
         """
         mm = self.mm
         g = self.geometry
-        pid, _, start = L.OWNER.unpack_from(mm, self._stripe_off(s) + L.S_OWNER_PID)
-        if pid and is_alive(pid, start):
+        c, gen, _pid, _ = L.OWNER.unpack_from(mm, self._stripe_off(s) + L.S_OWNER)
+        if c and client_alive(self.seg, c - 1, gen):
             return None
         dead_markers = []
-        for c in range(g.max_clients):
-            base = g.client_table_off + c * g.client_record_size
+        for m in range(g.max_clients):
+            base = g.client_table_off + m * g.client_record_size
             if mm[base + L.C_MARKERS + s]:
-                cpid, _, cstart = L.CLIENT_HEAD.unpack_from(mm, base)
-                if cpid and not is_alive(cpid, cstart):
-                    dead_markers.append((c, cpid, cstart))
-        if pid:
+                mpid, mgen, _ = L.CLIENT_HEAD.unpack_from(mm, base)
+                if mpid and not client_alive(self.seg, m, mgen):
+                    dead_markers.append((m, mgen))
+        if c:
             return True, dead_markers
         if not dead_markers:
             return None  # nobody to blame: a live holder is mid-step; wait
@@ -318,7 +405,7 @@ class StripeLocks:
             return False
         so = self._stripe_off(s)
         if keep:
-            self.mm[so + L.S_OWNER_PID : so + L.S_OWNER_PID + 16] = self.identity.owner
+            self.mm[so + L.S_OWNER : so + L.S_OWNER + 16] = self.owner
         else:
             self.sems[s].release()
         return True
@@ -339,12 +426,12 @@ class StripeLocks:
             if not ev[0] and not self._still_stuck(s, ev):
                 return False
             so = self._stripe_off(s)
-            self.mm[so + L.S_OWNER_PID : so + L.S_OWNER_PID + 16] = self.identity.owner
+            self.mm[so + L.S_OWNER : so + L.S_OWNER + 16] = self.owner
             self.repair(s)
             self._q[(so + L.S_RECOVERIES) >> 3] += 1
             self._clear_dead_markers(s, ev[1])
             if not keep:
-                self.mm[so + L.S_OWNER_PID : so + L.S_OWNER_PID + 16] = _ZERO16
+                self.mm[so + L.S_OWNER : so + L.S_OWNER + 16] = _ZERO16
                 self.sems[s].release()
             return True
 
@@ -353,10 +440,10 @@ class StripeLocks:
         # dead client: the reaper may have handed it to a new process meanwhile.
         g = self.geometry
         with self.seg.file_lock(LOCK_CLIENTS, 10.0, what="client table"):
-            for c, pid, start in dead:
+            for c, gen in dead:
                 base = g.client_table_off + c * g.client_record_size
-                cpid, _, cstart = L.CLIENT_HEAD.unpack_from(self.mm, base)
-                if (cpid, cstart) == (pid, start):
+                cpid, cgen, _ = L.CLIENT_HEAD.unpack_from(self.mm, base)
+                if cpid and cgen == gen:
                     self.mm[base + L.C_MARKERS + s] = 0
 
     def _still_stuck(self, s: int, ev) -> bool:
@@ -385,10 +472,11 @@ class StripeLocks:
             n += 1
         return n
 
-    def stripe_owner(self, s: int) -> tuple[int, float]:
-        """(pid, start) recorded as the holder of stripe ``s``; (0, 0.0) if none."""
-        pid, _, start = L.OWNER.unpack_from(self.mm, self._stripe_off(s) + L.S_OWNER_PID)
-        return pid, start
+    def stripe_owner(self, s: int) -> tuple[int, int]:
+        """(pid, client slot) recorded as the holder of stripe ``s``; (0, -1) if
+        none. The pid is as the holder sees itself (its own PID namespace)."""
+        c, _gen, pid, _ = L.OWNER.unpack_from(self.mm, self._stripe_off(s) + L.S_OWNER)
+        return (pid, c - 1) if c else (0, -1)
 
 
 # -- client table -------------------------------------------------------------
@@ -396,37 +484,48 @@ def _client_base(g: L.Geometry, c: int) -> int:
     return g.client_table_off + c * g.client_record_size
 
 
-def claim_client(seg: Segment, identity: Identity, timeout: float = 10.0) -> int:
-    """Claim a free client slot for this process (reaping dead ones). Returns its index.
+def claim_client(seg: Segment, identity: Identity, timeout: float = 10.0) -> Client:
+    """Claim a free client slot for this process (reaping dead ones) and lock
+    its byte for as long as we stay attached. Returns the :class:`Client`.
 
     Raises:
         CacheFull: every slot belongs to a live process (raise ``max_clients``).
     """
     g = seg.geometry
     mm = seg.mm
-    with seg.file_lock(LOCK_CLIENTS, timeout, what="client table"):
-        free = None
-        for c in range(g.max_clients):
-            base = _client_base(g, c)
-            pid, _, start = L.CLIENT_HEAD.unpack_from(mm, base)
-            if pid == 0:
-                free = c
-                break
-        if free is None:
-            free = _reap_locked(seg, first_only=True)
-        if free is None:
-            raise CacheFull(
-                f"all {g.max_clients} client slots of cache {seg.name!r} belong to live processes; "
-                "create the cache with a larger max_clients"
-            )
-        base = _client_base(g, free)
-        mm[base : base + g.client_record_size] = bytes(g.client_record_size)
-        L.CLIENT_HEAD.pack_into(mm, base, identity.pid, 0, identity.start)
-        return free
+    fd = seg.private_fd()
+    try:
+        with seg.file_lock(LOCK_CLIENTS, timeout, what="client table"):
+            for c in range(g.max_clients):
+                base = _client_base(g, c)
+                if L.CLIENT_HEAD.unpack_from(mm, base)[0] == 0 and seg.ofd_try_lock(fd, base):
+                    return _take_slot(seg, c, fd, identity)
+            c = _reap_locked(seg, first_only=True)
+            if c is not None and seg.ofd_try_lock(fd, _client_base(g, c)):
+                return _take_slot(seg, c, fd, identity)
+        raise CacheFull(
+            f"all {g.max_clients} client slots of cache {seg.name!r} belong to live processes; "
+            "create the cache with a larger max_clients"
+        )
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def _take_slot(seg: Segment, c: int, fd: int, identity: Identity) -> Client:
+    """Under the client-table lock, with slot ``c``'s byte locked by ``fd``:
+    write our record with the slot's next generation."""
+    g = seg.geometry
+    base = _client_base(g, c)
+    gen = (L.CLIENT_HEAD.unpack_from(seg.mm, base)[1] + 1) & 0xFFFFFFFF or 1
+    seg.mm[base : base + g.client_record_size] = bytes(g.client_record_size)
+    L.CLIENT_HEAD.pack_into(seg.mm, base, identity.pid, gen, identity.start)
+    return Client(c, gen, fd, identity.pid)
 
 
 def _retire_locked(seg: Segment, c: int) -> None:
-    """Fold client ``c``'s counters into the header totals and free the slot."""
+    """Fold client ``c``'s counters into the header totals and free the slot
+    (keeping its generation, so an owner record of the old holder stays stale)."""
     g = seg.geometry
     mm = seg.mm
     base = _client_base(g, c)
@@ -434,16 +533,25 @@ def _retire_locked(seg: Segment, c: int) -> None:
         v = L.U64.unpack_from(mm, base + L.C_COUNTERS + 8 * k)[0]
         off = L.H_RETIRED + 8 * k
         L.U64.pack_into(mm, off, L.U64.unpack_from(mm, off)[0] + v)
+    gen = L.CLIENT_HEAD.unpack_from(mm, base)[1]
     mm[base : base + g.client_record_size] = bytes(g.client_record_size)
+    L.CLIENT_HEAD.pack_into(mm, base, 0, gen, 0.0)
 
 
-def release_client(seg: Segment, identity: Identity, c: int) -> None:
-    """Give back client slot ``c`` if this process still holds it."""
+def release_client(seg: Segment, client: Client) -> None:
+    """Give back ``client``'s slot if this process still holds it, and its lock."""
     g = seg.geometry
-    with seg.file_lock(LOCK_CLIENTS, 10.0, what="client table"):
-        pid, _, start = L.CLIENT_HEAD.unpack_from(seg.mm, _client_base(g, c))
-        if pid == identity.pid and start == identity.start:
-            _retire_locked(seg, c)
+    try:
+        with seg.file_lock(LOCK_CLIENTS, 10.0, what="client table"):
+            base = _client_base(g, client.slot)
+            pid, gen, _ = L.CLIENT_HEAD.unpack_from(seg.mm, base)
+            if pid and gen == client.gen and client.fd >= 0:
+                _retire_locked(seg, client.slot)
+                seg.ofd_unlock(client.fd, base)
+    finally:
+        # Closed only now: closing any fd of the file drops this process's
+        # classic POSIX locks on it, the client-table lock among them.
+        client.abandon()
 
 
 def _reap_locked(seg: Segment, first_only: bool = False) -> int | list[int] | None:
@@ -452,10 +560,10 @@ def _reap_locked(seg: Segment, first_only: bool = False) -> int | list[int] | No
     reaped = []
     for c in range(g.max_clients):
         base = _client_base(g, c)
-        pid, _, start = L.CLIENT_HEAD.unpack_from(mm, base)
-        if pid == 0 or is_alive(pid, start):
+        pid = L.CLIENT_HEAD.unpack_from(mm, base)[0]
+        if pid == 0 or seg.ofd_locked(base):
             continue
-        if not _clear_stale_markers(seg, base, pid):
+        if not _clear_stale_markers(seg, base, c):
             continue  # evidence for a stuck stripe: recovery frees this slot
         _retire_locked(seg, c)
         if first_only:
@@ -464,8 +572,8 @@ def _reap_locked(seg: Segment, first_only: bool = False) -> int | list[int] | No
     return None if first_only else reaped
 
 
-def _clear_stale_markers(seg: Segment, base: int, pid: int) -> bool:
-    """Clear the markers of dead client ``pid`` (record at ``base``) that
+def _clear_stale_markers(seg: Segment, base: int, c: int) -> bool:
+    """Clear the markers of dead client ``c`` (record at ``base``) that
     cannot mean it holds a stripe: the stripe's semaphore is free, or a
     different live process is its recorded owner (a waiter killed in sem_wait
     leaves such a marker). Returns True if no marker is left."""
@@ -476,8 +584,8 @@ def _clear_stale_markers(seg: Segment, base: int, pid: int) -> bool:
         m = base + L.C_MARKERS + s
         if not mm[m]:
             continue
-        owner, _, ostart = L.OWNER.unpack_from(mm, g.stripe_table_off + s * L.STRIPE_SIZE + L.S_OWNER_PID)
-        if seg.sems[s].value > 0 or (owner and owner != pid and is_alive(owner, ostart)):
+        owner, ogen, _pid, _ = L.OWNER.unpack_from(mm, g.stripe_table_off + s * L.STRIPE_SIZE + L.S_OWNER)
+        if seg.sems[s].value > 0 or (owner and owner != c + 1 and client_alive(seg, owner - 1, ogen)):
             mm[m] = 0
         else:
             left = True
@@ -491,11 +599,27 @@ def reap_dead_clients(seg: Segment) -> list[int]:
 
 
 def live_clients(seg: Segment) -> list[tuple[int, int, float]]:
-    """(slot, pid, start) of every claimed client slot."""
+    """(slot, pid, start) of every claimed client slot, dead ones not yet reaped included.
+    The pid is as each process sees itself (its own PID namespace)."""
     g = seg.geometry
     out = []
     for c in range(g.max_clients):
-        pid, _, start = L.CLIENT_HEAD.unpack_from(seg.mm, _client_base(g, c))
+        pid, _gen, start = L.CLIENT_HEAD.unpack_from(seg.mm, _client_base(g, c))
         if pid:
             out.append((c, pid, start))
     return out
+
+
+def attached_clients(seg: Segment) -> int:
+    """How many processes are attached right now (client slots whose lock is held)."""
+    return sum(1 for c, _pid, _start in live_clients(seg) if client_alive(seg, c))
+
+
+def daemon_pid(seg: Segment) -> int | None:
+    """The pid of the daemon serving this cache (as the daemon sees itself), or
+    None if none runs. The kernel answers (is LOCK_DAEMON held?), so a daemon in
+    another PID namespace counts and a dead one's leftover header does not."""
+    holder = seg.file_lock_holder(LOCK_DAEMON)
+    if holder is None and not seg.holds_file_lock(LOCK_DAEMON):
+        return None
+    return L.U64.unpack_from(seg.mm, L.H_DAEMON_PID)[0] or holder or None

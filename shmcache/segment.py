@@ -33,6 +33,7 @@ import mmap
 import os
 import pwd
 import stat
+import struct
 import threading
 import time
 from contextlib import contextmanager
@@ -60,6 +61,10 @@ if not posix_ipc.SEMAPHORE_TIMEOUT_SUPPORTED:  # pragma: no cover - macOS
 # fcntl byte-range locks on the segment fd. The kernel drops them when the
 # holder dies, which is why the rare paths use them instead of semaphores
 # (measured ~1.5 us per lock/unlock pair, too slow for every write).
+# Bytes 0-2 are classic POSIX locks taken for a moment (per process, so a
+# thread lock makes them exclusive between threads too); byte 3 and each
+# client record's first byte are held for a lifetime: LOCK_DAEMON a POSIX
+# lock (not inherited by fork), client bytes OFD locks (see lock.Client).
 LOCK_INIT = 0  # create-or-attach
 LOCK_CLIENTS = 1  # claim / release / reap client slots
 LOCK_RECOVERY = 2  # repair a stripe whose lock owner died
@@ -90,7 +95,16 @@ def _reset_thread_locks_after_fork() -> None:
     _thread_locks_guard = threading.Lock()
 
 
-os.register_at_fork(after_in_child=_reset_thread_locks_after_fork)
+#: (inode, byte) of the lifetime locks this process holds (Segment.try_file_lock).
+_held_for_life: set[tuple[int, int]] = set()
+
+
+def _reset_after_fork() -> None:
+    _reset_thread_locks_after_fork()
+    _held_for_life.clear()  # classic POSIX locks are not inherited
+
+
+os.register_at_fork(after_in_child=_reset_after_fork)
 
 
 def shm_name(name: str) -> str:
@@ -116,6 +130,7 @@ class Segment:
         #: True if this process initialized the segment.
         self.created = created
         self._ino = os.fstat(self.fd).st_ino
+        self._held: set[int] = set()  # try_file_lock bytes held by this Segment
         self.closed = False
         #: True if nobody but this process's user can write the segment (its
         #: owner is our euid and it has no group/other write bits): the only
@@ -330,20 +345,53 @@ class Segment:
         or :meth:`close`. Returns False if another process holds it."""
         try:
             fcntl.lockf(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB, 1, byte)
+            _held_for_life.add((self._ino, byte))
+            self._held.add(byte)
             return True
         except OSError as e:
             if e.errno in (errno.EACCES, errno.EAGAIN):
                 return False
             raise
 
+    def holds_file_lock(self, byte: int) -> bool:
+        """True if this process took lock ``byte`` with :meth:`try_file_lock` (on
+        any Segment of this file): F_GETLK does not report our own locks."""
+        return (self._ino, byte) in _held_for_life
+
     def file_lock_holder(self, byte: int) -> int | None:
         """The pid holding fcntl lock ``byte``, or None (F_GETLK)."""
-        import struct
-
-        flock = struct.pack("hhqqi", fcntl.F_WRLCK, os.SEEK_SET, byte, 1, 0)
-        res = fcntl.fcntl(self.fd, fcntl.F_GETLK, flock)
-        ltype, _, _, _, pid = struct.unpack("hhqqi", res)
+        res = fcntl.fcntl(self.fd, fcntl.F_GETLK, _FLOCK.pack(fcntl.F_WRLCK, os.SEEK_SET, byte, 1, 0))
+        ltype, _, _, _, pid = _FLOCK.unpack(res)
         return None if ltype == fcntl.F_UNLCK else pid
+
+    # -- liveness (see lock.Client) -------------------------------------------
+    def private_fd(self) -> int:
+        """A new open file description of this segment (O_CLOEXEC): OFD locks
+        taken through it belong to it alone, not to the fd the mapping came from
+        (which a forked child shares for as long as it keeps the mapping)."""
+        try:
+            fd = os.open(f"/proc/self/fd/{self.fd}", os.O_RDWR | os.O_CLOEXEC)
+        except OSError:  # no /proc: by name, then make sure it is the same file
+            fd = os.open(shm_path(self.name), os.O_RDWR | os.O_CLOEXEC | os.O_NOFOLLOW)
+        if os.fstat(fd).st_ino != self._ino:
+            os.close(fd)
+            raise LayoutMismatch(f"cache {self.name!r} was removed and recreated while attaching; try again")
+        return fd
+
+    def ofd_locked(self, byte: int) -> bool:
+        """True if another open file description holds an OFD (or POSIX) lock on ``byte``."""
+        res = fcntl.fcntl(self.fd, fcntl.F_OFD_GETLK, _FLOCK.pack(fcntl.F_WRLCK, os.SEEK_SET, byte, 1, 0))
+        return _FLOCK.unpack(res)[0] != fcntl.F_UNLCK
+
+    @staticmethod
+    def ofd_try_lock(fd: int, byte: int) -> bool:
+        """Write-lock ``byte`` through open file description ``fd`` if free. True if taken."""
+        return ofd_try_lock(fd, byte)
+
+    @staticmethod
+    def ofd_unlock(fd: int, byte: int) -> None:
+        """Release ``fd``'s OFD lock on ``byte``."""
+        fcntl.fcntl(fd, fcntl.F_OFD_SETLK, _FLOCK.pack(fcntl.F_UNLCK, os.SEEK_SET, byte, 1, 0))
 
     # -- close / unlink -----------------------------------------------------
     def close(self) -> None:
@@ -351,6 +399,8 @@ class Segment:
         if self.closed:
             return
         self.closed = True
+        for byte in self._held:
+            _held_for_life.discard((self._ino, byte))
         try:
             self.mm.close()
         except BufferError:  # a numpy view is still alive somewhere; the GC unmaps it
@@ -682,6 +732,22 @@ def _permission_denied(name: str, path: str) -> PermissionDenied:
         f"{group} (usermod -aG GROUP USER; Docker --group-add); or remove it (shmcache rm {name}) and let "
         f"this user create it"
     )
+
+
+# struct flock (x86-64 and arm64 Linux): type, whence, start, len, pid; l_pid
+# must be 0 for OFD locks.
+_FLOCK = struct.Struct("hhqqi4x")
+
+
+def ofd_try_lock(fd: int, byte: int) -> bool:
+    """Write-lock ``byte`` through open file description ``fd`` without waiting. True if taken."""
+    try:
+        fcntl.fcntl(fd, fcntl.F_OFD_SETLK, _FLOCK.pack(fcntl.F_WRLCK, os.SEEK_SET, byte, 1, 0))
+        return True
+    except OSError as e:
+        if e.errno in (errno.EACCES, errno.EAGAIN):
+            return False
+        raise
 
 
 def _chmod_sem(sname: str, mode: int) -> None:

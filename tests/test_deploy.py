@@ -4,17 +4,24 @@ namespaces with their own tmpfs on /dev/shm (`unshare -m`), real users.
 Skipped with the reason when the kernel or the tools refuse.
 """
 
+import multiprocessing as mp
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import textwrap
+import time
 import warnings
 
+import psutil
 import pytest
 
 import shmcache
 from shmcache import Cache
+from test_crash import keys_in_stripe
+
+CTX = mp.get_context("fork")
 
 ROOT = os.geteuid() == 0
 
@@ -169,3 +176,195 @@ def test_attach_with_other_settings_strict_is_an_error(make_cache):
     make_cache(size="1MiB", mode=0o600)
     with pytest.raises(shmcache.SettingsMismatch, match=r"mode='0o660' \(it has 0o600\)"):
         make_cache(size="1MiB", mode=0o660, strict=True)
+
+
+# ------------------------------------------- liveness across PID namespaces
+def _can_unshare_pid() -> str | None:
+    if NO_UNSHARE:
+        return NO_UNSHARE
+    r = subprocess.run(["unshare", "--pid", "--fork", "--mount-proc", "true"], capture_output=True, text=True)
+    return f"the kernel refuses a PID namespace: {r.stderr.strip()}" if r.returncode else None
+
+
+NO_PIDNS = _can_unshare_pid()
+needs_pidns = pytest.mark.skipif(NO_PIDNS is not None, reason=NO_PIDNS or "")
+
+# The holder, pid 1 of its own PID namespace (its own /proc): attach, take
+# stripe S, say so, hold it until the flag file appears, release, write once more.
+HOLDER = """
+import os, sys, time
+from shmcache import Cache
+name, s, flag = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+c = Cache(name, create=False)
+c._locks.lock(s)
+print("HOLDING", os.getpid(), flush=True)
+while not os.path.exists(flag):
+    time.sleep(0.01)
+c._locks.unlock(s)
+c.set("from-the-holder", b"h" * 100)
+print("RELEASED", flush=True)
+"""
+
+
+def _writer(name, keys, lock_timeout, done, t_first):
+    c = Cache(name, create=False, lock_timeout=lock_timeout)
+    for i, k in enumerate(keys):
+        c.set(k, k.encode() * 50)
+        if i == 0:
+            t_first.value = time.monotonic()
+        done.value += 1
+    c.close()
+
+
+def _start_foreign_holder(name, s, flag):
+    """The holder in a new PID namespace; returns (unshare Popen, holder's host pid)."""
+    p = subprocess.Popen(["unshare", "--pid", "--fork", "--mount-proc", sys.executable, "-c", HOLDER,
+                          name, str(s), flag], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    line = p.stdout.readline()
+    assert line.startswith("HOLDING 1"), (line, p.stderr.read() if p.poll() is not None else "")
+    host_pid = psutil.Process(p.pid).children()[0].pid
+    return p, host_pid
+
+
+@needs_pidns
+@pytest.mark.timeout(120)
+def test_regression_live_holder_in_another_pid_namespace_is_never_taken_over(make_cache, cache_name, tmp_path):
+    # A pid + start time owner record meant nothing across PID namespaces: the
+    # host judged this live holder (pid 1 over there) dead after lock_timeout,
+    # "recovered" its stripe while it held it, and the semaphore ended at 2.
+    cache = make_cache(size="2MiB", stripes=4)
+    s = 1
+    keys = keys_in_stripe(4, s, 20, "host")
+    flag = str(tmp_path / "release")
+    p, host_pid = _start_foreign_holder(cache_name, s, flag)
+    done, t_first = CTX.Value("i", 0), CTX.Value("d", 0.0)
+    w = CTX.Process(target=_writer, args=(cache_name, keys, 0.2, done, t_first))
+    try:
+        os.kill(host_pid, signal.SIGSTOP)
+        w.start()
+        sem_max = 0
+        t_end = time.monotonic() + 3.0  # 15 x lock_timeout
+        while time.monotonic() < t_end:
+            sem_max = max(sem_max, cache._seg.sems[s].value)
+            time.sleep(0.01)
+        assert done.value == 0, "the writer took over a stopped, live holder's stripe"
+        assert sem_max == 0 and cache.stats()["recoveries"] == 0
+        open(flag, "w").close()
+        os.kill(host_pid, signal.SIGCONT)
+        assert p.wait(30) == 0 and "RELEASED" in p.stdout.read()
+        w.join(30)
+        assert w.exitcode == 0 and done.value == len(keys)
+        assert cache._seg.sems[s].value == 1
+        for k in keys:
+            assert cache.get(k) == k.encode() * 50
+        assert cache.get("from-the-holder") == b"h" * 100
+        assert cache.check() == [] and cache.stats()["recoveries"] == 0
+    finally:
+        _stop_all(p, host_pid, w)
+
+
+@needs_pidns
+@pytest.mark.timeout(120)
+def test_killed_holder_in_another_pid_namespace_is_recovered_at_once(make_cache, cache_name, tmp_path):
+    # lock_timeout=30: progress within the bounded join below can only come
+    # from the kernel saying the holder's client lock is gone, not a timeout.
+    cache = make_cache(size="2MiB", stripes=4)
+    s = 2
+    before = {k: k.encode() * 50 for k in keys_in_stripe(4, s, 10, "pre")}
+    for k, v in before.items():
+        cache.set(k, v)
+    keys = keys_in_stripe(4, s, 20, "host")
+    p, host_pid = _start_foreign_holder(cache_name, s, str(tmp_path / "never"))
+    done, t_first = CTX.Value("i", 0), CTX.Value("d", 0.0)
+    w = CTX.Process(target=_writer, args=(cache_name, keys, 30.0, done, t_first))
+    try:
+        os.kill(host_pid, signal.SIGSTOP)
+        w.start()
+        time.sleep(1.0)
+        assert done.value == 0
+        t_kill = time.monotonic()
+        os.kill(host_pid, signal.SIGKILL)
+        w.join(10)  # a third of lock_timeout
+        assert w.exitcode == 0, "the writer did not get past the killed holder"
+        print(f"stall after SIGKILL of a holder in another PID namespace: {(t_first.value - t_kill) * 1e3:.1f} ms")
+        assert cache._seg.sems[s].value == 1
+        for k, v in {**before, **{k: k.encode() * 50 for k in keys}}.items():
+            assert cache.get(k) == v
+        assert cache.check() == [] and cache.stats()["recoveries"] == 1
+    finally:
+        _stop_all(p, host_pid, w)
+
+
+def _stop_all(p, host_pid, w):
+    for sig in (signal.SIGCONT, signal.SIGKILL):
+        try:
+            os.kill(host_pid, sig)
+        except ProcessLookupError:
+            pass
+    p.wait(30)
+    if w.pid is not None:
+        w.join(30)
+        if w.exitcode is None:
+            w.kill()
+            w.join(5)
+
+
+def _wait_zombie(pid, timeout=30.0):
+    deadline = time.monotonic() + timeout
+    while psutil.Process(pid).status() != psutil.STATUS_ZOMBIE:
+        assert time.monotonic() < deadline, "the killed process did not die"
+        time.sleep(0.01)
+
+
+def _hold_with_a_forked_child(name, s, ready, child_pid):
+    c = Cache(name, create=False)
+    pid = os.fork()
+    if pid == 0:  # the child keeps the mapping and everything fork copied, and lives on
+        time.sleep(60)
+        os._exit(0)
+    child_pid.value = pid
+    c._locks.lock(s)
+    ready.set()
+    time.sleep(60)
+
+
+@pytest.mark.timeout(120)
+def test_regression_forked_child_does_not_keep_a_dead_parent_alive(make_cache, cache_name):
+    # OFD locks are shared with a forked child through the inherited open file
+    # description: unless the child drops it, a parent killed while holding a
+    # stripe would look alive for as long as the child lives.
+    cache = make_cache(size="2MiB", stripes=4)
+    s = 3
+    ready, child = CTX.Event(), CTX.Value("i", 0)
+    p = CTX.Process(target=_hold_with_a_forked_child, args=(cache_name, s, ready, child))
+    p.start()
+    try:
+        assert ready.wait(30)
+        assert psutil.pid_exists(child.value)
+        p.kill()
+        # not p.join(): the child inherited p's sentinel pipe, which stays open
+        _wait_zombie(p.pid)
+        done, t_first = CTX.Value("i", 0), CTX.Value("d", 0.0)
+        w = CTX.Process(target=_writer, args=(cache_name, keys_in_stripe(4, s, 3, "w"), 30.0, done, t_first))
+        w.start()
+        w.join(10)  # lock_timeout is 30 s
+        assert w.exitcode == 0 and done.value == 3
+        assert cache.stats()["recoveries"] == 1 and cache.check() == []
+    finally:
+        if child.value:
+            os.kill(child.value, signal.SIGKILL)
+        p.join(5)
+
+
+def test_closing_another_handle_of_the_same_cache_keeps_us_alive(make_cache, cache_name):
+    # Classic POSIX locks die when the process closes *any* fd of the file; the
+    # client locks are OFD locks, which only their own descriptor's close ends.
+    from shmcache.lock import client_alive
+
+    a = make_cache(size="1MiB")
+    b = make_cache(size="1MiB")
+    slot = a._state.client.slot
+    b.close()
+    Cache.unlink("no-such-cache-" + os.urandom(4).hex())
+    assert client_alive(a._seg, slot, a._state.client.gen)
+    assert a.stats()["clients"] == 1

@@ -121,7 +121,7 @@ def _forked_user(cache, key, n, q):
     for i in range(n):
         cache.set(f"{key}-{i}", i)
     ok = all(cache.get(f"{key}-{i}") == i for i in range(n))
-    q.put((os.getpid(), cache._state.client, slot_pid(cache, cache._state.client), ok))
+    q.put((os.getpid(), cache._state.client.slot, slot_pid(cache, cache._state.client.slot), ok))
 
 
 _KEEP = []  # like a worker's module-level ``cache = Cache(...)``
@@ -274,7 +274,7 @@ def test_threads_set_get_never_see_bad_values(make_cache):
 @pytest.mark.timeout(60)
 def test_fork_after_open_children_get_own_slots(cache):
     """gunicorn --preload: the master opens the cache, then forks workers."""
-    parent_client = cache._state.client
+    parent_client = cache._state.client.slot
     cache.set("from-parent", b"p")
     results = []
     pids = []
@@ -291,7 +291,7 @@ def test_fork_after_open_children_get_own_slots(cache):
                         cache.set(f"osfork{w}-{i}", i)
                     ok = all(cache.get(f"osfork{w}-{i}") == i for i in range(50))
                     ok = ok and cache.get("from-parent") == b"p"
-                    c = cache._state.client
+                    c = cache._state.client.slot
                     os.write(wfd, f"{os.getpid()} {c} {slot_pid(cache, c)} {int(ok)}".encode())
                     code = 0
                 finally:
@@ -326,7 +326,7 @@ def test_fork_after_open_children_get_own_slots(cache):
         assert ok
         assert c != parent_client
         assert spid == cpid  # the child recorded itself in its own slot
-    assert cache._state.client == parent_client
+    assert cache._state.client.slot == parent_client
     assert slot_pid(cache, parent_client) == os.getpid()
     # the parent still works, and sees what the children wrote
     cache.set("after", b"a")
