@@ -45,6 +45,11 @@ tools:
 	@command -v tmux >/dev/null || { \
 	  SUDO=$$( [ "$$(id -u)" -eq 0 ] || echo sudo ); \
 	  $$SUDO apt-get update -q && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -q tmux; }
+	@# tests/test_deploy.py: systemd-analyze verifies the unit, useradd makes a real
+	@# unprivileged user, unshare makes private /dev/shm and PID namespaces
+	@command -v systemd-analyze >/dev/null && command -v useradd >/dev/null && command -v unshare >/dev/null || { \
+	  SUDO=$$( [ "$$(id -u)" -eq 0 ] || echo sudo ); \
+	  $$SUDO apt-get update -q && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -q systemd passwd util-linux; }
 
 demo: $(STAMP)
 	$(PY) -m shmcache.cli demo

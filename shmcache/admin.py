@@ -46,7 +46,8 @@ if TYPE_CHECKING:  # pragma: no cover
 __all__ = [
     "ClientInfo", "DaemonInfo", "EntryInfo", "SnapshotStatus", "StripeInfo", "TYPE_NAMES",
     "check", "clients", "counters", "daemon_info", "entries", "expire", "geometry", "inspect",
-    "RawWriter", "Storage", "expiring", "fix_overcount", "heartbeat", "publish_daemon", "reap_clients",
+    "RawWriter", "Storage", "expiring", "fix_overcount", "heartbeat", "mark_daemon_ready", "publish_daemon",
+    "reap_clients",
     "record_snapshot", "recover", "recover_stripes", "repair", "storage", "stored_items", "stripes",
     "withdraw_daemon",
 ]
@@ -184,6 +185,7 @@ class DaemonInfo:
     snapshot_path: str | None  #: where it writes snapshots (None: snapshots off)
     last_snapshot: SnapshotStatus | None  #: None: no attempt yet
     heartbeat_age: float | None = field(default=None)  #: seconds since ``heartbeat``
+    ready: bool = False  #: alive and serving: its start-up snapshot restore is done
 
 
 def _read_text(mm: Any, off: int, size: int) -> str | None:
@@ -213,9 +215,11 @@ def daemon_info(cache: "Cache") -> DaemonInfo:
             seconds=L.F64.unpack_from(mm, L.H_SNAPSHOT_SECONDS)[0],
             error=None if ok else _read_text(mm, L.H_SNAPSHOT_ERROR, L.SNAPSHOT_ERROR_MAX),
         )
+    alive = bool(pid) and daemon_pid(cache._seg) is not None
     return DaemonInfo(
         pid=pid or None,
-        alive=bool(pid) and daemon_pid(cache._seg) is not None,
+        alive=alive,
+        ready=alive and L.U64.unpack_from(mm, L.H_DAEMON_READY)[0] == pid,
         heartbeat=beat or None,
         heartbeat_age=(time.time() - beat) if beat else None,
         snapshot_path=_read_text(mm, L.H_SNAPSHOT_PATH, L.SNAPSHOT_PATH_MAX) if pid else None,
@@ -238,9 +242,17 @@ def publish_daemon(cache: "Cache", pid: int, start: float, snapshot_path: str | 
     mm = cache._seg.mm
     L.U64.pack_into(mm, L.H_SNAPSHOT_STATUS, L.SNAPSHOT_NONE)
     _write_text(mm, L.H_SNAPSHOT_PATH, L.SNAPSHOT_PATH_MAX, snapshot_path)
+    L.U64.pack_into(mm, L.H_DAEMON_READY, 0)
     L.U64.pack_into(mm, L.H_DAEMON_PID, pid)
     L.F64.pack_into(mm, L.H_DAEMON_START, start)
     heartbeat(cache)
+
+
+def mark_daemon_ready(cache: "Cache", pid: int) -> None:
+    """Record that daemon ``pid`` serves (its start-up restore is done): what
+    ``shmcache wait`` waits for. Daemon only."""
+    cache._check_open()
+    L.U64.pack_into(cache._seg.mm, L.H_DAEMON_READY, pid)
 
 
 def heartbeat(cache: "Cache", now: float | None = None) -> None:
@@ -255,6 +267,7 @@ def withdraw_daemon(cache: "Cache", pid: int) -> None:
     cache._check_open()
     mm = cache._seg.mm
     if L.U64.unpack_from(mm, L.H_DAEMON_PID)[0] == pid:
+        L.U64.pack_into(mm, L.H_DAEMON_READY, 0)
         L.U64.pack_into(mm, L.H_DAEMON_PID, 0)
         L.F64.pack_into(mm, L.H_DAEMON_HEARTBEAT, 0.0)
 

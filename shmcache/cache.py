@@ -191,8 +191,11 @@ class Cache(MutableMapping[Any, Any]):
         mode: permission bits of the segment and semaphores (default 0o600;
             0o660 to share with the group).
         default_ttl: seconds, used when ``set`` gets no ``ttl`` (None = forever).
-        lock_timeout: seconds a writer waits on a stripe lock before checking
-            whether its holder died (then it recovers the stripe).
+        lock_timeout: a dead lock holder is noticed within milliseconds
+            whatever this is (its client lock is gone); this bounds the rarer
+            case of a holder that died before recording itself (recovered
+            after max(lock_timeout, 1 s)), and a live holder is waited for
+            up to max(10 x lock_timeout, 5 s) before LockTimeout.
         clock: a ``time.time``-like function; deadlines are absolute values of it.
         serializer: object with ``dumps``/``loads`` used instead of pickle for
             values that are not bytes, str, int, float or numpy arrays.

@@ -726,6 +726,26 @@ def cmd_ls(args) -> int:
     return 0
 
 
+def cmd_wait(args) -> int:
+    """``shmcache wait``: return once a daemon serves the cache; exit 1 after --timeout."""
+    from .daemon import wait_ready
+
+    name = _name(args)
+    pid = wait_ready(name, args.timeout)
+    if not args.quiet:
+        print(f"daemon pid {pid} serves cache {name!r}")
+    return 0
+
+
+def cmd_systemd_unit(args) -> int:
+    """``shmcache systemd-unit``: print a systemd service unit for the cache's daemon."""
+    from .contrib.systemd import unit
+
+    sys.stdout.write(unit(_name(args), user=args.user, group=args.group, size=args.size, mode=args.mode,
+                          snapshot=args.snapshot))
+    return 0
+
+
 def cmd_rm(args) -> int:
     """``shmcache rm``: unlink a cache. Raises CliError if absent, or if its daemon runs
     (without --force; with it, when the daemon does not stop within --timeout seconds)."""
@@ -1070,6 +1090,26 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--json", action="store_true", help="print the layout as JSON")
     sp = add("ls", cmd_ls, "list the caches on this host with size, items and daemon")
     sp.add_argument("--json", action="store_true")
+    sp = named(add(
+        "wait", cmd_wait, "wait until a daemon serves the cache (exit 1 after --timeout)",
+        "Return (exit 0) once a daemon holds the cache's daemon lock and has finished its start-up "
+        "snapshot restore; exit 1 with the reason after --timeout seconds. For scripts, gunicorn "
+        "hooks and container entrypoints, instead of reading the daemon's log.",
+    ))
+    sp.add_argument("--timeout", type=float, default=30.0, help="seconds to wait (default 30)")
+    sp.add_argument("-q", "--quiet", action="store_true", help="print nothing on success")
+    sp = named(add(
+        "systemd-unit", cmd_systemd_unit, "print a systemd service unit for the cache's daemon",
+        "Print a Type=notify unit running 'shmcache daemon' for the cache as USER:GROUP, with "
+        "RemoveIPC=no (RemoveIPC=yes, implied by DynamicUser=yes, deletes the cache when the unit "
+        "stops), snapshots in /var/lib/shmcache and a watchdog. Redirect it to "
+        "/etc/systemd/system/shmcache-NAME.service.",
+    ))
+    sp.add_argument("--user", default="shmcache", help="system user the daemon runs as (default shmcache)")
+    sp.add_argument("--group", help="group every process using the cache is in (default: --user)")
+    sp.add_argument("--size", help="segment size if the daemon creates the cache (default 64MiB)")
+    sp.add_argument("--mode", default="660", help="permission bits (octal) of the cache (default 660)")
+    sp.add_argument("--snapshot", metavar="PATH", help="snapshot file (default /var/lib/shmcache/NAME.snapshot)")
     sp = named(add("rm", cmd_rm, "remove a cache (its shared memory and semaphores)"))
     sp.add_argument("--force", action="store_true", help="even while its daemon runs: stop it first (SIGTERM)")
     sp.add_argument("--timeout", type=float, default=30.0,

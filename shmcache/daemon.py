@@ -24,8 +24,12 @@ thread:
   so a snapshot or an expiry tick never delays an invalidation.
 
 Once the start-up restore is done the daemon logs ``daemon pid <pid> serving
-cache ...``; launchers (the demo, the gunicorn config, the tests) wait for
-that line before starting workers, so keep its wording.
+cache ...`` (keep its wording: scripts read it), marks itself ready in the
+header (``shmcache wait -n NAME`` returns then; the gunicorn hooks use it) and
+tells systemd ``READY=1`` when started as a ``Type=notify`` service, with
+``STATUS=`` lines after each snapshot and ``WATCHDOG=1`` at half of
+``WatchdogSec``. It refuses to start if the snapshot directory is not
+writable, and exits with status 1 if its last snapshot failed.
 
 While a snapshot is being written the loop does nothing else (a 1 GiB cache
 takes about a second); reads still never return expired entries.
@@ -38,7 +42,9 @@ import logging
 import os
 import select
 import signal
+import socket
 import stat
+import tempfile
 import time
 from collections import deque
 
@@ -243,6 +249,7 @@ class Daemon:
                 # recorded in the header so `shmcache snapshot` finds it
                 raise DaemonError(f"snapshot path {self.snapshot_path} is longer than "
                                   f"{L.SNAPSHOT_PATH_MAX - 1} bytes; use a shorter one")
+            _check_writable_dir(os.path.dirname(self.snapshot_path))
             _check_snapshot_path(self.snapshot_path)
         self.snapshot_every = float(snapshot_every)
         self.expire_every = float(expire_every)
@@ -283,6 +290,10 @@ class Daemon:
         self._snap_requested = False
         self._wake_r = self._wake_w = None
         self.snapshots = 0
+        #: None: no snapshot attempted yet; else whether the last attempt failed
+        self.last_snapshot_failed: bool | None = None
+        self._watchdog_every = _watchdog_interval()
+        self._next_watchdog = 0.0
         admin.publish_daemon(self.cache, self.identity.pid, self.identity.start, self.snapshot_path)
 
     # -- header fields -----------------------------------------------------
@@ -351,11 +362,16 @@ class Daemon:
         except (OSError, Error) as e:
             log.error("snapshot to %s failed: %s", self.snapshot_path, e)
             admin.record_snapshot(self.cache, ok=False, error=str(e))
+            self.last_snapshot_failed = True
+            sd_notify(f"STATUS=serving cache {self.name!r}; last snapshot FAILED: {e}")
             return None
         finally:
             if bar:
                 bar.finish()
         admin.record_snapshot(self.cache, ok=True, entries=info.entries, nbytes=info.bytes, seconds=info.seconds)
+        self.last_snapshot_failed = False
+        sd_notify(f"STATUS=serving cache {self.name!r}; last snapshot {time.strftime('%H:%M:%S')}: "
+                  f"{info.entries} entries")
         self.snapshots += 1
         log.info(
             "snapshot %s: %d entries, %s in %.3f s (%.0f MB/s); longest stripe lock %.2f ms",
@@ -460,6 +476,8 @@ class Daemon:
             "daemon pid %d serving cache %r (%s, %d stripes, %d items max); %s; %s",
             os.getpid(), self.name, _fmt_bytes(g.total_size), g.n_stripes, g.max_items, snaps, expiry,
         )
+        admin.mark_daemon_ready(self.cache, self.identity.pid)  # what `shmcache wait` waits for
+        sd_notify(f"READY=1\nSTATUS=serving cache {self.name!r} ({_fmt_bytes(g.total_size)}); {snaps}")
         tick = self.expire_every if self.expire_every > 0 else 0.5
         now = time.monotonic()
         next_expire = now
@@ -468,6 +486,9 @@ class Daemon:
         while not self._stop:
             now = time.monotonic()
             self._beat()
+            if self._watchdog_every and now >= self._next_watchdog:
+                sd_notify("WATCHDOG=1")
+                self._next_watchdog = now + self._watchdog_every
             if self._snap_requested:
                 self._snap_requested = False
                 self.take_snapshot()
@@ -488,8 +509,11 @@ class Daemon:
             if self._stop or self._snap_requested:
                 continue
             wake = min(next_expire if self.expire_every else now + tick, next_recover, next_snapshot, now + tick)
+            if self._watchdog_every:
+                wake = min(wake, self._next_watchdog)
             self._wait(wake - time.monotonic())
         log.info("stopping")
+        sd_notify("STOPPING=1\nSTATUS=writing the final snapshot" if self.snapshot_path else "STOPPING=1")
         if self.snapshot_path:
             self.take_snapshot()
 
@@ -594,9 +618,90 @@ def parse_listen(addr: str) -> tuple[str, int]:
     return host, int(port)
 
 
+def _check_writable_dir(path: str) -> None:
+    """Create ``path`` if needed and prove we can write there by creating a
+    file: os.access answers for the permission bits (root passes them all), not
+    for a read-only mount, a full disk or a security module.
+
+    Raises:
+        DaemonError: naming the directory and the system's reason.
+    """
+    try:
+        os.makedirs(path, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path, prefix=".shmcache-probe-"):
+            pass
+    except OSError as e:
+        raise DaemonError(
+            f"snapshot directory {path} is not writable ({e.strerror or e}); "
+            "fix its permissions or give another --snapshot path"
+        ) from None
+
+
+def _watchdog_interval() -> float:
+    """Seconds between WATCHDOG=1 pings: half of systemd's WatchdogSec (passed
+    as WATCHDOG_USEC, for our pid only if WATCHDOG_PID is set), or 0 if off."""
+    usec = os.environ.get("WATCHDOG_USEC", "")
+    wpid = os.environ.get("WATCHDOG_PID", "")
+    if not usec.isdigit() or int(usec) == 0 or (wpid and wpid != str(os.getpid())):
+        return 0.0
+    return int(usec) / 2e6
+
+
+def sd_notify(state: str) -> bool:
+    """Send ``state`` (``READY=1``, ``STATUS=...``, ``WATCHDOG=1`` ...) to systemd
+    over $NOTIFY_SOCKET, as sd_notify(3) does: one datagram on an AF_UNIX
+    socket (a leading ``@`` means the abstract namespace). Returns False when
+    not run by systemd (no NOTIFY_SOCKET) or the send failed (logged once at
+    debug level: the daemon must keep serving either way). No dependency on
+    libsystemd or a Python binding: the protocol is this one datagram.
+    """
+    addr = os.environ.get("NOTIFY_SOCKET")
+    if not addr:
+        return False
+    if addr[0] == "@":
+        addr = "\0" + addr[1:]
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as s:
+            s.sendto(state.encode("utf-8", "replace"), addr)
+        return True
+    except OSError as e:
+        log.debug("sd_notify to %s failed: %s", addr, e)
+        return False
+
+
+def wait_ready(name: str, timeout: float, poll: float = 0.05) -> int:
+    """Wait until a daemon serves cache ``name`` (holds its daemon lock and has
+    finished its start-up restore). Returns the daemon's pid.
+
+    Raises:
+        DaemonError: not serving within ``timeout`` seconds (the message says
+            what was missing: the cache, a daemon, or its restore).
+        ValueError: a bad name.
+    """
+    from .errors import CacheNotFound
+
+    L.validate_name(name)
+    deadline = time.monotonic() + timeout
+    why = f"no cache named {name!r}"
+    while True:
+        try:
+            with Cache(name, create=False, init_timeout=max(0.1, min(1.0, deadline - time.monotonic()))) as c:
+                info = admin.daemon_info(c)
+                if info.ready:
+                    return int(info.pid)
+                why = f"the daemon (pid {info.pid}) of cache {name!r} is still starting" if info.alive \
+                    else f"no daemon serves cache {name!r}"
+        except CacheNotFound:
+            pass
+        if time.monotonic() >= deadline:
+            raise DaemonError(f"{why} after {timeout:g} s")
+        time.sleep(poll)
+
+
 def serve(name: str, **kw) -> int:
     """Run a daemon for cache ``name`` in this process until SIGTERM/SIGINT.
-    Keyword arguments are :class:`Daemon`'s. Returns the exit status (0).
+    Keyword arguments are :class:`Daemon`'s. Returns the exit status: 0, or 1
+    if the last snapshot attempt (the final one, when snapshots are on) failed.
 
     Raises:
         DaemonError: another daemon serves the cache, or the snapshot path is a directory.
@@ -617,5 +722,8 @@ def serve(name: str, **kw) -> int:
             d.close()
     finally:
         signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGUSR1})
+    if d.last_snapshot_failed:
+        log.error("daemon stopped; its last snapshot failed (see above): exit status 1")
+        return 1
     log.info("daemon stopped")
     return 0

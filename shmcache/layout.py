@@ -99,6 +99,12 @@ H_SNAPSHOT_ENTRIES = 304
 H_SNAPSHOT_BYTES = 312
 H_SNAPSHOT_SECONDS = 320
 SNAPSHOT_NONE, SNAPSHOT_OK, SNAPSHOT_FAILED = 0, 1, 2
+#   The daemon's pid once it serves (its start-up restore is done); 0 while it
+#   starts and after it stops. Written by the daemon only (admin.publish_daemon
+#   zeroes it, admin.mark_daemon_ready sets it, admin.withdraw_daemon clears it);
+#   read by `shmcache wait` and daemon_info, together with the kernel's answer
+#   on the daemon lock, so a stale value of a dead daemon is never "ready".
+H_DAEMON_READY = 328
 #   Retired counters: a client's counters are added here when its slot is
 #   released (close, exit, or reaped after death) under the client-table lock,
 #   so totals never go backwards when a process exits.

@@ -13,7 +13,8 @@ from shmcache import Cache
 from shmcache.snapshot import write_snapshot
 from names import fresh_name
 
-SUBCOMMANDS = ["daemon", "stats", "get", "set", "delete", "keys", "snapshot", "restore", "check", "ls", "rm", "demo"]
+SUBCOMMANDS = ["daemon", "stats", "get", "set", "delete", "keys", "snapshot", "restore", "check", "ls", "rm", "demo",
+               "wait", "systemd-unit"]
 
 
 def run(*args, timeout=60, env=None):

@@ -20,6 +20,7 @@ import pytest
 import shmcache
 from shmcache import Cache
 from test_crash import keys_in_stripe
+from test_daemon import daemon  # noqa: F401 - the fixture
 
 CTX = mp.get_context("fork")
 
@@ -368,3 +369,221 @@ def test_closing_another_handle_of_the_same_cache_keeps_us_alive(make_cache, cac
     Cache.unlink("no-such-cache-" + os.urandom(4).hex())
     assert client_alive(a._seg, slot, a._state.client.gen)
     assert a.stats()["clients"] == 1
+
+
+# ------------------------------------------------------------- daemon ops
+def _shmcache(*args, timeout=60, env=None):
+    return subprocess.run([sys.executable, "-m", "shmcache", *args], capture_output=True, text=True,
+                          timeout=timeout, env=env)
+
+
+def test_regression_daemon_with_snapshot_under_a_file_exits_at_once(cache_name, tmp_path):
+    (tmp_path / "file").write_text("x")
+    r = _shmcache("daemon", "-n", cache_name, "--snapshot", str(tmp_path / "file" / "x.snap"), timeout=30)
+    assert r.returncode == 1
+    assert r.stderr.count("\n") == 1 and "not writable" in r.stderr and str(tmp_path / "file") in r.stderr
+    assert not os.path.exists(f"/dev/shm/shmcache.{cache_name}")  # refused before creating anything
+
+
+@needs_unshare
+def test_regression_daemon_with_read_only_snapshot_dir_exits_at_once(cache_name, tmp_path):
+    # It used to start, log an error every interval, and exit 0.
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    r = in_private_shm(f"""
+        import sys
+        from shmcache.cli import main
+        sys.exit(main(["daemon", "-n", {cache_name!r}, "--snapshot", {str(ro / 'x.snap')!r}]))
+    """, mount=f"mount -t tmpfs -o ro,size=1m tmpfs {ro}", timeout=30)
+    assert r.returncode == 1, (r.stdout, r.stderr)
+    assert r.stderr.startswith(f"shmcache: snapshot directory {ro} is not writable (Read-only file system)")
+
+
+def test_daemon_exits_1_when_its_last_snapshot_failed(daemon, tmp_path, cache_name):
+    d = daemon("--snapshot", str(tmp_path / "d" / "x.snap"), "--snapshot-every", "0")
+    shutil.rmtree(tmp_path / "d")
+    (tmp_path / "d").write_text("the directory is gone")  # the final snapshot cannot be written
+    assert d.stop() == 1
+    assert "last snapshot failed" in d.log()
+
+
+def test_daemon_exits_0_when_its_last_snapshot_worked(daemon, tmp_path):
+    d = daemon("--snapshot", str(tmp_path / "x.snap"), "--snapshot-every", "0")
+    assert d.stop() == 0
+
+
+def test_sd_notify_ready_status_watchdog_stopping(daemon, tmp_path, cache_name):
+    import socket
+
+    addr = f"@shmcache-test-{os.urandom(6).hex()}"  # abstract namespace, as systemd may pass
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    s.bind("\0" + addr[1:])
+    s.settimeout(30)
+    try:
+        d = daemon("--snapshot", str(tmp_path / "x.snap"), "--snapshot-every", "0",
+                   env={"NOTIFY_SOCKET": addr, "WATCHDOG_USEC": "200000"})
+        got = []
+        while sum("WATCHDOG=1" in m for m in got) < 3:
+            got.append(s.recv(4096).decode())
+        ready = [m for m in got if "READY=1" in m]
+        assert len(ready) == 1 and f"STATUS=serving cache {cache_name!r}" in ready[0]
+        assert got.index(ready[0]) <= 1  # READY comes first (a watchdog ping may precede it)
+        d.proc.send_signal(signal.SIGTERM)
+        rest = []
+        while not any("STOPPING=1" in m for m in rest):
+            rest.append(s.recv(4096).decode())
+        assert d.stop() == 0
+    finally:
+        s.close()
+
+
+def test_shmcache_wait_returns_when_the_daemon_serves_and_times_out_without_one(daemon, make_cache, cache_name):
+    r = _shmcache("wait", "-n", cache_name, "--timeout", "0.5")
+    assert r.returncode == 1 and r.stderr == f"shmcache: no cache named {cache_name!r} after 0.5 s\n"
+    make_cache(size="1MiB")
+    r = _shmcache("wait", "-n", cache_name, "--timeout", "0.5")
+    assert r.returncode == 1 and r.stderr == f"shmcache: no daemon serves cache {cache_name!r} after 0.5 s\n"
+    d = daemon(ready=False)
+    r = _shmcache("wait", "-n", cache_name, "--timeout", "60")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == f"daemon pid {d.pid} serves cache {cache_name!r}\n"
+    assert d.stop() == 0
+    r = _shmcache("wait", "-n", cache_name, "--timeout", "0.2")
+    assert r.returncode == 1
+
+
+def test_systemd_unit_passes_systemd_analyze_verify(tmp_path):
+    tool = shutil.which("systemd-analyze")
+    if tool is None:
+        pytest.skip("systemd-analyze is not installed (make test installs systemd when it can)")
+    unit = tmp_path / "shmcache-app.service"
+    r = _shmcache("systemd-unit", "-n", "app", "--user", "root", "--size", "256MiB")
+    assert r.returncode == 0, r.stderr
+    unit.write_text(r.stdout)
+    lines = r.stdout.splitlines()
+    assert "RemoveIPC=no" in lines and not any(x.startswith("DynamicUser=") for x in lines)
+    v = subprocess.run([tool, "verify", str(unit)], capture_output=True, text=True, timeout=60)
+    if v.returncode and "Failed to" in v.stderr and "bus" in v.stderr.lower():
+        pytest.skip(f"systemd-analyze refuses to run here: {v.stderr.strip()}")
+    assert v.returncode == 0 and v.stderr == "", v.stderr
+
+
+# ------------------------------------------------------------ other users
+needs_useradd = pytest.mark.skipif(not ROOT or not shutil.which("useradd"), reason="needs root and useradd")
+
+
+def _as_user(uid, gid, groups, fn, q):
+    """In a forked child: become ``uid`` for real (setgroups/setgid/setuid), then
+    run ``fn`` and report its result. (The interpreter lives under /root, so the
+    unprivileged user could not exec it: it is forked as root and drops.)"""
+    try:
+        os.setgroups(groups)
+        os.setgid(gid)
+        os.setuid(uid)
+        q.put(("ok", fn()))
+    except BaseException as e:  # noqa: BLE001 - reported to the test
+        q.put(("err", f"{type(e).__name__}: {e}"))
+
+
+def _run_as(user, fn, groups=()):
+    import grp
+    import pwd
+
+    pw = pwd.getpwnam(user)
+    q = CTX.Queue()
+    p = CTX.Process(target=_as_user, args=(pw.pw_uid, pw.pw_gid, [pw.pw_gid] + [grp.getgrnam(g).gr_gid for g in groups],
+                                           fn, q))
+    p.start()
+    out = q.get(timeout=60)
+    p.join(30)
+    assert p.exitcode == 0
+    return out
+
+
+def _open_and_cli(name):
+    import contextlib
+    import io
+
+    from shmcache.cli import main
+
+    out = {}
+    try:
+        Cache(name, create=False)
+    except shmcache.PermissionDenied as e:
+        out["error"] = str(e)
+    err, so = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(so):
+        out["get_rc"] = main(["get", "-n", name, "k"])
+        out["ls_rc"] = main(["ls"])
+    out["stderr"], out["stdout"] = err.getvalue(), so.getvalue()
+    return out
+
+
+def _share(name):
+    with Cache(name, create=False) as c:
+        got = c.get("k")
+        c.set("from-user", b"hello")
+        return got
+
+
+@pytest.fixture
+def user_and_group():
+    tag = os.urandom(3).hex()
+    user, group = f"shmcu{tag}", f"shmcg{tag}"
+    subprocess.run(["groupadd", group], check=True, capture_output=True)
+    subprocess.run(["useradd", "-M", "-s", "/usr/sbin/nologin", "-U", user], check=True, capture_output=True)
+    try:
+        yield user, group
+    finally:
+        subprocess.run(["userdel", user], capture_output=True)
+        subprocess.run(["groupdel", user], capture_output=True)  # its own group, if userdel left it
+        subprocess.run(["groupdel", group], capture_output=True)
+
+
+@needs_useradd
+@pytest.mark.timeout(120)
+def test_regression_other_user_gets_permission_denied_naming_owner_and_mode(user_and_group, make_cache, cache_name):
+    # It was a raw posix_ipc.PermissionsError; the CLI said "internal error";
+    # `shmcache ls` failed outright.
+    user, _group = user_and_group
+    make_cache(size="1MiB", mode=0o600).set("k", b"v")
+    status, out = _run_as(user, lambda: _open_and_cli(cache_name))
+    assert status == "ok", out
+    err = out["error"]
+    assert f"cache {cache_name!r}" in err and "owned by user root (uid 0), group root (gid 0), mode 0600" in err
+    assert "mode=0o660" in err and "usermod -aG" in err
+    assert out["get_rc"] == 1 and out["stderr"].startswith("shmcache: permission denied opening cache")
+    assert out["stderr"].count("\n") == 1
+    assert out["ls_rc"] == 0
+    row = next(line for line in out["stdout"].splitlines() if line.startswith(cache_name))
+    assert row.rstrip().endswith("no access")
+
+
+@needs_useradd
+@pytest.mark.timeout(120)
+def test_other_user_in_the_group_shares_a_0660_cache(user_and_group, cache_name):
+    import grp
+
+    user, group = user_and_group
+    gid = grp.getgrnam(group).gr_gid
+    # The creator runs with the shared group as its group, as a service would.
+    q = CTX.Queue()
+
+    def create():
+        os.setgid(gid)
+        with Cache(cache_name, size="1MiB", mode=0o660) as c:
+            c.set("k", b"root wrote this")
+        q.put(True)
+
+    p = CTX.Process(target=create)
+    p.start()
+    assert q.get(timeout=60)
+    p.join(30)
+    try:
+        status, got = _run_as(user, lambda: _share(cache_name), groups=[group])
+        assert (status, got) == ("ok", b"root wrote this")
+        with Cache(cache_name, create=False) as c:
+            assert c.get("from-user") == b"hello"
+            assert c.stats()["clients"] == 1  # the user's process detached
+    finally:
+        Cache.unlink(cache_name)

@@ -429,3 +429,23 @@ def test_packaged_hooks_work_from_any_directory(gunicorn, tmp_path):
         assert st["daemon_alive"] and st["daemon_snapshot_path"] is None
     assert "serving" in (tmp_path / "daemon.log").read_text()
     assert not list(run_dir.iterdir())  # nothing written where it was started
+
+
+def test_regression_daemon_sigkilled_is_restarted_and_logged(gunicorn):
+    # kill -9 of the daemon: nobody noticed, and expiry and snapshots silently stopped.
+    g = gunicorn()
+    m = re.search(r"shmcache: daemon started \(pid (\d+)", g.log())
+    assert m, g.log()
+    old = int(m.group(1))
+    os.kill(old, signal.SIGKILL)
+    deadline = time.monotonic() + 30
+    while "died" not in g.log():
+        assert time.monotonic() < deadline, f"the master did not notice:\n{g.log()}"
+        time.sleep(0.1)
+    assert re.search(rf"shmcache: the daemon \(pid {old}\) died .*starting a new one", g.log()), g.log()
+    r = subprocess.run([sys.executable, "-m", "shmcache", "wait", "-n", g.name, "--timeout", "30"],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, (r.stderr, g.log())
+    new = int(re.search(r"daemon pid (\d+) serves", r.stdout).group(1))
+    assert new != old
+    assert g.get("/")[0] == 200 and g.stats()["cache"]["daemon_alive"] is True

@@ -19,7 +19,13 @@ What the hooks do, in the master unless said otherwise:
   snapshots to PATH (and restores from it at start, so a restart comes back warm).
 - ``when_ready`` (still before the first worker is forked): wait until the
   daemon serves, i.e. has restored the snapshot, so no request writes into the
-  cache before it is warm (the daemon only restores into an empty cache).
+  cache before it is warm (the daemon only restores into an empty cache). It
+  asks the cache (``shmcache.daemon.wait_ready``, what ``shmcache wait`` runs),
+  not the daemon's log.
+- the master's loop (gunicorn has no periodic hook: ``when_ready`` wraps the
+  arbiter's once-a-second ``manage_workers``) and ``pre_fork``: if the daemon
+  died (``kill -9``, OOM killer), log it and start a new one, so expiry,
+  recovery and snapshots never silently stop.
 - ``post_fork`` (in each new worker): attach the worker. The handle opened in
   the master is inherited; shmcache claims a client slot of the worker's own at
   fork, so the app (imported before the fork with ``--preload``, after it
@@ -66,7 +72,8 @@ import time
 from .. import Cache
 from . import cache_from_env, env_settings
 
-__all__ = ["bind", "workers", "on_starting", "when_ready", "post_fork", "worker_exit", "on_exit", "daemon_command"]
+__all__ = ["bind", "workers", "on_starting", "when_ready", "pre_fork", "post_fork", "worker_exit", "on_exit",
+           "daemon_command"]
 
 bind = os.environ.get("SHMCACHE_BIND", "127.0.0.1:8000")
 workers = int(os.environ.get("WEB_CONCURRENCY", "3"))
@@ -150,34 +157,71 @@ def _start_daemon(server) -> None:
     server.log.info("shmcache: daemon started (pid %s, log %s): %s", _daemon.pid, log_path, shlex.join(cmd))
 
 
-def _wait_for_daemon(server) -> None:
-    """Block until the daemon logs that it serves (snapshot restored), it exits,
-    or SHMCACHE_DAEMON_WAIT seconds pass."""
-    global _daemon
+def _log_tail() -> str:
     log_path, offset = _daemon_log
-    ready = f"daemon pid {_daemon.pid} serving".encode()
+    try:
+        with open(log_path, "rb") as f:
+            f.seek(offset)
+            text = f.read()
+    except OSError:
+        return ""
+    return " | ".join(text.decode(errors="replace").strip().splitlines()[-3:])
+
+
+def _wait_for_daemon(server) -> None:
+    """Block until the daemon serves (holds the daemon lock, snapshot restored:
+    what ``shmcache wait`` checks), it exits, or SHMCACHE_DAEMON_WAIT seconds pass."""
+    global _daemon
+    from ..daemon import wait_ready
+    from ..errors import DaemonError
+
+    name = env_settings()["name"]
     deadline = time.monotonic() + float(os.environ.get("SHMCACHE_DAEMON_WAIT", "60"))
     while True:
         try:
-            with open(log_path, "rb") as f:
-                f.seek(offset)
-                text = f.read()
-        except OSError:
-            text = b""
-        if ready in text:
-            server.log.info("shmcache: daemon serving (%s)", log_path)
+            pid = wait_ready(name, timeout=0.5)
+            server.log.info("shmcache: daemon serving (pid %s, log %s)", pid, _daemon_log[0])
             return
+        except DaemonError as e:
+            why = str(e)
         if _daemon.poll() is not None:
-            tail = text.decode(errors="replace").strip().splitlines()[-3:]
             server.log.error("shmcache: the daemon exited (status %s); running without it: %s",
-                             _daemon.returncode, " | ".join(tail))
+                             _daemon.returncode, _log_tail())
             _daemon = None
             return
         if time.monotonic() > deadline:
-            server.log.warning("shmcache: the daemon is not serving yet (see %s); starting the workers anyway",
-                               log_path)
+            server.log.warning("shmcache: the daemon is not serving yet (%s; see %s); starting the workers anyway",
+                               why, _daemon_log[0])
             return
-        time.sleep(0.05)
+
+
+def _check_daemon(server) -> None:
+    """Start a new daemon if ours died (logged): without it expiry, lock
+    recovery and snapshots would silently stop."""
+    global _daemon
+    proc = _daemon
+    if proc is None or proc.poll() is None:
+        return
+    # (gunicorn's SIGCHLD handler may have reaped it first: then the status reads 0)
+    server.log.error("shmcache: the daemon (pid %s) died (exit status %s): %s; starting a new one",
+                     proc.pid, proc.returncode, _log_tail() or "no log")
+    _daemon = None
+    _start_daemon(server)
+    if _daemon is not None:
+        _wait_for_daemon(server)
+
+
+def _watch_daemon(server) -> None:
+    """Run _check_daemon from the master's loop, about once a second: gunicorn
+    has no periodic hook, so wrap the arbiter's manage_workers, which its loop
+    calls after every wake-up (at most a second apart)."""
+    manage = server.manage_workers
+
+    def manage_workers():
+        _check_daemon(server)
+        manage()
+
+    server.manage_workers = manage_workers
 
 
 def _stop_daemon(server) -> None:
@@ -204,9 +248,16 @@ def on_starting(server):
 
 
 def when_ready(server):
-    """Before the first fork: wait for the daemon's restore (the cache works without a daemon)."""
+    """Before the first fork: wait for the daemon's restore (the cache works
+    without a daemon), then watch it from the master's loop."""
     if _daemon is not None:
         _wait_for_daemon(server)
+        _watch_daemon(server)
+
+
+def pre_fork(server, worker):
+    """Before each fork of a worker (also respawns): restart the daemon if it died."""
+    _check_daemon(server)
 
 
 def post_fork(server, worker):
