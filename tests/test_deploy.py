@@ -587,3 +587,62 @@ def test_other_user_in_the_group_shares_a_0660_cache(user_and_group, cache_name)
             assert c.stats()["clients"] == 1  # the user's process detached
     finally:
         Cache.unlink(cache_name)
+
+
+def _hammer(name, keys, seconds, errors):
+    c = Cache(name, create=False)
+    t_end = time.monotonic() + seconds
+    i = 0
+    try:
+        while time.monotonic() < t_end:
+            k = keys[i % len(keys)]
+            c.set(k, k.encode() * 20)
+            v = c.get(k)
+            if v is not None and v != k.encode() * 20:
+                errors.value += 1
+            i += 1
+    except Exception:  # noqa: BLE001 - counted: the old sidecar caused struct.error / IndexError here
+        errors.value += 1000
+    c.close()
+
+
+@needs_pidns
+@pytest.mark.timeout(120)
+def test_regression_sidecar_daemon_in_another_pid_namespace_never_recovers_live_stripes(make_cache, cache_name,
+                                                                                        tmp_path):
+    # A daemon sharing /dev/shm but not the PID namespace (a pod sidecar) took
+    # every host writer for dead: 175 "recoveries" of live stripes in 15 s,
+    # corrupt reads, struct.error/IndexError in the writers, reaped live slots.
+    cache = make_cache(size="4MiB", stripes=4)
+    log = open(tmp_path / "daemon.log", "wb")
+    # --kill-child: the daemon (pid 1 over there) dies with unshare, whatever happens to this test
+    d = subprocess.Popen(["unshare", "--pid", "--fork", "--mount-proc", "--kill-child", sys.executable, "-m",
+                          "shmcache", "daemon", "-n", cache_name, "--recover-every", "0.01"], stdout=log, stderr=log)
+    errors = CTX.Value("i", 0)
+    ws = [CTX.Process(target=_hammer, args=(cache_name, [f"w{w}-{i}" for i in range(200)], 3.0, errors))
+          for w in range(2)]
+    try:
+        r = _shmcache("wait", "-n", cache_name, "--timeout", "60")
+        assert r.returncode == 0, (r.stderr, (tmp_path / "daemon.log").read_text())
+        for w in ws:
+            w.start()
+        for w in ws:
+            w.join(60)
+            assert w.exitcode == 0
+        st = cache.stats()
+        assert errors.value == 0 and st["recoveries"] == 0, (errors.value, st["recoveries"])
+        assert all(cache._seg.sems[s].value == 1 for s in range(4))
+        assert cache.check() == [] and st["clients"] == 2  # us and the daemon: no live slot reaped
+    finally:
+        for p in psutil.Process(d.pid).children():  # the daemon; unshare --fork ignores SIGTERM
+            p.terminate()
+        try:
+            d.wait(30)
+        except subprocess.TimeoutExpired:
+            d.kill()  # and --kill-child takes the daemon with it
+            d.wait(5)
+        log.close()
+        for w in ws:
+            if w.pid is not None and w.exitcode is None:
+                w.kill()
+                w.join(5)
