@@ -75,7 +75,7 @@ def test_set_get_delete(cache):
     assert subprocess.run([sys.executable, "-m", "shmcache", "get", "-n", n, "raw", "--raw"],
                           capture_output=True, timeout=60).stdout == b"bytes!"
     ok("set", "-n", n, "t", "v", "--ttl", "100")
-    assert 99 < cache.ttl("t") <= 100
+    assert 90 < cache.ttl("t") <= 100  # (a loaded machine can take seconds to run the command)
     fails("set", "-n", n, "t", "other", "--nx", match="already exists")
     assert ok("delete", "-n", n, "greeting", "nothere") == "1\n"
     fails("get", "-n", n, "greeting", match="key 'greeting' not found")
