@@ -520,7 +520,8 @@ def _open_and_cli(name):
 
 
 def _share(name):
-    with Cache(name, create=False) as c:
+    # a cache another user owns: trust that owner and accept the group bits
+    with Cache(name, create=False, owner="root", mode=0o660) as c:
         got = c.get("k")
         c.set("from-user", b"hello")
         return got
@@ -582,7 +583,7 @@ def test_other_user_in_the_group_shares_a_0660_cache(user_and_group, cache_name)
     try:
         status, got = _run_as(user, lambda: _share(cache_name), groups=[group])
         assert (status, got) == ("ok", b"root wrote this")
-        with Cache(cache_name, create=False) as c:
+        with Cache(cache_name, create=False, mode=0o660) as c:
             assert c.get("from-user") == b"hello"
             assert c.stats()["clients"] == 1  # the user's process detached
     finally:
