@@ -49,7 +49,7 @@ STRUCTURE_FIELDS = _fields("tag", "klen", "expire", "atime", "spare")
 # recovery counters. The arena allocator's words (bump pointer, garbage) are
 # fuzzed apart: a bump pointer lowered within the arena makes the next write
 # overwrite live entries, which readers do not check (see the xfail test).
-STRIPE_WORDS = [L.S_VERSION, L.S_OWNER_PID, L.S_OWNER_START, L.S_ITEMS, L.S_EVICTIONS, L.S_RECOVERIES]
+STRIPE_WORDS = [L.S_VERSION, L.S_OWNER, L.S_OWNER + 8, L.S_ITEMS, L.S_EVICTIONS, L.S_RECOVERIES]
 ALLOCATOR_WORDS = [L.S_USED, L.S_GARBAGE]
 # What a reader copies out: where the value is, how long, which type. Readers
 # take these from the slot without checking them against the entry header.
