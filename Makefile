@@ -1,6 +1,6 @@
 # make test  - create .venv if needed, install shmcache with its test extra, run pytest
 # make demo  - run the demo (daemon + workers + snapshot + warm restart)
-# make bench - run the benchmarks
+# make bench - run the benchmarks (NEAR_BENCH_ARGS for benchmarks/bench_near.py)
 # make dist  - build the wheel and the sdist into dist/
 PYTHON ?= python3
 VENV ?= .venv
@@ -63,6 +63,7 @@ bench: $(STAMP)
 	$(PY) -m benchmarks $(BENCH_ARGS)
 	$(PY) -c 'import hiredis' 2>/dev/null || $(PY) -m pip install -q -e '.[server]'
 	$(PY) benchmarks/bench_resp.py --out benchmarks/results/resp.md $(RESP_BENCH_ARGS)
+	$(PY) benchmarks/bench_near.py $(NEAR_BENCH_ARGS)
 
 .PHONY: bench-core
 bench-core: $(STAMP)

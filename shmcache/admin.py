@@ -337,9 +337,10 @@ def entries(cache: "Cache", *, include_expired: bool = False, raw: bool = False,
                 yield _entry(cache, s, kb, flags, vb, exp, at, now, raw)
 
 
-def inspect(cache: "Cache", key: str | bytes) -> EntryInfo | None:
+def inspect(cache: "Cache", key: str | bytes, *, raw: bool = False) -> EntryInfo | None:
     """Metadata of ``key``: type, size, ttl, last access (None if absent or
     expired). Does not count as a hit and does not refresh its LRU time.
+    ``raw=True`` also gives the encoded value (``raw_value``, with ``flags``).
 
     Raises:
         TypeError / KeyTooLong / ValueError: a bad key, as :meth:`Cache.get`.
@@ -352,7 +353,7 @@ def inspect(cache: "Cache", key: str | bytes) -> EntryInfo | None:
         return None
     flags, vb, exp, p, at = r
     s = (p - cache._g.index_off) // (L.SLOT_SIZE * cache._g.slots_per_stripe)
-    return _entry(cache, s, kb, flags, vb, exp, at, now, False)
+    return _entry(cache, s, kb, flags, vb, exp, at, now, raw)
 
 
 # -------------------------------------------------------------- maintenance

@@ -262,8 +262,13 @@ def _serve_default(k: str) -> int:
 
 def cmd_stats(args) -> int:
     """``shmcache stats``: print the cache's counters as a table or JSON."""
+    from .near import read_stats as near_stats
+
     with _attach(args) as c:
         st = c.stats()
+        near = near_stats(c)
+    if near is not None:
+        st["near"] = near
     if args.json:
         print(json.dumps(st, indent=2, sort_keys=True))
         return 0
@@ -304,10 +309,28 @@ def cmd_stats(args) -> int:
             f", {st['last_snapshot_entries']:,} entries" if st["last_snapshot_ok"]
             else f", FAILED: {st['last_snapshot_error']}")
         rows.append(("snapshot", f"{st['daemon_snapshot_path'] or '-'}; last {when}{outcome}"))
+    if near is not None:
+        rows += _near_rows(near)
     w = max(len(k) for k, _ in rows)
     for k, v in rows:
         print(f"{k:<{w}}  {v}")
     return 0
+
+
+def _near_rows(near: dict) -> list[tuple[str, str]]:
+    """``shmcache stats`` rows for a cache used as a near cache (shmcache.near)."""
+    t = near.get("tracker") or {}
+    if near["tracker_up"]:
+        state = f"up, heartbeat {near['heartbeat_age']:.2f} s ago (readers trust it for {near['max_staleness']:g} s)"
+    else:
+        state = f"{near['tracker_state']}: workers read Redis"
+    return [
+        ("near cache", f"{near['near_hits']:,} hits, {near['near_misses']:,} fills, "
+                       f"{near['upstream_reads']:,} upstream reads, {near['bypassed_reads']:,} bypassed"),
+        ("tracker", f"{t.get('upstream', '?')} {t.get('prefixes') or 'all keys'}; {state}"),
+        ("invalidations", f"{near['invalidations']:,} keys, {near['flushes']:,} flushes, "
+                          f"{near['epoch_bumps']:,} epoch bumps, {near['reconnects']:,} reconnects"),
+    ]
 
 
 def cmd_get(args) -> int:

@@ -50,6 +50,14 @@ Why it holds, piece by piece:
   the stripe's sequence is still that value. So an invalidation that
   overtakes a fill (the race the Redis docs warn about) leaves an entry that
   is never served, even if the filler is killed between its checks.
+* **Held control word.** A process re-reads the epoch and heartbeat only
+  when the heartbeat it holds is older than ``max_staleness / 2``, and checks
+  that age on every read. That keeps the bound: every write acknowledged
+  before the held heartbeat was already applied when the word was read
+  (sequence bumps are read fresh on each hit; a new epoch only ever follows
+  writes acknowledged after the held heartbeat). A published "down" or a new
+  epoch is therefore noticed within ``max_staleness / 2``; the bound itself
+  never depended on them. Cost per hit: two ``Cache.get`` (sequence, entry).
 * **TTL.** The local TTL is ``min(max_ttl, PTTL)`` with the PTTL counted from
   *before* the GET+PTTL round trip, so it never outlives the server's key.
 
@@ -58,10 +66,10 @@ sequences are ordinary entries of the cache under the reserved prefix
 ``b"\\x00shmcache.near\\x00"`` (bytes keys), read with ``Cache.get`` and
 written with ``Cache.set``/``Cache.incr`` like any user data, so this module
 needs nothing from the table and survives its rewrites (STYLE.md: adapters
-use the public API). The cost is two extra lookups per hit (~0.2 us each
-with the C core), measured in benchmarks/bench_near.py; a dedicated
-"control words" area in the header would save those at the price of a layout
-change. Reserved entries can be evicted or cleared like any other: a missing
+use the public API). The cost is one extra lookup per hit (the sequence;
+the control word is held, see above), measured in benchmarks/bench_near.py;
+a dedicated "sequence words" area in the header would save it at the price
+of a layout change. Reserved entries can be evicted or cleared like any other: a missing
 heartbeat means bypass, and a sequence key that comes back starts from a new
 random value, so an eviction never makes an old entry valid again.
 
@@ -86,7 +94,9 @@ import zlib
 from collections import deque
 from urllib.parse import unquote, urlparse
 
+from . import admin
 from .cache import Cache
+from .codec import Codec
 from .errors import CacheFull, Error, KeyTooLong, ValueTooLarge
 
 log = logging.getLogger("shmcache.near")
@@ -121,6 +131,7 @@ STATS_FLUSH_SECONDS = 1.0
 
 _MISS = object()
 _live = weakref.WeakSet()
+_CODEC = Codec()  # the reserved entries hold bytes and ints only
 # bound once for the hit path
 _CTL_SIZE = CTL.size
 _ctl_unpack = CTL.unpack
@@ -216,12 +227,18 @@ def _safe_url(url: str) -> str:
     return url
 
 
+def _peek(cache: Cache, key: bytes, default=None):
+    """``cache.get(key)`` that counts no hit or miss (stats must not move the stats)."""
+    e = admin.inspect(cache, key, raw=True)
+    return default if e is None else _CODEC.decode(e.flags, e.raw_value)
+
+
 def read_stats(cache: Cache) -> dict | None:
     """The near-cache counters and tracker state of ``cache``, or None if no
     near cache or tracker ever used it. Public-API reads only."""
-    raw = {name: cache.get(STAT_PREFIX + name.encode(), 0) for name in WORKER_STATS + TRACKER_STATS}
-    ctl = cache.get(CTL_KEY)
-    info = cache.get(INFO_KEY)
+    raw = {name: _peek(cache, STAT_PREFIX + name.encode(), 0) for name in WORKER_STATS + TRACKER_STATS}
+    ctl = _peek(cache, CTL_KEY)
+    info = _peek(cache, INFO_KEY)
     if ctl is None and info is None and not any(raw.values()):
         return None
     out = dict(raw)
@@ -290,6 +307,10 @@ class NearCache:
         self._max_key = self._cache.stats()["max_key_size"] - len(ENTRY_PREFIX) - 1
         self._epoch_seen = None
         self._tracked: tuple[bytes, ...] | None = None  # the tracker's prefixes, () = all; None: unusable
+        #: (epoch, heartbeat, max_staleness / 2) of the control word as last
+        #: read; hits trust it while the heartbeat is younger than half the
+        #: bound, then re-read it (see "Held control word" in the docstring)
+        self._held = None
         #: test hook, called as hook(redis_key, stage) with stage "reply" (the
         #: fill's reply is in, the sequence not yet re-checked) and "store"
         #: (re-checked, about to write): makes the invalidation-overtakes-fill
@@ -318,12 +339,14 @@ class NearCache:
     def _usable(self, kb: bytes, now: float):
         """The epoch to read and fill under, or None when this read must go to
         Redis (tracker down or late, key not tracked)."""
+        self._held = None
         ctl = self._cache.get(CTL_KEY)
         if ctl is None or len(ctl) != CTL.size:
             return None
         epoch, beat, max_age, up = CTL.unpack(ctl)
         if not up or not 0.0 <= now - beat <= max_age:
             return None
+        self._held = (epoch, beat, max_age / 2)
         if epoch != self._epoch_seen:
             self._learn_tracker(epoch)
         tracked = self._tracked
@@ -385,29 +408,27 @@ class NearCache:
         kb = key.encode() if type(key) is str else _redis_key(key)
         # The hit path, inlined: each Python call or lookup here costs about
         # as much as one Cache.get. Anything unusual takes _get_raw.
-        c = self._cache
-        prefixes = self.prefixes
-        tracked = self._tracked
-        if (not prefixes or kb.startswith(prefixes)) and len(kb) <= self._max_key and tracked is not None \
-                and (not tracked or kb.startswith(tracked)):
-            ctl = c.get(CTL_KEY)
-            if ctl is not None and len(ctl) == _CTL_SIZE:
-                epoch, beat, max_age, up = _ctl_unpack(ctl)
-                now = _monotonic()
-                if up and epoch == self._epoch_seen and 0.0 <= now - beat <= max_age:
-                    seq = c.get(SEQ_KEYS[_crc32(kb) & _SEQ_MASK])
-                    e = c.get(ENTRY_PREFIX + kb)
-                    if e is not None and seq is not None:
-                        e_epoch, e_seq, kind = _hdr_unpack_from(e)
-                        if e_epoch == epoch and e_seq == seq:
-                            self._hits += 1
-                            if now - self._flushed > STATS_FLUSH_SECONDS:
-                                self._flush_counts()
-                            if kind != VALUE:
-                                return default
-                            if self.serializer is None and not self._decode:
-                                return e[_HDR_SIZE:]
-                            return self._out(e[_HDR_SIZE:])
+        held = self._held
+        if held is not None:
+            now = _monotonic()
+            prefixes = self.prefixes
+            tracked = self._tracked
+            if now - held[1] <= held[2] and (not prefixes or kb.startswith(prefixes)) \
+                    and len(kb) <= self._max_key and (not tracked or kb.startswith(tracked)):
+                c = self._cache
+                seq = c.get(SEQ_KEYS[_crc32(kb) & _SEQ_MASK])
+                e = c.get(ENTRY_PREFIX + kb)
+                if e is not None and seq is not None:
+                    e_epoch, e_seq, kind = _hdr_unpack_from(e)
+                    if e_epoch == held[0] and e_seq == seq:
+                        self._hits += 1
+                        if now - self._flushed > STATS_FLUSH_SECONDS:
+                            self._flush_counts()
+                        if kind != VALUE:
+                            return default
+                        if self.serializer is None and not self._decode:
+                            return e[_HDR_SIZE:]
+                        return self._out(e[_HDR_SIZE:])
         raw = self._get_raw(kb)
         return default if raw is _MISS else self._out(raw)
 

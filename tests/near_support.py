@@ -104,8 +104,9 @@ class RedisServer:
 class Host:
     """One simulated host: a cache and a daemon that tracks ``redis``."""
 
-    def __init__(self, redis: RedisServer, tmp_path, prefixes=("app:",), ping=0.05, tag="near"):
+    def __init__(self, redis: RedisServer, tmp_path, prefixes=("app:",), ping=0.05, tag="near", url=None):
         self.redis = redis
+        self.url = url or redis.url  # what the daemon tracks (a redis+sentinel:// URL, say)
         self.name = fresh_name(tag)
         self.prefixes = list(prefixes)
         self.ping = ping
@@ -114,7 +115,7 @@ class Host:
         self.proc = None
 
     def start_daemon(self, wait=True) -> "Host":
-        args = [sys.executable, "-m", "shmcache", "daemon", "--name", self.name, "--upstream", self.redis.url,
+        args = [sys.executable, "-m", "shmcache", "daemon", "--name", self.name, "--upstream", self.url,
                 "--track-ping", str(self.ping)]
         for p in self.prefixes:
             args += ["--track-prefix", p]

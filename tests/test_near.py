@@ -347,6 +347,9 @@ def test_client_kill_of_the_tracking_connection_reconnects_under_a_new_epoch(hos
                  "the reconnect")
         assert a.stats()["epoch"] != before["epoch"]
         assert local(a, b"app:k") is not None  # still in memory, but of the old epoch
+        # A reader notices the new epoch once its held control word is half
+        # the bound old (the old entry was fine until then: see the bound).
+        time.sleep(a.ping)
         assert n.get("app:k") == b"new"
 
 
@@ -358,6 +361,7 @@ def test_redis_restart_invalidates_everything(hosts, server):
         epoch = a.stats()["epoch"]
         server.restart()  # SIGKILL, no persistence: Redis comes back empty
         wait_for(lambda: a.stats().get("tracker_up") and a.stats()["epoch"] != epoch, 15, "tracking after restart")
+        time.sleep(a.ping)  # the reader re-reads the epoch within half the bound
         assert n.get("app:k") is None
 
 
@@ -384,9 +388,12 @@ def test_daemon_stop_publishes_down_and_readers_bypass(hosts, server):
     (a,) = hosts(1, ping=1.0)  # a long bound: only the published "down" can explain a bypass
     server.cli("SET", "app:k", "v")
     with near_of(a, server) as n:
-        n.get("app:k")
+        fill(n, a, "app:k")
         a.stop_daemon()
         assert a.stats()["tracker_state"] == "down"
+        # Past half the bound (1 s) the reader re-reads the control word; the
+        # heartbeat alone would still be trusted (2 s), "down" is not.
+        time.sleep(1.05)
         bypassed = n.stats()["bypassed_reads"]
         assert n.get("app:k") == b"v"
         assert n.stats()["bypassed_reads"] == bypassed + 1
@@ -409,3 +416,22 @@ def test_daemon_without_upstream_refuses_track_prefix(cache_name):
     with pytest.raises(ValueError, match="--upstream"):
         Daemon(cache_name, track_prefixes=["app:"])
     Cache.unlink(cache_name)
+
+
+def test_shmcache_stats_shows_the_near_cache_and_its_tracker(shared):
+    import json
+    import subprocess
+    import sys
+
+    server, a, b = shared
+    with near_of(a, server) as n:
+        n.get("app:stats")
+    out = subprocess.run([sys.executable, "-m", "shmcache", "stats", "-n", a.name], capture_output=True, text=True,
+                         timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert "near cache" in out.stdout and "upstream reads" in out.stdout
+    assert server.url in out.stdout and "epoch bumps" in out.stdout
+    js = subprocess.run([sys.executable, "-m", "shmcache", "stats", "-n", a.name, "--json"], capture_output=True,
+                        text=True, timeout=60)
+    near = json.loads(js.stdout)["near"]
+    assert near["upstream_reads"] >= 1 and near["tracker"]["prefixes"] == ["app:"]
