@@ -50,6 +50,13 @@ def test_wheel_in_a_fresh_venv(built, tmp_path):
         f"c = shmcache.Cache({name!r}, size='1MiB')\n"
         "c['a'] = {'x': 1}; assert c['a'] == {'x': 1} and c.incr('n') == 1\n"
         "assert callable(g.on_starting) and 'wsgi_app' not in vars(g)\n"
+        # the base install has no hiredis (the `server` extra): the CLI still
+        # works, and serving says how to get it instead of a traceback
+        "try:\n    import hiredis\nexcept ImportError:\n"
+        "    import shmcache.server as srv\n"
+        "    try:\n        srv.serve('unused-name', port=0)\n"
+        "    except srv.ServerError as e:\n        assert 'shmcache[server]' in str(e), e\n"
+        "    else:\n        raise AssertionError('serve ran without hiredis')\n"
         "print(shmcache.__file__)\n"
         "c.close()\n"
     )

@@ -27,6 +27,7 @@ import time
 
 from ..cache import Cache
 from ..errors import Error
+from . import connection as _connection
 from .commands import error
 from .connection import Connection, ProtocolFailure
 
@@ -51,6 +52,13 @@ LIMIT_DEFAULTS = dict(
 
 class ServerError(Error):
     """A server that cannot start as configured (the message says why)."""
+
+
+def _require_parser() -> None:
+    """hiredis parses requests; it is the optional ``server`` extra, so the
+    rest of shmcache (and ``shmcache --help``) works without it."""
+    if _connection.hiredis is None:
+        raise ServerError("shmcache serve needs hiredis, the RESP parser: pip install 'shmcache[server]'")
 
 
 def _is_loopback(host: str) -> bool:
@@ -191,6 +199,7 @@ class Server:
     def __init__(self, cache: Cache, host: str = "127.0.0.1", port: int | None = DEFAULT_PORT, *,
                  bind_explicit: bool = False, unix: str | None = None, unix_mode: int = 0o600,
                  password: bytes | str | None = None, sock=None, unix_sock=None, workers: int = 1, **limits):
+        _require_parser()
         unknown = set(limits) - set(LIMIT_DEFAULTS)
         if unknown:
             raise TypeError(f"unknown server settings: {sorted(unknown)}")
@@ -336,11 +345,13 @@ def serve(name: str, *, size="64MiB", host: str = "127.0.0.1", port: int | None 
     once listening (the real port when ``port=0``).
 
     Raises:
-        ServerError: a refused setting (non-loopback bind without
-            ``bind_explicit``, a bad password file, a non-socket at ``unix``).
+        ServerError: hiredis (the ``server`` extra) is not installed, or a
+            refused setting (non-loopback bind without ``bind_explicit``, a bad
+            password file, a non-socket at ``unix``).
         OSError: the port is in use.
         ValueError / TypeError: a bad name, size or limit.
     """
+    _require_parser()
     if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
         raise ValueError(f"workers must be an int >= 1, got {workers!r}")
     if port is None and unix is None:

@@ -15,7 +15,10 @@ import os
 import re
 import time
 
-import hiredis
+try:
+    import hiredis
+except ImportError:  # no `server` extra: Server() and serve() refuse with how to install it
+    hiredis = None
 
 from . import commands as C
 from .commands import COMMANDS, CommandError, OK, array, bulk, bulk_array, error, integer, mapping
