@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
+import time
 
 import pytest
 
@@ -83,7 +84,7 @@ def test_sentinel_failover_brings_a_new_epoch_and_the_new_masters_values(tmp_pat
             r.set("app:k", b"after")  # the new master's value
             wait_for(lambda: host.stats().get("tracker_up") and host.stats()["epoch"] != epoch, 30,
                      "the tracker to follow the failover", every=0.05)
-            assert near.get("app:k") == b"after"
+            _read_through_failover(near, "app:k", b"after")
             r.set("app:k", b"after2")  # tracked on the new master: invalidated as usual
             wait_for(lambda: host.cache.get(ENTRY_PREFIX + b"app:k") is None or near.get("app:k") == b"after2",
                      10, "the invalidation from the new master")
@@ -98,6 +99,23 @@ def test_sentinel_failover_brings_a_new_epoch_and_the_new_masters_values(tmp_pat
         sentinel.stop()
         replica.close()
         master.close()
+
+
+def _read_through_failover(near, key, want, timeout=10.0):
+    """Read ``key`` until it is ``want``. Right after a promotion the
+    Sentinel pool may still raise (connection closed, no master found): an
+    error is retried, as an application would retry it, but a value other
+    than ``want`` is a stale read and fails at once."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            got = near.get(key)
+        except redis.ConnectionError as e:  # MasterNotFoundError is one
+            assert time.monotonic() < deadline, f"{key} unreadable {timeout} s after the failover: {e!r}"
+            time.sleep(0.05)
+            continue
+        assert got == want, f"stale read after the failover: {got!r}, want {want!r}"
+        return
 
 
 def _known_replicas(sc) -> int:
