@@ -450,6 +450,19 @@ class NearCache:
         if epoch is None:
             self._counts["bypassed_reads"] += 1
             return self._upstream_get(kb)
+        sk, seq, hit = self._valid_local(kb, lk, epoch)
+        if hit is not None:
+            if now - self._flushed > STATS_FLUSH_SECONDS:
+                self._flush_counts()
+            kind, payload = hit
+            return payload if kind == VALUE else _MISS
+        return self._fill(kb, lk, epoch, sk, seq)
+
+    def _valid_local(self, kb: bytes, lk: bytes, epoch):
+        """``(seq_key, seq, hit)``: ``hit`` is the local copy's ``(kind,
+        payload)`` if it was filled under ``epoch`` and its key's fill sequence
+        has not moved since (counted as a hit), else None. The one validity
+        test of get and get_many."""
         c = self._cache
         sk = SEQ_KEYS[zlib.crc32(kb) & (N_SEQ - 1)]
         seq = c.get(sk)
@@ -458,10 +471,8 @@ class NearCache:
             e_epoch, e_seq, kind = HDR.unpack_from(e)
             if e_epoch == epoch and e_seq == seq:
                 self._hits += 1
-                if now - self._flushed > STATS_FLUSH_SECONDS:
-                    self._flush_counts()
-                return e[HDR.size:] if kind == VALUE else _MISS
-        return self._fill(kb, lk, epoch, sk, seq)
+                return sk, seq, (kind, e[HDR.size:])
+        return sk, seq, None
 
     def _upstream_get(self, kb: bytes):
         self._count("upstream_reads")
@@ -538,16 +549,11 @@ class NearCache:
                     self._counts["bypassed_reads"] += 1
                 plain.append((key, kb))
                 continue
-            sk = seq_key(kb)
-            seq = c.get(sk)
-            e = c.get(lk)
-            if e is not None and seq is not None:
-                e_epoch, e_seq, kind = HDR.unpack_from(e)
-                if e_epoch == epoch and e_seq == seq:
-                    self._hits += 1
-                    if kind == VALUE:
-                        out[key] = self._out(e[HDR.size:])
-                    continue
+            sk, seq, hit = self._valid_local(kb, lk, epoch)
+            if hit is not None:
+                if hit[0] == VALUE:
+                    out[key] = self._out(hit[1])
+                continue
             if seq is None:
                 c.add(sk, _new_seq(), ttl=None)
                 seq = c.get(sk)
