@@ -1,6 +1,6 @@
 # make test  - create .venv if needed, install shmcache with its test extra, run pytest
 # make demo  - run the demo (daemon + workers + snapshot + warm restart)
-# make bench - run the benchmarks
+# make bench - run the benchmarks (the comparison suite, then the full-cache workload)
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -41,10 +41,18 @@ bench: $(STAMP)
 	$(PY) -c 'import lmdb, diskcache, redis, hiredis, pymemcache, UltraDict, matplotlib' 2>/dev/null \
 	  || $(PY) -m pip install -q -e '.[bench]'
 	$(PY) -m benchmarks $(BENCH_ARGS)
+	$(PY) benchmarks/bench_full.py
 
 .PHONY: bench-core
 bench-core: $(STAMP)
 	$(PY) benchmarks/bench_core.py $(BENCH_ARGS)
+	$(PY) benchmarks/bench_full.py --quick --no-servers
+
+# the full-cache workload alone; compare two checkouts in one run with
+# BENCH_FULL_ARGS='--impl old=/path/to/old/checkout --impl new=.'
+.PHONY: bench-full
+bench-full: $(STAMP)
+	$(PY) benchmarks/bench_full.py $(BENCH_FULL_ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

@@ -78,7 +78,7 @@ class StripeInfo:
     index: int
     items: int  #: entries stored, expired ones not yet reclaimed included
     bytes_used: int  #: arena bytes held by live entries
-    bytes_garbage: int  #: arena bytes held by dead entries (freed by compaction)
+    bytes_garbage: int  #: arena bytes of the segments in use not held by live entries (freed by reclaim)
     arena_bytes: int  #: the stripe's arena size
     evictions: int  #: entries evicted by LRU in this stripe, ever
     recoveries: int  #: times the stripe was repaired after its lock holder died
@@ -94,13 +94,16 @@ class StripeInfo:
 def stripes(cache: "Cache") -> list[StripeInfo]:
     """Every stripe's fill and counters, in stripe order."""
     st = _stripe_table(cache).copy()  # one pass; numbers may move while we format
-    arena = cache._g.stripe_arena
+    g = cache._g
+    arena = g.stripe_arena
     out = []
     for i, row in enumerate(st.tolist()):
         owner = L.OWNER.unpack(L.U64.pack(row[L.S_OWNER_PID // 8]) + L.U64.pack(row[L.S_OWNER_START // 8]))[0]
-        used, garbage = row[L.S_USED // 8], row[L.S_GARBAGE // 8]
+        live = row[L.S_LIVE // 8]
+        head, tail, fill = L.unpack_ring(row[L.S_RING // 8])
+        in_use = ((head - tail) % g.n_segs) * g.seg_size + min(fill, g.seg_size)
         out.append(StripeInfo(
-            index=i, items=row[L.S_ITEMS // 8], bytes_used=used - garbage, bytes_garbage=garbage,
+            index=i, items=row[L.S_ITEMS // 8], bytes_used=live, bytes_garbage=max(0, in_use - live),
             arena_bytes=arena, evictions=row[L.S_EVICTIONS // 8], recoveries=row[L.S_RECOVERIES // 8],
             locked_by=owner or None, writes=row[L.S_VERSION // 8] >> 1,
         ))
