@@ -289,7 +289,7 @@ class EntryInfo:
     key_size: int  #: bytes of the encoded key
     expires_at: float | None  #: absolute deadline on the cache's clock; None = never
     ttl: float | None  #: seconds left at the time of the read; None = never expires
-    last_access: float  #: cache clock time of the last read or write (LRU, 10 ms resolution)
+    accessed: bool  #: read since written (or since its last second chance): survives its segment's next reclaim
     stripe: int
     flags: int  #: the codec's type tag (for raw copies, e.g. snapshots)
     raw_key: bytes = b""  #: the encoded key
@@ -301,7 +301,7 @@ def _entry(cache: "Cache", s: int, kb: Any, flags: int, vb: Any, exp: float, at:
     kb = bytes(kb)
     return EntryInfo(
         key=decode_key(kb), type=TYPE_NAMES.get(flags, f"unknown({flags})"), size=len(vb), key_size=len(kb),
-        expires_at=exp or None, ttl=(exp - now) if exp else None, last_access=at, stripe=s, flags=flags,
+        expires_at=exp or None, ttl=(exp - now) if exp else None, accessed=bool(at), stripe=s, flags=flags,
         raw_key=kb, raw_value=bytes(vb) if raw else None,
     )
 
@@ -341,8 +341,8 @@ def inspect(cache: "Cache", key: str | bytes) -> EntryInfo | None:
     now = cache._clock()
     if r is None or (r[2] and r[2] <= now):
         return None
-    flags, vb, exp, p, at = r
-    s = (p - cache._g.index_off) // (L.SLOT_SIZE * cache._g.slots_per_stripe)
+    flags, vb, exp, p, at = r  # p: the key's access-bit offset, at: the bit
+    s = (p - cache._g.refs_off) // cache._g.slots_per_stripe
     return _entry(cache, s, kb, flags, vb, exp, at, now, False)
 
 

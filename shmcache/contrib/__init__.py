@@ -107,12 +107,12 @@ def stored_items(cache: Cache) -> int:
 
 
 def lru_keys(cache: Cache, n: int) -> list:
-    """Up to ``n`` keys to evict first: expired entries, then the least recently
-    used (by the entries' access time, recorded at ``ATIME_RESOLUTION``).
+    """Up to ``n`` keys to evict first: expired entries, then the ones not read
+    since they were written (the ones the arena's second chance would evict).
     Reads every stripe once (lock-free), so call it only when culling."""
     if n <= 0:
         return []
-    order = [(e.ttl is None or e.ttl > 0, e.last_access, e.key)
+    order = [(e.ttl is None or e.ttl > 0, e.accessed, e.key)
              for e in admin.entries(cache, include_expired=True)]
     order.sort(key=lambda r: (r[0], r[1]))
     return [key for _live, _at, key in order[:n]]
