@@ -290,6 +290,7 @@ class EntryInfo:
     expires_at: float | None  #: absolute deadline on the cache's clock; None = never
     ttl: float | None  #: seconds left at the time of the read; None = never expires
     accessed: bool  #: read since written (or since its last second chance): survives its segment's next reclaim
+    age: float  #: place in its stripe's ring: 0.0 = reclaimed next .. 1.0 = written last (1.0 from inspect)
     stripe: int
     flags: int  #: the codec's type tag (for raw copies, e.g. snapshots)
     raw_key: bytes = b""  #: the encoded key
@@ -297,11 +298,11 @@ class EntryInfo:
 
 
 def _entry(cache: "Cache", s: int, kb: Any, flags: int, vb: Any, exp: float, at: float, now: float,
-           raw: bool) -> EntryInfo:
+           raw: bool, age: float = 1.0) -> EntryInfo:
     kb = bytes(kb)
     return EntryInfo(
         key=decode_key(kb), type=TYPE_NAMES.get(flags, f"unknown({flags})"), size=len(vb), key_size=len(kb),
-        expires_at=exp or None, ttl=(exp - now) if exp else None, accessed=bool(at), stripe=s, flags=flags,
+        expires_at=exp or None, ttl=(exp - now) if exp else None, accessed=bool(at), age=age, stripe=s, flags=flags,
         raw_key=kb, raw_value=bytes(vb) if raw else None,
     )
 
@@ -323,9 +324,9 @@ def entries(cache: "Cache", *, include_expired: bool = False, raw: bool = False,
         raise ValueError(f"stripe must be in 0..{t.n_stripes - 1}, got {stripe}")
     for s in (range(t.n_stripes) if stripe is None else (stripe,)):
         now = cache._clock()
-        for kb, flags, vb, exp, at in t.stripe_records(s):
+        for kb, flags, vb, exp, at, age in t.stripe_records(s):
             if include_expired or not (exp and exp <= now):
-                yield _entry(cache, s, kb, flags, vb, exp, at, now, raw)
+                yield _entry(cache, s, kb, flags, vb, exp, at, now, raw, age)
 
 
 def inspect(cache: "Cache", key: str | bytes) -> EntryInfo | None:

@@ -58,7 +58,7 @@ from __future__ import annotations
 import xxhash
 
 from . import layout as L
-from .errors import CacheFull
+from .errors import CacheFull, LayoutMismatch
 
 _xxh3 = xxhash.xxh3_64_intdigest
 _ENTRY_unpack = L.ENTRY.unpack_from
@@ -107,7 +107,12 @@ class Arena:
         """
         moved = False
         for attempt in range(4):
-            head, tail, fill = self._ring(s)
+            try:
+                head, tail, fill = self._ring(s)
+            except ValueError as e:  # a damaged ring word: repair (emptying if need be), then refuse this write
+                dropped = self._repair_or_empty(s)
+                raise LayoutMismatch(f"{e} (damaged); the stripe was repaired "
+                                     f"({'emptied' if dropped < 0 else f'{dropped} bad slots dropped'}): retry the write") from None
             if new_item and int(self.stripes[s, L.S_ITEMS // 8]) >= self.cap_items:
                 moved = True
                 if not self.policy.evicts:

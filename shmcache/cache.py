@@ -721,7 +721,7 @@ class Cache(MutableMapping):
         return [
             (decode_key(kb), dec(flags, vb))
             for s in range(t.n_stripes)
-            for kb, flags, vb, exp, _at in t.stripe_records(s)
+            for kb, flags, vb, exp, _ref, _age in t.stripe_records(s)
             if not (exp and exp <= now)
         ]
 

@@ -450,7 +450,10 @@ def compute_geometry(
             the message names the setting and its limit.
     """
     total = parse_size(size)
-    if total < MIN_SIZE:
+    # A laid-out segment may end up to a segment per stripe below the size asked
+    # for (whole segments only); Geometry.check recomputes from that smaller
+    # size, so the floor it must pass again is a little lower than MIN_SIZE.
+    if total < MIN_SIZE * 3 // 4 or (total < MIN_SIZE and not isinstance(size, int)):
         raise ValueError(f"size {total} bytes is too small: the minimum is {MIN_SIZE} bytes (256KiB)")
     if policy not in POLICIES:
         raise ValueError(f"policy must be one of {sorted(POLICIES)}, not {policy!r}")

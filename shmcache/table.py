@@ -643,7 +643,10 @@ class Table(Arena, Expiry, Repair):
     # -------------------------------------------------------------- scanning
     def stripe_records(self, s: int) -> list:
         """A consistent copy of stripe s's live entries:
-        ``[(kb, flags, value_bytes, expire, ref), ...]`` (expired ones included).
+        ``[(kb, flags, value_bytes, expire, ref, age), ...]`` (expired ones
+        included). ``age`` is the entry's place in the ring, 0.0 at the tail
+        (reclaimed next) to 1.0 at the head (written last): write order within
+        the stripe, comparable across stripes only roughly.
         Lock-free with seqlock retries; takes the lock if a writer keeps interfering."""
         mm = self.mm
         vo = self.stripe_off + (s << 6)
@@ -656,6 +659,8 @@ class Table(Arena, Expiry, Repair):
                 if v1 & 1 and not locked:
                     time.sleep(0)
                     continue
+                head, tail, fill = L.unpack_ring(int(self.stripes[s, L.S_RING // 8]))
+                span = ((head - tail) % self.n_segs) * self.seg_size + fill or 1
                 sl = self.slots[s]
                 occ = np.nonzero(sl["tag"] != 0)[0]
                 rec = sl[occ]
@@ -665,7 +670,9 @@ class Table(Arena, Expiry, Repair):
                     for loc, exp, ref in zip(rec["loc"].tolist(), rec["expire"].tolist(), refs.tolist()):
                         a, vlen, klen, flags = self._entry(s, loc)
                         k = a + _HDR
-                        out.append((mm[k : k + klen], flags, mm[k + klen : k + klen + vlen], exp, ref))
+                        o = loc * _AL
+                        age = (((o // self.seg_size - tail) % self.n_segs) * self.seg_size + o % self.seg_size) / span
+                        out.append((mm[k : k + klen], flags, mm[k + klen : k + klen + vlen], exp, ref, age))
                 except Exception:
                     if locked or _U64_unpack(mm, vo)[0] == v1:
                         raise
@@ -679,7 +686,7 @@ class Table(Arena, Expiry, Repair):
 
     def keys_of(self, s: int, now: float) -> list[bytes]:
         """Encoded keys of stripe s that are live at ``now`` (consistent per stripe)."""
-        return [kb for kb, _f, _v, exp, _r in self.stripe_records(s) if not (exp and exp <= now)]
+        return [kb for kb, _f, _v, exp, _r, _a in self.stripe_records(s) if not (exp and exp <= now)]
 
     def count(self, now: float) -> int:
         """Live, unexpired entries (a point-in-time count over the whole index)."""
