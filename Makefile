@@ -1,6 +1,7 @@
 # make test  - create .venv if needed, install shmcache with its test extra, run pytest
 # make demo  - run the demo (daemon + workers + snapshot + warm restart)
-# make bench - run the benchmarks (NEAR_BENCH_ARGS for benchmarks/bench_near.py)
+# make bench - run the benchmarks (the comparison suite, the full-cache workload, RESP, near;
+#              NEAR_BENCH_ARGS for benchmarks/bench_near.py)
 # make dist  - build the wheel and the sdist into dist/
 PYTHON ?= python3
 VENV ?= .venv
@@ -61,6 +62,7 @@ bench: $(STAMP)
 	$(PY) -c 'import lmdb, diskcache, redis, hiredis, pymemcache, UltraDict, matplotlib' 2>/dev/null \
 	  || $(PY) -m pip install -q -e '.[bench]'
 	$(PY) -m benchmarks $(BENCH_ARGS)
+	$(PY) benchmarks/bench_full.py
 	$(PY) -c 'import hiredis' 2>/dev/null || $(PY) -m pip install -q -e '.[server]'
 	$(PY) benchmarks/bench_resp.py --out benchmarks/results/resp.md $(RESP_BENCH_ARGS)
 	$(PY) benchmarks/bench_near.py $(NEAR_BENCH_ARGS)
@@ -68,6 +70,13 @@ bench: $(STAMP)
 .PHONY: bench-core
 bench-core: $(STAMP)
 	$(PY) benchmarks/bench_core.py $(BENCH_ARGS)
+	$(PY) benchmarks/bench_full.py --quick --no-servers
+
+# the full-cache workload alone; compare two checkouts in one run with
+# BENCH_FULL_ARGS='--impl old=/path/to/old/checkout --impl new=.'
+.PHONY: bench-full
+bench-full: $(STAMP)
+	$(PY) benchmarks/bench_full.py $(BENCH_FULL_ARGS)
 
 dist: $(STAMP)
 	$(PY) -c 'import build' 2>/dev/null || $(PY) -m pip install -q build

@@ -181,8 +181,8 @@ class ShmcacheContender(Contender):
     modules = ("shmcache",)
     dists = ("shmcache", "posix_ipc", "xxhash", "numpy")
     memory_method = (
-        "arena bytes of live entries (stats()['bytes_used']) / items + the index slot "
-        "share (SLOT_SIZE 32 B / MAX_LOAD 0.75 = 42.7 B)"
+        "arena bytes of live entries (stats()['bytes_used']) / items + the index share "
+        "(slot + access bit, INDEX_BYTES_PER_SLOT 17 B / MAX_LOAD 0.75 = 22.7 B; layout 1: 32 B / 0.75)"
     )
     size = "256MiB"
 
@@ -216,7 +216,7 @@ class ShmcacheContender(Contender):
 
         self.cache.set_many(items)
         st = self.cache.stats()
-        slot = getattr(L, "SLOT_SIZE", 32) / getattr(L, "MAX_LOAD", 0.75)
+        slot = getattr(L, "INDEX_BYTES_PER_SLOT", getattr(L, "SLOT_SIZE", 32)) / getattr(L, "MAX_LOAD", 0.75)
         per = st["bytes_used"] / st["items"] + slot
         return dict(bytes_per_entry=per, items=st["items"], arena_bytes_used=st["bytes_used"],
                     index_bytes_per_entry=slot)

@@ -8,12 +8,20 @@
  * ("slow path") instead of handling it twice:
  *   - a writer finds the stripe lock busy (sem_trywait fails): the Python path
  *     waits with a timeout, detects dead owners and recovers;
- *   - a stripe needs room (reclaim, evict, compact: numpy in table.py);
+ *   - a stripe at its item cap or out of segments under "noeviction" (the
+ *     Python path drops expired entries or raises CacheFull), or a stripe
+ *     whose ring word is out of range (the Python path repairs it);
  *   - a reader keeps seeing a writer (odd or changing seqlock version);
  *   - keys/values/ttls of other types, errors (the Python path raises them
  *     with the messages users see).
- * So this file never blocks, never allocates arena space beyond the bump
- * pointer, and never raises shmcache errors itself.
+ * The segment-ring allocator with its reclaim (arena.py: seal the head, reclaim
+ * the tail segment with second chance, evict the rest) runs here too, the
+ * same algorithm step for step, so a full cache stays on the fast path.
+ * So this file never blocks and never raises shmcache errors itself.
+ *
+ * The segment is untrusted input: every location and length read from it is
+ * bounds-checked before it is followed, and every probe and walk is bounded
+ * (by the slice's slot count, the segment's size).
  *
  * Threads: these functions hold the GIL throughout and never release it, so
  * within one process they are atomic with respect to other threads. The
@@ -37,20 +45,32 @@
 #define XXH_INLINE_ALL
 #include "_vendor/xxhash.h"
 
-#define SLOT_SIZE 32
-#define ENTRY_HDR 16
+#define LAYOUT_VERSION 3
+#define SLOT_SIZE 16
+#define SL_TAG 0
+#define SL_LOC 4
+#define SL_EXPIRE 8
+#define ENTRY_HDR 12
+#define E_CHECKSUM 0
+#define E_VLEN 4
+#define E_KLEN 8
+#define E_FLAGS 10
+#define SEG_HEADER 8
+#define ALIGN 4
 #define STRIPE_SIZE 64
 #define S_VERSION 0
 #define S_OWNER 8
 #define S_ITEMS 24
-#define S_USED 32
-#define S_GARBAGE 40
+#define S_LIVE 32
+#define S_RING 40
+#define S_EVICTIONS 48
 #define C_COUNTERS 16
 #define C_MARKERS 64
 #define CTR_HITS 0
 #define CTR_MISSES 1
 #define CTR_SETS 2
 #define CTR_DELETES 3
+#define CTR_EVICTIONS 4
 #define CTR_EXPIRATIONS 5
 #define READ_RETRIES 16
 #define READ_SPIN_NS 50000L
@@ -60,12 +80,17 @@ enum { MODE_SET = 0, MODE_ADD = 1, MODE_REPLACE = 2 };
 enum { FLAG_BYTES = 0, FLAG_STR = 1, FLAG_INT = 2, FLAG_FLOAT = 3 };
 
 typedef struct {
-    uint32_t tag, off, vlen;
-    uint16_t klen;
-    uint8_t flags, spare;
-    double expire, atime;
+    uint32_t tag, loc; /* loc: entry offset in the stripe arena / ALIGN */
+    double expire;
 } slot_t;
 _Static_assert(sizeof(slot_t) == SLOT_SIZE, "slot layout");
+
+typedef struct {
+    uint32_t chk, vlen;
+    uint16_t klen;
+    uint8_t flags, pad;
+} ehdr_t;
+_Static_assert(sizeof(ehdr_t) == ENTRY_HDR, "entry header layout");
 
 /* The Python objects a Core owns, listed once for init, GC traverse and clear. */
 #define CORE_OBJECTS(X) \
@@ -79,7 +104,11 @@ typedef struct {
     char *base;
     uint64_t mask, sps, stripe_off, index_off, arena_off, stripe_arena;
     uint64_t client_off, client_rec, client, max_key, max_value, cap_items;
-    double atime_res, default_ttl;
+    uint64_t refs_off, seg_size, n_segs;
+    int evicts;     /* the policy may evict (lru); else reclaim goes to Python */
+    int timing;     /* measure lock holds of the C write paths into max_hold_ns */
+    uint64_t max_hold_ns;
+    double default_ttl;
     /* This process's stripe owner record (layout.OWNER: client slot + 1, the
      * slot's generation, pid), built by lock.Client; stored as is. */
     unsigned char owner[16];
@@ -115,6 +144,7 @@ static inline void cpu_relax(void) {
 static inline char *stripe_rec(Core *c, uint64_t s) { return c->base + c->stripe_off + s * STRIPE_SIZE; }
 static inline char *slots_of(Core *c, uint64_t s) { return c->base + c->index_off + s * c->sps * SLOT_SIZE; }
 static inline char *arena_of(Core *c, uint64_t s) { return c->base + c->arena_off + s * c->stripe_arena; }
+static inline uint8_t *refs_of(Core *c, uint64_t s) { return (uint8_t *)(c->base + c->refs_off + s * c->sps); }
 static inline uint64_t *counter(Core *c, int k) {
     return (uint64_t *)(c->base + c->client_off + c->client * c->client_rec + C_COUNTERS + 8 * k);
 }
@@ -186,22 +216,30 @@ static int resolve_key(Core *c, PyObject *key, const char **k, Py_ssize_t *klen,
     return 0;
 }
 
-/* Probe stripe s for the key. Returns the slot index or -1. When `consistent`
- * is 0 the memory may be mid-write: every offset is bounds-checked and the
- * loop is bounded; the caller validates with the seqlock. */
-static int64_t probe(Core *c, uint64_t s, uint32_t tag, const char *k, Py_ssize_t klen, slot_t *out) {
+/* Probe stripe s for the key. Returns the slot index or -1, with the slot
+ * and its entry header. The memory may be mid-write (lock-free readers):
+ * every location is bounds-checked against the stripe's arena and the loop
+ * is bounded; the caller validates with the seqlock. */
+static int64_t probe(Core *c, uint64_t s, uint32_t tag, const char *k, Py_ssize_t klen, slot_t *out, ehdr_t *eh) {
     char *slots = slots_of(c, s);
     char *arena = arena_of(c, s);
-    uint64_t sps = c->sps, i = tag % sps;
+    uint64_t sps = c->sps, i = tag % sps, lim = c->stripe_arena;
     for (uint64_t n = 0; n < sps; n++) {
         slot_t sl;
         memcpy(&sl, slots + i * SLOT_SIZE, SLOT_SIZE);
         if (sl.tag == 0) return -1;
-        if (sl.tag == tag && sl.klen == klen &&
-            (uint64_t)sl.off + ENTRY_HDR + (uint64_t)klen + sl.vlen <= c->stripe_arena &&
-            memcmp(arena + sl.off + ENTRY_HDR, k, klen) == 0) {
-            *out = sl;
-            return (int64_t)i;
+        if (sl.tag == tag) {
+            uint64_t o = (uint64_t)sl.loc * ALIGN;
+            if (o + ENTRY_HDR + (uint64_t)klen <= lim) {
+                ehdr_t h;
+                memcpy(&h, arena + o, ENTRY_HDR);
+                if (h.klen == klen && o + ENTRY_HDR + (uint64_t)klen + h.vlen <= lim &&
+                    memcmp(arena + o + ENTRY_HDR, k, klen) == 0) {
+                    *out = sl;
+                    *eh = h;
+                    return (int64_t)i;
+                }
+            }
         }
         if (++i == sps) i = 0;
     }
@@ -210,7 +248,8 @@ static int64_t probe(Core *c, uint64_t s, uint32_t tag, const char *k, Py_ssize_
 
 /* Lock-free read. 1 found (value copied into *val), 0 absent, 2 busy (a
  * writer kept interfering: caller takes the Python locked path), -1 error. */
-static int read_core(Core *c, const char *k, Py_ssize_t klen, slot_t *sl, int64_t *slot_pos, PyObject **val) {
+static int read_core(Core *c, const char *k, Py_ssize_t klen, slot_t *sl, ehdr_t *eh, int64_t *ref_pos, int *ref,
+                     PyObject **val) {
     uint64_t h = XXH3_64bits(k, (size_t)klen);
     uint64_t s = h & c->mask;
     uint32_t tag = (uint32_t)(h >> 32) | 1u;
@@ -240,15 +279,18 @@ static int read_core(Core *c, const char *k, Py_ssize_t klen, slot_t *sl, int64_
             cpu_relax();
             continue;
         }
-        int64_t i = probe(c, s, tag, k, klen, sl);
+        int64_t i = probe(c, s, tag, k, klen, sl, eh);
         PyObject *v = NULL;
+        int r = 0;
         if (i >= 0) {
-            v = PyBytes_FromStringAndSize(arena_of(c, s) + sl->off + ENTRY_HDR + klen, sl->vlen);
+            v = PyBytes_FromStringAndSize(arena_of(c, s) + (uint64_t)sl->loc * ALIGN + ENTRY_HDR + klen, eh->vlen);
             if (!v) return -1;
+            r = __atomic_load_n(refs_of(c, s) + i, __ATOMIC_RELAXED);
         }
         __atomic_thread_fence(__ATOMIC_ACQUIRE);
         if (__atomic_load_n(ver, __ATOMIC_RELAXED) == v1) {
-            *slot_pos = i < 0 ? -1 : (int64_t)(c->index_off + (s * c->sps + (uint64_t)i) * SLOT_SIZE);
+            *ref_pos = i < 0 ? -1 : (int64_t)(c->refs_off + s * c->sps + (uint64_t)i);
+            *ref = r;
             *val = v;
             return i >= 0;
         }
@@ -293,102 +335,267 @@ static void unlock_fast(Core *c, uint64_t s) {
     (*mk)--;
 }
 
-static inline uint64_t alloc_of(uint64_t klen, uint64_t vlen) { return (ENTRY_HDR + klen + vlen + 7) & ~(uint64_t)7; }
+static inline uint64_t alloc_of(uint64_t klen, uint64_t vlen) {
+    return (ENTRY_HDR + klen + vlen + ALIGN - 1) & ~(uint64_t)(ALIGN - 1);
+}
 
-/* Header first, then key and value, checksum last: an in-place overwrite
- * killed midway then shows a header that disagrees with the slot (type or
- * length changed) or a bad checksum, and repair can tell (see table.py). */
+/* Header, key and value, checksum last; the slot that publishes the entry is
+ * written after (see arena.py). */
 static void write_entry(char *a, const char *k, Py_ssize_t klen, int flags, const char *v, Py_ssize_t vlen) {
-    uint16_t kl = (uint16_t)klen;
-    uint8_t fl = (uint8_t)flags, pad = 0;
-    uint32_t vl = (uint32_t)vlen, res = 0;
-    memcpy(a + 4, &kl, 2);
-    memcpy(a + 6, &fl, 1);
-    memcpy(a + 7, &pad, 1);
-    memcpy(a + 8, &vl, 4);
-    memcpy(a + 12, &res, 4);
-    BARRIER();
+    ehdr_t h = {0, (uint32_t)vlen, (uint16_t)klen, (uint8_t)flags, 0};
+    memcpy(a, &h, ENTRY_HDR);
     memcpy(a + ENTRY_HDR, k, klen);
     memcpy(a + ENTRY_HDR + klen, v, vlen);
     BARRIER();
-    uint32_t chk = XXH32(a + 4, (size_t)(12 + klen + vlen), 0);
+    uint32_t chk = XXH32(a + 4, (size_t)(ENTRY_HDR - 4 + klen + vlen), 0);
     memcpy(a, &chk, 4);
 }
 
-/* Store under the held lock. 1 stored, 0 not stored (add/replace), 2 needs
- * room (the Python path reclaims/evicts/compacts). */
+/* ---- the segment ring (arena.py, step for step) ------------------------ */
+
+typedef struct {
+    uint32_t head, tail, fill;
+} ring_t;
+
+/* 0 ok, -1 out of range (a damaged stripe: the Python path repairs it). */
+static int ring_get(Core *c, uint64_t s, ring_t *r) {
+    uint64_t w = __atomic_load_n(u64at(stripe_rec(c, s) + S_RING), __ATOMIC_RELAXED);
+    r->head = (uint32_t)(w & 0xFFFF);
+    r->tail = (uint32_t)((w >> 16) & 0xFFFF);
+    r->fill = (uint32_t)(w >> 32);
+    if (r->fill == 0) r->fill = SEG_HEADER;
+    return (r->head < c->n_segs && r->tail < c->n_segs && r->fill <= c->seg_size) ? 0 : -1;
+}
+
+static void ring_set(Core *c, uint64_t s, uint32_t head, uint32_t tail, uint32_t fill) {
+    BARRIER();
+    __atomic_store_n(u64at(stripe_rec(c, s) + S_RING),
+                     (uint64_t)head | ((uint64_t)tail << 16) | ((uint64_t)fill << 32), __ATOMIC_RELAXED);
+    BARRIER();
+}
+
+/* Slot of the entry at `loc` (reclaim's liveness test), or -1. Bounded. */
+static int64_t locate(Core *c, uint64_t s, uint32_t tag, uint32_t loc) {
+    char *slots = slots_of(c, s);
+    uint64_t sps = c->sps, i = tag % sps;
+    for (uint64_t n = 0; n < sps; n++) {
+        slot_t sl;
+        memcpy(&sl, slots + i * SLOT_SIZE, SLOT_SIZE);
+        if (sl.tag == 0) return -1;
+        if (sl.tag == tag && sl.loc == loc) return (int64_t)i;
+        if (++i == sps) i = 0;
+    }
+    return -1;
+}
+
+/* Backward-shift delete of slot i (lock held), access bits moving with their
+ * slots, with accounting (alloc: the entry's arena bytes). Bounded by sps. */
+static void drop_slot(Core *c, uint64_t s, uint64_t i, uint64_t alloc) {
+    char *slots = slots_of(c, s);
+    uint8_t *refs = refs_of(c, s);
+    char *rec = stripe_rec(c, s);
+    uint64_t sps = c->sps, j = i, k = i;
+    for (uint64_t n = 1; n < sps; n++) { /* at most one lap, even with no empty slot */
+        if (++k == sps) k = 0;
+        uint32_t t;
+        memcpy(&t, slots + k * SLOT_SIZE, 4);
+        if (t == 0) break;
+        uint64_t home = t % sps;
+        if ((k + sps - home) % sps >= (k + sps - j) % sps) {
+            memcpy(slots + j * SLOT_SIZE, slots + k * SLOT_SIZE, SLOT_SIZE);
+            refs[j] = refs[k];
+            j = k;
+        }
+    }
+    memset(slots + j * SLOT_SIZE, 0, SLOT_SIZE);
+    refs[j] = 0;
+    uint64_t *items = u64at(rec + S_ITEMS), *live = u64at(rec + S_LIVE);
+    *items = *items ? *items - 1 : 0;
+    *live = *live > alloc ? *live - alloc : 0;
+}
+
+/* The arena bytes of the entry a slot points at (0 if out of bounds). */
+static uint64_t slot_alloc(Core *c, uint64_t s, uint64_t i) {
+    slot_t sl;
+    memcpy(&sl, slots_of(c, s) + i * SLOT_SIZE, SLOT_SIZE);
+    uint64_t o = (uint64_t)sl.loc * ALIGN;
+    if (o + ENTRY_HDR > c->stripe_arena) return 0;
+    ehdr_t h;
+    memcpy(&h, arena_of(c, s) + o, ENTRY_HDR);
+    uint64_t a = alloc_of(h.klen, h.vlen);
+    return o + a <= c->stripe_arena ? a : 0;
+}
+
+/* Drop every slot pointing into segment `seg` (its walk met a torn header). */
+static uint64_t drop_into(Core *c, uint64_t s, uint64_t seg) {
+    uint64_t lo = seg * c->seg_size / ALIGN, hi = (seg + 1) * c->seg_size / ALIGN, n = 0;
+    char *slots = slots_of(c, s);
+    for (uint64_t i = 0, steps = 0; i < c->sps && steps < 2 * c->sps; steps++) {
+        slot_t sl;
+        memcpy(&sl, slots + i * SLOT_SIZE, SLOT_SIZE);
+        if (sl.tag && sl.loc >= lo && sl.loc < hi) {
+            drop_slot(c, s, i, slot_alloc(c, s, i));
+            n++;
+            continue; /* a later slot may have shifted into i */
+        }
+        i++;
+    }
+    return n;
+}
+
+/* Reclaim sealed segment `seg` (the tail): dead entries skipped, expired ones
+ * dropped, accessed ones copied to the head while it keeps `keep_room` bytes
+ * free (second chance, bit cleared), the rest evicted; then the tail moves
+ * on. Work: one walk of at most seg_size bytes, one probe per entry. */
+static void reclaim(Core *c, uint64_t s, uint32_t seg, uint64_t keep_room, double now, int second_chance) {
+    char *arena = arena_of(c, s);
+    char *base = arena + (uint64_t)seg * c->seg_size;
+    char *slots = slots_of(c, s);
+    uint8_t *refs = refs_of(c, s);
+    uint32_t end;
+    memcpy(&end, base, 4);
+    if (end < SEG_HEADER) end = SEG_HEADER;
+    if (end > c->seg_size) end = (uint32_t)c->seg_size;
+    uint64_t e = SEG_HEADER, evicted = 0, expired = 0;
+    int torn = 0;
+    while (e + ENTRY_HDR <= end) {
+        ehdr_t h;
+        memcpy(&h, base + e, ENTRY_HDR);
+        uint64_t alloc = alloc_of(h.klen, h.vlen);
+        if (h.klen > c->max_key || h.vlen > c->max_value || e + alloc > end) {
+            torn = 1;
+            break;
+        }
+        uint64_t hh = XXH3_64bits(base + e + ENTRY_HDR, h.klen);
+        uint32_t loc = (uint32_t)(((uint64_t)seg * c->seg_size + e) / ALIGN);
+        int64_t i = locate(c, s, (uint32_t)(hh >> 32) | 1u, loc);
+        if (i >= 0) {
+            slot_t sl;
+            memcpy(&sl, slots + (uint64_t)i * SLOT_SIZE, SLOT_SIZE);
+            ring_t r;
+            if (sl.expire != 0.0 && sl.expire <= now) {
+                drop_slot(c, s, (uint64_t)i, alloc);
+                expired++;
+            } else if (second_chance && refs[i] && ring_get(c, s, &r) == 0 && r.fill + alloc + keep_room <= c->seg_size) {
+                uint64_t dst = (uint64_t)r.head * c->seg_size + r.fill;
+                memcpy(arena + dst, base + e, alloc);
+                BARRIER();
+                uint32_t nloc = (uint32_t)(dst / ALIGN);
+                memcpy(slots + (uint64_t)i * SLOT_SIZE + SL_LOC, &nloc, 4); /* repoint */
+                refs[i] = 0;
+                ring_set(c, s, r.head, r.tail, r.fill + (uint32_t)alloc);
+            } else {
+                drop_slot(c, s, (uint64_t)i, alloc);
+                evicted++;
+            }
+        }
+        e += alloc;
+    }
+    if (torn) evicted += drop_into(c, s, seg);
+    ring_t r;
+    if (ring_get(c, s, &r) == 0 && r.tail == seg) ring_set(c, s, r.head, (seg + 1) % (uint32_t)c->n_segs, r.fill);
+    if (evicted) {
+        *counter(c, CTR_EVICTIONS) += evicted;
+        *u64at(stripe_rec(c, s) + S_EVICTIONS) += evicted;
+    }
+    if (expired) *counter(c, CTR_EXPIRATIONS) += expired;
+}
+
+/* Seal the head, move to the next (free) segment; if that was the last free
+ * one, reclaim the tail into it. -1: the policy may not evict (Python path). */
+static int advance(Core *c, uint64_t s, uint64_t need, double now) {
+    ring_t r;
+    if (ring_get(c, s, &r) < 0) return -1;
+    uint32_t n = (uint32_t)c->n_segs, nxt = (r.head + 1) % n;
+    int last = (nxt + 1) % n == r.tail;
+    if (last && !c->evicts) return -1;
+    uint32_t end = r.fill;
+    memcpy(arena_of(c, s) + (uint64_t)r.head * c->seg_size, &end, 4); /* seal */
+    ring_set(c, s, nxt, r.tail, SEG_HEADER);
+    if (last) reclaim(c, s, r.tail, need, now, 1);
+    return 0;
+}
+
+/* Room for `need` bytes (+ one item if new_item) at the head: the offset in
+ * the stripe arena, or -1 for the Python path (noeviction at a limit, or a
+ * damaged ring). *moved: entries moved or went (slot positions are stale). */
+static int64_t arena_alloc(Core *c, uint64_t s, uint64_t need, int new_item, double now, int *moved) {
+    char *rec = stripe_rec(c, s);
+    for (int attempt = 0; attempt < 4; attempt++) {
+        ring_t r;
+        if (ring_get(c, s, &r) < 0) return -1;
+        if (new_item && *u64at(rec + S_ITEMS) >= c->cap_items) {
+            if (!c->evicts) return -1;
+            *moved = 1;
+            if (r.head == r.tail) {
+                if (advance(c, s, need, now) < 0) return -1;
+            } else {
+                reclaim(c, s, r.tail, need, now, attempt == 0);
+            }
+            continue;
+        }
+        if (r.fill + need <= c->seg_size) return (int64_t)((uint64_t)r.head * c->seg_size + r.fill);
+        if (advance(c, s, need, now) < 0) return -1;
+        *moved = 1;
+    }
+    return -1;
+}
+
+static int64_t empty_from(Core *c, uint64_t s, uint32_t tag) {
+    char *slots = slots_of(c, s);
+    uint64_t sps = c->sps, pos = tag % sps;
+    for (uint64_t n = 0; n < sps; n++) {
+        uint32_t t;
+        memcpy(&t, slots + pos * SLOT_SIZE, 4);
+        if (t == 0) return (int64_t)pos;
+        if (++pos == sps) pos = 0;
+    }
+    return -1;
+}
+
+/* Store under the held lock. 1 stored, 0 not stored (add/replace), 2 the
+ * Python path must do it (noeviction at a limit, damaged stripe). */
 static int write_locked(Core *c, uint64_t s, uint32_t tag, const char *k, Py_ssize_t klen, int flags,
                         const char *v, Py_ssize_t vlen, double expire, int mode, double now) {
-    char *slots = slots_of(c, s);
-    char *arena = arena_of(c, s);
     char *rec = stripe_rec(c, s);
     slot_t old;
-    int64_t i = probe(c, s, tag, k, klen, &old);
-    uint64_t alloc = alloc_of((uint64_t)klen, (uint64_t)vlen);
-    uint64_t old_alloc = 0;
+    ehdr_t oh;
+    int64_t i = probe(c, s, tag, k, klen, &old, &oh);
     if (i >= 0) {
         if (old.expire != 0.0 && old.expire <= now) {
             if (mode == MODE_REPLACE) return 0;
         } else if (mode == MODE_ADD) {
             return 0;
         }
-        old_alloc = alloc_of((uint64_t)klen, old.vlen);
-        if (alloc <= old_alloc) { /* fits in the old bytes: in place, no garbage */
-            write_entry(arena + old.off, k, klen, flags, v, vlen);
-            slot_t sl = {tag, old.off, (uint32_t)vlen, (uint16_t)klen, (uint8_t)flags, 0, expire, now};
-            memcpy(slots + (uint64_t)i * SLOT_SIZE, &sl, SLOT_SIZE);
-            if (alloc < old_alloc) *u64at(rec + S_GARBAGE) += old_alloc - alloc;
-            return 1;
-        }
     } else if (mode == MODE_REPLACE) {
         return 0;
     }
-    uint64_t items = *u64at(rec + S_ITEMS), used = *u64at(rec + S_USED);
-    /* `used > stripe_arena` first: a damaged (wrapped) bump pointer must not overflow the sum */
-    if (used > c->stripe_arena || alloc > c->stripe_arena - used || (i < 0 && items >= c->cap_items)) return 2;
-    write_entry(arena + used, k, klen, flags, v, vlen);
+    uint64_t need = alloc_of((uint64_t)klen, (uint64_t)vlen);
+    int moved = 0;
+    int64_t off = arena_alloc(c, s, need, i < 0, now, &moved);
+    if (off < 0) return 2;
+    if (moved && i >= 0) i = probe(c, s, tag, k, klen, &old, &oh); /* reclaim may have moved or evicted it */
+    write_entry(arena_of(c, s) + off, k, klen, flags, v, vlen);
     uint64_t pos;
     if (i >= 0) {
         pos = (uint64_t)i;
-        *u64at(rec + S_GARBAGE) += old_alloc;
+        uint64_t oa = alloc_of(oh.klen, oh.vlen), *live = u64at(rec + S_LIVE);
+        *live = *live > oa ? *live - oa : 0;
     } else {
-        pos = tag % c->sps;
-        uint64_t n = 0; /* at most one lap: only damage leaves a slice with no empty slot */
-        while (*(uint32_t *)(slots + pos * SLOT_SIZE) != 0) {
-            if (++n == c->sps) return 2; /* the Python path repairs the stripe */
-            if (++pos == c->sps) pos = 0;
-        }
-        *u64at(rec + S_ITEMS) = items + 1;
+        int64_t e = empty_from(c, s, tag);
+        if (e < 0) return 2; /* no empty slot: a damaged stripe (the load cap keeps a quarter free) */
+        pos = (uint64_t)e;
+        refs_of(c, s)[pos] = 0; /* a new key starts without a second chance */
+        *u64at(rec + S_ITEMS) += 1;
     }
-    slot_t sl = {tag, (uint32_t)used, (uint32_t)vlen, (uint16_t)klen, (uint8_t)flags, 0, expire, now};
-    memcpy(slots + pos * SLOT_SIZE, &sl, SLOT_SIZE); /* publish */
-    *u64at(rec + S_USED) = used + alloc;
+    slot_t sl = {tag, (uint32_t)((uint64_t)off / ALIGN), expire};
+    BARRIER();
+    memcpy(slots_of(c, s) + pos * SLOT_SIZE, &sl, SLOT_SIZE); /* publish */
+    ring_t r;
+    ring_get(c, s, &r);
+    ring_set(c, s, r.head, r.tail, r.fill + (uint32_t)need);
+    *u64at(rec + S_LIVE) += need;
     return 1;
-}
-
-/* Backward-shift delete of slot i (lock held), with accounting. */
-static void delete_at(Core *c, uint64_t s, uint64_t i, slot_t *sl) {
-    char *slots = slots_of(c, s);
-    char *rec = stripe_rec(c, s);
-    uint64_t sps = c->sps, j = i, k = i;
-    for (uint64_t n = 1; n < sps; n++) { /* at most one lap, even with no empty slot */
-        if (++k == sps) k = 0;
-        uint32_t t = *(uint32_t *)(slots + k * SLOT_SIZE);
-        if (t == 0) break;
-        uint64_t home = t % sps;
-        if ((k + sps - home) % sps >= (k + sps - j) % sps) {
-            memcpy(slots + j * SLOT_SIZE, slots + k * SLOT_SIZE, SLOT_SIZE);
-            j = k;
-        }
-    }
-    memset(slots + j * SLOT_SIZE, 0, SLOT_SIZE);
-    uint64_t alloc = alloc_of(sl->klen, sl->vlen);
-    uint64_t *used = u64at(rec + S_USED);
-    if (sl->off + alloc == *used)
-        *used = sl->off;
-    else
-        *u64at(rec + S_GARBAGE) += alloc;
-    *u64at(rec + S_ITEMS) -= 1;
 }
 
 /* ---- Python methods ---------------------------------------------------- */
@@ -422,17 +629,17 @@ static PyObject *decode_value(Core *c, int flags, PyObject *val) {
     return r;
 }
 
-/* Fetch (flags, value bytes, expire, slot offset, atime) for an encoded key,
- * falling back to Python's locked read when writers keep interfering.
- * Returns 1 found, 0 absent, -1 error. */
+/* Fetch (flags, value bytes, expire, access-bit offset, access bit) for an
+ * encoded key, falling back to Python's locked read when writers keep
+ * interfering. Returns 1 found, 0 absent, -1 error. */
 static int fetch(Core *c, const char *k, Py_ssize_t klen, int *flags, PyObject **val, double *exp,
-                 int64_t *pos, double *atime) {
+                 int64_t *pos, int *ref) {
     slot_t sl;
-    int r = read_core(c, k, klen, &sl, pos, val);
+    ehdr_t eh;
+    int r = read_core(c, k, klen, &sl, &eh, pos, ref, val);
     if (r == 1) {
-        *flags = sl.flags;
+        *flags = eh.flags;
         *exp = sl.expire;
-        *atime = sl.atime;
         return 1;
     }
     if (r != 2) return r;
@@ -447,7 +654,7 @@ static int fetch(Core *c, const char *k, Py_ssize_t klen, int *flags, PyObject *
     }
     PyObject *fv = NULL;
     long long p;
-    if (!PyArg_ParseTuple(t, "iSdLd", flags, &fv, exp, &p, atime)) {
+    if (!PyArg_ParseTuple(t, "iSdLi", flags, &fv, exp, &p, ref)) {
         Py_DECREF(t);
         return -1;
     }
@@ -475,11 +682,11 @@ static PyObject *Core_get(Core *c, PyObject *const *args, size_t nargsf, PyObjec
     Py_ssize_t klen;
     PyObject *owned = NULL;
     if (resolve_key(c, key, &k, &klen, stack, &owned) < 0) return NULL;
-    int flags;
+    int flags, ref;
     PyObject *val = NULL;
-    double exp, atime, now;
+    double exp, now;
     int64_t pos;
-    int r = fetch(c, k, klen, &flags, &val, &exp, &pos, &atime);
+    int r = fetch(c, k, klen, &flags, &val, &exp, &pos, &ref);
     Py_XDECREF(owned);
     if (r < 0) return NULL;
     if (r == 1 && (get_now(c, &now) < 0 || CLOSED(c))) {
@@ -492,7 +699,10 @@ static PyObject *Core_get(Core *c, PyObject *const *args, size_t nargsf, PyObjec
         Py_INCREF(dflt);
         return dflt;
     }
-    if (now - atime > c->atime_res && pos >= 0) memcpy(c->base + pos + 24, &now, 8); /* LRU hint, racy by design */
+    /* Access bit for second chance: stored only when clear, so a hot key read
+     * by many processes does not bounce its cache line on every hit. Racy by
+     * design (a hint): one byte, apart from the slot's fields. */
+    if (!ref && pos >= 0) __atomic_store_n((uint8_t *)(c->base + pos), 1, __ATOMIC_RELAXED);
     *counter(c, CTR_HITS) += 1;
     PyObject *out = decode_value(c, flags, val);
     Py_DECREF(val);
@@ -505,14 +715,14 @@ static PyObject *Core_read(Core *c, PyObject *kb) {
         return NULL;
     }
     if (CLOSED(c)) return closed_error();
-    int flags;
+    int flags, ref;
     PyObject *val = NULL;
-    double exp, atime;
+    double exp;
     int64_t pos;
-    int r = fetch(c, PyBytes_AS_STRING(kb), PyBytes_GET_SIZE(kb), &flags, &val, &exp, &pos, &atime);
+    int r = fetch(c, PyBytes_AS_STRING(kb), PyBytes_GET_SIZE(kb), &flags, &val, &exp, &pos, &ref);
     if (r < 0) return NULL;
     if (r == 0) Py_RETURN_NONE;
-    return Py_BuildValue("iNdLd", flags, val, exp, (long long)pos, atime);
+    return Py_BuildValue("iNdLi", flags, val, exp, (long long)pos, ref);
 }
 
 /* Value -> (flags, ptr, len) for the raw types; 0 = let Python encode it. */
@@ -669,10 +879,17 @@ static PyObject *store(Core *c, PyObject *const *args, Py_ssize_t nargs, PyObjec
     uint64_t s = h & c->mask;
     int r = 2;
     if (lock_fast(c, s)) {
+        struct timespec t0, t1;
+        if (c->timing) clock_gettime(CLOCK_MONOTONIC, &t0);
         r = write_locked(c, s, (uint32_t)(h >> 32) | 1u, k, klen, flags, v, vlen, expire, mode, now);
+        if (c->timing) {
+            clock_gettime(CLOCK_MONOTONIC, &t1);
+            uint64_t ns = (uint64_t)(t1.tv_sec - t0.tv_sec) * 1000000000ull + (uint64_t)(t1.tv_nsec - t0.tv_nsec);
+            if (ns > c->max_hold_ns) c->max_hold_ns = ns;
+        }
         unlock_fast(c, s);
     }
-    if (r == 2) { /* busy lock or full stripe: hand the checked, encoded entry to Table.write */
+    if (r == 2) { /* busy lock, noeviction at a limit, damage: hand the checked, encoded entry to Table.write */
         PyObject *res = handoff(c, k, klen, flags, v, vlen, expire, mode);
         Py_XDECREF(encoded);
         return res;
@@ -719,11 +936,12 @@ static PyObject *Core_delete(Core *c, PyObject *const *args, size_t nargsf, PyOb
     uint64_t s = h & c->mask;
     if (!lock_fast(c, s)) return PyObject_CallOneArg(c->slow_delete, key);
     slot_t sl;
-    int64_t i = probe(c, s, (uint32_t)(h >> 32) | 1u, k, klen, &sl);
+    ehdr_t eh;
+    int64_t i = probe(c, s, (uint32_t)(h >> 32) | 1u, k, klen, &sl, &eh);
     int live = 0;
     if (i >= 0) {
         live = !(sl.expire != 0.0 && sl.expire <= now);
-        delete_at(c, s, (uint64_t)i, &sl);
+        drop_slot(c, s, (uint64_t)i, alloc_of(eh.klen, eh.vlen));
     }
     unlock_fast(c, s);
     if (i >= 0) *counter(c, live ? CTR_DELETES : CTR_EXPIRATIONS) += 1;
@@ -770,14 +988,15 @@ static PyObject *Core_incr(Core *c, PyObject *const *args, size_t nargsf, PyObje
     uint32_t tag = (uint32_t)(h >> 32) | 1u;
     if (!lock_fast(c, s)) goto slow;
     slot_t sl;
-    int64_t i = probe(c, s, tag, k, klen, &sl);
+    ehdr_t eh;
+    int64_t i = probe(c, s, tag, k, klen, &sl, &eh);
     long long result;
     if (i >= 0 && !(sl.expire != 0.0 && sl.expire <= now)) {
-        if (sl.flags != FLAG_INT || sl.vlen != 8) {
+        if (eh.flags != FLAG_INT || eh.vlen != 8) {
             unlock_fast(c, s);
             goto slow; /* TypeError or a big int: Python handles it */
         }
-        char *a = arena_of(c, s) + sl.off;
+        char *a = arena_of(c, s) + (uint64_t)sl.loc * ALIGN;
         int64_t cur;
         memcpy(&cur, a + ENTRY_HDR + klen, 8);
         if (__builtin_add_overflow((long long)cur, delta, &result)) {
@@ -786,9 +1005,11 @@ static PyObject *Core_incr(Core *c, PyObject *const *args, size_t nargsf, PyObje
         }
         int64_t nv = result;
         memcpy(a + ENTRY_HDR + klen, &nv, 8);
-        uint32_t chk = XXH32(a + 4, (size_t)(12 + klen + 8), 0);
+        BARRIER();
+        uint32_t chk = XXH32(a + 4, (size_t)(ENTRY_HDR - 4 + klen + 8), 0);
         memcpy(a, &chk, 4);
-        memcpy(slots_of(c, s) + (uint64_t)i * SLOT_SIZE + 24, &now, 8);
+        uint8_t *ref = refs_of(c, s) + i; /* an update in place is an access (see table.incr) */
+        if (!*ref) *ref = 1;
     } else {
         if (!have_default || __builtin_add_overflow(dflt, delta, &result)) {
             unlock_fast(c, s);
@@ -817,11 +1038,11 @@ static PyObject *Core_contains(Core *c, PyObject *key) {
     Py_ssize_t klen;
     PyObject *owned = NULL;
     if (resolve_key(c, key, &k, &klen, stack, &owned) < 0) return NULL;
-    int flags;
+    int flags, ref;
     PyObject *val = NULL;
-    double exp, atime, now = 0;
+    double exp, now = 0;
     int64_t pos;
-    int r = fetch(c, k, klen, &flags, &val, &exp, &pos, &atime);
+    int r = fetch(c, k, klen, &flags, &val, &exp, &pos, &ref);
     Py_XDECREF(owned);
     Py_XDECREF(val);
     if (r < 0) return NULL;
@@ -994,9 +1215,10 @@ static PyObject *Core_mark(Core *c, PyObject *args) {
 static int Core_init(Core *c, PyObject *args, PyObject *kw) {
     static char *kwlist[] = {"buffer", "n_stripes", "sps", "stripe_off", "index_off", "arena_off",
                              "stripe_arena", "client_off", "client_rec", "client", "max_key",
-                             "max_value", "cap_items", "sem_names", "owner", "clock", "decode", "encode",
+                             "max_value", "cap_items", "refs_off", "seg_size", "evicts", "sem_names", "owner",
+                             "clock", "decode", "encode",
                              "slow_key", "slow_read", "slow_write", "slow_set", "slow_add", "slow_replace", "slow_incr", "slow_delete",
-                             "sentinel", "atime_res", "default_ttl", NULL};
+                             "sentinel", "default_ttl", NULL};
     PyObject *buffer, *sem_names;
     unsigned long long n_stripes;
     const char *owner;
@@ -1006,12 +1228,12 @@ static int Core_init(Core *c, PyObject *args, PyObject *kw) {
         return -1;
     }
     if (!PyArg_ParseTupleAndKeywords(
-            args, kw, "OKKKKKKKKKKKKOy#OOOOOOOOOOOOdd", kwlist, &buffer, &n_stripes, &c->sps, &c->stripe_off,
+            args, kw, "OKKKKKKKKKKKKKKpOy#OOOOOOOOOOOOd", kwlist, &buffer, &n_stripes, &c->sps, &c->stripe_off,
             &c->index_off, &c->arena_off, &c->stripe_arena, &c->client_off, &c->client_rec, &c->client,
-            &c->max_key, &c->max_value, &c->cap_items, &sem_names, &owner, &owner_len, &c->clock, &c->decode, &c->encode,
+            &c->max_key, &c->max_value, &c->cap_items, &c->refs_off, &c->seg_size, &c->evicts, &sem_names, &owner,
+            &owner_len, &c->clock, &c->decode, &c->encode,
             &c->slow_key, &c->slow_read, &c->slow_write, &c->slow_set, &c->slow_add, &c->slow_replace, &c->slow_incr,
-            &c->slow_delete, &c->sentinel,
-            &c->atime_res, &c->default_ttl))
+            &c->slow_delete, &c->sentinel, &c->default_ttl))
         return -1;
 #define INCREF_FIELD(f) Py_INCREF(c->f);
     CORE_OBJECTS(INCREF_FIELD) /* owned from here on */
@@ -1022,6 +1244,12 @@ static int Core_init(Core *c, PyObject *args, PyObject *kw) {
     }
     c->mask = n_stripes - 1;
     if (set_owner(c, owner, owner_len) < 0) return -1;
+    if (c->seg_size < 1024 || c->stripe_arena % c->seg_size || c->stripe_arena / c->seg_size < 4 ||
+        c->stripe_arena / c->seg_size > 65535 || c->sps == 0) {
+        PyErr_SetString(PyExc_ValueError, "segment geometry out of range");
+        return -1;
+    }
+    c->n_segs = c->stripe_arena / c->seg_size;
     if (PyObject_GetBuffer(buffer, &c->view, PyBUF_WRITABLE) < 0) return -1;
     c->has_view = 1;
     c->base = c->view.buf;
@@ -1086,16 +1314,35 @@ static int Core_set_default_ttl(Core *c, PyObject *v, void *unused) {
     return 0;
 }
 
+static PyObject *Core_get_max_hold(Core *c, void *unused) { return PyLong_FromUnsignedLongLong(c->max_hold_ns); }
+static int Core_set_max_hold(Core *c, PyObject *v, void *unused) {
+    unsigned long long x = PyLong_AsUnsignedLongLong(v);
+    if (x == (unsigned long long)-1 && PyErr_Occurred()) return -1;
+    c->max_hold_ns = x;
+    return 0;
+}
+static PyObject *Core_get_timing(Core *c, void *unused) { return PyBool_FromLong(c->timing); }
+static int Core_set_timing(Core *c, PyObject *v, void *unused) {
+    int t = PyObject_IsTrue(v);
+    if (t < 0) return -1;
+    c->timing = t;
+    return 0;
+}
+
 static PyGetSetDef Core_getset[] = {
     {"default_ttl", (getter)Core_get_default_ttl, (setter)Core_set_default_ttl,
      "seconds used when set() gets no ttl; 0 = never expire", NULL},
+    {"timing", (getter)Core_get_timing, (setter)Core_set_timing,
+     "measure the stripe-lock holds of the C write paths (off by default: two clock reads per write)", NULL},
+    {"max_hold_ns", (getter)Core_get_max_hold, (setter)Core_set_max_hold,
+     "longest stripe-lock hold of a C write path (reclaim included) while timing was on, ns; settable", NULL},
     {NULL}};
 
 static PyMethodDef Core_methods[] = {
     {"get", (PyCFunction)(void (*)(void))Core_get, METH_FASTCALL | METH_KEYWORDS,
      "get(key, default=None): the value, or default if absent or expired."},
     {"read", (PyCFunction)Core_read, METH_O,
-     "read(encoded_key) -> (flags, value_bytes, expire, slot_offset, atime) or None."},
+     "read(encoded_key) -> (flags, value_bytes, expire, ref_offset, ref) or None."},
     {"set", (PyCFunction)(void (*)(void))Core_set, METH_FASTCALL | METH_KEYWORDS,
      "set(key, value, ttl=DEFAULT) -> True."},
     {"add", (PyCFunction)(void (*)(void))Core_add, METH_FASTCALL | METH_KEYWORDS,
@@ -1155,20 +1402,16 @@ PyMODINIT_FUNC PyInit__speedups(void) {
         Py_DECREF(m);
         return NULL;
     }
-    PyModule_AddIntConstant(m, "SLOT_SIZE", SLOT_SIZE);
-    PyModule_AddIntConstant(m, "ENTRY_HDR", ENTRY_HDR);
-    PyModule_AddIntConstant(m, "STRIPE_SIZE", STRIPE_SIZE);
-    PyModule_AddIntConstant(m, "C_COUNTERS", C_COUNTERS);
-    PyModule_AddIntConstant(m, "C_MARKERS", C_MARKERS);
-    PyModule_AddIntConstant(m, "S_VERSION", S_VERSION);
-    PyModule_AddIntConstant(m, "S_OWNER", S_OWNER);
-    PyModule_AddIntConstant(m, "S_ITEMS", S_ITEMS);
-    PyModule_AddIntConstant(m, "S_USED", S_USED);
-    PyModule_AddIntConstant(m, "S_GARBAGE", S_GARBAGE);
-    PyModule_AddIntConstant(m, "CTR_HITS", CTR_HITS);
-    PyModule_AddIntConstant(m, "CTR_MISSES", CTR_MISSES);
-    PyModule_AddIntConstant(m, "CTR_SETS", CTR_SETS);
-    PyModule_AddIntConstant(m, "CTR_DELETES", CTR_DELETES);
-    PyModule_AddIntConstant(m, "CTR_EXPIRATIONS", CTR_EXPIRATIONS);
+    /* Every offset and tag this file hard-codes, checked against layout.py and
+     * codec.py when cache.py imports this module. */
+#define EXPORT(name) PyModule_AddIntConstant(m, #name, name);
+    EXPORT(LAYOUT_VERSION) EXPORT(SLOT_SIZE) EXPORT(SL_TAG) EXPORT(SL_LOC) EXPORT(SL_EXPIRE)
+    EXPORT(ENTRY_HDR) EXPORT(E_CHECKSUM) EXPORT(E_VLEN) EXPORT(E_KLEN) EXPORT(E_FLAGS)
+    EXPORT(SEG_HEADER) EXPORT(ALIGN) EXPORT(STRIPE_SIZE) EXPORT(C_COUNTERS) EXPORT(C_MARKERS)
+    EXPORT(S_VERSION) EXPORT(S_OWNER) EXPORT(S_ITEMS) EXPORT(S_LIVE) EXPORT(S_RING) EXPORT(S_EVICTIONS)
+    EXPORT(CTR_HITS) EXPORT(CTR_MISSES) EXPORT(CTR_SETS) EXPORT(CTR_DELETES) EXPORT(CTR_EVICTIONS)
+    EXPORT(CTR_EXPIRATIONS) EXPORT(FLAG_BYTES) EXPORT(FLAG_STR) EXPORT(FLAG_INT) EXPORT(FLAG_FLOAT)
+    EXPORT(READ_RETRIES)
+#undef EXPORT
     return m;
 }

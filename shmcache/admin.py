@@ -79,7 +79,7 @@ class StripeInfo:
     index: int
     items: int  #: entries stored, expired ones not yet reclaimed included
     bytes_used: int  #: arena bytes held by live entries
-    bytes_garbage: int  #: arena bytes held by dead entries (freed by compaction)
+    bytes_garbage: int  #: arena bytes of the segments in use not held by live entries (freed by reclaim)
     arena_bytes: int  #: the stripe's arena size
     evictions: int  #: entries evicted by LRU in this stripe, ever
     recoveries: int  #: times the stripe was repaired after its lock holder died
@@ -95,13 +95,16 @@ class StripeInfo:
 def stripes(cache: "Cache") -> list[StripeInfo]:
     """Every stripe's fill and counters, in stripe order."""
     st = _stripe_table(cache).copy()  # one pass; numbers may move while we format
-    arena = cache._g.stripe_arena
+    g = cache._g
+    arena = g.stripe_arena
     out = []
     for i, row in enumerate(st.tolist()):
         owner = L.OWNER.unpack(L.U64.pack(row[L.S_OWNER // 8]) + L.U64.pack(row[L.S_OWNER // 8 + 1]))[2]
-        used, garbage = row[L.S_USED // 8], row[L.S_GARBAGE // 8]
+        live = row[L.S_LIVE // 8]
+        head, tail, fill = L.unpack_ring(row[L.S_RING // 8])
+        in_use = ((head - tail) % g.n_segs) * g.seg_size + min(fill, g.seg_size)
         out.append(StripeInfo(
-            index=i, items=row[L.S_ITEMS // 8], bytes_used=used - garbage, bytes_garbage=garbage,
+            index=i, items=row[L.S_ITEMS // 8], bytes_used=live, bytes_garbage=max(0, in_use - live),
             arena_bytes=arena, evictions=row[L.S_EVICTIONS // 8], recoveries=row[L.S_RECOVERIES // 8],
             locked_by=owner or None, writes=row[L.S_VERSION // 8] >> 1,
         ))
@@ -298,7 +301,8 @@ class EntryInfo:
     key_size: int  #: bytes of the encoded key
     expires_at: float | None  #: absolute deadline on the cache's clock; None = never
     ttl: float | None  #: seconds left at the time of the read; None = never expires
-    last_access: float  #: cache clock time of the last read or write (LRU, 10 ms resolution)
+    accessed: bool  #: read since written (or since its last second chance): survives its segment's next reclaim
+    age: float  #: place in its stripe's ring: 0.0 = reclaimed next .. 1.0 = written last (1.0 from inspect)
     stripe: int
     flags: int  #: the codec's type tag (for raw copies, e.g. snapshots)
     raw_key: bytes = b""  #: the encoded key
@@ -306,11 +310,11 @@ class EntryInfo:
 
 
 def _entry(cache: "Cache", s: int, kb: Any, flags: int, vb: Any, exp: float, at: float, now: float,
-           raw: bool) -> EntryInfo:
+           raw: bool, age: float = 1.0) -> EntryInfo:
     kb = bytes(kb)
     return EntryInfo(
         key=decode_key(kb), type=TYPE_NAMES.get(flags, f"unknown({flags})"), size=len(vb), key_size=len(kb),
-        expires_at=exp or None, ttl=(exp - now) if exp else None, last_access=at, stripe=s, flags=flags,
+        expires_at=exp or None, ttl=(exp - now) if exp else None, accessed=bool(at), age=age, stripe=s, flags=flags,
         raw_key=kb, raw_value=bytes(vb) if raw else None,
     )
 
@@ -332,9 +336,9 @@ def entries(cache: "Cache", *, include_expired: bool = False, raw: bool = False,
         raise ValueError(f"stripe must be in 0..{t.n_stripes - 1}, got {stripe}")
     for s in (range(t.n_stripes) if stripe is None else (stripe,)):
         now = cache._clock()
-        for kb, flags, vb, exp, at in t.stripe_records(s):
+        for kb, flags, vb, exp, at, age in t.stripe_records(s):
             if include_expired or not (exp and exp <= now):
-                yield _entry(cache, s, kb, flags, vb, exp, at, now, raw)
+                yield _entry(cache, s, kb, flags, vb, exp, at, now, raw, age)
 
 
 def inspect(cache: "Cache", key: str | bytes, *, raw: bool = False) -> EntryInfo | None:
@@ -351,8 +355,8 @@ def inspect(cache: "Cache", key: str | bytes, *, raw: bool = False) -> EntryInfo
     now = cache._clock()
     if r is None or (r[2] and r[2] <= now):
         return None
-    flags, vb, exp, p, at = r
-    s = (p - cache._g.index_off) // (L.SLOT_SIZE * cache._g.slots_per_stripe)
+    flags, vb, exp, p, at = r  # p: the key's access-bit offset, at: the bit
+    s = (p - cache._g.refs_off) // cache._g.slots_per_stripe
     return _entry(cache, s, kb, flags, vb, exp, at, now, raw)
 
 

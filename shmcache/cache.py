@@ -33,16 +33,29 @@ USE_SPEEDUPS = _speedups is not None and not os.environ.get("SHMCACHE_PURE_PYTHO
 
 def _check_speedups_layout() -> None:
     """The C file hard-codes the offsets layout.py defines: refuse a mismatch."""
-    want = {
-        "SLOT_SIZE": L.SLOT_SIZE, "ENTRY_HDR": L.ENTRY_HEADER, "STRIPE_SIZE": L.STRIPE_SIZE,
-        "C_COUNTERS": L.C_COUNTERS, "C_MARKERS": L.C_MARKERS, "S_VERSION": L.S_VERSION,
-        "S_OWNER": L.S_OWNER_PID, "S_ITEMS": L.S_ITEMS, "S_USED": L.S_USED, "S_GARBAGE": L.S_GARBAGE,
-        "CTR_HITS": L.C_HITS, "CTR_MISSES": L.C_MISSES, "CTR_SETS": L.C_SETS,
-        "CTR_DELETES": L.C_DELETES, "CTR_EXPIRATIONS": L.C_EXPIRATIONS,
-    }
+    want = speedups_layout()
     bad = {k: (getattr(_speedups, k, None), v) for k, v in want.items() if getattr(_speedups, k, None) != v}
     if bad:
         raise ImportError(f"shmcache._speedups was built for another layout (C, Python): {bad}; reinstall shmcache")
+
+
+def speedups_layout() -> dict:
+    """Every constant the C file hard-codes, as layout.py / codec.py / table.py define it."""
+    from . import codec
+    from .table import READ_RETRIES
+
+    return {
+        "LAYOUT_VERSION": L.LAYOUT_VERSION, "SLOT_SIZE": L.SLOT_SIZE, "SL_TAG": L.SL_TAG, "SL_LOC": L.SL_LOC,
+        "SL_EXPIRE": L.SL_EXPIRE, "ENTRY_HDR": L.ENTRY_HEADER, "E_CHECKSUM": L.E_CHECKSUM, "E_VLEN": L.E_VLEN,
+        "E_KLEN": L.E_KLEN, "E_FLAGS": L.E_FLAGS, "SEG_HEADER": L.SEG_HEADER, "ALIGN": L.ALIGN,
+        "STRIPE_SIZE": L.STRIPE_SIZE, "C_COUNTERS": L.C_COUNTERS, "C_MARKERS": L.C_MARKERS,
+        "S_VERSION": L.S_VERSION, "S_OWNER": L.S_OWNER_PID, "S_ITEMS": L.S_ITEMS, "S_LIVE": L.S_LIVE,
+        "S_RING": L.S_RING, "S_EVICTIONS": L.S_EVICTIONS,
+        "CTR_HITS": L.C_HITS, "CTR_MISSES": L.C_MISSES, "CTR_SETS": L.C_SETS,
+        "CTR_DELETES": L.C_DELETES, "CTR_EVICTIONS": L.C_EVICTIONS, "CTR_EXPIRATIONS": L.C_EXPIRATIONS,
+        "FLAG_BYTES": codec.BYTES, "FLAG_STR": codec.STR, "FLAG_INT": codec.INT, "FLAG_FLOAT": codec.FLOAT,
+        "READ_RETRIES": READ_RETRIES,
+    }
 
 
 if _speedups is not None:
@@ -51,10 +64,6 @@ if _speedups is not None:
 _MISSING = MISSING
 _DEFAULT = DEFAULT_TTL
 
-#: Reads refresh an entry's LRU timestamp only when it is older than this many
-#: seconds: it saves a store into a shared cache line on hot keys, and LRU
-#: cannot tell accesses this close apart anyway.
-ATIME_RESOLUTION = 0.01
 
 _live_caches: "weakref.WeakSet[Cache]" = weakref.WeakSet()
 
@@ -328,7 +337,8 @@ class Cache(MutableMapping[Any, Any]):
             stripe_off=g.stripe_table_off, index_off=g.index_off, arena_off=g.arena_off,
             stripe_arena=g.stripe_arena, client_off=g.client_table_off,
             client_rec=g.client_record_size, client=client.slot, max_key=g.max_key_size,
-            max_value=g.max_value_size, cap_items=g.items_per_stripe,
+            max_value=g.max_value_size, cap_items=g.items_per_stripe, refs_off=g.refs_off,
+            seg_size=g.seg_size, evicts=t.policy.evicts,
             sem_names=[sem_name(self.name, i) for i in range(g.n_stripes)],
             owner=client.owner,
             clock=None if self._clock is time.time else self._clock,
@@ -337,7 +347,7 @@ class Cache(MutableMapping[Any, Any]):
             slow_set=_weak(self, Cache.set), slow_add=_weak(self, Cache.add),
             slow_replace=_weak(self, Cache.replace), slow_incr=_weak(self, Cache.incr),
             slow_delete=_weak(self, Cache.delete), sentinel=_DEFAULT,
-            atime_res=ATIME_RESOLUTION, default_ttl=self._default_ttl or 0.0,
+            default_ttl=self._default_ttl or 0.0,
         )
 
     def _bind(self) -> None:
@@ -540,13 +550,12 @@ class Cache(MutableMapping[Any, Any]):
         if r is None:
             self._ctr[self._i_misses] += 1
             return None
-        flags, val, exp, p, at = r
-        now = self._clock()
-        if exp and exp <= now:
+        flags, val, exp, p, ref = r
+        if exp and exp <= self._clock():
             self._ctr[self._i_misses] += 1
             return None
-        if now - at > ATIME_RESOLUTION:
-            self._table.touch_atime(p, now)
+        if not ref:  # second chance; stored only when clear (no store per hit of a hot key)
+            self._table.mark(p)
         self._ctr[self._i_hits] += 1
         return flags, val, exp
 
@@ -887,7 +896,7 @@ class Cache(MutableMapping[Any, Any]):
         return [
             (decode_key(kb), dec(flags, vb))
             for s in range(t.n_stripes)
-            for kb, flags, vb, exp, _at in t.stripe_records(s)
+            for kb, flags, vb, exp, _ref, _age in t.stripe_records(s)
             if not (exp and exp <= now)
         ]
 

@@ -527,7 +527,7 @@ def _entry_dict(e: "admin.EntryInfo", now: float) -> dict:
     return {
         "key": _jsonable(e.key), "type": e.type, "size": e.size, "key_size": e.key_size,
         "ttl": None if e.ttl is None else round(e.ttl, 3), "expires_at": e.expires_at,
-        "last_access": e.last_access, "idle": round(max(0.0, now - e.last_access), 3), "stripe": e.stripe,
+        "accessed": e.accessed, "stripe": e.stripe,
     }
 
 
@@ -544,7 +544,7 @@ def cmd_inspect(args) -> int:
         return 0
     ttl = "never expires" if e.ttl is None else f"{e.ttl:.3f} s (at {time.ctime(e.expires_at)})"
     rows = [("key", _show_key(e.key)), ("type", e.type), ("size", f"{e.size:,} bytes (key {e.key_size} bytes)"),
-            ("ttl", ttl), ("last access", f"{d['idle']:.3f} s ago"), ("stripe", str(e.stripe))]
+            ("ttl", ttl), ("accessed", "yes (kept on reclaim)" if e.accessed else "no"), ("stripe", str(e.stripe))]
     for k, v in rows:
         print(f"{k:<12} {v}")
     return 0

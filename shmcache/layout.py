@@ -14,11 +14,14 @@ geometry. Nothing in a segment ever moves or grows after creation.
     client_table_off  +-------------------------------------------+
                       | client records: 64 B + 1 B per stripe     |
     index_off         +-------------------------------------------+
-                      | index: stripes x slots_per_stripe x 32 B  |
+                      | index: stripes x slots_per_stripe x 16 B  |
                       |   stripe 0 slots | stripe 1 slots | ...   |
+    refs_off          +-------------------------------------------+
+                      | access bits: 1 B per index slot           |
     arena_off         +-------------------------------------------+
-                      | arenas: stripes x stripe_arena bytes      |
-                      |   [entry][entry][garbage][entry]...free   |
+                      | arenas: stripes x stripe_arena bytes,     |
+                      | each a ring of n_segs segments:           |
+                      |   [seg hdr|entry|entry|..][seg hdr|..]... |
                       +-------------------------------------------+
 
 Every field below is commented with who writes it, who reads it and whether a
@@ -41,7 +44,8 @@ MAGIC = b"SHMCACHE"
 #: Bumped whenever any offset or field below changes meaning. Attaching to a
 #: segment of another version raises LayoutMismatch; snapshots carry entries,
 #: not layouts, so they restore across versions.
-LAYOUT_VERSION = 2  # 2: owners are client slots + generation, clients locked (OFD) for liveness
+LAYOUT_VERSION = 3  # 2: owners are client slots + generation, clients locked (OFD) for liveness
+#                     3: segment-ring arena, 16-byte slots, access bits, 12-byte entry header
 
 PAGE = 4096
 CACHE_LINE = 64
@@ -72,6 +76,8 @@ HEADER = struct.Struct(
     "d"  # created            wall clock seconds
     "I"  # policy             0 = lru, 1 = noeviction
     "I"  # mode               permission bits the segment was created with
+    "Q"  # seg_size           initializer: bytes per arena segment
+    "Q"  # refs_off           initializer: the access-bit array
 )
 HEADER_POLICY_LRU = 0
 HEADER_POLICY_NOEVICTION = 1
@@ -134,21 +140,39 @@ STRIPE = struct.Struct(
     "I"  # owner_pid     the holder's pid in its own PID namespace: for messages only
     "I"  # _pad
     "Q"  # items       live index slots in this stripe. Under lock; stale read safe.
-    "Q"  # used        arena bump pointer (bytes from stripe arena start). Under lock.
-    "Q"  # garbage     bytes below `used` held by dead entries. Under lock.
-    "Q"  # evictions   entries evicted by LRU in this stripe. Under lock.
+    "Q"  # live        bytes taken by the entries the index points at. Under lock; stats only.
+    "Q"  # ring        the segment ring, one u64 so it changes in one store (a writer
+    #                  killed mid-update leaves the old or the new ring, never a mix):
+    #                  head u16 (segment being appended to) | tail u16 (oldest segment
+    #                  in use) | fill u32 (bytes of the head segment in use, its
+    #                  header included; 0 = fresh, read as SEG_HEADER). Segments
+    #                  tail, tail+1 .. head (mod n_segs) are in use, the others free.
+    #                  Under lock; readers never need it.
+    "Q"  # evictions   entries evicted in this stripe. Under lock.
     "Q"  # recoveries  times this stripe was repaired after a dead owner.
 )
 S_VERSION = 0
 S_OWNER = 8
 S_OWNER_PID = S_OWNER  # where the 16-byte owner record starts (name kept for callers)
 S_ITEMS = 24
-S_USED = 32
-S_GARBAGE = 40
+S_LIVE = 32
+S_RING = 40
 S_EVICTIONS = 48
 S_RECOVERIES = 56
 OWNER = struct.Struct("<IIII")  # client + 1, gen, pid, pad: one 16-byte store at S_OWNER
-ACCOUNT = struct.Struct("<QQQ")  # items, used, garbage at S_ITEMS
+ACCOUNT = struct.Struct("<QQ")  # items, live at S_ITEMS
+RING = struct.Struct("<HHI")  # head, tail, fill at S_RING
+
+
+def pack_ring(head: int, tail: int, fill: int) -> int:
+    """The ring word (see STRIPE) as one u64."""
+    return head | (tail << 16) | (fill << 32)
+
+
+def unpack_ring(word: int) -> tuple[int, int, int]:
+    """(head, tail, fill) of a ring word; fill 0 (a fresh segment) reads as SEG_HEADER."""
+    return word & 0xFFFF, (word >> 16) & 0xFFFF, (word >> 32) or SEG_HEADER
+
 
 # --------------------------------------------------------------------------
 # Client record: claimed by each attached process, at client_table_off +
@@ -183,52 +207,66 @@ C_HITS, C_MISSES, C_SETS, C_DELETES, C_EVICTIONS, C_EXPIRATIONS = range(N_COUNTE
 C_MARKERS = 64
 
 # --------------------------------------------------------------------------
-# Index slot: 32 bytes, open addressing with linear probing inside each
+# Index slot: 16 bytes, open addressing with linear probing inside each
 # stripe's own slice. Written only under the stripe lock; readers use the
 # seqlock. `tag` 0 means empty; deletion is backward-shift (no tombstones).
-SLOT_SIZE = 32
+# Key length, value length and type live in the entry header (the reader
+# reads the entry anyway), which is what keeps the slot at 16 bytes.
+SLOT_SIZE = 16
 SLOT = struct.Struct(
     "<I"  # tag     (hash >> 32) | 1, never 0. Home slot = tag % slots_per_stripe.
-    "I"  # off      entry offset from the stripe arena start (bytes, 8-aligned)
-    "I"  # vlen     encoded value bytes
-    "H"  # klen     encoded key bytes
-    "B"  # flags    value type tag (codec)
-    "B"  # _spare
-    "d"  # expire   absolute deadline (clock seconds); 0.0 = never
-    "d"  # atime    last access (clock seconds) for LRU. Readers write it too,
-    #               racily: it is a hint, a lost update only ages an entry.
+    "I"  # loc     entry offset from the stripe arena start / ALIGN
+    "d"  # expire  absolute deadline (clock seconds); 0.0 = never
 )
 SL_TAG = 0
-SL_EXPIRE = 16
-SL_ATIME = 24
+SL_LOC = 4
+SL_EXPIRE = 8
 F64 = struct.Struct("<d")
 U64 = struct.Struct("<Q")
-SLOT_DTYPE = np.dtype(
-    [
-        ("tag", "<u4"),
-        ("off", "<u4"),
-        ("vlen", "<u4"),
-        ("klen", "<u2"),
-        ("flags", "u1"),
-        ("spare", "u1"),
-        ("expire", "<f8"),
-        ("atime", "<f8"),
-    ]
-)
+U32 = struct.Struct("<I")
+SLOT_DTYPE = np.dtype([("tag", "<u4"), ("loc", "<u4"), ("expire", "<f8")])
 assert SLOT_DTYPE.itemsize == SLOT.size == SLOT_SIZE  # layout self-check at import
+#: Access bits: one byte per index slot at refs_off + (stripe * slots_per_stripe
+#: + slot), apart from the slots so that readers' stores never touch a slot's
+#: fields. A hit stores 1 only when it reads 0 (a hot key read by many
+#: processes does not bounce a cache line on every get); reclaim reads it
+#: (second chance) and clears it. Racy by design: a hint, a lost or misplaced
+#: store only changes which entry gets a second chance. Moves with its slot.
+REF_SIZE = 1
+#: Index bytes per slot, for memory accounting.
+INDEX_BYTES_PER_SLOT = SLOT_SIZE + REF_SIZE
 
 # --------------------------------------------------------------------------
-# Entry in an arena: [entry header | key | value], padded to 8 bytes.
+# Arena: per stripe, a ring of n_segs = stripe_arena / seg_size segments.
+# Each segment: [SEG_HEADER | entry | entry | ...]. Entries are appended at the
+# head segment's fill and never move or change size afterwards (only incr's
+# 8-byte in-place update and its checksum), so a segment is walked entry by
+# entry from its header to its sealed end.
+SEG = struct.Struct(
+    "<I"  # end     bytes in use when the segment was sealed (left as head); written
+    #               by the writer that seals it, read by reclaim's walk. Under lock.
+    "I"  # _spare
+)
+SEG_HEADER = SEG.size  # 8
+# Entry: [entry header | key | value], padded to ALIGN bytes.
 ENTRY = struct.Struct(
     "<I"  # checksum  xxh32 of bytes [4:entry_len): rest of header, key, value
-    "H"  # klen
-    "B"  # flags
-    "B"  # _pad
     "I"  # vlen
-    "I"  # _reserved
+    "H"  # klen
+    "B"  # flags     value type tag (codec)
+    "B"  # _pad
 )
-ENTRY_HEADER = ENTRY.size  # 16
-ALIGN = 8
+ENTRY_HEADER = ENTRY.size  # 12
+E_CHECKSUM = 0
+E_VLEN = 4
+E_KLEN = 8
+E_FLAGS = 10
+ALIGN = 4
+#: Default segment size: reclaiming one (the most work one insert can trigger)
+#: walks at most this many bytes under the stripe lock (~500 100-byte entries).
+SEG_SIZE = 64 * 1024
+#: A stripe's ring has at least this many segments (head, tail, one free, ...).
+MIN_SEGS = 4
 
 #: A hash table slice is never filled beyond this load factor; inserting past
 #: it evicts (lru) or raises CacheFull (noeviction).
@@ -248,7 +286,8 @@ MIN_SIZE = 256 * 1024
 MIN_STRIPE_ARENA = 4096
 MAX_STRIPES = 1024
 MAX_KEY_LIMIT = 65535  # klen is a u16 in the slot and the entry header
-MAX_STRIPE_ARENA = 2**32 - ALIGN  # off is a u32
+MAX_STRIPE_ARENA = 2**32 * ALIGN // 2  # loc is a u32 in ALIGN units; half of it keeps margin
+MAX_SEGS = 65535  # head and tail are u16
 
 
 def parse_size(size: int | str) -> int:
@@ -304,6 +343,10 @@ def _pow2_at_most(n: int) -> int:
     return 1 << max(0, int(n).bit_length() - 1)
 
 
+def _pow2_at_least(n: int) -> int:
+    return 1 << max(0, int(n) - 1).bit_length()
+
+
 @dataclass(frozen=True)
 class Geometry:
     """The fixed shape of one segment, computed at creation, read at attach."""
@@ -324,6 +367,13 @@ class Geometry:
     created: float = 0.0
     policy: int = HEADER_POLICY_LRU
     mode: int = 0o600
+    seg_size: int = SEG_SIZE
+    refs_off: int = 0
+
+    @property
+    def n_segs(self) -> int:
+        """Segments in one stripe's ring."""
+        return self.stripe_arena // self.seg_size
 
     @property
     def items_per_stripe(self) -> int:
@@ -338,6 +388,7 @@ class Geometry:
             self.max_value_size, self.stripe_arena, self.max_items,
             self.stripe_table_off, self.client_table_off, self.client_record_size,
             self.index_off, self.arena_off, self.created, self.policy, self.mode,
+            self.seg_size, self.refs_off,
         )
 
     @classmethod
@@ -423,7 +474,10 @@ def compute_geometry(
             the message names the setting and its limit.
     """
     total = parse_size(size)
-    if total < MIN_SIZE:
+    # A laid-out segment may end up to a segment per stripe below the size asked
+    # for (whole segments only); Geometry.check recomputes from that smaller
+    # size, so the floor it must pass again is a little lower than MIN_SIZE.
+    if total < MIN_SIZE * 3 // 4 or (total < MIN_SIZE and not isinstance(size, int)):
         raise ValueError(f"size {total} bytes is too small: the minimum is {MIN_SIZE} bytes (256KiB)")
     if policy not in POLICIES:
         raise ValueError(f"policy must be one of {sorted(POLICIES)}, not {policy!r}")
@@ -456,24 +510,32 @@ def compute_geometry(
     client_table_off = _align(stripe_table_off + stripes * STRIPE_SIZE, PAGE)
     client_record_size = C_MARKERS + _align(stripes, CACHE_LINE)
     index_off = _align(client_table_off + max_clients * client_record_size, PAGE)
-    arena_off = _align(index_off + stripes * sps * SLOT_SIZE, PAGE)
-    stripe_arena = ((total - arena_off) // stripes) // PAGE * PAGE
-    if stripe_arena < MIN_STRIPE_ARENA:
+    refs_off = _align(index_off + stripes * sps * SLOT_SIZE, PAGE)
+    arena_off = _align(refs_off + stripes * sps * REF_SIZE, PAGE)
+    room = ((total - arena_off) // stripes) if total > arena_off else 0
+    room = min(room, MAX_STRIPE_ARENA)
+    # Segment size: SEG_SIZE, smaller for small stripes (at least MIN_SEGS * 2
+    # segments), larger when max_value_size asks for it (an entry lives in one
+    # segment; then a multiple of 4 KiB) or the ring would exceed MAX_SEGS.
+    # Bigger segments mean longer reclaim holds, so the default keeps them small.
+    need = SEG_HEADER + ENTRY_HEADER + max_key_size + (max_value_size or 1)
+    seg = min(SEG_SIZE, _pow2_at_most(max(room // (2 * MIN_SEGS), 1)))
+    seg = max(seg, _align(need, 1024 if need <= SEG_SIZE else PAGE), _pow2_at_least(math.ceil(room / MAX_SEGS)), 1024)
+    n_segs = room // seg
+    if n_segs < MIN_SEGS:
         raise ValueError(
-            f"size {total} bytes leaves {max(0, total - arena_off)} bytes of arena for "
-            f"{stripes} stripes after the index for max_items={max_items}; raise size, "
-            f"or lower max_items or stripes (each stripe needs at least {MIN_STRIPE_ARENA} bytes)"
+            f"size {total} bytes leaves {max(0, total - arena_off)} bytes of arena for {stripes} stripes "
+            f"after the index for max_items={max_items}: each stripe needs at least {MIN_SEGS} segments of "
+            f"{seg} bytes (an entry of max_key_size={max_key_size} + max_value_size="
+            f"{max_value_size or 1} bytes fits one segment); raise size, or lower max_items, stripes, "
+            f"max_key_size or max_value_size"
         )
-    stripe_arena = min(stripe_arena, MAX_STRIPE_ARENA // PAGE * PAGE)
-    entry_room = stripe_arena - ENTRY_HEADER - max_key_size
+    stripe_arena = n_segs * seg
+    entry_room = seg - SEG_HEADER - ENTRY_HEADER - max_key_size
     if max_value_size is None:
-        max_value_size = max(1, min(entry_room, stripe_arena // 4))
-    if not 1 <= max_value_size <= entry_room:
-        raise ValueError(
-            f"max_value_size must be between 1 and {entry_room} bytes (one stripe's arena "
-            f"of {stripe_arena} bytes less the entry header and max_key_size), got {max_value_size}; "
-            f"raise size or lower stripes to allow larger values"
-        )
+        max_value_size = max(1, entry_room)
+    if not 1 <= max_value_size <= entry_room:  # pragma: no cover - seg is sized for it above
+        raise ValueError(f"max_value_size must be between 1 and {entry_room} bytes, got {max_value_size}")
     total = arena_off + stripes * stripe_arena
     return Geometry(
         total_size=total,
@@ -492,6 +554,8 @@ def compute_geometry(
         created=created,
         policy=POLICIES[policy],
         mode=mode,
+        seg_size=seg,
+        refs_off=refs_off,
     )
 
 

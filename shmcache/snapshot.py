@@ -23,7 +23,7 @@ File format, version 1 (all integers little-endian)::
              of the footer, xxh3 of every section checksum, xxh3 of the footer
 
 Writing copies each stripe under its seqlock (two raw memcpys: the stripe's
-index slice and the used part of its arena), so writers are not blocked; only
+index slice and its arena), so writers are not blocked; only
 if writers keep changing the stripe during the copy does it take the stripe
 lock, and then only for that one copy (~2 ms for a 1 GiB cache's 16 MiB
 stripe). Picking live entries, packing records and checksums happen on the
@@ -190,7 +190,7 @@ def write_snapshot(cache, path: str, *, now: float | None = None, progress=None)
     info = SnapshotInfo(path=path, entries=0, bytes=0, sections=g.n_stripes, created=created,
                         name=cache.name, source_layout_version=L.LAYOUT_VERSION,
                         source_stripes=g.n_stripes, source_size=g.total_size)
-    total_est = int(table.stripes[:, L.S_USED // 8].sum())
+    total_est = g.stripe_arena * g.n_stripes
     done = 0
     sums = []
     # Two arena buffers: the file-writer thread writes stripe s from one while
@@ -226,12 +226,12 @@ def write_snapshot(cache, path: str, *, now: float | None = None, progress=None)
                 if len(jobs) == len(bufs):  # the buffer we are about to fill is still being written
                     jobs.popleft().result()
                 bv = bufs[s % len(bufs)]
-                slots, used, held = _copy_stripe(table, locks, words, ibuf, mv, bv, s, drain)
+                slots, ring, held = _copy_stripe(table, locks, words, ibuf, mv, bv, s, drain)
                 if held is not None:
                     info.lock_holds.append(held)
                     info.locked_stripes += 1
                     info.max_lock_hold = max(info.max_lock_hold, held)
-                records, runs, data_len, n_expired = _pack_stripe(slots, used, now)
+                records, runs, data_len, n_expired = _pack_stripe(slots, bv, ring, g, now)
                 info.skipped_expired += n_expired
                 h = xxhash.xxh3_64()
                 rb = records.tobytes()
@@ -248,7 +248,7 @@ def write_snapshot(cache, path: str, *, now: float | None = None, progress=None)
                 ))
                 pos += SECTION.size + len(rb) + data_len + pad
                 info.entries += len(records)
-                done += used
+                done += g.stripe_arena
                 if progress is not None:
                     progress(min(done, total_est), total_est)
                 if pause and s == 0:
@@ -286,8 +286,8 @@ def _write_all(f, pieces) -> None:
 
 
 def _copy_stripe(table, locks, words, ibuf, mv, bv, s, quiesce=None):
-    """Copy stripe s's index slice and used arena bytes consistently; return
-    (live slots, used, seconds the lock was held or None if lock-free).
+    """Copy stripe s's index slice and arena consistently; return
+    (live slots, ring word, seconds the lock was held or None if lock-free).
 
     Inside the seqlock window (or the lock) there are only two plain memcpys:
     the index slice into ``ibuf`` and the arena into ``bv``. Picking the live
@@ -316,8 +316,9 @@ def _copy_stripe(table, locks, words, ibuf, mv, bv, s, quiesce=None):
             t = time.perf_counter()
             try:
                 np.copyto(ibuf, src)
-                used = min(int(stripes[s, L.S_USED // 8]), g.stripe_arena)
-                bv[:used] = mv[a0 : a0 + used]
+                ring = int(stripes[s, L.S_RING // 8])
+                refs = table.refs[s].copy()
+                bv[:] = mv[a0 : a0 + g.stripe_arena]
             finally:
                 held = time.perf_counter() - t
                 locks.unlock(s)
@@ -327,43 +328,61 @@ def _copy_stripe(table, locks, words, ibuf, mv, bv, s, quiesce=None):
             time.sleep(0)
             continue
         np.copyto(ibuf, src)
-        used = min(int(stripes[s, L.S_USED // 8]), g.stripe_arena)
-        bv[:used] = mv[a0 : a0 + used]
+        ring = int(stripes[s, L.S_RING // 8])
+        refs = table.refs[s].copy()
+        bv[:] = mv[a0 : a0 + g.stripe_arena]
         v2 = int(stripes[s, 0])
         if v2 == v1:
             break
         hot = v2 - v1 >= 4
-    rows = ibuf[ibuf.view(L.SLOT_DTYPE).reshape(len(ibuf))["tag"] != 0]  # plain-word row selection
-    return rows.view(L.SLOT_DTYPE).reshape(len(rows)), used, held
+    occupied = ibuf.view(L.SLOT_DTYPE).reshape(len(ibuf))["tag"] != 0
+    rows = ibuf[occupied]  # plain-word row selection
+    return (rows.view(L.SLOT_DTYPE).reshape(len(rows)), refs[occupied]), ring, held
 
 
-def _pack_stripe(slots, used: int, now: float):
+def _pack_stripe(slots_refs, arena, ring: int, g, now: float):
     """Turn a stripe copy into snapshot records plus the arena byte ranges to write.
 
     Only runs of bytes that hold live entries are written (garbage from
     deleted, overwritten and expired entries is dropped: smaller files, and a
-    deleted value does not linger on disk). Columns are pulled out of the
-    structured slots once and every selection works on plain arrays (a
-    structured selection goes element by element). Returns (records, runs,
-    data_len, expired_dropped)."""
+    deleted value does not linger on disk). Key and value lengths and types
+    come from the entry headers in the arena copy, gathered with numpy (no
+    Python object per entry); an entry whose header or bytes fall outside
+    the arena is damage and skipped. ``atime`` records the entry's age rank
+    (entries read since they were written after those that were not, each
+    group in ring order, oldest segment first; restore re-inserts oldest
+    first, so what would be evicted first still is), as seconds just before
+    ``now``.
+    Returns (records, runs, data_len, expired_dropped)."""
+    slots, refs = slots_refs
     hdr = L.ENTRY_HEADER
-    offs = slots["off"].astype(np.int64)
-    klen = slots["klen"]
-    vlen = slots["vlen"]
+    size = len(arena)
+    words = np.frombuffer(arena, dtype="<u4", count=size // 4)
+    offs = slots["loc"].astype(np.int64) * L.ALIGN
     exp = slots["expire"]
-    atime = slots["atime"]
-    flags = slots["flags"]
-    allocs = (hdr + klen.astype(np.int64) + vlen.astype(np.int64) + 7) & ~7
+    inside = offs + hdr <= size
+    offs = np.where(inside, offs, 0)
+    vlen = words[offs // 4 + 1].astype(np.int64)
+    w2 = words[offs // 4 + 2]
+    klen = (w2 & 0xFFFF).astype(np.int64)
+    flags = ((w2 >> 16) & 0xFF).astype(np.uint8)
+    allocs = (hdr + klen + vlen + L.ALIGN - 1) & ~(L.ALIGN - 1)
     expired = (exp > 0.0) & (exp <= now)
     n_expired = int(np.count_nonzero(expired))
-    # A slot past the bump pointer would be damage: skip it rather than write junk.
-    keep = ~expired & (offs + allocs <= used)
+    keep = ~expired & inside & (offs + allocs <= size) & (klen <= g.max_key_size) & (vlen <= g.max_value_size)
     order = np.nonzero(keep)[0]
     order = order[np.argsort(offs[order], kind="stable")]
     n = len(order)
     records = np.zeros(n, dtype=RECORD_DTYPE)
     if n == 0:
         return records, [], 0, n_expired
+    head, tail, _fill = L.unpack_ring(ring)
+    rank = ((offs[order] // g.seg_size - tail) % g.n_segs) * g.seg_size + offs[order] % g.seg_size
+    rank += (refs[order] != 0) * g.stripe_arena
+    age = np.empty(n, dtype=np.float64)
+    age[np.argsort(rank, kind="stable")] = np.arange(n, dtype=np.float64)
+    klen = klen[order]
+    vlen = vlen[order]
     offs = offs[order]
     ends = offs + allocs[order]
     brk = np.nonzero(offs[1:] != ends[:-1])[0] + 1
@@ -375,10 +394,10 @@ def _pack_stripe(slots, used: int, now: float):
     dst_a = np.cumsum(lens) - lens
     shift = np.repeat(src_a - dst_a, stops - starts)
     records["koff"] = offs - shift + hdr
-    records["klen"] = klen[order]
-    records["vlen"] = vlen[order]
+    records["klen"] = klen
+    records["vlen"] = vlen
     records["expire"] = exp[order]
-    records["atime"] = atime[order]
+    records["atime"] = now - (n - age) * 1e-6
     records["flags"] = flags[order]
     runs = list(zip(src_a.tolist(), src_b.tolist()))
     return records, runs, int(lens.sum()), n_expired

@@ -13,6 +13,7 @@ import sys
 import numpy as np
 import pytest
 
+from shmcache import layout as L
 from shmcache import Cache, admin
 from shmcache._sentinels import DEFAULT_TTL, MISSING
 from test_daemon import _snapshot_now, _wait, daemon  # noqa: F401 - the daemon fixture
@@ -110,22 +111,23 @@ def test_check_fix_repairs_a_damaged_entry(make_cache):
     st = admin.storage(c)
     s = admin.inspect(c, "victim").stripe
     sl = st.table.slots[s]
-    i = int(np.nonzero(sl["vlen"] == 64)[0][0])
-    a = st.geometry.arena_off + s * st.geometry.stripe_arena + int(sl["off"][i]) + 20
-    st.segment.mm[a] ^= 0xFF  # flip a byte of the stored key/value: checksum fails
+    i = next(int(i) for i in np.nonzero(sl["tag"])[0] if st.table._entry(s, int(sl["loc"][i]))[1] == 64)
+    a = st.geometry.arena_off + s * st.geometry.stripe_arena + int(sl["loc"][i]) * L.ALIGN + L.ENTRY_HEADER + 20
+    st.segment.mm[a] ^= 0xFF  # flip a byte of the stored value: checksum fails
     problems = admin.check(c, fix=True)
     assert problems and "stripe" in problems[0]
     assert admin.check(c) == []
     assert "victim" not in c and c["other"] == b"o"
 
 
-def test_raw_writer_keeps_deadline_and_last_access(make_cache, fake_clock):
+def test_raw_writer_keeps_deadline_and_access_bit(make_cache, fake_clock):
     c = make_cache(clock=fake_clock)
     with admin.RawWriter(c) as w:
         assert w.write(b"k", 0, b"val", fake_clock.now + 50, 123.0)
         assert not w.write(b"k", 0, b"other", 0.0, 124.0, only_if_absent=True)
     e = admin.inspect(c, "k")
-    assert (e.last_access, e.ttl, c["k"]) == (123.0, 50.0, b"val")
+    assert (e.accessed, e.ttl, c["k"]) == (False, 50.0, b"val")  # written, not yet read
+    assert admin.inspect(c, "k").accessed  # the read above set its access bit
 
 
 def test_daemon_records_its_snapshot_path_and_outcome(daemon, cache_name, tmp_path):

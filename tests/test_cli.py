@@ -120,8 +120,11 @@ def test_check_sound_and_damaged(cache):
     s = next(s for s in range(t.n_stripes) if t.stripes[s, 3])
     sl = t.slots[s]
     i = int((sl["tag"] != 0).nonzero()[0][0])
-    a = t.arena_off + s * t.stripe_arena + int(sl["off"][i]) + 20
-    cache._seg.mm[a] ^= 0xFF
+    from shmcache import layout as L
+
+    a = t.arena_off + s * t.stripe_arena + int(sl["loc"][i]) * L.ALIGN
+    _chk, vlen, klen, _f, _p = L.ENTRY.unpack_from(cache._seg.mm, a)
+    cache._seg.mm[a + L.ENTRY_HEADER + klen + vlen - 1] ^= 0xFF  # the value's last byte
     r = run("check", "-n", cache.name)
     assert r.returncode == 1
     assert "checksum mismatch" in r.stdout

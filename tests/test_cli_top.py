@@ -51,7 +51,7 @@ def test_inspect_and_json_read_commands(make_cache):
     c.set("d", {"a": [1, 2]})
     r = json.loads(sh("inspect", "-n", c.name, "s", "--json").stdout)
     assert (r["key"], r["type"], r["size"], r["stripe"] >= 0) == ("s", "str", 5, True)
-    assert 90 < r["ttl"] <= 100 and r["idle"] >= 0
+    assert 90 < r["ttl"] <= 100 and r["accessed"] in (True, False)
     text = sh("inspect", "-n", c.name, "s").stdout
     assert re.search(r"type\s+str", text) and "ttl" in text
     missing = sh("inspect", "-n", c.name, "nope", ok=False)

@@ -44,16 +44,17 @@ def _fields(*names):
 
 
 # The index's structure: which key a slot holds, where a probe goes, when it expires.
-STRUCTURE_FIELDS = _fields("tag", "klen", "expire", "atime", "spare")
+STRUCTURE_FIELDS = _fields("tag", "expire")
 # Stripe record words: seqlock version, owner, item count, eviction and
-# recovery counters. The arena allocator's words (bump pointer, garbage) are
-# fuzzed apart: a bump pointer lowered within the arena makes the next write
-# overwrite live entries, which readers do not check (see the xfail test).
+# recovery counters. The arena allocator's words (live bytes, the ring word)
+# are fuzzed apart (a ring whose fill is lowered makes the next write overwrite
+# live entries in the head segment; readers then miss them, as they compare
+# the key bytes the slot leads to).
 STRIPE_WORDS = [L.S_VERSION, L.S_OWNER, L.S_OWNER + 8, L.S_ITEMS, L.S_EVICTIONS, L.S_RECOVERIES]
-ALLOCATOR_WORDS = [L.S_USED, L.S_GARBAGE]
-# What a reader copies out: where the value is, how long, which type. Readers
-# take these from the slot without checking them against the entry header.
-PAYLOAD_FIELDS = _fields("off", "vlen", "flags")
+ALLOCATOR_WORDS = [L.S_LIVE, L.S_RING]
+# Where the entry is: readers follow it only within the stripe's arena and
+# only to an entry header whose key length and bytes match.
+PAYLOAD_FIELDS = _fields("loc")
 
 
 def _values(rnd: random.Random, width: int, old: int) -> int:

@@ -86,8 +86,8 @@ def wait_zombie(pid: int, timeout: float = 10.0) -> None:
 
 def scribble_torn_entry(cache: Cache, s: int, key: str) -> None:
     """Leave stripe s as a writer killed mid-insert of ``key`` would: half an
-    entry at the bump pointer (stale checksum), its index slot already
-    published, the accounting not yet updated, and junk beyond it."""
+    entry at the head segment's fill (stale checksum), its index slot already
+    published, the ring's fill not yet advanced, and junk beyond it."""
     g = cache._g
     t = cache._table
     mm = cache._seg.mm
@@ -95,18 +95,18 @@ def scribble_torn_entry(cache: Cache, s: int, key: str) -> None:
     h = xxhash.xxh3_64_intdigest(kb)
     tag = (h >> 32) | 1
     vb = make_value(key, 9, 9, 600)
-    _items, used, _garbage = t._account(s)
-    a = g.arena_off + s * g.stripe_arena + used
-    L.ENTRY.pack_into(mm, a, 0xDEADBEEF, len(kb), 0, 0, len(vb), 0)
+    head, _tail, fill = t._ring(s)
+    off = head * g.seg_size + fill
+    a = g.arena_off + s * g.stripe_arena + off
+    L.ENTRY.pack_into(mm, a, 0xDEADBEEF, len(vb), len(kb), 0, 0)
     e = a + L.ENTRY_HEADER
     mm[e : e + len(kb)] = kb
     mm[e + len(kb) : e + len(kb) + len(vb) // 2] = vb[: len(vb) // 2]
     junk = a + L.entry_alloc(len(kb), len(vb))
-    end = g.arena_off + (s + 1) * g.stripe_arena
-    mm[junk : min(end, junk + 512)] = random.Random(s).randbytes(min(end, junk + 512) - junk)
+    end = g.arena_off + s * g.stripe_arena + (head + 1) * g.seg_size
+    mm[junk : min(end, junk + 512)] = random.Random(s).randbytes(max(0, min(end, junk + 512) - junk))
     i = t._empty_from(s, tag)
-    L.SLOT.pack_into(mm, g.index_off + (s * g.slots_per_stripe + i) * L.SLOT_SIZE,
-                     tag, used, len(vb), len(kb), 0, 0, 0.0, 0.0)
+    L.SLOT.pack_into(mm, g.index_off + (s * g.slots_per_stripe + i) * L.SLOT_SIZE, tag, off // L.ALIGN, 0.0)
 
 
 # ------------------------------------------------ child programs (module level)
@@ -138,8 +138,9 @@ def _die_holding(name, s, keys, mode, torn_key, ready):
             h = xxhash.xxh3_64_intdigest(kb)
             i = t._find(s, (h >> 32) | 1, kb)
             p = cache._g.index_off + (s * cache._g.slots_per_stripe + i) * L.SLOT_SIZE
-            _t, off, vlen, klen = L.SLOT.unpack_from(cache._seg.mm, p)[:4]
-            v = cache._g.arena_off + s * cache._g.stripe_arena + off + L.ENTRY_HEADER + klen
+            loc = L.SLOT.unpack_from(cache._seg.mm, p)[1]
+            a, _vlen, klen, _flags = t._entry(s, loc)
+            v = a + L.ENTRY_HEADER + klen
             old = int.from_bytes(cache._seg.mm[v : v + 8], "little", signed=True)
             cache._seg.mm[v : v + 8] = (old + 1).to_bytes(8, "little", signed=True)
     ready.set()
@@ -620,7 +621,7 @@ def test_regression_torn_bulk_expiry_index_write_loses_no_live_key(make_cache, f
     write the tail first and lose keys whose old slot went before their new one.)"""
     import random
 
-    from shmcache.table import place_slots, rewrite_order
+    from shmcache.expiry import place_slots, rewrite_order
 
     rng = random.Random(7)
     cache = make_cache(size="8MiB", stripes=1, max_items=8000, clock=fake_clock)
@@ -721,60 +722,23 @@ def test_regression_bulk_expiry_reordering_a_cluster_loses_no_live_key(make_cach
         assert tags[at] == (xxhash.xxh3_64_intdigest(encode_key(keys[name])) >> 32) | 1, name
     fake_clock.advance(10)
 
-    from shmcache.table import rewrite_order
+    from shmcache.expiry import rewrite_order
 
     words = t.raw_slots[0]
     cur = words.copy()
-    acct = t._account(0)
+    acct = t.stripes[0].copy()
     assert t.expire_bulk(0, fake_clock.now) == 5
     new = words.copy()
     changed = rewrite_order(cur, new)  # the order expire_bulk wrote the rows in
     for cut in range(len(changed) + 1):
         def torn():
             words[:] = cur
-            t._set_account(0, *acct)
+            t.stripes[0, 3:6] = acct[3:6]  # items, live bytes, ring as before the write
             words[changed[:cut]] = new[changed[:cut]]
 
         _as_if_recovered(cache, 0, torn)
         assert cache.check() == [], cut
         assert {k: cache.get(k) for k in live} == live, f"cut after {cut} of rows {changed.tolist()}"
-
-
-def _states_while(cache, s, fn) -> list:
-    """Run ``fn()`` and return stripe s's (index slice, arena) bytes as they
-    stand before every line the table's write path executes, and after: each
-    is a state a SIGKILL could leave (a line makes at most one store)."""
-    import shmcache.table as T
-
-    g = cache._g
-    mm = cache._seg.mm
-    i0 = g.index_off + s * g.slots_per_stripe * L.SLOT_SIZE
-    i1 = i0 + g.slots_per_stripe * L.SLOT_SIZE
-    a0 = g.arena_off + s * g.stripe_arena
-    a1 = a0 + g.stripe_arena
-    codes = {T.Table.write.__code__, T.Table._write_locked.__code__, T.Table._write_entry.__code__}
-    states = []
-
-    def line(frame, event, arg):
-        if event in ("line", "return"):
-            states.append((mm[i0:i1], mm[a0:a1]))
-        return line
-
-    def call(frame, event, arg):
-        return line if frame.f_code in codes else None
-
-    prev = sys.gettrace()
-    sys.settrace(call)
-    try:
-        fn()
-    finally:
-        sys.settrace(prev)
-    states.append((mm[i0:i1], mm[a0:a1]))
-
-    def restore(state):
-        mm[i0:i1], mm[a0:a1] = state
-
-    return states, restore
 
 
 @pytest.mark.parametrize("old, new", [
@@ -803,3 +767,103 @@ def test_regression_torn_same_size_type_change_is_never_garbage(make_cache, monk
         assert got is KeyError or (type(got), got) in ((type(old), old), (type(new), new)), (n, got)
         assert cache["other"] == b"bystander"
     assert cache["k"] == new
+
+
+def _states_while(cache, s, fn):
+    """Run ``fn()`` and return (states, restore): every distinct state of
+    stripe s (index slice, access bits, arena, stripe accounting and ring)
+    before each line the table's write path executes (reclaim and
+    copy-forward included), and after. A line makes at most one store, so each
+    is a state a SIGKILL could leave; ``restore(state)`` puts one back."""
+    import shmcache.arena as A
+    import shmcache.table as T
+
+    g = cache._g
+    mm = cache._seg.mm
+    spans = [
+        (g.index_off + s * g.slots_per_stripe * L.SLOT_SIZE, g.slots_per_stripe * L.SLOT_SIZE),
+        (g.refs_off + s * g.slots_per_stripe, g.slots_per_stripe),
+        (g.arena_off + s * g.stripe_arena, g.stripe_arena),
+        (g.stripe_table_off + s * L.STRIPE_SIZE + L.S_ITEMS, L.S_RECOVERIES - L.S_ITEMS),
+    ]
+    codes = {f.__code__ for f in (
+        T.Table.write, T.Table._write_locked, T.Table._write_entry, T.Table._drop, T.Table._delete_at,
+        A.Arena._alloc, A.Arena._advance, A.Arena._reclaim, A.Arena._set_ring,
+    )}
+    states = []
+    seen = set()
+
+    def snap():
+        st = tuple(mm[a : a + n] for a, n in spans)
+        h = hash(st)
+        if h not in seen:
+            seen.add(h)
+            states.append(st)
+
+    def line(frame, event, arg):
+        if event in ("line", "return"):
+            snap()
+        return line
+
+    def call(frame, event, arg):
+        return line if frame.f_code in codes else None
+
+    prev = sys.gettrace()
+    sys.settrace(call)
+    try:
+        fn()
+    finally:
+        sys.settrace(prev)
+    snap()
+
+    def restore(state):
+        for (a, n), b in zip(spans, state):
+            mm[a : a + n] = b
+
+    return states, restore
+
+
+@pytest.mark.parametrize("second_chance", [False, True], ids=["evicting", "copying-forward"])
+def test_kill_mid_reclaim_loses_nothing_but_the_write(make_cache, monkeypatch, second_chance):
+    """A write that seals the head and reclaims the tail segment, killed at
+    every store it makes (eviction of the tail's cold entries, or copy-forward
+    of its read ones to the head): after repair the stripe checks clean, every
+    key holds its own value or is gone, no key that was read (second chance)
+    is lost, and keys outside the reclaimed segment are all still there."""
+    import shmcache.cache
+
+    monkeypatch.setattr(shmcache.cache, "USE_SPEEDUPS", False)  # the Python reference, traced line by line
+    cache = make_cache(size="256KiB", stripes=1, max_clients=4)
+    t = cache._table
+    assert t.n_segs >= 4
+    vals = {}
+    i = 0
+    while True:  # fill until every segment but the head's successor is used
+        head, tail, fill = t._ring(0)
+        if (head + 2) % t.n_segs == tail and fill + L.entry_alloc(8, 900) > t.seg_size:
+            break  # the next write of 900+ bytes seals the head and reclaims the tail
+        k = f"k{i:05d}"
+        vals[k] = bytes([i % 251]) * (600 + i % 300)
+        cache[k] = vals[k]
+        i += 1
+    tail = t._ring(0)[1]
+    in_tail = [k for k in vals
+               if int(t.slots[0]["loc"][t._find(0, (xxhash.xxh3_64_intdigest(encode_key(k)) >> 32) | 1,
+                                                     encode_key(k))]) * L.ALIGN // t.seg_size == tail]
+    assert len(in_tail) > 6
+    hot = in_tail[::3] if second_chance else []
+    for k in hot:
+        assert cache[k] == vals[k]  # sets the access bit: copied forward, not evicted
+    new = b"N" * 1000
+    states, restore = _states_while(cache, 0, lambda: cache.set("new", new))
+    assert len(states) > 3 * len(in_tail)  # the whole reclaim was traced
+    assert cache.stats()["evictions"] >= len(in_tail) - len(hot)
+    for n, state in enumerate(states):
+        _as_if_recovered(cache, 0, lambda: restore(state))
+        assert cache.check() == [], n
+        got = {k: cache.get(k) for k in vals}
+        assert all(v is None or v == vals[k] for k, v in got.items()), n
+        assert all(got[k] == vals[k] for k in hot), n
+        assert all(got[k] == vals[k] for k in vals if k not in in_tail), n
+        assert cache.get("new") in (None, new), n
+    assert cache["new"] == new

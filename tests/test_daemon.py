@@ -21,7 +21,7 @@ from shmcache import Cache
 from shmcache import layout as L
 from shmcache.cli import wait_for_daemon_snapshot
 from shmcache.daemon import BULK_MIN, ExpiryCycle
-from shmcache.table import place_slots
+from shmcache.expiry import place_slots
 from shmcache.lock import live_clients
 from shmcache.snapshot import PAUSE_ENV, restore_snapshot, verify_snapshot, write_snapshot
 
@@ -248,7 +248,7 @@ def _probe_insert(sps, tags):
         while rec["tag"][i]:
             i = (i + 1) % sps
         rec["tag"][i] = t
-        rec["off"][i] = n
+        rec["loc"][i] = n
     return cur
 
 
@@ -257,8 +257,8 @@ def _backward_shift_delete(cur, gone):
     cur = cur.copy()
     rec = cur.view(L.SLOT_DTYPE).reshape(len(cur))
     sps = len(cur)
-    for off in rec["off"][gone].tolist():
-        j = int(np.nonzero((rec["off"] == off) & (rec["tag"] != 0))[0][0])
+    for off in rec["loc"][gone].tolist():
+        j = int(np.nonzero((rec["loc"] == off) & (rec["tag"] != 0))[0][0])
         k = j
         while True:
             k = (k + 1) % sps
@@ -293,11 +293,11 @@ def test_place_builds_a_valid_linear_probing_index():
         assert (new == _backward_shift_delete(cur, np.nonzero((rec["tag"] != 0) & ~keep)[0])).all(), trial
         nrec = new.view(L.SLOT_DTYPE).reshape(sps)
         tags = nrec["tag"]
-        assert sorted(nrec["off"][tags != 0].tolist()) == sorted(rec["off"][kept].tolist())
+        assert sorted(nrec["loc"][tags != 0].tolist()) == sorted(rec["loc"][kept].tolist())
         start = int(np.nonzero(rec["tag"] == 0)[0][0]) + 1
-        old_at = {int(o): i for i, o in zip(np.nonzero(kept)[0].tolist(), rec["off"][kept].tolist())}
+        old_at = {int(o): i for i, o in zip(np.nonzero(kept)[0].tolist(), rec["loc"][kept].tolist())}
         for i in np.nonzero(tags)[0].tolist():
-            assert (i - start) % sps <= (old_at[int(nrec["off"][i])] - start) % sps, "moved past its old place"
+            assert (i - start) % sps <= (old_at[int(nrec["loc"][i])] - start) % sps, "moved past its old place"
             j = int(tags[i]) % sps
             while j != i:
                 assert tags[j] != 0, f"slot {i} unreachable from its home {int(tags[i]) % sps}"

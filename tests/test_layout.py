@@ -98,12 +98,13 @@ def test_geometry(size, stripes):
         assert off % L.PAGE == 0
     assert g.client_record_size % L.CACHE_LINE == 0 and g.client_record_size >= L.C_MARKERS + n
     # arenas
-    assert g.stripe_arena % L.PAGE == 0 and g.stripe_arena >= L.MIN_STRIPE_ARENA
+    assert g.stripe_arena % 1024 == 0 and g.stripe_arena >= L.MIN_STRIPE_ARENA
     assert g.total_size == g.arena_off + n * g.stripe_arena
     assert g.total_size <= requested
-    assert requested - g.total_size < n * L.PAGE  # nothing big is wasted
+    assert requested - g.total_size < n * (g.seg_size + L.PAGE)  # at most a segment per stripe is left over
     # limits
-    assert g.max_value_size == max(1, min(g.stripe_arena - L.ENTRY_HEADER - g.max_key_size, g.stripe_arena // 4))
+    assert g.stripe_arena == g.n_segs * g.seg_size and g.n_segs >= L.MIN_SEGS
+    assert g.max_value_size == g.seg_size - L.SEG_HEADER - L.ENTRY_HEADER - g.max_key_size
     assert g.max_items >= max(n * 16, requested // 200)
     assert g.items_per_stripe * n == g.max_items
     assert g.items_per_stripe <= g.slots_per_stripe * L.MAX_LOAD

@@ -273,12 +273,13 @@ ExactModel = make_machine(
 TestExactModel = ExactModel.TestCase
 TestExactModel.settings = settings(max_examples=100, stateful_step_count=50, **SETTINGS)
 
-# 1 stripe, 4 items, ~180 KB of arena: 30 keys of up to 40 KB evict on items and on bytes.
+# 1 stripe, 4 items, ~180 KB of arena in 4 segments (max_value_size sizes them):
+# 30 keys of up to 40 KB evict on items and on bytes.
 LRUModel = make_machine(
     "LRUModel",
     keys=[f"k{i}" for i in range(26)] + [b"k0", b"k1", b"k2", b"k3"],
     values=_values(40_000),
-    cache_kw=dict(size="256KiB", stripes=1, max_items=4),
+    cache_kw=dict(size="256KiB", stripes=1, max_items=4, max_value_size=41_000),
     exact=False,
 )
 TestLRUModel = LRUModel.TestCase

@@ -419,7 +419,7 @@ def test_row3_a_wrapped_bump_pointer_never_writes_outside_the_arena(make_cache, 
     c.set_many({f"k{i}": b"v%d" % i for i in range(400)})
     g = c._seg.geometry
     for s in range(4):
-        struct.pack_into("<Q", c._seg.mm, g.stripe_table_off + s * L.STRIPE_SIZE + L.S_USED, 2**64 - 8)
+        struct.pack_into("<Q", c._seg.mm, g.stripe_table_off + s * L.STRIPE_SIZE + L.S_RING, 2**64 - 8)
     for i in range(50):  # every stripe gets writes with the wrapped pointer
         try:
             c.set(f"new{i}", b"x" * 100)

@@ -380,3 +380,33 @@ def test_pause_hook_only_pauses(make_cache, tmp_path, monkeypatch):
     c["a"] = 1
     write_snapshot(c, tmp_path / "s.snap")
     assert verify_snapshot(tmp_path / "s.snap").entries == 1
+
+
+def test_snapshot_written_by_layout1_restores_into_this_layout(make_cache, fake_clock):
+    """A snapshot taken before a layout upgrade (tests/data, written by the
+    layout-1 code, see make_layout1_snapshot.py) restores into the current
+    layout: every key with its value, type and deadline; the entry that was
+    past its deadline when the snapshot was written stays out."""
+    import sys
+
+    here = os.path.join(os.path.dirname(__file__), "data")
+    sys.path.insert(0, here)
+    try:
+        import make_layout1_snapshot as made
+    finally:
+        sys.path.remove(here)
+    path = os.path.join(here, "snapshot_layout1.shmsnap")
+    assert read_header(path).source_layout_version == 1
+    fake_clock.now = made.CLOCK + 10.0
+    c = make_cache(size="4MiB", clock=fake_clock)
+    restore_snapshot(c, path, now=fake_clock.now)
+    want = {k: v for k, v in made.expected().items() if k != "expired"}
+    assert len(c) == len(want)
+    for k, (v, ttl) in want.items():
+        assert _same(c.get(k), v), k
+        if ttl is None:
+            assert c.ttl(k) is None
+        else:
+            assert c.ttl(k) == pytest.approx(made.CLOCK + ttl - fake_clock.now)
+    assert c.get("expired") is None
+    assert c.check() == []

@@ -109,15 +109,17 @@ def stored_items(cache: Cache) -> int:
 
 
 def lru_keys(cache: Cache, n: int) -> list:
-    """Up to ``n`` keys to evict first: expired entries, then the least recently
-    used (by the entries' access time, recorded at ``ATIME_RESOLUTION``).
-    Reads every stripe once (lock-free), so call it only when culling."""
+    """Up to ``n`` keys to evict first: expired entries, then the ones not read
+    since they were written (the ones the arena's second chance would evict),
+    oldest first by their place in their stripe's ring (write order within a
+    stripe, approximate across stripes). Reads every stripe once (lock-free),
+    so call it only when culling."""
     if n <= 0:
         return []
-    order = [(e.ttl is None or e.ttl > 0, e.last_access, e.key)
+    order = [(e.ttl is None or e.ttl > 0, e.accessed, e.age, e.key)
              for e in admin.entries(cache, include_expired=True)]
-    order.sort(key=lambda r: (r[0], r[1]))
-    return [key for _live, _at, key in order[:n]]
+    order.sort(key=lambda r: r[:3])
+    return [r[3] for r in order[:n]]
 
 
 # -- configuration from the environment (gunicorn hooks and the example app) --

@@ -56,7 +56,8 @@ CACHES = {
     "custom_key2": _cache(KEY_FUNCTION="django_project.settings.custom_key_func"),
     "cull": _cache(OPTIONS={"MAX_ENTRIES": 30}),
     "zero_cull": _cache(OPTIONS={"CULL_FREQUENCY": 0, "MAX_ENTRIES": 30}),
-    "lru": _cache(OPTIONS={"MAX_ENTRIES": 9}),
+    # one stripe: culling order is exact write order within a stripe, approximate across stripes
+    "lru": _cache(OPTIONS={"MAX_ENTRIES": 9, "stripes": 1}),
     "realtime": _cache(clock=None),
     "forever": _cache(TIMEOUT=None),
     "other": _cache(LOCATION=NAME + "-other"),

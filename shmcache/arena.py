@@ -1,0 +1,259 @@
+"""The arena of one stripe: a ring of fixed-size segments, reclaimed oldest first.
+
+Each stripe's arena is cut into ``n_segs`` segments of ``seg_size`` bytes
+(64 KiB by default, see layout.py). Entries ``[header | key | value]`` are
+appended at the *head* segment and never move in place; an overwrite appends
+a new entry and repoints the index slot, leaving the old bytes dead. Segments
+``tail .. head`` (mod n_segs) are in use, oldest first; the rest are free,
+and at least one always is.
+
+When the head is full it is sealed (its end written into its header) and the
+next free segment becomes the head. If that used the last free segment, the
+*tail* (oldest) segment is reclaimed into the new head in a single pass:
+
+- an entry whose index slot no longer points at it is already dead: skipped;
+- an expired one: its slot is dropped;
+- a live one the policy keeps (``lru``: its access bit is set, a second
+  chance; ``noeviction``: always) is copied to the head and its slot
+  repointed, bit cleared;
+- the rest are evicted (slot dropped).
+
+Then the tail moves on and the segment is free again. The work one insert
+can trigger is therefore one segment: one walk of at most ``seg_size``
+bytes, one index probe per entry in it, at most ``seg_size`` bytes copied.
+Copy-forward keeps room in the head for the entry being written, so one
+advance always makes room. No sort, no whole-stripe compaction, no numpy.
+
+The item cap (``max_items``) goes through the same mechanism: an insert into
+a stripe at its cap reclaims the tail segment (after sealing the head if the
+head is the only segment in use); if every entry of that segment earned a
+second chance, the next segment is reclaimed without one. ``noeviction``
+drops only expired entries there and raises ``CacheFull`` otherwise.
+
+Crash safety (a writer SIGKILLed at any instant loses at most the entry it
+was writing): an entry is written completely before the slot that publishes
+it, and the head's fill is advanced after that (one u64 store of the ring
+word: head, tail and fill change together). Killed before the slot store,
+the bytes are unreachable and the next write reuses them; killed after it,
+the entry is whole and repair moves the fill past it. A copy-forward writes
+the copy, then repoints the slot, then advances the fill: the entry is whole
+at its old or its new place throughout. The tail moves on only after its walk
+is complete, so a reclaim killed midway is resumed by the next one (entries
+already handled are dead by then and skipped). Readers never lock: the
+stripe's seqlock version is odd for the whole reclaim, and a reader compares
+the key bytes of the entry it lands on, so it never returns bytes of a reused
+segment or of another key.
+
+Rejected: a per-segment generation stored in each slot (checked by readers
+against the segment's). The seqlock already makes every lock-free read of a
+reclaimed segment retry, and the index never points into a free segment
+(reclaim drops or repoints every slot into the segment it frees, and repair
+drops any slot outside the in-use segments), so the generation would cost
+slot bytes (the memory target is 150 shared bytes per 100-byte entry) for a
+check that cannot fail.
+"""
+
+from __future__ import annotations
+
+import xxhash
+
+from . import layout as L
+from .errors import CacheFull, LayoutMismatch
+
+_xxh3 = xxhash.xxh3_64_intdigest
+_ENTRY_unpack = L.ENTRY.unpack_from
+_SLOT_unpack = L.SLOT.unpack_from
+_HDR = L.ENTRY_HEADER
+_SS = L.SLOT_SIZE
+_SEG_HDR = L.SEG_HEADER
+
+
+class Arena:
+    """Segment-ring allocation and reclaim for :class:`shmcache.table.Table`
+    (a mixin: it works on the table's mapping, index and stripe records; every
+    method runs under the stripe's lock)."""
+
+    # ----------------------------------------------------------- ring word
+    def _ring(self, s: int) -> tuple[int, int, int]:
+        head, tail, fill = L.unpack_ring(int(self.stripes[s, L.S_RING // 8]))
+        if head >= self.n_segs or tail >= self.n_segs or fill > self.seg_size:
+            raise ValueError(f"stripe {s}: ring word out of range (head {head}, tail {tail}, fill {fill})")
+        return head, tail, fill
+
+    def _set_ring(self, s: int, head: int, tail: int, fill: int) -> None:
+        self.stripes[s, L.S_RING // 8] = L.pack_ring(head, tail, fill)
+
+    def _add(self, s: int, field: int, delta: int) -> None:
+        self.stripes[s, field // 8] = int(self.stripes[s, field // 8]) + delta
+
+    def in_use(self, s: int) -> list[int]:
+        """The stripe's segments in use, oldest (tail) first, head last."""
+        head, tail, _fill = self._ring(s)
+        n = self.n_segs
+        return [(tail + k) % n for k in range((head - tail) % n + 1)]
+
+    # ----------------------------------------------------------- allocation
+    def _alloc(self, s: int, need: int, new_item: bool, now: float) -> tuple[int, bool]:
+        """Room for an entry of ``need`` bytes (and one more item if
+        ``new_item``) at the head: returns (offset in the stripe arena, whether
+        entries moved or went, so slot positions found earlier are stale).
+
+        Work: at most one seal + one segment reclaim for bytes, plus at most
+        two segment reclaims for the item cap.
+
+        Raises:
+            CacheFull: the policy may not evict and the room needs eviction
+                (nothing was changed).
+        """
+        moved = False
+        for attempt in range(4):
+            try:
+                head, tail, fill = self._ring(s)
+            except ValueError as e:  # a damaged ring word: repair (emptying if need be), then refuse this write
+                dropped = self._repair_or_empty(s)
+                raise LayoutMismatch(f"{e} (damaged); the stripe was repaired "
+                                     f"({'emptied' if dropped < 0 else f'{dropped} bad slots dropped'}): retry the write") from None
+            if new_item and int(self.stripes[s, L.S_ITEMS // 8]) >= self.cap_items:
+                moved = True
+                if not self.policy.evicts:
+                    self._drop_expired(s, now)
+                    if int(self.stripes[s, L.S_ITEMS // 8]) >= self.cap_items:
+                        raise self._full(s, need, "items")
+                elif head == tail:
+                    self._advance(s, need, now)
+                else:
+                    self._reclaim(s, tail, need, now, second_chance=attempt == 0)
+                continue
+            if fill + need <= self.seg_size:
+                return head * self.seg_size + fill, moved
+            self._advance(s, need, now)
+            moved = True
+        raise self._full(s, need, "bytes")  # pragma: no cover - one advance always makes room
+
+    def _advance(self, s: int, need: int, now: float) -> None:
+        """Seal the head and make the next free segment the head; if that was
+        the last free one, reclaim the tail into it (keeping ``need`` bytes)."""
+        head, tail, fill = self._ring(s)
+        n = self.n_segs
+        nxt = (head + 1) % n
+        last = (nxt + 1) % n == tail
+        if last and not self.policy.evicts:
+            live = self._live_bytes(s, tail, now)
+            if live + need > self.seg_size - _SEG_HDR:
+                raise self._full(s, need, "bytes")
+        L.SEG.pack_into(self.mm, self._seg_base(s, head), fill, 0)
+        self._set_ring(s, nxt, tail, _SEG_HDR)
+        if last:
+            self._reclaim(s, tail, need, now, second_chance=True)
+
+    def _seg_base(self, s: int, seg: int) -> int:
+        return self.arena_off + s * self.stripe_arena + seg * self.seg_size
+
+    def _seg_end(self, s: int, seg: int) -> int:
+        """Sealed end of a segment, clamped into it (the segment is untrusted)."""
+        end = L.SEG.unpack_from(self.mm, self._seg_base(s, seg))[0]
+        return min(max(end, _SEG_HDR), self.seg_size)
+
+    def _walk(self, s: int, seg: int):
+        """Yield (offset in segment, alloc, klen, vlen) of each entry of a sealed
+        segment; stops at the first implausible header (then ``self._torn`` is
+        True and the caller sweeps the index instead)."""
+        base = self._seg_base(s, seg)
+        end = self._seg_end(s, seg)
+        mm = self.mm
+        e = _SEG_HDR
+        self._torn = False
+        while e + _HDR <= end:
+            _chk, vlen, klen, _flags, _p = _ENTRY_unpack(mm, base + e)
+            alloc = (_HDR + klen + vlen + L.ALIGN - 1) & ~(L.ALIGN - 1)
+            if klen > self.max_key or vlen > self.max_value or e + alloc > end:
+                self._torn = True
+                return
+            yield e, alloc, klen, vlen
+            e += alloc
+
+    def _entry_slot(self, s: int, seg: int, e: int, klen: int) -> int:
+        """Index slot (within stripe s) pointing at the entry at offset ``e`` of
+        segment ``seg``, or -1 if none does (the entry is dead)."""
+        a = self._seg_base(s, seg) + e
+        kb = self.mm[a + _HDR : a + _HDR + klen]
+        return self._locate(s, (_xxh3(kb) >> 32) | 1, (seg * self.seg_size + e) // L.ALIGN)
+
+    def _live_bytes(self, s: int, seg: int, now: float) -> int:
+        """Bytes of the live, unexpired entries of a sealed segment (what
+        reclaiming it under noeviction would copy forward)."""
+        total = 0
+        for e, alloc, klen, _vlen in self._walk(s, seg):
+            i = self._entry_slot(s, seg, e, klen)
+            if i >= 0:
+                exp = L.F64.unpack_from(self.mm, self._slot_pos(s, i) + L.SL_EXPIRE)[0]
+                if not (exp and exp <= now):
+                    total += alloc
+        if self._torn:  # cannot tell what a damaged segment holds: count it all
+            return self.seg_size
+        return total
+
+    def _reclaim(self, s: int, seg: int, keep_room: int, now: float, second_chance: bool) -> None:
+        """Empty the tail segment ``seg`` (see the module docstring) and free it.
+        Copies forward only while the head keeps ``keep_room`` bytes free."""
+        mm = self.mm
+        refs = self.refs_off + s * self.sps
+        base = self._seg_base(s, seg)
+        policy = self.policy
+        evicted = expired = 0
+        for e, alloc, klen, _vlen in self._walk(s, seg):
+            i = self._entry_slot(s, seg, e, klen)
+            if i < 0:
+                continue
+            p = self._slot_pos(s, i)
+            exp = L.F64.unpack_from(mm, p + L.SL_EXPIRE)[0]
+            if exp and exp <= now:
+                self._drop(s, i, alloc)
+                expired += 1
+                continue
+            head, tail, fill = self._ring(s)
+            keep = policy.keep(bool(mm[refs + i])) if second_chance else not policy.evicts
+            if keep and fill + alloc + keep_room <= self.seg_size:
+                dst = self._seg_base(s, head) + fill
+                mm[dst : dst + alloc] = mm[base + e : base + e + alloc]
+                L.U32.pack_into(mm, p + L.SL_LOC, (head * self.seg_size + fill) // L.ALIGN)  # repoint
+                mm[refs + i] = 0
+                self._set_ring(s, head, tail, fill + alloc)
+            else:
+                self._drop(s, i, alloc)
+                evicted += 1
+        if self._torn:
+            evicted += self._drop_into(s, seg)
+        head, tail, fill = self._ring(s)
+        if tail == seg:
+            self._set_ring(s, head, (seg + 1) % self.n_segs, fill)
+        if evicted:
+            self.ctr[self.cbase + L.C_EVICTIONS] += evicted
+            self._add(s, L.S_EVICTIONS, evicted)
+        if expired:
+            self.ctr[self.cbase + L.C_EXPIRATIONS] += expired
+
+    def _drop_into(self, s: int, seg: int) -> int:
+        """Drop every slot pointing into segment ``seg`` (a torn segment whose
+        walk stopped early). Scans the stripe's index once. Returns how many."""
+        lo = seg * self.seg_size // L.ALIGN
+        hi = (seg + 1) * self.seg_size // L.ALIGN
+        n = 0
+        i = 0
+        while i < self.sps:  # a drop shifts later slots back into i: look again
+            tag, loc, _exp = _SLOT_unpack(self.mm, self._slot_pos(s, i))
+            if tag and lo <= loc < hi:
+                self._drop(s, i)
+                n += 1
+                continue
+            i += 1
+        return n
+
+    def _full(self, s: int, need: int, what: str) -> CacheFull:
+        items = int(self.stripes[s, L.S_ITEMS // 8])
+        live = int(self.stripes[s, L.S_LIVE // 8])
+        return CacheFull(
+            f"cache {self.seg.name!r} is full (stripe {s}: {items} of {self.cap_items} items, "
+            f"{live} of {self.stripe_arena} arena bytes live; entry needs {need} bytes, out of {what}): "
+            f"raise size or max_items, or create it with policy='lru'"
+        )
