@@ -458,6 +458,11 @@ static void reclaim(Core *c, uint64_t s, uint32_t seg, uint64_t keep_room, doubl
     if (end > c->seg_size) end = (uint32_t)c->seg_size;
     uint64_t e = SEG_HEADER, evicted = 0, expired = 0;
     int torn = 0;
+    /* roomy (arena.py Arena._roomy): a quarter of the in-use ring is dead and the
+     * stripe is below its item cap: keep every live entry (a compaction). */
+    char *rec = stripe_rec(c, s);
+    int roomy = second_chance && *u64at(rec + S_ITEMS) < c->cap_items &&
+                4 * *u64at(rec + S_LIVE) <= 3 * (c->n_segs - 1) * c->seg_size;
     while (e + ENTRY_HDR <= end) {
         ehdr_t h;
         memcpy(&h, base + e, ENTRY_HDR);
@@ -476,7 +481,7 @@ static void reclaim(Core *c, uint64_t s, uint32_t seg, uint64_t keep_room, doubl
             if (sl.expire != 0.0 && sl.expire <= now) {
                 drop_slot(c, s, (uint64_t)i, alloc);
                 expired++;
-            } else if (second_chance && refs[i] && ring_get(c, s, &r) == 0 && r.fill + alloc + keep_room <= c->seg_size) {
+            } else if (second_chance && (refs[i] || roomy) && ring_get(c, s, &r) == 0 && r.fill + alloc + keep_room <= c->seg_size) {
                 uint64_t dst = (uint64_t)r.head * c->seg_size + r.fill;
                 memcpy(arena + dst, base + e, alloc);
                 BARRIER();

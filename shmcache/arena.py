@@ -14,11 +14,18 @@ next free segment becomes the head. If that used the last free segment, the
 - an entry whose index slot no longer points at it is already dead: skipped;
 - an expired one: its slot is dropped;
 - a live one the policy keeps (``lru``: its access bit is set, a second
-  chance; ``noeviction``: always) is copied to the head and its slot
-  repointed, bit cleared;
+  chance, or the stripe is *roomy*; ``noeviction``: always) is copied to the
+  head and its slot repointed, bit cleared;
 - the rest are evicted (slot dropped).
 
-Then the tail moves on and the segment is free again. The work one insert
+Then the tail moves on and the segment is free again. *Roomy* (decided once
+per reclaim, before the walk): the stripe is below its item cap and its live
+bytes are at most 3/4 of the ``n_segs - 1`` segments in use, i.e. at least a
+quarter of what the ring holds is dead. Then the reclaim is a compaction:
+every live entry is kept (as far as the head has room), so a cache whose
+keys are overwritten, deleted or expired faster than it fills never evicts a
+live key, as the old compacting arena did not; a cache full of live data
+evicts exactly as second chance says. The work one insert
 can trigger is therefore one segment: one walk of at most ``seg_size``
 bytes, one index probe per entry in it, at most ``seg_size`` bytes copied.
 Copy-forward keeps room in the head for the entry being written, so one
@@ -201,6 +208,7 @@ class Arena:
         base = self._seg_base(s, seg)
         policy = self.policy
         evicted = expired = 0
+        roomy = second_chance and self._roomy(s)
         for e, alloc, klen, _vlen in self._walk(s, seg):
             i = self._entry_slot(s, seg, e, klen)
             if i < 0:
@@ -212,7 +220,7 @@ class Arena:
                 expired += 1
                 continue
             head, tail, fill = self._ring(s)
-            keep = policy.keep(bool(mm[refs + i])) if second_chance else not policy.evicts
+            keep = policy.keep(bool(mm[refs + i]), roomy) if second_chance else not policy.evicts
             if keep and fill + alloc + keep_room <= self.seg_size:
                 dst = self._seg_base(s, head) + fill
                 mm[dst : dst + alloc] = mm[base + e : base + e + alloc]
@@ -232,6 +240,14 @@ class Arena:
             self._add(s, L.S_EVICTIONS, evicted)
         if expired:
             self.ctr[self.cbase + L.C_EXPIRATIONS] += expired
+
+    def _roomy(self, s: int) -> bool:
+        """Is at least a quarter of the in-use ring dead, with the stripe below
+        its item cap? (see the module docstring; the C core decides the same)"""
+        st = self.stripes
+        if int(st[s, L.S_ITEMS // 8]) >= self.cap_items:
+            return False
+        return 4 * int(st[s, L.S_LIVE // 8]) <= 3 * (self.n_segs - 1) * self.seg_size
 
     def _drop_into(self, s: int, seg: int) -> int:
         """Drop every slot pointing into segment ``seg`` (a torn segment whose

@@ -4,9 +4,13 @@ A policy is an object the arena consults, not ``if`` branches in the write
 path (cachetools overrides ``popitem`` per policy; Redis' ``performEvictions``
 is one entry point with a written contract). The arena (arena.py) calls:
 
-- ``keep(accessed)`` for each live, unexpired entry of the segment being
-  reclaimed: True copies it forward to the head segment (a second chance),
-  False evicts it. Expired entries are always dropped, whatever the policy.
+- ``keep(accessed, roomy)`` for each live, unexpired entry of the segment
+  being reclaimed: True copies it forward to the head segment (a second
+  chance), False evicts it. ``roomy``: the stripe's live entries fill at most
+  3/4 of the segments a reclaim leaves in use (the rest is dead: overwritten,
+  deleted or expired entries) and the stripe is below its item cap, so the
+  reclaim is really a compaction and nothing needs to go. Expired entries are
+  always dropped, whatever the policy.
 - ``evicts``: whether the policy may drop live entries at all. A policy that
   may not (``noeviction``) has the arena check, before it changes anything,
   that everything live in the segment fits in the head; if not, the write
@@ -33,19 +37,21 @@ class Policy:
     #: May live entries be dropped to make room?
     evicts = True
 
-    def keep(self, accessed: bool) -> bool:  # pragma: no cover - overridden
+    def keep(self, accessed: bool, roomy: bool) -> bool:  # pragma: no cover - overridden
         raise NotImplementedError
 
 
 class SecondChance(Policy):
     """``"lru"``: approximated LRU. Accessed entries are copied forward once
-    (bit cleared), the others are evicted."""
+    (bit cleared), the others are evicted, unless the stripe is roomy: a cache
+    whose live data is small (most of its ring dead after overwrites, deletes
+    or expiry) evicts nothing."""
 
     name = "lru"
     evicts = True
 
-    def keep(self, accessed: bool) -> bool:
-        return accessed
+    def keep(self, accessed: bool, roomy: bool) -> bool:
+        return accessed or roomy
 
 
 class NoEviction(Policy):
@@ -55,7 +61,7 @@ class NoEviction(Policy):
     name = "noeviction"
     evicts = False
 
-    def keep(self, accessed: bool) -> bool:
+    def keep(self, accessed: bool, roomy: bool) -> bool:
         return True
 
 
