@@ -512,6 +512,13 @@ static int advance(Core *c, uint64_t s, uint64_t need, double now) {
     ring_t r;
     if (ring_get(c, s, &r) < 0) return -1;
     uint32_t n = (uint32_t)c->n_segs, nxt = (r.head + 1) % n;
+    if (nxt == r.tail) {
+        /* No free segment: a reclaim was interrupted (its writer died; repair
+         * finishes it, see Arena._advance). Never make the tail the head. */
+        if (!c->evicts) return -1;
+        reclaim(c, s, r.tail, 0, now, 1);
+        if (ring_get(c, s, &r) < 0 || (r.head + 1) % n == r.tail) return -1;
+    }
     int last = (nxt + 1) % n == r.tail;
     if (last && !c->evicts) return -1;
     uint32_t end = r.fill;

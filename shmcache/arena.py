@@ -143,6 +143,15 @@ class Arena:
         head, tail, fill = self._ring(s)
         n = self.n_segs
         nxt = (head + 1) % n
+        if nxt == tail:
+            # No free segment: a reclaim was interrupted (its writer died after
+            # taking the last free segment; repair finishes it). Making the tail
+            # the head would overwrite its live entries: reclaim it first, into
+            # the full head, so whatever is still live in it goes.
+            if not self.policy.evicts:
+                raise self._full(s, need, "bytes")
+            self._reclaim(s, tail, 0, now, second_chance=True)
+            head, tail, fill = self._ring(s)
         last = (nxt + 1) % n == tail
         if last and not self.policy.evicts:
             live = self._live_bytes(s, tail, now)

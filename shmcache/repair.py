@@ -150,6 +150,12 @@ class Repair:
         items, live, head_end = self._tally(s, head)
         L.ACCOUNT.pack_into(mm, self.stripe_off + (s << 6) + L.S_ITEMS, items, live)
         self._set_ring(s, head, tail, max(fill, head_end))
+        if (head + 1) % self.n_segs == tail:
+            # The holder died mid-reclaim, after taking the last free segment
+            # (Arena._advance): finish that reclaim, so a segment is free again.
+            # Entries it already handled are dead and skipped; the head was
+            # fresh when it began, so what it would copy still fits.
+            self._reclaim(s, tail, 0, self.clock(), second_chance=True)
         return len(victims)
 
     def _tally(self, s: int, head: int) -> tuple[int, int, int]:
