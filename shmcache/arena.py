@@ -91,7 +91,7 @@ class Arena:
         self.stripes[s, L.S_RING // 8] = L.pack_ring(head, tail, fill)
 
     def _add(self, s: int, field: int, delta: int) -> None:
-        self.stripes[s, field // 8] = int(self.stripes[s, field // 8]) + delta
+        self.stripes[s, field // 8] = (int(self.stripes[s, field // 8]) + delta) & 0xFFFFFFFFFFFFFFFF  # a damaged counter wraps
 
     def in_use(self, s: int) -> list[int]:
         """The stripe's segments in use, oldest (tail) first, head last."""

@@ -434,7 +434,7 @@ class Geometry:
                 self.total_size, stripes=self.n_stripes, max_items=self.max_items,
                 max_key_size=self.max_key_size, max_value_size=self.max_value_size,
                 max_clients=self.max_clients, policy=POLICY_NAMES[self.policy],
-                mode=self.mode, created=self.created,
+                mode=self.mode, created=self.created, laid_out=True,
             )
         except (TypeError, ValueError) as e:
             raise LayoutMismatch(f"{where} is damaged: its header settings are impossible ({e}); {fix}") from None
@@ -462,10 +462,14 @@ def compute_geometry(
     policy: str = "lru",
     mode: int = 0o600,
     created: float = 0.0,
+    laid_out: bool = False,
 ) -> Geometry:
     """Lay out a segment of ``size`` bytes; every limit is checked here.
 
-    ``size`` is the whole segment (what /dev/shm shows). ``max_items`` defaults
+    ``size`` is the most the segment may take (what /dev/shm shows is that,
+    less what is left over after cutting each stripe's arena into whole
+    segments; ``laid_out=True``: ``size`` is such a laid-out segment's
+    ``total_size``, recomputed to check its header). ``max_items`` defaults
     to one item per 200 bytes, ``stripes`` to one per 4 MiB (a power of two
     between 4 and 64), ``max_value_size`` to a quarter of one stripe's arena.
 
@@ -476,8 +480,8 @@ def compute_geometry(
     total = parse_size(size)
     # A laid-out segment may end up to a segment per stripe below the size asked
     # for (whole segments only); Geometry.check recomputes from that smaller
-    # size, so the floor it must pass again is a little lower than MIN_SIZE.
-    if total < MIN_SIZE * 3 // 4 or (total < MIN_SIZE and not isinstance(size, int)):
+    # size (laid_out=True), so the floor it must pass again is a little lower.
+    if total < (MIN_SIZE * 3 // 4 if laid_out else MIN_SIZE):
         raise ValueError(f"size {total} bytes is too small: the minimum is {MIN_SIZE} bytes (256KiB)")
     if policy not in POLICIES:
         raise ValueError(f"policy must be one of {sorted(POLICIES)}, not {policy!r}")

@@ -41,7 +41,7 @@ from .expiry import Expiry
 from .lock import StripeLocks
 from .errors import LayoutMismatch
 from .repair import CLEAN as _CLEAN
-from .repair import Repair, Undecodable  # noqa: F401 - Undecodable is part of pop's API
+from .repair import _U64_MAX, Repair, Undecodable  # noqa: F401 - Undecodable is part of pop's API
 
 _xxh3 = xxhash.xxh3_64_intdigest
 _xxh32 = xxhash.xxh32_intdigest
@@ -420,11 +420,11 @@ class Table(Arena, Expiry, Repair):
                 )
             p = self._slot_pos(s, i)
             mm[self.refs_off + s * self.sps + i] = 0  # a new key starts without a second chance
-            st[s, L.S_ITEMS // 8] = int(st[s, L.S_ITEMS // 8]) + 1
+            st[s, L.S_ITEMS // 8] = (int(st[s, L.S_ITEMS // 8]) + 1) & _U64_MAX  # (a damaged count may be 2**64 - 1)
         _SLOT_pack(mm, p, tag, off // _AL, expire)  # publish
         head, tail, fill = self._ring(s)
         self._set_ring(s, head, tail, fill + need)
-        st[s, L.S_LIVE // 8] = int(st[s, L.S_LIVE // 8]) + need
+        st[s, L.S_LIVE // 8] = (int(st[s, L.S_LIVE // 8]) + need) & _U64_MAX
         return True
 
     def write_many(self, entries) -> None:

@@ -8,6 +8,7 @@ import multiprocessing as mp
 import os
 import shutil
 import signal
+import re
 import subprocess
 import sys
 import textwrap
@@ -18,7 +19,7 @@ import psutil
 import pytest
 
 import shmcache
-from shmcache import Cache
+from shmcache import Cache, layout
 from test_crash import keys_in_stripe
 from test_daemon import daemon  # noqa: F401 - the fixture
 
@@ -72,7 +73,9 @@ def test_regression_cache_larger_than_dev_shm_is_refused_not_sigbus():
     """)
     assert r.returncode == 0, r.stderr
     err = r.stdout.split("ERR ", 1)[1].splitlines()[0]
-    assert "'big'" in err and "256.2 MiB" in err  # the size asked for (segment + semaphores)
+    # the size it needs (the laid-out segment, whole arena segments only, + semaphores)
+    needs = re.search(r"'big' needs ([0-9.]+) MiB \((\d+) bytes: the (\d+)-byte segment and 64 semaphores\)", err)
+    assert needs and 250 < float(needs[1]) <= 256.3 and int(needs[2]) == int(needs[3]) + 64 * 4096, err
     assert "64.0 MiB" in err and "free" in err  # the free space
     assert "--shm-size=" in err and "emptyDir" in err and "medium: Memory" in err and "smaller" in err
     assert "LEFT []" in r.stdout  # nothing of the refused cache stays behind
@@ -80,10 +83,32 @@ def test_regression_cache_larger_than_dev_shm_is_refused_not_sigbus():
 
 @needs_unshare
 def test_default_size_counts_the_semaphores():
-    # 64 MiB of segment plus 16 semaphore pages does not fit a 64 MiB tmpfs.
-    r = in_private_shm(catch('shmcache.Cache("dflt")', "OutOfSharedMemory"))
+    # A tmpfs exactly as large as the default cache's segment: its 16 semaphore
+    # pages do not fit, and the error says so (and what would fit).
+    seg = layout.compute_geometry("64MiB").total_size
+    r = in_private_shm(catch('shmcache.Cache("dflt")', "OutOfSharedMemory"),
+                       mount=f"mount -t tmpfs -o size={seg} tmpfs /dev/shm")
     assert r.returncode == 0, r.stderr
-    assert "16 semaphores" in r.stdout and 'size="63MiB" fits now' in r.stdout
+    assert "16 semaphores" in r.stdout and 'size="63MiB" fits now' in r.stdout, r.stdout
+
+
+@needs_unshare
+def test_default_cache_fits_dockers_default_dev_shm():
+    # The default 64 MiB cache lays out whole arena segments, a little under
+    # 64 MiB: with its semaphores it fits Docker's default /dev/shm and fills
+    # to eviction there without a signal.
+    r = in_private_shm("""
+        import os, shmcache
+        c = shmcache.Cache("dflt")
+        v = os.urandom(4000)
+        for i in range(20000):  # ~80 MB of values
+            c.set(f"k{i}", v)
+        st = c.stats()
+        print("OK", st["evictions"] > 0, c.get("k19999") == v)
+        c.close(); shmcache.Cache.unlink("dflt")
+    """)
+    assert r.returncode == 0, (r.returncode, r.stderr)
+    assert "OK True True" in r.stdout, r.stdout
 
 
 @needs_unshare
@@ -194,7 +219,7 @@ needs_pidns = pytest.mark.skipif(NO_PIDNS is not None, reason=NO_PIDNS or "")
 # stripe S, say so, hold it until the flag file appears, release, write once more.
 HOLDER = """
 import os, sys, time
-from shmcache import Cache
+from shmcache import Cache, layout
 name, s, flag = sys.argv[1], int(sys.argv[2]), sys.argv[3]
 c = Cache(name, create=False)
 c._locks.lock(s)

@@ -46,6 +46,7 @@ def _unlink_segments():
     yield
     Cache.unlink(NAME)
     Cache.unlink(NAME + "-other")
+    Cache.unlink(NAME + "-lru")
 
 
 # functions/classes for complex data type tests
@@ -81,6 +82,7 @@ class ShmCacheTests(SimpleTestCase):
 
     def tearDown(self):
         cache.clear()
+        caches["lru"].clear()  # the one alias with a segment of its own
 
     def test_backend_class(self):
         self.assertIsInstance(caches["default"], ShmCache)

@@ -83,8 +83,10 @@ def test_redis_tcl_suite_unit(unit):
         pytest.skip("tclsh not installed (apt-get install tcl)")
     suite = fetch_suite()
     name = fresh_name("tcl")
-    # values of up to 8 MiB: the suite's "very big payload" test stores 4 MB
-    Cache(name, size="128MiB", stripes=8, max_value_size=8 << 20).close()
+    # values of up to 8 MiB: the suite's "very big payload" test stores 4 MB. An
+    # entry lives in one arena segment, so the segments are 8 MiB and each
+    # stripe needs at least 4 of them: 2 stripes of 128 MiB hold 7 each.
+    Cache(name, size="128MiB", stripes=2, max_value_size=8 << 20).close()
     srv = ServeProcess(name)
     try:
         counts = run_unit(suite, srv.port, unit)

@@ -56,8 +56,9 @@ CACHES = {
     "custom_key2": _cache(KEY_FUNCTION="django_project.settings.custom_key_func"),
     "cull": _cache(OPTIONS={"MAX_ENTRIES": 30}),
     "zero_cull": _cache(OPTIONS={"CULL_FREQUENCY": 0, "MAX_ENTRIES": 30}),
-    # one stripe: culling order is exact write order within a stripe, approximate across stripes
-    "lru": _cache(OPTIONS={"MAX_ENTRIES": 9, "stripes": 1}),
+    # its own one-stripe segment: culling order is exact write order within a
+    # stripe, approximate across stripes (and the default segment has many)
+    "lru": _cache(LOCATION=NAME + "-lru", OPTIONS={"MAX_ENTRIES": 9, "stripes": 1}),
     "realtime": _cache(clock=None),
     "forever": _cache(TIMEOUT=None),
     "other": _cache(LOCATION=NAME + "-other"),
