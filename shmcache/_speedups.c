@@ -358,19 +358,32 @@ typedef struct {
 } ring_t;
 
 /* 0 ok, -1 out of range (a damaged stripe: the Python path repairs it). */
+static inline uint32_t *seg_hdr(Core *c, uint64_t s, uint32_t seg) {
+    return (uint32_t *)(arena_of(c, s) + (uint64_t)seg * c->seg_size); /* [end, mirrored fill] */
+}
+
+/* Arena._ring: the head's fill is the larger of the ring word's and the head
+ * segment's mirror; a head that is sealed is damage. */
 static int ring_get(Core *c, uint64_t s, ring_t *r) {
     uint64_t w = __atomic_load_n(u64at(stripe_rec(c, s) + S_RING), __ATOMIC_RELAXED);
     r->head = (uint32_t)(w & 0xFFFF);
     r->tail = (uint32_t)((w >> 16) & 0xFFFF);
     r->fill = (uint32_t)(w >> 32);
     if (r->fill == 0) r->fill = SEG_HEADER;
-    return (r->head < c->n_segs && r->tail < c->n_segs && r->fill <= c->seg_size) ? 0 : -1;
+    if (!(r->head < c->n_segs && r->tail < c->n_segs && r->fill <= c->seg_size)) return -1;
+    uint32_t *h = seg_hdr(c, s, r->head);
+    if (h[0]) return -1;
+    if (h[1] > r->fill && h[1] <= c->seg_size) r->fill = h[1];
+    return 0;
 }
 
+/* Arena._set_ring: the ring word, then the head segment's mirror of the fill. */
 static void ring_set(Core *c, uint64_t s, uint32_t head, uint32_t tail, uint32_t fill) {
     BARRIER();
     __atomic_store_n(u64at(stripe_rec(c, s) + S_RING),
                      (uint64_t)head | ((uint64_t)tail << 16) | ((uint64_t)fill << 32), __ATOMIC_RELAXED);
+    BARRIER();
+    seg_hdr(c, s, head)[1] = fill;
     BARRIER();
 }
 
@@ -452,8 +465,10 @@ static void reclaim(Core *c, uint64_t s, uint32_t seg, uint64_t keep_room, doubl
     char *base = arena + (uint64_t)seg * c->seg_size;
     char *slots = slots_of(c, s);
     uint8_t *refs = refs_of(c, s);
-    uint32_t end;
+    uint32_t end, mirror; /* Arena._seg_end: the larger of the sealed end and the mirrored fill */
     memcpy(&end, base, 4);
+    memcpy(&mirror, base + 4, 4);
+    if (mirror > end) end = mirror;
     if (end < SEG_HEADER) end = SEG_HEADER;
     if (end > c->seg_size) end = (uint32_t)c->seg_size;
     uint64_t e = SEG_HEADER, evicted = 0, expired = 0;
@@ -521,9 +536,13 @@ static int advance(Core *c, uint64_t s, uint64_t need, double now) {
     }
     int last = (nxt + 1) % n == r.tail;
     if (last && !c->evicts) return -1;
-    uint32_t end = r.fill;
-    memcpy(arena_of(c, s) + (uint64_t)r.head * c->seg_size, &end, 4); /* seal */
+    /* open the next segment, move the ring onto it, then seal the old head */
+    uint32_t *nh = seg_hdr(c, s, nxt);
+    nh[0] = 0;
+    nh[1] = SEG_HEADER;
     ring_set(c, s, nxt, r.tail, SEG_HEADER);
+    seg_hdr(c, s, r.head)[0] = r.fill;
+    BARRIER();
     if (last) reclaim(c, s, r.tail, need, now, 1);
     return 0;
 }

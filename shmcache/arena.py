@@ -7,8 +7,12 @@ a new entry and repoints the index slot, leaving the old bytes dead. Segments
 ``tail .. head`` (mod n_segs) are in use, oldest first; the rest are free,
 and at least one always is.
 
-When the head is full it is sealed (its end written into its header) and the
-next free segment becomes the head. If that used the last free segment, the
+When the head is full the next free segment is opened (its header zeroed),
+the ring word moves onto it, and the old head is sealed (its end written into
+its header). The head segment's header also mirrors the ring word's fill,
+stored after it on every change: a write takes the larger of the two, and a
+head whose header says sealed is damage (refused, the stripe repaired), so
+one damaged word can never make a write land on a published entry. If that used the last free segment, the
 *tail* (oldest) segment is reclaimed into the new head in a single pass:
 
 - an entry whose index slot no longer points at it is already dead: skipped;
@@ -82,13 +86,27 @@ class Arena:
 
     # ----------------------------------------------------------- ring word
     def _ring(self, s: int) -> tuple[int, int, int]:
+        """(head, tail, fill) of stripe s, the fill being the larger of the ring
+        word's and the head segment's mirror of it (see layout.SEG).
+
+        Raises:
+            ValueError: the ring word is out of range, or names a sealed
+                segment as the head (both only by damage).
+        """
         head, tail, fill = L.unpack_ring(int(self.stripes[s, L.S_RING // 8]))
         if head >= self.n_segs or tail >= self.n_segs or fill > self.seg_size:
             raise ValueError(f"stripe {s}: ring word out of range (head {head}, tail {tail}, fill {fill})")
+        end, mirror = L.SEG.unpack_from(self.mm, self._seg_base(s, head))
+        if end:
+            raise ValueError(f"stripe {s}: the ring word's head segment {head} is sealed (at {end})")
+        if fill < mirror <= self.seg_size:
+            fill = mirror
         return head, tail, fill
 
     def _set_ring(self, s: int, head: int, tail: int, fill: int) -> None:
+        """Store the ring word, then the head segment's mirror of its fill."""
         self.stripes[s, L.S_RING // 8] = L.pack_ring(head, tail, fill)
+        L.U32.pack_into(self.mm, self._seg_base(s, head) + 4, fill)
 
     def _add(self, s: int, field: int, delta: int) -> None:
         self.stripes[s, field // 8] = (int(self.stripes[s, field // 8]) + delta) & 0xFFFFFFFFFFFFFFFF  # a damaged counter wraps
@@ -157,8 +175,12 @@ class Arena:
             live = self._live_bytes(s, tail, now)
             if live + need > self.seg_size - _SEG_HDR:
                 raise self._full(s, need, "bytes")
-        L.SEG.pack_into(self.mm, self._seg_base(s, head), fill, 0)
+        # Open the next segment, move the ring onto it, then seal the old head:
+        # killed at any point, the head is an open segment and the old head's
+        # end is its sealed end or (unsealed) its mirrored fill.
+        L.SEG.pack_into(self.mm, self._seg_base(s, nxt), 0, _SEG_HDR)
         self._set_ring(s, nxt, tail, _SEG_HDR)
+        L.U32.pack_into(self.mm, self._seg_base(s, head), fill)
         if last:
             self._reclaim(s, tail, need, now, second_chance=True)
 
@@ -166,9 +188,10 @@ class Arena:
         return self.arena_off + s * self.stripe_arena + seg * self.seg_size
 
     def _seg_end(self, s: int, seg: int) -> int:
-        """Sealed end of a segment, clamped into it (the segment is untrusted)."""
-        end = L.SEG.unpack_from(self.mm, self._seg_base(s, seg))[0]
-        return min(max(end, _SEG_HDR), self.seg_size)
+        """End of a segment's entries: the larger of its sealed end and its
+        mirrored fill, clamped into it (the segment is untrusted)."""
+        end, mirror = L.SEG.unpack_from(self.mm, self._seg_base(s, seg))
+        return min(max(end, mirror, _SEG_HDR), self.seg_size)
 
     def _walk(self, s: int, seg: int):
         """Yield (offset in segment, alloc, klen, vlen) of each entry of a sealed

@@ -243,9 +243,14 @@ INDEX_BYTES_PER_SLOT = SLOT_SIZE + REF_SIZE
 # 8-byte in-place update and its checksum), so a segment is walked entry by
 # entry from its header to its sealed end.
 SEG = struct.Struct(
-    "<I"  # end     bytes in use when the segment was sealed (left as head); written
-    #               by the writer that seals it, read by reclaim's walk. Under lock.
-    "I"  # _spare
+    "<I"  # end     bytes in use when the segment was sealed (left as head), 0 while
+    #               it is the head; written by the writer that seals it, after the
+    #               ring word moved on. Under lock.
+    "I"  # fill    a mirror of the ring word's fill, stored after it on every change
+    #               while the segment is the head (its final fill afterwards). The
+    #               head's fill is the larger of the two and a sealed segment's end
+    #               the larger of end and fill, so one damaged (lowered) word can
+    #               never make a write land on a published entry. Under lock.
 )
 SEG_HEADER = SEG.size  # 8
 # Entry: [entry header | key | value], padded to ALIGN bytes.

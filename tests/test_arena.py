@@ -215,3 +215,47 @@ def test_index_never_points_into_a_free_segment(make_cache, fake_clock):
     sl = t.slots[0]
     locs = sl["loc"][sl["tag"] != 0].astype(np.int64) * L.ALIGN
     assert set((locs // t.seg_size).tolist()) <= used
+
+
+@pytest.mark.parametrize("py", [False, True], ids=["c", "python"])
+def test_regression_lowered_head_fill_never_overwrites_a_published_entry(make_cache, monkeypatch, py):
+    """The corruption fuzzer lowered the ring word's fill by 8 bytes: the next
+    write landed on the last 8 bytes of the entry before it, whose key stayed
+    intact, so readers returned a torn value. The head segment now mirrors its
+    fill and writers take the larger of the two."""
+    monkeypatch.setattr(cache_mod, "USE_SPEEDUPS", cache_mod.USE_SPEEDUPS and not py)
+    c = make_cache(size="1MiB", stripes=1)
+    c["a"] = b"A" * 200
+    c["b"] = b"B" * 200
+    st = c._table.stripes
+    head, tail, fill = L.unpack_ring(int(st[0, L.S_RING // 8]))
+    st[0, L.S_RING // 8] = L.pack_ring(head, tail, fill - 8)  # one damaged word
+    c["c"] = b"C" * 200
+    assert (c["a"], c["b"], c["c"]) == (b"A" * 200, b"B" * 200, b"C" * 200)
+    assert c.check() == []
+
+
+@pytest.mark.parametrize("py", [False, True], ids=["c", "python"])
+def test_regression_ring_head_on_a_sealed_segment_is_refused(make_cache, monkeypatch, py):
+    """A ring word whose head names a sealed segment (a flipped bit) would make
+    writes land on that segment's published entries. Writers refuse it: the
+    stripe is repaired (here emptied: which segment was the head cannot be
+    known) and the write raises LayoutMismatch; no read is ever torn."""
+    from shmcache import LayoutMismatch
+
+    monkeypatch.setattr(cache_mod, "USE_SPEEDUPS", cache_mod.USE_SPEEDUPS and not py)
+    c = make_cache(size="1MiB", stripes=1)
+    t = c._table
+    i = 0
+    while t._ring(0)[0] < 2:  # two sealed segments behind the head
+        c[f"k{i}"] = bytes([i % 256]) * 1000
+        i += 1
+    st = t.stripes
+    head, tail, fill = L.unpack_ring(int(st[0, L.S_RING // 8]))
+    st[0, L.S_RING // 8] = L.pack_ring(tail, tail, fill)
+    with pytest.raises(LayoutMismatch):
+        c["new"] = b"N" * 1000
+    assert all(c.get(f"k{j}") in (None, bytes([j % 256]) * 1000) for j in range(i))
+    assert c.check() == []
+    c["new"] = b"N" * 1000
+    assert c["new"] == b"N" * 1000

@@ -189,17 +189,14 @@ def test_corruption_fuzz_no_crash_no_hang_no_torn_value(cache_name, pure):
     _fuzz(cache_name, pure, ["header", "stripe", "stripe", "slot", "slot", "full-slice"], STRUCTURE_FIELDS, 40)
 
 
-@pytest.mark.xfail(reason="a ring word whose head fill is lowered makes the next write overwrite the tail of a "
-                          "live entry whose key bytes stay intact, and readers do not verify entry checksums: "
-                          "a torn read (seeds 2 and 3 find it); entry locations and live bytes are safe",
-                   strict=False)
 @pytest.mark.parametrize("pure", [False, True], ids=["c", "pure"])
 def test_corruption_fuzz_slot_payload_and_allocator_fields(cache_name, pure):
     """Issue 10's torn-value rows on the segment-ring arena (issue 8): a slot's
     entry location and the stripe's live-bytes and ring words, corrupted while
     writers run. Readers follow a location only inside the stripe's arena, to
     an entry whose key length and bytes match, so no read is torn or of
-    another key; the ring word is checked before a write uses it."""
+    another key; a write takes the head's fill as the larger of the ring word's
+    and the head segment's mirror of it, and refuses a head that is sealed."""
     _fuzz(cache_name, pure, ["slot", "stripe"], PAYLOAD_FIELDS, 25, ALLOCATOR_WORDS)
 
 
