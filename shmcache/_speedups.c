@@ -107,7 +107,7 @@ typedef struct {
     uint64_t refs_off, seg_size, n_segs;
     int evicts;     /* the policy may evict (lru); else reclaim goes to Python */
     int timing;     /* measure lock holds of the C write paths into max_hold_ns */
-    uint64_t max_hold_ns;
+    uint64_t max_hold_ns, max_hold_cpu_ns; /* wall time (preemption included) and this thread's CPU time */
     double default_ttl;
     /* This process's stripe owner record (layout.OWNER: client slot + 1, the
      * slot's generation, pid), built by lock.Client; stored as is. */
@@ -910,13 +910,19 @@ static PyObject *store(Core *c, PyObject *const *args, Py_ssize_t nargs, PyObjec
     uint64_t s = h & c->mask;
     int r = 2;
     if (lock_fast(c, s)) {
-        struct timespec t0, t1;
-        if (c->timing) clock_gettime(CLOCK_MONOTONIC, &t0);
+        struct timespec t0, t1, u0, u1;
+        if (c->timing) {
+            clock_gettime(CLOCK_MONOTONIC, &t0);
+            clock_gettime(CLOCK_THREAD_CPUTIME_ID, &u0);
+        }
         r = write_locked(c, s, (uint32_t)(h >> 32) | 1u, k, klen, flags, v, vlen, expire, mode, now);
         if (c->timing) {
+            clock_gettime(CLOCK_THREAD_CPUTIME_ID, &u1);
             clock_gettime(CLOCK_MONOTONIC, &t1);
             uint64_t ns = (uint64_t)(t1.tv_sec - t0.tv_sec) * 1000000000ull + (uint64_t)(t1.tv_nsec - t0.tv_nsec);
+            uint64_t cpu = (uint64_t)(u1.tv_sec - u0.tv_sec) * 1000000000ull + (uint64_t)(u1.tv_nsec - u0.tv_nsec);
             if (ns > c->max_hold_ns) c->max_hold_ns = ns;
+            if (cpu > c->max_hold_cpu_ns) c->max_hold_cpu_ns = cpu;
         }
         unlock_fast(c, s);
     }
@@ -1352,6 +1358,13 @@ static int Core_set_max_hold(Core *c, PyObject *v, void *unused) {
     c->max_hold_ns = x;
     return 0;
 }
+static PyObject *Core_get_max_hold_cpu(Core *c, void *unused) { return PyLong_FromUnsignedLongLong(c->max_hold_cpu_ns); }
+static int Core_set_max_hold_cpu(Core *c, PyObject *v, void *unused) {
+    unsigned long long x = PyLong_AsUnsignedLongLong(v);
+    if (x == (unsigned long long)-1 && PyErr_Occurred()) return -1;
+    c->max_hold_cpu_ns = x;
+    return 0;
+}
 static PyObject *Core_get_timing(Core *c, void *unused) { return PyBool_FromLong(c->timing); }
 static int Core_set_timing(Core *c, PyObject *v, void *unused) {
     int t = PyObject_IsTrue(v);
@@ -1366,7 +1379,10 @@ static PyGetSetDef Core_getset[] = {
     {"timing", (getter)Core_get_timing, (setter)Core_set_timing,
      "measure the stripe-lock holds of the C write paths (off by default: two clock reads per write)", NULL},
     {"max_hold_ns", (getter)Core_get_max_hold, (setter)Core_set_max_hold,
-     "longest stripe-lock hold of a C write path (reclaim included) while timing was on, ns; settable", NULL},
+     "longest stripe-lock hold of a C write path (reclaim included) while timing was on, ns of wall time "
+     "(a preempted holder included); settable", NULL},
+    {"max_hold_cpu_ns", (getter)Core_get_max_hold_cpu, (setter)Core_set_max_hold_cpu,
+     "the same hold in the holder's own CPU time, ns: the work done under the lock; settable", NULL},
     {NULL}};
 
 static PyMethodDef Core_methods[] = {
