@@ -77,8 +77,8 @@ def process_start(pid: int) -> float | None:
     so an NTP step or `date -s` would make every live process look like
     another one (and so dead). Ticks since boot never move.
 
-    Informational only for the cache itself (client records show it): liveness
-    is the client slot's lock. ``shmcache.stampede`` still uses it.
+    Informational only (client records show it): liveness is the client
+    slot's lock, for the stripe locks and ``shmcache.stampede`` alike.
     """
     try:
         with open(f"/proc/{pid}/stat", "rb") as f:
@@ -103,20 +103,6 @@ def _psutil_start(pid: int) -> float | None:  # pragma: no cover - non-Linux
         return None
     except psutil.AccessDenied:
         return -1.0
-
-
-def is_alive(pid: int, start: float) -> bool:
-    """True if ``pid`` runs and started at ``start`` (so a reused pid is not mistaken).
-
-    Only meaningful inside one PID namespace; the cache's own liveness checks
-    use :func:`client_alive` instead.
-    """
-    if pid == 0:
-        return False
-    s = process_start(pid)
-    if s is None:
-        return False
-    return s < 0 or s == start
 
 
 _U64_MAX = 2**64 - 1

@@ -63,6 +63,42 @@ def test_geometry_stripes_and_clients(make_cache):
         other.close()
 
 
+def _report_client(name, q):
+    c = Cache(name, create=False)
+    q.put(admin.current_client(c))
+    q.get(timeout=30)  # stay attached until the parent has looked
+    c.close()
+
+
+def test_current_client_is_checked_by_the_kernel_across_processes(make_cache):
+    c = make_cache()
+    me = admin.current_client(c)
+    assert admin.client_attached(c, *me)
+    assert not admin.client_attached(c, me[0], me[1] + 1)  # another generation of the slot
+    assert not admin.client_attached(c, -1, 1) and not admin.client_attached(c, 10**6, 1)
+    other = Cache(c.name, create=False)  # a second handle: a slot of its own, seen alive from the first
+    theirs = admin.current_client(other)
+    assert theirs != me and admin.client_attached(c, *theirs)
+    other.close()
+    assert not admin.client_attached(c, *theirs)
+    q = CTX.Queue()
+    p = CTX.Process(target=_report_client, args=(c.name, q))
+    p.start()
+    try:
+        child = q.get(timeout=30)
+        assert child != me and admin.client_attached(c, *child)
+        os.kill(p.pid, signal.SIGKILL)
+        p.join(30)
+        assert not admin.client_attached(c, *child)  # at once: the kernel dropped its lock
+    finally:
+        if p.is_alive():
+            p.kill()
+            p.join(5)
+    c.close()
+    with pytest.raises(ValueError, match="closed"):
+        admin.current_client(c)
+
+
 def test_inspect_and_entries_report_type_size_ttl_without_counting(make_cache, fake_clock):
     c = make_cache(clock=fake_clock)
     c.set("n", 5)
