@@ -8,6 +8,7 @@ one line ``shmcache: <what went wrong>`` on stderr and exit status 1; add
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import fnmatch
 import json
 import logging
@@ -127,6 +128,11 @@ def _show_key(k) -> str:
 
 #: Values `shmcache set` stores as an int when no --type is given.
 _DECIMAL = re.compile(r"[+-]?[0-9]+")
+
+
+def _print_json(obj) -> None:
+    """One JSON document on stdout (what every ``--json`` prints)."""
+    print(json.dumps(obj, indent=2, sort_keys=True))
 
 
 def _jsonable(v):
@@ -374,7 +380,25 @@ def cmd_delete(args) -> int:
     """``shmcache delete``: delete keys, print how many existed."""
     with _attach(args) as c:
         n = c.delete_many(args.keys)
-    print(n)
+    if args.json:
+        _print_json({"deleted": n})
+    else:
+        print(n)
+    return 0
+
+
+def cmd_ttl(args) -> int:
+    """``shmcache ttl``: seconds until a key expires ("never" if it does not).
+    Raises CliError if the key is absent."""
+    with _attach(args) as c:
+        e = admin.inspect(c, args.key)
+    if e is None:
+        raise CliError(f"key {args.key!r} not found in cache {c.name!r}")
+    if args.json:
+        _print_json({"key": _jsonable(e.key), "ttl": None if e.ttl is None else round(e.ttl, 3),
+                     "expires_at": e.expires_at})
+    else:
+        print("never" if e.ttl is None else f"{e.ttl:.3f}")
     return 0
 
 
@@ -458,17 +482,23 @@ def cmd_snapshot(args) -> int:
         with _attach(args) as c:
             bar = terminal_progress(f"snapshot {os.path.basename(args.path)}")
             try:
-                info = write_snapshot(c, args.path, progress=bar)
+                info = write_snapshot(c, args.path, progress=None if args.json else bar)
             finally:
                 if bar:
                     bar.finish()
-        print(f"wrote {info.path}: {info.entries:,} entries, {_mib(info.bytes)} in {info.seconds:.3f} s")
+        if args.json:
+            _print_json({**dataclasses.asdict(info), "daemon_pid": None})
+        else:
+            print(f"wrote {info.path}: {info.entries:,} entries, {_mib(info.bytes)} in {info.seconds:.3f} s")
         return 0
     pid, path = _daemon_snapshot_path(_name(args))
     since = time.time()
     os.kill(pid, signal.SIGUSR1)
     info = wait_for_daemon_snapshot(path, since, args.timeout, pid)
-    print(f"daemon pid {pid} wrote {info.path}: {info.entries:,} entries, {_mib(info.bytes)}")
+    if args.json:
+        _print_json({**dataclasses.asdict(info), "daemon_pid": pid})
+    else:
+        print(f"daemon pid {pid} wrote {info.path}: {info.entries:,} entries, {_mib(info.bytes)}")
     return 0
 
 
@@ -483,12 +513,15 @@ def cmd_restore(args) -> int:
     else:
         c = Cache(name, create=False)
     with c:
-        bar = terminal_progress(f"restore {os.path.basename(args.path)}", unit="entries")
+        bar = None if args.json else terminal_progress(f"restore {os.path.basename(args.path)}", unit="entries")
         try:
             r = restore_snapshot(c, args.path, merge=args.merge, progress=bar)
         finally:
             if bar:
                 bar.finish()
+    if args.json:
+        _print_json(dataclasses.asdict(r))
+        return 0
     skipped = []
     for label, n in (("expired", r.skipped_expired), ("too large", r.skipped_too_large),
                      ("no room", r.skipped_full), ("already present", r.skipped_present)):
@@ -502,8 +535,16 @@ def cmd_restore(args) -> int:
 def cmd_check(args) -> int:
     """``shmcache check``: check every stripe (or a snapshot file); status 1 on damage."""
     if args.snapshot:
-        from .snapshot import verify_snapshot
+        from .snapshot import SnapshotError, verify_snapshot
 
+        if args.json:  # a bad file is a result here, not an error: {"sound": false, "error": why}
+            try:
+                info = verify_snapshot(args.snapshot)
+            except SnapshotError as e:
+                _print_json({"path": args.snapshot, "sound": False, "error": str(e)})
+                return 1
+            _print_json({**dataclasses.asdict(info), "sound": True, "error": None})
+            return 0
         info = verify_snapshot(args.snapshot)
         print(f"snapshot {info.path} is sound: {info.entries:,} entries in {info.sections} sections, "
               f"{_mib(info.bytes)}, of cache {info.name!r} taken {time.ctime(info.created)}")
@@ -755,7 +796,9 @@ def cmd_wait(args) -> int:
 
     name = _name(args)
     pid = wait_ready(name, args.timeout)
-    if not args.quiet:
+    if args.json:
+        _print_json({"name": name, "daemon_pid": pid, "ready": True})
+    elif not args.quiet:
         print(f"daemon pid {pid} serves cache {name!r}")
     return 0
 
@@ -1071,8 +1114,12 @@ def build_parser() -> argparse.ArgumentParser:
                     help="how to store VALUE (default: an int if VALUE is a decimal integer, as Redis "
                          "users expect for INCR, else str; json stores the parsed object)")
     sp.add_argument("--nx", action="store_true", help="only if the key is absent (exit 1 otherwise)")
+    sp = named(add("ttl", cmd_ttl, "print the seconds until a key expires, or never (exit 1 if absent)"))
+    sp.add_argument("key")
+    sp.add_argument("--json", action="store_true", help="print JSON: key, ttl (null: never), expires_at")
     sp = named(add("delete", cmd_delete, "delete keys; prints how many existed"))
     sp.add_argument("keys", nargs="+", metavar="key")
+    sp.add_argument("--json", action="store_true", help='print JSON: {"deleted": N}')
     sp = named(add("keys", cmd_keys, "list keys matching a glob pattern (like Redis KEYS / SCAN MATCH)"))
     sp.add_argument("pattern", nargs="?", default="*", help="glob: * ? [abc] (default *)")
     sp.add_argument("--limit", type=int, default=0, help="print at most this many")
@@ -1084,6 +1131,7 @@ def build_parser() -> argparse.ArgumentParser:
     ))
     sp.add_argument("path", nargs="?", help="write here from this process instead of asking the daemon")
     sp.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for the daemon (default 120)")
+    sp.add_argument("--json", action="store_true", help="print what was written as JSON")
     sp = named(add(
         "restore", cmd_restore, "load a snapshot into a cache",
         "Verify the whole file, then replace the cache's contents with it (or --merge: add absent keys "
@@ -1092,9 +1140,11 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("path")
     sp.add_argument("--merge", action="store_true", help="keep current entries, add only absent keys")
     sp.add_argument("--size", help="create the cache with this size if it does not exist")
+    sp.add_argument("--json", action="store_true", help="print what was loaded and skipped as JSON")
     sp = named(add("check", cmd_check, "integrity check of every stripe (exit 1 on damage)"))
     sp.add_argument("--snapshot", metavar="PATH", help="verify a snapshot file instead")
-    sp.add_argument("--json", action="store_true", help="print JSON (the cache check only)")
+    sp.add_argument("--json", action="store_true",
+                    help='print JSON ("sound", "problems" or, with --snapshot, the file\'s details or "error")')
     sp = named(add("top", cmd_top, "live view: ops/s, hit rate, memory, evictions, expirations, hot stripes",
                    "Redraw the cache's rates and state every --interval seconds, like redis-cli --stat "
                    "(q or Ctrl-C quits). Rates are over the last interval, across every process."))
@@ -1112,7 +1162,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--mode", default="600", help="permission bits (octal, default 600)")
     sp.add_argument("--json", action="store_true", help="print the layout as JSON")
     sp = add("ls", cmd_ls, "list the caches on this host with size, items and daemon")
-    sp.add_argument("--json", action="store_true")
+    sp.add_argument("--json", action="store_true", help="print a JSON list, one object per cache")
     sp = named(add(
         "wait", cmd_wait, "wait until a daemon serves the cache (exit 1 after --timeout)",
         "Return (exit 0) once a daemon holds the cache's daemon lock and has finished its start-up "
@@ -1121,6 +1171,7 @@ def build_parser() -> argparse.ArgumentParser:
     ))
     sp.add_argument("--timeout", type=float, default=30.0, help="seconds to wait (default 30)")
     sp.add_argument("-q", "--quiet", action="store_true", help="print nothing on success")
+    sp.add_argument("--json", action="store_true", help="print the daemon's pid as JSON on success")
     sp = named(add(
         "systemd-unit", cmd_systemd_unit, "print a systemd service unit for the cache's daemon",
         "Print a Type=notify unit running 'shmcache daemon' for the cache as USER:GROUP, with "

@@ -14,7 +14,10 @@ from shmcache.snapshot import write_snapshot
 from names import fresh_name
 
 SUBCOMMANDS = ["daemon", "stats", "get", "set", "delete", "keys", "snapshot", "restore", "check", "ls", "rm", "demo",
-               "wait", "systemd-unit"]
+               "wait", "systemd-unit", "ttl", "inspect", "top", "create"]
+#: Every command that reports something a script may want to read.
+JSON_COMMANDS = ["stats", "get", "ttl", "inspect", "keys", "check", "ls", "top", "create", "delete", "snapshot",
+                 "restore", "wait"]
 
 
 def run(*args, timeout=60, env=None):
@@ -168,6 +171,10 @@ def test_snapshot_through_the_daemon(cache, tmp_path):
             time.sleep(0.02)
         out = ok("snapshot", "-n", cache.name)
         assert f"daemon pid {d.pid} wrote {snap}: 2 entries" in out
+        w = json.loads(ok("wait", "-n", cache.name, "--json"))
+        assert w == {"name": cache.name, "daemon_pid": d.pid, "ready": True}
+        info = json.loads(ok("snapshot", "-n", cache.name, "--json"))
+        assert info["daemon_pid"] == d.pid and info["path"] == str(snap) and info["entries"] == 2
         st = json.loads(ok("stats", "-n", cache.name, "--json"))
         assert st["daemon_alive"] is True and st["daemon_pid"] == d.pid
         assert f"alive (pid {d.pid})" in ok("ls")
@@ -195,6 +202,77 @@ def test_ls_and_rm(cache_name):
     assert ok("rm", "-n", cache_name) == f"removed cache {cache_name!r}\n"
     assert not os.path.exists(f"/dev/shm/shmcache.{cache_name}")
     fails("rm", "-n", cache_name, match=f"no cache named {cache_name!r}")
+
+
+@pytest.mark.parametrize("sub", JSON_COMMANDS)
+def test_every_reporting_command_offers_json(sub):
+    assert "--json" in ok(sub, "--help")
+
+
+def test_json_output_of_every_reporting_command_parses(cache, tmp_path, cache_name):
+    n = cache.name
+    cache.update({"user:1": "ann", "user:2": b"\xff\x00", "n": 41})
+    cache.set("t", [1, 2], ttl=100)
+    cache.get("user:1")
+    cache.get("absent")
+
+    def js(*args):
+        return json.loads(ok(*args, "--json"))
+
+    st = js("stats", "-n", n)
+    assert st["items"] == 4 and st["hits"] == 1 and st["misses"] == 1
+    assert js("get", "-n", n, "user:1") == "ann"
+    assert js("get", "-n", n, "user:2") == {"bytes": "\\xff\x00"}
+    assert js("get", "-n", n, "t") == [1, 2]
+    t = js("ttl", "-n", n, "t")
+    assert t["key"] == "t" and 90 < t["ttl"] <= 100 and t["expires_at"] > 0
+    assert js("ttl", "-n", n, "n") == {"key": "n", "ttl": None, "expires_at": None}
+    assert ok("ttl", "-n", n, "n") == "never\n" and 90 < float(ok("ttl", "-n", n, "t")) <= 100
+    fails("ttl", "-n", n, "absent", match="key 'absent' not found")
+    e = js("inspect", "-n", n, "user:1")
+    assert (e["key"], e["type"], e["size"], e["ttl"]) == ("user:1", "str", 3, None)
+    assert js("keys", "-n", n, "user:*") == ["user:1", "user:2"]
+    c = js("check", "-n", n)
+    assert c["sound"] is True and c["problems"] == [] and c["name"] == n
+    mine = next(r for r in js("ls") if r["name"] == n)
+    assert mine["items"] == 4 and mine["status"] == "ok"
+    frame = json.loads(ok("top", "-n", n, "--interval", "0.05", "--iterations", "1", "--json"))
+    assert frame["name"] == n and frame["items"] == 4
+    assert js("delete", "-n", n, "user:1", "nothere") == {"deleted": 1}
+
+    path = tmp_path / "j.snap"
+    w = js("snapshot", "-n", n, str(path))
+    assert w["path"] == str(path) and w["entries"] == 3 and w["bytes"] == path.stat().st_size
+    assert w["daemon_pid"] is None
+    v = js("check", "--snapshot", str(path))
+    assert v["sound"] is True and v["error"] is None and v["entries"] == 3 and v["name"] == n
+    other = fresh_name()
+    try:
+        r = js("restore", "-n", other, str(path), "--size", "8MiB")
+        assert r["loaded"] == 3 and r["skipped_expired"] == 0 and r["path"] == str(path)
+        created = fresh_name()
+        try:
+            g = js("create", "-n", created, "--size", "8MiB", "--stripes", "4")
+            assert g["name"] == created and g["stripes"] == 4 and g["size"] <= 8 * 2**20
+        finally:
+            Cache.unlink(created)
+    finally:
+        Cache.unlink(other)
+
+
+@pytest.mark.parametrize("kind", ["missing", "garbage", "fifo"])
+def test_check_snapshot_json_reports_a_bad_file_as_json(kind, tmp_path):
+    path = tmp_path / "bad.snap"
+    if kind == "garbage":
+        path.write_bytes(b"not a snapshot at all" * 10)
+    elif kind == "fifo":
+        os.mkfifo(path)
+    r = run("check", "--snapshot", str(path), "--json", timeout=30)
+    assert r.returncode == 1, (r.stdout, r.stderr)
+    v = json.loads(r.stdout)
+    assert v["sound"] is False and v["path"] == str(path)
+    assert {"missing": "does not exist", "garbage": "not a shmcache snapshot",
+            "fifo": "not a regular file"}[kind] in v["error"]
 
 
 # ------------------------------------------------------------------ errors
