@@ -38,14 +38,17 @@ import numpy as np
 from . import codec
 from . import layout as L
 from .codec import decode_key
-from .lock import client_alive, daemon_pid, live_clients, reap_dead_clients
+from .lock import attached_clients, client_alive, daemon_pid, live_clients, reap_dead_clients
+from .segment import LOCK_DAEMON, Segment
 
 if TYPE_CHECKING:  # pragma: no cover
     from .cache import Cache
 
 __all__ = [
     "ClientInfo", "DaemonInfo", "EntryInfo", "SnapshotStatus", "StripeInfo", "TYPE_NAMES",
-    "check", "client_attached", "clients", "counters", "current_client", "daemon_info", "entries", "expire", "geometry", "inspect",
+    "CacheSummary", "SNAPSHOT_PATH_MAX_BYTES",
+    "check", "claim_daemon_lock", "client_attached", "clients", "counters", "created", "current_client",
+    "daemon_info", "daemon_lock_holder", "lock_values", "summarize", "entries", "expire", "geometry", "inspect",
     "RawWriter", "Storage", "expiring", "fix_overcount", "heartbeat", "mark_daemon_ready", "publish_daemon",
     "reap_clients",
     "record_snapshot", "recover", "recover_stripes", "repair", "storage", "stored_items", "stripes",
@@ -64,6 +67,13 @@ def geometry(cache: "Cache") -> L.Geometry:
     """The segment's fixed layout (sizes, stripes, limits), as created."""
     cache._check_open()
     return cache._g
+
+
+def created(cache: "Cache") -> bool:
+    """True if this handle created the cache's segment (False: it attached to
+    an existing one, whose layout won over the settings it was given)."""
+    cache._check_open()
+    return bool(cache._seg.created)
 
 
 def _stripe_table(cache: "Cache") -> np.ndarray:
@@ -106,6 +116,15 @@ def stripes(cache: "Cache") -> list[StripeInfo]:
             locked_by=owner or None, writes=row[L.S_VERSION // 8] >> 1,
         ))
     return out
+
+
+def lock_values(cache: "Cache") -> list[int]:
+    """Each stripe's lock semaphore value, in stripe order: 1 free, 0 held (or
+    just being taken), above 1 broken (two writers could enter at once; only
+    possible if a live holder was ever taken for dead: :func:`check` reports
+    it, :func:`fix_overcount` corrects it). A lock-free read."""
+    cache._check_open()
+    return [sem.value for sem in cache._seg.sems]
 
 
 def stored_items(cache: "Cache") -> int:
@@ -282,6 +301,27 @@ def publish_daemon(cache: "Cache", pid: int, start: float, snapshot_path: str | 
     heartbeat(cache)
 
 
+#: Longest snapshot path a daemon can record in the header (bytes, UTF-8).
+SNAPSHOT_PATH_MAX_BYTES = L.SNAPSHOT_PATH_MAX - 1
+
+
+def claim_daemon_lock(cache: "Cache") -> bool:
+    """Take the cache's daemon lock (an fcntl lock the kernel drops when the
+    process dies, or when ``cache`` is closed): at most one daemon per cache.
+    True if this process holds it now; False if another process does (see
+    :func:`daemon_lock_holder`). For a daemon process only."""
+    cache._check_open()
+    return cache._seg.try_file_lock(LOCK_DAEMON)
+
+
+def daemon_lock_holder(cache: "Cache") -> int | None:
+    """The pid holding the cache's daemon lock as the kernel reports it (in
+    this process's PID namespace; 0 if it runs in another one), or None if
+    nobody holds it or this process does."""
+    cache._check_open()
+    return cache._seg.file_lock_holder(LOCK_DAEMON)
+
+
 def mark_daemon_ready(cache: "Cache", pid: int) -> None:
     """Record that daemon ``pid`` serves (its start-up restore is done): what
     ``shmcache wait`` waits for. Daemon only."""
@@ -319,6 +359,44 @@ def record_snapshot(cache: "Cache", *, ok: bool, entries: int = 0, nbytes: int =
     L.F64.pack_into(mm, L.H_SNAPSHOT_SECONDS, seconds)
     _write_text(mm, L.H_SNAPSHOT_ERROR, L.SNAPSHOT_ERROR_MAX, None if ok else (error or "failed"))
     L.U64.pack_into(mm, L.H_SNAPSHOT_STATUS, L.SNAPSHOT_OK if ok else L.SNAPSHOT_FAILED)
+
+
+# ------------------------------------------------------------ by name
+@dataclass(frozen=True)
+class CacheSummary:
+    """What ``shmcache ls`` shows of one cache."""
+
+    name: str
+    size: int  #: bytes of the segment
+    items: int  #: entries stored, expired ones not yet reclaimed included
+    clients: int  #: processes attached right now
+    daemon_pid: int | None  #: the serving daemon (as it sees itself), None if none runs
+
+
+def summarize(name: str, *, owner: int | str | None = None, timeout: float = 0.5) -> CacheSummary:
+    """Size, items, attached processes and daemon of cache ``name``, read
+    without attaching as a client: it needs no free client slot, is not
+    counted among the clients, and reads no value (so any ``mode`` is
+    accepted; the owner check still holds, ``owner`` as for :class:`Cache`).
+
+    Raises:
+        CacheNotFound: no such cache.
+        PermissionDenied / UntrustedSegment: it belongs to someone else.
+        shmcache.Error: it is damaged or still being created after ``timeout`` s.
+    """
+    seg = Segment.open(name, create=False, timeout=timeout, mode=0o777, owner=owner)
+    try:
+        g = seg.geometry
+        st = np.frombuffer(seg.mm, dtype=np.uint64, count=g.n_stripes * L.STRIPE_SIZE // 8,
+                           offset=g.stripe_table_off)
+        try:
+            items = int(st.reshape(g.n_stripes, L.STRIPE_SIZE // 8)[:, L.S_ITEMS // 8].sum())
+        finally:
+            del st
+        return CacheSummary(name=name, size=g.total_size, items=items, clients=attached_clients(seg),
+                            daemon_pid=daemon_pid(seg))
+    finally:
+        seg.close()
 
 
 # ------------------------------------------------------------------ entries
@@ -403,6 +481,12 @@ def check(cache: "Cache", *, fix: bool = False) -> list[str]:
     """
     cache._check_open()
     problems = []
+    for s, v in enumerate(lock_values(cache)):
+        if v > 1:
+            problems.append(f"stripe {s}: lock semaphore is {v}, above 1: two writers could enter at once"
+                            + ("; corrected" if fix else "; admin.fix_overcount (or the daemon) corrects it"))
+    if fix:
+        fix_overcount(cache)
     for s in range(cache._g.n_stripes):
         stuck = cache._stuck_odd_version(s)
         found = cache._table.check(s)  # its lock and unlock set the version's parity right

@@ -25,8 +25,6 @@ from . import __version__, admin
 from . import layout as L
 from .cache import Cache
 from .errors import CacheNotFound, Error, PermissionDenied, SettingsIgnored, UntrustedSegment
-from .lock import attached_clients, daemon_pid
-from .segment import Segment
 
 NAME_ENV = "SHMCACHE_NAME"
 #: Inspection commands attach whatever the mode (the owner check still holds).
@@ -70,8 +68,14 @@ def _attach(args) -> Cache:
         return Cache(_name(args), create=False, mode=ANY_MODE, owner=getattr(args, "owner", None))
 
 
-def _open_segment(args, name: str, timeout: float) -> Segment:
-    return Segment.open(name, create=False, timeout=timeout, mode=ANY_MODE, owner=getattr(args, "owner", None))
+def _serving_daemon(args, name: str) -> int | None:
+    """The pid of the daemon serving cache ``name`` (the kernel's answer: it
+    holds the daemon lock), or None.
+
+    Raises:
+        CacheNotFound, PermissionDenied, shmcache.Error: as admin.summarize.
+    """
+    return admin.summarize(name, owner=getattr(args, "owner", None)).daemon_pid
 
 
 def _octal_mode(text: str) -> int:
@@ -81,8 +85,8 @@ def _octal_mode(text: str) -> int:
         raise CliError(f"--mode {text!r} is not octal permission bits like 600 or 660") from None
 
 
-def _stop_daemon(seg: Segment, pid: int, name: str, timeout: float) -> None:
-    """SIGTERM the daemon ``pid`` of ``seg`` and wait until it released the daemon lock.
+def _stop_daemon(args, pid: int, name: str, timeout: float) -> None:
+    """SIGTERM the daemon ``pid`` of cache ``name`` and wait until it released the daemon lock.
 
     Raises:
         CliError: it is still running after ``timeout`` seconds (nothing is removed).
@@ -92,17 +96,12 @@ def _stop_daemon(seg: Segment, pid: int, name: str, timeout: float) -> None:
     except ProcessLookupError:
         return
     deadline = time.monotonic() + timeout
-    while _daemon_pid(seg) == pid:
+    while _serving_daemon(args, name) == pid:
         if time.monotonic() > deadline:
             raise CliError(f"daemon pid {pid} of cache {name!r} did not stop within {timeout:g} s of SIGTERM; "
                            "nothing was removed")
         time.sleep(0.02)
     print(f"stopped daemon pid {pid} of cache {name!r}")
-
-
-def _daemon_pid(seg: Segment) -> int | None:
-    """The pid of the daemon holding the cache's daemon lock (the kernel's answer), or None."""
-    return daemon_pid(seg)
 
 
 def _parse_value(text: str, kind: str):
@@ -746,31 +745,20 @@ def cmd_top(args) -> int:
 def _describe(args, name: str) -> dict:
     row = {"name": name, "size": None, "items": None, "clients": None, "daemon_pid": None, "status": "ok"}
     try:
-        seg = _open_segment(args, name, 0.5)
+        summary = admin.summarize(name, owner=getattr(args, "owner", None))
     except PermissionDenied as e:  # another user's cache: list it, do not fail
         row["status"] = str(e).split(";")[0] if isinstance(e, UntrustedSegment) else "no access"
         return row
     except Error as e:
         row["status"] = str(e).split(";")[0]
         return row
-    try:
-        g = seg.geometry
-        import numpy as np
-
-        st = np.frombuffer(seg.mm, dtype=np.uint64, count=g.n_stripes * 8, offset=g.stripe_table_off)
-        row["items"] = int(st.reshape(g.n_stripes, 8)[:, L.S_ITEMS // 8].sum())
-        del st
-        row["size"] = g.total_size
-        row["clients"] = attached_clients(seg)
-        row["daemon_pid"] = _daemon_pid(seg)
-    finally:
-        seg.close()
+    row.update(size=summary.size, items=summary.items, clients=summary.clients, daemon_pid=summary.daemon_pid)
     return row
 
 
 def cmd_ls(args) -> int:
     """``shmcache ls``: list the caches on this host."""
-    rows = [_describe(args, n) for n in Segment.list_names()]
+    rows = [_describe(args, n) for n in Cache.list()]
     if args.json:
         print(json.dumps(rows, indent=2))
         return 0
@@ -817,23 +805,18 @@ def cmd_rm(args) -> int:
     (without --force; with it, when the daemon does not stop within --timeout seconds)."""
     name = _name(args)
     try:
-        seg = _open_segment(args, name, 0.5)
+        pid = _serving_daemon(args, name)
     except CacheNotFound:
         raise CliError(f"no cache named {name!r} on this host") from None
     except Error:
-        seg = None  # damaged, foreign or untrusted: removing it is the fix
-    if seg is not None:
-        try:
-            pid = _daemon_pid(seg)
-            if pid and not args.force:
-                raise CliError(f"daemon pid {pid} is running for cache {name!r}; stop it first or use --force")
-            if pid:
-                # A daemon left running on a removed cache would go on writing its
-                # snapshot file, over the snapshots of the cache that replaces it:
-                # stop it (it writes its final snapshot) before removing anything.
-                _stop_daemon(seg, pid, name, args.timeout)
-        finally:
-            seg.close()
+        pid = None  # damaged, foreign or untrusted: removing it is the fix
+    if pid and not args.force:
+        raise CliError(f"daemon pid {pid} is running for cache {name!r}; stop it first or use --force")
+    if pid:
+        # A daemon left running on a removed cache would go on writing its
+        # snapshot file, over the snapshots of the cache that replaces it:
+        # stop it (it writes its final snapshot) before removing anything.
+        _stop_daemon(args, pid, name, args.timeout)
     Cache.unlink(name)
     print(f"removed cache {name!r}")
     return 0
@@ -900,20 +883,15 @@ def run_demo(args) -> int:
             p.unlink()
     # A cache left by an interrupted demo: reuse nothing, unless its daemon lives.
     try:
-        seg = Segment.open(name, create=False, timeout=0.5)
+        pid = admin.summarize(name).daemon_pid
     except CacheNotFound:
-        seg = None
+        pid = None
     except Error:
-        seg = None
+        pid = None
         Cache.unlink(name)
-    if seg is not None:
-        try:
-            pid = _daemon_pid(seg)
-        finally:
-            seg.close()
-        if pid:
-            raise CliError(f"a daemon (pid {pid}) already serves cache {name!r}: is another demo running?")
-        Cache.unlink(name)
+    if pid:
+        raise CliError(f"a daemon (pid {pid}) already serves cache {name!r}: is another demo running?")
+    Cache.unlink(name)
 
     py = sys.executable
     procs: list[subprocess.Popen] = []

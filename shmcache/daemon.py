@@ -55,7 +55,6 @@ from . import layout as L
 from .cache import Cache, check_seconds
 from .errors import DaemonError, Error
 from .lock import Identity
-from .segment import LOCK_DAEMON
 from .snapshot import SnapshotError, restore_snapshot, terminal_progress, write_snapshot
 
 log = logging.getLogger("shmcache.daemon")
@@ -245,10 +244,10 @@ class Daemon:
         self.snapshot_path = os.path.abspath(snapshot) if snapshot else None
         self._snap_lock = None
         if self.snapshot_path:
-            if len(os.fsencode(self.snapshot_path)) >= L.SNAPSHOT_PATH_MAX:
+            if len(os.fsencode(self.snapshot_path)) > admin.SNAPSHOT_PATH_MAX_BYTES:
                 # recorded in the header so `shmcache snapshot` finds it
                 raise DaemonError(f"snapshot path {self.snapshot_path} is longer than "
-                                  f"{L.SNAPSHOT_PATH_MAX - 1} bytes; use a shorter one")
+                                  f"{admin.SNAPSHOT_PATH_MAX_BYTES} bytes; use a shorter one")
             _check_writable_dir(os.path.dirname(self.snapshot_path))
             _check_snapshot_path(self.snapshot_path)
         self.snapshot_every = float(snapshot_every)
@@ -259,9 +258,8 @@ class Daemon:
         self.metrics_server = None
         self.cache = Cache(name, size=size, stripes=stripes, max_items=max_items, mode=mode, owner=owner)
         try:
-            seg = admin.storage(self.cache).segment
-            if not seg.try_file_lock(LOCK_DAEMON):
-                holder = seg.file_lock_holder(LOCK_DAEMON)
+            if not admin.claim_daemon_lock(self.cache):
+                holder = admin.daemon_lock_holder(self.cache)
                 how = f"stop it first (kill -TERM {holder})" if holder else "stop it first"
                 raise DaemonError(
                     f"a daemon (pid {holder or '?'}) is already running for cache {name!r}; {how}"
@@ -457,7 +455,7 @@ class Daemon:
         """Serve until :meth:`request_stop` (SIGTERM/SIGINT); then take the final
         snapshot, clear the heartbeat and detach."""
         g = admin.geometry(self.cache)
-        if not admin.storage(self.cache).segment.created:
+        if not admin.created(self.cache):
             log.info("attached to the existing cache %r; its layout wins over --size/--stripes/--max-items",
                      self.name)
         self.load_snapshot()
