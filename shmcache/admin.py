@@ -46,7 +46,7 @@ if TYPE_CHECKING:  # pragma: no cover
 
 __all__ = [
     "ClientInfo", "DaemonInfo", "EntryInfo", "SnapshotStatus", "StripeInfo", "TYPE_NAMES",
-    "CacheSummary", "SNAPSHOT_PATH_MAX_BYTES",
+    "CacheSummary", "SNAPSHOT_PATH_MAX_BYTES", "accelerated",
     "check", "claim_daemon_lock", "client_attached", "clients", "counters", "created", "current_client",
     "daemon_info", "daemon_lock_holder", "lock_values", "summarize", "entries", "expire", "geometry", "inspect",
     "RawWriter", "Storage", "expiring", "fix_overcount", "heartbeat", "mark_daemon_ready", "publish_daemon",
@@ -74,6 +74,15 @@ def created(cache: "Cache") -> bool:
     an existing one, whose layout won over the settings it was given)."""
     cache._check_open()
     return bool(cache._seg.created)
+
+
+def accelerated(cache: "Cache") -> bool:
+    """True if this handle runs the C accelerator's fast paths; False if it
+    runs the pure-Python fallback (the extension could not be built at
+    install, or ``SHMCACHE_PURE_PYTHON`` was set). Both read and write the
+    same segment; the fallback is several times slower per call."""
+    cache._check_open()
+    return cache._core is not None
 
 
 def _stripe_table(cache: "Cache") -> np.ndarray:
