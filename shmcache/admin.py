@@ -38,7 +38,7 @@ import numpy as np
 from . import codec
 from . import layout as L
 from .codec import decode_key
-from .lock import attached_clients, client_alive, daemon_pid, live_clients, reap_dead_clients
+from .lock import attached_clients, client_alive, daemon_local_pid, daemon_pid, live_clients, reap_dead_clients
 from .segment import LOCK_DAEMON, Segment
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -248,6 +248,10 @@ class DaemonInfo:
     last_snapshot: SnapshotStatus | None  #: None: no attempt yet
     heartbeat_age: float | None = field(default=None)  #: seconds since ``heartbeat``
     ready: bool = False  #: alive and serving: its start-up snapshot restore is done
+    #: its pid in this process's PID namespace (the kernel's answer), None if
+    #: it is not alive or runs in a namespace this process cannot see (another
+    #: container). Signal it by this one, never by ``pid`` (its own view).
+    local_pid: int | None = None
 
 
 def _read_text(mm: Any, off: int, size: int) -> str | None:
@@ -281,6 +285,7 @@ def daemon_info(cache: "Cache") -> DaemonInfo:
     return DaemonInfo(
         pid=pid or None,
         alive=alive,
+        local_pid=daemon_local_pid(cache._seg) if alive else None,
         ready=alive and L.U64.unpack_from(mm, L.H_DAEMON_READY)[0] == pid,
         heartbeat=beat or None,
         heartbeat_age=(time.time() - beat) if beat else None,
@@ -380,6 +385,9 @@ class CacheSummary:
     items: int  #: entries stored, expired ones not yet reclaimed included
     clients: int  #: processes attached right now
     daemon_pid: int | None  #: the serving daemon (as it sees itself), None if none runs
+    #: the serving daemon's pid in this process's PID namespace; None if none
+    #: runs or it runs in one this process cannot see (see DaemonInfo.local_pid)
+    daemon_local_pid: int | None = None
 
 
 def summarize(name: str, *, owner: int | str | None = None, timeout: float = 0.5) -> CacheSummary:
@@ -402,8 +410,9 @@ def summarize(name: str, *, owner: int | str | None = None, timeout: float = 0.5
             items = int(st.reshape(g.n_stripes, L.STRIPE_SIZE // 8)[:, L.S_ITEMS // 8].sum())
         finally:
             del st
+        running = daemon_pid(seg)
         return CacheSummary(name=name, size=g.total_size, items=items, clients=attached_clients(seg),
-                            daemon_pid=daemon_pid(seg))
+                            daemon_pid=running, daemon_local_pid=daemon_local_pid(seg) if running else None)
     finally:
         seg.close()
 

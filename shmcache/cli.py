@@ -68,14 +68,25 @@ def _attach(args) -> Cache:
         return Cache(_name(args), create=False, mode=ANY_MODE, owner=getattr(args, "owner", None))
 
 
-def _serving_daemon(args, name: str) -> int | None:
-    """The pid of the daemon serving cache ``name`` (the kernel's answer: it
-    holds the daemon lock), or None.
+def _serving_daemon(args, name: str) -> tuple[int | None, int | None]:
+    """(pid as the daemon sees itself, pid in this PID namespace) of the daemon
+    serving cache ``name`` (the kernel's answer: it holds the daemon lock);
+    (None, None) if none runs; (pid, None) if it runs in a PID namespace this
+    process cannot see.
 
     Raises:
         CacheNotFound, PermissionDenied, shmcache.Error: as admin.summarize.
     """
-    return admin.summarize(name, owner=getattr(args, "owner", None)).daemon_pid
+    s = admin.summarize(name, owner=getattr(args, "owner", None))
+    return s.daemon_pid, s.daemon_local_pid
+
+
+def _not_visible(pid: int, name: str, do: str) -> CliError:
+    """The error for a daemon this command cannot signal: it runs in another
+    PID namespace (a sidecar container), where ``pid`` names it; here that
+    number is some other process (pid 1 is this container's init)."""
+    return CliError(f"daemon pid {pid} of cache {name!r} runs in another PID namespace (another container), "
+                    f"where this command cannot signal it; {do}")
 
 
 def _octal_mode(text: str) -> int:
@@ -85,18 +96,23 @@ def _octal_mode(text: str) -> int:
         raise CliError(f"--mode {text!r} is not octal permission bits like 600 or 660") from None
 
 
-def _stop_daemon(args, pid: int, name: str, timeout: float) -> None:
-    """SIGTERM the daemon ``pid`` of cache ``name`` and wait until it released the daemon lock.
+def _stop_daemon(args, pid: int, local: int | None, name: str, timeout: float) -> None:
+    """SIGTERM the daemon of cache ``name`` (``pid`` as it sees itself, ``local``
+    in this PID namespace) and wait until it released the daemon lock.
 
     Raises:
-        CliError: it is still running after ``timeout`` seconds (nothing is removed).
+        CliError: it runs in a PID namespace this process cannot see, or it is
+            still running after ``timeout`` seconds (nothing is removed either way).
     """
+    if local is None:
+        raise _not_visible(pid, name, "stop it there first; nothing was removed")
+    pid = local
     try:
         os.kill(pid, signal.SIGTERM)
     except ProcessLookupError:
         return
     deadline = time.monotonic() + timeout
-    while _serving_daemon(args, name) == pid:
+    while _serving_daemon(args, name)[1] == pid:
         if time.monotonic() > deadline:
             raise CliError(f"daemon pid {pid} of cache {name!r} did not stop within {timeout:g} s of SIGTERM; "
                            "nothing was removed")
@@ -425,11 +441,12 @@ def cmd_keys(args) -> int:
 
 
 def _daemon_snapshot_path(name: str) -> tuple[int, str]:
-    """(pid, snapshot path) of the daemon serving cache ``name``, as the daemon
-    recorded them in the header.
+    """(pid in this PID namespace, snapshot path) of the daemon serving cache
+    ``name``; the path as the daemon recorded it in the header.
 
     Raises:
-        CliError: no daemon runs, or it runs without --snapshot.
+        CliError: no daemon runs, it runs without --snapshot, or in a PID
+            namespace this process cannot see (it could not be signalled).
     """
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", SettingsIgnored)
@@ -440,7 +457,10 @@ def _daemon_snapshot_path(name: str) -> tuple[int, str]:
         raise CliError(f"no daemon runs for cache {name!r}; give a PATH to write a snapshot from this process")
     if not d.snapshot_path:
         raise CliError(f"daemon pid {d.pid} runs without --snapshot; give a PATH to write a snapshot from here")
-    return d.pid, d.snapshot_path
+    if d.local_pid is None:
+        raise _not_visible(d.pid, name, f"run 'shmcache snapshot -n {name}' there, or give a PATH to write a "
+                                        "snapshot from this process")
+    return d.local_pid, d.snapshot_path
 
 
 def wait_for_daemon_snapshot(path: str, since: float, timeout: float, pid: int | None = None):
@@ -743,7 +763,8 @@ def cmd_top(args) -> int:
 
 
 def _describe(args, name: str) -> dict:
-    row = {"name": name, "size": None, "items": None, "clients": None, "daemon_pid": None, "status": "ok"}
+    row = {"name": name, "size": None, "items": None, "clients": None, "daemon_pid": None,
+           "daemon_local_pid": None, "status": "ok"}
     try:
         summary = admin.summarize(name, owner=getattr(args, "owner", None))
     except PermissionDenied as e:  # another user's cache: list it, do not fail
@@ -752,7 +773,8 @@ def _describe(args, name: str) -> dict:
     except Error as e:
         row["status"] = str(e).split(";")[0]
         return row
-    row.update(size=summary.size, items=summary.items, clients=summary.clients, daemon_pid=summary.daemon_pid)
+    row.update(size=summary.size, items=summary.items, clients=summary.clients, daemon_pid=summary.daemon_pid,
+               daemon_local_pid=summary.daemon_local_pid)
     return row
 
 
@@ -770,7 +792,12 @@ def cmd_ls(args) -> int:
         if r["status"] != "ok":
             table.append((r["name"], "-", "-", "-", r["status"]))
             continue
-        d = f"alive (pid {r['daemon_pid']})" if r["daemon_pid"] else "none"
+        if r["daemon_local_pid"]:
+            d = f"alive (pid {r['daemon_local_pid']})"
+        elif r["daemon_pid"]:
+            d = f"alive (pid {r['daemon_pid']} in another PID namespace)"
+        else:
+            d = "none"
         table.append((r["name"], _mib(r["size"]), f"{r['items']:,}", str(r["clients"]), d))
     widths = [max(len(row[i]) for row in table) for i in range(5)]
     for row in table:
@@ -805,18 +832,18 @@ def cmd_rm(args) -> int:
     (without --force; with it, when the daemon does not stop within --timeout seconds)."""
     name = _name(args)
     try:
-        pid = _serving_daemon(args, name)
+        pid, local = _serving_daemon(args, name)
     except CacheNotFound:
         raise CliError(f"no cache named {name!r} on this host") from None
     except Error:
-        pid = None  # damaged, foreign or untrusted: removing it is the fix
+        pid = local = None  # damaged, foreign or untrusted: removing it is the fix
     if pid and not args.force:
-        raise CliError(f"daemon pid {pid} is running for cache {name!r}; stop it first or use --force")
+        raise CliError(f"daemon pid {local or pid} is running for cache {name!r}; stop it first or use --force")
     if pid:
         # A daemon left running on a removed cache would go on writing its
         # snapshot file, over the snapshots of the cache that replaces it:
         # stop it (it writes its final snapshot) before removing anything.
-        _stop_daemon(args, pid, name, args.timeout)
+        _stop_daemon(args, pid, local, name, args.timeout)
     Cache.unlink(name)
     print(f"removed cache {name!r}")
     return 0

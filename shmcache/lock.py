@@ -733,3 +733,15 @@ def daemon_pid(seg: Segment) -> int | None:
     if holder is None and not seg.holds_file_lock(LOCK_DAEMON):
         return None
     return L.U64.unpack_from(seg.mm, L.H_DAEMON_PID)[0] or holder or None
+
+
+def daemon_local_pid(seg: Segment) -> int | None:
+    """The daemon's pid in the caller's PID namespace: the holder of
+    LOCK_DAEMON as the kernel reports it (the caller itself if it is the
+    daemon). None if no daemon runs, or if it runs in a PID namespace the
+    caller cannot see (the kernel reports pid 0 then). The only pid to
+    signal the daemon by: the header's is the daemon's own view of itself,
+    which in another namespace names some other process here."""
+    if seg.holds_file_lock(LOCK_DAEMON):
+        return os.getpid()
+    return seg.file_lock_holder(LOCK_DAEMON) or None
