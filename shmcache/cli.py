@@ -270,15 +270,25 @@ def _serve_parser(p: argparse.ArgumentParser, port_flag: str = "--port") -> argp
                                                              "ps: prefer --requirepass-file or $SHMCACHE_REQUIREPASS)")
     g.add_argument("--requirepass-file", metavar="FILE", help="require AUTH with the first line of FILE (mode 600)")
     for k in _SERVE_LIMITS:
-        p.add_argument("--" + k.replace("_", "-"), type=int, metavar="N",
-                       help=f"per-client limit (default {_serve_default(k)})")
+        a = p.add_argument("--" + k.replace("_", "-"), type=int, metavar="N",
+                           help="per-client limit (default %(limit_default)s)")
+        a.limit_default = _ServeDefault(k)  # argparse formats help with the action's attributes
     return p
 
 
-def _serve_default(k: str) -> int:
-    from .server import LIMIT_DEFAULTS
+class _ServeDefault:
+    """A limit's default, looked up only when help is printed: importing the
+    RESP server (hiredis, hmac, ...) to build the parser made every command
+    slower, and failed for a process that dropped privileges and can no
+    longer read the interpreter's library (the CLI run as another user)."""
 
-    return LIMIT_DEFAULTS[k]
+    def __init__(self, k: str):
+        self.k = k
+
+    def __str__(self) -> str:
+        from .server import LIMIT_DEFAULTS
+
+        return str(LIMIT_DEFAULTS[self.k])
 
 
 def cmd_stats(args) -> int:

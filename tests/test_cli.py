@@ -55,6 +55,18 @@ def test_help_of_every_subcommand(sub):
     assert len(out.splitlines()) > 3
 
 
+def test_regression_parsing_a_command_does_not_import_the_resp_server():
+    # Building the parser imported shmcache.server (hiredis, hmac, ...) for the
+    # --max-* help texts: every command paid for it, and `shmcache get` run by
+    # a process that had dropped privileges (and could no longer read the
+    # interpreter's library) died with ModuleNotFoundError.
+    code = ("import sys\nfrom shmcache.cli import build_parser\nbuild_parser().parse_args(['get', '-n', 'x', 'k'])\n"
+            "print(sorted(m for m in sys.modules if m.startswith('shmcache.server') or m == 'hiredis'))")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0 and r.stdout.strip() == "[]", (r.stdout, r.stderr)
+    assert "per-client limit (default 33554432)" in " ".join(ok("serve", "--help").split())
+
+
 def test_top_level_help_lists_every_subcommand():
     out = ok("--help")
     for sub in SUBCOMMANDS:
