@@ -376,8 +376,13 @@ def test_crash_during_a_snapshot_leaves_the_previous_one_intact(make_cache, daem
     c.set_many({f"new{i}": f"n{i}" for i in range(1000)})
     d = daemon("--snapshot", str(snap), "--snapshot-every", "0", env={PAUSE_ENV: "60"})
     os.kill(d.pid, signal.SIGUSR1)
-    tmp = tmp_path / f"c.snap.tmp.{d.pid}"
-    _wait(lambda: tmp.exists() and tmp.stat().st_size > 0, what="the daemon to start writing")
+
+    def temp():
+        found = list(tmp_path.glob(f"c.snap.tmp.{d.pid}.*"))
+        return found[0] if found and found[0].stat().st_size > 0 else None
+
+    _wait(temp, what="the daemon to start writing")
+    tmp = temp()
     d.kill()  # SIGKILL mid-file
     assert tmp.exists()  # the half-written temp file, never renamed
     assert snap.read_bytes() == before
