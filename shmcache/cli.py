@@ -1063,6 +1063,7 @@ def _daemon_parser(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
                    help="seconds between dead lock owner / dead client checks (default 1)")
     p.add_argument("--no-restore", action="store_true", help="do not load the snapshot at start")
     p.add_argument("--metrics", metavar="HOST:PORT", help="serve Prometheus metrics at http://HOST:PORT/metrics "
+                                                          "and a read-only status page at http://HOST:PORT/ "
                                                           "(a bare PORT listens on 127.0.0.1; needs prometheus_client)")
     p.add_argument("--upstream", metavar="URL", help="Redis to track for the near cache (shmcache.near): "
                                                      "redis://, rediss://, unix:// or redis+sentinel:// URL")

@@ -198,7 +198,8 @@ class Daemon:
         recover_every: seconds between dead-owner / dead-client checks.
         restore: load ``snapshot`` at start when it exists and the cache is empty.
         metrics: ``"HOST:PORT"`` to serve Prometheus metrics at ``/metrics``
-            (``shmcache.contrib.prometheus``; needs ``prometheus_client``).
+            (``shmcache.contrib.prometheus``; needs ``prometheus_client``) and
+            the read-only status page at ``/`` (``shmcache.contrib.status``).
             A bare ``PORT`` listens on 127.0.0.1; port 0 picks a free one.
         upstream: Redis URL to track for :mod:`shmcache.near` (None: no tracking).
         track_prefixes: key prefixes to track (empty: every key).
@@ -391,8 +392,10 @@ class Daemon:
             log.info("freed %d client slot(s) of dead processes", len(clients))
 
     def start_metrics(self) -> tuple[str, int] | None:
-        """Serve Prometheus metrics on ``metrics_addr`` in a thread (the
-        collector only reads shared memory). Returns the bound (host, port).
+        """Serve Prometheus metrics (``/metrics``) and the read-only status page
+        (``/``, ``/status.json``; see :mod:`shmcache.contrib.status`) on
+        ``metrics_addr`` in a thread (both only read shared memory). Returns
+        the bound (host, port).
 
         Raises:
             DaemonError: prometheus_client is missing or the address is taken.
@@ -400,20 +403,22 @@ class Daemon:
         if self.metrics_addr is None:
             return None
         try:
-            from prometheus_client import CollectorRegistry, start_http_server
+            from prometheus_client import CollectorRegistry, make_wsgi_app
 
             from .contrib.prometheus import ShmcacheCollector
+            from .contrib.status import make_app, serve
         except ImportError as e:
             raise DaemonError(f"--metrics needs prometheus_client: pip install 'shmcache[prometheus]' ({e})") from e
         registry = CollectorRegistry()
         registry.register(ShmcacheCollector(self.cache))
         host, port = self.metrics_addr
         try:
-            self.metrics_server, _thread = start_http_server(port, addr=host, registry=registry)
+            self.metrics_server, _thread = serve(make_app(self.cache, make_wsgi_app(registry)), host, port)
         except OSError as e:
             raise DaemonError(f"cannot serve metrics on {host}:{port}: {e.strerror or e}") from e
         bound = self.metrics_server.server_address[:2]
-        log.info("metrics at http://%s:%d/metrics", *((f"[{bound[0]}]" if ":" in bound[0] else bound[0]), bound[1]))
+        where = "%s:%d" % ((f"[{bound[0]}]" if ":" in bound[0] else bound[0]), bound[1])
+        log.info("metrics at http://%s/metrics, status page at http://%s/", where, where)
         return bound
 
     # -- loop --------------------------------------------------------------
