@@ -88,7 +88,7 @@ def _pct(x: float | None) -> str:
     return "-" if x is None else f"{100 * x:.1f}%"
 
 
-def _daemon_text(st: dict) -> str:
+def _daemon_text(st: dict[str, Any]) -> str:
     d = st["daemon"]
     if d["pid"] is None:
         return "not running"
@@ -96,7 +96,7 @@ def _daemon_text(st: dict) -> str:
     return f"pid {d['pid']}, heartbeat {age:.1f} s ago" if age is not None else f"pid {d['pid']}"
 
 
-def _snapshot_text(st: dict) -> str:
+def _snapshot_text(st: dict[str, Any]) -> str:
     s = st["last_snapshot"]
     if s is None:
         return "none yet"
@@ -224,7 +224,8 @@ def render(st: dict[str, Any]) -> str:
     )
 
 
-WSGIApp = Callable[[dict, Callable], Iterable[bytes]]
+StartResponse = Callable[..., Any]
+WSGIApp = Callable[[dict[str, Any], StartResponse], Iterable[bytes]]
 
 
 def make_app(cache: Cache, metrics_app: WSGIApp | None = None) -> WSGIApp:
@@ -232,7 +233,7 @@ def make_app(cache: Cache, metrics_app: WSGIApp | None = None) -> WSGIApp:
     and, if given, ``metrics_app`` (Prometheus) at ``/metrics``. Read-only:
     anything but GET/HEAD is 405, any other path 404."""
 
-    def app(environ: dict, start_response: Callable) -> Iterable[bytes]:
+    def app(environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
         path = environ.get("PATH_INFO") or "/"
         method = environ.get("REQUEST_METHOD", "GET")
         if path == "/metrics" and metrics_app is not None:
@@ -250,7 +251,7 @@ def make_app(cache: Cache, metrics_app: WSGIApp | None = None) -> WSGIApp:
     return app
 
 
-def _reply(start_response: Callable, status_line: str, ctype: str, body: bytes, method: str) -> list[bytes]:
+def _reply(start_response: StartResponse, status_line: str, ctype: str, body: bytes, method: str) -> list[bytes]:
     start_response(status_line, [
         ("Content-Type", ctype), ("Content-Length", str(len(body))), ("Cache-Control", "no-store"),
         # the page loads nothing from elsewhere and may not be framed
