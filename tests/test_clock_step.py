@@ -1,4 +1,5 @@
-"""Lock waits must not stretch when the wall clock steps (issue 10, row 7).
+"""Lock waits must not stretch when the wall clock steps (issue 10, row 7), and a
+signal handler that raises still ends them.
 
 A writer waiting on a stripe whose holder died used ``sem_timedwait`` (via
 posix_ipc) in the pure-Python path: its deadline is absolute on
@@ -139,6 +140,63 @@ def test_regression_wall_clock_step_does_not_stretch_a_wait_on_a_dead_holder(mak
         assert cache.get(key) == b"after the step"
         assert cache.stats()["recoveries"] == 1 and cache.check() == []
     finally:
+        if holder.is_alive():
+            holder.kill()
+            holder.join(5)
+
+
+# The pure-Python wait is a ctypes call now: a signal handler that raises
+# (Ctrl-C) must still end it at once, and leave the stripe usable.
+INTERRUPTED = textwrap.dedent("""
+    import signal, sys, time
+    from shmcache import Cache, admin
+    name, key = sys.argv[1], sys.argv[2]
+    c = Cache(name, create=False, lock_timeout=30)
+    assert not admin.accelerated(c)
+    def ctrl_c(*_):
+        raise KeyboardInterrupt
+    signal.signal(signal.SIGALRM, ctrl_c)
+    signal.setitimer(signal.ITIMER_REAL, 0.5)
+    t0 = time.monotonic()
+    try:
+        c.set(key, b"never")
+        print("SET")
+    except KeyboardInterrupt:
+        print("INTERRUPTED", f"{time.monotonic() - t0:.3f}")
+""")
+
+
+def _hold_alive(name, s, ready, release):
+    c = Cache(name, create=False)
+    c._locks.lock(s)
+    ready.set()
+    release.wait(60)
+    c._locks.unlock(s)
+    c.close()
+
+
+@pytest.mark.timeout(120)
+def test_ctrl_c_ends_a_pure_python_wait_on_a_live_holder(make_cache, cache_name):
+    cache = make_cache(size="2MiB", stripes=4)
+    s = 1
+    key = keys_in_stripe(4, s, 1, "intr")[0]
+    ready, release = CTX.Event(), CTX.Event()
+    holder = CTX.Process(target=_hold_alive, args=(cache_name, s, ready, release))
+    holder.start()
+    try:
+        assert ready.wait(30)
+        r = subprocess.run([sys.executable, "-c", INTERRUPTED, cache_name, key], capture_output=True, text=True,
+                           timeout=60, env=dict(os.environ, SHMCACHE_PURE_PYTHON="1"))
+        assert r.returncode == 0, r.stderr
+        word, waited = r.stdout.split()
+        assert word == "INTERRUPTED" and float(waited) < 10.0  # not the 300 s LockTimeout
+        release.set()
+        holder.join(30)
+        assert holder.exitcode == 0
+        cache.set(key, b"after")  # the interrupted waiter left no marker or lock behind
+        assert cache.get(key) == b"after" and cache.check() == [] and cache.stats()["recoveries"] == 0
+    finally:
+        release.set()
         if holder.is_alive():
             holder.kill()
             holder.join(5)
