@@ -48,7 +48,7 @@ import posix_ipc
 import psutil
 
 from . import layout as L
-from .errors import CacheFull, LayoutMismatch, LockTimeout
+from .errors import CacheFull, LockTimeout
 from .segment import LOCK_CLIENTS, LOCK_DAEMON, LOCK_RECOVERY, Segment, shm_path
 
 _ZERO16 = bytes(16)
@@ -119,9 +119,10 @@ _U64_MAX = 2**64 - 1
 # deadline. posix_ipc does not expose its sem_t*, so the pure-Python path
 # opens the same named semaphore once more through libc: glibc finds it
 # already mapped (same inode) and hands back the same sem_t*. Without
-# sem_clockwait (other libcs), waits poll sem_trywait between sleeps on the
-# monotonic clock instead: immune to steps, at the price of waking up to one
-# sleep after a release rather than at once.
+# sem_clockwait (other libcs), or when the name no longer leads to our
+# semaphore (the cache was removed or recreated while we stay attached),
+# waits poll sem_trywait between sleeps on the monotonic clock instead:
+# immune to steps, at the price of waking up to 1 ms after a release.
 class _Timespec(ctypes.Structure):
     _fields_ = [("tv_sec", ctypes.c_long), ("tv_nsec", ctypes.c_long)]
 
@@ -157,22 +158,21 @@ class MonotonicWaits:
         self._open_lock = threading.Lock()
 
     def _ptr(self, s: int) -> int:
+        """libc's sem_t* of stripe ``s``, or 0: then waits poll instead."""
         p = self._ptrs.get(s)
         if p is None:
             with self._open_lock:
                 p = self._ptrs.get(s)
                 if p is None:
-                    p = _SEM_CALLS[0](self.seg.sems[s].name.encode(), 0)
-                    if not p:
-                        e = ctypes.get_errno()
-                        raise OSError(e, f"sem_open({self.seg.sems[s].name}): {os.strerror(e)}")
-                    # Opened by name: make sure the name still means the cache
-                    # we mapped (recreating a cache makes a new segment file
-                    # along with new semaphores).
-                    if not self._same_segment():
+                    p = _SEM_CALLS[0](self.seg.sems[s].name.encode(), 0) or 0
+                    # Opened by name: the name must still mean the cache we
+                    # mapped. It does not if the cache was removed (sem_open
+                    # failed) or removed and recreated (a new segment file
+                    # comes with new semaphores); our posix_ipc handles still
+                    # work on the old semaphores, so wait on those by polling.
+                    if p and not self._same_segment():
                         _SEM_CALLS[1](p)
-                        raise LayoutMismatch(f"cache {self.seg.name!r} was removed and recreated while "
-                                             "this process was attached; open it again")
+                        p = 0
                     self._ptrs[s] = p
         return p
 
@@ -197,9 +197,9 @@ class MonotonicWaits:
         except posix_ipc.BusyError:
             pass
         deadline = time.clock_gettime(time.CLOCK_MONOTONIC) + max(0.0, timeout)
-        if _SEM_CALLS is None:  # pragma: no cover - not glibc >= 2.30
+        p = self._ptr(s) if _SEM_CALLS is not None else 0
+        if not p:
             return self._poll(sem, deadline)
-        p = self._ptr(s)
         sec = int(deadline)
         ts = _Timespec(sec, min(int((deadline - sec) * 1e9), 999_999_999))
         clockwait = _SEM_CALLS[2]
@@ -215,7 +215,7 @@ class MonotonicWaits:
             # next check; if it raises, so does this call.
 
     @staticmethod
-    def _poll(sem, deadline: float) -> bool:  # pragma: no cover - not glibc >= 2.30
+    def _poll(sem, deadline: float) -> bool:
         pause = 0.00005
         while True:
             left = deadline - time.clock_gettime(time.CLOCK_MONOTONIC)
@@ -233,7 +233,8 @@ class MonotonicWaits:
         """Drop the extra references to the semaphores. Idempotent."""
         ptrs, self._ptrs = self._ptrs, {}
         for p in ptrs.values():
-            _SEM_CALLS[1](p)
+            if p:
+                _SEM_CALLS[1](p)
 
 class Identity:
     """This process as the segment records it: pid and start time (for

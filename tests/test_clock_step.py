@@ -200,3 +200,47 @@ def test_ctrl_c_ends_a_pure_python_wait_on_a_live_holder(make_cache, cache_name)
         if holder.is_alive():
             holder.kill()
             holder.join(5)
+
+
+def _hold_and_die(cache, s, ready):
+    cache._locks.lock(s)  # the inherited handle (its own client slot since the fork)
+    ready.set()
+    time.sleep(600)
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("recreate", [False, True], ids=["removed", "removed-and-recreated"])
+def test_regression_pure_python_wait_on_a_removed_cache_still_works(cache_name, monkeypatch, recreate):
+    # The monotonic wait opens the stripe's semaphore by name. A cache removed
+    # (Cache.unlink) while this process stays attached keeps working on its
+    # old mapping; a contended write to it raised OSError (sem_open: no such
+    # file), or with a new cache of that name could wait on the new one's
+    # semaphore. It must wait on its own, old semaphore.
+    import shmcache.cache
+
+    monkeypatch.setattr(shmcache.cache, "USE_SPEEDUPS", False)
+    cache = Cache(cache_name, size="2MiB", stripes=4)
+    s = 2
+    key = keys_in_stripe(4, s, 1, "gone")[0]
+    ready = CTX.Event()
+    holder = CTX.Process(target=_hold_and_die, args=(cache, s, ready))
+    holder.start()
+    newer = None
+    try:
+        assert ready.wait(30)
+        os.kill(holder.pid, signal.SIGKILL)
+        holder.join(30)
+        assert Cache.unlink(cache_name)
+        if recreate:
+            newer = Cache(cache_name, size="1MiB", stripes=4)
+        cache.set(key, b"old cache")  # waits on the dead holder's stripe, then recovers it
+        assert cache.get(key) == b"old cache" and cache.stats()["recoveries"] == 1
+        if newer is not None:
+            assert key not in newer and newer.check() == []
+    finally:
+        if holder.is_alive():
+            holder.kill()
+            holder.join(5)
+        cache.close()
+        if newer is not None:
+            newer.close()
