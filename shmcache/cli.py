@@ -298,6 +298,8 @@ def cmd_stats(args) -> int:
     with _attach(args) as c:
         st = c.stats()
         near = near_stats(c)
+        # the daemon's pid here; the header's is its own view (1 in a sidecar container)
+        st["daemon_local_pid"] = admin.daemon_info(c).local_pid
     if near is not None:
         st["near"] = near
     if args.json:
@@ -306,8 +308,9 @@ def cmd_stats(args) -> int:
     fill = st["stripe_fill"]
     if st["daemon_alive"]:
         age = st["daemon_heartbeat_age"]
-        daemon = f"pid {st['daemon_pid']}, alive, last heartbeat {age:.2f} s ago" if age is not None else \
-            f"pid {st['daemon_pid']}, alive"
+        who = f"pid {st['daemon_local_pid']}" if st["daemon_local_pid"] else \
+            f"pid {st['daemon_pid']} in another PID namespace"
+        daemon = f"{who}, alive, last heartbeat {age:.2f} s ago" if age is not None else f"{who}, alive"
     elif st["daemon_pid"]:
         daemon = f"not running (last was pid {st['daemon_pid']})"
     else:

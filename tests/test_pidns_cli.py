@@ -85,6 +85,7 @@ def test_regression_cli_in_another_pid_namespace_never_signals_pid_1_for_the_dae
     assert cache_name in Cache.list() and psutil.pid_exists(host_pid)
     mine = _ls_row(cache_name, *IN_NEW_PIDNS)
     assert mine["daemon_pid"] == 1 and mine["daemon_local_pid"] is None
+    assert "pid 1 in another PID namespace, alive" in _run(*IN_NEW_PIDNS, *SHMCACHE, "stats", "-n", cache_name).stdout
     # a PATH written from that namespace needs no signal at all
     path = snap.with_name("from-the-sidecar.snap")
     r = _run(*IN_NEW_PIDNS, *SHMCACHE, "snapshot", "-n", cache_name, str(path), "--json")
@@ -98,6 +99,9 @@ def test_cli_on_the_host_signals_a_daemon_in_a_child_pid_namespace_by_its_host_p
     mine = _ls_row(cache_name)
     assert mine["daemon_pid"] == 1 and mine["daemon_local_pid"] == host_pid
     assert f"alive (pid {host_pid})" in _run(*SHMCACHE, "ls").stdout
+    st = json.loads(_run(*SHMCACHE, "stats", "-n", cache_name, "--json").stdout)
+    assert st["daemon_pid"] == 1 and st["daemon_local_pid"] == host_pid
+    assert f"pid {host_pid}, alive" in _run(*SHMCACHE, "stats", "-n", cache_name).stdout
     r = _run(*SHMCACHE, "snapshot", "-n", cache_name, "--json", "--timeout", "60", timeout=90)
     assert r.returncode == 0, r.stderr
     info = json.loads(r.stdout)
