@@ -24,6 +24,9 @@ changing (diskcache's ``check``/``expire``/``cull`` and py-lmdb's
     for e in admin.entries(cache): ...    # every entry with its metadata
     admin.check(cache)                    # integrity problems, [] if sound
     admin.expire(cache)                   # reclaim expired entries now
+    admin.summarize("app")                # by name, without attaching: what `shmcache ls` shows
+    me = admin.current_client(cache)      # this process, as every sharer can check it:
+    admin.client_attached(cache, *me)     #   alive? (the kernel answers, in any PID namespace)
 """
 
 from __future__ import annotations
