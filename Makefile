@@ -37,7 +37,7 @@ tclsh:
 	  SUDO=$$( [ "$$(id -u)" -eq 0 ] || echo sudo ); \
 	  $$SUDO apt-get update -q && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -q tcl; }
 
-test: $(STAMP) tools redis-server tclsh $(NODE_MODULES)
+test: $(STAMP) tools redis-server tclsh browser $(NODE_MODULES)
 	SHMCACHE_REQUIRE_SPEEDUPS=1 $(PY) -m pytest -q $(PYTEST_ARGS)
 
 # tmux: the `shmcache top` test drives it in a real terminal (send-keys/capture-pane)
@@ -51,6 +51,15 @@ tools:
 	@command -v systemd-analyze >/dev/null && command -v useradd >/dev/null && command -v unshare >/dev/null || { \
 	  SUDO=$$( [ "$$(id -u)" -eq 0 ] || echo sudo ); \
 	  $$SUDO apt-get update -q && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -q systemd passwd util-linux; }
+
+# A headless Chromium renders the daemon's status page in tests/test_status_page.py
+# (Debian's headless-only build: ~96 MB, ~35 s to install once; no browser download of its own)
+.PHONY: browser
+browser:
+	@command -v chromium-headless-shell >/dev/null || command -v chromium >/dev/null || { \
+	  SUDO=$$( [ "$$(id -u)" -eq 0 ] || echo sudo ); \
+	  $$SUDO apt-get update -q && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -q \
+	    --no-install-recommends chromium-headless-shell; }
 
 demo: $(STAMP)
 	$(PY) -m shmcache.cli demo

@@ -24,6 +24,9 @@ changing (diskcache's ``check``/``expire``/``cull`` and py-lmdb's
     for e in admin.entries(cache): ...    # every entry with its metadata
     admin.check(cache)                    # integrity problems, [] if sound
     admin.expire(cache)                   # reclaim expired entries now
+    admin.summarize("app")                # by name, without attaching: what `shmcache ls` shows
+    me = admin.current_client(cache)      # this process, as every sharer can check it:
+    admin.client_attached(cache, *me)     #   alive? (the kernel answers, in any PID namespace)
 """
 
 from __future__ import annotations
@@ -38,14 +41,17 @@ import numpy as np
 from . import codec
 from . import layout as L
 from .codec import decode_key
-from .lock import client_alive, daemon_pid, live_clients, reap_dead_clients
+from .lock import attached_clients, client_alive, daemon_local_pid, daemon_pid, live_clients, reap_dead_clients
+from .segment import LOCK_DAEMON, Segment
 
 if TYPE_CHECKING:  # pragma: no cover
     from .cache import Cache
 
 __all__ = [
     "ClientInfo", "DaemonInfo", "EntryInfo", "SnapshotStatus", "StripeInfo", "TYPE_NAMES",
-    "check", "clients", "counters", "daemon_info", "entries", "expire", "geometry", "inspect",
+    "CacheSummary", "SNAPSHOT_PATH_MAX_BYTES", "accelerated",
+    "check", "claim_daemon_lock", "client_attached", "clients", "counters", "created", "current_client",
+    "daemon_info", "daemon_lock_holder", "lock_values", "summarize", "entries", "expire", "geometry", "inspect",
     "RawWriter", "Storage", "expiring", "fix_overcount", "heartbeat", "mark_daemon_ready", "publish_daemon",
     "reap_clients",
     "record_snapshot", "recover", "recover_stripes", "repair", "storage", "stored_items", "stripes",
@@ -64,6 +70,22 @@ def geometry(cache: "Cache") -> L.Geometry:
     """The segment's fixed layout (sizes, stripes, limits), as created."""
     cache._check_open()
     return cache._g
+
+
+def created(cache: "Cache") -> bool:
+    """True if this handle created the cache's segment (False: it attached to
+    an existing one, whose layout won over the settings it was given)."""
+    cache._check_open()
+    return bool(cache._seg.created)
+
+
+def accelerated(cache: "Cache") -> bool:
+    """True if this handle runs the C accelerator's fast paths; False if it
+    runs the pure-Python fallback (the extension could not be built at
+    install, or ``SHMCACHE_PURE_PYTHON`` was set). Both read and write the
+    same segment; the fallback is several times slower per call."""
+    cache._check_open()
+    return cache._core is not None
 
 
 def _stripe_table(cache: "Cache") -> np.ndarray:
@@ -109,6 +131,15 @@ def stripes(cache: "Cache") -> list[StripeInfo]:
             locked_by=owner or None, writes=row[L.S_VERSION // 8] >> 1,
         ))
     return out
+
+
+def lock_values(cache: "Cache") -> list[int]:
+    """Each stripe's lock semaphore value, in stripe order: 1 free, 0 held (or
+    just being taken), above 1 broken (two writers could enter at once; only
+    possible if a live holder was ever taken for dead: :func:`check` reports
+    it, :func:`fix_overcount` corrects it). A lock-free read."""
+    cache._check_open()
+    return [sem.value for sem in cache._seg.sems]
 
 
 def stored_items(cache: "Cache") -> int:
@@ -165,6 +196,40 @@ def clients(cache: "Cache") -> list[ClientInfo]:
     return out
 
 
+def current_client(cache: "Cache") -> tuple[int, int]:
+    """(slot, generation) of the client slot this process holds in ``cache``:
+    an identity of this process that every other process sharing the cache
+    can check with :func:`client_attached`, whatever PID namespace either
+    runs in (a pid cannot be). The generation tells apart successive
+    processes in one slot. It changes in a forked child (which claims a slot
+    of its own), so read it when needed rather than keeping it.
+
+    Raises:
+        ValueError: the cache is closed.
+    """
+    cache._check_open()
+    client = cache._state.client
+    return client.slot, client.gen
+
+
+def client_attached(cache: "Cache", slot: int, generation: int) -> bool:
+    """True while the process that held client ``slot`` at ``generation``
+    (an identity from :func:`current_client`) is still attached to ``cache``.
+
+    The kernel answers: the slot's byte of the segment is locked (an OFD
+    ``fcntl`` lock) exactly as long as its process lives and keeps the cache
+    open, so the answer is right across PID namespaces and never wrong after
+    a SIGKILL or a reused pid. One ``fcntl`` call (~1 us), no lock taken.
+
+    Raises:
+        ValueError: the cache is closed.
+    """
+    cache._check_open()
+    if isinstance(slot, bool) or not isinstance(slot, int) or not 0 <= slot < cache._g.max_clients:
+        return False
+    return client_alive(cache._seg, slot, generation)
+
+
 # ------------------------------------------------------------------- daemon
 @dataclass(frozen=True)
 class SnapshotStatus:
@@ -189,6 +254,10 @@ class DaemonInfo:
     last_snapshot: SnapshotStatus | None  #: None: no attempt yet
     heartbeat_age: float | None = field(default=None)  #: seconds since ``heartbeat``
     ready: bool = False  #: alive and serving: its start-up snapshot restore is done
+    #: its pid in this process's PID namespace (the kernel's answer), None if
+    #: it is not alive or runs in a namespace this process cannot see (another
+    #: container). Signal it by this one, never by ``pid`` (its own view).
+    local_pid: int | None = None
 
 
 def _read_text(mm: Any, off: int, size: int) -> str | None:
@@ -222,6 +291,7 @@ def daemon_info(cache: "Cache") -> DaemonInfo:
     return DaemonInfo(
         pid=pid or None,
         alive=alive,
+        local_pid=daemon_local_pid(cache._seg) if alive else None,
         ready=alive and L.U64.unpack_from(mm, L.H_DAEMON_READY)[0] == pid,
         heartbeat=beat or None,
         heartbeat_age=(time.time() - beat) if beat else None,
@@ -249,6 +319,27 @@ def publish_daemon(cache: "Cache", pid: int, start: float, snapshot_path: str | 
     L.U64.pack_into(mm, L.H_DAEMON_PID, pid)
     L.F64.pack_into(mm, L.H_DAEMON_START, start)
     heartbeat(cache)
+
+
+#: Longest snapshot path a daemon can record in the header (bytes, UTF-8).
+SNAPSHOT_PATH_MAX_BYTES = L.SNAPSHOT_PATH_MAX - 1
+
+
+def claim_daemon_lock(cache: "Cache") -> bool:
+    """Take the cache's daemon lock (an fcntl lock the kernel drops when the
+    process dies, or when ``cache`` is closed): at most one daemon per cache.
+    True if this process holds it now; False if another process does (see
+    :func:`daemon_lock_holder`). For a daemon process only."""
+    cache._check_open()
+    return cache._seg.try_file_lock(LOCK_DAEMON)
+
+
+def daemon_lock_holder(cache: "Cache") -> int | None:
+    """The pid holding the cache's daemon lock as the kernel reports it (in
+    this process's PID namespace; 0 if it runs in another one), or None if
+    nobody holds it or this process does."""
+    cache._check_open()
+    return cache._seg.file_lock_holder(LOCK_DAEMON)
 
 
 def mark_daemon_ready(cache: "Cache", pid: int) -> None:
@@ -288,6 +379,48 @@ def record_snapshot(cache: "Cache", *, ok: bool, entries: int = 0, nbytes: int =
     L.F64.pack_into(mm, L.H_SNAPSHOT_SECONDS, seconds)
     _write_text(mm, L.H_SNAPSHOT_ERROR, L.SNAPSHOT_ERROR_MAX, None if ok else (error or "failed"))
     L.U64.pack_into(mm, L.H_SNAPSHOT_STATUS, L.SNAPSHOT_OK if ok else L.SNAPSHOT_FAILED)
+
+
+# ------------------------------------------------------------ by name
+@dataclass(frozen=True)
+class CacheSummary:
+    """What ``shmcache ls`` shows of one cache."""
+
+    name: str
+    size: int  #: bytes of the segment
+    items: int  #: entries stored, expired ones not yet reclaimed included
+    clients: int  #: processes attached right now
+    daemon_pid: int | None  #: the serving daemon (as it sees itself), None if none runs
+    #: the serving daemon's pid in this process's PID namespace; None if none
+    #: runs or it runs in one this process cannot see (see DaemonInfo.local_pid)
+    daemon_local_pid: int | None = None
+
+
+def summarize(name: str, *, owner: int | str | None = None, timeout: float = 0.5) -> CacheSummary:
+    """Size, items, attached processes and daemon of cache ``name``, read
+    without attaching as a client: it needs no free client slot, is not
+    counted among the clients, and reads no value (so any ``mode`` is
+    accepted; the owner check still holds, ``owner`` as for :class:`Cache`).
+
+    Raises:
+        CacheNotFound: no such cache.
+        PermissionDenied / UntrustedSegment: it belongs to someone else.
+        shmcache.Error: it is damaged or still being created after ``timeout`` s.
+    """
+    seg = Segment.open(name, create=False, timeout=timeout, mode=0o777, owner=owner)
+    try:
+        g = seg.geometry
+        st = np.frombuffer(seg.mm, dtype=np.uint64, count=g.n_stripes * L.STRIPE_SIZE // 8,
+                           offset=g.stripe_table_off)
+        try:
+            items = int(st.reshape(g.n_stripes, L.STRIPE_SIZE // 8)[:, L.S_ITEMS // 8].sum())
+        finally:
+            del st
+        running = daemon_pid(seg)
+        return CacheSummary(name=name, size=g.total_size, items=items, clients=attached_clients(seg),
+                            daemon_pid=running, daemon_local_pid=daemon_local_pid(seg) if running else None)
+    finally:
+        seg.close()
 
 
 # ------------------------------------------------------------------ entries
@@ -373,6 +506,12 @@ def check(cache: "Cache", *, fix: bool = False) -> list[str]:
     """
     cache._check_open()
     problems = []
+    for s, v in enumerate(lock_values(cache)):
+        if v > 1:
+            problems.append(f"stripe {s}: lock semaphore is {v}, above 1: two writers could enter at once"
+                            + ("; corrected" if fix else "; admin.fix_overcount (or the daemon) corrects it"))
+    if fix:
+        fix_overcount(cache)
     for s in range(cache._g.n_stripes):
         stuck = cache._stuck_odd_version(s)
         found = cache._table.check(s)  # its lock and unlock set the version's parity right

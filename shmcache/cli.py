@@ -8,6 +8,7 @@ one line ``shmcache: <what went wrong>`` on stderr and exit status 1; add
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import fnmatch
 import json
 import logging
@@ -24,8 +25,6 @@ from . import __version__, admin
 from . import layout as L
 from .cache import Cache
 from .errors import CacheNotFound, Error, PermissionDenied, SettingsIgnored, UntrustedSegment
-from .lock import attached_clients, daemon_pid
-from .segment import Segment
 
 NAME_ENV = "SHMCACHE_NAME"
 #: Inspection commands attach whatever the mode (the owner check still holds).
@@ -69,8 +68,25 @@ def _attach(args) -> Cache:
         return Cache(_name(args), create=False, mode=ANY_MODE, owner=getattr(args, "owner", None))
 
 
-def _open_segment(args, name: str, timeout: float) -> Segment:
-    return Segment.open(name, create=False, timeout=timeout, mode=ANY_MODE, owner=getattr(args, "owner", None))
+def _serving_daemon(args, name: str) -> tuple[int | None, int | None]:
+    """(pid as the daemon sees itself, pid in this PID namespace) of the daemon
+    serving cache ``name`` (the kernel's answer: it holds the daemon lock);
+    (None, None) if none runs; (pid, None) if it runs in a PID namespace this
+    process cannot see.
+
+    Raises:
+        CacheNotFound, PermissionDenied, shmcache.Error: as admin.summarize.
+    """
+    s = admin.summarize(name, owner=getattr(args, "owner", None))
+    return s.daemon_pid, s.daemon_local_pid
+
+
+def _not_visible(pid: int, name: str, do: str) -> CliError:
+    """The error for a daemon this command cannot signal: it runs in another
+    PID namespace (a sidecar container), where ``pid`` names it; here that
+    number is some other process (pid 1 is this container's init)."""
+    return CliError(f"daemon pid {pid} of cache {name!r} runs in another PID namespace (another container), "
+                    f"where this command cannot signal it; {do}")
 
 
 def _octal_mode(text: str) -> int:
@@ -80,28 +96,28 @@ def _octal_mode(text: str) -> int:
         raise CliError(f"--mode {text!r} is not octal permission bits like 600 or 660") from None
 
 
-def _stop_daemon(seg: Segment, pid: int, name: str, timeout: float) -> None:
-    """SIGTERM the daemon ``pid`` of ``seg`` and wait until it released the daemon lock.
+def _stop_daemon(args, pid: int, local: int | None, name: str, timeout: float) -> None:
+    """SIGTERM the daemon of cache ``name`` (``pid`` as it sees itself, ``local``
+    in this PID namespace) and wait until it released the daemon lock.
 
     Raises:
-        CliError: it is still running after ``timeout`` seconds (nothing is removed).
+        CliError: it runs in a PID namespace this process cannot see, or it is
+            still running after ``timeout`` seconds (nothing is removed either way).
     """
+    if local is None:
+        raise _not_visible(pid, name, "stop it there first; nothing was removed")
+    pid = local
     try:
         os.kill(pid, signal.SIGTERM)
     except ProcessLookupError:
         return
     deadline = time.monotonic() + timeout
-    while _daemon_pid(seg) == pid:
+    while _serving_daemon(args, name)[1] == pid:
         if time.monotonic() > deadline:
             raise CliError(f"daemon pid {pid} of cache {name!r} did not stop within {timeout:g} s of SIGTERM; "
                            "nothing was removed")
         time.sleep(0.02)
     print(f"stopped daemon pid {pid} of cache {name!r}")
-
-
-def _daemon_pid(seg: Segment) -> int | None:
-    """The pid of the daemon holding the cache's daemon lock (the kernel's answer), or None."""
-    return daemon_pid(seg)
 
 
 def _parse_value(text: str, kind: str):
@@ -127,6 +143,11 @@ def _show_key(k) -> str:
 
 #: Values `shmcache set` stores as an int when no --type is given.
 _DECIMAL = re.compile(r"[+-]?[0-9]+")
+
+
+def _print_json(obj) -> None:
+    """One JSON document on stdout (what every ``--json`` prints)."""
+    print(json.dumps(obj, indent=2, sort_keys=True))
 
 
 def _jsonable(v):
@@ -249,15 +270,25 @@ def _serve_parser(p: argparse.ArgumentParser, port_flag: str = "--port") -> argp
                                                              "ps: prefer --requirepass-file or $SHMCACHE_REQUIREPASS)")
     g.add_argument("--requirepass-file", metavar="FILE", help="require AUTH with the first line of FILE (mode 600)")
     for k in _SERVE_LIMITS:
-        p.add_argument("--" + k.replace("_", "-"), type=int, metavar="N",
-                       help=f"per-client limit (default {_serve_default(k)})")
+        a = p.add_argument("--" + k.replace("_", "-"), type=int, metavar="N",
+                           help="per-client limit (default %(limit_default)s)")
+        a.limit_default = _ServeDefault(k)  # argparse formats help with the action's attributes
     return p
 
 
-def _serve_default(k: str) -> int:
-    from .server import LIMIT_DEFAULTS
+class _ServeDefault:
+    """A limit's default, looked up only when help is printed: importing the
+    RESP server (hiredis, hmac, ...) to build the parser made every command
+    slower, and failed for a process that dropped privileges and can no
+    longer read the interpreter's library (the CLI run as another user)."""
 
-    return LIMIT_DEFAULTS[k]
+    def __init__(self, k: str):
+        self.k = k
+
+    def __str__(self) -> str:
+        from .server import LIMIT_DEFAULTS
+
+        return str(LIMIT_DEFAULTS[self.k])
 
 
 def cmd_stats(args) -> int:
@@ -267,6 +298,8 @@ def cmd_stats(args) -> int:
     with _attach(args) as c:
         st = c.stats()
         near = near_stats(c)
+        # the daemon's pid here; the header's is its own view (1 in a sidecar container)
+        st["daemon_local_pid"] = admin.daemon_info(c).local_pid
     if near is not None:
         st["near"] = near
     if args.json:
@@ -275,8 +308,9 @@ def cmd_stats(args) -> int:
     fill = st["stripe_fill"]
     if st["daemon_alive"]:
         age = st["daemon_heartbeat_age"]
-        daemon = f"pid {st['daemon_pid']}, alive, last heartbeat {age:.2f} s ago" if age is not None else \
-            f"pid {st['daemon_pid']}, alive"
+        who = f"pid {st['daemon_local_pid']}" if st["daemon_local_pid"] else \
+            f"pid {st['daemon_pid']} in another PID namespace"
+        daemon = f"{who}, alive, last heartbeat {age:.2f} s ago" if age is not None else f"{who}, alive"
     elif st["daemon_pid"]:
         daemon = f"not running (last was pid {st['daemon_pid']})"
     else:
@@ -374,7 +408,25 @@ def cmd_delete(args) -> int:
     """``shmcache delete``: delete keys, print how many existed."""
     with _attach(args) as c:
         n = c.delete_many(args.keys)
-    print(n)
+    if args.json:
+        _print_json({"deleted": n})
+    else:
+        print(n)
+    return 0
+
+
+def cmd_ttl(args) -> int:
+    """``shmcache ttl``: seconds until a key expires ("never" if it does not).
+    Raises CliError if the key is absent."""
+    with _attach(args) as c:
+        e = admin.inspect(c, args.key)
+    if e is None:
+        raise CliError(f"key {args.key!r} not found in cache {c.name!r}")
+    if args.json:
+        _print_json({"key": _jsonable(e.key), "ttl": None if e.ttl is None else round(e.ttl, 3),
+                     "expires_at": e.expires_at})
+    else:
+        print("never" if e.ttl is None else f"{e.ttl:.3f}")
     return 0
 
 
@@ -402,11 +454,12 @@ def cmd_keys(args) -> int:
 
 
 def _daemon_snapshot_path(name: str) -> tuple[int, str]:
-    """(pid, snapshot path) of the daemon serving cache ``name``, as the daemon
-    recorded them in the header.
+    """(pid in this PID namespace, snapshot path) of the daemon serving cache
+    ``name``; the path as the daemon recorded it in the header.
 
     Raises:
-        CliError: no daemon runs, or it runs without --snapshot.
+        CliError: no daemon runs, it runs without --snapshot, or in a PID
+            namespace this process cannot see (it could not be signalled).
     """
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", SettingsIgnored)
@@ -417,7 +470,10 @@ def _daemon_snapshot_path(name: str) -> tuple[int, str]:
         raise CliError(f"no daemon runs for cache {name!r}; give a PATH to write a snapshot from this process")
     if not d.snapshot_path:
         raise CliError(f"daemon pid {d.pid} runs without --snapshot; give a PATH to write a snapshot from here")
-    return d.pid, d.snapshot_path
+    if d.local_pid is None:
+        raise _not_visible(d.pid, name, f"run 'shmcache snapshot -n {name}' there, or give a PATH to write a "
+                                        "snapshot from this process")
+    return d.local_pid, d.snapshot_path
 
 
 def wait_for_daemon_snapshot(path: str, since: float, timeout: float, pid: int | None = None):
@@ -458,17 +514,23 @@ def cmd_snapshot(args) -> int:
         with _attach(args) as c:
             bar = terminal_progress(f"snapshot {os.path.basename(args.path)}")
             try:
-                info = write_snapshot(c, args.path, progress=bar)
+                info = write_snapshot(c, args.path, progress=None if args.json else bar)
             finally:
                 if bar:
                     bar.finish()
-        print(f"wrote {info.path}: {info.entries:,} entries, {_mib(info.bytes)} in {info.seconds:.3f} s")
+        if args.json:
+            _print_json({**dataclasses.asdict(info), "daemon_pid": None})
+        else:
+            print(f"wrote {info.path}: {info.entries:,} entries, {_mib(info.bytes)} in {info.seconds:.3f} s")
         return 0
     pid, path = _daemon_snapshot_path(_name(args))
     since = time.time()
     os.kill(pid, signal.SIGUSR1)
     info = wait_for_daemon_snapshot(path, since, args.timeout, pid)
-    print(f"daemon pid {pid} wrote {info.path}: {info.entries:,} entries, {_mib(info.bytes)}")
+    if args.json:
+        _print_json({**dataclasses.asdict(info), "daemon_pid": pid})
+    else:
+        print(f"daemon pid {pid} wrote {info.path}: {info.entries:,} entries, {_mib(info.bytes)}")
     return 0
 
 
@@ -483,12 +545,15 @@ def cmd_restore(args) -> int:
     else:
         c = Cache(name, create=False)
     with c:
-        bar = terminal_progress(f"restore {os.path.basename(args.path)}", unit="entries")
+        bar = None if args.json else terminal_progress(f"restore {os.path.basename(args.path)}", unit="entries")
         try:
             r = restore_snapshot(c, args.path, merge=args.merge, progress=bar)
         finally:
             if bar:
                 bar.finish()
+    if args.json:
+        _print_json(dataclasses.asdict(r))
+        return 0
     skipped = []
     for label, n in (("expired", r.skipped_expired), ("too large", r.skipped_too_large),
                      ("no room", r.skipped_full), ("already present", r.skipped_present)):
@@ -502,8 +567,16 @@ def cmd_restore(args) -> int:
 def cmd_check(args) -> int:
     """``shmcache check``: check every stripe (or a snapshot file); status 1 on damage."""
     if args.snapshot:
-        from .snapshot import verify_snapshot
+        from .snapshot import SnapshotError, verify_snapshot
 
+        if args.json:  # a bad file is a result here, not an error: {"sound": false, "error": why}
+            try:
+                info = verify_snapshot(args.snapshot)
+            except SnapshotError as e:
+                _print_json({"path": args.snapshot, "sound": False, "error": str(e)})
+                return 1
+            _print_json({**dataclasses.asdict(info), "sound": True, "error": None})
+            return 0
         info = verify_snapshot(args.snapshot)
         print(f"snapshot {info.path} is sound: {info.entries:,} entries in {info.sections} sections, "
               f"{_mib(info.bytes)}, of cache {info.name!r} taken {time.ctime(info.created)}")
@@ -703,33 +776,24 @@ def cmd_top(args) -> int:
 
 
 def _describe(args, name: str) -> dict:
-    row = {"name": name, "size": None, "items": None, "clients": None, "daemon_pid": None, "status": "ok"}
+    row = {"name": name, "size": None, "items": None, "clients": None, "daemon_pid": None,
+           "daemon_local_pid": None, "status": "ok"}
     try:
-        seg = _open_segment(args, name, 0.5)
+        summary = admin.summarize(name, owner=getattr(args, "owner", None))
     except PermissionDenied as e:  # another user's cache: list it, do not fail
         row["status"] = str(e).split(";")[0] if isinstance(e, UntrustedSegment) else "no access"
         return row
     except Error as e:
         row["status"] = str(e).split(";")[0]
         return row
-    try:
-        g = seg.geometry
-        import numpy as np
-
-        st = np.frombuffer(seg.mm, dtype=np.uint64, count=g.n_stripes * 8, offset=g.stripe_table_off)
-        row["items"] = int(st.reshape(g.n_stripes, 8)[:, L.S_ITEMS // 8].sum())
-        del st
-        row["size"] = g.total_size
-        row["clients"] = attached_clients(seg)
-        row["daemon_pid"] = _daemon_pid(seg)
-    finally:
-        seg.close()
+    row.update(size=summary.size, items=summary.items, clients=summary.clients, daemon_pid=summary.daemon_pid,
+               daemon_local_pid=summary.daemon_local_pid)
     return row
 
 
 def cmd_ls(args) -> int:
     """``shmcache ls``: list the caches on this host."""
-    rows = [_describe(args, n) for n in Segment.list_names()]
+    rows = [_describe(args, n) for n in Cache.list()]
     if args.json:
         print(json.dumps(rows, indent=2))
         return 0
@@ -741,7 +805,12 @@ def cmd_ls(args) -> int:
         if r["status"] != "ok":
             table.append((r["name"], "-", "-", "-", r["status"]))
             continue
-        d = f"alive (pid {r['daemon_pid']})" if r["daemon_pid"] else "none"
+        if r["daemon_local_pid"]:
+            d = f"alive (pid {r['daemon_local_pid']})"
+        elif r["daemon_pid"]:
+            d = f"alive (pid {r['daemon_pid']} in another PID namespace)"
+        else:
+            d = "none"
         table.append((r["name"], _mib(r["size"]), f"{r['items']:,}", str(r["clients"]), d))
     widths = [max(len(row[i]) for row in table) for i in range(5)]
     for row in table:
@@ -755,7 +824,9 @@ def cmd_wait(args) -> int:
 
     name = _name(args)
     pid = wait_ready(name, args.timeout)
-    if not args.quiet:
+    if args.json:
+        _print_json({"name": name, "daemon_pid": pid, "ready": True})
+    elif not args.quiet:
         print(f"daemon pid {pid} serves cache {name!r}")
     return 0
 
@@ -774,23 +845,18 @@ def cmd_rm(args) -> int:
     (without --force; with it, when the daemon does not stop within --timeout seconds)."""
     name = _name(args)
     try:
-        seg = _open_segment(args, name, 0.5)
+        pid, local = _serving_daemon(args, name)
     except CacheNotFound:
         raise CliError(f"no cache named {name!r} on this host") from None
     except Error:
-        seg = None  # damaged, foreign or untrusted: removing it is the fix
-    if seg is not None:
-        try:
-            pid = _daemon_pid(seg)
-            if pid and not args.force:
-                raise CliError(f"daemon pid {pid} is running for cache {name!r}; stop it first or use --force")
-            if pid:
-                # A daemon left running on a removed cache would go on writing its
-                # snapshot file, over the snapshots of the cache that replaces it:
-                # stop it (it writes its final snapshot) before removing anything.
-                _stop_daemon(seg, pid, name, args.timeout)
-        finally:
-            seg.close()
+        pid = local = None  # damaged, foreign or untrusted: removing it is the fix
+    if pid and not args.force:
+        raise CliError(f"daemon pid {local or pid} is running for cache {name!r}; stop it first or use --force")
+    if pid:
+        # A daemon left running on a removed cache would go on writing its
+        # snapshot file, over the snapshots of the cache that replaces it:
+        # stop it (it writes its final snapshot) before removing anything.
+        _stop_daemon(args, pid, local, name, args.timeout)
     Cache.unlink(name)
     print(f"removed cache {name!r}")
     return 0
@@ -857,20 +923,15 @@ def run_demo(args) -> int:
             p.unlink()
     # A cache left by an interrupted demo: reuse nothing, unless its daemon lives.
     try:
-        seg = Segment.open(name, create=False, timeout=0.5)
+        pid = admin.summarize(name).daemon_pid
     except CacheNotFound:
-        seg = None
+        pid = None
     except Error:
-        seg = None
+        pid = None
         Cache.unlink(name)
-    if seg is not None:
-        try:
-            pid = _daemon_pid(seg)
-        finally:
-            seg.close()
-        if pid:
-            raise CliError(f"a daemon (pid {pid}) already serves cache {name!r}: is another demo running?")
-        Cache.unlink(name)
+    if pid:
+        raise CliError(f"a daemon (pid {pid}) already serves cache {name!r}: is another demo running?")
+    Cache.unlink(name)
 
     py = sys.executable
     procs: list[subprocess.Popen] = []
@@ -1005,6 +1066,7 @@ def _daemon_parser(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
                    help="seconds between dead lock owner / dead client checks (default 1)")
     p.add_argument("--no-restore", action="store_true", help="do not load the snapshot at start")
     p.add_argument("--metrics", metavar="HOST:PORT", help="serve Prometheus metrics at http://HOST:PORT/metrics "
+                                                          "and a read-only status page at http://HOST:PORT/ "
                                                           "(a bare PORT listens on 127.0.0.1; needs prometheus_client)")
     p.add_argument("--upstream", metavar="URL", help="Redis to track for the near cache (shmcache.near): "
                                                      "redis://, rediss://, unix:// or redis+sentinel:// URL")
@@ -1071,8 +1133,12 @@ def build_parser() -> argparse.ArgumentParser:
                     help="how to store VALUE (default: an int if VALUE is a decimal integer, as Redis "
                          "users expect for INCR, else str; json stores the parsed object)")
     sp.add_argument("--nx", action="store_true", help="only if the key is absent (exit 1 otherwise)")
+    sp = named(add("ttl", cmd_ttl, "print the seconds until a key expires, or never (exit 1 if absent)"))
+    sp.add_argument("key")
+    sp.add_argument("--json", action="store_true", help="print JSON: key, ttl (null: never), expires_at")
     sp = named(add("delete", cmd_delete, "delete keys; prints how many existed"))
     sp.add_argument("keys", nargs="+", metavar="key")
+    sp.add_argument("--json", action="store_true", help='print JSON: {"deleted": N}')
     sp = named(add("keys", cmd_keys, "list keys matching a glob pattern (like Redis KEYS / SCAN MATCH)"))
     sp.add_argument("pattern", nargs="?", default="*", help="glob: * ? [abc] (default *)")
     sp.add_argument("--limit", type=int, default=0, help="print at most this many")
@@ -1084,6 +1150,7 @@ def build_parser() -> argparse.ArgumentParser:
     ))
     sp.add_argument("path", nargs="?", help="write here from this process instead of asking the daemon")
     sp.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for the daemon (default 120)")
+    sp.add_argument("--json", action="store_true", help="print what was written as JSON")
     sp = named(add(
         "restore", cmd_restore, "load a snapshot into a cache",
         "Verify the whole file, then replace the cache's contents with it (or --merge: add absent keys "
@@ -1092,9 +1159,11 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("path")
     sp.add_argument("--merge", action="store_true", help="keep current entries, add only absent keys")
     sp.add_argument("--size", help="create the cache with this size if it does not exist")
+    sp.add_argument("--json", action="store_true", help="print what was loaded and skipped as JSON")
     sp = named(add("check", cmd_check, "integrity check of every stripe (exit 1 on damage)"))
     sp.add_argument("--snapshot", metavar="PATH", help="verify a snapshot file instead")
-    sp.add_argument("--json", action="store_true", help="print JSON (the cache check only)")
+    sp.add_argument("--json", action="store_true",
+                    help='print JSON ("sound", "problems" or, with --snapshot, the file\'s details or "error")')
     sp = named(add("top", cmd_top, "live view: ops/s, hit rate, memory, evictions, expirations, hot stripes",
                    "Redraw the cache's rates and state every --interval seconds, like redis-cli --stat "
                    "(q or Ctrl-C quits). Rates are over the last interval, across every process."))
@@ -1112,7 +1181,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--mode", default="600", help="permission bits (octal, default 600)")
     sp.add_argument("--json", action="store_true", help="print the layout as JSON")
     sp = add("ls", cmd_ls, "list the caches on this host with size, items and daemon")
-    sp.add_argument("--json", action="store_true")
+    sp.add_argument("--json", action="store_true", help="print a JSON list, one object per cache")
     sp = named(add(
         "wait", cmd_wait, "wait until a daemon serves the cache (exit 1 after --timeout)",
         "Return (exit 0) once a daemon holds the cache's daemon lock and has finished its start-up "
@@ -1121,6 +1190,7 @@ def build_parser() -> argparse.ArgumentParser:
     ))
     sp.add_argument("--timeout", type=float, default=30.0, help="seconds to wait (default 30)")
     sp.add_argument("-q", "--quiet", action="store_true", help="print nothing on success")
+    sp.add_argument("--json", action="store_true", help="print the daemon's pid as JSON on success")
     sp = named(add(
         "systemd-unit", cmd_systemd_unit, "print a systemd service unit for the cache's daemon",
         "Print a Type=notify unit running 'shmcache daemon' for the cache as USER:GROUP, with "

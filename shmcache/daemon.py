@@ -55,7 +55,6 @@ from . import layout as L
 from .cache import Cache, check_seconds
 from .errors import DaemonError, Error
 from .lock import Identity
-from .segment import LOCK_DAEMON
 from .snapshot import SnapshotError, restore_snapshot, terminal_progress, write_snapshot
 
 log = logging.getLogger("shmcache.daemon")
@@ -199,7 +198,8 @@ class Daemon:
         recover_every: seconds between dead-owner / dead-client checks.
         restore: load ``snapshot`` at start when it exists and the cache is empty.
         metrics: ``"HOST:PORT"`` to serve Prometheus metrics at ``/metrics``
-            (``shmcache.contrib.prometheus``; needs ``prometheus_client``).
+            (``shmcache.contrib.prometheus``; needs ``prometheus_client``) and
+            the read-only status page at ``/`` (``shmcache.contrib.status``).
             A bare ``PORT`` listens on 127.0.0.1; port 0 picks a free one.
         upstream: Redis URL to track for :mod:`shmcache.near` (None: no tracking).
         track_prefixes: key prefixes to track (empty: every key).
@@ -245,10 +245,10 @@ class Daemon:
         self.snapshot_path = os.path.abspath(snapshot) if snapshot else None
         self._snap_lock = None
         if self.snapshot_path:
-            if len(os.fsencode(self.snapshot_path)) >= L.SNAPSHOT_PATH_MAX:
+            if len(os.fsencode(self.snapshot_path)) > admin.SNAPSHOT_PATH_MAX_BYTES:
                 # recorded in the header so `shmcache snapshot` finds it
                 raise DaemonError(f"snapshot path {self.snapshot_path} is longer than "
-                                  f"{L.SNAPSHOT_PATH_MAX - 1} bytes; use a shorter one")
+                                  f"{admin.SNAPSHOT_PATH_MAX_BYTES} bytes; use a shorter one")
             _check_writable_dir(os.path.dirname(self.snapshot_path))
             _check_snapshot_path(self.snapshot_path)
         self.snapshot_every = float(snapshot_every)
@@ -259,9 +259,8 @@ class Daemon:
         self.metrics_server = None
         self.cache = Cache(name, size=size, stripes=stripes, max_items=max_items, mode=mode, owner=owner)
         try:
-            seg = admin.storage(self.cache).segment
-            if not seg.try_file_lock(LOCK_DAEMON):
-                holder = seg.file_lock_holder(LOCK_DAEMON)
+            if not admin.claim_daemon_lock(self.cache):
+                holder = admin.daemon_lock_holder(self.cache)
                 how = f"stop it first (kill -TERM {holder})" if holder else "stop it first"
                 raise DaemonError(
                     f"a daemon (pid {holder or '?'}) is already running for cache {name!r}; {how}"
@@ -393,8 +392,10 @@ class Daemon:
             log.info("freed %d client slot(s) of dead processes", len(clients))
 
     def start_metrics(self) -> tuple[str, int] | None:
-        """Serve Prometheus metrics on ``metrics_addr`` in a thread (the
-        collector only reads shared memory). Returns the bound (host, port).
+        """Serve Prometheus metrics (``/metrics``) and the read-only status page
+        (``/``, ``/status.json``; see :mod:`shmcache.contrib.status`) on
+        ``metrics_addr`` in a thread (both only read shared memory). Returns
+        the bound (host, port).
 
         Raises:
             DaemonError: prometheus_client is missing or the address is taken.
@@ -402,20 +403,22 @@ class Daemon:
         if self.metrics_addr is None:
             return None
         try:
-            from prometheus_client import CollectorRegistry, start_http_server
+            from prometheus_client import CollectorRegistry, make_wsgi_app
 
             from .contrib.prometheus import ShmcacheCollector
+            from .contrib.status import make_app, serve
         except ImportError as e:
             raise DaemonError(f"--metrics needs prometheus_client: pip install 'shmcache[prometheus]' ({e})") from e
         registry = CollectorRegistry()
         registry.register(ShmcacheCollector(self.cache))
         host, port = self.metrics_addr
         try:
-            self.metrics_server, _thread = start_http_server(port, addr=host, registry=registry)
+            self.metrics_server, _thread = serve(make_app(self.cache, make_wsgi_app(registry)), host, port)
         except OSError as e:
             raise DaemonError(f"cannot serve metrics on {host}:{port}: {e.strerror or e}") from e
         bound = self.metrics_server.server_address[:2]
-        log.info("metrics at http://%s:%d/metrics", *((f"[{bound[0]}]" if ":" in bound[0] else bound[0]), bound[1]))
+        where = "%s:%d" % ((f"[{bound[0]}]" if ":" in bound[0] else bound[0]), bound[1])
+        log.info("metrics at http://%s/metrics, status page at http://%s/", where, where)
         return bound
 
     # -- loop --------------------------------------------------------------
@@ -457,7 +460,7 @@ class Daemon:
         """Serve until :meth:`request_stop` (SIGTERM/SIGINT); then take the final
         snapshot, clear the heartbeat and detach."""
         g = admin.geometry(self.cache)
-        if not admin.storage(self.cache).segment.created:
+        if not admin.created(self.cache):
             log.info("attached to the existing cache %r; its layout wins over --size/--stripes/--max-items",
                      self.name)
         self.load_snapshot()

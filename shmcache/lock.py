@@ -37,6 +37,8 @@ and frees client slots by the same test.
 
 from __future__ import annotations
 
+import ctypes
+import errno
 import os
 import threading
 import time
@@ -47,7 +49,7 @@ import psutil
 
 from . import layout as L
 from .errors import CacheFull, LockTimeout
-from .segment import LOCK_CLIENTS, LOCK_DAEMON, LOCK_RECOVERY, Segment
+from .segment import LOCK_CLIENTS, LOCK_DAEMON, LOCK_RECOVERY, Segment, shm_path
 
 _ZERO16 = bytes(16)
 
@@ -77,8 +79,8 @@ def process_start(pid: int) -> float | None:
     so an NTP step or `date -s` would make every live process look like
     another one (and so dead). Ticks since boot never move.
 
-    Informational only for the cache itself (client records show it): liveness
-    is the client slot's lock. ``shmcache.stampede`` still uses it.
+    Informational only (client records show it): liveness is the client
+    slot's lock, for the stripe locks and ``shmcache.stampede`` alike.
     """
     try:
         with open(f"/proc/{pid}/stat", "rb") as f:
@@ -105,21 +107,134 @@ def _psutil_start(pid: int) -> float | None:  # pragma: no cover - non-Linux
         return -1.0
 
 
-def is_alive(pid: int, start: float) -> bool:
-    """True if ``pid`` runs and started at ``start`` (so a reused pid is not mistaken).
-
-    Only meaningful inside one PID namespace; the cache's own liveness checks
-    use :func:`client_alive` instead.
-    """
-    if pid == 0:
-        return False
-    s = process_start(pid)
-    if s is None:
-        return False
-    return s < 0 or s == start
-
-
 _U64_MAX = 2**64 - 1
+
+
+# -- lock waits on CLOCK_MONOTONIC ----------------------------------------------
+# posix_ipc's timed acquire is sem_timedwait, whose deadline is absolute on
+# CLOCK_REALTIME: an NTP or manual step back of S seconds while a writer
+# waits on a dead holder stretched that one wait by S seconds, and short
+# slices do not help (each slice's deadline moves back with the clock).
+# sem_clockwait (glibc 2.30+, what _speedups.c uses) takes a CLOCK_MONOTONIC
+# deadline. posix_ipc does not expose its sem_t*, so the pure-Python path
+# opens the same named semaphore once more through libc: glibc finds it
+# already mapped (same inode) and hands back the same sem_t*. Without
+# sem_clockwait (other libcs), or when the name no longer leads to our
+# semaphore (the cache was removed or recreated while we stay attached),
+# waits poll sem_trywait between sleeps on the monotonic clock instead:
+# immune to steps, at the price of waking up to 1 ms after a release.
+class _Timespec(ctypes.Structure):
+    _fields_ = [("tv_sec", ctypes.c_long), ("tv_nsec", ctypes.c_long)]
+
+
+def _libc_sem_calls():
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        sem_open, sem_close, clockwait = libc.sem_open, libc.sem_close, libc.sem_clockwait
+    except (OSError, AttributeError):  # pragma: no cover - not glibc >= 2.30
+        return None
+    sem_open.restype = ctypes.c_void_p
+    sem_open.argtypes = [ctypes.c_char_p, ctypes.c_int]
+    sem_close.restype = ctypes.c_int
+    sem_close.argtypes = [ctypes.c_void_p]
+    clockwait.restype = ctypes.c_int
+    clockwait.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.POINTER(_Timespec)]
+    return sem_open, sem_close, clockwait
+
+
+_SEM_CALLS = _libc_sem_calls()
+
+#: Longest sleep between two sem_trywait of the fallback (seconds).
+_TRYWAIT_MAX_SLEEP = 0.001
+
+
+class MonotonicWaits:
+    """Timed waits on a segment's stripe semaphores whose deadline is on
+    CLOCK_MONOTONIC, so a wall-clock step never lengthens a lock wait."""
+
+    def __init__(self, seg: Segment) -> None:
+        self.seg = seg
+        self._ptrs: dict[int, int] = {}
+        self._open_lock = threading.Lock()
+
+    def _ptr(self, s: int) -> int:
+        """libc's sem_t* of stripe ``s``, or 0: then waits poll instead."""
+        p = self._ptrs.get(s)
+        if p is None:
+            with self._open_lock:
+                p = self._ptrs.get(s)
+                if p is None:
+                    p = _SEM_CALLS[0](self.seg.sems[s].name.encode(), 0) or 0
+                    # Opened by name: the name must still mean the cache we
+                    # mapped. It does not if the cache was removed (sem_open
+                    # failed) or removed and recreated (a new segment file
+                    # comes with new semaphores); our posix_ipc handles still
+                    # work on the old semaphores, so wait on those by polling.
+                    if p and not self._same_segment():
+                        _SEM_CALLS[1](p)
+                        p = 0
+                    self._ptrs[s] = p
+        return p
+
+    def _same_segment(self) -> bool:
+        try:
+            return os.stat(shm_path(self.seg.name)).st_ino == os.fstat(self.seg.fd).st_ino
+        except FileNotFoundError:
+            return False
+
+    def after_fork(self) -> None:
+        """In a forked child: another thread may have held the open lock."""
+        self._open_lock = threading.Lock()
+
+    def acquire(self, s: int, timeout: float) -> bool:
+        """Take stripe ``s``'s semaphore, waiting at most ``timeout`` seconds
+        of CLOCK_MONOTONIC. True if taken. A signal handler that raises
+        (Ctrl-C) interrupts the wait; one that returns resumes it (PEP 475)."""
+        sem = self.seg.sems[s]
+        try:
+            sem.acquire(0)
+            return True
+        except posix_ipc.BusyError:
+            pass
+        deadline = time.clock_gettime(time.CLOCK_MONOTONIC) + max(0.0, timeout)
+        p = self._ptr(s) if _SEM_CALLS is not None else 0
+        if not p:
+            return self._poll(sem, deadline)
+        sec = int(deadline)
+        ts = _Timespec(sec, min(int((deadline - sec) * 1e9), 999_999_999))
+        clockwait = _SEM_CALLS[2]
+        while True:
+            if clockwait(p, time.CLOCK_MONOTONIC, ctypes.byref(ts)) == 0:
+                return True
+            e = ctypes.get_errno()
+            if e == errno.ETIMEDOUT:
+                return False
+            if e != errno.EINTR:
+                raise OSError(e, f"sem_clockwait: {os.strerror(e)}")
+            # EINTR: the eval loop runs the signal's Python handler at the
+            # next check; if it raises, so does this call.
+
+    @staticmethod
+    def _poll(sem, deadline: float) -> bool:
+        pause = 0.00005
+        while True:
+            left = deadline - time.clock_gettime(time.CLOCK_MONOTONIC)
+            if left <= 0:
+                return False
+            time.sleep(min(pause, left))
+            pause = min(pause * 2, _TRYWAIT_MAX_SLEEP)
+            try:
+                sem.acquire(0)
+                return True
+            except posix_ipc.BusyError:
+                pass
+
+    def close(self) -> None:
+        """Drop the extra references to the semaphores. Idempotent."""
+        ptrs, self._ptrs = self._ptrs, {}
+        for p in ptrs.values():
+            if p:
+                _SEM_CALLS[1](p)
 
 class Identity:
     """This process as the segment records it: pid and start time (for
@@ -207,6 +322,7 @@ class StripeLocks:
         self._q = memoryview(seg.mm).cast("Q")
         self._tlocks = [threading.Lock() for _ in range(g.n_stripes)]
         self._core = None
+        self._waits = MonotonicWaits(seg)
         self.set_client(client)
 
     def attach_core(self, core) -> None:
@@ -232,11 +348,14 @@ class StripeLocks:
         """In a forked child: new identity, fresh thread locks, own client slot."""
         self.identity = identity
         self._tlocks = [threading.Lock() for _ in range(self.geometry.n_stripes)]
+        self._waits.after_fork()
         self.set_client(client)
 
     def release_views(self) -> None:
-        """Drop the memoryview so the mapping can be closed."""
+        """Drop the memoryview so the mapping can be closed, and the extra
+        semaphore references of the monotonic waits."""
         self._q.release()
+        self._waits.close()
 
     # -- hot path -----------------------------------------------------------
     def lock(self, s: int) -> None:
@@ -281,16 +400,8 @@ class StripeLocks:
 
     # -- contention and recovery --------------------------------------------
     def _acquire(self, s: int, timeout: float) -> bool:
-        """sem_timedwait, retried when a signal interrupts it (PEP 475). True if taken."""
-        deadline = time.monotonic() + timeout
-        while True:
-            try:
-                self.sems[s].acquire(max(0.0, deadline - time.monotonic()))
-                return True
-            except posix_ipc.SignalError:
-                continue
-            except posix_ipc.BusyError:
-                return False
+        """Wait up to ``timeout`` seconds (CLOCK_MONOTONIC) for the semaphore. True if taken."""
+        return self._waits.acquire(s, timeout)
 
     def _wait(self, s: int, acquire, take) -> None:
         """Wait for busy stripe ``s``: in slices of POLL_FIRST..POLL_MAX seconds,
@@ -623,3 +734,15 @@ def daemon_pid(seg: Segment) -> int | None:
     if holder is None and not seg.holds_file_lock(LOCK_DAEMON):
         return None
     return L.U64.unpack_from(seg.mm, L.H_DAEMON_PID)[0] or holder or None
+
+
+def daemon_local_pid(seg: Segment) -> int | None:
+    """The daemon's pid in the caller's PID namespace: the holder of
+    LOCK_DAEMON as the kernel reports it (the caller itself if it is the
+    daemon). None if no daemon runs, or if it runs in a PID namespace the
+    caller cannot see (the kernel reports pid 0 then). The only pid to
+    signal the daemon by: the header's is the daemon's own view of itself,
+    which in another namespace names some other process here."""
+    if seg.holds_file_lock(LOCK_DAEMON):
+        return os.getpid()
+    return seg.file_lock_holder(LOCK_DAEMON) or None

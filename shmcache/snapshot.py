@@ -29,9 +29,10 @@ lock, and then only for that one copy (~2 ms for a 1 GiB cache's 16 MiB
 stripe). Picking live entries, packing records and checksums happen on the
 copy, outside any lock, vectorised (numpy, no Python object per entry), and a
 second thread writes stripe s to the file while stripe s+1 is being copied.
-The file is written to ``<path>.tmp.<pid>``, fsynced and renamed over
-``path``, then the directory is fsynced: a crash at any point leaves the
-previous snapshot whole.
+The file is written to ``<path>.tmp.<pid>.<random>`` (flock-ed by its writer
+until the rename, so a temp file whose writer died is told apart by the
+kernel, in any PID namespace), fsynced and renamed over ``path``, then the
+directory is fsynced: a crash at any point leaves the previous snapshot whole.
 
 Restoring reads the whole file and checks every checksum and bound before it
 touches the cache; a bad file raises SnapshotError naming what failed and the
@@ -41,6 +42,7 @@ cache stays exactly as it was.
 from __future__ import annotations
 
 import errno
+import fcntl
 import glob
 import mmap
 import os
@@ -52,7 +54,6 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
-import psutil
 import xxhash
 
 from . import layout as L
@@ -180,7 +181,6 @@ def write_snapshot(cache, path: str, *, now: float | None = None, progress=None)
     if now is None:
         now = created
     _remove_stale_temps(path)
-    tmp = f"{path}.tmp.{os.getpid()}"
     engine = admin.storage(cache)  # raw stripe copies: see admin.Storage
     seg = engine.segment
     g = engine.geometry
@@ -207,7 +207,8 @@ def write_snapshot(cache, path: str, *, now: float | None = None, progress=None)
     ibuf.fill(0)
     words = np.frombuffer(seg.mm, dtype=np.uint64, count=g.n_stripes * g.slots_per_stripe * _W,
                           offset=g.index_off).reshape(g.n_stripes, g.slots_per_stripe, _W)
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    tmp, fd = _create_temp(path)
+    lock_fd = os.dup(fd)  # the flock lives as long as this: past the file's close, until the rename
     try:
         with open(fd, "wb", buffering=0) as f, memoryview(seg.mm) as mv, \
                 ThreadPoolExecutor(1, thread_name_prefix="shmcache-snapshot") as writer:
@@ -269,6 +270,7 @@ def write_snapshot(cache, path: str, *, now: float | None = None, progress=None)
             pass
         raise
     finally:
+        os.close(lock_fd)
         del words  # no view into the segment may outlive the call (close() needs none)
     _fsync_dir(os.path.dirname(os.path.abspath(path)))
     info.bytes = pos
@@ -403,15 +405,50 @@ def _pack_stripe(slots_refs, arena, ring: int, g, now: float):
     return records, runs, int(lens.sum()), n_expired
 
 
+def _create_temp(path: str) -> tuple[str, int]:
+    """Create ``<path>.tmp.<pid>.<random>`` exclusively and flock it; returns
+    (its name, an fd holding the lock). The random part, not the pid, makes
+    the name unique: every container's daemon may be pid 1, and one killed
+    mid-snapshot left a ``.tmp.1`` its restarted successor could never create."""
+    while True:
+        tmp = f"{path}.tmp.{os.getpid()}.{os.urandom(4).hex()}"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            # A cleaner may have locked and removed it between our create and
+            # our lock: then the name is gone (or another file's); try anew.
+            if os.stat(tmp, follow_symlinks=False).st_ino == os.fstat(fd).st_ino:
+                return tmp, fd
+        except (BlockingIOError, FileNotFoundError):
+            pass  # a cleaner holds it for an instant, and removes it
+        os.close(fd)
+
+
 def _remove_stale_temps(path: str) -> None:
-    """Delete ``<path>.tmp.<pid>`` files left by writers that died mid-snapshot."""
+    """Delete ``<path>.tmp.*`` files left by writers that died mid-snapshot:
+    those no writer holds its flock on. The kernel drops a flock when its
+    holder dies and answers the same in every PID namespace, where a pid in
+    the name meant nothing (a cleaner in one container deleted a live
+    writer's file in another). Temp files of writers older than this scheme
+    hold no lock and count as dead."""
     for p in glob.glob(glob.escape(path) + ".tmp.*"):
-        suffix = p.rsplit(".", 1)[1]
-        if suffix.isdigit() and int(suffix) != os.getpid() and not psutil.pid_exists(int(suffix)):
+        try:
+            fd = os.open(p, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+        except OSError:
+            continue  # gone, a symlink, or not ours to read
+        try:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                continue
             try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                continue  # its writer is alive
+            if os.stat(p, follow_symlinks=False).st_ino == os.fstat(fd).st_ino:
                 os.unlink(p)
-            except OSError:
-                pass
+        except OSError:
+            pass
+        finally:
+            os.close(fd)
 
 
 def _fsync_dir(d: str) -> None:

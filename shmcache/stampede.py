@@ -10,11 +10,12 @@ caller compute while the others wait for its value:
    re-checks the key (someone may have stored it between 1 and 2), calls the
    factory, stores the value with ``set`` and deletes the lock entry.
 3. Everyone else polls the key with a short backoff (2 ms growing to 50 ms).
-   Between polls a waiter looks at the lock entry: the owner record is
-   pid + process start time (+ a random token per call, so threads of one
-   process are told apart). If the owner process is dead (psutil, the same
-   check the stripe locks use), the waiters take over instead of waiting for
-   the lock entry to expire: one of them wins a per-owner *takeover* key
+   Between polls a waiter looks at the lock entry: the owner record is the
+   owner's client slot in this cache and that slot's generation (+ a random
+   token per call, so threads of one process are told apart). If the owner
+   is gone (its slot's kernel lock is free: :func:`shmcache.admin.client_attached`,
+   the same test the stripe locks use), the waiters take over instead of
+   waiting for the lock entry to expire: one of them wins a per-owner *takeover* key
    (``add`` again, so exactly one), swaps the dead record for its own and
    computes. If the lock entry disappears without a value (the owner's
    factory raised), the next ``add`` decides a new owner.
@@ -24,7 +25,10 @@ caller compute while the others wait for its value:
 
 Rejected alternatives: a semaphore or fcntl lock per key (unbounded numbers of
 kernel objects, and a semaphore is not released when its holder dies);
-holding a stripe lock during the factory (blocks every key of the stripe).
+holding a stripe lock during the factory (blocks every key of the stripe);
+pid + process start time as the owner (used before: meaningless across PID
+namespaces, so a waiter in a sidecar container judged a live owner dead and
+ran the factory a second time, and it needs a readable /proc).
 
 The lock and takeover entries are ordinary keys named
 ``__shmcache.sf:<128-bit hash>`` (at most 48 characters whatever the key's
@@ -45,14 +49,13 @@ import os
 import pickle
 import random
 import struct
-import threading
 import time
 
 import xxhash
 
+from . import admin
 from ._sentinels import DEFAULT_TTL as _DEFAULT
 from .codec import encode_key
-from .lock import is_alive, process_start
 
 #: Seconds a waiter waits for another process's factory before computing the
 #: value itself; also the ttl of the lock entry.
@@ -68,32 +71,18 @@ POLL_MAX = 0.05
 LOCK_PREFIX = "__shmcache.sf:"
 MEMO_PREFIX = "shmcache.memoize:"
 
-# pid (q), process start time (d), random token (8s): who computes a key.
-_OWNER = struct.Struct("<qd8s")
+# Who computes a key: a format tag (4s), the owner's client slot (I) and its
+# generation (I) in this cache (what liveness is judged by), its pid as it
+# sees itself (q, for people only: another PID namespace numbers it
+# differently) and a random token per call (8s).
+_OWNER = struct.Struct("<4sIIq8s")
+_OWNER_TAG = b"sfo2"
 _MISSING = object()
 
-_ident_lock = threading.Lock()
-_ident: tuple[int, float] | None = None
 
-
-def _reset_after_fork() -> None:
-    global _ident_lock
-    _ident_lock = threading.Lock()  # another thread may have held it at the fork
-
-
-os.register_at_fork(after_in_child=_reset_after_fork)
-
-
-def _me() -> tuple[int, float]:
-    """(pid, start time) of this process, renewed after fork."""
-    global _ident
-    ident = _ident
-    pid = os.getpid()
-    if ident is None or ident[0] != pid:
-        with _ident_lock:
-            start = process_start(pid)
-            ident = _ident = (pid, start if start is not None else 0.0)
-    return ident
+def _owner_record(cache) -> bytes:
+    slot, gen = admin.current_client(cache)
+    return _OWNER.pack(_OWNER_TAG, slot, gen, os.getpid(), os.urandom(8))
 
 
 def lock_key(key) -> str:
@@ -113,13 +102,14 @@ def _check_timeout(timeout) -> float:
     return float(timeout)
 
 
-def _owner_alive(record) -> bool:
-    if not isinstance(record, bytes) or len(record) != _OWNER.size:
-        return True  # not ours to judge: let it expire by its ttl
-    pid, start, _token = _OWNER.unpack(record)
-    if pid == os.getpid():
+def _owner_alive(cache, record) -> bool:
+    """False only if the kernel says the owner in ``record`` is gone."""
+    if not isinstance(record, bytes) or len(record) != _OWNER.size or record[:4] != _OWNER_TAG:
+        return True  # not ours to judge (an older version's record): let it expire by its ttl
+    _tag, slot, gen, _pid, _token = _OWNER.unpack(record)
+    if (slot, gen) == admin.current_client(cache):
         return True  # a thread of this very process: alive by definition
-    return is_alive(pid, start)
+    return admin.client_attached(cache, slot, gen)
 
 
 def _release(cache, lkey: str, record: bytes) -> None:
@@ -233,8 +223,7 @@ def _contest(cache, key, factory, timeout):
         raise TypeError(f"factory must be callable, not {type(factory).__name__}")
     timeout = _check_timeout(timeout)
     lkey = lock_key(key)
-    pid, start = _me()
-    record = _OWNER.pack(pid, start, os.urandom(8))
+    record = _owner_record(cache)
     deadline = time.monotonic() + timeout
     while True:
         if cache.add(lkey, record, ttl=timeout):
@@ -254,7 +243,7 @@ def _contest(cache, key, factory, timeout):
             owner = cache.get(lkey, _MISSING)
             if owner is _MISSING:
                 break  # released without a value (factory raised) or expired: contest again
-            if not _owner_alive(owner):
+            if not _owner_alive(cache, owner):
                 if _take_over(cache, lkey, owner, record, timeout):
                     yield _OWN, (lkey, record)
                     return None  # pragma: no cover

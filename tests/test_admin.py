@@ -9,10 +9,12 @@ import pydoc
 import re
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
 
+import shmcache
 from shmcache import layout as L
 from shmcache import Cache, admin
 from shmcache._sentinels import DEFAULT_TTL, MISSING
@@ -62,6 +64,93 @@ def test_geometry_stripes_and_clients(make_cache):
         assert sum(x.counters["sets"] for x in me) == 200
     finally:
         other.close()
+
+
+def _report_client(name, q):
+    c = Cache(name, create=False)
+    q.put(admin.current_client(c))
+    q.get(timeout=30)  # stay attached until the parent has looked
+    c.close()
+
+
+def test_current_client_is_checked_by_the_kernel_across_processes(make_cache):
+    c = make_cache()
+    me = admin.current_client(c)
+    assert admin.client_attached(c, *me)
+    assert not admin.client_attached(c, me[0], me[1] + 1)  # another generation of the slot
+    assert not admin.client_attached(c, -1, 1) and not admin.client_attached(c, 10**6, 1)
+    other = Cache(c.name, create=False)  # a second handle: a slot of its own, seen alive from the first
+    theirs = admin.current_client(other)
+    assert theirs != me and admin.client_attached(c, *theirs)
+    other.close()
+    assert not admin.client_attached(c, *theirs)
+    q = CTX.Queue()
+    p = CTX.Process(target=_report_client, args=(c.name, q))
+    p.start()
+    try:
+        child = q.get(timeout=30)
+        assert child != me and admin.client_attached(c, *child)
+        os.kill(p.pid, signal.SIGKILL)
+        p.join(30)
+        assert not admin.client_attached(c, *child)  # at once: the kernel dropped its lock
+    finally:
+        if p.is_alive():
+            p.kill()
+            p.join(5)
+    c.close()
+    with pytest.raises(ValueError, match="closed"):
+        admin.current_client(c)
+
+
+def test_check_reports_and_fixes_an_overcounted_lock(make_cache):
+    c = make_cache(size="1MiB", stripes=4)
+    c._seg.sems[1].release()  # damage on purpose: as if a live holder had been taken for dead
+    assert admin.lock_values(c) == [1, 2, 1, 1]
+    assert any("stripe 1: lock semaphore is 2" in p for p in admin.check(c))
+    assert admin.lock_values(c) == [1, 2, 1, 1]  # check alone changes nothing
+    assert any(p.endswith("; corrected") for p in admin.check(c, fix=True))
+    assert admin.lock_values(c) == [1, 1, 1, 1] and admin.check(c) == []
+
+
+def test_summarize_reads_a_cache_by_name_without_attaching(make_cache, cache_name):
+    c = make_cache(size="2MiB", stripes=4)
+    c.set_many({f"k{i}": i for i in range(25)})
+    before = admin.counters(c)
+    s = admin.summarize(cache_name)
+    assert (s.name, s.items, s.clients, s.daemon_pid) == (cache_name, 25, 1, None)  # it is not a client
+    assert s.size == admin.geometry(c).total_size
+    assert admin.counters(c) == before
+    assert admin.created(c) is True
+    with Cache(cache_name, create=False) as d:
+        assert admin.created(d) is False and admin.summarize(cache_name).clients == 2
+    with pytest.raises(shmcache.CacheNotFound):
+        admin.summarize(cache_name + "-absent")
+
+
+def test_daemon_lock_is_one_per_cache(make_cache, cache_name):
+    c = make_cache()
+    assert admin.daemon_lock_holder(c) is None
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # child: take the lock, say so, wait to be killed
+        code = 1
+        try:
+            d = Cache(cache_name, create=False)
+            os.write(w, b"1" if admin.claim_daemon_lock(d) else b"0")
+            time.sleep(60)
+        finally:
+            os._exit(code)
+    try:
+        assert os.read(r, 1) == b"1"
+        assert admin.daemon_lock_holder(c) == pid
+        assert admin.claim_daemon_lock(c) is False
+    finally:
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+        os.close(r)
+        os.close(w)
+    assert admin.daemon_lock_holder(c) is None  # the kernel dropped it with the process
+    assert admin.claim_daemon_lock(c) is True
 
 
 def test_inspect_and_entries_report_type_size_ttl_without_counting(make_cache, fake_clock):

@@ -14,7 +14,10 @@ from shmcache.snapshot import write_snapshot
 from names import fresh_name
 
 SUBCOMMANDS = ["daemon", "stats", "get", "set", "delete", "keys", "snapshot", "restore", "check", "ls", "rm", "demo",
-               "wait", "systemd-unit"]
+               "wait", "systemd-unit", "ttl", "inspect", "top", "create"]
+#: Every command that reports something a script may want to read.
+JSON_COMMANDS = ["stats", "get", "ttl", "inspect", "keys", "check", "ls", "top", "create", "delete", "snapshot",
+                 "restore", "wait"]
 
 
 def run(*args, timeout=60, env=None):
@@ -50,6 +53,18 @@ def test_help_of_every_subcommand(sub):
     out = ok(sub, "--help")
     assert out.startswith("usage: shmcache " + sub)
     assert len(out.splitlines()) > 3
+
+
+def test_regression_parsing_a_command_does_not_import_the_resp_server():
+    # Building the parser imported shmcache.server (hiredis, hmac, ...) for the
+    # --max-* help texts: every command paid for it, and `shmcache get` run by
+    # a process that had dropped privileges (and could no longer read the
+    # interpreter's library) died with ModuleNotFoundError.
+    code = ("import sys\nfrom shmcache.cli import build_parser\nbuild_parser().parse_args(['get', '-n', 'x', 'k'])\n"
+            "print(sorted(m for m in sys.modules if m.startswith('shmcache.server') or m == 'hiredis'))")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0 and r.stdout.strip() == "[]", (r.stdout, r.stderr)
+    assert "per-client limit (default 33554432)" in " ".join(ok("serve", "--help").split())
 
 
 def test_top_level_help_lists_every_subcommand():
@@ -171,6 +186,10 @@ def test_snapshot_through_the_daemon(cache, tmp_path):
             time.sleep(0.02)
         out = ok("snapshot", "-n", cache.name)
         assert f"daemon pid {d.pid} wrote {snap}: 2 entries" in out
+        w = json.loads(ok("wait", "-n", cache.name, "--json"))
+        assert w == {"name": cache.name, "daemon_pid": d.pid, "ready": True}
+        info = json.loads(ok("snapshot", "-n", cache.name, "--json"))
+        assert info["daemon_pid"] == d.pid and info["path"] == str(snap) and info["entries"] == 2
         st = json.loads(ok("stats", "-n", cache.name, "--json"))
         assert st["daemon_alive"] is True and st["daemon_pid"] == d.pid
         assert f"alive (pid {d.pid})" in ok("ls")
@@ -198,6 +217,82 @@ def test_ls_and_rm(cache_name):
     assert ok("rm", "-n", cache_name) == f"removed cache {cache_name!r}\n"
     assert not os.path.exists(f"/dev/shm/shmcache.{cache_name}")
     fails("rm", "-n", cache_name, match=f"no cache named {cache_name!r}")
+
+
+def test_every_reporting_command_offers_json():
+    import argparse
+
+    from shmcache.cli import build_parser
+
+    subs = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction)).choices
+    missing = [sub for sub in JSON_COMMANDS if "--json" not in subs[sub]._option_string_actions]
+    assert not missing, f"no --json on {missing}"
+
+
+def test_json_output_of_every_reporting_command_parses(cache, tmp_path, cache_name):
+    n = cache.name
+    cache.update({"user:1": "ann", "user:2": b"\xff\x00", "n": 41})
+    cache.set("t", [1, 2], ttl=100)
+    cache.get("user:1")
+    cache.get("absent")
+
+    def js(*args):
+        return json.loads(ok(*args, "--json"))
+
+    st = js("stats", "-n", n)
+    assert st["items"] == 4 and st["hits"] == 1 and st["misses"] == 1
+    assert js("get", "-n", n, "user:1") == "ann"
+    assert js("get", "-n", n, "user:2") == {"bytes": "\\xff\x00"}
+    assert js("get", "-n", n, "t") == [1, 2]
+    t = js("ttl", "-n", n, "t")
+    assert t["key"] == "t" and 90 < t["ttl"] <= 100 and t["expires_at"] > 0
+    assert js("ttl", "-n", n, "n") == {"key": "n", "ttl": None, "expires_at": None}
+    assert ok("ttl", "-n", n, "n") == "never\n" and 90 < float(ok("ttl", "-n", n, "t")) <= 100
+    fails("ttl", "-n", n, "absent", match="key 'absent' not found")
+    e = js("inspect", "-n", n, "user:1")
+    assert (e["key"], e["type"], e["size"], e["ttl"]) == ("user:1", "str", 3, None)
+    assert js("keys", "-n", n, "user:*") == ["user:1", "user:2"]
+    c = js("check", "-n", n)
+    assert c["sound"] is True and c["problems"] == [] and c["name"] == n
+    mine = next(r for r in js("ls") if r["name"] == n)
+    assert mine["items"] == 4 and mine["status"] == "ok"
+    frame = json.loads(ok("top", "-n", n, "--interval", "0.05", "--iterations", "1", "--json"))
+    assert frame["name"] == n and frame["items"] == 4
+    assert js("delete", "-n", n, "user:1", "nothere") == {"deleted": 1}
+
+    path = tmp_path / "j.snap"
+    w = js("snapshot", "-n", n, str(path))
+    assert w["path"] == str(path) and w["entries"] == 3 and w["bytes"] == path.stat().st_size
+    assert w["daemon_pid"] is None
+    v = js("check", "--snapshot", str(path))
+    assert v["sound"] is True and v["error"] is None and v["entries"] == 3 and v["name"] == n
+    other = fresh_name()
+    try:
+        r = js("restore", "-n", other, str(path), "--size", "8MiB")
+        assert r["loaded"] == 3 and r["skipped_expired"] == 0 and r["path"] == str(path)
+        created = fresh_name()
+        try:
+            g = js("create", "-n", created, "--size", "8MiB", "--stripes", "4")
+            assert g["name"] == created and g["stripes"] == 4 and g["size"] <= 8 * 2**20
+        finally:
+            Cache.unlink(created)
+    finally:
+        Cache.unlink(other)
+
+
+@pytest.mark.parametrize("kind", ["missing", "garbage", "fifo"])
+def test_check_snapshot_json_reports_a_bad_file_as_json(kind, tmp_path):
+    path = tmp_path / "bad.snap"
+    if kind == "garbage":
+        path.write_bytes(b"not a snapshot at all" * 10)
+    elif kind == "fifo":
+        os.mkfifo(path)
+    r = run("check", "--snapshot", str(path), "--json", timeout=30)
+    assert r.returncode == 1, (r.stdout, r.stderr)
+    v = json.loads(r.stdout)
+    assert v["sound"] is False and v["path"] == str(path)
+    assert {"missing": "does not exist", "garbage": "not a shmcache snapshot",
+            "fifo": "not a regular file"}[kind] in v["error"]
 
 
 # ------------------------------------------------------------------ errors

@@ -559,7 +559,7 @@ class TestContract:
         c["k"] = b"kept"
         c.close()
         d = make_cache(**config)
-        assert d._seg.created is False
+        assert admin.created(d) is False
         assert d["k"] == b"kept"
 
     def test_context_manager(self, c, cache_name, config):
@@ -584,7 +584,7 @@ class TestContract:
         assert Cache.unlink(cache_name) is True
         assert c["k"] == 1  # this process keeps its mapping
         d = make_cache(**config)  # a new cache of the same name starts empty
-        assert d._seg.created is True
+        assert admin.created(d) is True
         assert "k" not in d
 
     # -- type fidelity ------------------------------------------------------------
@@ -646,7 +646,7 @@ class TestContract:
     # -- sharing --------------------------------------------------------------------
     def test_two_objects_one_cache(self, c, make_cache, config, fake_clock):
         d = make_cache(clock=fake_clock, **config)
-        assert c._seg.created is True and d._seg.created is False
+        assert admin.created(c) is True and admin.created(d) is False
         c["x"] = 1
         assert d["x"] == 1
         d["y"] = [2]
@@ -664,7 +664,7 @@ class TestContract:
         try:
             assert d is not c
             assert d.name == c.name
-            assert d._seg.created is False
+            assert admin.created(d) is False
             assert d["x"] == b"shared"
             d["y"] = 2
             assert c["y"] == 2

@@ -17,12 +17,11 @@ import numpy as np
 import pytest
 import xxhash
 
-from shmcache import Cache
+from shmcache import Cache, admin
 from shmcache import layout as L
 from shmcache.cli import wait_for_daemon_snapshot
 from shmcache.daemon import BULK_MIN, ExpiryCycle
 from shmcache.expiry import place_slots
-from shmcache.lock import live_clients
 from shmcache.snapshot import PAUSE_ENV, restore_snapshot, verify_snapshot, write_snapshot
 
 CTX = mp.get_context("spawn")
@@ -377,8 +376,13 @@ def test_crash_during_a_snapshot_leaves_the_previous_one_intact(make_cache, daem
     c.set_many({f"new{i}": f"n{i}" for i in range(1000)})
     d = daemon("--snapshot", str(snap), "--snapshot-every", "0", env={PAUSE_ENV: "60"})
     os.kill(d.pid, signal.SIGUSR1)
-    tmp = tmp_path / f"c.snap.tmp.{d.pid}"
-    _wait(lambda: tmp.exists() and tmp.stat().st_size > 0, what="the daemon to start writing")
+
+    def temp():
+        found = list(tmp_path.glob(f"c.snap.tmp.{d.pid}.*"))
+        return found[0] if found and found[0].stat().st_size > 0 else None
+
+    _wait(temp, what="the daemon to start writing")
+    tmp = temp()
     d.kill()  # SIGKILL mid-file
     assert tmp.exists()  # the half-written temp file, never renamed
     assert snap.read_bytes() == before
@@ -451,7 +455,7 @@ def test_daemon_releases_a_stripe_whose_holder_was_killed(make_cache, daemon):
     p.start()
     try:
         assert ready.wait(20)
-        assert c._locks.stripe_owner(s)[0] == p.pid
+        assert admin.stripes(c)[s].locked_by == p.pid
         os.kill(p.pid, signal.SIGKILL)
         p.join(10)
     finally:
@@ -459,15 +463,7 @@ def test_daemon_releases_a_stripe_whose_holder_was_killed(make_cache, daemon):
             p.kill()
             p.join(5)
 
-    def released():
-        try:
-            c._seg.sems[s].acquire(0)
-        except Exception:
-            return False
-        c._seg.sems[s].release()
-        return True
-
-    _wait(released, timeout=10, what="the daemon to release the dead holder's stripe")
+    _wait(lambda: admin.lock_values(c)[s] == 1, timeout=10, what="the daemon to release the dead holder's stripe")
     assert c.check() == []
     assert c.stats()["recoveries"] >= 1
     assert "recovered stripes [2]" in d.log()
@@ -481,7 +477,7 @@ def test_daemon_frees_client_slots_of_dead_processes(make_cache, daemon):
     p.start()
     try:
         assert ready.wait(20)
-        assert p.pid in [pid for _s, pid, _t in live_clients(c._seg)]
+        assert p.pid in [x.pid for x in admin.clients(c)]
         os.kill(p.pid, signal.SIGKILL)
         p.join(10)
     finally:
@@ -489,7 +485,7 @@ def test_daemon_frees_client_slots_of_dead_processes(make_cache, daemon):
             p.kill()
             p.join(5)
     daemon("--recover-every", "0.1")
-    _wait(lambda: p.pid not in [pid for _s, pid, _t in live_clients(c._seg)],
+    _wait(lambda: p.pid not in [x.pid for x in admin.clients(c)],
           what="the dead client's slot to be freed")
 
 
@@ -517,7 +513,7 @@ def test_heartbeat_is_visible_in_stats(make_cache, daemon):
     assert st["daemon_heartbeat_age"] < 5.0
 
     def beat():
-        return L.F64.unpack_from(c._seg.mm, L.H_DAEMON_HEARTBEAT)[0]
+        return admin.daemon_info(c).heartbeat
 
     b0 = beat()
     _wait(lambda: beat() > b0, what="the heartbeat to move")
@@ -540,8 +536,10 @@ def test_recover_brings_an_overcounted_semaphore_back_to_one(make_cache):
 
     c = make_cache(size="1MiB", stripes=4)
     c._seg.sems[2].release()  # value 2: as if a live holder had been taken for dead
-    assert c._seg.sems[2].value == 2
+    assert admin.lock_values(c) == [1, 1, 2, 1]
+    assert admin.check(c) == ["stripe 2: lock semaphore is 2, above 1: two writers could enter at once; "
+                              "admin.fix_overcount (or the daemon) corrects it"]
     recover(c)
-    assert [sem.value for sem in c._seg.sems] == [1, 1, 1, 1]
+    assert admin.lock_values(c) == [1, 1, 1, 1]
     c["k"] = b"v"
     assert c["k"] == b"v" and c.check() == []

@@ -19,7 +19,7 @@ import psutil
 import pytest
 
 import shmcache
-from shmcache import Cache, layout
+from shmcache import Cache, admin, layout
 from test_crash import keys_in_stripe
 from test_daemon import daemon  # noqa: F401 - the fixture
 
@@ -271,7 +271,7 @@ def test_regression_live_holder_in_another_pid_namespace_is_never_taken_over(mak
         sem_max = 0
         t_end = time.monotonic() + 3.0  # 15 x lock_timeout
         while time.monotonic() < t_end:
-            sem_max = max(sem_max, cache._seg.sems[s].value)
+            sem_max = max(sem_max, admin.lock_values(cache)[s])
             time.sleep(0.01)
         assert done.value == 0, "the writer took over a stopped, live holder's stripe"
         assert sem_max == 0 and cache.stats()["recoveries"] == 0
@@ -280,7 +280,7 @@ def test_regression_live_holder_in_another_pid_namespace_is_never_taken_over(mak
         assert p.wait(30) == 0 and "RELEASED" in p.stdout.read()
         w.join(30)
         assert w.exitcode == 0 and done.value == len(keys)
-        assert cache._seg.sems[s].value == 1
+        assert admin.lock_values(cache)[s] == 1
         for k in keys:
             assert cache.get(k) == k.encode() * 50
         assert cache.get("from-the-holder") == b"h" * 100
@@ -313,7 +313,7 @@ def test_killed_holder_in_another_pid_namespace_is_recovered_at_once(make_cache,
         w.join(10)  # a third of lock_timeout
         assert w.exitcode == 0, "the writer did not get past the killed holder"
         print(f"stall after SIGKILL of a holder in another PID namespace: {(t_first.value - t_kill) * 1e3:.1f} ms")
-        assert cache._seg.sems[s].value == 1
+        assert admin.lock_values(cache)[s] == 1
         for k, v in {**before, **{k: k.encode() * 50 for k in keys}}.items():
             assert cache.get(k) == v
         assert cache.check() == [] and cache.stats()["recoveries"] == 1
@@ -385,14 +385,12 @@ def test_regression_forked_child_does_not_keep_a_dead_parent_alive(make_cache, c
 def test_closing_another_handle_of_the_same_cache_keeps_us_alive(make_cache, cache_name):
     # Classic POSIX locks die when the process closes *any* fd of the file; the
     # client locks are OFD locks, which only their own descriptor's close ends.
-    from shmcache.lock import client_alive
-
     a = make_cache(size="1MiB")
     b = make_cache(size="1MiB")
-    slot = a._state.client.slot
+    me = admin.current_client(a)
     b.close()
     Cache.unlink("no-such-cache-" + os.urandom(4).hex())
-    assert client_alive(a._seg, slot, a._state.client.gen)
+    assert admin.client_attached(a, *me)
     assert a.stats()["clients"] == 1
 
 
@@ -657,7 +655,7 @@ def test_regression_sidecar_daemon_in_another_pid_namespace_never_recovers_live_
             assert w.exitcode == 0
         st = cache.stats()
         assert errors.value == 0 and st["recoveries"] == 0, (errors.value, st["recoveries"])
-        assert all(cache._seg.sems[s].value == 1 for s in range(4))
+        assert admin.lock_values(cache) == [1] * 4
         assert cache.check() == [] and st["clients"] == 2  # us and the daemon: no live slot reaped
     finally:
         for p in psutil.Process(d.pid).children():  # the daemon; unshare --fork ignores SIGTERM

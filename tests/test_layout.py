@@ -137,7 +137,7 @@ def test_segment_file_matches_geometry(make_cache, cache_name, size, kw):
     # an attacher with other settings gets the creator's layout
     d = make_cache(size="1MiB", stripes=1, max_key_size=7)
     assert admin.geometry(d) == g
-    assert d._seg.created is False
+    assert admin.created(d) is False
 
 
 # -- foreign and mismatched segments -----------------------------------------------------
@@ -224,7 +224,7 @@ def _racer(name, i, start, written, results):
     try:
         c[f"w{i}"] = i
         c.incr("count")
-        results.put(("opened", i, c._seg.created, dataclasses.asdict(admin.geometry(c))))
+        results.put(("opened", i, admin.created(c), dataclasses.asdict(admin.geometry(c))))
         written.wait(timeout=60)
         seen = {k: c.get(k) for k in [f"w{j}" for j in range(N_RACERS)] + ["count"]}
         results.put(("seen", i, seen, c.check()))

@@ -2,12 +2,12 @@
 
 import gc
 import multiprocessing as mp
+import os
 
 import pytest
 
 import shmcache.cache as cache_mod
-from shmcache import Cache
-from shmcache.lock import live_clients, reap_dead_clients
+from shmcache import Cache, admin
 
 
 @pytest.fixture(params=["c", "python"])
@@ -31,9 +31,9 @@ def test_regression_dropped_cache_frees_its_slot_without_gc(impl, cache_name):
         c.incr("n")
         "x" in c
         c.delete("x")
-        assert len(live_clients(keeper._seg)) == 2
+        assert len(admin.clients(keeper)) == 2
         del c
-        assert len(live_clients(keeper._seg)) == 1
+        assert len(admin.clients(keeper)) == 1
     finally:
         gc.enable()
         keeper.close()
@@ -56,8 +56,8 @@ def test_multiprocessing_child_frees_every_slot_at_exit(impl, cache_name):
         p.join(30)
         assert p.exitcode == 0
         assert keeper["child"] == 1
-        assert [pid for _c, pid, _s in live_clients(keeper._seg)] == [keeper._state.identity.pid]
-        assert reap_dead_clients(keeper._seg) == []
+        assert [x.pid for x in admin.clients(keeper)] == [os.getpid()]
+        assert admin.reap_clients(keeper) == []
         assert keeper.stats()["sets"] == sets_before + 1
     finally:
         keeper.close()

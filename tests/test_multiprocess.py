@@ -22,9 +22,7 @@ import time
 
 import pytest
 
-from shmcache import Cache
-from shmcache import layout as L
-from shmcache.lock import live_clients
+from shmcache import Cache, admin
 from values import bad_value, make_value
 
 FORK = mp.get_context("fork")
@@ -59,8 +57,17 @@ def wait_pid(pid: int, timeout: float = JOIN) -> int | None:
 
 
 def slot_pid(cache: Cache, c: int) -> int:
-    g = cache._g
-    return L.CLIENT_HEAD.unpack_from(cache._seg.mm, g.client_table_off + c * g.client_record_size)[0]
+    """The pid recorded in client slot ``c`` (0 if the slot is free)."""
+    return next((x.pid for x in admin.clients(cache) if x.slot == c), 0)
+
+
+def my_slot(cache: Cache) -> int:
+    return admin.current_client(cache)[0]
+
+
+def client_pids(cache: Cache) -> list[int]:
+    """The pid of every claimed client slot, dead ones not yet reaped included."""
+    return [x.pid for x in admin.clients(cache)]
 
 
 # ------------------------------------------------ child programs (module level)
@@ -121,7 +128,7 @@ def _forked_user(cache, key, n, q):
     for i in range(n):
         cache.set(f"{key}-{i}", i)
     ok = all(cache.get(f"{key}-{i}") == i for i in range(n))
-    q.put((os.getpid(), cache._state.client.slot, slot_pid(cache, cache._state.client.slot), ok))
+    q.put((os.getpid(), my_slot(cache), slot_pid(cache, my_slot(cache)), ok))
 
 
 _KEEP = []  # like a worker's module-level ``cache = Cache(...)``
@@ -274,7 +281,7 @@ def test_threads_set_get_never_see_bad_values(make_cache):
 @pytest.mark.timeout(60)
 def test_fork_after_open_children_get_own_slots(cache):
     """gunicorn --preload: the master opens the cache, then forks workers."""
-    parent_client = cache._state.client.slot
+    parent_client = my_slot(cache)
     cache.set("from-parent", b"p")
     results = []
     pids = []
@@ -291,7 +298,7 @@ def test_fork_after_open_children_get_own_slots(cache):
                         cache.set(f"osfork{w}-{i}", i)
                     ok = all(cache.get(f"osfork{w}-{i}") == i for i in range(50))
                     ok = ok and cache.get("from-parent") == b"p"
-                    c = cache._state.client.slot
+                    c = my_slot(cache)
                     os.write(wfd, f"{os.getpid()} {c} {slot_pid(cache, c)} {int(ok)}".encode())
                     code = 0
                 finally:
@@ -326,7 +333,7 @@ def test_fork_after_open_children_get_own_slots(cache):
         assert ok
         assert c != parent_client
         assert spid == cpid  # the child recorded itself in its own slot
-    assert cache._state.client.slot == parent_client
+    assert my_slot(cache) == parent_client
     assert slot_pid(cache, parent_client) == os.getpid()
     # the parent still works, and sees what the children wrote
     cache.set("after", b"a")
@@ -347,8 +354,8 @@ def test_spawned_child_slot_freed_at_exit(cache, cache_name):
         p.start()
         join_all([p])
         assert p.exitcode == 0
-        assert p.pid not in [pid for _c, pid, _s in live_clients(cache._seg)]
-        assert [pid for _c, pid, _s in live_clients(cache._seg)] == [os.getpid()]
+        assert p.pid not in client_pids(cache)
+        assert client_pids(cache) == [os.getpid()]
         assert cache.stats()["sets"] == 10
         assert cache.get(f"child-{p.pid}-9") == 9
     finally:
@@ -362,7 +369,7 @@ def test_regression_mp_fork_child_slot_not_freed_at_exit(cache, cache_name):
         p.start()
         join_all([p])
         assert p.exitcode == 0
-        assert [pid for _c, pid, _s in live_clients(cache._seg)] == [os.getpid()]
+        assert client_pids(cache) == [os.getpid()]
     finally:
         join_all([p], 1)
 
@@ -380,7 +387,7 @@ def test_killed_child_slot_reaped_and_counters_kept(make_cache, cache_name):
         for e in ready:
             assert e.wait(JOIN)
         dead = {p.pid for p in procs}
-        assert dead <= {pid for _c, pid, _s in live_clients(cache._seg)}
+        assert dead <= set(client_pids(cache))
         for p in procs:
             p.kill()
             p.join(JOIN)
@@ -388,7 +395,7 @@ def test_killed_child_slot_reaped_and_counters_kept(make_cache, cache_name):
         # claiming slots now must reap the dead children's
         for _ in range(3):
             extra.append(Cache(cache_name, create=False))
-        pids = [pid for _c, pid, _s in live_clients(cache._seg)]
+        pids = client_pids(cache)
         assert not dead & set(pids)
         assert pids.count(os.getpid()) == 4
         st = cache.stats()

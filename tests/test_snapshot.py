@@ -369,6 +369,40 @@ def test_stale_temp_of_a_dead_writer_is_removed(make_cache, tmp_path):
     assert not stale.exists() and path.exists()
 
 
+def test_regression_stale_temp_with_our_own_pid_does_not_block_snapshots(make_cache, tmp_path):
+    # Temp files were named <path>.tmp.<pid> and the cleaner spared our own
+    # pid: a daemon that runs as pid 1 of its container, killed mid-snapshot
+    # and restarted (pid 1 again), could never create its temp file again
+    # (O_EXCL): every later snapshot failed with FileExistsError.
+    path = tmp_path / "s.snap"
+    stale = tmp_path / f"s.snap.tmp.{os.getpid()}"
+    stale.write_bytes(b"half a snapshot of the previous incarnation")
+    c = make_cache()
+    c["k"] = 1
+    assert write_snapshot(c, path).entries == 1
+    assert not stale.exists() and sorted(os.listdir(tmp_path)) == ["s.snap"]
+
+
+def test_regression_live_writers_temp_is_kept_whatever_its_pid(make_cache, tmp_path):
+    # A writer in another PID namespace names its temp file with a pid that
+    # may not exist here: the cleaner judged it dead by that pid and deleted
+    # the file under the live writer, whose rename then failed.
+    import fcntl
+
+    pid_max = int(open("/proc/sys/kernel/pid_max").read())
+    path = tmp_path / "s.snap"
+    live = tmp_path / f"s.snap.tmp.{pid_max + 1}"  # no such pid here, ever
+    fd = os.open(live, os.O_WRONLY | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)  # what a live writer holds until its rename
+        write_snapshot(make_cache(), path)
+        assert live.exists()
+    finally:
+        os.close(fd)
+    write_snapshot(make_cache(), path)  # its writer is gone now: the next writer clears it
+    assert not live.exists()
+
+
 def test_writing_to_a_directory_fails_cleanly(make_cache, tmp_path):
     with pytest.raises(IsADirectoryError):
         write_snapshot(make_cache(), tmp_path)

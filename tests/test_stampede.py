@@ -11,9 +11,11 @@ import subprocess
 import sys
 import time
 
+import psutil
 import pytest
 
 from shmcache.stampede import args_digest, lock_key
+from test_deploy import needs_pidns
 
 CTX = multiprocessing.get_context("fork")
 JOIN = 30.0  # seconds: no child may take longer (a hang, not a measurement)
@@ -240,6 +242,93 @@ def test_owner_factory_raises_a_waiter_computes(cache):
         assert cache.get("result:0") == f"value-from-{waiter.pid}"
     finally:
         _kill_all([owner, waiter])
+
+
+# -- owners in another PID namespace ------------------------------------------
+# The builder runs as pid 1 of its own PID namespace (sharing /dev/shm, as a
+# sidecar container with `ipc: shareable` does): the host sees it under
+# another pid, so only the kernel's answer about its client slot can tell
+# whether it lives.
+FOREIGN_BUILDER = """
+import os, sys, time
+from shmcache import Cache
+name, flag = sys.argv[1], sys.argv[2]
+c = Cache(name, create=False)
+def factory():
+    c.set("builder-started", os.getpid())
+    print("BUILDING", os.getpid(), flush=True)
+    while not os.path.exists(flag):
+        time.sleep(0.01)
+    return "from-the-namespace"
+print("DONE", c.get_or_set("hot", factory, ttl=60, timeout=60), flush=True)
+"""
+
+
+def _start_foreign_builder(name, flag):
+    """The builder in a new PID namespace, inside its factory; returns (unshare Popen, its host pid)."""
+    p = subprocess.Popen(["unshare", "--pid", "--fork", "--mount-proc", "--kill-child", sys.executable, "-c",
+                          FOREIGN_BUILDER, name, flag], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    line = p.stdout.readline()
+    assert line.startswith("BUILDING 1"), (line, p.stderr.read() if p.poll() is not None else "")
+    return p, psutil.Process(p.pid).children()[0].pid
+
+
+def _stop_foreign(p):
+    if p.poll() is None:
+        p.kill()  # --kill-child: the builder dies with unshare
+    p.wait(30)
+
+
+@needs_pidns
+@pytest.mark.timeout(120)
+def test_regression_live_builder_in_another_pid_namespace_is_not_taken_over(cache, tmp_path):
+    # The owner record was pid + start time: the host read "pid 1" (its own
+    # init, another start time), judged the live builder dead at the first
+    # poll and ran its own factory beside it.
+    flag = str(tmp_path / "finish")
+    p, _host_pid = _start_foreign_builder(cache.name, flag)
+    waiter = CTX.Process(target=_waiter, args=(cache, 0, 60.0))
+    try:
+        waiter.start()
+        time.sleep(2.0)  # ~40 owner checks at the 50 ms poll: it must still be waiting
+        assert waiter.is_alive() and cache.get("runs") is None, "the waiter took over a live builder"
+        assert "hot" not in cache
+        open(flag, "w").close()
+        _finish([waiter], timeout=20.0)
+        assert waiter.exitcode == 0
+        assert cache.get("result:0") == "from-the-namespace"
+        assert cache.get("runs") is None  # the waiter's own factory never ran
+        assert p.wait(30) == 0 and "DONE from-the-namespace" in p.stdout.read()
+        assert lock_key("hot") not in cache
+    finally:
+        _kill_all([waiter])
+        _stop_foreign(p)
+
+
+@needs_pidns
+@pytest.mark.timeout(120)
+def test_sigkilled_builder_in_another_pid_namespace_is_taken_over_at_once(cache, tmp_path):
+    # timeout=60 for the waiter: finishing within the bounded join below is
+    # only possible by the kernel saying the builder's client lock is gone.
+    p, host_pid = _start_foreign_builder(cache.name, str(tmp_path / "never"))
+    waiter = CTX.Process(target=_waiter, args=(cache, 0, 60.0))
+    try:
+        waiter.start()
+        time.sleep(0.5)  # the waiter is polling
+        assert cache.get("runs") is None
+        t_kill = time.monotonic()
+        os.kill(host_pid, signal.SIGKILL)
+        _finish([waiter], timeout=15.0)
+        print(f"takeover after SIGKILL of a builder in another PID namespace: "
+              f"{(time.monotonic() - t_kill) * 1e3:.0f} ms (incl. the waiter's 200 ms factory)")
+        assert waiter.exitcode == 0
+        assert cache.get("result:0") == f"value-from-{waiter.pid}"
+        assert cache.get("runs") == 1 and cache.get("hot") == f"value-from-{waiter.pid}"
+        assert cache.get("waited:0") < 15.0
+        assert lock_key("hot") not in cache
+    finally:
+        _kill_all([waiter])
+        _stop_foreign(p)
 
 
 # -- memoize ------------------------------------------------------------------
