@@ -6,6 +6,7 @@ import select
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 _LISTEN = re.compile(r"tcp [^ ,]+:(\d+)")
@@ -36,6 +37,15 @@ class ServeProcess:
                 if m:
                     self.port = int(m.group(1))
         # the workers listen from the moment the sockets are bound (before the log line)
+        # Keep draining the server's log: a full stderr pipe (64 KiB, e.g. one
+        # "protocol error" line per fuzzed client) would block the server in
+        # write() and it would stop answering.
+        self._drain = threading.Thread(target=self._read_log, daemon=True)
+        self._drain.start()
+
+    def _read_log(self) -> None:
+        for line in iter(self.proc.stderr.readline, b""):
+            self.log.append(line.decode(errors="replace"))
 
     def stop(self, timeout: float = 15) -> int:
         if self.proc.poll() is None:
@@ -45,8 +55,11 @@ class ServeProcess:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait(5)
-        rest = self.proc.stderr.read().decode() if self.proc.stderr else ""
-        self.log.append(rest)
+        drain = getattr(self, "_drain", None)
+        if drain is not None:
+            drain.join(10)
+        else:  # never started (the server did not come up): read what it said
+            self.log.append(self.proc.stderr.read().decode(errors="replace"))
         self.proc.stderr.close()
         return self.proc.returncode
 
