@@ -390,7 +390,8 @@ def report(results: dict, servers: dict, a) -> str:
                 # the scheduler did to a holder on a shared machine
                 x = v["hold_cpu_us"]
                 ok = x <= lim
-                extra = f" (CPU time of the holder; wall time {v['hold_us']:.2f} us, preemption included)"
+                extra = (f" (the longest reclaim in the holder's CPU time; the longest hold in wall time "
+                         f"{v['hold_us']:.2f} us, preemption included)")
             p(f"  {name:<44} {x:9.2f}  {op} {lim:<6} {'met' if ok else 'MISSED'}{extra}")
     if len(results) == 2:
         (la, ra), (lb, rb) = results.items()

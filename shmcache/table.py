@@ -419,7 +419,9 @@ class Table(Arena, Expiry, Repair):
                     f"({'emptied' if dropped < 0 else f'{dropped} bad slots dropped'}): retry the write"
                 )
             p = self._slot_pos(s, i)
-            mm[self.refs_off + s * self.sps + i] = 0  # a new key starts without a second chance
+            # A new key starts without a second chance: an empty slot's access
+            # bit is 0 already (every removal clears it; storing it again here
+            # cost a cache miss per insert, +40% on a set with room).
             st[s, L.S_ITEMS // 8] = (int(st[s, L.S_ITEMS // 8]) + 1) & _U64_MAX  # (a damaged count may be 2**64 - 1)
         _SLOT_pack(mm, p, tag, off // _AL, expire)  # publish
         head, tail, fill = self._ring(s)
