@@ -209,6 +209,7 @@ def _daemon_serve(serve, args) -> int:
         upstream=args.upstream,
         track_prefixes=args.track_prefix or (),
         track_ping=args.track_ping,
+        track_nice=args.track_nice or None,
     )
 
 
@@ -1012,6 +1013,10 @@ def _daemon_parser(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
                    help="key prefix to track (repeatable; default: every key)")
     p.add_argument("--track-ping", type=float, default=0.1, metavar="SECONDS",
                    help="seconds between tracker PINGs; near-cache reads are at most twice that behind (default 0.1)")
+    p.add_argument("--track-nice", type=int, default=-20, metavar="N",
+                   help="nice value of the tracker thread alone, so an invalidation does not wait for a CPU on a "
+                        "busy host (-20..19, 0 = leave it; needs CAP_SYS_NICE or LimitNICE, else a warning; "
+                        "default -20)")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     p.add_argument("--serve", type=int, metavar="PORT",
                    help="also serve the cache over the Redis protocol on PORT (a 'shmcache serve' process "

@@ -205,6 +205,8 @@ class Daemon:
         track_prefixes: key prefixes to track (empty: every key).
         track_ping: seconds between the tracker's PINGs (readers trust the near
             cache for twice that after the last answered one).
+        track_nice: nice value of the tracker thread alone (None: inherited);
+            see ``shmcache.near.Tracker``.
 
     Raises:
         DaemonError: another daemon serves the cache or writes ``snapshot``,
@@ -235,6 +237,7 @@ class Daemon:
         upstream: str | None = None,
         track_prefixes=(),
         track_ping: float = 0.1,
+        track_nice: int | None = None,
     ):
         # NaN compares false with everything: unchecked, it silently turned
         # recovery or snapshots off. Bounded so a sleep can never overflow.
@@ -280,7 +283,7 @@ class Daemon:
             from .near import Tracker
 
             try:
-                self.tracker = Tracker(self.cache, upstream, track_prefixes, track_ping)
+                self.tracker = Tracker(self.cache, upstream, track_prefixes, track_ping, nice=track_nice)
             except BaseException:
                 self.cache.close()
                 raise

@@ -104,7 +104,8 @@ class RedisServer:
 class Host:
     """One simulated host: a cache and a daemon that tracks ``redis``."""
 
-    def __init__(self, redis: RedisServer, tmp_path, prefixes=("app:",), ping=0.05, tag="near", url=None):
+    def __init__(self, redis: RedisServer, tmp_path, prefixes=("app:",), ping=0.05, tag="near", url=None,
+                 extra=(), env=None, wrap=()):
         self.redis = redis
         self.url = url or redis.url  # what the daemon tracks (a redis+sentinel:// URL, say)
         self.name = fresh_name(tag)
@@ -113,17 +114,31 @@ class Host:
         self.log_path = tmp_path / f"{self.name}.daemon.log"
         self.cache = Cache(self.name, size="8MiB")
         self.proc = None
+        self.extra = list(extra)  # more daemon options
+        self.env = env  # the daemon's environment (None: ours)
+        self.wrap = list(wrap)  # a command the daemon runs under (setpriv ...)
 
     def start_daemon(self, wait=True) -> "Host":
-        args = [sys.executable, "-m", "shmcache", "daemon", "--name", self.name, "--upstream", self.url,
-                "--track-ping", str(self.ping)]
+        args = [*self.wrap, sys.executable, "-m", "shmcache", "daemon", "--name", self.name,
+                "--track-ping", str(self.ping), *self.extra]
+        if self.url:
+            args += ["--upstream", self.url]
         for p in self.prefixes:
             args += ["--track-prefix", p]
         self._log = open(self.log_path, "ab")
-        self.proc = subprocess.Popen(args, stdout=self._log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        self.proc = subprocess.Popen(args, stdout=self._log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                     env=self.env)
         if wait:
             self.wait_up()
         return self
+
+    def thread_nices(self) -> list[int]:
+        """The nice value of each thread of the daemon (from /proc)."""
+        out = []
+        for tid in os.listdir(f"/proc/{self.proc.pid}/task"):
+            with open(f"/proc/{self.proc.pid}/task/{tid}/stat") as f:
+                out.append(int(f.read().rpartition(")")[2].split()[16]))
+        return out
 
     def stats(self) -> dict:
         return read_stats(self.cache) or {}
