@@ -1008,7 +1008,8 @@ def _daemon_parser(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--metrics", metavar="HOST:PORT", help="serve Prometheus metrics at http://HOST:PORT/metrics "
                                                           "(a bare PORT listens on 127.0.0.1; needs prometheus_client)")
     p.add_argument("--upstream", metavar="URL", help="Redis to track for the near cache (shmcache.near): "
-                                                     "redis://, rediss://, unix:// or redis+sentinel:// URL")
+                                                     "redis://, rediss://, unix://, redis+sentinel:// or "
+                                                     "redis+cluster://host:port[,host:port] URL")
     p.add_argument("--track-prefix", action="append", metavar="PREFIX",
                    help="key prefix to track (repeatable; default: every key)")
     p.add_argument("--track-ping", type=float, default=0.1, metavar="SECONDS",

@@ -58,6 +58,13 @@ Why it holds, piece by piece:
   writes acknowledged after the held heartbeat). A published "down" or a new
   epoch is therefore noticed within ``max_staleness / 2``; the bound itself
   never depended on them. Cost per hit: two ``Cache.get`` (sequence, entry).
+* **Redis Cluster.** One tracking connection per master (each reports the
+  writes to its own slots); the heartbeat is the oldest PING every master has
+  answered, so the bound holds for every slot. The slot map is re-read every
+  TOPOLOGY_SECONDS on the first connection: moved slots give a new epoch (a
+  key's writes are then reported by its new master, which is tracked too; the
+  epoch is belt and braces); other masters than the tracked ones, or a lost
+  connection, end the session: "down", rediscover, re-track, new epoch.
 * **TTL.** The local TTL is ``min(max_ttl, PTTL)`` with the PTTL counted from
   *before* the GET+PTTL round trip, so it never outlives the server's key.
 
@@ -86,6 +93,7 @@ import json
 import logging
 import os
 import random
+import select
 import struct
 import threading
 import time
@@ -183,6 +191,9 @@ def connect(url: str, **kwargs):
     """A redis-py client for ``url``.
 
     ``redis://``, ``rediss://`` and ``unix://`` are redis-py's own URLs.
+    ``redis+cluster://[:password@]host:port[,host:port...]`` is a Redis
+    Cluster found from those seed nodes (redis-py's ``RedisCluster``, which
+    discovers the masters and follows MOVED/ASK).
     ``redis+sentinel://[:password@]host:port[,host:port...]/service[/db]``
     asks those Sentinels for the master of ``service`` (redis-py's
     ``Sentinel.master_for``, which follows failovers).
@@ -195,6 +206,26 @@ def connect(url: str, **kwargs):
 
     if not isinstance(url, str):
         raise TypeError(f"upstream must be a redis:// URL or a redis-py client, not {type(url).__name__}")
+    if url.startswith(("redis+cluster://", "rediss+cluster://")):
+        from redis.cluster import ClusterNode, RedisCluster
+
+        u = urlparse(url)
+        parts = [p for p in u.path.split("/") if p]
+        if parts and parts != ["0"]:
+            raise ValueError(f"{_safe_url(url)}: Redis Cluster has only database 0")
+        nodes = []
+        for hp in u.netloc.rpartition("@")[2].split(","):
+            h, _, p = hp.rpartition(":")
+            if not p.isdigit():
+                raise ValueError(f"{_safe_url(url)}: give the seed nodes as host:port[,host:port...]")
+            nodes.append(ClusterNode(h.strip("[]") or "127.0.0.1", int(p)))
+        if u.password:
+            kwargs.setdefault("password", unquote(u.password))
+        if u.username:
+            kwargs.setdefault("username", unquote(u.username))
+        if url.startswith("rediss"):
+            kwargs.setdefault("ssl", True)
+        return RedisCluster(startup_nodes=nodes, **kwargs)
     if url.startswith("redis+sentinel://"):
         from redis.sentinel import Sentinel
 
@@ -295,6 +326,7 @@ class NearCache:
         self._redis = connect(redis) if self._own_redis else redis
         if not hasattr(self._redis, "pipeline"):
             raise TypeError(f"redis must be a redis-py client or a URL, not {type(redis).__name__}")
+        self._cluster = _is_cluster(self._redis)
         try:
             self._decode = bool(self._redis.get_encoder().decode_responses)
         except AttributeError:
@@ -564,11 +596,18 @@ class NearCache:
         t0 = time.monotonic()
         pipe = self._redis.pipeline(transaction=False)
         wanted = [kb for _k, kb, *_ in fills] + [kb for _k, kb in plain]
-        pipe.mget(wanted)
+        if self._cluster:  # MGET needs one slot; redis-py routes each GET to its master
+            for kb in wanted:
+                pipe.get(kb)
+        else:
+            pipe.mget(wanted)
         for _key, kb, *_ in fills:
             pipe.pttl(kb)
         res = pipe.execute()
-        vals, pttls = res[0], res[1:]
+        if self._cluster:
+            vals, pttls = res[:len(wanted)], res[len(wanted):]
+        else:
+            vals, pttls = res[0], res[1:]
         self._counts["near_misses"] += len(fills)
         self._count("upstream_reads", len(wanted))
         for i, (key, kb, lk, sk, seq, epoch) in enumerate(fills):
@@ -939,7 +978,7 @@ class Tracker:
         self._beat = 0.0
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-        self._conn = None
+        self._conns: list = []  # the live tracking connections (tests kill them)
         self.connected = threading.Event()  # set while tracking is on (tests, launchers)
 
     # -- shared memory ------------------------------------------------------
@@ -950,11 +989,11 @@ class Tracker:
     def _bump(self, name: str, n: int = 1) -> None:
         self.cache.incr(STAT_PREFIX + name.encode(), n, ttl=None)
 
-    def _describe(self) -> None:
+    def _describe(self, connections: int = 0) -> None:
         url = self.upstream if isinstance(self.upstream, str) else repr(self.upstream)
         self.cache.set(INFO_KEY, json.dumps({
             "upstream": _safe_url(url), "pid": os.getpid(), "ping_interval": self.ping_interval,
-            "prefixes": [p.decode("latin-1") for p in self.prefixes],
+            "prefixes": [p.decode("latin-1") for p in self.prefixes], "connections": connections,
         }).encode(), ttl=None)
 
     def go_down(self) -> None:
@@ -1008,52 +1047,123 @@ class Tracker:
             return self.upstream()
         return connect(self.upstream, **kw)
 
+    def _targets(self, client) -> list:
+        """The servers to track: the one Redis, or every master of a cluster
+        (found afresh through redis-py's own discovery on each session)."""
+        if _is_cluster(client):
+            client.nodes_manager.initialize()
+            return [(n.name, n.redis_connection.connection_pool.make_connection()) for n in client.get_primaries()]
+        return [("redis", client.connection_pool.make_connection())]
+
     def _session(self, client) -> None:
-        """Track on one connection until it fails (raises) or stop() is called."""
-        conn = client.connection_pool.make_connection()
-        self._conn = conn
+        """Track on one connection per master until one fails (raises) or stop() is called."""
+        states = []
         try:
-            conn.connect()
-            if str(conn.protocol) != "3":
-                raise ValueError("the tracking connection needs RESP3 (protocol=3)")
-            conn._parser.set_invalidation_push_handler(self._on_push)  # redis-py's own CSC does the same
+            for name, conn in self._targets(client):
+                st = _Link(name, conn)
+                states.append(st)
+                conn.connect()
+                if str(conn.protocol) != "3":
+                    raise ValueError("the tracking connection needs RESP3 (protocol=3)")
+                conn._parser.set_invalidation_push_handler(self._on_push)  # see "Push handler" in the README
+            self._conns = [st.conn for st in states]
             args = ["CLIENT", "TRACKING", "ON", "BCAST"]
             for p in self.prefixes:
                 args += ["PREFIX", p]
             sent = time.monotonic()
-            conn.send_command(*args)
-            conn.read_response()
+            for st in states:
+                st.conn.send_command(*args)
+            for st in states:
+                st.conn.read_response()
+            cluster = _is_cluster(client)
+            slots = None
+            if cluster:
+                # Read after tracking is on: a move from now on is noticed.
+                states[0].conn.send_command("CLUSTER", "SLOTS")
+                slots = self._check_slots(states, _read_reply(states[0].conn))
             # Tracking is on: whatever is written from now on reaches us. Only
             # now may readers trust shared memory again, under a new epoch.
             self.new_epoch()
             self.up = True
-            self._describe()
+            self._describe(len(states))
             self._publish(sent)
             self.connected.set()
-            log.info("tracking %s (prefixes %s); readers may be %.3g s behind at most",
+            log.info("tracking %s (%s; prefixes %s); readers may be %.3g s behind at most",
                      _safe_url(self.upstream) if isinstance(self.upstream, str) else "upstream",
+                     f"{len(states)} masters" if cluster else "one server",
                      [p.decode("latin-1") for p in self.prefixes] or "all keys", self.max_staleness)
-            pending: deque = deque()
+            for st in states:
+                st.acked = sent
+            poller = select.poll()
+            by_fd = {}
+            for st in states:
+                # Layer breach: redis-py has no public way to wait on several
+                # connections at once; the socket is only polled, never read.
+                fd = st.conn._sock.fileno()
+                poller.register(fd, select.POLLIN)
+                by_fd[fd] = st
             next_ping = time.monotonic()
+            next_slots = next_ping + TOPOLOGY_SECONDS
             while not self._stop.is_set():
                 now = time.monotonic()
                 if now >= next_ping:
-                    conn.send_command("PING")
-                    pending.append(now)
+                    for st in states:
+                        st.conn.send_command("PING")
+                        st.pending.append(now)
                     next_ping = now + self.ping_interval
-                if pending and now - pending[0] > self.ping_timeout:
-                    raise TimeoutError(f"no PONG for {now - pending[0]:.2f} s")
-                if conn.can_read(timeout=max(0.0, min(next_ping - time.monotonic(), self.ping_interval))):
-                    r = conn.read_response(push_request=True)
-                    if r is _PUSHED:
-                        continue
-                    if not pending:
-                        raise ValueError(f"unexpected reply on the tracking connection: {r!r}")
-                    self._publish(pending.popleft())
+                if cluster and now >= next_slots:
+                    states[0].conn.send_command("CLUSTER", "SLOTS")
+                    states[0].pending.append(None)
+                    next_slots = now + TOPOLOGY_SECONDS
+                for st in states:
+                    t = next((x for x in st.pending if x is not None), None)
+                    if t is not None and now - t > self.ping_timeout:
+                        raise TimeoutError(f"no PONG from {st.name} for {now - t:.2f} s")
+                busy = False
+                for st in states:  # whatever is buffered or already in a socket, in order per link
+                    if st.conn.can_read(0):
+                        busy = True
+                        r = st.conn.read_response(push_request=True)
+                        if r is _PUSHED:
+                            continue
+                        if not st.pending:
+                            raise ValueError(f"unexpected reply on the tracking connection to {st.name}: {r!r}")
+                        t = st.pending.popleft()
+                        if t is None:  # a CLUSTER SLOTS reply
+                            now_slots = self._check_slots(states, r)
+                            if now_slots != slots:
+                                log.info("cluster slots moved between masters: new epoch")
+                                slots = now_slots
+                                self.new_epoch()
+                                self._publish(self._beat)
+                            continue
+                        st.acked = t
+                        beat = min(x.acked for x in states)
+                        if beat > self._beat:
+                            self._publish(beat)
+                if not busy:
+                    wait = max(0.0, min(next_ping - time.monotonic(), self.ping_interval))
+                    poller.poll(wait * 1000.0)
         finally:
             self.connected.clear()
-            self._conn = None
-            conn.disconnect()
+            self._conns = []
+            for st in states:
+                st.conn.disconnect()
+
+    def _check_slots(self, states, reply) -> tuple:
+        """The slot map of a CLUSTER SLOTS reply, as ``((first, last, master id), ...)``;
+        raises if its masters are not the ones tracked (a master was added,
+        removed or replaced: the session starts over, under a new epoch)."""
+        slots, masters = [], set()
+        for entry in reply:
+            host, port, node_id = entry[2][0], int(entry[2][1]), entry[2][2]
+            host = host.decode() if isinstance(host, bytes) else str(host)
+            masters.add(f"{host}:{port}")
+            slots.append((int(entry[0]), int(entry[1]), bytes(node_id) if isinstance(node_id, bytes) else node_id))
+        tracked = {st.name for st in states}
+        if masters != tracked:
+            raise TopologyChanged(f"cluster masters are now {sorted(masters)}, tracking {sorted(tracked)}")
+        return tuple(sorted(slots))
 
     def _on_push(self, msg):
         self.on_invalidate(msg)
@@ -1073,6 +1183,7 @@ class Tracker:
     def run(self) -> None:
         """Track until :meth:`stop`: sessions, reconnects with backoff."""
         import redis
+        from redis.exceptions import RedisClusterException
 
         self._set_priority()
         backoff = 0.05
@@ -1083,7 +1194,7 @@ class Tracker:
                 if client is None:
                     client = self._client()
                 self._session(client)
-            except (redis.RedisError, OSError, ValueError) as e:
+            except (redis.RedisError, RedisClusterException, TopologyChanged, OSError, ValueError) as e:
                 if self._stop.is_set():
                     break
                 was_up = self.up
@@ -1119,3 +1230,36 @@ class Tracker:
 
 
 _PUSHED = object()
+#: How often a cluster's slot map is re-read on the tracking connection (s).
+TOPOLOGY_SECONDS = 1.0
+
+
+class TopologyChanged(Exception):
+    """The cluster's masters are not the ones tracked: track them afresh."""
+
+
+class _Link:
+    """One tracking connection: its master and the send times of its unanswered PINGs."""
+
+    __slots__ = ("name", "conn", "pending", "acked")
+
+    def __init__(self, name, conn):
+        self.name = name
+        self.conn = conn
+        self.pending: deque = deque()  # PING send times; None for a CLUSTER SLOTS
+        self.acked = 0.0
+
+
+def _is_cluster(client) -> bool:
+    try:
+        from redis.cluster import RedisCluster
+    except ImportError:  # pragma: no cover - redis-py without cluster support
+        return False
+    return isinstance(client, RedisCluster)
+
+
+def _read_reply(conn):
+    while True:
+        r = conn.read_response(push_request=True)
+        if r is not _PUSHED:
+            return r
