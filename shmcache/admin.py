@@ -45,7 +45,7 @@ if TYPE_CHECKING:  # pragma: no cover
 
 __all__ = [
     "ClientInfo", "DaemonInfo", "EntryInfo", "SnapshotStatus", "StripeInfo", "TYPE_NAMES",
-    "check", "clients", "counters", "daemon_info", "entries", "expire", "geometry", "inspect",
+    "check", "clients", "counters", "pickle_trust", "daemon_info", "entries", "expire", "geometry", "inspect",
     "RawWriter", "Storage", "expiring", "fix_overcount", "heartbeat", "mark_daemon_ready", "publish_daemon",
     "reap_clients",
     "record_snapshot", "recover", "recover_stripes", "repair", "storage", "stored_items", "stripes",
@@ -354,6 +354,16 @@ def inspect(cache: "Cache", key: str | bytes, *, raw: bool = False) -> EntryInfo
     flags, vb, exp, p, at = r
     s = (p - cache._g.index_off) // (L.SLOT_SIZE * cache._g.slots_per_stripe)
     return _entry(cache, s, kb, flags, vb, exp, at, now, raw)
+
+
+def pickle_trust(cache: "Cache") -> codec.Codec:
+    """A codec that unpickles exactly as ``cache`` does (README "Security"):
+    full pickle only where the cache allows it, else global-free pickles
+    only (``PickleRefused`` for the rest). For adapters that decode values
+    the cache holds on their behalf (``shmcache.near``)."""
+    cache._check_open()
+    c = cache._codec
+    return codec.Codec(allow_pickle=c.allow_pickle, where=c.where, why=c.why)
 
 
 # -------------------------------------------------------------- maintenance

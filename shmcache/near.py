@@ -83,8 +83,17 @@ random value, so an eviction never makes an old entry valid again.
 Values: with no ``serializer`` they go to Redis as redis-py sends them
 (bytes, str, int, float) and come back as bytes (str if the client has
 ``decode_responses=True``), so plain Redis clients read what you wrote. With
-``serializer`` (``dumps``/``loads``), every value goes through it (the
-Django backend uses Django's own Redis serializer this way).
+``serializer`` (``dumps``/``loads``), every value goes through it.
+
+**Pickle trust.** A value served from shared memory was written there by
+whoever can write the segment, not by Redis; unpickling it runs code they
+chose. So pickles are decoded under the cache's own rule (README "Security",
+``Cache(allow_pickle=)``): full pickle only where the cache allows it (a
+cache nobody but you can write, or ``allow_pickle=True``), else only pickles
+that need no class (``PickleRefused`` otherwise, nothing of it runs).
+:class:`TrustedPickle` applies it; ``serializer=pickle`` gets it, and the
+Django and Flask backends put it under their Redis serializers. Other
+serializers are yours: json or msgpack run no code.
 """
 
 from __future__ import annotations
@@ -92,6 +101,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import pickle
 import random
 import select
 import struct
@@ -104,7 +114,7 @@ from urllib.parse import unquote, urlparse
 
 from . import admin
 from .cache import Cache
-from .codec import Codec
+from .codec import BYTES, FLOAT, INT, PICKLE, STR, Codec
 from .errors import CacheFull, Error, KeyTooLong, ValueTooLarge
 
 log = logging.getLogger("shmcache.near")
@@ -174,6 +184,39 @@ def _redis_key(key) -> bytes:
     if isinstance(key, (bytearray, memoryview)):
         return bytes(key)
     raise TypeError(f"key must be str or bytes, not {type(key).__name__}")
+
+
+class TrustedPickle:
+    """``pickle.dumps``/``loads`` under the pickle trust of a cache (see the
+    module docstring): full pickle where ``codec.allow_pickle``; else only
+    values that need no class to rebuild are written (``TypeError``
+    otherwise, before anything reaches Redis) or read (``PickleRefused``).
+
+    Args:
+        codec: a :class:`shmcache.codec.Codec` saying what is trusted
+            (``shmcache.admin.pickle_trust(cache)``).
+    """
+
+    def __init__(self, codec: Codec):
+        self.codec = codec
+        self.allow_pickle = codec.allow_pickle
+
+    def dumps(self, value, protocol: int = pickle.HIGHEST_PROTOCOL) -> bytes:
+        if self.allow_pickle:
+            return pickle.dumps(value, protocol)
+        tag, data = self.codec.encode(value)  # refuses what needs a class, naming the cache and why
+        if tag == PICKLE:
+            return bytes(data)
+        if tag in (BYTES, STR, INT, FLOAT):  # pickled by opcode, no global
+            return pickle.dumps(value, protocol)
+        raise TypeError(f"{self.codec.where} does not trust pickle ({self.codec.why}), and a "
+                        f"{type(value).__name__} needs a class to unpickle: store bytes, or pass "
+                        f"allow_pickle=True if every writer is trusted")
+
+    def loads(self, data):
+        if self.allow_pickle:
+            return pickle.loads(data)
+        return self.codec.decode(PICKLE, bytes(data))
 
 
 def _prefixes(prefixes) -> tuple[bytes, ...]:
@@ -302,6 +345,11 @@ class NearCache:
         neg_ttl: seconds a "no such key" answer is kept (None: not kept).
         serializer: object with ``dumps(value) -> bytes`` and ``loads(bytes)``
             applied to every value; None: redis-py's own types (see above).
+            The ``pickle`` module is replaced by :attr:`pickle`, which
+            follows the cache's pickle trust.
+        allow_pickle: None: unpickle as ``cache`` does (full pickle only if
+            nobody else can write it); True / False: decide here (as
+            ``Cache(allow_pickle=)``).
 
     Raises:
         TypeError / ValueError: a bad argument (the message names it).
@@ -309,7 +357,7 @@ class NearCache:
     """
 
     def __init__(self, cache, redis, prefixes=None, *, max_ttl: float = 60.0, neg_ttl: float | None = None,
-                 serializer=None):
+                 serializer=None, allow_pickle: bool | None = None):
         for label, v, none_ok in (("max_ttl", max_ttl, False), ("neg_ttl", neg_ttl, True)):
             if v is None and none_ok:
                 continue
@@ -335,6 +383,16 @@ class NearCache:
         self._cache = Cache(cache) if self._own_cache else cache
         if not isinstance(self._cache, Cache):
             raise TypeError(f"cache must be a shmcache.Cache or a cache name, not {type(cache).__name__}")
+        if allow_pickle is not None and not isinstance(allow_pickle, bool):
+            raise TypeError(f"allow_pickle must be True, False or None, not {type(allow_pickle).__name__}")
+        trust = admin.pickle_trust(self._cache)
+        if allow_pickle is not None:
+            trust.allow_pickle = allow_pickle
+            trust.why = "allow_pickle=False"
+        #: pickle under the cache's trust rule (the Django and Flask backends use it)
+        self.pickle = TrustedPickle(trust)
+        if serializer is pickle or getattr(serializer, "loads", None) is pickle.loads:
+            self.serializer = self.pickle
         #: longest Redis key kept locally (longer ones always go to Redis)
         self._max_key = self._cache.stats()["max_key_size"] - len(ENTRY_PREFIX) - 1
         self._epoch_seen = None

@@ -62,12 +62,14 @@ class RedisServer:
         self.dir = tempfile.mkdtemp(prefix="near-redis-")
         self.proc = None
         self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.password = None
 
     def start(self) -> "RedisServer":
         self._log = open(os.path.join(self.dir, "redis.log"), "ab")
         self.proc = subprocess.Popen(
             [REDIS, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-             "--dir", self.dir, "--protected-mode", "yes"],
+             "--dir", self.dir, "--protected-mode", "yes",
+             *(["--requirepass", self.password] if self.password else [])],
             stdout=self._log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
         )
         wait_for(self._pingable, 10, "redis-server to accept connections")
@@ -79,13 +81,15 @@ class RedisServer:
         try:
             with socket.create_connection(("127.0.0.1", self.port), timeout=1) as s:
                 s.sendall(b"PING\r\n")
-                return s.recv(16).startswith(b"+PONG")
+                return s.recv(16).startswith((b"+PONG", b"-NOAUTH"))
         except OSError:
             return False
 
     def cli(self, *args) -> str:
         """Run ``redis-cli`` against this server (a plain client, not redis-py)."""
-        out = subprocess.run(["redis-cli", "-p", str(self.port), *args], capture_output=True, text=True, timeout=10)
+        env = {**os.environ, "REDISCLI_AUTH": self.password} if self.password else None
+        out = subprocess.run(["redis-cli", "-p", str(self.port), *args], capture_output=True, text=True, timeout=10,
+                             env=env)
         assert out.returncode == 0, out.stderr
         return out.stdout.strip()
 
@@ -214,14 +218,15 @@ class Host:
     """One simulated host: a cache and a daemon that tracks ``redis``."""
 
     def __init__(self, redis: RedisServer, tmp_path, prefixes=("app:",), ping=0.05, tag="near", url=None,
-                 extra=(), env=None, wrap=()):
+                 extra=(), env=None, wrap=(), cache_options=None):
         self.redis = redis
-        self.url = url or redis.url  # what the daemon tracks (a redis+sentinel:// URL, say)
+        # what the daemon tracks (a redis+sentinel:// URL, say; "": none on its command line)
+        self.url = redis.url if url is None else url
         self.name = fresh_name(tag)
         self.prefixes = list(prefixes)
         self.ping = ping
         self.log_path = tmp_path / f"{self.name}.daemon.log"
-        self.cache = Cache(self.name, size="8MiB")
+        self.cache = Cache(self.name, size="8MiB", **(cache_options or {}))
         self.proc = None
         self.extra = list(extra)  # more daemon options
         self.env = env  # the daemon's environment (None: ours)

@@ -7,6 +7,8 @@ it by PID; two "hosts" are two caches with two daemons on that one Redis.
 
 from __future__ import annotations
 
+import json
+import os
 import signal
 import time
 
@@ -483,3 +485,73 @@ def test_tracker_without_the_right_to_renice_warns_and_still_tracks(hosts, serve
         server.cli("SET", "app:renice", "2")
         wait_for(gone_from(h, b"app:renice"), 10, "the invalidation")
         assert n.get("app:renice") == b"2"
+
+
+# ------------------------------------------------------- upstream password
+SECRET = "n3ar-s3cret-pw"
+
+
+@pytest.fixture
+def locked_server():
+    s = RedisServer()
+    s.password = SECRET
+    s.start()
+    yield s
+    s.close()
+
+
+def _cmdline(pid: int) -> bytes:
+    with open(f"/proc/{pid}/cmdline", "rb") as f:
+        return f.read()
+
+
+def _assert_password_hidden(h):
+    st = h.wait_up()  # it authenticated: tracking is on
+    assert SECRET.encode() not in _cmdline(h.proc.pid)
+    assert SECRET not in json.dumps(st["tracker"]) and "***" in st["tracker"]["upstream"]
+    assert SECRET not in h.log()
+
+
+def test_upstream_from_the_environment_keeps_the_password_out_of_ps(locked_server, tmp_path):
+    """Regression: the gunicorn config put SHMCACHE_UPSTREAM (password
+    included) on the daemon's command line, which every user reads in ps."""
+    url = f"redis://:{SECRET}@127.0.0.1:{locked_server.port}/0"
+    h = Host(locked_server, tmp_path, tag="pwenv", url="", env={**os.environ, "SHMCACHE_UPSTREAM": url})
+    try:
+        h.start_daemon(wait=False)
+        _assert_password_hidden(h)
+        with NearCache(h.cache, url, prefixes=["app:"]) as n:
+            locked_server.cli("SET", "app:pw", "1")
+            fill(n, h, "app:pw")
+            locked_server.cli("SET", "app:pw", "2")
+            wait_for(gone_from(h, b"app:pw"), 10, "the invalidation")
+    finally:
+        h.close()
+
+
+def test_upstream_file_keeps_the_password_out_of_ps_and_must_be_private(locked_server, tmp_path):
+    url = f"redis://:{SECRET}@127.0.0.1:{locked_server.port}/0"
+    f = tmp_path / "upstream"
+    f.write_text(url + "\n")
+    f.chmod(0o644)
+    h = Host(locked_server, tmp_path, tag="pwfile", url="", extra=["--upstream-file", str(f)])
+    try:
+        h.start_daemon(wait=False)
+        assert h.proc.wait(30) == 1
+        assert "chmod 600" in h.log() and SECRET not in h.log()
+        f.chmod(0o600)
+        h.start_daemon(wait=False)
+        _assert_password_hidden(h)
+    finally:
+        h.close()
+
+
+def test_a_password_on_the_command_line_is_warned_about(locked_server, tmp_path):
+    url = f"redis://:{SECRET}@127.0.0.1:{locked_server.port}/0"
+    h = Host(locked_server, tmp_path, tag="pwarg", url=url)
+    try:
+        h.start_daemon()
+        assert "--upstream-file" in h.log() and "ps" in h.log()
+        assert SECRET not in h.log()
+    finally:
+        h.close()
