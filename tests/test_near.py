@@ -421,7 +421,6 @@ def test_daemon_without_upstream_refuses_track_prefix(cache_name):
 
 
 def test_shmcache_stats_shows_the_near_cache_and_its_tracker(shared):
-    import json
     import subprocess
     import sys
 
@@ -437,6 +436,9 @@ def test_shmcache_stats_shows_the_near_cache_and_its_tracker(shared):
                         text=True, timeout=60)
     near = json.loads(js.stdout)["near"]
     assert near["upstream_reads"] >= 1 and near["tracker"]["prefixes"] == ["app:"]
+    for key in ("near_hits", "bypassed_reads", "invalidations", "epoch_bumps", "reconnects", "tracker_up"):
+        assert key in near, key
+    assert near["epoch_bumps"] >= 1 and near["tracker"]["connections"] == 1
 
 
 # ------------------------------------------------------- invalidation delay
@@ -555,3 +557,33 @@ def test_a_password_on_the_command_line_is_warned_about(locked_server, tmp_path)
         assert SECRET not in h.log()
     finally:
         h.close()
+
+
+# ------------------------------------------------------------------- metrics
+def test_prometheus_collector_exports_the_near_cache_counters(hosts, server):
+    pytest.importorskip("prometheus_client", reason="the prometheus extra is installed by make test")
+    from prometheus_client import CollectorRegistry, generate_latest
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from shmcache.contrib.prometheus import ShmcacheCollector
+
+    (h,) = hosts(1)
+    server.cli("SET", "app:m", "1")
+    with near_of(h, server) as n:
+        fill(n, h, "app:m")
+        for _ in range(5):
+            n.get("app:m")
+        server.cli("SET", "app:m", "2")
+        wait_for(gone_from(h, b"app:m"), 10, "the invalidation")
+        n.get("app:nottracked-but-prefixed")
+        st = n.stats()  # adds this process's counts to the shared ones
+    reg = CollectorRegistry()
+    reg.register(ShmcacheCollector(h.cache))
+    got = {s.name: s.value for f in text_string_to_metric_families(generate_latest(reg).decode())
+           for s in f.samples if s.labels.get("cache") == h.name}
+    for key in ("near_hits", "near_misses", "upstream_reads", "bypassed_reads", "invalidations", "epoch_bumps"):
+        name = key if key.startswith("near_") else f"near_{key}"
+        assert got[f"shmcache_{name}_total"] >= st[key], key
+    assert got["shmcache_near_hits_total"] >= 5 and got["shmcache_near_invalidations_total"] >= 1
+    assert got["shmcache_near_epoch_bumps_total"] >= 1 and got["shmcache_near_tracker_up"] == 1.0
+    assert 0 <= got["shmcache_near_heartbeat_age_seconds"] < 60
