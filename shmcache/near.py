@@ -1037,6 +1037,7 @@ class Tracker:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._conns: list = []  # the live tracking connections (tests kill them)
+        self._push_error: Exception | None = None
         self.connected = threading.Event()  # set while tracking is on (tests, launchers)
 
     # -- shared memory ------------------------------------------------------
@@ -1123,7 +1124,7 @@ class Tracker:
                 conn.connect()
                 if str(conn.protocol) != "3":
                     raise ValueError("the tracking connection needs RESP3 (protocol=3)")
-                conn._parser.set_invalidation_push_handler(self._on_push)  # see "Push handler" in the README
+                _hook_invalidations(conn, self._on_push)
             self._conns = [st.conn for st in states]
             args = ["CLIENT", "TRACKING", "ON", "BCAST"]
             for p in self.prefixes:
@@ -1184,9 +1185,14 @@ class Tracker:
                         r = st.conn.read_response(push_request=True)
                         if r is _PUSHED:
                             continue
+                        if r is _PUSH_FAILED:  # an invalidation not applied: end the session (new epoch)
+                            raise InvalidationFailed(f"could not apply an invalidation from {st.name}: "
+                                                     f"{self._push_error!r}") from self._push_error
                         if not st.pending:
                             raise ValueError(f"unexpected reply on the tracking connection to {st.name}: {r!r}")
                         t = st.pending.popleft()
+                        if t is not None and r not in (b"PONG", "PONG"):
+                            raise ValueError(f"expected PONG from {st.name}, got {r!r}")
                         if t is None:  # a CLUSTER SLOTS reply
                             now_slots = self._check_slots(states, r)
                             if now_slots != slots:
@@ -1224,7 +1230,15 @@ class Tracker:
         return tuple(sorted(slots))
 
     def _on_push(self, msg):
-        self.on_invalidate(msg)
+        # redis-py calls this inside a try/except that logs any exception and
+        # returns None from read_response (its parser's handle_push_response):
+        # an invalidation that failed to apply would pass unnoticed, and the
+        # None could be taken for a PONG. Keep the error; the loop raises it.
+        try:
+            self.on_invalidate(msg)
+        except Exception as e:
+            self._push_error = e
+            return _PUSH_FAILED
         return _PUSHED
 
     def _set_priority(self) -> None:
@@ -1288,8 +1302,14 @@ class Tracker:
 
 
 _PUSHED = object()
+_PUSH_FAILED = object()
 #: How often a cluster's slot map is re-read on the tracking connection (s).
 TOPOLOGY_SECONDS = 1.0
+
+
+class InvalidationFailed(Error):
+    """A push could not be applied to the cache: the session ends (readers
+    bypass, then a new epoch), since its keys may still hold valid copies."""
 
 
 class TopologyChanged(Exception):
@@ -1319,5 +1339,28 @@ def _is_cluster(client) -> bool:
 def _read_reply(conn):
     while True:
         r = conn.read_response(push_request=True)
+        if r is _PUSH_FAILED:
+            raise InvalidationFailed("could not apply an invalidation")
         if r is not _PUSHED:
             return r
+
+
+def _hook_invalidations(conn, handler) -> None:
+    """Route the RESP3 ``invalidate`` pushes of ``conn`` to ``handler``.
+
+    Private redis-py API, on purpose: redis-py (8.1) has no public hook for
+    invalidation pushes. ``PubSub(push_handler_func=)`` only sees pub/sub
+    pushes, and its client-side cache (``cache_config=``) keeps a cache per
+    process with no callback, no BCAST and no prefixes. Its own client-side
+    cache registers its handler exactly this way
+    (``CacheProxyConnection._enable_tracking_callback``). If a redis-py
+    release drops the method, tracking fails loudly here (readers then go to
+    Redis) instead of silently losing invalidations.
+    """
+    setter = getattr(getattr(conn, "_parser", None), "set_invalidation_push_handler", None)
+    if setter is None:
+        import redis
+
+        raise ValueError(f"redis-py {redis.__version__} offers no invalidation push handler "
+                         "(parser.set_invalidation_push_handler); shmcache.near needs redis-py >= 5.1")
+    setter(handler)

@@ -226,7 +226,7 @@ class Host:
         self.prefixes = list(prefixes)
         self.ping = ping
         self.log_path = tmp_path / f"{self.name}.daemon.log"
-        self.cache = Cache(self.name, size="8MiB", **(cache_options or {}))
+        self.cache = Cache(self.name, **{"size": "8MiB", **(cache_options or {})})
         self.proc = None
         self.extra = list(extra)  # more daemon options
         self.env = env  # the daemon's environment (None: ours)

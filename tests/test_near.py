@@ -587,3 +587,27 @@ def test_prometheus_collector_exports_the_near_cache_counters(hosts, server):
     assert got["shmcache_near_hits_total"] >= 5 and got["shmcache_near_invalidations_total"] >= 1
     assert got["shmcache_near_epoch_bumps_total"] >= 1 and got["shmcache_near_tracker_up"] == 1.0
     assert 0 <= got["shmcache_near_heartbeat_age_seconds"] < 60
+
+
+def test_an_invalidation_that_cannot_be_applied_ends_the_session_not_the_coherence(hosts, server):
+    """Regression: redis-py's parser calls the push handler inside a
+    try/except that logs and swallows any exception, and read_response then
+    returns None. When applying a push failed halfway (here the sequence
+    entry of its first key was overwritten with garbage, as anyone who can
+    write the segment may do), the later keys of the push kept valid stale
+    copies and the tracker carried on. Now the session ends: a new epoch
+    once the tracker is back, and no stale copy is served."""
+    (h,) = hosts(1)
+    a = b"app:inv-a"
+    b = next(k for k in (b"app:inv-b%d" % i for i in range(100)) if seq_key(k) != seq_key(a))
+    server.cli("SET", b.decode(), "old")
+    with near_of(h, server) as n:
+        fill(n, h, b.decode())
+        epoch = h.stats()["epoch"]
+        h.cache.set(seq_key(a), b"not a number", ttl=None)
+        server.cli("MSET", a.decode(), "1", b.decode(), "new")  # one push: [a, b], a first
+        wait_for(lambda: h.stats().get("epoch") not in (None, epoch) and h.stats().get("tracker_up"), 20,
+                 "the tracker back up under a new epoch")
+        for _ in range(20):
+            assert n.get(b.decode()) == b"new"
+    assert "could not apply an invalidation" in h.log()
