@@ -371,7 +371,9 @@ def _near_rows(near: dict) -> list[tuple[str, str]]:
     return [
         ("near cache", f"{near['near_hits']:,} hits, {near['near_misses']:,} fills, "
                        f"{near['upstream_reads']:,} upstream reads, {near['bypassed_reads']:,} bypassed"),
-        ("tracker", f"{t.get('upstream', '?')} {t.get('prefixes') or 'all keys'}; {state}"),
+        ("tracker", f"{t.get('upstream', '?')} {t.get('prefixes') or 'all keys'}"
+                    + (f", {t['connections']} tracking connections" if t.get("connections", 1) > 1 else "")
+                    + f"; {state}"),
         ("invalidations", f"{near['invalidations']:,} keys, {near['flushes']:,} flushes, "
                           f"{near['epoch_bumps']:,} epoch bumps, {near['reconnects']:,} reconnects"),
     ]

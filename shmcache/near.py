@@ -337,7 +337,8 @@ class NearCache:
     Args:
         cache: a :class:`shmcache.Cache`, or a cache name (attached, or created
             with default settings; the daemon usually creates it).
-        redis: a redis-py client, or a URL for :func:`connect`.
+        redis: a redis-py client (``Redis``, a Sentinel's ``master_for``,
+            ``RedisCluster``), or a URL for :func:`connect`.
         prefixes: only keys starting with one of these are kept locally (the
             rest go to Redis every time); None: every key the daemon tracks.
         max_ttl: seconds a local copy lives at most (never longer than the
@@ -986,7 +987,8 @@ class Tracker:
     Args:
         cache: the daemon's :class:`Cache`.
         upstream: URL (see :func:`connect`) or a callable returning a
-            redis-py client (created with ``protocol=3``).
+            redis-py client (created with ``protocol=3``); a ``RedisCluster``
+            gets one tracking connection per master.
         prefixes: key prefixes to track (empty: every key).
         ping_interval: seconds between PINGs; readers trust shared memory for
             ``max_staleness = 2 * ping_interval``.

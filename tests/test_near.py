@@ -16,7 +16,7 @@ import pytest
 
 from near_support import REDIS, Host, RedisServer, wait_for
 from shmcache import Cache
-from shmcache.near import CTL, CTL_KEY, ENTRY_PREFIX, HDR, NearCache, Tracker, seq_key
+from shmcache.near import CTL, CTL_KEY, ENTRY_PREFIX, HDR, NearCache, Tracker, connect, seq_key
 
 redis = pytest.importorskip("redis", reason="the near extra (redis-py) is installed by make test")
 pytestmark = pytest.mark.skipif(REDIS is None, reason="redis-server missing (make test installs it)")
@@ -237,6 +237,15 @@ def test_bad_arguments_are_refused_clearly(shared):
         NearCache(a.cache, server.url, serializer=object())
     with pytest.raises(ValueError, match="overlap"):
         Tracker(a.cache, server.url, ["app:", "app:x"])
+    with pytest.raises(ValueError, match="nice"):
+        Tracker(a.cache, server.url, ["app:"], nice=-21)
+    with pytest.raises(TypeError, match="allow_pickle"):
+        NearCache(a.cache, server.url, allow_pickle="yes")
+    with pytest.raises(ValueError, match="only database 0"):
+        connect("redis+cluster://127.0.0.1:7000/3")
+    with pytest.raises(ValueError, match="host:port") as e:
+        connect("redis+cluster://:pw@127.0.0.1")
+    assert "pw" not in str(e.value)
     with near_of(a, server) as n:
         with pytest.raises(TypeError, match="key"):
             n.get(3)

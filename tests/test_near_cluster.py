@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import signal
 import subprocess
+import sys
 
 import pytest
 
@@ -78,6 +79,9 @@ def tracking_clients(node) -> int:
 
 def test_one_tracking_connection_per_master_and_invalidations_from_each(cluster, host, near):
     assert host.stats()["tracker"]["connections"] == 3
+    out = subprocess.run([sys.executable, "-m", "shmcache", "stats", "-n", host.name], capture_output=True,
+                         text=True, timeout=60)
+    assert "3 tracking connections" in out.stdout, out.stdout + out.stderr
     assert [tracking_clients(n) for n in cluster.nodes] == [1, 1, 1]
     keys = [key_on(cluster, n, "each") for n in cluster.nodes]
     for k in keys:
