@@ -246,11 +246,16 @@ class Host:
             self.wait_up()
         return self
 
-    def thread_nices(self) -> list[int]:
-        """The nice value of each thread of the daemon (from /proc)."""
+    def tracker_pid(self) -> int:
+        """The pid of the daemon's tracker process (it writes it in shared memory)."""
+        return self.stats()["tracker"]["pid"]
+
+    def thread_nices(self, pid=None) -> list[int]:
+        """The nice value of each thread of ``pid`` (default: the daemon), from /proc."""
+        pid = pid or self.proc.pid
         out = []
-        for tid in os.listdir(f"/proc/{self.proc.pid}/task"):
-            with open(f"/proc/{self.proc.pid}/task/{tid}/stat") as f:
+        for tid in os.listdir(f"/proc/{pid}/task"):
+            with open(f"/proc/{pid}/task/{tid}/stat") as f:
                 out.append(int(f.read().rpartition(")")[2].split()[16]))
         return out
 
