@@ -11,8 +11,9 @@
     #   shmcache daemon --name app --upstream redis://10.0.0.5:6379/0 --track-prefix app:
 
 Every worker on the host reads one copy of a key at memory speed; the
-daemon's :class:`Tracker` holds one RESP3 connection with ``CLIENT TRACKING
-ON BCAST PREFIX ...`` and drops each key Redis says changed. Redis stays the
+daemon's :class:`Tracker` (run in a child process, :class:`TrackerProcess`)
+holds one RESP3 connection (one per master of a Redis Cluster) with
+``CLIENT TRACKING ON BCAST PREFIX ...`` and drops each key Redis says changed. Redis stays the
 source of truth: a miss, a bypassed read and every write go to it.
 
 **The bound** ("coherent" precisely): with the tracker running, a read
