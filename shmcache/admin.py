@@ -51,7 +51,8 @@ __all__ = [
     "ClientInfo", "DaemonInfo", "EntryInfo", "SnapshotStatus", "StripeInfo", "TYPE_NAMES",
     "CacheSummary", "SNAPSHOT_PATH_MAX_BYTES", "accelerated",
     "check", "claim_daemon_lock", "client_attached", "clients", "counters", "created", "current_client",
-    "daemon_info", "daemon_lock_holder", "lock_values", "summarize", "entries", "expire", "geometry", "inspect",
+    "daemon_info", "daemon_lock_holder", "lock_values", "pickle_trust", "summarize", "entries", "expire",
+    "geometry", "inspect",
     "RawWriter", "Storage", "expiring", "fix_overcount", "heartbeat", "mark_daemon_ready", "publish_daemon",
     "reap_clients",
     "record_snapshot", "recover", "recover_stripes", "repair", "storage", "stored_items", "stripes",
@@ -491,6 +492,16 @@ def inspect(cache: "Cache", key: str | bytes, *, raw: bool = False) -> EntryInfo
     flags, vb, exp, p, at = r  # p: the key's access-bit offset, at: the bit
     s = (p - cache._g.refs_off) // cache._g.slots_per_stripe
     return _entry(cache, s, kb, flags, vb, exp, at, now, raw)
+
+
+def pickle_trust(cache: "Cache") -> codec.Codec:
+    """A codec that unpickles exactly as ``cache`` does (README "Security"):
+    full pickle only where the cache allows it, else global-free pickles
+    only (``PickleRefused`` for the rest). For adapters that decode values
+    the cache holds on their behalf (``shmcache.near``)."""
+    cache._check_open()
+    c = cache._codec
+    return codec.Codec(allow_pickle=c.allow_pickle, where=c.where, why=c.why)
 
 
 # -------------------------------------------------------------- maintenance

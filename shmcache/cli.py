@@ -15,6 +15,7 @@ import logging
 import os
 import re
 import signal
+import stat
 import subprocess
 import sys
 import time
@@ -184,6 +185,48 @@ def cmd_daemon(args) -> int:
             _stop(resp, timeout=10)
 
 
+#: The daemon's upstream when neither --upstream nor --upstream-file is given
+#: (an environment is private to its user; a command line is not: ps shows it).
+UPSTREAM_ENV = "SHMCACHE_UPSTREAM"
+
+
+def _upstream(args) -> str | None:
+    """The Redis URL the daemon tracks: --upstream, the first line of
+    --upstream-file (no group/other access), or $SHMCACHE_UPSTREAM."""
+    from urllib.parse import urlparse
+
+    if args.upstream and args.upstream_file:
+        raise CliError("give either --upstream or --upstream-file, not both")
+    if args.upstream_file:
+        path = args.upstream_file
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+            with os.fdopen(fd, "rb") as f:
+                st = os.fstat(f.fileno())
+                if not stat.S_ISREG(st.st_mode):
+                    raise CliError(f"--upstream-file {path!r} is not a regular file")
+                if st.st_mode & (stat.S_IRWXG | stat.S_IRWXO):
+                    raise CliError(f"--upstream-file {path!r} is accessible by group/others "
+                                   f"(mode {oct(st.st_mode & 0o777)}); chmod 600 it")
+                url = f.readline(8192).decode("utf-8", "replace").strip()
+        except OSError as e:
+            raise CliError(f"cannot read --upstream-file {path!r}: {e.strerror}") from None
+        if not url:
+            raise CliError(f"--upstream-file {path!r} is empty")
+        return url
+    if args.upstream:
+        try:
+            has_password = bool(urlparse(args.upstream).password)
+        except ValueError:
+            has_password = False
+        if has_password:
+            logging.getLogger("shmcache.daemon").warning(
+                "the --upstream URL carries a password, which every user on this host can read in ps "
+                "(/proc/PID/cmdline): pass it in --upstream-file FILE (mode 600) or $%s instead", UPSTREAM_ENV)
+        return args.upstream
+    return os.environ.get(UPSTREAM_ENV) or None
+
+
 def _start_resp_child(args) -> subprocess.Popen:
     """``daemon --serve PORT``: a ``shmcache serve`` process beside the daemon,
     stopped with it (and by the kernel if the daemon is SIGKILLed)."""
@@ -227,9 +270,10 @@ def _daemon_serve(serve, args) -> int:
         recover_every=args.recover_every,
         restore=not args.no_restore,
         metrics=args.metrics,
-        upstream=args.upstream,
+        upstream=_upstream(args),
         track_prefixes=args.track_prefix or (),
         track_ping=args.track_ping,
+        track_nice=args.track_nice or None,
     )
 
 
@@ -361,7 +405,9 @@ def _near_rows(near: dict) -> list[tuple[str, str]]:
     return [
         ("near cache", f"{near['near_hits']:,} hits, {near['near_misses']:,} fills, "
                        f"{near['upstream_reads']:,} upstream reads, {near['bypassed_reads']:,} bypassed"),
-        ("tracker", f"{t.get('upstream', '?')} {t.get('prefixes') or 'all keys'}; {state}"),
+        ("tracker", f"{t.get('upstream', '?')} {t.get('prefixes') or 'all keys'}"
+                    + (f", {t['connections']} tracking connections" if t.get("connections", 1) > 1 else "")
+                    + f"; {state}"),
         ("invalidations", f"{near['invalidations']:,} keys, {near['flushes']:,} flushes, "
                           f"{near['epoch_bumps']:,} epoch bumps, {near['reconnects']:,} reconnects"),
     ]
@@ -1069,11 +1115,21 @@ def _daemon_parser(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
                                                           "and a read-only status page at http://HOST:PORT/ "
                                                           "(a bare PORT listens on 127.0.0.1; needs prometheus_client)")
     p.add_argument("--upstream", metavar="URL", help="Redis to track for the near cache (shmcache.near): "
-                                                     "redis://, rediss://, unix:// or redis+sentinel:// URL")
+                                                     "redis://, rediss://, unix://, redis+sentinel:// or "
+                                                     "redis+cluster://host:port[,host:port] URL (a URL with a "
+                                                     "password: use --upstream-file or $SHMCACHE_UPSTREAM, ps "
+                                                     "shows a command line to every user)")
+    p.add_argument("--upstream-file", metavar="FILE",
+                   help="read the --upstream URL from the first line of FILE (mode 600); without either, "
+                        "$SHMCACHE_UPSTREAM is used")
     p.add_argument("--track-prefix", action="append", metavar="PREFIX",
                    help="key prefix to track (repeatable; default: every key)")
     p.add_argument("--track-ping", type=float, default=0.1, metavar="SECONDS",
                    help="seconds between tracker PINGs; near-cache reads are at most twice that behind (default 0.1)")
+    p.add_argument("--track-nice", type=int, default=-20, metavar="N",
+                   help="nice value of the tracker thread alone, so an invalidation does not wait for a CPU on a "
+                        "busy host (-20..19, 0 = leave it; needs CAP_SYS_NICE or LimitNICE, else a warning; "
+                        "default -20)")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     p.add_argument("--serve", type=int, metavar="PORT",
                    help="also serve the cache over the Redis protocol on PORT (a 'shmcache serve' process "

@@ -20,8 +20,9 @@ thread:
 * **heartbeat**: daemon pid, start time and the time of the last tick in the
   header, read by ``Cache.stats()`` and ``shmcache stats``/``ls``.
 * **tracking** (with ``upstream``): the near cache's one Redis tracking
-  connection for the host, on a thread of its own (``shmcache.near.Tracker``),
-  so a snapshot or an expiry tick never delays an invalidation.
+  connection for the host, in a child process of its own
+  (``shmcache.near.TrackerProcess``, restarted if it dies): on a thread,
+  expiry ticks in the same interpreter delayed invalidations by tens of ms.
 
 Once the start-up restore is done the daemon logs ``daemon pid <pid> serving
 cache ...`` (keep its wording: scripts read it), marks itself ready in the
@@ -205,6 +206,8 @@ class Daemon:
         track_prefixes: key prefixes to track (empty: every key).
         track_ping: seconds between the tracker's PINGs (readers trust the near
             cache for twice that after the last answered one).
+        track_nice: nice value of the tracker thread alone (None: inherited);
+            see ``shmcache.near.Tracker``.
 
     Raises:
         DaemonError: another daemon serves the cache or writes ``snapshot``,
@@ -235,6 +238,7 @@ class Daemon:
         upstream: str | None = None,
         track_prefixes=(),
         track_ping: float = 0.1,
+        track_nice: int | None = None,
     ):
         # NaN compares false with everything: unchecked, it silently turned
         # recovery or snapshots off. Bounded so a sleep can never overflow.
@@ -276,10 +280,12 @@ class Daemon:
             self.cache.close()
             raise ValueError("track_prefixes (--track-prefix) needs upstream (--upstream URL)")
         if upstream:
-            from .near import Tracker
+            from .near import Tracker, TrackerProcess
 
             try:
-                self.tracker = Tracker(self.cache, upstream, track_prefixes, track_ping)
+                tracker = Tracker(self.cache, upstream, track_prefixes, track_ping, nice=track_nice)
+                # a process of its own: see TrackerProcess for why not a thread
+                self.tracker = TrackerProcess(tracker, name, mode, owner) if isinstance(upstream, str) else tracker
             except BaseException:
                 self.cache.close()
                 raise
@@ -503,6 +509,8 @@ class Daemon:
                 except Error as e:  # a live process kept a stripe locked: next tick retries
                     log.warning("expiry tick failed: %s", e)
                 next_expire = now + self.expire_every
+            if self.tracker is not None and hasattr(self.tracker, "poll"):
+                self.tracker.poll()
             if now >= next_recover:
                 self.recover_once()
                 next_recover = now + self.recover_every

@@ -11,8 +11,9 @@
     #   shmcache daemon --name app --upstream redis://10.0.0.5:6379/0 --track-prefix app:
 
 Every worker on the host reads one copy of a key at memory speed; the
-daemon's :class:`Tracker` holds one RESP3 connection with ``CLIENT TRACKING
-ON BCAST PREFIX ...`` and drops each key Redis says changed. Redis stays the
+daemon's :class:`Tracker` (run in a child process, :class:`TrackerProcess`)
+holds one RESP3 connection (one per master of a Redis Cluster) with
+``CLIENT TRACKING ON BCAST PREFIX ...`` and drops each key Redis says changed. Redis stays the
 source of truth: a miss, a bypassed read and every write go to it.
 
 **The bound** ("coherent" precisely): with the tracker running, a read
@@ -58,6 +59,13 @@ Why it holds, piece by piece:
   writes acknowledged after the held heartbeat). A published "down" or a new
   epoch is therefore noticed within ``max_staleness / 2``; the bound itself
   never depended on them. Cost per hit: two ``Cache.get`` (sequence, entry).
+* **Redis Cluster.** One tracking connection per master (each reports the
+  writes to its own slots); the heartbeat is the oldest PING every master has
+  answered, so the bound holds for every slot. The slot map is re-read every
+  TOPOLOGY_SECONDS on the first connection: moved slots give a new epoch (a
+  key's writes are then reported by its new master, which is tracked too; the
+  epoch is belt and braces); other masters than the tracked ones, or a lost
+  connection, end the session: "down", rediscover, re-track, new epoch.
 * **TTL.** The local TTL is ``min(max_ttl, PTTL)`` with the PTTL counted from
   *before* the GET+PTTL round trip, so it never outlives the server's key.
 
@@ -76,8 +84,17 @@ random value, so an eviction never makes an old entry valid again.
 Values: with no ``serializer`` they go to Redis as redis-py sends them
 (bytes, str, int, float) and come back as bytes (str if the client has
 ``decode_responses=True``), so plain Redis clients read what you wrote. With
-``serializer`` (``dumps``/``loads``), every value goes through it (the
-Django backend uses Django's own Redis serializer this way).
+``serializer`` (``dumps``/``loads``), every value goes through it.
+
+**Pickle trust.** A value served from shared memory was written there by
+whoever can write the segment, not by Redis; unpickling it runs code they
+chose. So pickles are decoded under the cache's own rule (README "Security",
+``Cache(allow_pickle=)``): full pickle only where the cache allows it (a
+cache nobody but you can write, or ``allow_pickle=True``), else only pickles
+that need no class (``PickleRefused`` otherwise, nothing of it runs).
+:class:`TrustedPickle` applies it; ``serializer=pickle`` gets it, and the
+Django and Flask backends put it under their Redis serializers. Other
+serializers are yours: json or msgpack run no code.
 """
 
 from __future__ import annotations
@@ -85,7 +102,9 @@ from __future__ import annotations
 import json
 import logging
 import os
+import pickle
 import random
+import select
 import struct
 import threading
 import time
@@ -96,7 +115,7 @@ from urllib.parse import unquote, urlparse
 
 from . import admin
 from .cache import Cache
-from .codec import Codec
+from .codec import BYTES, FLOAT, INT, PICKLE, STR, Codec
 from .errors import CacheFull, Error, KeyTooLong, ValueTooLarge
 
 log = logging.getLogger("shmcache.near")
@@ -168,6 +187,39 @@ def _redis_key(key) -> bytes:
     raise TypeError(f"key must be str or bytes, not {type(key).__name__}")
 
 
+class TrustedPickle:
+    """``pickle.dumps``/``loads`` under the pickle trust of a cache (see the
+    module docstring): full pickle where ``codec.allow_pickle``; else only
+    values that need no class to rebuild are written (``TypeError``
+    otherwise, before anything reaches Redis) or read (``PickleRefused``).
+
+    Args:
+        codec: a :class:`shmcache.codec.Codec` saying what is trusted
+            (``shmcache.admin.pickle_trust(cache)``).
+    """
+
+    def __init__(self, codec: Codec):
+        self.codec = codec
+        self.allow_pickle = codec.allow_pickle
+
+    def dumps(self, value, protocol: int = pickle.HIGHEST_PROTOCOL) -> bytes:
+        if self.allow_pickle:
+            return pickle.dumps(value, protocol)
+        tag, data = self.codec.encode(value)  # refuses what needs a class, naming the cache and why
+        if tag == PICKLE:
+            return bytes(data)
+        if tag in (BYTES, STR, INT, FLOAT):  # pickled by opcode, no global
+            return pickle.dumps(value, protocol)
+        raise TypeError(f"{self.codec.where} does not trust pickle ({self.codec.why}), and a "
+                        f"{type(value).__name__} needs a class to unpickle: store bytes, or pass "
+                        f"allow_pickle=True if every writer is trusted")
+
+    def loads(self, data):
+        if self.allow_pickle:
+            return pickle.loads(data)
+        return self.codec.decode(PICKLE, bytes(data))
+
+
 def _prefixes(prefixes) -> tuple[bytes, ...]:
     if prefixes is None:
         return ()
@@ -183,6 +235,9 @@ def connect(url: str, **kwargs):
     """A redis-py client for ``url``.
 
     ``redis://``, ``rediss://`` and ``unix://`` are redis-py's own URLs.
+    ``redis+cluster://[:password@]host:port[,host:port...]`` is a Redis
+    Cluster found from those seed nodes (redis-py's ``RedisCluster``, which
+    discovers the masters and follows MOVED/ASK).
     ``redis+sentinel://[:password@]host:port[,host:port...]/service[/db]``
     asks those Sentinels for the master of ``service`` (redis-py's
     ``Sentinel.master_for``, which follows failovers).
@@ -195,6 +250,26 @@ def connect(url: str, **kwargs):
 
     if not isinstance(url, str):
         raise TypeError(f"upstream must be a redis:// URL or a redis-py client, not {type(url).__name__}")
+    if url.startswith(("redis+cluster://", "rediss+cluster://")):
+        from redis.cluster import ClusterNode, RedisCluster
+
+        u = urlparse(url)
+        parts = [p for p in u.path.split("/") if p]
+        if parts and parts != ["0"]:
+            raise ValueError(f"{_safe_url(url)}: Redis Cluster has only database 0")
+        nodes = []
+        for hp in u.netloc.rpartition("@")[2].split(","):
+            h, _, p = hp.rpartition(":")
+            if not p.isdigit():
+                raise ValueError(f"{_safe_url(url)}: give the seed nodes as host:port[,host:port...]")
+            nodes.append(ClusterNode(h.strip("[]") or "127.0.0.1", int(p)))
+        if u.password:
+            kwargs.setdefault("password", unquote(u.password))
+        if u.username:
+            kwargs.setdefault("username", unquote(u.username))
+        if url.startswith("rediss"):
+            kwargs.setdefault("ssl", True)
+        return RedisCluster(startup_nodes=nodes, **kwargs)
     if url.startswith("redis+sentinel://"):
         from redis.sentinel import Sentinel
 
@@ -263,7 +338,8 @@ class NearCache:
     Args:
         cache: a :class:`shmcache.Cache`, or a cache name (attached, or created
             with default settings; the daemon usually creates it).
-        redis: a redis-py client, or a URL for :func:`connect`.
+        redis: a redis-py client (``Redis``, a Sentinel's ``master_for``,
+            ``RedisCluster``), or a URL for :func:`connect`.
         prefixes: only keys starting with one of these are kept locally (the
             rest go to Redis every time); None: every key the daemon tracks.
         max_ttl: seconds a local copy lives at most (never longer than the
@@ -271,6 +347,11 @@ class NearCache:
         neg_ttl: seconds a "no such key" answer is kept (None: not kept).
         serializer: object with ``dumps(value) -> bytes`` and ``loads(bytes)``
             applied to every value; None: redis-py's own types (see above).
+            The ``pickle`` module is replaced by :attr:`pickle`, which
+            follows the cache's pickle trust.
+        allow_pickle: None: unpickle as ``cache`` does (full pickle only if
+            nobody else can write it); True / False: decide here (as
+            ``Cache(allow_pickle=)``).
 
     Raises:
         TypeError / ValueError: a bad argument (the message names it).
@@ -278,7 +359,7 @@ class NearCache:
     """
 
     def __init__(self, cache, redis, prefixes=None, *, max_ttl: float = 60.0, neg_ttl: float | None = None,
-                 serializer=None):
+                 serializer=None, allow_pickle: bool | None = None):
         for label, v, none_ok in (("max_ttl", max_ttl, False), ("neg_ttl", neg_ttl, True)):
             if v is None and none_ok:
                 continue
@@ -295,6 +376,7 @@ class NearCache:
         self._redis = connect(redis) if self._own_redis else redis
         if not hasattr(self._redis, "pipeline"):
             raise TypeError(f"redis must be a redis-py client or a URL, not {type(redis).__name__}")
+        self._cluster = _is_cluster(self._redis)
         try:
             self._decode = bool(self._redis.get_encoder().decode_responses)
         except AttributeError:
@@ -303,6 +385,16 @@ class NearCache:
         self._cache = Cache(cache) if self._own_cache else cache
         if not isinstance(self._cache, Cache):
             raise TypeError(f"cache must be a shmcache.Cache or a cache name, not {type(cache).__name__}")
+        if allow_pickle is not None and not isinstance(allow_pickle, bool):
+            raise TypeError(f"allow_pickle must be True, False or None, not {type(allow_pickle).__name__}")
+        trust = admin.pickle_trust(self._cache)
+        if allow_pickle is not None:
+            trust.allow_pickle = allow_pickle
+            trust.why = "allow_pickle=False"
+        #: pickle under the cache's trust rule (the Django and Flask backends use it)
+        self.pickle = TrustedPickle(trust)
+        if serializer is pickle or getattr(serializer, "loads", None) is pickle.loads:
+            self.serializer = self.pickle
         #: longest Redis key kept locally (longer ones always go to Redis)
         self._max_key = self._cache.stats()["max_key_size"] - len(ENTRY_PREFIX) - 1
         self._epoch_seen = None
@@ -564,11 +656,18 @@ class NearCache:
         t0 = time.monotonic()
         pipe = self._redis.pipeline(transaction=False)
         wanted = [kb for _k, kb, *_ in fills] + [kb for _k, kb in plain]
-        pipe.mget(wanted)
+        if self._cluster:  # MGET needs one slot; redis-py routes each GET to its master
+            for kb in wanted:
+                pipe.get(kb)
+        else:
+            pipe.mget(wanted)
         for _key, kb, *_ in fills:
             pipe.pttl(kb)
         res = pipe.execute()
-        vals, pttls = res[0], res[1:]
+        if self._cluster:
+            vals, pttls = res[:len(wanted)], res[len(wanted):]
+        else:
+            vals, pttls = res[0], res[1:]
         self._counts["near_misses"] += len(fills)
         self._count("upstream_reads", len(wanted))
         for i, (key, kb, lk, sk, seq, epoch) in enumerate(fills):
@@ -889,19 +988,40 @@ class Tracker:
     Args:
         cache: the daemon's :class:`Cache`.
         upstream: URL (see :func:`connect`) or a callable returning a
-            redis-py client (created with ``protocol=3``).
+            redis-py client (created with ``protocol=3``); a ``RedisCluster``
+            gets one tracking connection per master.
         prefixes: key prefixes to track (empty: every key).
         ping_interval: seconds between PINGs; readers trust shared memory for
             ``max_staleness = 2 * ping_interval``.
+        nice: the tracker thread's own nice value (-20..19; only this thread,
+            which sleeps between pushes), None: leave it. See "Invalidation
+            delay" below.
 
     Raises:
-        ValueError: a bad interval or overlapping prefixes (Redis refuses them).
+        ValueError: a bad interval, nice value or overlapping prefixes (Redis refuses them).
+
+    **Invalidation delay** (a write acknowledged to its writer -> the key
+    gone from this host's shared memory). Handling one push takes ~0.1 ms
+    (p99 ~0.3 ms); Redis writes the push before it acknowledges the write.
+    What remained was *waiting for a CPU*: measured on a 2-CPU VM at load
+    average ~4, the thread returned from poll() up to 13 ms after the ack
+    (p99 2.5-8 ms) though the push was already in its socket; at nice -20 its
+    p99 is ~0.2 ms there (benchmarks/bench_near.py). Rejected: SCHED_FIFO
+    (p99 ~0.02 ms, but a storm of invalidations at real-time priority starves
+    the host), a tighter poll timeout (poll() already returns on data) and
+    batching (pushes arrive one per write; there is nothing to batch).
+    Raising priority needs CAP_SYS_NICE or RLIMIT_NICE (systemd:
+    ``LimitNICE=-20`` or ``AmbientCapabilities=CAP_SYS_NICE``); without it the
+    tracker logs one warning and tracks at its inherited priority.
     """
 
-    def __init__(self, cache: Cache, upstream, prefixes=(), ping_interval: float = 0.1):
+    def __init__(self, cache: Cache, upstream, prefixes=(), ping_interval: float = 0.1, nice: int | None = None):
         if isinstance(ping_interval, bool) or not isinstance(ping_interval, (int, float)) \
                 or not 0.001 <= ping_interval <= 60:
             raise ValueError(f"ping_interval must be 0.001..60 seconds, got {ping_interval!r}")
+        if nice is not None and (isinstance(nice, bool) or not isinstance(nice, int) or not -20 <= nice <= 19):
+            raise ValueError(f"nice must be an int in -20..19 or None, got {nice!r}")
+        self.nice = nice
         self.prefixes = _prefixes(list(prefixes)) if prefixes else ()
         for a in self.prefixes:
             for b in self.prefixes:
@@ -919,7 +1039,8 @@ class Tracker:
         self._beat = 0.0
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-        self._conn = None
+        self._conns: list = []  # the live tracking connections (tests kill them)
+        self._push_error: Exception | None = None
         self.connected = threading.Event()  # set while tracking is on (tests, launchers)
 
     # -- shared memory ------------------------------------------------------
@@ -930,11 +1051,11 @@ class Tracker:
     def _bump(self, name: str, n: int = 1) -> None:
         self.cache.incr(STAT_PREFIX + name.encode(), n, ttl=None)
 
-    def _describe(self) -> None:
+    def _describe(self, connections: int = 0) -> None:
         url = self.upstream if isinstance(self.upstream, str) else repr(self.upstream)
         self.cache.set(INFO_KEY, json.dumps({
             "upstream": _safe_url(url), "pid": os.getpid(), "ping_interval": self.ping_interval,
-            "prefixes": [p.decode("latin-1") for p in self.prefixes],
+            "prefixes": [p.decode("latin-1") for p in self.prefixes], "connections": connections,
         }).encode(), ttl=None)
 
     def go_down(self) -> None:
@@ -988,61 +1109,158 @@ class Tracker:
             return self.upstream()
         return connect(self.upstream, **kw)
 
+    def _targets(self, client) -> list:
+        """The servers to track: the one Redis, or every master of a cluster
+        (found afresh through redis-py's own discovery on each session)."""
+        if _is_cluster(client):
+            client.nodes_manager.initialize()
+            return [(n.name, n.redis_connection.connection_pool.make_connection()) for n in client.get_primaries()]
+        return [("redis", client.connection_pool.make_connection())]
+
     def _session(self, client) -> None:
-        """Track on one connection until it fails (raises) or stop() is called."""
-        conn = client.connection_pool.make_connection()
-        self._conn = conn
+        """Track on one connection per master until one fails (raises) or stop() is called."""
+        states = []
         try:
-            conn.connect()
-            if str(conn.protocol) != "3":
-                raise ValueError("the tracking connection needs RESP3 (protocol=3)")
-            conn._parser.set_invalidation_push_handler(self._on_push)  # redis-py's own CSC does the same
+            for name, conn in self._targets(client):
+                st = _Link(name, conn)
+                states.append(st)
+                conn.connect()
+                if str(conn.protocol) != "3":
+                    raise ValueError("the tracking connection needs RESP3 (protocol=3)")
+                _hook_invalidations(conn, self._on_push)
+            self._conns = [st.conn for st in states]
             args = ["CLIENT", "TRACKING", "ON", "BCAST"]
             for p in self.prefixes:
                 args += ["PREFIX", p]
             sent = time.monotonic()
-            conn.send_command(*args)
-            conn.read_response()
+            for st in states:
+                st.conn.send_command(*args)
+            for st in states:
+                st.conn.read_response()
+            cluster = _is_cluster(client)
+            slots = None
+            if cluster:
+                # Read after tracking is on: a move from now on is noticed.
+                states[0].conn.send_command("CLUSTER", "SLOTS")
+                slots = self._check_slots(states, _read_reply(states[0].conn))
             # Tracking is on: whatever is written from now on reaches us. Only
             # now may readers trust shared memory again, under a new epoch.
             self.new_epoch()
             self.up = True
-            self._describe()
+            self._describe(len(states))
             self._publish(sent)
             self.connected.set()
-            log.info("tracking %s (prefixes %s); readers may be %.3g s behind at most",
+            log.info("tracking %s (%s; prefixes %s); readers may be %.3g s behind at most",
                      _safe_url(self.upstream) if isinstance(self.upstream, str) else "upstream",
+                     f"{len(states)} masters" if cluster else "one server",
                      [p.decode("latin-1") for p in self.prefixes] or "all keys", self.max_staleness)
-            pending: deque = deque()
+            for st in states:
+                st.acked = sent
+            poller = select.poll()
+            by_fd = {}
+            for st in states:
+                # Layer breach: redis-py has no public way to wait on several
+                # connections at once; the socket is only polled, never read.
+                fd = st.conn._sock.fileno()
+                poller.register(fd, select.POLLIN)
+                by_fd[fd] = st
             next_ping = time.monotonic()
+            next_slots = next_ping + TOPOLOGY_SECONDS
             while not self._stop.is_set():
                 now = time.monotonic()
                 if now >= next_ping:
-                    conn.send_command("PING")
-                    pending.append(now)
+                    for st in states:
+                        st.conn.send_command("PING")
+                        st.pending.append(now)
                     next_ping = now + self.ping_interval
-                if pending and now - pending[0] > self.ping_timeout:
-                    raise TimeoutError(f"no PONG for {now - pending[0]:.2f} s")
-                if conn.can_read(timeout=max(0.0, min(next_ping - time.monotonic(), self.ping_interval))):
-                    r = conn.read_response(push_request=True)
-                    if r is _PUSHED:
-                        continue
-                    if not pending:
-                        raise ValueError(f"unexpected reply on the tracking connection: {r!r}")
-                    self._publish(pending.popleft())
+                if cluster and now >= next_slots:
+                    states[0].conn.send_command("CLUSTER", "SLOTS")
+                    states[0].pending.append(None)
+                    next_slots = now + TOPOLOGY_SECONDS
+                for st in states:
+                    t = next((x for x in st.pending if x is not None), None)
+                    if t is not None and now - t > self.ping_timeout:
+                        raise TimeoutError(f"no PONG from {st.name} for {now - t:.2f} s")
+                busy = False
+                for st in states:  # whatever is buffered or already in a socket, in order per link
+                    if st.conn.can_read(0):
+                        busy = True
+                        r = st.conn.read_response(push_request=True)
+                        if r is _PUSHED:
+                            continue
+                        if r is _PUSH_FAILED:  # an invalidation not applied: end the session (new epoch)
+                            raise InvalidationFailed(f"could not apply an invalidation from {st.name}: "
+                                                     f"{self._push_error!r}") from self._push_error
+                        if not st.pending:
+                            raise ValueError(f"unexpected reply on the tracking connection to {st.name}: {r!r}")
+                        t = st.pending.popleft()
+                        if t is not None and r not in (b"PONG", "PONG"):
+                            raise ValueError(f"expected PONG from {st.name}, got {r!r}")
+                        if t is None:  # a CLUSTER SLOTS reply
+                            now_slots = self._check_slots(states, r)
+                            if now_slots != slots:
+                                log.info("cluster slots moved between masters: new epoch")
+                                slots = now_slots
+                                self.new_epoch()
+                                self._publish(self._beat)
+                            continue
+                        st.acked = t
+                        beat = min(x.acked for x in states)
+                        if beat > self._beat:
+                            self._publish(beat)
+                if not busy:
+                    wait = max(0.0, min(next_ping - time.monotonic(), self.ping_interval))
+                    poller.poll(wait * 1000.0)
         finally:
             self.connected.clear()
-            self._conn = None
-            conn.disconnect()
+            self._conns = []
+            for st in states:
+                st.conn.disconnect()
+
+    def _check_slots(self, states, reply) -> tuple:
+        """The slot map of a CLUSTER SLOTS reply, as ``((first, last, master id), ...)``;
+        raises if its masters are not the ones tracked (a master was added,
+        removed or replaced: the session starts over, under a new epoch)."""
+        slots, masters = [], set()
+        for entry in reply:
+            host, port, node_id = entry[2][0], int(entry[2][1]), entry[2][2]
+            host = host.decode() if isinstance(host, bytes) else str(host)
+            masters.add(f"{host}:{port}")
+            slots.append((int(entry[0]), int(entry[1]), bytes(node_id) if isinstance(node_id, bytes) else node_id))
+        tracked = {st.name for st in states}
+        if masters != tracked:
+            raise TopologyChanged(f"cluster masters are now {sorted(masters)}, tracking {sorted(tracked)}")
+        return tuple(sorted(slots))
 
     def _on_push(self, msg):
-        self.on_invalidate(msg)
+        # redis-py calls this inside a try/except that logs any exception and
+        # returns None from read_response (its parser's handle_push_response):
+        # an invalidation that failed to apply would pass unnoticed, and the
+        # None could be taken for a PONG. Keep the error; the loop raises it.
+        try:
+            self.on_invalidate(msg)
+        except Exception as e:
+            self._push_error = e
+            return _PUSH_FAILED
         return _PUSHED
+
+    def _set_priority(self) -> None:
+        # Linux: setpriority(PRIO_PROCESS, tid) changes that one thread only.
+        if self.nice is None:
+            return
+        try:
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), self.nice)
+        except OSError as e:
+            log.warning("tracker: cannot set nice %d (%s): invalidations may wait for a CPU on a busy host; "
+                        "grant CAP_SYS_NICE or RLIMIT_NICE (systemd: LimitNICE=%d), or pass --track-nice 0",
+                        self.nice, e.strerror or e, self.nice)
 
     def run(self) -> None:
         """Track until :meth:`stop`: sessions, reconnects with backoff."""
         import redis
+        from redis.exceptions import RedisClusterException
 
+        self._set_priority()
         backoff = 0.05
         client = None
         self._describe()
@@ -1051,7 +1269,7 @@ class Tracker:
                 if client is None:
                     client = self._client()
                 self._session(client)
-            except (redis.RedisError, OSError, ValueError) as e:
+            except (redis.RedisError, RedisClusterException, TopologyChanged, OSError, ValueError) as e:
                 if self._stop.is_set():
                     break
                 was_up = self.up
@@ -1086,4 +1304,189 @@ class Tracker:
             t.join(timeout)
 
 
+class TrackerProcess:
+    """The daemon's tracker in a process of its own, restarted if it dies.
+
+    Why not a thread of the daemon: the daemon's expiry, snapshots and
+    metrics share its interpreter, and a push then waits behind them. With
+    a CPU-bound writer churning the cache (short TTLs), invalidation delay
+    p99 was 48-63 ms as a thread against 4.7-7.3 ms as a process at load ~4-5
+    on 2 CPUs; at load 6-8, 53-78 ms against 19-66 ms (``bench_near.py
+    --churn``). With the daemon's expiry off the thread gave 4.6-6.8 ms. The child gets the upstream URL through its
+    environment (never its command line: ps shows that to every user), dies
+    with the daemon (PR_SET_PDEATHSIG), and publishes "down" when it stops;
+    if it dies, the daemon publishes "down" for it and starts another one
+    (readers bypass meanwhile; the new one tracks under a new epoch).
+
+    Args:
+        tracker: the validated settings (its ``run`` happens in the child).
+        name, mode, owner: how the child attaches the cache (as the daemon did).
+    """
+
+    #: seconds between restarts of a child that keeps dying
+    RESTART_BACKOFF = (0.05, 2.0)
+
+    def __init__(self, tracker: "Tracker", name: str, mode: int | None = None, owner=None):
+        self.tracker = tracker
+        self.name = name
+        self.mode = mode
+        self.owner = owner
+        self.proc = None
+        self._stopping = False
+        self._backoff = self.RESTART_BACKOFF[0]
+        self._next_start = 0.0
+
+    def _settings(self) -> str:
+        t = self.tracker
+        if not isinstance(t.upstream, str):
+            raise TypeError("a tracker process needs the upstream as a URL")
+        return json.dumps({"name": self.name, "mode": self.mode, "owner": self.owner, "upstream": t.upstream,
+                           "prefixes": [p.decode("latin-1") for p in t.prefixes], "ping": t.ping_interval,
+                           "nice": t.nice, "log_level": logging.getLogger().getEffectiveLevel()})
+
+    def start(self) -> None:
+        """Publish "down" (nothing earlier counts), then start the child."""
+        import subprocess
+        import sys
+
+        self.tracker.go_down()
+        env = {**os.environ, _CHILD_ENV: self._settings()}
+        self.proc = subprocess.Popen([sys.executable, "-m", "shmcache.near"], env=env, stdin=subprocess.DEVNULL,
+                                     preexec_fn=_die_with_parent)
+        log.info("tracker process pid %d started", self.proc.pid)
+
+    def poll(self) -> None:
+        """Restart a child that died (call it from the daemon's loop)."""
+        if self._stopping or self.proc is None or self.proc.poll() is None:
+            if self.proc is not None and self.proc.poll() is None and time.monotonic() > self._next_start + 60:
+                self._backoff = self.RESTART_BACKOFF[0]  # it has lived a minute: forget earlier deaths
+            return
+        now = time.monotonic()
+        if now < self._next_start:
+            return
+        log.error("tracker process pid %d exited with %s; readers go to Redis; restarting it",
+                  self.proc.pid, self.proc.returncode)
+        self._next_start = now + self._backoff
+        self._backoff = min(self.RESTART_BACKOFF[1], self._backoff * 2)
+        self.start()
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """SIGTERM the child (it publishes "down"), wait, then publish "down" here too. Idempotent."""
+        self._stopping = True
+        p = self.proc
+        if p is not None and p.poll() is None:
+            p.terminate()
+            try:
+                p.wait(timeout)
+            except Exception:
+                p.kill()
+                p.wait(5)
+        self.tracker.go_down()
+
+
+#: The environment variable carrying a tracker child's settings (JSON).
+_CHILD_ENV = "SHMCACHE_TRACKER_CHILD"
+
+
+def _die_with_parent() -> None:
+    try:
+        import ctypes
+        import signal
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except Exception:  # pragma: no cover - not Linux
+        pass
+
+
+def _child_main() -> int:
+    """``python -m shmcache.near``, started by :class:`TrackerProcess`."""
+    import signal
+    import sys
+
+    raw = os.environ.pop(_CHILD_ENV, None)
+    if raw is None:
+        print("shmcache.near: this module runs as the daemon's tracker process only "
+              "(shmcache daemon --upstream URL)", file=sys.stderr)
+        return 2
+    cfg = json.loads(raw)
+    logging.basicConfig(level=cfg["log_level"], stream=sys.stderr,
+                        format="%(asctime)s shmcache-tracker[%(process)d] %(levelname)s %(message)s")
+    cache = Cache(cfg["name"], create=False, mode=cfg["mode"], owner=cfg["owner"])
+    t = Tracker(cache, cfg["upstream"], cfg["prefixes"], cfg["ping"], nice=cfg["nice"])
+    signal.signal(signal.SIGTERM, lambda *_: t._stop.set())
+    signal.signal(signal.SIGINT, lambda *_: t._stop.set())
+    try:
+        t.go_down()
+        t.run()
+    finally:
+        cache.close()
+    return 0
+
+
 _PUSHED = object()
+_PUSH_FAILED = object()
+#: How often a cluster's slot map is re-read on the tracking connection (s).
+TOPOLOGY_SECONDS = 1.0
+
+
+class InvalidationFailed(Error):
+    """A push could not be applied to the cache: the session ends (readers
+    bypass, then a new epoch), since its keys may still hold valid copies."""
+
+
+class TopologyChanged(Exception):
+    """The cluster's masters are not the ones tracked: track them afresh."""
+
+
+class _Link:
+    """One tracking connection: its master and the send times of its unanswered PINGs."""
+
+    __slots__ = ("name", "conn", "pending", "acked")
+
+    def __init__(self, name, conn):
+        self.name = name
+        self.conn = conn
+        self.pending: deque = deque()  # PING send times; None for a CLUSTER SLOTS
+        self.acked = 0.0
+
+
+def _is_cluster(client) -> bool:
+    try:
+        from redis.cluster import RedisCluster
+    except ImportError:  # pragma: no cover - redis-py without cluster support
+        return False
+    return isinstance(client, RedisCluster)
+
+
+def _read_reply(conn):
+    while True:
+        r = conn.read_response(push_request=True)
+        if r is _PUSH_FAILED:
+            raise InvalidationFailed("could not apply an invalidation")
+        if r is not _PUSHED:
+            return r
+
+
+def _hook_invalidations(conn, handler) -> None:
+    """Route the RESP3 ``invalidate`` pushes of ``conn`` to ``handler``.
+
+    Private redis-py API, on purpose: redis-py (8.1) has no public hook for
+    invalidation pushes. ``PubSub(push_handler_func=)`` only sees pub/sub
+    pushes, and its client-side cache (``cache_config=``) keeps a cache per
+    process with no callback, no BCAST and no prefixes. Its own client-side
+    cache registers its handler exactly this way
+    (``CacheProxyConnection._enable_tracking_callback``). If a redis-py
+    release drops the method, tracking fails loudly here (readers then go to
+    Redis) instead of silently losing invalidations.
+    """
+    setter = getattr(getattr(conn, "_parser", None), "set_invalidation_push_handler", None)
+    if setter is None:
+        import redis
+
+        raise ValueError(f"redis-py {redis.__version__} offers no invalidation push handler "
+                         "(parser.set_invalidation_push_handler); shmcache.near needs redis-py >= 5.1")
+    setter(handler)
+
+
+if __name__ == "__main__":
+    raise SystemExit(_child_main())

@@ -109,7 +109,8 @@ def _run(tmp_path, seconds):
                 readers.append(p)
 
         rnd = random.Random(12)
-        faults = ["client-kill", "flushall", "restart", "sigkill-daemon", "client-kill", "flushall"]
+        faults = ["client-kill", "flushall", "restart", "sigkill-daemon", "client-kill", "flushall",
+                  "sigkill-tracker"]
         seen = set()
         deadline = time.monotonic() + seconds
         next_fault = time.monotonic() + 0.5
@@ -141,6 +142,13 @@ def _run(tmp_path, seconds):
                     h.stop_daemon(signal.SIGKILL)
                     time.sleep(0.3)  # readers of that host bypass once the heartbeat is old
                     h.start_daemon(wait=False)
+                elif fault == "sigkill-tracker":  # the daemon's child: it restarts it
+                    pid = (hosts[f % 2].stats().get("tracker") or {}).get("pid")
+                    if pid:
+                        try:
+                            os.kill(pid, signal.SIGKILL)
+                        except ProcessLookupError:
+                            pass
                 next_fault = time.monotonic() + 0.5
                 assert len(events) < MAX_EVENTS
         stop.set()
@@ -172,7 +180,7 @@ def _assert_no_stale_reads(tmp_path, seconds):
     print(f"\n{len(events)} changes, {len(reads)} reads, near hits {hits}, faults {sorted(seen)}, "
           f"epoch bumps {[s['epoch_bumps'] for s in stats]}, bypassed {[s['bypassed_reads'] for s in stats]}")
     assert len(reads) > 100 and len(events) > 100
-    assert {"client-kill", "flushall", "restart", "sigkill-daemon"} <= seen
+    assert {"client-kill", "flushall", "restart", "sigkill-daemon", "sigkill-tracker"} <= seen
     assert hits > 0, "the near cache never served anything: the test proves nothing"
     assert not bad, f"{len(bad)} stale reads beyond {BOUND} s, first: {bad[:5]}"
 

@@ -18,16 +18,20 @@ pytestmark = pytest.mark.skipif(REDIS is None, reason="redis-server missing (mak
 PREFIXES = ["app:", "dj:", "fl:"]
 
 
-@pytest.fixture(scope="module")
-def env(tmp_path_factory):
+def _redis_and_host(tmp_path_factory, tag, **kw):
     s = RedisServer().start()
-    h = Host(s, tmp_path_factory.mktemp("near-int"), prefixes=PREFIXES, ping=0.25, tag="nint")
+    h = Host(s, tmp_path_factory.mktemp(tag), prefixes=PREFIXES, ping=0.25, tag=tag, **kw)
     try:
         h.start_daemon()
         yield s, h
     finally:
         h.close()
         s.close()
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    yield from _redis_and_host(tmp_path_factory, "nint")
 
 
 def kept(host, key: str) -> bool:
@@ -170,8 +174,99 @@ def test_gunicorn_config_starts_the_daemon_with_upstream_when_asked():
     spec.loader.exec_module(conf)
     plain = conf.daemon_command({"SHMCACHE_NAME": "n"})
     assert "--upstream" not in plain
-    cmd = conf.daemon_command({"SHMCACHE_NAME": "n", "SHMCACHE_UPSTREAM": "redis://127.0.0.1:1/0",
+    cmd = conf.daemon_command({"SHMCACHE_NAME": "n", "SHMCACHE_UPSTREAM": "redis://:s3cret@127.0.0.1:1/0",
                                "SHMCACHE_TRACK_PREFIX": "app:, dj:"})
-    i = cmd.index("--upstream")
-    assert cmd[i + 1] == "redis://127.0.0.1:1/0"
+    # the daemon reads SHMCACHE_UPSTREAM from the environment it inherits: no password in ps
+    assert "--upstream" not in cmd and not any("s3cret" in a for a in cmd)
     assert [cmd[j + 1] for j, a in enumerate(cmd) if a == "--track-prefix"] == ["app:", "dj:"]
+
+
+# ------------------------------------------------------------- pickle trust
+class _Planted:
+    """Unpickling this runs os.system-like code: here it only creates a file."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+@pytest.fixture(scope="module")
+def group_env(tmp_path_factory):
+    """A host whose cache is shared with a group (mode 0660): shmcache does not trust pickle there."""
+    yield from _redis_and_host(tmp_path_factory, "ngrp", cache_options={"mode": 0o660}, extra=["--mode", "660"])
+
+
+def _plant(h, redis_key: str, payload: bytes) -> None:
+    """What any user who can write the segment can do: overwrite the near
+    cache's valid copy of ``redis_key`` with bytes of their choosing."""
+    from shmcache.near import HDR
+
+    lk = ENTRY_PREFIX + redis_key.encode()
+    old = h.cache.get(lk)
+    assert old is not None, "fill the key first"
+    h.cache.set(lk, old[:HDR.size] + payload, ttl=30)
+
+
+@pytest.mark.parametrize("backend", ["django", "flask", "near"])
+def test_a_pickle_planted_in_a_group_shared_near_cache_never_runs(group_env, tmp_path, backend):
+    """Regression: the near backends unpickled whatever shared memory held,
+    so any user able to write a group-shared segment could run code in
+    every worker. They now follow the core's rule (README "Security")."""
+    import pickle
+
+    server, h = group_env
+    marker = tmp_path / "ran"
+    payload = pickle.dumps(_Planted(str(marker)))
+    if backend == "django":
+        c = _django_backend(server, h, mode=0o660)
+        c.set("t", {"plain": [1, "two", b"3"]})  # plain containers still work
+        key = c.make_key("t")
+        wait_for(lambda: c.get("t") == {"plain": [1, "two", b"3"]} and kept(h, key), 10, "the Django value kept")
+        with pytest.raises(TypeError, match="does not trust pickle"):
+            c.set("obj", _Planted(str(marker)))  # refused before it reaches Redis, as the core does
+        _plant(h, key, payload)
+        read = lambda: c.get("t")  # noqa: E731
+    elif backend == "flask":
+        from shmcache.contrib.flask import ShmCache
+
+        c = ShmCache(h.name, upstream=server.url, key_prefix="fl:", mode=0o660)
+        c.set("t", {"plain": [1, "two"]})
+        wait_for(lambda: c.get("t") == {"plain": [1, "two"]} and kept(h, "fl:t"), 10, "the Flask value kept")
+        _plant(h, "fl:t", b"!" + payload)
+        read = lambda: c.get("t")  # noqa: E731
+    else:
+        c = NearCache(h.cache, server.url, prefixes=["app:"], serializer=pickle)
+        c.set("app:t", ("plain", 1))
+        wait_for(lambda: c.get("app:t") == ("plain", 1) and kept(h, "app:t"), 10, "the value kept")
+        _plant(h, "app:t", payload)
+        read = lambda: c.get("app:t")  # noqa: E731
+    from shmcache import PickleRefused
+
+    def refused():
+        # A read made while the heartbeat looks late goes to Redis (and gets
+        # the safe value): retry until the planted copy is what is read.
+        try:
+            read()
+        except PickleRefused as e:
+            assert "open" in str(e)
+            return True
+        return False
+
+    wait_for(refused, 10, "the planted copy to be read, and refused")
+    assert not marker.exists()
+
+
+def test_a_private_near_cache_or_allow_pickle_keeps_full_pickle(env, group_env):
+    import fractions
+
+    server, h = env  # a 0600 cache: nobody else can write it
+    c = _django_backend(server, h)
+    c.set("frac", fractions.Fraction(1, 3))
+    wait_for(lambda: c.get("frac") == fractions.Fraction(1, 3) and kept(h, c.make_key("frac")), 10, "kept")
+    gserver, g = group_env
+    trusting = _django_backend(gserver, g, mode=0o660, allow_pickle=True)
+    trusting.set("frac", fractions.Fraction(2, 3))
+    wait_for(lambda: trusting.get("frac") == fractions.Fraction(2, 3) and kept(g, trusting.make_key("frac")),
+             10, "kept")

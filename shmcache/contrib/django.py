@@ -83,7 +83,7 @@ import re
 
 from asgiref.sync import sync_to_async
 from django.core.cache.backends.base import DEFAULT_TIMEOUT, BaseCache, default_key_func
-from django.core.cache.backends.redis import RedisCache, RedisCacheClient
+from django.core.cache.backends.redis import RedisCache, RedisCacheClient, RedisSerializer
 from django.core.exceptions import ImproperlyConfigured
 
 from .. import admin, stampede
@@ -466,8 +466,32 @@ class NearRedisClient(RedisCacheClient):
             cache = shared_cache(cfg["name"], **cfg["cache_options"])
             near = NearCache(cache, super().get_client(write=True), cfg["prefixes"], max_ttl=cfg["max_ttl"],
                              neg_ttl=cfg["neg_ttl"])
+            if type(self._serializer) is RedisSerializer:
+                # Values read from shared memory were written by whoever can
+                # write the segment: unpickle them under the cache's rule.
+                self._serializer = _TrustedRedisSerializer(near.pickle, self._serializer.protocol)
             self._near = NearRedis(near)
         return self._near
+
+
+class _TrustedRedisSerializer(RedisSerializer):
+    """Django's ``RedisSerializer`` (ints raw, the rest pickled) whose pickles
+    follow the near cache's pickle trust (``shmcache.near.TrustedPickle``)."""
+
+    def __init__(self, trusted, protocol=None):
+        super().__init__(protocol)
+        self._trusted = trusted
+
+    def dumps(self, obj):
+        if type(obj) is int:
+            return obj
+        return self._trusted.dumps(obj, self.protocol)
+
+    def loads(self, data):
+        try:
+            return int(data)
+        except ValueError:
+            return self._trusted.loads(data)
 
 
 class NearRedisCache(RedisCache):

@@ -40,9 +40,11 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
+import pickle
 from typing import Any
 
 from flask_caching.backends.base import BaseCache
+from cachelib.serializers import RedisSerializer
 from flask_caching.backends.rediscache import RedisCache as FlaskRedisCache
 
 from .. import stampede
@@ -246,3 +248,33 @@ class NearRedisCache(FlaskRedisCache):
         self.near = NearCache(cache, client, near_prefixes, max_ttl=max_ttl, neg_ttl=neg_ttl)
         super().__init__(host=NearRedis(self.near), default_timeout=default_timeout, key_prefix=key_prefix,
                          ignore_delete_many_errors=ignore_delete_many_errors)
+        # Values read from shared memory were written by whoever can write the
+        # segment: unpickle them under the cache's rule (shmcache.near.TrustedPickle).
+        self.serializer = _TrustedRedisSerializer(self.near.pickle)
+
+
+class _TrustedRedisSerializer(RedisSerializer):
+    """cachelib's ``RedisSerializer`` (ints as ASCII, the rest ``!`` + pickle)
+    whose pickles follow the near cache's pickle trust. A refused pickle
+    raises ``PickleRefused`` instead of reading as a miss: it was planted."""
+
+    def __init__(self, trusted):
+        self._trusted = trusted
+
+    def dumps(self, value, protocol: int = pickle.HIGHEST_PROTOCOL) -> bytes:
+        if type(value) is int:
+            return str(value).encode("ascii")
+        return b"!" + self._trusted.dumps(value, protocol)
+
+    def loads(self, value):
+        if value is None:
+            return None
+        if value.startswith(b"!"):
+            try:
+                return self._trusted.loads(value[1:])
+            except pickle.PickleError:  # (PickleRefused is not one: it propagates)
+                return None
+        try:
+            return int(value)
+        except ValueError:
+            return value

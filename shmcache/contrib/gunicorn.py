@@ -43,7 +43,7 @@ SHMCACHE_SIZE              segment size (default ``64MiB``)
 SHMCACHE_SNAPSHOT          snapshot file (default: none, no snapshots)
 SHMCACHE_DAEMON            ``0`` to run without the daemon
 SHMCACHE_DAEMON_ARGS       extra daemon arguments (shell syntax), e.g. ``--metrics 127.0.0.1:9464``
-SHMCACHE_UPSTREAM          Redis URL: the daemon tracks it (``--upstream``)
+SHMCACHE_UPSTREAM          Redis URL: the daemon tracks it (read from its environment, never put on its command line)
                            for a near cache (``shmcache.near``)
 SHMCACHE_TRACK_PREFIX      comma-separated key prefixes it tracks (default: all)
 SHMCACHE_SERVE             a port: the daemon also serves the cache over the Redis
@@ -123,7 +123,8 @@ def daemon_command(environ=None) -> list[str]:
     if snap:
         cmd += ["--snapshot", snap]
     if env.get("SHMCACHE_UPSTREAM"):
-        cmd += ["--upstream", env["SHMCACHE_UPSTREAM"]]
+        # Not on the command line (ps shows it to every user, password
+        # included): the daemon inherits SHMCACHE_UPSTREAM and reads it there.
         for p in env.get("SHMCACHE_TRACK_PREFIX", "").split(","):
             if p.strip():
                 cmd += ["--track-prefix", p.strip()]

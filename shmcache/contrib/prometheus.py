@@ -42,6 +42,24 @@ Metrics (label ``cache`` = the cache name; ``stripe`` on per-stripe ones):
 ``shmcache_last_snapshot_entries``   gauge      entries in the last written snapshot
 ===================================  =========  ==========================================
 
+A cache used as a near cache in front of Redis (:mod:`shmcache.near`) adds,
+all processes of the host together (each adds its own counts at most a
+second late):
+
+=========================================  =========  ====================================
+``shmcache_near_hits_total``               counter    reads served from shared memory
+``shmcache_near_misses_total``             counter    reads that filled the copy from Redis
+``shmcache_near_upstream_reads_total``     counter    keys read from Redis (fills, bypasses, untracked)
+``shmcache_near_bypassed_reads_total``     counter    reads sent to Redis because the tracker was down or late
+``shmcache_near_fills_discarded_total``    counter    fills an invalidation overtook (not kept)
+``shmcache_near_invalidations_total``      counter    keys invalidated by Redis (tracker)
+``shmcache_near_flushes_total``            counter    null invalidations (FLUSHALL / FLUSHDB)
+``shmcache_near_epoch_bumps_total``        counter    new epochs (reconnects, flushes, moved slots)
+``shmcache_near_reconnects_total``         counter    tracking connections lost
+``shmcache_near_tracker_up``               gauge      1 while workers may trust shared memory
+``shmcache_near_heartbeat_age_seconds``    gauge      seconds since the last answered PING was sent
+=========================================  =========  ====================================
+
 Lock wait counts are not exported: the segment does not record them (the
 stripe and client records have no spare field); ``shmcache_stripe_locked``
 sampled per scrape is the available contention signal.
@@ -56,8 +74,21 @@ from prometheus_client.registry import Collector
 
 from .. import admin
 from ..cache import Cache
+from ..near import read_stats as near_stats
 
-__all__ = ["ShmcacheCollector", "COUNTER_HELP"]
+__all__ = ["ShmcacheCollector", "COUNTER_HELP", "NEAR_HELP"]
+
+NEAR_HELP = {
+    "near_hits": "Near-cache reads served from shared memory, all processes.",
+    "near_misses": "Near-cache reads that filled the local copy from Redis.",
+    "upstream_reads": "Keys the near cache read from Redis (fills, bypassed and untracked reads).",
+    "bypassed_reads": "Near-cache reads sent to Redis because the tracker was down or late.",
+    "fills_discarded": "Near-cache fills not kept because an invalidation overtook them.",
+    "invalidations": "Keys invalidated by Redis, as received by the tracker.",
+    "flushes": "Null invalidations (FLUSHALL / FLUSHDB) received by the tracker.",
+    "epoch_bumps": "New near-cache epochs (reconnects, flushes, moved cluster slots).",
+    "reconnects": "Tracking connections lost.",
+}
 
 COUNTER_HELP = {
     "hits": "Gets that found a live entry, all processes.",
@@ -133,4 +164,14 @@ class ShmcacheCollector(Collector):
                 if last.ok:
                     fam(gauge, "shmcache_last_snapshot_entries", "Entries in the last written snapshot.") \
                         .add_metric([n], last.entries)
+            near = near_stats(cache)
+            if near is not None:
+                for key, doc in NEAR_HELP.items():
+                    name = key if key.startswith("near_") else f"near_{key}"
+                    fam(CounterMetricFamily, f"shmcache_{name}", doc).add_metric([n], near[key])
+                fam(gauge, "shmcache_near_tracker_up", "1 while near-cache readers may trust shared memory.") \
+                    .add_metric([n], 1.0 if near["tracker_up"] else 0.0)
+                if near["heartbeat_age"] is not None:
+                    fam(gauge, "shmcache_near_heartbeat_age_seconds",
+                        "Seconds since the tracker's last answered PING was sent.").add_metric([n], near["heartbeat_age"])
         yield from fams.values()
