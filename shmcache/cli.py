@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import fnmatch
+import functools
 import json
 import logging
 import os
@@ -174,22 +175,17 @@ def _start_resp_child(args) -> subprocess.Popen:
             cmd += ["--" + flag.replace("_", "-"), str(v)]
     if args.unix_mode != "600":
         cmd += ["--unix-mode", args.unix_mode]
+    if args.loop != "auto":
+        cmd += ["--loop", args.loop]
     for k in _SERVE_LIMITS:
         if getattr(args, k) is not None:
             cmd += ["--" + k.replace("_", "-"), str(getattr(args, k))]
     env = dict(os.environ)
     if args.requirepass is not None:  # through the environment: not visible in ps
         env["SHMCACHE_REQUIREPASS"] = args.requirepass
-    return subprocess.Popen(cmd, env=env, preexec_fn=_die_with_parent)
+    from .server import die_with_parent
 
-
-def _die_with_parent() -> None:
-    try:
-        import ctypes
-
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-    except Exception:  # pragma: no cover - not Linux
-        pass
+    return subprocess.Popen(cmd, env=env, preexec_fn=functools.partial(die_with_parent, os.getpid()))
 
 
 def _daemon_serve(serve, args) -> int:
@@ -226,7 +222,7 @@ def cmd_serve(args) -> int:
         _name(args), size=args.size, host=args.bind or "127.0.0.1", bind_explicit=args.bind is not None,
         port=None if args.no_tcp else args.port, unix=args.unix, unix_mode=int(args.unix_mode, 8),
         workers=args.workers, password=args.requirepass or os.environ.get("SHMCACHE_REQUIREPASS") or None,
-        password_file=args.requirepass_file, **limits,
+        password_file=args.requirepass_file, loop=args.loop, **limits,
     )
 
 
@@ -244,6 +240,8 @@ def _serve_parser(p: argparse.ArgumentParser, port_flag: str = "--port") -> argp
     p.add_argument("--unix", metavar="PATH", help="also listen on this unix socket")
     p.add_argument("--unix-mode", default="600", help="permission bits (octal) of the unix socket (default 600)")
     p.add_argument("--workers", type=int, default=1, help="server processes sharing the port (SO_REUSEPORT; default 1)")
+    p.add_argument("--loop", choices=("auto", "asyncio", "uvloop"), default="auto",
+                   help="event loop of the server processes (default auto: uvloop when installed)")
     g = p.add_mutually_exclusive_group()
     g.add_argument("--requirepass", metavar="PASSWORD", help="require AUTH with this password (visible in "
                                                              "ps: prefer --requirepass-file or $SHMCACHE_REQUIREPASS)")

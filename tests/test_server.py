@@ -62,11 +62,17 @@ def r(server, request):
     c.close()
 
 
-def raw(port: int, data: bytes, wait: float = 0.3) -> bytes:
-    """Send bytes on a fresh connection; everything the server answers until it closes or goes quiet."""
+def raw(port: int, data: bytes | list, wait: float = 0.3) -> bytes:
+    """Send bytes (a list: each chunk 50 ms apart, so each is its own read)
+    on a fresh connection; everything the server answers until it closes or goes quiet."""
     s = socket.create_connection(("127.0.0.1", port), timeout=5)
     try:
-        s.sendall(data)
+        try:
+            for chunk in data if isinstance(data, list) else [data]:
+                s.sendall(chunk)
+                time.sleep(0.05 if isinstance(data, list) else 0)
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # closed on an error: read what it said
         out = b""
         s.settimeout(wait)
         while True:
@@ -240,6 +246,21 @@ def test_string_commands(r):
     assert r.setrange("ap", 6, "Redis") == 11 and r.get("ap") == b"Hello Redis"
     assert r.setrange("pad", 3, "x") == 4 and r.get("pad") == b"\x00\x00\x00x"
     assert r.strlen("ap") == 11 and r.strlen("missing") == 0
+
+
+def test_mset_with_one_pair_over_the_limits_stores_nothing(r, server):
+    _, cache = server
+    st = cache.stats()
+    with pytest.raises(redis.ResponseError, match="max_key_size"):
+        r.mset({"ok1": "a", "k" * (st["max_key_size"] + 1): "b"})
+    with pytest.raises(redis.ResponseError, match="max_value_size"):
+        r.mset({"ok2": "a", "big": b"x" * (st["max_value_size"] + 1)})
+    with pytest.raises(redis.ResponseError, match="max_key_size"):  # a non-UTF-8 key takes one byte more
+        r.mset({"ok3": "a", b"\xff" * st["max_key_size"]: "b"})
+    assert len(cache) == 0
+    r.mset({b"\xff" * (st["max_key_size"] - 1): "c", "m": 1, "e": b""})
+    assert cache[b"\xff" * (st["max_key_size"] - 1)] == b"c" and cache["m"] == b"1" and cache["e"] == b""
+    assert r.mget(b"\xff" * (st["max_key_size"] - 1), "m", "nope", "e") == [b"c", b"1", None, b""]
 
 
 def test_incr_family_errors(r):
@@ -706,3 +727,109 @@ def test_regression_garbage_after_star_is_a_protocol_error_not_a_wait(server):
         pass
     s.close()
     assert out.startswith(b"-ERR Protocol error: ")
+
+
+# Replies redis-server 7.0 gives to the same bytes (checked by hand against it).
+@pytest.mark.parametrize("chunks, expected", [
+    ([b"PING\r\n*1\r\n$4\r\nPING\r\nECHO a\r\n*2\r\n$4\r\nECHO\r\n$1\r\nb\r\n"],
+     b"+PONG\r\n+PONG\r\n$1\r\na\r\n$1\r\nb\r\n"),
+    ([b"*1\r\n$4\r\nPING\r\nPING\r\n"], b"+PONG\r\n+PONG\r\n"),
+    ([b"*2\r\n$4\r\nECHO\r\n$1\r\nc\r\n\r\nPING\n*1\r\n$4\r\nPI"], b"$1\r\nc\r\n+PONG\r\n"),
+    ([b"*1\r\n$4\r\nPI", b"NG\r\nECHO x\r\n"], b"+PONG\r\n$1\r\nx\r\n"),
+    ([b"*1\r\n$4\r\nPING\r\n+foo\r\n"], b"+PONG\r\n-ERR unknown command '+foo', with args beginning with: \r\n"),
+    ([b"*1\r\n$4\r\nPING\r\n*-5\r\n*0\r\nPING\r\n"], b"+PONG\r\n+PONG\r\n"),
+    ([b"*1\r\n$4\r\nPING\r\n*1\r\nfoo\r\n"], b"+PONG\r\n-ERR Protocol error: expected '$', got 'f'\r\n"),
+    ([b"*1\r\n$4\r\nPING\r\n*1", b"\r\n$4\r\nPING\r\n"], b"+PONG\r\n+PONG\r\n"),
+    ([b"*1\r\n$4\r\nPING\r\n*-", b"1\r\nPING\r\n"], b"+PONG\r\n+PONG\r\n"),
+    ([b"*1\r\n$4\r\nPING\r\n%1\r\n*1\r\n$1\r\nx\r\n$1\r\ny\r\n"],
+     b"+PONG\r\n-ERR unknown command '%1', with args beginning with: \r\n-ERR unknown command 'x', with args "
+     b"beginning with: \r\n-ERR unknown command '$1', with args beginning with: \r\n-ERR unknown command 'y', "
+     b"with args beginning with: \r\n"),
+], ids=["inline-resp-inline-resp", "resp-then-inline", "resp-empty-line-inline-partial", "split-then-inline",
+        "status-looking-inline", "empty-multibulks-skipped", "bad-frame-after-good-one", "count-cut-after-a-frame",
+        "null-count-cut-after-a-frame",
+        "resp3-map-with-list-key-read-inline"])
+def test_regression_inline_and_resp_mixed_in_one_read(server, chunks, expected):
+    """Redis chooses inline or multibulk afresh for every command; hiredis
+    was fed the whole read, so an inline command right after a RESP frame
+    was a protocol error."""
+    srv, _ = server
+    assert raw(srv.port, chunks) == expected
+
+
+def test_workers_die_with_a_killed_supervisor():
+    """SIGKILL of ``serve --workers 2`` (no chance to stop its workers): the
+    kernel's parent-death signal stops them, and the port is free again."""
+    name = fresh_name("resp")
+    srv = ServeProcess(name, "--workers", "2")
+    try:
+        deadline = time.monotonic() + 20
+        while len(worker_pids(srv.proc.pid)) < 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        kids = worker_pids(srv.proc.pid)
+        assert len(kids) == 2
+        client(port=srv.port).ping()
+        os.kill(srv.proc.pid, 9)
+        srv.proc.wait(10)
+        deadline = time.monotonic() + 20
+        while any(_alive(p) for p in kids) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not any(_alive(p) for p in kids)
+        with pytest.raises(redis.ConnectionError):
+            client(port=srv.port).ping()
+    finally:
+        srv.stop()
+        Cache.unlink(name)
+
+
+def _alive(pid: int) -> bool:
+    """Running (a zombie waiting for its reaper counts as dead)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+@pytest.mark.parametrize("loop", ["asyncio", "uvloop"])
+def test_each_event_loop_serves(loop):
+    if loop == "uvloop":
+        pytest.importorskip("uvloop", reason="the 'server' extra installs uvloop")
+    name = fresh_name("resp")
+    srv = ServeProcess(name, "--loop", loop)
+    try:
+        c = client(port=srv.port)
+        with c.pipeline(transaction=False) as p:
+            for i in range(500):
+                p.set(f"k{i}", i)
+                p.incr("n")
+            p.mget([f"k{i}" for i in range(500)])
+            res = p.execute()
+        assert res[-1] == [str(i).encode() for i in range(500)] and c.get("n") == b"500"
+        assert raw(srv.port, b"PING\r\n*2\r\n$3\r\nGET\r\n$2\r\nk7\r\n") == b"+PONG\r\n$1\r\n7\r\n"
+        c.close()
+    finally:
+        assert srv.stop() == 0
+        Cache.unlink(name)
+
+
+def test_unknown_event_loop_is_refused():
+    from shmcache.server import ServerError, loop_factory
+
+    with pytest.raises(ServerError, match="unknown event loop 'trio'"):
+        loop_factory("trio")
+
+
+def test_regression_huge_count_sent_byte_by_byte_is_refused_before_allocating(server):
+    """'*2147483648' one byte per read reached hiredis whole (the check for
+    big counts saw only one digit per read), which allocated a list of 2^31
+    slots and stalled the worker for seconds; now the count line is held
+    back until complete and refused."""
+    srv, _ = server
+    data = b"*2147483648\r\n"
+    assert raw(srv.port, [data[i : i + 1] for i in range(len(data))]) == (
+        b"-ERR Protocol error: invalid multibulk length\r\n")
+    assert raw(srv.port, [b"*1" + b"0" * 39]) == b"-ERR Protocol error: invalid multibulk length\r\n"
+    with socket.create_connection(("127.0.0.1", srv.port), timeout=5) as s:
+        s.sendall(b"PING\r\n")
+        assert s.recv(100) == b"+PONG\r\n"

@@ -33,7 +33,7 @@ from .connection import Connection, ProtocolFailure
 
 log = logging.getLogger("shmcache.server")
 
-__all__ = ["Server", "serve", "start_in_thread", "DEFAULT_PORT", "LIMIT_DEFAULTS"]
+__all__ = ["Server", "serve", "start_in_thread", "loop_factory", "DEFAULT_PORT", "LIMIT_DEFAULTS", "LOOPS"]
 
 DEFAULT_PORT = 6380
 
@@ -108,12 +108,13 @@ def read_password(password: str | bytes | None, password_file: str | None) -> by
 
 
 class _Protocol(asyncio.Protocol):
-    __slots__ = ("srv", "conn", "transport")
+    __slots__ = ("srv", "conn", "transport", "paused")
 
     def __init__(self, srv: "Server"):
         self.srv = srv
         self.conn = None
         self.transport = None
+        self.paused = False  # the client's unread replies are over the high-water mark
 
     def connection_made(self, transport):
         srv = self.srv
@@ -139,7 +140,7 @@ class _Protocol(asyncio.Protocol):
         conn.kill = transport.close
         self.conn = conn
         srv.connections[conn.id] = conn
-        transport.set_write_buffer_limits(high=1 << 20)
+        transport.set_write_buffer_limits(high=min(1 << 20, srv.max_output_buffer))
 
     def data_received(self, data):
         conn = self.conn
@@ -161,7 +162,7 @@ class _Protocol(asyncio.Protocol):
             self.transport.write(out)
         if conn.closing:
             self.transport.close()
-        elif self.transport.get_write_buffer_size() > self.srv.max_output_buffer:
+        elif self.paused and self.transport.get_write_buffer_size() > self.srv.max_output_buffer:
             log.warning("closing client %s: output buffer over max-output-buffer=%d", conn.addr,
                         self.srv.max_output_buffer)
             self.transport.abort()
@@ -169,9 +170,11 @@ class _Protocol(asyncio.Protocol):
     def pause_writing(self):
         # The client is not reading its replies: stop reading its requests
         # until it catches up (the buffer above 1 MiB), rather than growing it.
+        self.paused = True
         self.transport.pause_reading()
 
     def resume_writing(self):
+        self.paused = False
         if not self.transport.is_closing():
             self.transport.resume_reading()
 
@@ -212,6 +215,7 @@ class Server:
         self.cache = cache
         st = cache.stats()
         self.max_value = st["max_value_size"]
+        self.max_key = st["max_key_size"]
         self.stripes = st["stripes"]
         self.bind = host
         self.port = port or 0
@@ -309,12 +313,62 @@ def listen_unix(path: str, mode: int = 0o600) -> socket.socket:
     return s
 
 
+LOOPS = ("auto", "asyncio", "uvloop")
+
+
+def loop_factory(loop: str = "auto"):
+    """The event loop class a server process runs: ``"uvloop"`` (libuv, in C;
+    the ``server`` extra installs it), ``"asyncio"`` (the standard library's),
+    or ``"auto"``: uvloop when it is installed. Unpipelined, most of a
+    command's cost is the loop's own work around one recv and one send per
+    request; uvloop does that in C (measured ~15-20% less CPU per request,
+    see the README).
+
+    Raises:
+        ServerError: ``"uvloop"`` asked for and not installed, or an unknown name.
+    """
+    if loop not in LOOPS:
+        raise ServerError(f"unknown event loop {loop!r}: choose one of {', '.join(LOOPS)}")
+    if loop == "asyncio":
+        return asyncio.new_event_loop
+    try:
+        import uvloop
+    except ImportError:
+        if loop == "uvloop":
+            raise ServerError("--loop uvloop needs uvloop: pip install 'shmcache[server]'") from None
+        return asyncio.new_event_loop
+    return uvloop.new_event_loop
+
+
+_PR_SET_PDEATHSIG = 1
+
+
+def die_with_parent(parent: int, sig: int = signal.SIGTERM) -> None:
+    """Have the kernel send ``sig`` to this process when its parent thread
+    dies (Linux ``prctl(PR_SET_PDEATHSIG)``), so a SIGKILLed ``serve``
+    supervisor leaves no worker holding the port. ``parent`` is the pid the
+    caller forked from: if it is already gone (the death happened before the
+    prctl), exit now, as the signal would have made us.
+    """
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.prctl(_PR_SET_PDEATHSIG, int(sig), 0, 0, 0) != 0:
+            log.warning("prctl(PR_SET_PDEATHSIG) failed: %s", os.strerror(ctypes.get_errno()))
+    except (OSError, AttributeError):  # not Linux: the supervisor's SIGTERM is the only stop
+        return
+    if os.getppid() != parent:
+        os._exit(0)
+
+
 def _open_cache(name: str, size, create: bool) -> Cache:
     return Cache(name, size=size, create=create, default_ttl=None)
 
 
-def _run_worker(name: str, size, kw: dict, sock, unix_sock, workers: int, stop_fd: int | None = None) -> None:
+def _run_worker(name: str, size, kw: dict, sock, unix_sock, workers: int, loop: str = "auto") -> None:
     """Body of one server process: open the cache, serve until SIGTERM/SIGINT."""
+    factory = loop_factory(loop)
     cache = _open_cache(name, size, True)
     try:
         async def main():
@@ -329,20 +383,24 @@ def _run_worker(name: str, size, kw: dict, sock, unix_sock, workers: int, stop_f
             srv.close()
             task.cancel()
 
-        asyncio.run(main())
+        with asyncio.Runner(loop_factory=factory) as runner:
+            runner.run(main())
     finally:
         cache.close()
 
 
 def serve(name: str, *, size="64MiB", host: str = "127.0.0.1", port: int | None = DEFAULT_PORT,
           bind_explicit: bool = False, unix: str | None = None, unix_mode: int = 0o600, workers: int = 1,
-          password: str | bytes | None = None, password_file: str | None = None, ready=None, **limits) -> int:
+          password: str | bytes | None = None, password_file: str | None = None, ready=None, loop: str = "auto",
+          **limits) -> int:
     """Serve cache ``name`` over RESP until SIGTERM/SIGINT (blocking). Returns 0.
 
     The cache is created with ``size`` if absent. ``workers > 1`` forks that
     many server processes on the same port (``SO_REUSEPORT``) and the same
     unix socket; the parent restarts any that dies. ``ready(port)`` is called
-    once listening (the real port when ``port=0``).
+    once listening (the real port when ``port=0``). ``loop``: see
+    :func:`loop_factory`. A worker process dies with the process that forked
+    it (even one killed by SIGKILL), so no orphan keeps the port.
 
     Raises:
         ServerError: hiredis (the ``server`` extra) is not installed, or a
@@ -356,6 +414,7 @@ def serve(name: str, *, size="64MiB", host: str = "127.0.0.1", port: int | None 
         raise ValueError(f"workers must be an int >= 1, got {workers!r}")
     if port is None and unix is None:
         raise ValueError("nothing to listen on: give a port or a unix socket path")
+    loop_factory(loop)  # an unknown or missing loop fails here, not in every worker
     if port is not None:
         check_bind(host, bind_explicit)
     pw = read_password(password, password_file)
@@ -381,9 +440,9 @@ def serve(name: str, *, size="64MiB", host: str = "127.0.0.1", port: int | None 
         if ready is not None:
             ready(port)
         if workers == 1:
-            _run_worker(name, size, kw, socks[0] if socks else None, unix_sock, 1)
+            _run_worker(name, size, kw, socks[0] if socks else None, unix_sock, 1, loop)
             return 0
-        return _supervise(name, size, kw, socks, unix_sock, workers)
+        return _supervise(name, size, kw, socks, unix_sock, workers, loop)
     finally:
         for s in socks:
             s.close()
@@ -395,7 +454,7 @@ def serve(name: str, *, size="64MiB", host: str = "127.0.0.1", port: int | None 
                 pass
 
 
-def _supervise(name, size, kw, socks, unix_sock, workers) -> int:
+def _supervise(name, size, kw, socks, unix_sock, workers, loop) -> int:
     """Fork ``workers`` server processes and keep them running until told to stop."""
     stopping = False
 
@@ -406,6 +465,8 @@ def _supervise(name, size, kw, socks, unix_sock, workers) -> int:
     old = {s: signal.signal(s, stop) for s in (signal.SIGTERM, signal.SIGINT)}
     pids: dict[int, int] = {}
 
+    parent = os.getpid()
+
     def spawn(i: int) -> None:
         pid = os.fork()
         if pid == 0:
@@ -413,10 +474,11 @@ def _supervise(name, size, kw, socks, unix_sock, workers) -> int:
             try:
                 for s in (signal.SIGTERM, signal.SIGINT):
                     signal.signal(s, signal.SIG_DFL)
+                die_with_parent(parent)
                 for j, s in enumerate(socks):
                     if j != i:
                         s.close()
-                _run_worker(name, size, kw, socks[i] if socks else None, unix_sock, workers)
+                _run_worker(name, size, kw, socks[i] if socks else None, unix_sock, workers, loop)
             except BaseException:
                 log.exception("worker %d failed", i)
                 code = 1

@@ -39,6 +39,10 @@ class ProtocolFailure(Exception):
     """Malformed input: reply ``-ERR Protocol error: <msg>`` and close."""
 
 
+class _NotAnArray(Exception):
+    """hiredis parsed a frame that is not an array (Redis would read it inline)."""
+
+
 class Connection:
     """State of one client; the asyncio Protocol in ``server`` drives it."""
 
@@ -46,6 +50,7 @@ class Connection:
         self.server = server
         self.cache = server.cache
         self.cache_max_value = server.max_value
+        self.cache_max_key = server.max_key
         self.transport = transport
         self.id = next(_ids)
         self.addr = addr
@@ -66,6 +71,7 @@ class Connection:
         self.partial = 0  # bytes fed to the reader for the frame not yet complete
         self.inline = b""  # an unfinished inline command line
         self.carry = b""  # the start of a count header cut by a read
+        self.prev_nl = True  # the last byte fed to the reader was a newline
         self.head = b""  # the first bytes of the frame still incomplete
         self.closing = False
 
@@ -88,6 +94,12 @@ class Connection:
     def _feed(self, data: bytes, out: list) -> None:
         srv = self.server
         while data and not self.closing:
+            if self.carry:  # a count line held back from the last read (below)
+                data = self.carry + data
+                self.carry = b""
+                at_line = True
+            else:
+                at_line = self.partial == 0 or self.prev_nl  # data[0] starts a line
             if self.partial == 0:
                 if self.inline or data[0] != 42:  # 42: '*'
                     data = self._inline(data, out)
@@ -99,55 +111,121 @@ class Connection:
                     if 0 < nl < 32:
                         data = data[nl + 1 :]
                         continue
-            if self.carry:
-                data = self.carry + data
-                self.carry = b""
             big = _BIG_COUNT.search(data)
             if big is not None:
-                _check_big_counts(data, big, srv.max_multibulk)
+                _check_big_counts(data, big, srv.max_multibulk, at_line)
             tail = _OPEN_COUNT.search(data, max(0, len(data) - 24))
-            if tail is not None and tail.start() > 0:
-                # a "*123" cut by the read: hold it until its digits are complete
+            if tail is not None and (data[tail.start() - 1] == 10 if tail.start() else at_line):
+                # A "*123" count line cut by the read: hold it back until its
+                # digits are complete, so the check above sees the whole
+                # count before hiredis does (it allocates the list on reading
+                # it). At most 8 bytes: 7 digits are checked above already.
                 data, self.carry = data[: tail.start()], data[tail.start() :]
+                if not data:
+                    return
+            self.prev_nl = data[-1] == 10
             reader = self.reader
             reader.feed(data)
-            done = []
+            gets = reader.gets
+            # Bytes of the frames completed from this read (sizes are exact
+            # for every frame Redis accepts: no leading zeros): tells whether
+            # the read ended between frames. (hiredis' has_data() cannot: it
+            # consumes an array element by element.)
+            consumed = 0
+            # The common case runs inline: an authenticated client outside
+            # MULTI sending a command of _FAST (GET, SET k v, INCR, MGET...)
+            # with its exact arity. Everything else goes through execute().
+            fast = _FAST if self.authed and self.multi is None else None
+            nfast = 0
+            max_mb = srv.max_multibulk
+            digits = _DIGITS
+            last = b""
             try:
                 while True:
-                    req = reader.gets()
+                    try:
+                        req = gets()
+                    except TypeError:  # a RESP3 map or set with a list for a key: not a command either
+                        raise _NotAnArray from None
                     if req is False:
                         break
-                    done.append(req)
                     if type(req) is not list:
                         if req is None:  # "*-1"
+                            consumed += 5
                             continue
-                        raise ProtocolFailure("expected '*', got '" + chr(data[0]) + "'")
-                    if not req:
+                        raise _NotAnArray
+                    n = len(req)
+                    consumed += 3 + 5 * n + (digits[n] if n < 10000 else len(str(n)))
+                    if not n:
                         continue
                     for a in req:
                         if type(a) is not bytes:
                             raise ProtocolFailure("expected '$', got '" + ("*" if type(a) is list else ":") + "'")
-                    if len(req) > srv.max_multibulk:
+                        n = len(a)
+                        consumed += n + (digits[n] if n < 10000 else len(str(n)))
+                    if len(req) > max_mb:
                         raise ProtocolFailure("invalid multibulk length")
+                    if fast is not None:
+                        f = fast.get(req[0])
+                        if f is not None and (len(req) == f[1] or (f[1] < 0 and len(req) >= -f[1])):
+                            nfast += 1
+                            last = req[0]
+                            try:
+                                out.append(f[0](self, req))
+                            except Exception as e:
+                                out.append(self._failed(req[0], e))
+                            continue
                     self.execute(req, out)
+                    last = b""  # execute() named it
                     if self.closing:
                         return
-            except hiredis.ProtocolError as e:
-                raise ProtocolFailure(_redis_wording(str(e))) from None
-            self._track_partial(data, done)
+                    fast = _FAST if self.authed and self.multi is None else None
+            except (hiredis.ProtocolError, _NotAnArray) as e:
+                # A frame that does not start with '*' right after a complete
+                # one: Redis decides inline or multibulk per command, so the
+                # rest of the read is inline ("PING\r\n" after "*1\r\n$4\r\nPING\r\n"),
+                # or an empty "*0" / "*-5" multibulk it skips. Anywhere else
+                # it is a protocol error.
+                rest = self._after_frames(data, consumed)
+                if rest is None:
+                    if type(e) is _NotAnArray:
+                        raise ProtocolFailure("expected '*', got '" + chr(data[0]) + "'") from None
+                    raise ProtocolFailure(_redis_wording(str(e))) from None
+                self.reader = hiredis.Reader()
+                self.partial = 0
+                data = rest
+                continue
+            finally:
+                if nfast:
+                    srv.commands_processed += nfast
+                if last:
+                    self.last_cmd = last.lower()
+            if consumed - self.partial == len(data):
+                self.partial = 0
+            else:
+                self._track_partial(data, consumed)
             return
 
-    def _track_partial(self, data: bytes, done: list) -> None:
-        """Account for the frame left incomplete at the end of ``data``: bound
-        its size, and check the lengths it declares (as Redis does on reading
-        them) where they are in ``data``. The complete frames' sizes are exact
-        for the canonical encoding every client sends."""
-        if done:
-            start = sum(map(_frame_size, done)) - self.partial
-        elif self.partial:
-            start = -1  # the pending frame goes on
-        else:
-            start = 0
+    def _after_frames(self, data: bytes, consumed: int):
+        """The part of ``data`` after the ``consumed`` bytes of frames that
+        hiredis completed from it, if what follows them is a command Redis
+        would parse anew (inline, or an empty multibulk); else None."""
+        start = consumed - self.partial  # < 0: the failing frame began in an earlier read
+        if not 0 <= start < len(data):
+            return None
+        if data[start] != 42:
+            return data[start:]
+        if data[start + 1 : start + 2] == b"-" or data[start + 1 : start + 3] == b"0\r":
+            nl = data.find(b"\n", start)
+            if 0 < nl - start < 32 and start + (nl - start) + 1 <= len(data):  # what _feed skips
+                return data[start:]
+        return None
+
+    def _track_partial(self, data: bytes, consumed: int) -> None:
+        """Account for the frame left incomplete at the end of ``data`` after
+        ``consumed`` bytes of complete frames: bound its size, and check the
+        lengths it declares (as Redis does on reading them) where they are
+        in ``data``."""
+        start = consumed - self.partial  # < 0: the pending frame goes on
         if start >= len(data):
             self.partial = 0
             return
@@ -218,13 +296,19 @@ class Connection:
         self.last_cmd = name
         try:
             out.append(cmd.fn(self, args))
-        except CommandError as e:
-            out.append(error(str(e)))
-        except (ValueError, TypeError) as e:  # e.g. a closed cache, a bad key
-            out.append(error(f"ERR {e}"))
-        except Exception as e:  # never let one command take the server down
-            log.exception("command %r failed", name)
-            out.append(error(C.check_errors(e)))
+        except Exception as e:
+            out.append(self._failed(name, e))
+
+    @staticmethod
+    def _failed(name: bytes, e: Exception) -> bytes:
+        """The error reply for a command that raised ``e``."""
+        if isinstance(e, CommandError):
+            return error(str(e))
+        if isinstance(e, (ValueError, TypeError)):  # e.g. a closed cache, a bad key
+            return error(f"ERR {e}")
+        # never let one command take the server down
+        log.exception("command %r failed", name)
+        return error(C.check_errors(e))
 
     # ------------------------------------------------------------- state
     def set_resp(self, v: int) -> None:
@@ -255,18 +339,17 @@ _BIG_COUNT = re.compile(rb"\*-?[0-9]{7,}")
 _OPEN_COUNT = re.compile(rb"\*-?[0-9]*\Z")
 
 
-def _check_big_counts(data: bytes, m, max_mb: int) -> None:
+def _check_big_counts(data: bytes, m, max_mb: int, at_line: bool) -> None:
+    """Refuse a count over ``max_mb`` at a line start (``at_line``: data[0] is one)."""
     while m is not None:
         p = m.start()
-        if (p == 0 or data[p - 1] == 10) and not -1 <= int(m.group()[1:]) <= max_mb:
+        if (data[p - 1] == 10 if p else at_line) and not -1 <= int(m.group()[1:]) <= max_mb:
             raise ProtocolFailure("invalid multibulk length")
         m = _BIG_COUNT.search(data, m.end())
 
 
-def _frame_size(req) -> int:
-    if type(req) is not list:
-        return 5  # *-1\r\n
-    return 3 + len(str(len(req))) + sum([5 + len(str(len(a))) + len(a) for a in req])
+#: Decimal digits of each length below 10000 (frame sizes, counted per argument).
+_DIGITS = bytes(len(str(i)) for i in range(10000))
 
 
 def _check_header(data: bytes, p: int, max_mb: int, max_bulk: int) -> None:
@@ -784,3 +867,15 @@ def c_function(conn, args):
         return b"*0\r\n"
     raise CommandError(f"ERR unknown subcommand or wrong number of arguments for '{args[1].decode('utf-8', 'replace')}'. "
                        "Try FUNCTION HELP.")
+
+
+#: Commands run inline by _feed (name as sent, lower or upper case) ->
+#: (handler, Redis arity): the ones a cache's clients send most. None of
+#: them may change the connection's state (auth, MULTI, closing).
+_FAST = {}
+for _name in (b"get", b"set", b"setex", b"setnx", b"getset", b"mget", b"mset", b"incr", b"decr", b"incrby",
+              b"decrby", b"del", b"unlink", b"exists", b"expire", b"pexpire", b"ttl", b"pttl", b"strlen",
+              b"append", b"ping", b"echo", b"type"):
+    _c = COMMANDS[_name]
+    _FAST[_name] = _FAST[_name.upper()] = (_c.fn, _c.arity)
+del _name, _c
