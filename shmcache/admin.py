@@ -45,7 +45,7 @@ if TYPE_CHECKING:  # pragma: no cover
 
 __all__ = [
     "ClientInfo", "DaemonInfo", "EntryInfo", "SnapshotStatus", "StripeInfo", "TYPE_NAMES",
-    "check", "clients", "counters", "daemon_info", "entries", "expire", "geometry", "inspect",
+    "check", "clients", "counters", "daemon_info", "entries", "expire", "expiry_summary", "geometry", "inspect",
     "RawWriter", "Storage", "expiring", "fix_overcount", "heartbeat", "mark_daemon_ready", "publish_daemon",
     "reap_clients",
     "record_snapshot", "recover", "recover_stripes", "repair", "storage", "stored_items", "stripes",
@@ -448,6 +448,19 @@ def expiring(cache: "Cache", now: float, first: int = 0, count: int | None = Non
     end = cache._g.n_stripes if count is None else min(cache._g.n_stripes, first + count)
     exp = sl["expire"][first:end]
     return np.count_nonzero((exp > 0.0) & (exp <= now), axis=1)
+
+
+def expiry_summary(cache: "Cache", now: float) -> tuple[int, float]:
+    """``(keys that have a deadline, their mean seconds left)`` among the
+    entries live at ``now`` (0.0 when none): what Redis' ``INFO keyspace``
+    shows as ``expires=`` and ``avg_ttl=``. The same vectorised, lock-free
+    scan of the index's expiry column as :func:`expiring`."""
+    cache._check_open()
+    sl = cache._table.slots
+    exp = sl["expire"]
+    live = (sl["tag"] != 0) & (exp > now) & np.isfinite(exp)
+    n = int(np.count_nonzero(live))
+    return n, (float(exp[live].mean()) - now) if n else 0.0
 
 
 def recover_stripes(cache: "Cache") -> list[int]:

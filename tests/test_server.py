@@ -521,11 +521,15 @@ def test_query_buffer_limit(tmp_path):
         Cache.unlink(name)
 
 
-def test_max_clients(tmp_path):
+@pytest.mark.parametrize("set_by", ["option", "config-set"])
+def test_max_clients(tmp_path, set_by):
     name = fresh_name("resp")
-    srv = ServeProcess(name, "--max-clients", "2")
+    srv = ServeProcess(name, *(["--max-clients", "2"] if set_by == "option" else []))
     try:
-        a, b = client(port=srv.port), client(port=srv.port)
+        a = client(port=srv.port)
+        if set_by == "config-set":
+            assert a.config_set("maxclients", 2)
+        b = client(port=srv.port)
         a.ping(), b.ping()
         with pytest.raises(redis.ConnectionError, match="max number of clients reached"):
             client(port=srv.port).ping()
@@ -624,6 +628,11 @@ def test_redis_cli(server):
     assert cli("PING") == "PONG\n"
     assert cli("HELLO", "3").startswith("server redis\n")
     assert "unknown command" in cli("NOSUCH")
+    assert cli("SETBIT", "bits", "1", "1") == "0\n" and cli("GETBIT", "bits", "1") == "1\n"
+    assert cache["bits"] == b"\x40" and cli("BITCOUNT", "bits") == "1\n"
+    cache["l1"], cache["l2"] = "ohmytext", b"mynewtext"
+    assert cli("LCS", "l1", "l2") == "mytext\n" and cli("LCS", "l1", "l2", "LEN") == "6\n"
+    assert cli("CONFIG", "SET", "lazyfree-lazy-user-flush", "yes") == "OK\n"
     piped = subprocess.run([REDIS_CLI, "-p", str(srv.port), "--pipe"], input=b"SET a 1\r\nSET b 2\r\n",
                            capture_output=True, timeout=30)
     assert b"errors: 0, replies: 2" in piped.stdout
@@ -833,3 +842,100 @@ def test_regression_huge_count_sent_byte_by_byte_is_refused_before_allocating(se
     with socket.create_connection(("127.0.0.1", srv.port), timeout=5) as s:
         s.sendall(b"PING\r\n")
         assert s.recv(100) == b"+PONG\r\n"
+
+
+# ------------------------------------------------------ bits, LCS, CONFIG SET
+def test_setbit_getbit_bitcount(r, server):
+    _, cache = server
+    assert r.setbit("b", 7, 1) == 0 and r.get("b") == b"\x01"
+    assert r.setbit("b", 7, 1) == 1 and r.setbit("b", 7, 0) == 1 and r.get("b") == b"\x00"
+    assert r.setbit("b", 17, 1) == 0 and r.get("b") == b"\x00\x00\x40"  # zero-padded
+    assert r.getbit("b", 17) == 1 and r.getbit("b", 16) == 0 and r.getbit("b", 10_000) == 0
+    assert r.getbit("missing", 3) == 0
+    cache["py"] = "a"  # 0x61 = 0110 0001, a Python str
+    assert r.setbit("py", 6, 1) == 0 and cache["py"] == "c"  # still UTF-8: still a str
+    cache["n"] = 1  # a Python int reads as its text "1" (0x31)
+    assert r.getbit("n", 2) == 1 and r.setbit("n", 6, 1) == 0 and cache["n"] == b"3"
+    for bad in (-1, 4 * 1024**3):
+        with pytest.raises(redis.ResponseError, match="bit offset is not an integer or out of range"):
+            r.setbit("b", bad, 1)
+    for bad in ("2", "-1", "x"):
+        with pytest.raises(redis.ResponseError, match="bit is not an integer or out of range"):
+            r.execute_command("SETBIT", "b", 0, bad)
+    cache["p"] = [1]
+    with pytest.raises(redis.ResponseError, match="WRONGTYPE"):
+        r.setbit("p", 0, 1)
+    assert cache["p"] == [1]
+    r.set("s", "foobar")
+    assert r.bitcount("s") == 26
+    assert r.bitcount("s", 1, 1) == 6 and r.bitcount("s", 0, -1) == 26 and r.bitcount("s", -2, -1) == 7
+    assert r.bitcount("s", 5, 30, "BIT") == 17 and r.bitcount("s", -3, -1, "bit") == 1
+    assert r.bitcount("s", 3, 1) == 0 and r.bitcount("missing") == 0
+    with pytest.raises(redis.ResponseError, match="syntax error"):
+        r.execute_command("BITCOUNT", "s", 1)
+    with pytest.raises(redis.ResponseError, match="syntax error"):  # Redis 7.2: arguments before the key
+        r.execute_command("BITCOUNT", "missing", 1, 2, "WORD")
+
+
+def test_lcs_as_redis_7(r, server):
+    r.mset({"a": "ohmytext", "b": "mynewtext"})
+    assert r.lcs("a", "b") == b"mytext"
+    assert r.lcs("a", "b", len=True) == 6
+    idx = r.lcs("a", "b", idx=True, withmatchlen=True, minmatchlen=4)
+    if isinstance(idx, list):  # RESP2: a flat array
+        idx = dict(zip(idx[::2], idx[1::2]))
+    idx = {k.decode() if isinstance(k, bytes) else k: v for k, v in idx.items()}
+    assert idx == {"matches": [[[4, 7], [5, 8], 4]], "len": 6}
+    assert r.lcs("a", "missing") == b""
+    with pytest.raises(redis.ResponseError, match="If you want both the length and indexes"):
+        r.execute_command("LCS", "a", "b", "IDX", "LEN")
+    server[1]["p"] = {"x": 1}
+    with pytest.raises(redis.ResponseError, match="The specified keys must contain string values"):
+        r.lcs("a", "p")
+    r.set("big", "x" * 2500)  # a 2501 x 2501 table of uint32: within 32 MiB
+    assert r.lcs("big", "big", len=True) == 2500
+
+
+def test_lcs_table_bounded_by_proto_max_bulk_len(tmp_path):
+    name = fresh_name("resp")
+    srv = ServeProcess(name, "--max-bulk-len", str(1 << 20))
+    try:
+        c = client(port=srv.port)
+        c.set("x", "a" * 600)
+        with pytest.raises(redis.ResponseError, match="transient memory for LCS exceeds proto-max-bulk-len"):
+            c.lcs("x", "x")
+        c.close()
+    finally:
+        assert srv.stop() == 0
+        Cache.unlink(name)
+
+
+def test_config_set_as_redis_7(r, server):
+    assert r.config_set("maxclients", 500)
+    assert r.config_get("maxclients") == {"maxclients": "500"}
+    assert r.execute_command("CONFIG", "SET", "save", "", "lazyfree-lazy-user-del", "yes")
+    assert r.config_get("lazyfree-lazy-user-del") == {"lazyfree-lazy-user-del": "yes"}
+    with pytest.raises(redis.ResponseError,
+                       match=r"CONFIG SET failed \(possibly related to argument 'maxclients'\) - argument couldn't be"):
+        r.config_set("maxclients", "many")
+    with pytest.raises(redis.ResponseError, match="Unknown option or number of arguments for CONFIG SET - 'nosuch'"):
+        r.config_set("nosuch", 1)
+    with pytest.raises(redis.ResponseError, match="duplicate parameter"):
+        r.execute_command("CONFIG", "SET", "maxclients", 10, "maxclients", 11)
+    with pytest.raises(redis.ResponseError, match="keeps maxmemory-policy at"):  # fixed by the cache
+        r.config_set("maxmemory-policy", "volatile-ttl")
+    with pytest.raises(redis.ResponseError, match="'appendonly'"):  # all or nothing
+        r.execute_command("CONFIG", "SET", "maxclients", 7, "appendonly", "yes")
+    assert r.config_get("maxclients") == {"maxclients": "500"}
+    assert r.config_set("maxclients", 1000)
+
+
+def test_info_keyspace_counts_expires_and_avg_ttl(r, server):
+    _, cache = server
+    assert "db0" not in r.info("keyspace")
+    cache.set("a", 1, ttl=100)
+    cache.set("b", 2, ttl=300)
+    r.set("c", "forever")
+    db0 = r.info("keyspace")["db0"]
+    assert db0["keys"] == 3 and db0["expires"] == 2
+    assert 190_000 < db0["avg_ttl"] <= 200_000

@@ -227,6 +227,7 @@ class Server:
         self._unix_sock = unix_sock
         self.connections: dict[int, Connection] = {}
         self.connections_received = 0
+        self.config: dict[bytes, bytes] = {}  # CONFIG SET values kept only to be read back
         self.commands_processed = 0
         self.rejected = 0
         self.started = time.time()

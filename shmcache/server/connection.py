@@ -20,6 +20,7 @@ try:
 except ImportError:  # no `server` extra: Server() and serve() refuse with how to install it
     hiredis = None
 
+from .. import admin
 from . import commands as C
 from .commands import COMMANDS, CommandError, OK, array, bulk, bulk_array, error, integer, mapping
 
@@ -687,9 +688,9 @@ def c_debug(conn, args):
 # ------------------------------------------------------------------ COMMAND
 def _command_info(cmd) -> bytes:
     first = 1 if cmd.pure is not None or cmd.name in (
-        "mget", "mset", "msetnx", "del", "unlink", "exists", "touch", "rename", "renamenx", "copy") else 0
+        "mget", "mset", "msetnx", "del", "unlink", "exists", "touch", "rename", "renamenx", "copy", "lcs") else 0
     last = -1 if cmd.name in ("mget", "del", "unlink", "exists", "touch") else (
-        -1 if cmd.name in ("mset", "msetnx") else (2 if cmd.name in ("rename", "renamenx", "copy") else first))
+        -1 if cmd.name in ("mset", "msetnx") else (2 if cmd.name in ("rename", "renamenx", "copy", "lcs") else first))
     step = 2 if cmd.name in ("mset", "msetnx") else (1 if first else 0)
     flags = array([b"+%s\r\n" % f.encode() for f in cmd.flags])
     return array([bulk(cmd.name.encode()), integer(cmd.arity), flags, integer(first), integer(last),
@@ -764,34 +765,118 @@ def c_info(conn, args):
         (b"expired_keys", b"%d" % st["expirations"]), (b"evicted_keys", b"%d" % st["evictions"]),
         (b"keyspace_hits", b"%d" % st["hits"]), (b"keyspace_misses", b"%d" % st["misses"]),
     ])
-    section(b"keyspace", [(b"db0", b"keys=%d,expires=0,avg_ttl=0" % st["items"])] if st["items"] else [])
+    if st["items"] and (every or b"keyspace" in want):
+        expires, left = admin.expiry_summary(conn.cache, conn.cache.clock())
+        section(b"keyspace", [(b"db0", b"keys=%d,expires=%d,avg_ttl=%d" % (st["items"], expires, int(left * 1000)))])
+    else:
+        section(b"keyspace", [])
     return C.verbatim(conn, b"\r\n".join(sections)) if conn.resp == 3 else bulk(b"\r\n".join(sections))
+
+
+def _config_values(conn) -> dict:
+    srv = conn.server
+    st = conn.cache.stats()
+    return {
+        b"maxmemory": b"%d" % st["arena_bytes"],
+        b"maxmemory-policy": b"allkeys-lru" if st["policy"] == "lru" else b"noeviction",
+        b"databases": b"1", b"save": b"", b"appendonly": b"no", b"timeout": b"0",
+        b"maxclients": b"%d" % srv.max_clients, b"port": b"%d" % srv.port,
+        b"bind": srv.bind.encode(), b"proto-max-bulk-len": b"%d" % srv.max_bulk_len,
+        b"client-query-buffer-limit": b"%d" % srv.max_query_buffer,
+        b"cluster-enabled": b"no", b"protected-mode": b"yes", b"notify-keyspace-events": b"",
+        b"lazyfree-lazy-user-del": srv.config.get(b"lazyfree-lazy-user-del", b"no"),
+        b"lazyfree-lazy-user-flush": srv.config.get(b"lazyfree-lazy-user-flush", b"no"),
+    }
+
+
+def _config_int(minimum: int):
+    def check(conn, name: bytes, v: bytes):
+        try:
+            n = C.parse_int(v)
+        except CommandError:
+            raise CommandError("argument couldn't be parsed into an integer") from None
+        if n < minimum:
+            raise CommandError(f"argument must be between {minimum} and 9223372036854775807 inclusive")
+        return n
+    return check
+
+
+def _config_fixed(conn, name: bytes, v: bytes):
+    """Settings fixed by the cache or by design: their one value is accepted."""
+    if v.lower() != _config_values(conn)[name]:
+        raise CommandError(f"shmcache serve keeps {name.decode()} at "
+                           f"'{_config_values(conn)[name].decode()}' (set by the cache / the command line)")
+    return None
+
+
+def _config_yesno(conn, name: bytes, v: bytes):
+    if v.lower() not in (b"yes", b"no"):
+        raise CommandError("argument must be 'yes' or 'no'")
+    return v.lower()
+
+
+#: CONFIG SET: name -> (check(conn, name, value) -> parsed, attribute of the
+#: Server it sets, or None: only recorded for CONFIG GET / accepted as is).
+_CONFIG_SET = {
+    b"maxclients": (_config_int(1), "max_clients"),
+    b"proto-max-bulk-len": (_config_int(1024 * 1024), "max_bulk_len"),  # Redis' minimum too
+    b"client-query-buffer-limit": (_config_int(1024 * 1024), "max_query_buffer"),
+    b"lazyfree-lazy-user-del": (_config_yesno, None),  # deletes are immediate either way
+    b"lazyfree-lazy-user-flush": (_config_yesno, None),
+    b"save": (_config_fixed, None), b"appendonly": (_config_fixed, None), b"timeout": (_config_fixed, None),
+    b"maxmemory": (_config_fixed, None), b"maxmemory-policy": (_config_fixed, None),
+    b"notify-keyspace-events": (_config_fixed, None), b"protected-mode": (_config_fixed, None),
+    b"databases": (_config_fixed, None),
+}
+
+
+def _config_set(conn, args):
+    """Redis 7's CONFIG SET: several pairs, all checked before any applies.
+    Applies to the worker process this connection is served by (see README)."""
+    if len(args) < 4 or len(args) % 2:
+        raise CommandError("ERR wrong number of arguments for 'config|set' command")
+    todo = []
+    seen = set()
+    for i in range(2, len(args), 2):
+        name, value = args[i].lower(), args[i + 1]
+        if name not in _CONFIG_SET:
+            raise CommandError("ERR Unknown option or number of arguments for CONFIG SET - "
+                               f"'{args[i].decode('utf-8', 'replace')}'")
+        check, attr = _CONFIG_SET[name]
+        try:
+            if name in seen:
+                raise CommandError("duplicate parameter")
+            seen.add(name)
+            todo.append((name, attr, check(conn, name, value)))
+        except CommandError as e:
+            raise CommandError(f"ERR CONFIG SET failed (possibly related to argument "
+                               f"'{args[i].decode('utf-8', 'replace')}') - {e}") from None
+    srv = conn.server
+    for name, attr, v in todo:
+        if attr is not None:
+            setattr(srv, attr, v)
+        elif v is not None:
+            srv.config[name] = v
+    return OK
 
 
 @_cmd("config", -2, "", group="server", summary="A container for server configuration commands.")
 def c_config(conn, args):
     sub = args[1].upper()
     if sub == b"GET" and len(args) >= 3:
-        srv = conn.server
-        st = conn.cache.stats()
-        values = {
-            b"maxmemory": b"%d" % st["arena_bytes"],
-            b"maxmemory-policy": b"allkeys-lru" if st["policy"] == "lru" else b"noeviction",
-            b"databases": b"1", b"save": b"", b"appendonly": b"no", b"timeout": b"0",
-            b"maxclients": b"%d" % srv.max_clients, b"port": b"%d" % srv.port,
-            b"bind": srv.bind.encode(), b"proto-max-bulk-len": b"%d" % srv.max_bulk_len,
-            b"client-query-buffer-limit": b"%d" % srv.max_query_buffer,
-            b"cluster-enabled": b"no", b"protected-mode": b"yes",
-        }
+        values = _config_values(conn)
         pairs = []
         for pat in args[2:]:
             m = C.glob_match(pat.lower())
             pairs += [(bulk(k), bulk(v)) for k, v in values.items() if m(k) and (bulk(k), bulk(v)) not in pairs]
         return mapping(conn, pairs)
     if sub == b"SET":
-        raise CommandError("ERR CONFIG SET is not supported: shmcache serve is configured by its command line")
-    if sub == b"RESETSTAT":
+        return _config_set(conn, args)
+    if sub == b"RESETSTAT" and len(args) == 2:
         return OK
+    if sub == b"HELP" and len(args) == 2:
+        return bulk_array([b"CONFIG GET <pattern> [<pattern> ...]", b"CONFIG SET <directive> <value> [...]",
+                           b"CONFIG RESETSTAT"])
     raise CommandError(f"ERR unknown subcommand or wrong number of arguments for '{args[1].decode('utf-8', 'replace')}'. "
                        "Try CONFIG HELP.")
 
