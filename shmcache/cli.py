@@ -175,8 +175,6 @@ def _start_resp_child(args) -> subprocess.Popen:
             cmd += ["--" + flag.replace("_", "-"), str(v)]
     if args.unix_mode != "600":
         cmd += ["--unix-mode", args.unix_mode]
-    if args.loop != "auto":
-        cmd += ["--loop", args.loop]
     for k in _SERVE_LIMITS:
         if getattr(args, k) is not None:
             cmd += ["--" + k.replace("_", "-"), str(getattr(args, k))]
@@ -222,7 +220,7 @@ def cmd_serve(args) -> int:
         _name(args), size=args.size, host=args.bind or "127.0.0.1", bind_explicit=args.bind is not None,
         port=None if args.no_tcp else args.port, unix=args.unix, unix_mode=int(args.unix_mode, 8),
         workers=args.workers, password=args.requirepass or os.environ.get("SHMCACHE_REQUIREPASS") or None,
-        password_file=args.requirepass_file, loop=args.loop, **limits,
+        password_file=args.requirepass_file, **limits,
     )
 
 
@@ -240,8 +238,6 @@ def _serve_parser(p: argparse.ArgumentParser, port_flag: str = "--port") -> argp
     p.add_argument("--unix", metavar="PATH", help="also listen on this unix socket")
     p.add_argument("--unix-mode", default="600", help="permission bits (octal) of the unix socket (default 600)")
     p.add_argument("--workers", type=int, default=1, help="server processes sharing the port (SO_REUSEPORT; default 1)")
-    p.add_argument("--loop", choices=("auto", "asyncio", "uvloop"), default="auto",
-                   help="event loop of the server processes (default auto: uvloop when installed)")
     g = p.add_mutually_exclusive_group()
     g.add_argument("--requirepass", metavar="PASSWORD", help="require AUTH with this password (visible in "
                                                              "ps: prefer --requirepass-file or $SHMCACHE_REQUIREPASS)")

@@ -800,35 +800,6 @@ def _alive(pid: int) -> bool:
         return False
 
 
-@pytest.mark.parametrize("loop", ["asyncio", "uvloop"])
-def test_each_event_loop_serves(loop):
-    if loop == "uvloop":
-        pytest.importorskip("uvloop", reason="the 'server' extra installs uvloop")
-    name = fresh_name("resp")
-    srv = ServeProcess(name, "--loop", loop)
-    try:
-        c = client(port=srv.port)
-        with c.pipeline(transaction=False) as p:
-            for i in range(500):
-                p.set(f"k{i}", i)
-                p.incr("n")
-            p.mget([f"k{i}" for i in range(500)])
-            res = p.execute()
-        assert res[-1] == [str(i).encode() for i in range(500)] and c.get("n") == b"500"
-        assert raw(srv.port, b"PING\r\n*2\r\n$3\r\nGET\r\n$2\r\nk7\r\n") == b"+PONG\r\n$1\r\n7\r\n"
-        c.close()
-    finally:
-        assert srv.stop() == 0
-        Cache.unlink(name)
-
-
-def test_unknown_event_loop_is_refused():
-    from shmcache.server import ServerError, loop_factory
-
-    with pytest.raises(ServerError, match="unknown event loop 'trio'"):
-        loop_factory("trio")
-
-
 def test_regression_huge_count_sent_byte_by_byte_is_refused_before_allocating(server):
     """'*2147483648' one byte per read reached hiredis whole (the check for
     big counts saw only one digit per read), which allocated a list of 2^31

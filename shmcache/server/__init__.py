@@ -33,7 +33,7 @@ from .connection import Connection, ProtocolFailure
 
 log = logging.getLogger("shmcache.server")
 
-__all__ = ["Server", "serve", "start_in_thread", "loop_factory", "DEFAULT_PORT", "LIMIT_DEFAULTS", "LOOPS"]
+__all__ = ["Server", "serve", "start_in_thread", "DEFAULT_PORT", "LIMIT_DEFAULTS"]
 
 DEFAULT_PORT = 6380
 
@@ -314,33 +314,6 @@ def listen_unix(path: str, mode: int = 0o600) -> socket.socket:
     return s
 
 
-LOOPS = ("auto", "asyncio", "uvloop")
-
-
-def loop_factory(loop: str = "auto"):
-    """The event loop class a server process runs: ``"uvloop"`` (libuv, in C;
-    the ``server`` extra installs it), ``"asyncio"`` (the standard library's),
-    or ``"auto"``: uvloop when it is installed. Unpipelined, most of a
-    command's cost is the loop's own work around one recv and one send per
-    request; uvloop does that in C (measured ~15-20% less CPU per request,
-    see the README).
-
-    Raises:
-        ServerError: ``"uvloop"`` asked for and not installed, or an unknown name.
-    """
-    if loop not in LOOPS:
-        raise ServerError(f"unknown event loop {loop!r}: choose one of {', '.join(LOOPS)}")
-    if loop == "asyncio":
-        return asyncio.new_event_loop
-    try:
-        import uvloop
-    except ImportError:
-        if loop == "uvloop":
-            raise ServerError("--loop uvloop needs uvloop: pip install 'shmcache[server]'") from None
-        return asyncio.new_event_loop
-    return uvloop.new_event_loop
-
-
 _PR_SET_PDEATHSIG = 1
 
 
@@ -367,9 +340,8 @@ def _open_cache(name: str, size, create: bool) -> Cache:
     return Cache(name, size=size, create=create, default_ttl=None)
 
 
-def _run_worker(name: str, size, kw: dict, sock, unix_sock, workers: int, loop: str = "auto") -> None:
+def _run_worker(name: str, size, kw: dict, sock, unix_sock, workers: int) -> None:
     """Body of one server process: open the cache, serve until SIGTERM/SIGINT."""
-    factory = loop_factory(loop)
     cache = _open_cache(name, size, True)
     try:
         async def main():
@@ -384,24 +356,22 @@ def _run_worker(name: str, size, kw: dict, sock, unix_sock, workers: int, loop: 
             srv.close()
             task.cancel()
 
-        with asyncio.Runner(loop_factory=factory) as runner:
-            runner.run(main())
+        asyncio.run(main())
     finally:
         cache.close()
 
 
 def serve(name: str, *, size="64MiB", host: str = "127.0.0.1", port: int | None = DEFAULT_PORT,
           bind_explicit: bool = False, unix: str | None = None, unix_mode: int = 0o600, workers: int = 1,
-          password: str | bytes | None = None, password_file: str | None = None, ready=None, loop: str = "auto",
-          **limits) -> int:
+          password: str | bytes | None = None, password_file: str | None = None, ready=None, **limits) -> int:
     """Serve cache ``name`` over RESP until SIGTERM/SIGINT (blocking). Returns 0.
 
     The cache is created with ``size`` if absent. ``workers > 1`` forks that
     many server processes on the same port (``SO_REUSEPORT``) and the same
     unix socket; the parent restarts any that dies. ``ready(port)`` is called
-    once listening (the real port when ``port=0``). ``loop``: see
-    :func:`loop_factory`. A worker process dies with the process that forked
-    it (even one killed by SIGKILL), so no orphan keeps the port.
+    once listening (the real port when ``port=0``). A worker process dies
+    with the process that forked it (even one killed by SIGKILL), so no
+    orphan keeps the port.
 
     Raises:
         ServerError: hiredis (the ``server`` extra) is not installed, or a
@@ -415,7 +385,6 @@ def serve(name: str, *, size="64MiB", host: str = "127.0.0.1", port: int | None 
         raise ValueError(f"workers must be an int >= 1, got {workers!r}")
     if port is None and unix is None:
         raise ValueError("nothing to listen on: give a port or a unix socket path")
-    loop_factory(loop)  # an unknown or missing loop fails here, not in every worker
     if port is not None:
         check_bind(host, bind_explicit)
     pw = read_password(password, password_file)
@@ -441,9 +410,9 @@ def serve(name: str, *, size="64MiB", host: str = "127.0.0.1", port: int | None 
         if ready is not None:
             ready(port)
         if workers == 1:
-            _run_worker(name, size, kw, socks[0] if socks else None, unix_sock, 1, loop)
+            _run_worker(name, size, kw, socks[0] if socks else None, unix_sock, 1)
             return 0
-        return _supervise(name, size, kw, socks, unix_sock, workers, loop)
+        return _supervise(name, size, kw, socks, unix_sock, workers)
     finally:
         for s in socks:
             s.close()
@@ -455,7 +424,7 @@ def serve(name: str, *, size="64MiB", host: str = "127.0.0.1", port: int | None 
                 pass
 
 
-def _supervise(name, size, kw, socks, unix_sock, workers, loop) -> int:
+def _supervise(name, size, kw, socks, unix_sock, workers) -> int:
     """Fork ``workers`` server processes and keep them running until told to stop."""
     stopping = False
 
@@ -479,7 +448,7 @@ def _supervise(name, size, kw, socks, unix_sock, workers, loop) -> int:
                 for j, s in enumerate(socks):
                     if j != i:
                         s.close()
-                _run_worker(name, size, kw, socks[i] if socks else None, unix_sock, workers, loop)
+                _run_worker(name, size, kw, socks[i] if socks else None, unix_sock, workers)
             except BaseException:
                 log.exception("worker %d failed", i)
                 code = 1
