@@ -910,3 +910,25 @@ def test_info_keyspace_counts_expires_and_avg_ttl(r, server):
     db0 = r.info("keyspace")["db0"]
     assert db0["keys"] == 3 and db0["expires"] == 2
     assert 190_000 < db0["avg_ttl"] <= 200_000
+
+
+def test_regression_replies_to_one_read_are_bounded_by_max_output_buffer():
+    """270 bytes of pipelined GETs asked for 3 MB of replies (a 64 KiB read
+    of them, for gigabytes): all were built in memory before any limit was
+    looked at. Now a read whose replies pass --max-output-buffer closes the
+    client, as Redis closes a client over its output limit."""
+    name = fresh_name("resp")
+    srv = ServeProcess(name, "--max-output-buffer", "1000000")
+    try:
+        with Cache(name, create=False) as cache:
+            cache["big"] = b"x" * 100_000
+        ok = raw(srv.port, b"GET big\r\n" * 5)
+        assert ok.count(b"$100000\r\n") == 5
+        for request in (b"GET big\r\n" * 30, b"*2\r\n$3\r\nGET\r\n$3\r\nbig\r\n" * 30,
+                        b"MGET" + b" big" * 30 + b"\r\n"):
+            assert raw(srv.port, request, wait=5) == b""  # closed, nothing sent
+        assert client(port=srv.port).strlen("big") == 100_000
+    finally:
+        assert srv.stop() == 0
+        Cache.unlink(name)
+    assert "passed max-output-buffer=1000000" in srv.stderr()

@@ -29,7 +29,7 @@ from ..cache import Cache
 from ..errors import Error
 from . import connection as _connection
 from .commands import error
-from .connection import Connection, ProtocolFailure
+from .connection import Connection, OutputLimit, ProtocolFailure
 
 log = logging.getLogger("shmcache.server")
 
@@ -44,7 +44,7 @@ LIMIT_DEFAULTS = dict(
     max_bulk_len=32 * 2**20,  # one argument
     max_multibulk=1024 * 1024,  # arguments in one command (Redis' limit too)
     max_query_buffer=64 * 2**20,  # an unfinished request held for a client
-    max_output_buffer=64 * 2**20,  # replies a client has not read: then it is dropped
+    max_output_buffer=64 * 2**20,  # replies a client has not read, or to one read: then it is dropped
     max_inline=64 * 1024,  # one inline command line (Redis' PROTO_INLINE_MAX_SIZE)
     max_clients=1000,  # connections per worker process
 )
@@ -151,6 +151,12 @@ class _Protocol(asyncio.Protocol):
         except ProtocolFailure as e:
             self.transport.write(e.out + error(f"ERR Protocol error: {e}"))
             log.info("closing client %s: protocol error: %s", conn.addr, e)
+            self.transport.close()
+            conn.closing = True
+            return
+        except OutputLimit as e:
+            log.warning("closing client %s: the replies to one read passed max-output-buffer=%d (%s bytes)",
+                        conn.addr, self.srv.max_output_buffer, e)
             self.transport.close()
             conn.closing = True
             return

@@ -40,6 +40,11 @@ class ProtocolFailure(Exception):
     """Malformed input: reply ``-ERR Protocol error: <msg>`` and close."""
 
 
+class OutputLimit(Exception):
+    """The replies to one read passed ``max_output_buffer``: drop them and
+    close the client (Redis closes a client over its output buffer limit)."""
+
+
 class _NotAnArray(Exception):
     """hiredis parsed a frame that is not an array (Redis would read it inline)."""
 
@@ -75,6 +80,7 @@ class Connection:
         self.prev_nl = True  # the last byte fed to the reader was a newline
         self.head = b""  # the first bytes of the frame still incomplete
         self.closing = False
+        self.out_bytes = 0  # replies produced for the read being handled
 
     # ------------------------------------------------------------ framing
     def feed(self, data: bytes) -> bytes:
@@ -85,6 +91,7 @@ class Connection:
                 replies before it, then the error, and closes).
         """
         out: list = []
+        self.out_bytes = 0
         try:
             self._feed(data, out)
         except ProtocolFailure as e:
@@ -139,6 +146,7 @@ class Connection:
             fast = _FAST if self.authed and self.multi is None else None
             nfast = 0
             max_mb = srv.max_multibulk
+            max_out = srv.max_output_buffer
             digits = _DIGITS
             last = b""
             try:
@@ -171,9 +179,15 @@ class Connection:
                             nfast += 1
                             last = req[0]
                             try:
-                                out.append(f[0](self, req))
+                                r = f[0](self, req)
                             except Exception as e:
-                                out.append(self._failed(req[0], e))
+                                r = self._failed(req[0], e)
+                            out.append(r)
+                            # A few bytes of GETs can ask for gigabytes of
+                            # replies: bound what one read makes us hold.
+                            self.out_bytes += len(r)
+                            if self.out_bytes > max_out:
+                                raise OutputLimit(self.out_bytes)
                             continue
                     self.execute(req, out)
                     last = b""  # execute() named it
@@ -296,9 +310,13 @@ class Connection:
             return
         self.last_cmd = name
         try:
-            out.append(cmd.fn(self, args))
+            r = cmd.fn(self, args)
         except Exception as e:
-            out.append(self._failed(name, e))
+            r = self._failed(name, e)
+        out.append(r)
+        self.out_bytes += len(r)
+        if self.out_bytes > self.server.max_output_buffer:
+            raise OutputLimit(self.out_bytes)
 
     @staticmethod
     def _failed(name: bytes, e: Exception) -> bytes:
