@@ -633,6 +633,12 @@ def test_redis_cli(server):
     cache["l1"], cache["l2"] = "ohmytext", b"mynewtext"
     assert cli("LCS", "l1", "l2") == "mytext\n" and cli("LCS", "l1", "l2", "LEN") == "6\n"
     assert cli("CONFIG", "SET", "lazyfree-lazy-user-flush", "yes") == "OK\n"
+    assert cli("COMMAND", "GETKEYS", "LCS", "l1", "l2") == "l1\nl2\n"
+    assert cli("COMMAND", "GETKEYS", "MSET", "a", "1", "b", "2") == "a\nb\n"
+    assert cli("COMMAND", "GETKEYS", "GET", "k") == "k\n"
+    assert "has no key arguments" in cli("COMMAND", "GETKEYS", "PING", "x")
+    assert "Invalid number of arguments" in cli("COMMAND", "GETKEYS", "GET", "a", "b")
+    assert "Invalid command specified" in cli("COMMAND", "GETKEYS", "NOSUCH", "a")
     piped = subprocess.run([REDIS_CLI, "-p", str(srv.port), "--pipe"], input=b"SET a 1\r\nSET b 2\r\n",
                            capture_output=True, timeout=30)
     assert b"errors: 0, replies: 2" in piped.stdout

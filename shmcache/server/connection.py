@@ -704,12 +704,18 @@ def c_debug(conn, args):
 
 
 # ------------------------------------------------------------------ COMMAND
-def _command_info(cmd) -> bytes:
+def _key_spec(cmd) -> tuple[int, int, int]:
+    """Redis' (first key, last key, step) of a command (0, 0, 0: no keys)."""
     first = 1 if cmd.pure is not None or cmd.name in (
         "mget", "mset", "msetnx", "del", "unlink", "exists", "touch", "rename", "renamenx", "copy", "lcs") else 0
     last = -1 if cmd.name in ("mget", "del", "unlink", "exists", "touch") else (
         -1 if cmd.name in ("mset", "msetnx") else (2 if cmd.name in ("rename", "renamenx", "copy", "lcs") else first))
     step = 2 if cmd.name in ("mset", "msetnx") else (1 if first else 0)
+    return first, last, step
+
+
+def _command_info(cmd) -> bytes:
+    first, last, step = _key_spec(cmd)
     flags = array([b"+%s\r\n" % f.encode() for f in cmd.flags])
     return array([bulk(cmd.name.encode()), integer(cmd.arity), flags, integer(first), integer(last),
                   integer(step), b"*0\r\n", b"*0\r\n", b"*0\r\n", b"*0\r\n"])
@@ -739,11 +745,17 @@ def c_command(conn, args):
                 (bulk(b"summary"), bulk(c.summary.encode())), (bulk(b"since"), bulk(b"1.0.0")),
                 (bulk(b"group"), bulk(c.group.encode())), (bulk(b"arguments"), b"*0\r\n")])))
         return mapping(conn, pairs)
-    if sub == b"GETKEYS" and len(args) >= 3:
+    if sub == b"GETKEYS" and len(args) >= 4:
         c = COMMANDS.get(args[2].lower())
         if c is None:
             raise CommandError("ERR Invalid command specified")
-        return bulk_array(args[3:4] if len(args) > 3 else [])
+        cargs = args[2:]
+        if (c.arity > 0 and len(cargs) != c.arity) or (c.arity < 0 and len(cargs) < -c.arity):
+            raise CommandError("ERR Invalid number of arguments specified for command")
+        first, last, step = _key_spec(c)
+        if not first:
+            raise CommandError("ERR The command has no key arguments")
+        return bulk_array(cargs[first : (len(cargs) + last if last < 0 else last) + 1 : step])
     raise CommandError(f"ERR unknown subcommand or wrong number of arguments for '{args[1].decode('utf-8', 'replace')}'. "
                        "Try COMMAND HELP.")
 
