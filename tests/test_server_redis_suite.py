@@ -85,11 +85,13 @@ def test_redis_tcl_suite_unit(unit):
     name = fresh_name("tcl")
     # values of up to 8 MiB: the suite's "very big payload" test stores 4 MB
     Cache(name, size="128MiB", stripes=8, max_value_size=8 << 20).close()
-    srv = ServeProcess(name)
     try:
-        counts = run_unit(suite, srv.port, unit)
+        srv = ServeProcess(name)  # a server that fails to start must not leak the cache
+        try:
+            counts = run_unit(suite, srv.port, unit)
+        finally:
+            rc = srv.stop()
     finally:
-        rc = srv.stop()
         Cache.unlink(name)
     print(f"{unit}: {counts['ok']} ok, {counts['err']} err, {counts['ignore'] + counts['skip']} skipped")
     assert counts["exception"] == 0, counts["log"][-3000:]
