@@ -938,3 +938,39 @@ def test_regression_replies_to_one_read_are_bounded_by_max_output_buffer():
         assert srv.stop() == 0
         Cache.unlink(name)
     assert "passed max-output-buffer=1000000" in srv.stderr()
+
+
+def test_daemon_serve_child_dies_with_a_killed_daemon():
+    """``daemon --serve``: SIGKILL the daemon; its ``serve`` child and that
+    child's workers get the parent-death signal and exit."""
+    import sys
+
+    name = fresh_name("resp")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    d = subprocess.Popen([sys.executable, "-m", "shmcache", "daemon", "-n", name, "--size", "8MiB",
+                          "--serve", str(port), "--workers", "2"],
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 30
+        tree: list = []
+        while time.monotonic() < deadline:
+            kids = worker_pids(d.pid)
+            tree = kids + [w for k in kids for w in worker_pids(k)]
+            if len(tree) >= 3:
+                break
+            time.sleep(0.1)
+        assert len(tree) >= 3, tree  # the serve supervisor and its 2 workers
+        client(port=port).ping()
+        d.kill()
+        d.wait(10)
+        deadline = time.monotonic() + 20
+        while any(_alive(p) for p in tree) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not any(_alive(p) for p in tree)
+    finally:
+        if d.poll() is None:
+            d.kill()
+            d.wait(10)
+        Cache.unlink(name)
