@@ -646,18 +646,21 @@ def test_redis_cli(server):
 
 
 # ------------------------------------------------- daemon --serve, gunicorn
-def test_daemon_serve_runs_and_stops_a_resp_server(tmp_path):
+def _daemon_serving(name: str, stderr=subprocess.PIPE):
+    """``shmcache daemon --serve PORT --workers 2`` on a free port: (process, port)."""
     import sys
 
-    from resp_server import _LISTEN  # noqa: F401
-
-    name = fresh_name("resp")
     with socket.socket() as s:  # a free port for the daemon's server
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     d = subprocess.Popen([sys.executable, "-m", "shmcache", "daemon", "-n", name, "--size", "8MiB",
-                          "--serve", str(port), "--workers", "2"],
-                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+                          "--serve", str(port), "--workers", "2"], stdout=subprocess.DEVNULL, stderr=stderr)
+    return d, port
+
+
+def test_daemon_serve_runs_and_stops_a_resp_server(tmp_path):
+    name = fresh_name("resp")
+    d, port = _daemon_serving(name)
     try:
         deadline = time.monotonic() + 30
         while True:
@@ -943,15 +946,8 @@ def test_regression_replies_to_one_read_are_bounded_by_max_output_buffer():
 def test_daemon_serve_child_dies_with_a_killed_daemon():
     """``daemon --serve``: SIGKILL the daemon; its ``serve`` child and that
     child's workers get the parent-death signal and exit."""
-    import sys
-
     name = fresh_name("resp")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    d = subprocess.Popen([sys.executable, "-m", "shmcache", "daemon", "-n", name, "--size", "8MiB",
-                          "--serve", str(port), "--workers", "2"],
-                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    d, port = _daemon_serving(name, stderr=subprocess.DEVNULL)
     try:
         deadline = time.monotonic() + 30
         tree: list = []
