@@ -2,6 +2,7 @@
 
     python benchmarks/bench_resp.py                  # -n 200000 -c 50, unpipelined and -P 16
     python benchmarks/bench_resp.py -n 50000 --out benchmarks/results/tmp/resp.md
+    python benchmarks/bench_resp.py -n 100000 --rounds 3    # interleaved rounds, median per test
 
 For each pipeline depth it runs ``redis-benchmark -t set,get,incr,mset -n N
 -c 50 [-P 16] --csv`` against redis-server, ``shmcache serve --workers 1``
@@ -90,12 +91,24 @@ def run_benchmark(port: int, n: int, clients: int, pipeline: int) -> dict:
     return rows
 
 
+def median_rows(rounds: list) -> dict:
+    """Per test, the round with the median requests/s (its latencies with it)."""
+    out = {}
+    for test in rounds[0]:
+        rows = sorted((r[test] for r in rounds if test in r), key=lambda row: row["rps"])
+        out[test] = rows[len(rows) // 2]
+    return out
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("-n", type=int, default=200_000, help="requests per test (default 200000)")
     ap.add_argument("-c", type=int, default=50, help="parallel connections (default 50)")
     ap.add_argument("--pipelines", default="1,16", help="pipeline depths (default 1,16)")
     ap.add_argument("--size", default="256MiB", help="cache size for shmcache serve (default 256MiB)")
+    ap.add_argument("--rounds", type=int, default=1,
+                    help="run every contender this many times, interleaved, and report the round with the "
+                         "median requests/s per test (default 1; more evens out a busy machine)")
     ap.add_argument("--out", help="also write the markdown report here")
     a = ap.parse_args(argv)
     for tool in ("redis-server", "redis-benchmark"):
@@ -105,22 +118,24 @@ def main(argv=None) -> int:
     contenders = [("redis-server", lambda tmp: start_redis(tmp)),
                   ("shmcache w1", lambda tmp: start_shmcache(1, a.size)),
                   ("shmcache w2", lambda tmp: start_shmcache(2, a.size))]
-    results: dict = {}
+    runs: dict = {}
     with tempfile.TemporaryDirectory(prefix="bench-resp-") as tmp:
-        for depth in [int(x) for x in a.pipelines.split(",")]:
-            for label, start in contenders:
-                proc, port, name = start(tmp)
-                try:
-                    results[(depth, label)] = run_benchmark(port, a.n, a.c, depth)
-                finally:
-                    stop(proc)
-                    if name:
-                        from shmcache import Cache
+        for rnd in range(a.rounds):
+            for depth in [int(x) for x in a.pipelines.split(",")]:
+                for label, start in contenders:
+                    proc, port, name = start(tmp)
+                    try:
+                        runs.setdefault((depth, label), []).append(run_benchmark(port, a.n, a.c, depth))
+                    finally:
+                        stop(proc)
+                        if name:
+                            from shmcache import Cache
 
-                        Cache.unlink(name)
-                print(f"done: -P {depth} {label}", file=sys.stderr)
+                            Cache.unlink(name)
+                    print(f"done: round {rnd + 1} -P {depth} {label}", file=sys.stderr)
+    results = {k: median_rows(v) for k, v in runs.items()}
     lines = [
-        f"`python benchmarks/bench_resp.py -n {a.n} -c {a.c} --pipelines {a.pipelines}` on "
+        f"`python benchmarks/bench_resp.py -n {a.n} -c {a.c} --pipelines {a.pipelines} --rounds {a.rounds}` on "
         f"{platform.node()} ({os.cpu_count()} CPUs, load average at the end "
         f"{os.getloadavg()[0]:.1f}), {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; "
         f"{subprocess.run(['redis-server', '--version'], capture_output=True, text=True).stdout.split(' sha')[0]}.",

@@ -544,6 +544,27 @@ class Cache(MutableMapping[Any, Any]):
         """
         return self._lookup(self._key(key))
 
+    def get_raw_many(self, keys: Iterable[Key]) -> list:
+        """``[cache.get_raw(k) for k in keys]`` in one call, at a lower cost
+        per key (what a Redis MGET needs): each item ``(tag, payload, expire)``
+        or None. Each key is read lock-free on its own, not as a snapshot.
+
+        Raises:
+            TypeError / KeyTooLong / ValueError: as :meth:`get`, for the first bad key.
+        """
+        lookup = self._lookup
+        max_key = self._max_key
+        out = []
+        for k in keys:
+            if type(k) is str:
+                kb = k.encode()
+                if len(kb) > max_key:
+                    kb = self._key(k)
+            else:
+                kb = self._key(k)
+            out.append(lookup(kb))
+        return out
+
     def _lookup(self, kb: bytes):
         """(flags, payload, expire) of a live entry, counted as a hit or miss."""
         r = self._read(kb)

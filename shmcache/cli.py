@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import fnmatch
+import functools
 import json
 import logging
 import os
@@ -244,16 +245,9 @@ def _start_resp_child(args) -> subprocess.Popen:
     env = dict(os.environ)
     if args.requirepass is not None:  # through the environment: not visible in ps
         env["SHMCACHE_REQUIREPASS"] = args.requirepass
-    return subprocess.Popen(cmd, env=env, preexec_fn=_die_with_parent)
+    from .server import die_with_parent
 
-
-def _die_with_parent() -> None:
-    try:
-        import ctypes
-
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-    except Exception:  # pragma: no cover - not Linux
-        pass
+    return subprocess.Popen(cmd, env=env, preexec_fn=functools.partial(die_with_parent, os.getpid()))
 
 
 def _daemon_serve(serve, args) -> int:

@@ -20,7 +20,9 @@ class ServeProcess:
                "--log-level", "info", *args]
         if unix:
             cmd += ["--unix", unix]
-        self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        # unbuffered: a buffered readline could pull the "tcp ...:port" line into
+        # its buffer with an earlier one, and select() would then wait for more
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, bufsize=0)
         self.log = []
         self.port = None
         deadline = time.monotonic() + 30

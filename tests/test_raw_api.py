@@ -7,7 +7,7 @@ import pytest
 
 from shmcache import Cache
 from shmcache.codec import BYTES, INT, PICKLE, STR
-from shmcache.errors import ValueTooLarge
+from shmcache.errors import KeyTooLong, ValueTooLarge
 
 
 def test_get_raw_gives_tag_payload_and_deadline_without_decoding(make_cache, fake_clock):
@@ -21,6 +21,24 @@ def test_get_raw_gives_tag_payload_and_deadline_without_decoding(make_cache, fak
     assert cache.get_raw("missing") is None
     fake_clock.advance(11)
     assert cache.get_raw("s") is None
+
+
+def test_get_raw_many_is_get_raw_of_each_key_in_order(make_cache, fake_clock):
+    cache = make_cache(clock=fake_clock, max_key_size=16)
+    cache.set("s", "hé", ttl=10)
+    cache[b"\xffb"] = b"bin"
+    cache["i"] = 7
+    cache["p"] = {"x": 1}
+    keys = ["s", b"\xffb", "missing", "i", "p"]
+    assert cache.get_raw_many(keys) == [cache.get_raw(k) for k in keys]
+    assert cache.get_raw_many(keys)[:3] == [(STR, "hé".encode(), fake_clock.now + 10), (BYTES, b"bin", 0.0), None]
+    assert cache.get_raw_many([]) == []
+    fake_clock.advance(11)
+    assert cache.get_raw_many(["s"]) == [None]
+    with pytest.raises(KeyTooLong, match="max_key_size=16"):
+        cache.get_raw_many(["i", "k" * 17])
+    with pytest.raises(TypeError):
+        cache.get_raw_many(["i", 5])
 
 
 def test_update_raw_stores_deletes_and_leaves_alone(cache):

@@ -62,11 +62,17 @@ def r(server, request):
     c.close()
 
 
-def raw(port: int, data: bytes, wait: float = 0.3) -> bytes:
-    """Send bytes on a fresh connection; everything the server answers until it closes or goes quiet."""
+def raw(port: int, data: bytes | list, wait: float = 0.3) -> bytes:
+    """Send bytes (a list: each chunk 50 ms apart, so each is its own read)
+    on a fresh connection; everything the server answers until it closes or goes quiet."""
     s = socket.create_connection(("127.0.0.1", port), timeout=5)
     try:
-        s.sendall(data)
+        try:
+            for chunk in data if isinstance(data, list) else [data]:
+                s.sendall(chunk)
+                time.sleep(0.05 if isinstance(data, list) else 0)
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # closed on an error: read what it said
         out = b""
         s.settimeout(wait)
         while True:
@@ -240,6 +246,21 @@ def test_string_commands(r):
     assert r.setrange("ap", 6, "Redis") == 11 and r.get("ap") == b"Hello Redis"
     assert r.setrange("pad", 3, "x") == 4 and r.get("pad") == b"\x00\x00\x00x"
     assert r.strlen("ap") == 11 and r.strlen("missing") == 0
+
+
+def test_mset_with_one_pair_over_the_limits_stores_nothing(r, server):
+    _, cache = server
+    st = cache.stats()
+    with pytest.raises(redis.ResponseError, match="max_key_size"):
+        r.mset({"ok1": "a", "k" * (st["max_key_size"] + 1): "b"})
+    with pytest.raises(redis.ResponseError, match="max_value_size"):
+        r.mset({"ok2": "a", "big": b"x" * (st["max_value_size"] + 1)})
+    with pytest.raises(redis.ResponseError, match="max_key_size"):  # a non-UTF-8 key takes one byte more
+        r.mset({"ok3": "a", b"\xff" * st["max_key_size"]: "b"})
+    assert len(cache) == 0
+    r.mset({b"\xff" * (st["max_key_size"] - 1): "c", "m": 1, "e": b""})
+    assert cache[b"\xff" * (st["max_key_size"] - 1)] == b"c" and cache["m"] == b"1" and cache["e"] == b""
+    assert r.mget(b"\xff" * (st["max_key_size"] - 1), "m", "nope", "e") == [b"c", b"1", None, b""]
 
 
 def test_incr_family_errors(r):
@@ -500,11 +521,15 @@ def test_query_buffer_limit(tmp_path):
         Cache.unlink(name)
 
 
-def test_max_clients(tmp_path):
+@pytest.mark.parametrize("set_by", ["option", "config-set"])
+def test_max_clients(tmp_path, set_by):
     name = fresh_name("resp")
-    srv = ServeProcess(name, "--max-clients", "2")
+    srv = ServeProcess(name, *(["--max-clients", "2"] if set_by == "option" else []))
     try:
-        a, b = client(port=srv.port), client(port=srv.port)
+        a = client(port=srv.port)
+        if set_by == "config-set":
+            assert a.config_set("maxclients", 2)
+        b = client(port=srv.port)
         a.ping(), b.ping()
         with pytest.raises(redis.ConnectionError, match="max number of clients reached"):
             client(port=srv.port).ping()
@@ -603,6 +628,17 @@ def test_redis_cli(server):
     assert cli("PING") == "PONG\n"
     assert cli("HELLO", "3").startswith("server redis\n")
     assert "unknown command" in cli("NOSUCH")
+    assert cli("SETBIT", "bits", "1", "1") == "0\n" and cli("GETBIT", "bits", "1") == "1\n"
+    assert cache["bits"] == b"\x40" and cli("BITCOUNT", "bits") == "1\n"
+    cache["l1"], cache["l2"] = "ohmytext", b"mynewtext"
+    assert cli("LCS", "l1", "l2") == "mytext\n" and cli("LCS", "l1", "l2", "LEN") == "6\n"
+    assert cli("CONFIG", "SET", "lazyfree-lazy-user-flush", "yes") == "OK\n"
+    assert cli("COMMAND", "GETKEYS", "LCS", "l1", "l2") == "l1\nl2\n"
+    assert cli("COMMAND", "GETKEYS", "MSET", "a", "1", "b", "2") == "a\nb\n"
+    assert cli("COMMAND", "GETKEYS", "GET", "k") == "k\n"
+    assert "has no key arguments" in cli("COMMAND", "GETKEYS", "PING", "x")
+    assert "Invalid number of arguments" in cli("COMMAND", "GETKEYS", "GET", "a", "b")
+    assert "Invalid command specified" in cli("COMMAND", "GETKEYS", "NOSUCH", "a")
     piped = subprocess.run([REDIS_CLI, "-p", str(srv.port), "--pipe"], input=b"SET a 1\r\nSET b 2\r\n",
                            capture_output=True, timeout=30)
     assert b"errors: 0, replies: 2" in piped.stdout
@@ -610,18 +646,21 @@ def test_redis_cli(server):
 
 
 # ------------------------------------------------- daemon --serve, gunicorn
-def test_daemon_serve_runs_and_stops_a_resp_server(tmp_path):
+def _daemon_serving(name: str, stderr=subprocess.PIPE):
+    """``shmcache daemon --serve PORT --workers 2`` on a free port: (process, port)."""
     import sys
 
-    from resp_server import _LISTEN  # noqa: F401
-
-    name = fresh_name("resp")
     with socket.socket() as s:  # a free port for the daemon's server
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     d = subprocess.Popen([sys.executable, "-m", "shmcache", "daemon", "-n", name, "--size", "8MiB",
-                          "--serve", str(port), "--workers", "2"],
-                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+                          "--serve", str(port), "--workers", "2"], stdout=subprocess.DEVNULL, stderr=stderr)
+    return d, port
+
+
+def test_daemon_serve_runs_and_stops_a_resp_server(tmp_path):
+    name = fresh_name("resp")
+    d, port = _daemon_serving(name)
     try:
         deadline = time.monotonic() + 30
         while True:
@@ -706,3 +745,228 @@ def test_regression_garbage_after_star_is_a_protocol_error_not_a_wait(server):
         pass
     s.close()
     assert out.startswith(b"-ERR Protocol error: ")
+
+
+# Replies redis-server 7.0 gives to the same bytes (checked by hand against it).
+@pytest.mark.parametrize("chunks, expected", [
+    ([b"PING\r\n*1\r\n$4\r\nPING\r\nECHO a\r\n*2\r\n$4\r\nECHO\r\n$1\r\nb\r\n"],
+     b"+PONG\r\n+PONG\r\n$1\r\na\r\n$1\r\nb\r\n"),
+    ([b"*1\r\n$4\r\nPING\r\nPING\r\n"], b"+PONG\r\n+PONG\r\n"),
+    ([b"*2\r\n$4\r\nECHO\r\n$1\r\nc\r\n\r\nPING\n*1\r\n$4\r\nPI"], b"$1\r\nc\r\n+PONG\r\n"),
+    ([b"*1\r\n$4\r\nPI", b"NG\r\nECHO x\r\n"], b"+PONG\r\n$1\r\nx\r\n"),
+    ([b"*1\r\n$4\r\nPING\r\n+foo\r\n"], b"+PONG\r\n-ERR unknown command '+foo', with args beginning with: \r\n"),
+    ([b"*1\r\n$4\r\nPING\r\n*-5\r\n*0\r\nPING\r\n"], b"+PONG\r\n+PONG\r\n"),
+    ([b"*1\r\n$4\r\nPING\r\n*1\r\nfoo\r\n"], b"+PONG\r\n-ERR Protocol error: expected '$', got 'f'\r\n"),
+    ([b"*1\r\n$4\r\nPING\r\n*1", b"\r\n$4\r\nPING\r\n"], b"+PONG\r\n+PONG\r\n"),
+    ([b"*1\r\n$4\r\nPING\r\n*-", b"1\r\nPING\r\n"], b"+PONG\r\n+PONG\r\n"),
+    ([b"*1\r\n$4\r\nPING\r\n%1\r\n*1\r\n$1\r\nx\r\n$1\r\ny\r\n"],
+     b"+PONG\r\n-ERR unknown command '%1', with args beginning with: \r\n-ERR unknown command 'x', with args "
+     b"beginning with: \r\n-ERR unknown command '$1', with args beginning with: \r\n-ERR unknown command 'y', "
+     b"with args beginning with: \r\n"),
+], ids=["inline-resp-inline-resp", "resp-then-inline", "resp-empty-line-inline-partial", "split-then-inline",
+        "status-looking-inline", "empty-multibulks-skipped", "bad-frame-after-good-one", "count-cut-after-a-frame",
+        "null-count-cut-after-a-frame",
+        "resp3-map-with-list-key-read-inline"])
+def test_regression_inline_and_resp_mixed_in_one_read(server, chunks, expected):
+    """Redis chooses inline or multibulk afresh for every command; hiredis
+    was fed the whole read, so an inline command right after a RESP frame
+    was a protocol error."""
+    srv, _ = server
+    assert raw(srv.port, chunks) == expected
+
+
+def test_workers_die_with_a_killed_supervisor():
+    """SIGKILL of ``serve --workers 2`` (no chance to stop its workers): the
+    kernel's parent-death signal stops them, and the port is free again."""
+    name = fresh_name("resp")
+    srv = ServeProcess(name, "--workers", "2")
+    try:
+        deadline = time.monotonic() + 20
+        while len(worker_pids(srv.proc.pid)) < 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        kids = worker_pids(srv.proc.pid)
+        assert len(kids) == 2
+        client(port=srv.port).ping()
+        os.kill(srv.proc.pid, 9)
+        srv.proc.wait(10)
+        deadline = time.monotonic() + 20
+        while any(_alive(p) for p in kids) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not any(_alive(p) for p in kids)
+        with pytest.raises(redis.ConnectionError):
+            client(port=srv.port).ping()
+    finally:
+        srv.stop()
+        Cache.unlink(name)
+
+
+def _alive(pid: int) -> bool:
+    """Running (a zombie waiting for its reaper counts as dead)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def test_regression_huge_count_sent_byte_by_byte_is_refused_before_allocating(server):
+    """'*2147483648' one byte per read reached hiredis whole (the check for
+    big counts saw only one digit per read), which allocated a list of 2^31
+    slots and stalled the worker for seconds; now the count line is held
+    back until complete and refused."""
+    srv, _ = server
+    data = b"*2147483648\r\n"
+    assert raw(srv.port, [data[i : i + 1] for i in range(len(data))]) == (
+        b"-ERR Protocol error: invalid multibulk length\r\n")
+    assert raw(srv.port, [b"*1" + b"0" * 39]) == b"-ERR Protocol error: invalid multibulk length\r\n"
+    with socket.create_connection(("127.0.0.1", srv.port), timeout=5) as s:
+        s.sendall(b"PING\r\n")
+        assert s.recv(100) == b"+PONG\r\n"
+
+
+# ------------------------------------------------------ bits, LCS, CONFIG SET
+def test_setbit_getbit_bitcount(r, server):
+    _, cache = server
+    assert r.setbit("b", 7, 1) == 0 and r.get("b") == b"\x01"
+    assert r.setbit("b", 7, 1) == 1 and r.setbit("b", 7, 0) == 1 and r.get("b") == b"\x00"
+    assert r.setbit("b", 17, 1) == 0 and r.get("b") == b"\x00\x00\x40"  # zero-padded
+    assert r.getbit("b", 17) == 1 and r.getbit("b", 16) == 0 and r.getbit("b", 10_000) == 0
+    assert r.getbit("missing", 3) == 0
+    cache["py"] = "a"  # 0x61 = 0110 0001, a Python str
+    assert r.setbit("py", 6, 1) == 0 and cache["py"] == "c"  # still UTF-8: still a str
+    cache["n"] = 1  # a Python int reads as its text "1" (0x31)
+    assert r.getbit("n", 2) == 1 and r.setbit("n", 6, 1) == 0 and cache["n"] == b"3"
+    for bad in (-1, 4 * 1024**3):
+        with pytest.raises(redis.ResponseError, match="bit offset is not an integer or out of range"):
+            r.setbit("b", bad, 1)
+    for bad in ("2", "-1", "x"):
+        with pytest.raises(redis.ResponseError, match="bit is not an integer or out of range"):
+            r.execute_command("SETBIT", "b", 0, bad)
+    cache["p"] = [1]
+    with pytest.raises(redis.ResponseError, match="WRONGTYPE"):
+        r.setbit("p", 0, 1)
+    assert cache["p"] == [1]
+    r.set("s", "foobar")
+    assert r.bitcount("s") == 26
+    assert r.bitcount("s", 1, 1) == 6 and r.bitcount("s", 0, -1) == 26 and r.bitcount("s", -2, -1) == 7
+    assert r.bitcount("s", 5, 30, "BIT") == 17 and r.bitcount("s", -3, -1, "bit") == 1
+    assert r.bitcount("s", 3, 1) == 0 and r.bitcount("missing") == 0
+    with pytest.raises(redis.ResponseError, match="syntax error"):
+        r.execute_command("BITCOUNT", "s", 1)
+    with pytest.raises(redis.ResponseError, match="syntax error"):  # Redis 7.2: arguments before the key
+        r.execute_command("BITCOUNT", "missing", 1, 2, "WORD")
+
+
+def test_lcs_as_redis_7(r, server):
+    r.mset({"a": "ohmytext", "b": "mynewtext"})
+    assert r.lcs("a", "b") == b"mytext"
+    assert r.lcs("a", "b", len=True) == 6
+    idx = r.lcs("a", "b", idx=True, withmatchlen=True, minmatchlen=4)
+    if isinstance(idx, list):  # RESP2: a flat array
+        idx = dict(zip(idx[::2], idx[1::2]))
+    idx = {k.decode() if isinstance(k, bytes) else k: v for k, v in idx.items()}
+    assert idx == {"matches": [[[4, 7], [5, 8], 4]], "len": 6}
+    assert r.lcs("a", "missing") == b""
+    with pytest.raises(redis.ResponseError, match="If you want both the length and indexes"):
+        r.execute_command("LCS", "a", "b", "IDX", "LEN")
+    server[1]["p"] = {"x": 1}
+    with pytest.raises(redis.ResponseError, match="The specified keys must contain string values"):
+        r.lcs("a", "p")
+    r.set("big", "x" * 2500)  # a 2501 x 2501 table of uint32: within 32 MiB
+    assert r.lcs("big", "big", len=True) == 2500
+
+
+def test_lcs_table_bounded_by_proto_max_bulk_len(tmp_path):
+    name = fresh_name("resp")
+    srv = ServeProcess(name, "--max-bulk-len", str(1 << 20))
+    try:
+        c = client(port=srv.port)
+        c.set("x", "a" * 600)
+        with pytest.raises(redis.ResponseError, match="transient memory for LCS exceeds proto-max-bulk-len"):
+            c.lcs("x", "x")
+        c.close()
+    finally:
+        assert srv.stop() == 0
+        Cache.unlink(name)
+
+
+def test_config_set_as_redis_7(r, server):
+    assert r.config_set("maxclients", 500)
+    assert r.config_get("maxclients") == {"maxclients": "500"}
+    assert r.execute_command("CONFIG", "SET", "save", "", "lazyfree-lazy-user-del", "yes")
+    assert r.config_get("lazyfree-lazy-user-del") == {"lazyfree-lazy-user-del": "yes"}
+    with pytest.raises(redis.ResponseError,
+                       match=r"CONFIG SET failed \(possibly related to argument 'maxclients'\) - argument couldn't be"):
+        r.config_set("maxclients", "many")
+    with pytest.raises(redis.ResponseError, match="Unknown option or number of arguments for CONFIG SET - 'nosuch'"):
+        r.config_set("nosuch", 1)
+    with pytest.raises(redis.ResponseError, match="duplicate parameter"):
+        r.execute_command("CONFIG", "SET", "maxclients", 10, "maxclients", 11)
+    with pytest.raises(redis.ResponseError, match="keeps maxmemory-policy at"):  # fixed by the cache
+        r.config_set("maxmemory-policy", "volatile-ttl")
+    with pytest.raises(redis.ResponseError, match="'appendonly'"):  # all or nothing
+        r.execute_command("CONFIG", "SET", "maxclients", 7, "appendonly", "yes")
+    assert r.config_get("maxclients") == {"maxclients": "500"}
+    assert r.config_set("maxclients", 1000)
+
+
+def test_info_keyspace_counts_expires_and_avg_ttl(r, server):
+    _, cache = server
+    assert "db0" not in r.info("keyspace")
+    cache.set("a", 1, ttl=100)
+    cache.set("b", 2, ttl=300)
+    r.set("c", "forever")
+    db0 = r.info("keyspace")["db0"]
+    assert db0["keys"] == 3 and db0["expires"] == 2
+    assert 190_000 < db0["avg_ttl"] <= 200_000
+
+
+def test_regression_replies_to_one_read_are_bounded_by_max_output_buffer():
+    """270 bytes of pipelined GETs asked for 3 MB of replies (a 64 KiB read
+    of them, for gigabytes): all were built in memory before any limit was
+    looked at. Now a read whose replies pass --max-output-buffer closes the
+    client, as Redis closes a client over its output limit."""
+    name = fresh_name("resp")
+    srv = ServeProcess(name, "--max-output-buffer", "1000000")
+    try:
+        with Cache(name, create=False) as cache:
+            cache["big"] = b"x" * 100_000
+        ok = raw(srv.port, b"GET big\r\n" * 5)
+        assert ok.count(b"$100000\r\n") == 5
+        for request in (b"GET big\r\n" * 30, b"*2\r\n$3\r\nGET\r\n$3\r\nbig\r\n" * 30,
+                        b"MGET" + b" big" * 30 + b"\r\n"):
+            assert raw(srv.port, request, wait=5) == b""  # closed, nothing sent
+        assert client(port=srv.port).strlen("big") == 100_000
+    finally:
+        assert srv.stop() == 0
+        Cache.unlink(name)
+    assert "passed max-output-buffer=1000000" in srv.stderr()
+
+
+def test_daemon_serve_child_dies_with_a_killed_daemon():
+    """``daemon --serve``: SIGKILL the daemon; its ``serve`` child and that
+    child's workers get the parent-death signal and exit."""
+    name = fresh_name("resp")
+    d, port = _daemon_serving(name, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 30
+        tree: list = []
+        while time.monotonic() < deadline:
+            kids = worker_pids(d.pid)
+            tree = kids + [w for k in kids for w in worker_pids(k)]
+            if len(tree) >= 3:
+                break
+            time.sleep(0.1)
+        assert len(tree) >= 3, tree  # the serve supervisor and its 2 workers
+        client(port=port).ping()
+        d.kill()
+        d.wait(10)
+        deadline = time.monotonic() + 20
+        while any(_alive(p) for p in tree) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not any(_alive(p) for p in tree)
+    finally:
+        if d.poll() is None:
+            d.kill()
+            d.wait(10)
+        Cache.unlink(name)

@@ -29,7 +29,7 @@ from ..cache import Cache
 from ..errors import Error
 from . import connection as _connection
 from .commands import error
-from .connection import Connection, ProtocolFailure
+from .connection import Connection, OutputLimit, ProtocolFailure
 
 log = logging.getLogger("shmcache.server")
 
@@ -44,7 +44,7 @@ LIMIT_DEFAULTS = dict(
     max_bulk_len=32 * 2**20,  # one argument
     max_multibulk=1024 * 1024,  # arguments in one command (Redis' limit too)
     max_query_buffer=64 * 2**20,  # an unfinished request held for a client
-    max_output_buffer=64 * 2**20,  # replies a client has not read: then it is dropped
+    max_output_buffer=64 * 2**20,  # replies a client has not read, or to one read: then it is dropped
     max_inline=64 * 1024,  # one inline command line (Redis' PROTO_INLINE_MAX_SIZE)
     max_clients=1000,  # connections per worker process
 )
@@ -108,12 +108,13 @@ def read_password(password: str | bytes | None, password_file: str | None) -> by
 
 
 class _Protocol(asyncio.Protocol):
-    __slots__ = ("srv", "conn", "transport")
+    __slots__ = ("srv", "conn", "transport", "paused")
 
     def __init__(self, srv: "Server"):
         self.srv = srv
         self.conn = None
         self.transport = None
+        self.paused = False  # the client's unread replies are over the high-water mark
 
     def connection_made(self, transport):
         srv = self.srv
@@ -139,7 +140,7 @@ class _Protocol(asyncio.Protocol):
         conn.kill = transport.close
         self.conn = conn
         srv.connections[conn.id] = conn
-        transport.set_write_buffer_limits(high=1 << 20)
+        transport.set_write_buffer_limits(high=min(1 << 20, srv.max_output_buffer))
 
     def data_received(self, data):
         conn = self.conn
@@ -153,6 +154,12 @@ class _Protocol(asyncio.Protocol):
             self.transport.close()
             conn.closing = True
             return
+        except OutputLimit as e:
+            log.warning("closing client %s: the replies to one read passed max-output-buffer=%d (%s bytes)",
+                        conn.addr, self.srv.max_output_buffer, e)
+            self.transport.close()
+            conn.closing = True
+            return
         except Exception:  # a bug must cost one client, not the server
             log.exception("closing client %s after an internal error", conn.addr)
             self.transport.close()
@@ -161,7 +168,7 @@ class _Protocol(asyncio.Protocol):
             self.transport.write(out)
         if conn.closing:
             self.transport.close()
-        elif self.transport.get_write_buffer_size() > self.srv.max_output_buffer:
+        elif self.paused and self.transport.get_write_buffer_size() > self.srv.max_output_buffer:
             log.warning("closing client %s: output buffer over max-output-buffer=%d", conn.addr,
                         self.srv.max_output_buffer)
             self.transport.abort()
@@ -169,9 +176,11 @@ class _Protocol(asyncio.Protocol):
     def pause_writing(self):
         # The client is not reading its replies: stop reading its requests
         # until it catches up (the buffer above 1 MiB), rather than growing it.
+        self.paused = True
         self.transport.pause_reading()
 
     def resume_writing(self):
+        self.paused = False
         if not self.transport.is_closing():
             self.transport.resume_reading()
 
@@ -212,6 +221,7 @@ class Server:
         self.cache = cache
         st = cache.stats()
         self.max_value = st["max_value_size"]
+        self.max_key = st["max_key_size"]
         self.stripes = st["stripes"]
         self.bind = host
         self.port = port or 0
@@ -223,6 +233,7 @@ class Server:
         self._unix_sock = unix_sock
         self.connections: dict[int, Connection] = {}
         self.connections_received = 0
+        self.config: dict[bytes, bytes] = {}  # CONFIG SET values kept only to be read back
         self.commands_processed = 0
         self.rejected = 0
         self.started = time.time()
@@ -309,11 +320,33 @@ def listen_unix(path: str, mode: int = 0o600) -> socket.socket:
     return s
 
 
+_PR_SET_PDEATHSIG = 1
+
+
+def die_with_parent(parent: int, sig: int = signal.SIGTERM) -> None:
+    """Have the kernel send ``sig`` to this process when its parent thread
+    dies (Linux ``prctl(PR_SET_PDEATHSIG)``), so a SIGKILLed ``serve``
+    supervisor leaves no worker holding the port. ``parent`` is the pid the
+    caller forked from: if it is already gone (the death happened before the
+    prctl), exit now, as the signal would have made us.
+    """
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.prctl(_PR_SET_PDEATHSIG, int(sig), 0, 0, 0) != 0:
+            log.warning("prctl(PR_SET_PDEATHSIG) failed: %s", os.strerror(ctypes.get_errno()))
+    except (OSError, AttributeError):  # not Linux: the supervisor's SIGTERM is the only stop
+        return
+    if os.getppid() != parent:
+        os._exit(0)
+
+
 def _open_cache(name: str, size, create: bool) -> Cache:
     return Cache(name, size=size, create=create, default_ttl=None)
 
 
-def _run_worker(name: str, size, kw: dict, sock, unix_sock, workers: int, stop_fd: int | None = None) -> None:
+def _run_worker(name: str, size, kw: dict, sock, unix_sock, workers: int) -> None:
     """Body of one server process: open the cache, serve until SIGTERM/SIGINT."""
     cache = _open_cache(name, size, True)
     try:
@@ -342,7 +375,9 @@ def serve(name: str, *, size="64MiB", host: str = "127.0.0.1", port: int | None 
     The cache is created with ``size`` if absent. ``workers > 1`` forks that
     many server processes on the same port (``SO_REUSEPORT``) and the same
     unix socket; the parent restarts any that dies. ``ready(port)`` is called
-    once listening (the real port when ``port=0``).
+    once listening (the real port when ``port=0``). A worker process dies
+    with the process that forked it (even one killed by SIGKILL), so no
+    orphan keeps the port.
 
     Raises:
         ServerError: hiredis (the ``server`` extra) is not installed, or a
@@ -406,6 +441,8 @@ def _supervise(name, size, kw, socks, unix_sock, workers) -> int:
     old = {s: signal.signal(s, stop) for s in (signal.SIGTERM, signal.SIGINT)}
     pids: dict[int, int] = {}
 
+    parent = os.getpid()
+
     def spawn(i: int) -> None:
         pid = os.fork()
         if pid == 0:
@@ -413,6 +450,7 @@ def _supervise(name, size, kw, socks, unix_sock, workers) -> int:
             try:
                 for s in (signal.SIGTERM, signal.SIGINT):
                     signal.signal(s, signal.SIG_DFL)
+                die_with_parent(parent)
                 for j, s in enumerate(socks):
                     if j != i:
                         s.close()

@@ -482,25 +482,42 @@ def p_getex(conn, args, cur, now):
 
 @command("mget", -2, "readonly fast", summary="Atomically returns the string values of one or more keys.")
 def c_mget(conn, args):
-    get = conn.cache.get_raw
+    null = conn.null
     out = []
-    for k in args[1:]:
-        cur = get(key_of(k))
+    for cur in conn.cache.get_raw_many([key_of(k) for k in args[1:]]):
         if cur is None:
-            out.append(conn.null)
+            out.append(null)
             continue
-        try:
+        tag = cur[0]
+        if tag == BYTES or tag == STR:
+            v = cur[1]
+            out.append(b"$%d\r\n%s\r\n" % (len(v), v))
+        elif tag == INT or tag == FLOAT:
             out.append(bulk(text_of(cur)))
-        except CommandError:
-            out.append(conn.null)  # Redis: MGET gives nil for a key of another type
-    return array(out)
+        else:
+            out.append(null)  # Redis: MGET gives nil for a key of another type
+    return b"*%d\r\n%s" % (len(out), b"".join(out))
 
 
 @command("mset", -3, "write", summary="Atomically creates or modifies the string values of one or more keys.")
 def c_mset(conn, args):
-    if len(args) % 2 == 0:
+    """Each key through the cache's C ``set`` (atomic per key, as ``set_many``;
+    ``set_many``'s batch path is Python and ~30x slower per key). Every key and
+    value is checked against the cache's limits first, so a bad pair stores
+    nothing: then ``set_many`` runs only to raise the cache's own error."""
+    n = len(args)
+    if n % 2 == 0:
         raise CommandError("ERR wrong number of arguments for 'mset' command")
-    conn.cache.set_many({key_of(args[i]): args[i + 1] for i in range(1, len(args), 2)}, ttl=None)
+    max_key, max_value = conn.cache_max_key, conn.cache_max_value
+    pairs = []
+    for i in range(1, n, 2):
+        k, v = key_of(args[i]), args[i + 1]
+        if len(args[i]) + (type(k) is bytes) > max_key or len(v) > max_value:
+            conn.cache.set_many(dict(pairs + [(k, v)]), ttl=None)  # raises KeyTooLong / ValueTooLarge
+        pairs.append((k, v))
+    cset = conn.cache.set
+    for k, v in pairs:
+        cset(k, v, None)
     return OK
 
 
@@ -609,6 +626,181 @@ def p_setrange(conn, args, cur, now):
         text = text + bytes(off - len(text))
     data = text[:off] + value + text[off + len(value):]
     return _edited(cur, data, now), integer(len(data))
+
+
+# ------------------------------------------------------------------- bits
+_BIT_OFFSET = "ERR bit offset is not an integer or out of range"
+
+
+def _bit_offset(conn, b: bytes) -> int:
+    """Redis' getBitOffsetFromArgument: 0 <= offset, offset / 8 < proto-max-bulk-len."""
+    off = parse_int(b, _BIT_OFFSET)
+    if off < 0 or (off >> 3) >= conn.server.max_bulk_len:
+        raise CommandError(_BIT_OFFSET)
+    return off
+
+
+@keyed("setbit", 4, "write", group="bitmap", summary="Sets or clears the bit at offset of the string value. Creates the key if it doesn't exist.")
+def p_setbit(conn, args, cur, now):
+    off = _bit_offset(conn, args[2])
+    bit = parse_int(args[3], "ERR bit is not an integer or out of range")
+    if bit & ~1:
+        raise CommandError("ERR bit is not an integer or out of range")
+    text = text_of(cur) if cur is not None else b""
+    byte, mask = off >> 3, 0x80 >> (off & 7)
+    if byte >= len(text):
+        _check_size(conn, byte + 1)
+        data = bytearray(text)
+        data.extend(bytes(byte + 1 - len(text)))
+    else:
+        data = bytearray(text)
+    old = 1 if data[byte] & mask else 0
+    if bit:
+        data[byte] |= mask
+    else:
+        data[byte] &= ~mask & 0xFF
+    if cur is not None and bytes(data) == text:
+        return cur, integer(old)
+    return _edited(cur, bytes(data), now), integer(old)
+
+
+def p_getbit(conn, args, cur, now):
+    off = _bit_offset(conn, args[2])
+    if cur is None:
+        return cur, ZERO
+    text = text_of(cur)
+    byte = off >> 3
+    return cur, (ONE if byte < len(text) and text[byte] & (0x80 >> (off & 7)) else ZERO)
+
+
+def p_bitcount(conn, args, cur, now):
+    """Redis 7.2's BITCOUNT: the arguments are checked before the key."""
+    n = len(args)
+    if n == 2:
+        if cur is None:
+            return cur, ZERO
+        return cur, integer(int.from_bytes(text_of(cur), "big").bit_count())
+    if n not in (4, 5):
+        raise CommandError(SYNTAX)
+    start, end = parse_int(args[2]), parse_int(args[3])
+    isbit = False
+    if n == 5:
+        unit = args[4].upper()
+        if unit not in (b"BIT", b"BYTE"):
+            raise CommandError(SYNTAX)
+        isbit = unit == b"BIT"
+    if cur is None:
+        return cur, ZERO
+    text = text_of(cur)
+    total = len(text) * 8 if isbit else len(text)
+    if start < 0 and end < 0 and start > end:
+        return cur, ZERO
+    if start < 0:
+        start = max(total + start, 0)
+    if end < 0:
+        end = max(total + end, 0)
+    end = min(end, total - 1)
+    if start > end:
+        return cur, ZERO
+    if not isbit:
+        return cur, integer(int.from_bytes(text[start : end + 1], "big").bit_count())
+    chunk = int.from_bytes(text[start >> 3 : (end >> 3) + 1], "big")
+    chunk >>= 7 - (end & 7)  # drop the bits after ``end`` in its byte
+    return cur, integer((chunk & ((1 << (end - start + 1)) - 1)).bit_count())
+
+
+def _lcs_table(a: bytes, b: bytes):
+    """The LCS length table, ``L[i, j]`` = LCS of a[:i] and b[:j], built one
+    row of numpy per byte of the shorter string (the DP step along a row is a
+    running maximum: row = maximum.accumulate(prev[j-1] + 1 where a[i-1] ==
+    b[j-1], else prev[j]))."""
+    import numpy as np
+
+    swap = len(a) > len(b)
+    x, y = (b, a) if swap else (a, b)  # one row per byte of the shorter string
+    yv = np.frombuffer(y, dtype=np.uint8)
+    t = np.zeros((len(x) + 1, len(y) + 1), dtype=np.uint32)
+    for i in range(1, len(x) + 1):
+        prev = t[i - 1]
+        cand = np.where(yv == x[i - 1], prev[:-1] + 1, prev[1:])
+        np.maximum.accumulate(cand, out=t[i, 1:])
+    return t.T if swap else t
+
+
+@command("lcs", -3, "readonly", summary="Finds the longest common substring.")
+def c_lcs(conn, args):
+    """Redis 7's LCS, its dynamic programming table and its walk back (so
+    IDX lists the same ranges in the same order)."""
+    cache = conn.cache
+    ca, cb = cache.get_raw(key_of(args[1])), cache.get_raw(key_of(args[2]))
+    try:
+        a = b"" if ca is None else bytes(text_of(ca))
+        b = b"" if cb is None else bytes(text_of(cb))
+    except CommandError:
+        raise CommandError("ERR The specified keys must contain string values") from None
+    getlen = getidx = withmatchlen = False
+    minmatchlen = 0
+    i = 3
+    while i < len(args):
+        o = args[i].upper()
+        if o == b"IDX":
+            getidx = True
+        elif o == b"LEN":
+            getlen = True
+        elif o == b"WITHMATCHLEN":
+            withmatchlen = True
+        elif o == b"MINMATCHLEN" and i + 1 < len(args):
+            minmatchlen = max(parse_int(args[i + 1]), 0)
+            i += 1
+        else:
+            raise CommandError(SYNTAX)
+        i += 1
+    if getidx and getlen:
+        raise CommandError("ERR If you want both the length and indexes, please just use IDX.")
+    if (len(a) + 1) * (len(b) + 1) * 4 > conn.server.max_bulk_len:
+        raise CommandError("ERR Insufficient memory, transient memory for LCS exceeds proto-max-bulk-len")
+    t = _lcs_table(a, b)
+    alen, blen = len(a), len(b)
+    idx = int(t[alen, blen])
+    if getlen:
+        return integer(idx)
+    result = bytearray(idx)
+    ranges = []
+    ast, aend, bst, bend = alen, 0, 0, 0  # ast == alen: no range open
+    i, j = alen, blen
+    while i > 0 and j > 0:
+        emit = False
+        if a[i - 1] == b[j - 1]:
+            result[idx - 1] = a[i - 1]
+            if ast == alen:
+                ast = aend = i - 1
+                bst = bend = j - 1
+            elif ast == i and bst == j:
+                ast -= 1
+                bst -= 1
+            else:
+                emit = True
+            if ast == 0 or bst == 0:
+                emit = True
+            idx -= 1
+            i -= 1
+            j -= 1
+        else:
+            if t[i - 1, j] > t[i, j - 1]:
+                i -= 1
+            else:
+                j -= 1
+            if ast != alen:
+                emit = True
+        if emit:
+            mlen = aend - ast + 1
+            if minmatchlen == 0 or mlen >= minmatchlen:
+                ranges.append(array([array([integer(ast), integer(aend)]), array([integer(bst), integer(bend)])]
+                                    + ([integer(mlen)] if withmatchlen else [])))
+            ast = alen
+    if getidx:
+        return mapping(conn, [(bulk(b"matches"), array(ranges)), (bulk(b"len"), integer(int(t[alen, blen])))])
+    return bulk(bytes(result))
 
 
 # INCR & co: the cache's atomic incr (C fast path) when the key holds an int
@@ -993,6 +1185,12 @@ for _n, _ms, _abs, _s in (("ttl", False, False, "Returns the expiration time in 
                           ("pexpiretime", True, True, "Returns the expiration time of a key as a Unix milliseconds timestamp.")):
     _p = _p_ttl(_ms, _abs)
     COMMANDS[_n.encode()] = Command(_n, _reader(_p), 2, ("readonly", "fast"), _p, "generic", _s)
+
+
+COMMANDS[b"getbit"] = Command("getbit", _reader(p_getbit), 3, ("readonly", "fast"), p_getbit, "bitmap",
+                              "Returns a bit value by offset.")
+COMMANDS[b"bitcount"] = Command("bitcount", _reader(p_bitcount), -2, ("readonly",), p_bitcount, "bitmap",
+                                "Counts the number of set bits (population counting) in a string.")
 
 
 @keyed("persist", 2, "write fast", group="generic", summary="Removes the expiration time of a key.")

@@ -20,6 +20,7 @@ try:
 except ImportError:  # no `server` extra: Server() and serve() refuse with how to install it
     hiredis = None
 
+from .. import admin
 from . import commands as C
 from .commands import COMMANDS, CommandError, OK, array, bulk, bulk_array, error, integer, mapping
 
@@ -39,6 +40,15 @@ class ProtocolFailure(Exception):
     """Malformed input: reply ``-ERR Protocol error: <msg>`` and close."""
 
 
+class OutputLimit(Exception):
+    """The replies to one read passed ``max_output_buffer``: drop them and
+    close the client (Redis closes a client over its output buffer limit)."""
+
+
+class _NotAnArray(Exception):
+    """hiredis parsed a frame that is not an array (Redis would read it inline)."""
+
+
 class Connection:
     """State of one client; the asyncio Protocol in ``server`` drives it."""
 
@@ -46,6 +56,7 @@ class Connection:
         self.server = server
         self.cache = server.cache
         self.cache_max_value = server.max_value
+        self.cache_max_key = server.max_key
         self.transport = transport
         self.id = next(_ids)
         self.addr = addr
@@ -66,8 +77,10 @@ class Connection:
         self.partial = 0  # bytes fed to the reader for the frame not yet complete
         self.inline = b""  # an unfinished inline command line
         self.carry = b""  # the start of a count header cut by a read
+        self.prev_nl = True  # the last byte fed to the reader was a newline
         self.head = b""  # the first bytes of the frame still incomplete
         self.closing = False
+        self.out_bytes = 0  # replies produced for the read being handled
 
     # ------------------------------------------------------------ framing
     def feed(self, data: bytes) -> bytes:
@@ -78,6 +91,7 @@ class Connection:
                 replies before it, then the error, and closes).
         """
         out: list = []
+        self.out_bytes = 0
         try:
             self._feed(data, out)
         except ProtocolFailure as e:
@@ -88,6 +102,12 @@ class Connection:
     def _feed(self, data: bytes, out: list) -> None:
         srv = self.server
         while data and not self.closing:
+            if self.carry:  # a count line held back from the last read (below)
+                data = self.carry + data
+                self.carry = b""
+                at_line = True
+            else:
+                at_line = self.partial == 0 or self.prev_nl  # data[0] starts a line
             if self.partial == 0:
                 if self.inline or data[0] != 42:  # 42: '*'
                     data = self._inline(data, out)
@@ -99,55 +119,128 @@ class Connection:
                     if 0 < nl < 32:
                         data = data[nl + 1 :]
                         continue
-            if self.carry:
-                data = self.carry + data
-                self.carry = b""
             big = _BIG_COUNT.search(data)
             if big is not None:
-                _check_big_counts(data, big, srv.max_multibulk)
+                _check_big_counts(data, big, srv.max_multibulk, at_line)
             tail = _OPEN_COUNT.search(data, max(0, len(data) - 24))
-            if tail is not None and tail.start() > 0:
-                # a "*123" cut by the read: hold it until its digits are complete
+            if tail is not None and (data[tail.start() - 1] == 10 if tail.start() else at_line):
+                # A "*123" count line cut by the read: hold it back until its
+                # digits are complete, so the check above sees the whole
+                # count before hiredis does (it allocates the list on reading
+                # it). At most 8 bytes: 7 digits are checked above already.
                 data, self.carry = data[: tail.start()], data[tail.start() :]
+                if not data:
+                    return
+            self.prev_nl = data[-1] == 10
             reader = self.reader
             reader.feed(data)
-            done = []
+            gets = reader.gets
+            # Bytes of the frames completed from this read (sizes are exact
+            # for every frame Redis accepts: no leading zeros): tells whether
+            # the read ended between frames. (hiredis' has_data() cannot: it
+            # consumes an array element by element.)
+            consumed = 0
+            # The common case runs inline: an authenticated client outside
+            # MULTI sending a command of _FAST (GET, SET k v, INCR, MGET...)
+            # with its exact arity. Everything else goes through execute().
+            fast = _FAST if self.authed and self.multi is None else None
+            nfast = 0
+            max_mb = srv.max_multibulk
+            max_out = srv.max_output_buffer
+            digits = _DIGITS
+            last = b""
             try:
                 while True:
-                    req = reader.gets()
+                    try:
+                        req = gets()
+                    except TypeError:  # a RESP3 map or set with a list for a key: not a command either
+                        raise _NotAnArray from None
                     if req is False:
                         break
-                    done.append(req)
                     if type(req) is not list:
                         if req is None:  # "*-1"
+                            consumed += 5
                             continue
-                        raise ProtocolFailure("expected '*', got '" + chr(data[0]) + "'")
-                    if not req:
+                        raise _NotAnArray
+                    n = len(req)
+                    consumed += 3 + 5 * n + (digits[n] if n < 10000 else len(str(n)))
+                    if not n:
                         continue
                     for a in req:
                         if type(a) is not bytes:
                             raise ProtocolFailure("expected '$', got '" + ("*" if type(a) is list else ":") + "'")
-                    if len(req) > srv.max_multibulk:
+                        n = len(a)
+                        consumed += n + (digits[n] if n < 10000 else len(str(n)))
+                    if len(req) > max_mb:
                         raise ProtocolFailure("invalid multibulk length")
+                    if fast is not None:
+                        f = fast.get(req[0])
+                        if f is not None and (len(req) == f[1] or (f[1] < 0 and len(req) >= -f[1])):
+                            nfast += 1
+                            last = req[0]
+                            try:
+                                r = f[0](self, req)
+                            except Exception as e:
+                                r = self._failed(req[0], e)
+                            out.append(r)
+                            # A few bytes of GETs can ask for gigabytes of
+                            # replies: bound what one read makes us hold.
+                            self.out_bytes += len(r)
+                            if self.out_bytes > max_out:
+                                raise OutputLimit(self.out_bytes)
+                            continue
                     self.execute(req, out)
+                    last = b""  # execute() named it
                     if self.closing:
                         return
-            except hiredis.ProtocolError as e:
-                raise ProtocolFailure(_redis_wording(str(e))) from None
-            self._track_partial(data, done)
+                    fast = _FAST if self.authed and self.multi is None else None
+            except (hiredis.ProtocolError, _NotAnArray) as e:
+                # A frame that does not start with '*' right after a complete
+                # one: Redis decides inline or multibulk per command, so the
+                # rest of the read is inline ("PING\r\n" after "*1\r\n$4\r\nPING\r\n"),
+                # or an empty "*0" / "*-5" multibulk it skips. Anywhere else
+                # it is a protocol error.
+                rest = self._after_frames(data, consumed)
+                if rest is None:
+                    if type(e) is _NotAnArray:
+                        raise ProtocolFailure("expected '*', got '" + chr(data[0]) + "'") from None
+                    raise ProtocolFailure(_redis_wording(str(e))) from None
+                self.reader = hiredis.Reader()
+                self.partial = 0
+                data = rest
+                continue
+            finally:
+                if nfast:
+                    srv.commands_processed += nfast
+                if last:
+                    self.last_cmd = last.lower()
+            if consumed - self.partial == len(data):
+                self.partial = 0
+            else:
+                self._track_partial(data, consumed)
             return
 
-    def _track_partial(self, data: bytes, done: list) -> None:
-        """Account for the frame left incomplete at the end of ``data``: bound
-        its size, and check the lengths it declares (as Redis does on reading
-        them) where they are in ``data``. The complete frames' sizes are exact
-        for the canonical encoding every client sends."""
-        if done:
-            start = sum(map(_frame_size, done)) - self.partial
-        elif self.partial:
-            start = -1  # the pending frame goes on
-        else:
-            start = 0
+    def _after_frames(self, data: bytes, consumed: int):
+        """The part of ``data`` after the ``consumed`` bytes of frames that
+        hiredis completed from it, if what follows them is a command Redis
+        would parse anew (inline, or an empty multibulk); else None."""
+        start = consumed - self.partial  # < 0: the failing frame began in an earlier read
+        if not 0 <= start < len(data):
+            return None
+        if data[start] != 42:
+            return data[start:]
+        if data[start + 1 : start + 2] == b"-" or data[start + 1 : start + 3] == b"0\r":
+            nl = data.find(b"\n", start)
+            if 0 < nl - start < 32 and start + (nl - start) + 1 <= len(data):  # what _feed skips
+                return data[start:]
+        return None
+
+    def _track_partial(self, data: bytes, consumed: int) -> None:
+        """Account for the frame left incomplete at the end of ``data`` after
+        ``consumed`` bytes of complete frames: bound its size, and check the
+        lengths it declares (as Redis does on reading them) where they are
+        in ``data``."""
+        start = consumed - self.partial  # < 0: the pending frame goes on
         if start >= len(data):
             self.partial = 0
             return
@@ -217,14 +310,24 @@ class Connection:
             return
         self.last_cmd = name
         try:
-            out.append(cmd.fn(self, args))
-        except CommandError as e:
-            out.append(error(str(e)))
-        except (ValueError, TypeError) as e:  # e.g. a closed cache, a bad key
-            out.append(error(f"ERR {e}"))
-        except Exception as e:  # never let one command take the server down
-            log.exception("command %r failed", name)
-            out.append(error(C.check_errors(e)))
+            r = cmd.fn(self, args)
+        except Exception as e:
+            r = self._failed(name, e)
+        out.append(r)
+        self.out_bytes += len(r)
+        if self.out_bytes > self.server.max_output_buffer:
+            raise OutputLimit(self.out_bytes)
+
+    @staticmethod
+    def _failed(name: bytes, e: Exception) -> bytes:
+        """The error reply for a command that raised ``e``."""
+        if isinstance(e, CommandError):
+            return error(str(e))
+        if isinstance(e, (ValueError, TypeError)):  # e.g. a closed cache, a bad key
+            return error(f"ERR {e}")
+        # never let one command take the server down
+        log.exception("command %r failed", name)
+        return error(C.check_errors(e))
 
     # ------------------------------------------------------------- state
     def set_resp(self, v: int) -> None:
@@ -255,18 +358,17 @@ _BIG_COUNT = re.compile(rb"\*-?[0-9]{7,}")
 _OPEN_COUNT = re.compile(rb"\*-?[0-9]*\Z")
 
 
-def _check_big_counts(data: bytes, m, max_mb: int) -> None:
+def _check_big_counts(data: bytes, m, max_mb: int, at_line: bool) -> None:
+    """Refuse a count over ``max_mb`` at a line start (``at_line``: data[0] is one)."""
     while m is not None:
         p = m.start()
-        if (p == 0 or data[p - 1] == 10) and not -1 <= int(m.group()[1:]) <= max_mb:
+        if (data[p - 1] == 10 if p else at_line) and not -1 <= int(m.group()[1:]) <= max_mb:
             raise ProtocolFailure("invalid multibulk length")
         m = _BIG_COUNT.search(data, m.end())
 
 
-def _frame_size(req) -> int:
-    if type(req) is not list:
-        return 5  # *-1\r\n
-    return 3 + len(str(len(req))) + sum([5 + len(str(len(a))) + len(a) for a in req])
+#: Decimal digits of each length below 10000 (frame sizes, counted per argument).
+_DIGITS = bytes(len(str(i)) for i in range(10000))
 
 
 def _check_header(data: bytes, p: int, max_mb: int, max_bulk: int) -> None:
@@ -602,12 +704,18 @@ def c_debug(conn, args):
 
 
 # ------------------------------------------------------------------ COMMAND
-def _command_info(cmd) -> bytes:
+def _key_spec(cmd) -> tuple[int, int, int]:
+    """Redis' (first key, last key, step) of a command (0, 0, 0: no keys)."""
     first = 1 if cmd.pure is not None or cmd.name in (
-        "mget", "mset", "msetnx", "del", "unlink", "exists", "touch", "rename", "renamenx", "copy") else 0
+        "mget", "mset", "msetnx", "del", "unlink", "exists", "touch", "rename", "renamenx", "copy", "lcs") else 0
     last = -1 if cmd.name in ("mget", "del", "unlink", "exists", "touch") else (
-        -1 if cmd.name in ("mset", "msetnx") else (2 if cmd.name in ("rename", "renamenx", "copy") else first))
+        -1 if cmd.name in ("mset", "msetnx") else (2 if cmd.name in ("rename", "renamenx", "copy", "lcs") else first))
     step = 2 if cmd.name in ("mset", "msetnx") else (1 if first else 0)
+    return first, last, step
+
+
+def _command_info(cmd) -> bytes:
+    first, last, step = _key_spec(cmd)
     flags = array([b"+%s\r\n" % f.encode() for f in cmd.flags])
     return array([bulk(cmd.name.encode()), integer(cmd.arity), flags, integer(first), integer(last),
                   integer(step), b"*0\r\n", b"*0\r\n", b"*0\r\n", b"*0\r\n"])
@@ -637,11 +745,17 @@ def c_command(conn, args):
                 (bulk(b"summary"), bulk(c.summary.encode())), (bulk(b"since"), bulk(b"1.0.0")),
                 (bulk(b"group"), bulk(c.group.encode())), (bulk(b"arguments"), b"*0\r\n")])))
         return mapping(conn, pairs)
-    if sub == b"GETKEYS" and len(args) >= 3:
+    if sub == b"GETKEYS" and len(args) >= 4:
         c = COMMANDS.get(args[2].lower())
         if c is None:
             raise CommandError("ERR Invalid command specified")
-        return bulk_array(args[3:4] if len(args) > 3 else [])
+        cargs = args[2:]
+        if (c.arity > 0 and len(cargs) != c.arity) or (c.arity < 0 and len(cargs) < -c.arity):
+            raise CommandError("ERR Invalid number of arguments specified for command")
+        first, last, step = _key_spec(c)
+        if not first:
+            raise CommandError("ERR The command has no key arguments")
+        return bulk_array(cargs[first : (len(cargs) + last if last < 0 else last) + 1 : step])
     raise CommandError(f"ERR unknown subcommand or wrong number of arguments for '{args[1].decode('utf-8', 'replace')}'. "
                        "Try COMMAND HELP.")
 
@@ -681,34 +795,118 @@ def c_info(conn, args):
         (b"expired_keys", b"%d" % st["expirations"]), (b"evicted_keys", b"%d" % st["evictions"]),
         (b"keyspace_hits", b"%d" % st["hits"]), (b"keyspace_misses", b"%d" % st["misses"]),
     ])
-    section(b"keyspace", [(b"db0", b"keys=%d,expires=0,avg_ttl=0" % st["items"])] if st["items"] else [])
+    if st["items"] and (every or b"keyspace" in want):
+        expires, left = admin.expiry_summary(conn.cache, conn.cache.clock())
+        section(b"keyspace", [(b"db0", b"keys=%d,expires=%d,avg_ttl=%d" % (st["items"], expires, int(left * 1000)))])
+    else:
+        section(b"keyspace", [])
     return C.verbatim(conn, b"\r\n".join(sections)) if conn.resp == 3 else bulk(b"\r\n".join(sections))
+
+
+def _config_values(conn) -> dict:
+    srv = conn.server
+    st = conn.cache.stats()
+    return {
+        b"maxmemory": b"%d" % st["arena_bytes"],
+        b"maxmemory-policy": b"allkeys-lru" if st["policy"] == "lru" else b"noeviction",
+        b"databases": b"1", b"save": b"", b"appendonly": b"no", b"timeout": b"0",
+        b"maxclients": b"%d" % srv.max_clients, b"port": b"%d" % srv.port,
+        b"bind": srv.bind.encode(), b"proto-max-bulk-len": b"%d" % srv.max_bulk_len,
+        b"client-query-buffer-limit": b"%d" % srv.max_query_buffer,
+        b"cluster-enabled": b"no", b"protected-mode": b"yes", b"notify-keyspace-events": b"",
+        b"lazyfree-lazy-user-del": srv.config.get(b"lazyfree-lazy-user-del", b"no"),
+        b"lazyfree-lazy-user-flush": srv.config.get(b"lazyfree-lazy-user-flush", b"no"),
+    }
+
+
+def _config_int(minimum: int):
+    def check(conn, name: bytes, v: bytes):
+        try:
+            n = C.parse_int(v)
+        except CommandError:
+            raise CommandError("argument couldn't be parsed into an integer") from None
+        if n < minimum:
+            raise CommandError(f"argument must be between {minimum} and 9223372036854775807 inclusive")
+        return n
+    return check
+
+
+def _config_fixed(conn, name: bytes, v: bytes):
+    """Settings fixed by the cache or by design: their one value is accepted."""
+    if v.lower() != _config_values(conn)[name]:
+        raise CommandError(f"shmcache serve keeps {name.decode()} at "
+                           f"'{_config_values(conn)[name].decode()}' (set by the cache / the command line)")
+    return None
+
+
+def _config_yesno(conn, name: bytes, v: bytes):
+    if v.lower() not in (b"yes", b"no"):
+        raise CommandError("argument must be 'yes' or 'no'")
+    return v.lower()
+
+
+#: CONFIG SET: name -> (check(conn, name, value) -> parsed, attribute of the
+#: Server it sets, or None: only recorded for CONFIG GET / accepted as is).
+_CONFIG_SET = {
+    b"maxclients": (_config_int(1), "max_clients"),
+    b"proto-max-bulk-len": (_config_int(1024 * 1024), "max_bulk_len"),  # Redis' minimum too
+    b"client-query-buffer-limit": (_config_int(1024 * 1024), "max_query_buffer"),
+    b"lazyfree-lazy-user-del": (_config_yesno, None),  # deletes are immediate either way
+    b"lazyfree-lazy-user-flush": (_config_yesno, None),
+    b"save": (_config_fixed, None), b"appendonly": (_config_fixed, None), b"timeout": (_config_fixed, None),
+    b"maxmemory": (_config_fixed, None), b"maxmemory-policy": (_config_fixed, None),
+    b"notify-keyspace-events": (_config_fixed, None), b"protected-mode": (_config_fixed, None),
+    b"databases": (_config_fixed, None),
+}
+
+
+def _config_set(conn, args):
+    """Redis 7's CONFIG SET: several pairs, all checked before any applies.
+    Applies to the worker process this connection is served by (see README)."""
+    if len(args) < 4 or len(args) % 2:
+        raise CommandError("ERR wrong number of arguments for 'config|set' command")
+    todo = []
+    seen = set()
+    for i in range(2, len(args), 2):
+        name, value = args[i].lower(), args[i + 1]
+        if name not in _CONFIG_SET:
+            raise CommandError("ERR Unknown option or number of arguments for CONFIG SET - "
+                               f"'{args[i].decode('utf-8', 'replace')}'")
+        check, attr = _CONFIG_SET[name]
+        try:
+            if name in seen:
+                raise CommandError("duplicate parameter")
+            seen.add(name)
+            todo.append((name, attr, check(conn, name, value)))
+        except CommandError as e:
+            raise CommandError(f"ERR CONFIG SET failed (possibly related to argument "
+                               f"'{args[i].decode('utf-8', 'replace')}') - {e}") from None
+    srv = conn.server
+    for name, attr, v in todo:
+        if attr is not None:
+            setattr(srv, attr, v)
+        elif v is not None:
+            srv.config[name] = v
+    return OK
 
 
 @_cmd("config", -2, "", group="server", summary="A container for server configuration commands.")
 def c_config(conn, args):
     sub = args[1].upper()
     if sub == b"GET" and len(args) >= 3:
-        srv = conn.server
-        st = conn.cache.stats()
-        values = {
-            b"maxmemory": b"%d" % st["arena_bytes"],
-            b"maxmemory-policy": b"allkeys-lru" if st["policy"] == "lru" else b"noeviction",
-            b"databases": b"1", b"save": b"", b"appendonly": b"no", b"timeout": b"0",
-            b"maxclients": b"%d" % srv.max_clients, b"port": b"%d" % srv.port,
-            b"bind": srv.bind.encode(), b"proto-max-bulk-len": b"%d" % srv.max_bulk_len,
-            b"client-query-buffer-limit": b"%d" % srv.max_query_buffer,
-            b"cluster-enabled": b"no", b"protected-mode": b"yes",
-        }
+        values = _config_values(conn)
         pairs = []
         for pat in args[2:]:
             m = C.glob_match(pat.lower())
             pairs += [(bulk(k), bulk(v)) for k, v in values.items() if m(k) and (bulk(k), bulk(v)) not in pairs]
         return mapping(conn, pairs)
     if sub == b"SET":
-        raise CommandError("ERR CONFIG SET is not supported: shmcache serve is configured by its command line")
-    if sub == b"RESETSTAT":
+        return _config_set(conn, args)
+    if sub == b"RESETSTAT" and len(args) == 2:
         return OK
+    if sub == b"HELP" and len(args) == 2:
+        return bulk_array([b"CONFIG GET <pattern> [<pattern> ...]", b"CONFIG SET <directive> <value> [...]",
+                           b"CONFIG RESETSTAT"])
     raise CommandError(f"ERR unknown subcommand or wrong number of arguments for '{args[1].decode('utf-8', 'replace')}'. "
                        "Try CONFIG HELP.")
 
@@ -784,3 +982,15 @@ def c_function(conn, args):
         return b"*0\r\n"
     raise CommandError(f"ERR unknown subcommand or wrong number of arguments for '{args[1].decode('utf-8', 'replace')}'. "
                        "Try FUNCTION HELP.")
+
+
+#: Commands run inline by _feed (name as sent, lower or upper case) ->
+#: (handler, Redis arity): the ones a cache's clients send most. None of
+#: them may change the connection's state (auth, MULTI, closing).
+_FAST = {}
+for _name in (b"get", b"set", b"setex", b"setnx", b"getset", b"mget", b"mset", b"incr", b"decr", b"incrby",
+              b"decrby", b"del", b"unlink", b"exists", b"expire", b"pexpire", b"ttl", b"pttl", b"strlen",
+              b"append", b"ping", b"echo", b"type"):
+    _c = COMMANDS[_name]
+    _FAST[_name] = _FAST[_name.upper()] = (_c.fn, _c.arity)
+del _name, _c
