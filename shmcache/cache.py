@@ -435,8 +435,9 @@ class Cache(MutableMapping[Any, Any]):
         if len(vb) > self._max_value:
             raise ValueTooLarge(
                 f"value of {len(vb)} bytes (encoded) exceeds max_value_size={self._max_value} bytes "
-                f"of cache {self.name!r}; create the cache with a larger max_value_size (limit: one "
-                f"stripe's arena, {self._g.stripe_arena} bytes, so raise size or lower stripes)"
+                f"of cache {self.name!r}; create the cache with a larger max_value_size (an entry lives "
+                f"in one arena segment, {self._g.seg_size} bytes here, and each stripe needs at least "
+                f"{L.MIN_SEGS} of them: larger values need a larger size or fewer stripes)"
             )
         return flags, vb
 

@@ -476,7 +476,9 @@ def compute_geometry(
     segments; ``laid_out=True``: ``size`` is such a laid-out segment's
     ``total_size``, recomputed to check its header). ``max_items`` defaults
     to one item per 200 bytes, ``stripes`` to one per 4 MiB (a power of two
-    between 4 and 64), ``max_value_size`` to a quarter of one stripe's arena.
+    between 4 and 64), ``max_value_size`` to what one arena segment holds
+    (64 KiB segments by default, smaller for small stripes; a larger
+    ``max_value_size`` makes the segments larger).
 
     Raises:
         TypeError / ValueError: a setting has the wrong type or is out of range;
