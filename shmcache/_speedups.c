@@ -370,10 +370,10 @@ static int ring_get(Core *c, uint64_t s, ring_t *r) {
     r->tail = (uint32_t)((w >> 16) & 0xFFFF);
     r->fill = (uint32_t)(w >> 32);
     if (r->fill == 0) r->fill = SEG_HEADER;
-    if (!(r->head < c->n_segs && r->tail < c->n_segs && r->fill <= c->seg_size)) return -1;
+    if (!(r->head < c->n_segs && r->tail < c->n_segs && r->fill <= c->seg_size) || r->fill % ALIGN) return -1;
     uint32_t *h = seg_hdr(c, s, r->head);
     if (h[0]) return -1;
-    if (h[1] > r->fill && h[1] <= c->seg_size) r->fill = h[1];
+    if (h[1] > r->fill && h[1] <= c->seg_size && !(h[1] % ALIGN)) r->fill = h[1];
     return 0;
 }
 
@@ -495,8 +495,10 @@ static void reclaim_walk(Core *c, uint64_t s, uint32_t seg, uint64_t keep_room, 
     /* roomy (arena.py Arena._roomy): a quarter of the in-use ring is dead and the
      * stripe is below its item cap: keep every live entry (a compaction). */
     char *rec = stripe_rec(c, s);
+    /* (live <= 3/4 of it, without 4 * live wrapping for a damaged count; exact,
+     * as seg_size is a multiple of 4) */
     int roomy = second_chance && *u64at(rec + S_ITEMS) < c->cap_items &&
-                4 * *u64at(rec + S_LIVE) <= 3 * (c->n_segs - 1) * c->seg_size;
+                *u64at(rec + S_LIVE) <= 3 * (c->n_segs - 1) * (c->seg_size / 4);
     /* A scout walks up to RECLAIM_AHEAD entries ahead, hashing each key and
      * prefetching its home slot and access bit, so the index misses of one
      * reclaim overlap instead of queueing (the walk is the stripe's longest
@@ -601,7 +603,8 @@ static int advance(Core *c, uint64_t s, uint64_t need, double now) {
  * damaged ring). *moved: entries moved or went (slot positions are stale). */
 static int64_t arena_alloc(Core *c, uint64_t s, uint64_t need, int new_item, double now, int *moved) {
     char *rec = stripe_rec(c, s);
-    for (int attempt = 0; attempt < 4; attempt++) {
+    int reclaimed = 0; /* only the first item-cap reclaim of this call gives a second chance */
+    for (int attempt = 0; attempt < 6; attempt++) {
         ring_t r;
         if (ring_get(c, s, &r) < 0) return -1;
         if (new_item && *u64at(rec + S_ITEMS) >= c->cap_items) {
@@ -610,7 +613,8 @@ static int64_t arena_alloc(Core *c, uint64_t s, uint64_t need, int new_item, dou
             if (r.head == r.tail) {
                 if (advance(c, s, need, now) < 0) return -1;
             } else {
-                reclaim(c, s, r.tail, need, now, attempt == 0);
+                reclaim(c, s, r.tail, need, now, !reclaimed);
+                reclaimed = 1;
             }
             continue;
         }

@@ -94,12 +94,12 @@ class Arena:
                 segment as the head (both only by damage).
         """
         head, tail, fill = L.unpack_ring(int(self.stripes[s, L.S_RING // 8]))
-        if head >= self.n_segs or tail >= self.n_segs or fill > self.seg_size:
+        if head >= self.n_segs or tail >= self.n_segs or fill > self.seg_size or fill % L.ALIGN:
             raise ValueError(f"stripe {s}: ring word out of range (head {head}, tail {tail}, fill {fill})")
         end, mirror = L.SEG.unpack_from(self.mm, self._seg_base(s, head))
         if end:
             raise ValueError(f"stripe {s}: the ring word's head segment {head} is sealed (at {end})")
-        if fill < mirror <= self.seg_size:
+        if fill < mirror <= self.seg_size and not mirror % L.ALIGN:
             fill = mirror
         return head, tail, fill
 
@@ -124,14 +124,16 @@ class Arena:
         entries moved or went, so slot positions found earlier are stale).
 
         Work: at most one seal + one segment reclaim for bytes, plus at most
-        two segment reclaims for the item cap.
+        two seals and two segment reclaims for the item cap (the first with a
+        second chance, also when the head had to be sealed first).
 
         Raises:
             CacheFull: the policy may not evict and the room needs eviction
                 (nothing was changed).
         """
         moved = False
-        for attempt in range(4):
+        reclaimed = False  # only this call's first item-cap reclaim gives a second chance
+        for _attempt in range(6):
             try:
                 head, tail, fill = self._ring(s)
             except ValueError as e:  # a damaged ring word: repair (emptying if need be), then refuse this write
@@ -147,7 +149,8 @@ class Arena:
                 elif head == tail:
                     self._advance(s, need, now)
                 else:
-                    self._reclaim(s, tail, need, now, second_chance=attempt == 0)
+                    self._reclaim(s, tail, need, now, second_chance=not reclaimed)
+                    reclaimed = True
                 continue
             if fill + need <= self.seg_size:
                 return head * self.seg_size + fill, moved
@@ -193,20 +196,21 @@ class Arena:
         end, mirror = L.SEG.unpack_from(self.mm, self._seg_base(s, seg))
         return min(max(end, mirror, _SEG_HDR), self.seg_size)
 
-    def _walk(self, s: int, seg: int):
+    def _walk(self, s: int, seg: int, torn: list):
         """Yield (offset in segment, alloc, klen, vlen) of each entry of a sealed
-        segment; stops at the first implausible header (then ``self._torn`` is
-        True and the caller sweeps the index instead)."""
+        segment; stops at the first implausible header (then ``torn[0]`` is
+        True and the caller sweeps the index instead). ``torn`` is the caller's
+        own flag: threads sharing a Table reclaim different stripes at once."""
         base = self._seg_base(s, seg)
         end = self._seg_end(s, seg)
         mm = self.mm
         e = _SEG_HDR
-        self._torn = False
+        torn[0] = False
         while e + _HDR <= end:
             _chk, vlen, klen, _flags, _p = _ENTRY_unpack(mm, base + e)
             alloc = (_HDR + klen + vlen + L.ALIGN - 1) & ~(L.ALIGN - 1)
             if klen > self.max_key or vlen > self.max_value or e + alloc > end:
-                self._torn = True
+                torn[0] = True
                 return
             yield e, alloc, klen, vlen
             e += alloc
@@ -222,13 +226,14 @@ class Arena:
         """Bytes of the live, unexpired entries of a sealed segment (what
         reclaiming it under noeviction would copy forward)."""
         total = 0
-        for e, alloc, klen, _vlen in self._walk(s, seg):
+        torn = [False]
+        for e, alloc, klen, _vlen in self._walk(s, seg, torn):
             i = self._entry_slot(s, seg, e, klen)
             if i >= 0:
                 exp = L.F64.unpack_from(self.mm, self._slot_pos(s, i) + L.SL_EXPIRE)[0]
                 if not (exp and exp <= now):
                     total += alloc
-        if self._torn:  # cannot tell what a damaged segment holds: count it all
+        if torn[0]:  # cannot tell what a damaged segment holds: count it all
             return self.seg_size
         return total
 
@@ -241,7 +246,8 @@ class Arena:
         policy = self.policy
         evicted = expired = 0
         roomy = second_chance and self._roomy(s)
-        for e, alloc, klen, _vlen in self._walk(s, seg):
+        torn = [False]
+        for e, alloc, klen, _vlen in self._walk(s, seg, torn):
             i = self._entry_slot(s, seg, e, klen)
             if i < 0:
                 continue
@@ -262,7 +268,7 @@ class Arena:
             else:
                 self._drop(s, i, alloc)
                 evicted += 1
-        if self._torn:
+        if torn[0]:
             evicted += self._drop_into(s, seg)
         head, tail, fill = self._ring(s)
         if tail == seg:

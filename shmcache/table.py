@@ -109,7 +109,6 @@ class Table(Arena, Expiry, Repair):
         self.max_key = g.max_key_size
         self.max_value = g.max_value_size
         self.policy = for_header(g.policy)
-        self._torn = False
         self.slots = np.frombuffer(
             seg.mm, dtype=L.SLOT_DTYPE, count=g.n_stripes * g.slots_per_stripe, offset=g.index_off
         ).reshape(g.n_stripes, g.slots_per_stripe)

@@ -259,3 +259,44 @@ def test_regression_ring_head_on_a_sealed_segment_is_refused(make_cache, monkeyp
     assert c.check() == []
     c["new"] = b"N" * 1000
     assert c["new"] == b"N" * 1000
+
+
+@pytest.mark.parametrize("py", [False, True], ids=["c", "python"])
+def test_regression_item_cap_with_one_segment_in_use_keeps_read_keys(make_cache, monkeypatch, py):
+    """At the item cap with the head the only segment in use, the insert
+    sealed the head (its first attempt) and then reclaimed it without a second
+    chance: every key of the stripe went, the ones just read included (found
+    in review). Now the first item-cap reclaim of a write always gives one."""
+    monkeypatch.setattr(cache_mod, "USE_SPEEDUPS", cache_mod.USE_SPEEDUPS and not py)
+    c = make_cache(size="1MiB", stripes=1, max_items=100)
+    cap = c.stats()["max_items"]
+    for i in range(cap):
+        c[f"k{i}"] = b"v"
+    assert c._table._ring(0)[0] == c._table._ring(0)[1]  # all in the head segment
+    hot = [f"k{i}" for i in range(0, cap, 2)]
+    for k in hot:
+        assert c[k] == b"v"
+    c["new"] = b"n"
+    assert all(c.get(k) == b"v" for k in hot)
+    assert c["new"] == b"n" and c.stats()["evictions"] <= cap - len(hot)
+    assert c.check() == []
+
+
+@pytest.mark.parametrize("py", [False, True], ids=["c", "python"])
+def test_regression_unaligned_ring_fill_is_damage(make_cache, monkeypatch, py):
+    """A ring word whose fill was raised by 2 (not a multiple of ALIGN) was
+    accepted: the next set stored its entry 2 bytes past where its slot points,
+    so it vanished (found in review). Now it is damage: repaired, write refused."""
+    from shmcache import LayoutMismatch
+
+    monkeypatch.setattr(cache_mod, "USE_SPEEDUPS", cache_mod.USE_SPEEDUPS and not py)
+    c = make_cache(size="1MiB", stripes=1)
+    c["a"] = b"A" * 100
+    st = c._table.stripes
+    head, tail, fill = L.unpack_ring(int(st[0, L.S_RING // 8]))
+    st[0, L.S_RING // 8] = L.pack_ring(head, tail, fill + 2)
+    with pytest.raises(LayoutMismatch):
+        c["b"] = b"B" * 100
+    c["b"] = b"B" * 100
+    assert c["b"] == b"B" * 100 and c.get("a") in (None, b"A" * 100)
+    assert c.check() == []
