@@ -34,6 +34,7 @@
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
+#include <structmember.h>
 #include <errno.h>
 #include <fcntl.h>
 #include <math.h>
@@ -1398,20 +1399,6 @@ static int Core_set_default_ttl(Core *c, PyObject *v, void *unused) {
     return 0;
 }
 
-static PyObject *Core_get_max_hold(Core *c, void *unused) { return PyLong_FromUnsignedLongLong(c->max_hold_ns); }
-static int Core_set_max_hold(Core *c, PyObject *v, void *unused) {
-    unsigned long long x = PyLong_AsUnsignedLongLong(v);
-    if (x == (unsigned long long)-1 && PyErr_Occurred()) return -1;
-    c->max_hold_ns = x;
-    return 0;
-}
-static PyObject *Core_get_max_hold_cpu(Core *c, void *unused) { return PyLong_FromUnsignedLongLong(c->max_hold_cpu_ns); }
-static int Core_set_max_hold_cpu(Core *c, PyObject *v, void *unused) {
-    unsigned long long x = PyLong_AsUnsignedLongLong(v);
-    if (x == (unsigned long long)-1 && PyErr_Occurred()) return -1;
-    c->max_hold_cpu_ns = x;
-    return 0;
-}
 static PyObject *Core_get_timing(Core *c, void *unused) { return PyBool_FromLong(c->timing); }
 static int Core_set_timing(Core *c, PyObject *v, void *unused) {
     int t = PyObject_IsTrue(v);
@@ -1420,17 +1407,21 @@ static int Core_set_timing(Core *c, PyObject *v, void *unused) {
     return 0;
 }
 
+/* Plain counters, settable (a benchmark resets them): members, not getters. */
+static PyMemberDef Core_members[] = {
+    {"max_hold_ns", T_ULONGLONG, offsetof(Core, max_hold_ns), 0,
+     "longest stripe-lock hold of a C write path (reclaim included) while timing was on, ns of wall time "
+     "(a preempted holder included); settable"},
+    {"max_hold_cpu_ns", T_ULONGLONG, offsetof(Core, max_hold_cpu_ns), 0,
+     "longest segment reclaim (the bulk of the longest holds) in the holder's own CPU time, ns: the work "
+     "done under the lock, preemption excluded; settable"},
+    {NULL}};
+
 static PyGetSetDef Core_getset[] = {
     {"default_ttl", (getter)Core_get_default_ttl, (setter)Core_set_default_ttl,
      "seconds used when set() gets no ttl; 0 = never expire", NULL},
     {"timing", (getter)Core_get_timing, (setter)Core_set_timing,
      "measure the stripe-lock holds of the C write paths (off by default: two clock reads per write)", NULL},
-    {"max_hold_ns", (getter)Core_get_max_hold, (setter)Core_set_max_hold,
-     "longest stripe-lock hold of a C write path (reclaim included) while timing was on, ns of wall time "
-     "(a preempted holder included); settable", NULL},
-    {"max_hold_cpu_ns", (getter)Core_get_max_hold_cpu, (setter)Core_set_max_hold_cpu,
-     "longest segment reclaim (the bulk of the longest holds) in the holder's own CPU time, ns: the work "
-     "done under the lock, preemption excluded; settable", NULL},
     {NULL}};
 
 static PyMethodDef Core_methods[] = {
@@ -1470,6 +1461,7 @@ static PyTypeObject CoreType = {
     .tp_dealloc = (destructor)Core_dealloc,
     .tp_methods = Core_methods,
     .tp_getset = Core_getset,
+    .tp_members = Core_members,
     .tp_doc = "The C fast paths over one attached segment (see shmcache/_speedups.c).",
 };
 

@@ -300,3 +300,21 @@ def test_regression_unaligned_ring_fill_is_damage(make_cache, monkeypatch, py):
     c["b"] = b"B" * 100
     assert c["b"] == b"B" * 100 and c.get("a") in (None, b"A" * 100)
     assert c.check() == []
+
+
+@needs_c
+def test_lock_hold_instrumentation_records_reclaims_and_resets(make_cache):
+    """bench_full judges the longest stripe hold on Core.max_hold_ns (wall) and
+    max_hold_cpu_ns (the reclaim's CPU time): both record once the ring
+    reclaims, stay 0 with timing off, and a benchmark can reset them."""
+    c = make_cache(size="1MiB", stripes=1)
+    core = c._core
+    for i in range(2000):
+        c[f"a{i}"] = b"x" * 300
+    assert c.stats()["evictions"] > 0 and (core.max_hold_ns, core.max_hold_cpu_ns) == (0, 0)
+    core.timing = True
+    for i in range(2000):
+        c[f"b{i}"] = b"x" * 300
+    assert core.max_hold_ns > 0 and core.max_hold_cpu_ns > 0
+    core.max_hold_ns = core.max_hold_cpu_ns = 0
+    assert (core.max_hold_ns, core.max_hold_cpu_ns) == (0, 0)
