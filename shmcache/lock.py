@@ -67,7 +67,7 @@ MARKER_GRACE = 1.0
 #: this bounds only the stall after a holder's death (at most POLL_MAX plus
 #: the repair) and costs a live holder's waiters one syscall per POLL_MAX.
 POLL_FIRST = 0.0005
-POLL_MAX = 0.004
+POLL_MAX = 0.001
 
 
 def process_start(pid: int) -> float | None:
@@ -465,12 +465,15 @@ class StripeLocks:
         if c and client_alive(self.seg, c - 1, gen):
             return None
         dead_markers = []
-        for m in range(g.max_clients):
-            base = g.client_table_off + m * g.client_record_size
-            if mm[base + L.C_MARKERS + s]:
-                mpid, mgen, _ = L.CLIENT_HEAD.unpack_from(mm, base)
-                if mpid and not client_alive(self.seg, m, mgen):
-                    dead_markers.append((m, mgen))
+        # Stripe s's marker byte of every client record, read as one strided
+        # slice: a Python loop over 512 records took ~0.3 ms of each recovery.
+        rs = g.client_record_size
+        first = g.client_table_off + L.C_MARKERS + s
+        for m in _nonzero(mm[first : first + g.max_clients * rs : rs]):
+            base = g.client_table_off + m * rs
+            mpid, mgen, _ = L.CLIENT_HEAD.unpack_from(mm, base)
+            if mpid and not client_alive(self.seg, m, mgen):
+                dead_markers.append((m, mgen))
         if c:
             return True, dead_markers
         if not dead_markers:
@@ -588,6 +591,20 @@ class StripeLocks:
         none. The pid is as the holder sees itself (its own PID namespace)."""
         c, _gen, pid, _ = L.OWNER.unpack_from(self.mm, self._stripe_off(s) + L.S_OWNER)
         return (pid, c - 1) if c else (0, -1)
+
+
+_NONZERO = bytes([0] + [1] * 255)
+
+
+def _nonzero(col: bytes) -> list[int]:
+    """Indices of the non-zero bytes of ``col`` (usually one or two)."""
+    flags = col.translate(_NONZERO)
+    out = []
+    i = flags.find(1)
+    while i >= 0:
+        out.append(i)
+        i = flags.find(1, i + 1)
+    return out
 
 
 # -- client table -------------------------------------------------------------
