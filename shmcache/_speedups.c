@@ -46,7 +46,7 @@
 #define XXH_INLINE_ALL
 #include "_vendor/xxhash.h"
 
-#define LAYOUT_VERSION 3
+#define LAYOUT_VERSION 4
 #define SLOT_SIZE 16
 #define SL_TAG 0
 #define SL_LOC 4
@@ -56,7 +56,8 @@
 #define E_VLEN 4
 #define E_KLEN 8
 #define E_FLAGS 10
-#define SEG_HEADER 8
+#define SEG_HEADER 12
+#define RECLAIM_STEP 16 /* layout.RECLAIM_STEP: entries per incremental reclaim step */
 #define ALIGN 4
 #define STRIPE_SIZE 64
 #define S_VERSION 0
@@ -360,7 +361,7 @@ typedef struct {
 
 /* 0 ok, -1 out of range (a damaged stripe: the Python path repairs it). */
 static inline uint32_t *seg_hdr(Core *c, uint64_t s, uint32_t seg) {
-    return (uint32_t *)(arena_of(c, s) + (uint64_t)seg * c->seg_size); /* [end, mirrored fill] */
+    return (uint32_t *)(arena_of(c, s) + (uint64_t)seg * c->seg_size); /* [end, mirrored fill, reclaim cursor] */
 }
 
 /* Arena._ring: the head's fill is the larger of the ring word's and the head
@@ -463,24 +464,37 @@ static uint64_t drop_into(Core *c, uint64_t s, uint64_t seg) {
  * on. Work: one walk of at most seg_size bytes, one probe per entry. */
 #define RECLAIM_AHEAD 8
 
-static void reclaim_walk(Core *c, uint64_t s, uint32_t seg, uint64_t keep_room, double now, int second_chance);
+static void reclaim_walk(Core *c, uint64_t s, uint32_t seg, uint64_t keep_room, double now, int second_chance,
+                         uint64_t budget);
 
-/* One reclaim; with timing on, its CPU time (a syscall pair, so only here,
- * once per segment, not around every write) goes into max_hold_cpu_ns. */
-static void reclaim(Core *c, uint64_t s, uint32_t seg, uint64_t keep_room, double now, int second_chance) {
+/* One reclaim (budget 0: to the segment's end) or one step of it (budget:
+ * entries); with timing on, its CPU time (a syscall pair, so only here, not
+ * around every write) goes into max_hold_cpu_ns. */
+static void reclaim(Core *c, uint64_t s, uint32_t seg, uint64_t keep_room, double now, int second_chance,
+                    uint64_t budget) {
     if (!c->timing) {
-        reclaim_walk(c, s, seg, keep_room, now, second_chance);
+        reclaim_walk(c, s, seg, keep_room, now, second_chance, budget);
         return;
     }
     struct timespec u0, u1;
     clock_gettime(CLOCK_THREAD_CPUTIME_ID, &u0);
-    reclaim_walk(c, s, seg, keep_room, now, second_chance);
+    reclaim_walk(c, s, seg, keep_room, now, second_chance, budget);
     clock_gettime(CLOCK_THREAD_CPUTIME_ID, &u1);
     uint64_t cpu = (uint64_t)(u1.tv_sec - u0.tv_sec) * 1000000000ull + (uint64_t)(u1.tv_nsec - u0.tv_nsec);
     if (cpu > c->max_hold_cpu_ns) c->max_hold_cpu_ns = cpu;
 }
 
-static void reclaim_walk(Core *c, uint64_t s, uint32_t seg, uint64_t keep_room, double now, int second_chance) {
+/* Arena._pending: no free segment, or within RECLAIM_STEP items of the cap
+ * (and a policy that evicts, and a tail that is not the head). */
+static int pending(Core *c, uint64_t s, const ring_t *r) {
+    if (r->head == r->tail || !c->evicts) return 0;
+    if ((r->head + 1) % (uint32_t)c->n_segs == r->tail) return 1;
+    uint64_t cap = c->cap_items, slack = cap / c->n_segs < RECLAIM_STEP ? cap / c->n_segs : RECLAIM_STEP;
+    return *u64at(stripe_rec(c, s) + S_ITEMS) >= cap - slack;
+}
+
+static void reclaim_walk(Core *c, uint64_t s, uint32_t seg, uint64_t keep_room, double now, int second_chance,
+                         uint64_t budget) {
     char *arena = arena_of(c, s);
     char *base = arena + (uint64_t)seg * c->seg_size;
     char *slots = slots_of(c, s);
@@ -491,8 +505,12 @@ static void reclaim_walk(Core *c, uint64_t s, uint32_t seg, uint64_t keep_room, 
     if (mirror > end) end = mirror;
     if (end < SEG_HEADER) end = SEG_HEADER;
     if (end > c->seg_size) end = (uint32_t)c->seg_size;
-    uint64_t e = SEG_HEADER, evicted = 0, expired = 0;
-    int torn = 0;
+    /* Arena._cursor: resume at the stored cursor if plausible */
+    uint32_t done;
+    memcpy(&done, base + 8, 4);
+    uint64_t start = (done >= SEG_HEADER && done <= end && !(done % ALIGN)) ? done : SEG_HEADER;
+    uint64_t e = start, evicted = 0, expired = 0, nxt = 0;
+    int torn = 0, cut = 0;
     /* roomy (arena.py Arena._roomy): a quarter of the in-use ring is dead and the
      * stripe is below its item cap: keep every live entry (a compaction). */
     char *rec = stripe_rec(c, s);
@@ -505,7 +523,7 @@ static void reclaim_walk(Core *c, uint64_t s, uint32_t seg, uint64_t keep_room, 
      * reclaim overlap instead of queueing (the walk is the stripe's longest
      * lock hold). The segment being reclaimed does not change meanwhile:
      * copies go to the head, drops touch only the index. */
-    uint64_t qe[RECLAIM_AHEAD], qh[RECLAIM_AHEAD], pe = SEG_HEADER;
+    uint64_t qe[RECLAIM_AHEAD], qh[RECLAIM_AHEAD], pe = start, scouted = 0;
     unsigned qn = 0, qi = 0;
     int scouting = 1;
     for (;;) {
@@ -522,6 +540,12 @@ static void reclaim_walk(Core *c, uint64_t s, uint32_t seg, uint64_t keep_room, 
                 scouting = 0;
                 break;
             }
+            if (budget && scouted == budget) { /* the step ends here: the next one resumes at pe */
+                cut = 1;
+                nxt = pe;
+                scouting = 0;
+                break;
+            }
             uint64_t ph_hash = XXH3_64bits(base + pe + ENTRY_HDR, ph.klen);
             uint64_t home = (((uint32_t)(ph_hash >> 32)) | 1u) % c->sps;
             __builtin_prefetch(slots + home * SLOT_SIZE);
@@ -530,6 +554,7 @@ static void reclaim_walk(Core *c, uint64_t s, uint32_t seg, uint64_t keep_room, 
             qe[at] = pe;
             qh[at] = ph_hash;
             qn++;
+            scouted++;
             pe += pa;
         }
         if (qn == 0) break;
@@ -564,26 +589,39 @@ static void reclaim_walk(Core *c, uint64_t s, uint32_t seg, uint64_t keep_room, 
         }
     }
     if (torn) evicted += drop_into(c, s, seg);
-    ring_t r;
-    if (ring_get(c, s, &r) == 0 && r.tail == seg) ring_set(c, s, r.head, (seg + 1) % (uint32_t)c->n_segs, r.fill);
     if (evicted) {
         *counter(c, CTR_EVICTIONS) += evicted;
         *u64at(stripe_rec(c, s) + S_EVICTIONS) += evicted;
     }
     if (expired) *counter(c, CTR_EXPIRATIONS) += expired;
+    if (cut) {
+        uint32_t cur = (uint32_t)nxt;
+        memcpy(base + 8, &cur, 4);
+        return;
+    }
+    ring_t r;
+    if (ring_get(c, s, &r) == 0 && r.tail == seg) {
+        /* the next tail's reclaim has not started: zero its cursor, then move on */
+        uint32_t nt = (seg + 1) % (uint32_t)c->n_segs;
+        seg_hdr(c, s, nt)[2] = 0;
+        BARRIER();
+        ring_set(c, s, r.head, nt, r.fill);
+    }
 }
 
 /* Seal the head, move to the next (free) segment; if that was the last free
- * one, reclaim the tail into it. -1: the policy may not evict (Python path). */
+ * one, the tail's reclaim is pending (arena_alloc runs it in steps). -1: the
+ * policy may not evict (Python path). */
 static int advance(Core *c, uint64_t s, uint64_t need, double now) {
     ring_t r;
     if (ring_get(c, s, &r) < 0) return -1;
     uint32_t n = (uint32_t)c->n_segs, nxt = (r.head + 1) % n;
     if (nxt == r.tail) {
-        /* No free segment: a reclaim was interrupted (its writer died; repair
-         * finishes it, see Arena._advance). Never make the tail the head. */
+        /* No free segment: the tail's pending reclaim did not finish before the
+         * head filled (or its writer died). Never make the tail the head:
+         * finish that reclaim first (see Arena._advance). */
         if (!c->evicts) return -1;
-        reclaim(c, s, r.tail, 0, now, 1);
+        reclaim(c, s, r.tail, 0, now, 1, 0);
         if (ring_get(c, s, &r) < 0 || (r.head + 1) % n == r.tail) return -1;
     }
     int last = (nxt + 1) % n == r.tail;
@@ -592,10 +630,10 @@ static int advance(Core *c, uint64_t s, uint64_t need, double now) {
     uint32_t *nh = seg_hdr(c, s, nxt);
     nh[0] = 0;
     nh[1] = SEG_HEADER;
+    nh[2] = 0;
     ring_set(c, s, nxt, r.tail, SEG_HEADER);
     seg_hdr(c, s, r.head)[0] = r.fill;
     BARRIER();
-    if (last) reclaim(c, s, r.tail, need, now, 1);
     return 0;
 }
 
@@ -605,7 +643,8 @@ static int advance(Core *c, uint64_t s, uint64_t need, double now) {
 static int64_t arena_alloc(Core *c, uint64_t s, uint64_t need, int new_item, double now, int *moved) {
     char *rec = stripe_rec(c, s);
     int reclaimed = 0; /* only the first item-cap reclaim of this call gives a second chance */
-    for (int attempt = 0; attempt < 6; attempt++) {
+    int stepped = 0;   /* at most one incremental reclaim step per insert */
+    for (int attempt = 0; attempt < 7; attempt++) {
         ring_t r;
         if (ring_get(c, s, &r) < 0) return -1;
         if (new_item && *u64at(rec + S_ITEMS) >= c->cap_items) {
@@ -614,12 +653,19 @@ static int64_t arena_alloc(Core *c, uint64_t s, uint64_t need, int new_item, dou
             if (r.head == r.tail) {
                 if (advance(c, s, need, now) < 0) return -1;
             } else {
-                reclaim(c, s, r.tail, need, now, !reclaimed);
+                reclaim(c, s, r.tail, need, now, !reclaimed, 0);
                 reclaimed = 1;
             }
             continue;
         }
-        if (r.fill + need <= c->seg_size) return (int64_t)((uint64_t)r.head * c->seg_size + r.fill);
+        if (r.fill + need <= c->seg_size) {
+            if (stepped || !pending(c, s, &r)) return (int64_t)((uint64_t)r.head * c->seg_size + r.fill);
+            /* one step of the tail's pending reclaim, leaving the head room for this entry */
+            reclaim(c, s, r.tail, need, now, 1, RECLAIM_STEP);
+            stepped = 1;
+            *moved = 1;
+            continue;
+        }
         if (advance(c, s, need, now) < 0) return -1;
         *moved = 1;
     }
@@ -1498,7 +1544,7 @@ PyMODINIT_FUNC PyInit__speedups(void) {
     EXPORT(S_VERSION) EXPORT(S_OWNER) EXPORT(S_ITEMS) EXPORT(S_LIVE) EXPORT(S_RING) EXPORT(S_EVICTIONS)
     EXPORT(CTR_HITS) EXPORT(CTR_MISSES) EXPORT(CTR_SETS) EXPORT(CTR_DELETES) EXPORT(CTR_EVICTIONS)
     EXPORT(CTR_EXPIRATIONS) EXPORT(FLAG_BYTES) EXPORT(FLAG_STR) EXPORT(FLAG_INT) EXPORT(FLAG_FLOAT)
-    EXPORT(READ_RETRIES)
+    EXPORT(READ_RETRIES) EXPORT(RECLAIM_STEP)
 #undef EXPORT
     return m;
 }

@@ -44,7 +44,7 @@ MAGIC = b"SHMCACHE"
 #: Bumped whenever any offset or field below changes meaning. Attaching to a
 #: segment of another version raises LayoutMismatch; snapshots carry entries,
 #: not layouts, so they restore across versions.
-LAYOUT_VERSION = 3  # 2: owners are client slots + generation, clients locked (OFD) for liveness
+LAYOUT_VERSION = 4  # 4: segment headers hold a reclaim cursor (incremental reclaim); 3: segment ring; 2: owners are client slots + generation, clients locked (OFD) for liveness
 #                     3: segment-ring arena, 16-byte slots, access bits, 12-byte entry header
 
 PAGE = 4096
@@ -251,8 +251,17 @@ SEG = struct.Struct(
     #               head's fill is the larger of the two and a sealed segment's end
     #               the larger of end and fill, so one damaged (lowered) word can
     #               never make a write land on a published entry. Under lock.
+    "I"  # done    reclaim cursor of the tail segment: the offset of the first entry a
+    #               reclaim has not handled yet (0 = none handled, read as SEG_HEADER).
+    #               A reclaim runs in steps of RECLAIM_STEP entries, one per insert
+    #               (see arena.py), and stores it after each step; every entry below
+    #               it is dead. Zeroed when the segment opens as the head. Under lock.
 )
-SEG_HEADER = SEG.size  # 8
+SEG_HEADER = SEG.size  # 12
+#: Entries one incremental reclaim step walks (arena.py: a pending reclaim of the
+#: tail advances by this much per insert, so no write holds a stripe for a whole
+#: segment's reclaim unless the pacing falls behind).
+RECLAIM_STEP = 16
 # Entry: [entry header | key | value], padded to ALIGN bytes.
 ENTRY = struct.Struct(
     "<I"  # checksum  xxh32 of bytes [4:entry_len): rest of header, key, value

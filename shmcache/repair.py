@@ -114,6 +114,11 @@ class Repair:
     def _repair(self, s: int) -> int:
         mm = self.mm
         head, tail, fill = self._ring(s)  # ValueError on a garbage ring: emptied
+        if head != tail:
+            # The tail's reclaim walks again from its first entry: entries it
+            # already handled are dead and skipped, so a damaged cursor can
+            # never leave a live slot behind in a segment that is then freed.
+            L.U32.pack_into(mm, self._seg_base(s, tail) + 8, 0)
         segs = self._segment_ends(s, fill_from_entries=True)
         base = self.index_off + s * self.sps * _SS
         ab = self.arena_off + s * self.stripe_arena
@@ -151,10 +156,10 @@ class Repair:
         L.ACCOUNT.pack_into(mm, self.stripe_off + (s << 6) + L.S_ITEMS, items, live)
         self._set_ring(s, head, tail, max(fill, head_end))
         if (head + 1) % self.n_segs == tail:
-            # The holder died mid-reclaim, after taking the last free segment
-            # (Arena._advance): finish that reclaim, so a segment is free again.
-            # Entries it already handled are dead and skipped; the head was
-            # fresh when it began, so what it would copy still fits.
+            # No free segment: the tail's reclaim is pending (Arena._advance left
+            # it to the next inserts' steps, or its holder died mid-way): finish
+            # it, so a segment is free again. Entries already handled are dead
+            # and skipped; copies go to the head while they fit.
             self._reclaim(s, tail, 0, self.clock(), second_chance=True)
         return len(victims)
 
@@ -219,12 +224,17 @@ class Repair:
             except ValueError as e:
                 return [str(e)]
             segs = self._segment_ends(s, fill_from_entries=False)
+            # Entries below the tail's reclaim cursor were handled: none is live.
+            below = tail * self.seg_size + self._cursor(s, tail) if head != tail else -1
             sl = self.slots[s]
             sps = self.sps
             tags = sl["tag"]
             live = np.nonzero(tags != 0)[0]
             for i in live.tolist():
                 why = self._slot_problem(s, int(tags[i]), int(sl["loc"][i]), segs)
+                o = int(sl["loc"][i]) * L.ALIGN
+                if not why and tail * self.seg_size <= o < below:
+                    why = f"entry at {o} lies below the tail's reclaim cursor (a damaged cursor skipped it)"
                 if why:
                     problems.append(f"stripe {s} slot {i}: {why}")
                 # reachable from its home without crossing an empty slot

@@ -663,7 +663,7 @@ class Table(Arena, Expiry, Repair):
         st[s, L.S_ITEMS // 8] = 0
         st[s, L.S_LIVE // 8] = 0
         st[s, L.S_RING // 8] = 0
-        L.SEG.pack_into(self.mm, self._seg_base(s, 0), 0, 0)  # segment 0 is the (open) head again
+        L.SEG.pack_into(self.mm, self._seg_base(s, 0), 0, 0, 0)  # segment 0 is the (open) head again
 
     def clear(self) -> int:
         """Empty every stripe and bump the generation, holding every stripe

@@ -825,9 +825,10 @@ def _states_while(cache, s, fn):
 
 @pytest.mark.parametrize("second_chance", [False, True], ids=["evicting", "copying-forward"])
 def test_kill_mid_reclaim_loses_nothing_but_the_write(make_cache, monkeypatch, second_chance):
-    """A write that seals the head and reclaims the tail segment, killed at
-    every store it makes (eviction of the tail's cold entries, or copy-forward
-    of its read ones to the head): after repair the stripe checks clean, every
+    """A write that seals the head and the writes whose steps reclaim the tail
+    segment, killed at every store they make (eviction of the tail's cold
+    entries, or copy-forward of its read ones to the head, the reclaim cursor):
+    after repair the stripe checks clean, every
     key holds its own value or is gone, no key that was read (second chance)
     is lost, and keys outside the reclaimed segment are all still there."""
     import shmcache.cache
@@ -855,7 +856,18 @@ def test_kill_mid_reclaim_loses_nothing_but_the_write(make_cache, monkeypatch, s
     for k in hot:
         assert cache[k] == vals[k]  # sets the access bit: copied forward, not evicted
     new = b"N" * 1000
-    states, restore = _states_while(cache, 0, lambda: cache.set("new", new))
+
+    def write_until_reclaimed():
+        # The write takes the last free segment; the tail's reclaim is then
+        # pending and each following insert advances it by one step.
+        cache.set("new", new)
+        j = 0
+        while (t._ring(0)[0] + 1) % t.n_segs == t._ring(0)[1]:
+            cache.set(f"step{j}", b"s")
+            j += 1
+        assert j >= 1  # in steps: more than one write did the reclaim
+
+    states, restore = _states_while(cache, 0, write_until_reclaimed)
     assert len(states) > 3 * len(in_tail)  # the whole reclaim was traced
     assert cache.stats()["evictions"] >= len(in_tail) - len(hot)
     for n, state in enumerate(states):
