@@ -1,11 +1,13 @@
 """Stall of a writer after the holder of its stripe lock is SIGKILLed.
 
-    .venv/bin/python benchmarks/bench_recovery.py [--rounds 200] [--lock-timeout 0.5] [--pidns]
+    .venv/bin/python benchmarks/bench_recovery.py [--rounds 200] [--size 64MiB] [--lock-timeout 0.5] [--pidns]
 
 Each round: a holder process takes stripe 0's lock and keeps it; a waiter
 process starts a ``set`` on that stripe and blocks; the holder is SIGKILLed;
 the stall is the time from the kill to the waiter's ``set`` returning
-(CLOCK_MONOTONIC in both processes). With ``--pidns`` the holder runs in its
+(CLOCK_MONOTONIC in both processes). The cache (``--size``, default 64 MiB)
+is filled with 300-byte values until it evicts first, so the recovery repairs
+a full stripe, as in production. With ``--pidns`` the holder runs in its
 own PID namespace (``unshare --pid --fork``, root only), as a sidecar would.
 
 Before liveness came from the kernel (client slot OFD locks), the waiter
@@ -29,7 +31,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 import psutil  # noqa: E402
 import xxhash  # noqa: E402
 
-from shmcache import Cache  # noqa: E402
+from shmcache import Cache, admin  # noqa: E402
 from shmcache.codec import encode_key  # noqa: E402
 
 CTX = mp.get_context("fork")
@@ -65,11 +67,17 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--rounds", type=int, default=200)
     ap.add_argument("--lock-timeout", type=float, default=0.5)
+    ap.add_argument("--size", default="64MiB", help="cache size, filled until it evicts (default 64MiB)")
     ap.add_argument("--pidns", action="store_true", help="holder in its own PID namespace (root)")
     args = ap.parse_args()
     name = f"bench-recovery-{uuid.uuid4().hex[:8]}"
-    cache = Cache(name, size="2MiB", stripes=4)
-    key = next(f"k{i}" for i in range(10**6) if xxhash.xxh3_64_intdigest(encode_key(f"k{i}")) & 3 == 0)
+    cache = Cache(name, size=args.size)
+    mask = admin.geometry(cache).n_stripes - 1
+    key = next(f"k{i}" for i in range(10**6) if xxhash.xxh3_64_intdigest(encode_key(f"k{i}")) & mask == 0)
+    n = 0
+    while cache.stats()["evictions"] == 0:  # full: the repair walks a full stripe
+        cache.set_many({f"fill{j}": b"v" * 300 for j in range(n, n + 10000)})
+        n += 10000
     stalls = []
     try:
         for _ in range(args.rounds):
@@ -104,7 +112,7 @@ def main() -> int:
     stalls.sort()
     where = "another PID namespace" if args.pidns else "the same PID namespace"
     print(f"stall after SIGKILL of the lock holder ({where}), {args.rounds} rounds, "
-          f"lock_timeout={args.lock_timeout} s:")
+          f"lock_timeout={args.lock_timeout} s, a full {args.size} cache ({n:,} values written):")
     print(f"  p50 {_pct(stalls, 0.5) * 1e3:.2f} ms   p90 {_pct(stalls, 0.9) * 1e3:.2f} ms   "
           f"p99 {_pct(stalls, 0.99) * 1e3:.2f} ms   max {stalls[-1] * 1e3:.2f} ms")
     return 0

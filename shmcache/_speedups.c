@@ -1519,8 +1519,50 @@ static PyObject *mod_xxh3(PyObject *m, PyObject *arg) {
     return PyLong_FromUnsignedLongLong(h);
 }
 
+/* entry_sums(buffer, offsets, checksums): for each u64 offset of an entry in
+ * `buffer` (repair.py's vectorized scan), 16 bytes: the xxh3-64 of its key and
+ * (if `checksums`, else 0) the xxh32 its checksum field should hold, then a u32
+ * that is 1 if the entry's header or bytes fall outside the buffer (then the
+ * sums are 0). Bounds are checked here too: the offsets and headers come from
+ * an untrusted segment. */
+static PyObject *mod_entry_sums(PyObject *m, PyObject *args) {
+    Py_buffer b, o;
+    int checksums = 1;
+    if (!PyArg_ParseTuple(args, "y*y*|p", &b, &o, &checksums)) return NULL;
+    Py_ssize_t n = o.len / 8;
+    PyObject *out = PyBytes_FromStringAndSize(NULL, n * 16);
+    if (out != NULL) {
+        char *w = PyBytes_AS_STRING(out);
+        const char *buf = (const char *)b.buf;
+        uint64_t len = (uint64_t)b.len;
+        for (Py_ssize_t i = 0; i < n; i++) {
+            uint64_t off, h = 0;
+            uint32_t chk = 0, bad = 1;
+            memcpy(&off, (const char *)o.buf + i * 8, 8);
+            if (off <= len && len - off >= ENTRY_HDR) {
+                ehdr_t eh;
+                memcpy(&eh, buf + off, ENTRY_HDR);
+                uint64_t total = (uint64_t)ENTRY_HDR + eh.klen + eh.vlen;
+                if (len - off >= total) {
+                    h = XXH3_64bits(buf + off + ENTRY_HDR, eh.klen);
+                    if (checksums) chk = XXH32(buf + off + 4, (size_t)(total - 4), 0);
+                    bad = 0;
+                }
+            }
+            memcpy(w + i * 16, &h, 8);
+            memcpy(w + i * 16 + 8, &chk, 4);
+            memcpy(w + i * 16 + 12, &bad, 4);
+        }
+    }
+    PyBuffer_Release(&b);
+    PyBuffer_Release(&o);
+    return out;
+}
+
 static PyMethodDef mod_methods[] = {
     {"xxh3_64", (PyCFunction)mod_xxh3, METH_O, "xxh3_64(buffer) -> int (same as xxhash.xxh3_64_intdigest)."},
+    {"entry_sums", (PyCFunction)mod_entry_sums, METH_VARARGS,
+     "entry_sums(buffer, offsets, checksums=True) -> bytes: per u64 offset, key xxh3-64, entry xxh32, out-of-bounds flag."},
     {NULL}};
 
 static struct PyModuleDef moddef = {PyModuleDef_HEAD_INIT, "shmcache._speedups", NULL, -1, mod_methods};

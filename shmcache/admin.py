@@ -551,7 +551,7 @@ def repair(cache: "Cache", stripe: int) -> int:
     locks = cache._locks
     locks.lock(stripe)
     try:
-        return cache._table.repair(stripe)
+        return cache._table.repair(stripe, full=True)
     finally:
         locks.unlock(stripe)
 

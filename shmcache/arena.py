@@ -165,7 +165,7 @@ class Arena:
             try:
                 head, tail, fill = self._ring(s)
             except ValueError as e:  # a damaged ring word: repair (emptying if need be), then refuse this write
-                dropped = self._repair_or_empty(s)
+                dropped = self._repair_or_empty(s, full=True)
                 raise LayoutMismatch(f"{e} (damaged); the stripe was repaired "
                                      f"({'emptied' if dropped < 0 else f'{dropped} bad slots dropped'}): retry the write") from None
             if new_item and int(self.stripes[s, L.S_ITEMS // 8]) >= self.cap_items:

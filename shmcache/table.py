@@ -412,7 +412,7 @@ class Table(Arena, Expiry, Repair):
         else:
             i = self._empty_from(s, tag)
             if i < 0:  # writers keep a slot free (MAX_LOAD): only damage fills a slice
-                dropped = self._repair_or_empty(s)
+                dropped = self._repair_or_empty(s, full=True)
                 raise LayoutMismatch(
                     f"stripe {s}'s index had no empty slot (damaged); it was repaired "
                     f"({'emptied' if dropped < 0 else f'{dropped} bad slots dropped'}): retry the write"

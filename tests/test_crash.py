@@ -25,7 +25,7 @@ import psutil
 import pytest
 import xxhash
 
-from shmcache import Cache
+from shmcache import Cache, admin
 from shmcache import layout as L
 from shmcache.codec import encode_key
 from shmcache.lock import live_clients
@@ -889,3 +889,79 @@ def test_kill_mid_reclaim_loses_nothing_but_the_write(make_cache, monkeypatch, s
             assert cache.check() == [], n
             assert all(cache.get(k) in (None, v) for k, v in survivors.items()), n
     assert cache["new"] == new
+
+
+def _damage(cache, rnd):
+    """Damage stripe 0 the ways a killed writer (or a stray byte) can, at
+    random: a torn head entry, a torn int, a wrong tag, a location outside
+    the segments, an implausible header, a duplicated and an unreachable slot,
+    a flipped byte in an old (non-head) entry."""
+    t = cache._table
+    mm = cache._seg.mm
+    head = t._ring(0)[0]
+    sl = t.slots[0]
+    occ = np.nonzero(sl["tag"] != 0)[0].tolist()
+    rnd.shuffle(occ)
+    ab = t.arena_off
+    ints = [i for i in occ if L.ENTRY.unpack_from(mm, ab + int(sl["loc"][i]) * L.ALIGN)[3] == 2]
+    in_head = [i for i in occ if int(sl["loc"][i]) * L.ALIGN // t.seg_size == head and i not in ints]
+    old = [i for i in occ if i not in in_head and i not in ints]
+
+    def byte(i, at):  # flip one byte of slot i's entry, `at` bytes in
+        a = ab + int(sl["loc"][i]) * L.ALIGN + at
+        mm[a] ^= 0x5A
+
+    byte(in_head[0], L.ENTRY_HEADER + 3)  # torn head entry
+    byte(old[0], L.ENTRY_HEADER + 5)  # a stray byte in an old entry
+    byte(ints[0], L.ENTRY_HEADER + 2)  # torn incr
+    sl["tag"][old[1]] ^= 0x100  # wrong tag
+    sl["loc"][old[2]] = t.n_segs * t.seg_size // L.ALIGN + 7  # outside the arena
+    L.ENTRY.pack_into(mm, ab + int(sl["loc"][old[3]]) * L.ALIGN, 0, 10**6, 3, 0, 0)  # implausible header
+    empty = int(np.nonzero(sl["tag"] == 0)[0][0])
+    t.raw_slots[0][empty] = t.raw_slots[0][old[4]]  # the same slot twice
+    return head
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_vectorized_repair_matches_the_per_slot_reference(make_cache, monkeypatch, seed):
+    """repair() is a writer's stall after a SIGKILL: it judges every slot with
+    numpy and the C accelerator's entry_sums (~0.5 us per entry instead of
+    ~7: 80 ms -> 4 ms for a 64 MiB cache's stripe). The per-slot Python loop
+    (used without the accelerator) is the reference: on the same damage both
+    report the same problems and leave the same bytes."""
+    import shmcache.repair as R
+
+    rnd = random.Random(seed)
+    c = make_cache(size="1MiB", stripes=1)
+    for i in range(3000):
+        if i % 7:
+            c[f"k{i}"] = bytes([i % 251]) * (50 + i % 200)
+        else:
+            c[f"k{i}"] = i
+            c.incr(f"k{i}")  # in place
+    _damage(c, rnd)
+    g = c._g
+    span = (g.index_off, g.total_size)
+    before = bytes(c._seg.mm[span[0] : span[1]])
+    results = []
+    for sums in (R._entry_sums, None):
+        monkeypatch.setattr(R, "_entry_sums", sums)
+        c._seg.mm[span[0] : span[1]] = before
+        problems = c.check()
+        assert problems, "the damage must show"
+        t = c._table
+        c._locks.lock(0)
+        try:
+            dropped = t.repair(0)  # a recoverer's: checksums where writers write
+        finally:
+            c._locks.unlock(0)
+        left = t.check(0)
+        admin.repair(c, 0)  # every checksum
+        # what a killed writer cannot have torn (a stray byte in an old entry) is
+        # left to check and the full repair
+        assert len(left) == 1 and "checksum mismatch" in left[0], left
+        results.append((problems, dropped, left, bytes(c._seg.mm[span[0] : span[1]])))
+        assert c.check() == []
+    assert results[0][0] == results[1][0]
+    assert results[0][1] == results[1][1] >= 5
+    assert results[0][2:] == results[1][2:]
