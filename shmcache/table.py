@@ -116,8 +116,8 @@ class Table(Arena, Expiry, Repair):
             seg.mm, dtype=np.uint8, count=g.n_stripes * g.slots_per_stripe, offset=g.refs_off
         ).reshape(g.n_stripes, g.slots_per_stripe)
         self.stripes = np.frombuffer(
-            seg.mm, dtype=np.uint64, count=g.n_stripes * 8, offset=g.stripe_table_off
-        ).reshape(g.n_stripes, 8)
+            seg.mm, dtype=np.uint64, count=g.n_stripes * L.STRIPE_SIZE // 8, offset=g.stripe_table_off
+        ).reshape(g.n_stripes, L.STRIPE_SIZE // 8)
         # The same index as raw u64 words: repair finds a slot by its exact bytes.
         self.raw_slots = np.frombuffer(
             seg.mm, dtype="<u8", count=g.n_stripes * g.slots_per_stripe * (_SS // 8), offset=g.index_off
