@@ -245,7 +245,7 @@ def _start_resp_child(args) -> subprocess.Popen:
     env = dict(os.environ)
     if args.requirepass is not None:  # through the environment: not visible in ps
         env["SHMCACHE_REQUIREPASS"] = args.requirepass
-    from .server import die_with_parent
+    from ._pdeathsig import die_with_parent
 
     return subprocess.Popen(cmd, env=env, preexec_fn=functools.partial(die_with_parent, os.getpid()))
 
