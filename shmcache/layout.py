@@ -175,7 +175,9 @@ S_RECOVERIES = 56
 # another process, or another thread of this one) and had to wait for it; it
 # is counted once, however many wait slices or a recovery it took. Written
 # only by that waiter, right after it acquired the lock (so under the lock: no
-# atomics across processes), never reset (Cache.clear keeps them). Readers
+# atomics across processes), never reset (Cache.clear keeps them). A wait
+# that never gets the lock (LockTimeout, an interrupt) is not counted: it
+# holds no lock to write under, and a racy store could lose others' counts. Readers
 # (admin.stripes, stats, Prometheus, top) read them lock-free; a stale read is
 # safe (each u64 is one aligned store). Nanoseconds of CLOCK_MONOTONIC.
 LOCK_WAITS = struct.Struct(

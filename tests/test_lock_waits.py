@@ -258,3 +258,42 @@ def test_clear_keeps_the_lock_wait_counters(make_cache):
     assert c[key] == b"v" and admin.stripes(c)[s].lock_waits == 1
     c.clear()
     assert admin.stripes(c)[s].lock_waits == 1 and admin.counters(c)["lock_waits"] == 1
+
+
+def _hold_and_hang(name, s, ready):
+    c = Cache(name, create=False)
+    admin.storage(c).locks.lock(s)
+    ready.set()
+    time.sleep(120)  # SIGKILLed holding the stripe
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("pure", [pytest.param(False, marks=needs_c, id="c"), pytest.param(True, id="python")])
+def test_a_wait_that_recovers_a_dead_holder_counts_once(make_cache, pure):
+    """The writer that finds the stripe held by a SIGKILLed process waits,
+    recovers it and keeps it: one wait, its time including the repair."""
+    c = make_cache(size="4MiB", stripes=4)
+    s = 0
+    (key,) = _keys_of_stripe(c, s, 1)
+    ctx = mp.get_context("fork")
+    ready = ctx.Event()
+    p = ctx.Process(target=_hold_and_hang, args=(c.name, s, ready))
+    p.start()
+    try:
+        assert ready.wait(30)
+    finally:
+        p.kill()
+        p.join(10)
+    old = cache_mod.USE_SPEEDUPS
+    cache_mod.USE_SPEEDUPS = not pure
+    try:
+        writer = Cache(c.name, create=False)
+    finally:
+        cache_mod.USE_SPEEDUPS = old
+    try:
+        writer.set(key, b"after")
+    finally:
+        writer.close()
+    st = admin.stripes(c)[s]
+    assert (st.recoveries, st.lock_waits) == (1, 1) and st.lock_wait_seconds > 0
+    assert c[key] == b"after" and c.check() == []
