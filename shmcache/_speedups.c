@@ -59,7 +59,7 @@
 #define SEG_HEADER 12
 #define RECLAIM_STEP 16 /* layout.RECLAIM_STEP: entries per incremental reclaim step */
 #define ALIGN 4
-#define STRIPE_SIZE 64
+#define STRIPE_SIZE 128 /* the hot line (S_*) + the cold lock-wait line, which only lock.py writes */
 #define S_VERSION 0
 #define S_OWNER 8
 #define S_ITEMS 24
@@ -1273,6 +1273,10 @@ static PyObject *Core_lock(Core *c, PyObject *args) {
     (*marker(c, s))++;
     BARRIER();
     if (sem_trywait(sem) != 0) {
+        if (!(timeout > 0)) { /* a try only: lock.StripeLocks times the wait it starts next */
+            (*marker(c, s))--;
+            Py_RETURN_FALSE;
+        }
         struct timespec dl;
         clock_gettime(WAIT_CLOCK, &dl);
         double whole = floor(timeout);
@@ -1490,7 +1494,8 @@ static PyMethodDef Core_methods[] = {
      "set_identity(client, owner): after fork, use this client slot and 16-byte owner record."},
     {"release", (PyCFunction)Core_release, METH_NOARGS, "Drop the buffer export (the cache is closed)."},
     {"lock", (PyCFunction)Core_lock, METH_VARARGS,
-     "lock(stripe, timeout) -> True when held (owner recorded, version odd), False on timeout."},
+     "lock(stripe, timeout) -> True when held (owner recorded, version odd), False on timeout "
+     "(timeout <= 0: one try, no wait)."},
     {"unlock", (PyCFunction)Core_unlock, METH_O, "unlock(stripe): version even, owner cleared, released."},
     {"take", (PyCFunction)Core_take, METH_O, "take(stripe): after recovery, record us as holder, version odd."},
     {"mark", (PyCFunction)Core_mark, METH_VARARGS, "mark(stripe, delta): raise or lower this client's marker."},

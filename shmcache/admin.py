@@ -108,6 +108,14 @@ class StripeInfo:
     recoveries: int  #: times the stripe was repaired after its lock holder died
     locked_by: int | None  #: pid recorded as the lock holder right now
     writes: int = 0  #: write-lock holds so far (the seqlock version / 2): a rate of it shows hot stripes
+    lock_waits: int = 0  #: lock acquisitions that found the stripe locked and waited, all processes, ever
+    lock_wait_seconds: float = 0.0  #: total seconds those waits took (first try to acquisition)
+    lock_wait_max_seconds: float = 0.0  #: the longest single wait
+
+    @property
+    def lock_wait_mean_seconds(self) -> float:
+        """Mean seconds per lock wait (0.0 if none yet)."""
+        return self.lock_wait_seconds / self.lock_waits if self.lock_waits else 0.0
 
     @property
     def fill(self) -> float:
@@ -116,7 +124,13 @@ class StripeInfo:
 
 
 def stripes(cache: "Cache") -> list[StripeInfo]:
-    """Every stripe's fill and counters, in stripe order."""
+    """Every stripe's fill and counters, lock waits included, in stripe order.
+
+    A lock wait is a write (or a reader's locked fallback) that found the
+    stripe's lock taken by another process or thread and waited for it; each
+    waiter counts its own wait right after acquiring, so the figures cover
+    every process, exited ones included. Rates of ``lock_waits`` and
+    ``lock_wait_seconds`` show contended stripes (``shmcache top``)."""
     st = _stripe_table(cache).copy()  # one pass; numbers may move while we format
     g = cache._g
     arena = g.stripe_arena
@@ -130,6 +144,8 @@ def stripes(cache: "Cache") -> list[StripeInfo]:
             index=i, items=row[L.S_ITEMS // 8], bytes_used=live, bytes_garbage=max(0, in_use - live),
             arena_bytes=arena, evictions=row[L.S_EVICTIONS // 8], recoveries=row[L.S_RECOVERIES // 8],
             locked_by=owner or None, writes=row[L.S_VERSION // 8] >> 1,
+            lock_waits=row[L.S_LOCK_WAITS // 8], lock_wait_seconds=row[L.S_LOCK_WAIT_NS // 8] / 1e9,
+            lock_wait_max_seconds=row[L.S_LOCK_WAIT_MAX_NS // 8] / 1e9,
         ))
     return out
 
@@ -158,8 +174,10 @@ def counters(cache: "Cache") -> dict[str, int]:
     ``misses``, ``sets``, ``deletes``, ``evictions``, ``expirations`` (the sum
     of the live clients' own counters and those folded into the header when a
     client detached), plus ``recoveries`` (stripes repaired after a dead
-    holder). Each process writes only its own counters, so the totals are
-    exact: monotonic, and nothing is counted twice."""
+    holder) and ``lock_waits`` (lock acquisitions that had to wait; per
+    stripe and with their seconds in :func:`stripes`). Each process writes
+    only its own counters, so the totals are exact: monotonic, and nothing
+    is counted twice."""
     cache._check_open()
     g = cache._g
     mm = cache._seg.mm
@@ -169,7 +187,9 @@ def counters(cache: "Cache") -> dict[str, int]:
         for k in range(L.N_COUNTERS):
             totals[k] += L.U64.unpack_from(mm, base + 8 * k)[0]
     out = dict(zip(L.COUNTERS, totals))
-    out["recoveries"] = int(_stripe_table(cache)[:, L.S_RECOVERIES // 8].sum())
+    st = _stripe_table(cache)
+    out["recoveries"] = int(st[:, L.S_RECOVERIES // 8].sum())
+    out["lock_waits"] = int(st[:, L.S_LOCK_WAITS // 8].sum())
     return out
 
 

@@ -946,7 +946,10 @@ class Cache(MutableMapping[Any, Any]):
     def stats(self) -> dict[str, Any]:
         """Counters and fill: hits, misses, sets, deletes, evictions, expirations
         (all processes, including ones that exited), items, bytes used and
-        free, per-stripe fill, attached clients and daemon status.
+        free, per-stripe fill, lock waits (``lock_waits``,
+        ``lock_wait_seconds``, ``lock_wait_max_seconds`` and per stripe
+        ``stripe_lock_waits`` / ``stripe_lock_wait_seconds``), attached
+        clients and daemon status.
 
         Raises:
             ValueError: the cache is closed.
@@ -978,6 +981,10 @@ class Cache(MutableMapping[Any, Any]):
             hit_rate=(out["hits"] / lookups) if lookups else 0.0,
             stripe_fill=[round(x.fill, 4) for x in fill],
             recoveries=sum(x.recoveries for x in fill),
+            lock_wait_seconds=sum(x.lock_wait_seconds for x in fill),
+            lock_wait_max_seconds=max((x.lock_wait_max_seconds for x in fill), default=0.0),
+            stripe_lock_waits=[x.lock_waits for x in fill],
+            stripe_lock_wait_seconds=[x.lock_wait_seconds for x in fill],
             clients=sum(1 for c in admin.clients(self) if c.alive),
             generation=L.U64.unpack_from(self._seg.mm, L.H_GENERATION)[0],
             daemon_pid=d.pid,

@@ -245,7 +245,7 @@ def _start_resp_child(args) -> subprocess.Popen:
     env = dict(os.environ)
     if args.requirepass is not None:  # through the environment: not visible in ps
         env["SHMCACHE_REQUIREPASS"] = args.requirepass
-    from .server import die_with_parent
+    from ._pdeathsig import die_with_parent
 
     return subprocess.Popen(cmd, env=env, preexec_fn=functools.partial(die_with_parent, os.getpid()))
 
@@ -371,6 +371,8 @@ def cmd_stats(args) -> int:
                         f"max {100 * max(fill):.0f}%"),
         ("clients", f"{st['clients']} (this command included)"),
         ("recoveries", f"{st['recoveries']}"),
+        ("lock waits", f"{st['lock_waits']:,}, {st['lock_wait_seconds']:.3f} s in all, longest "
+                       f"{_us(st['lock_wait_max_seconds'] or None)}"),
         ("generation", f"{st['generation']}"),
         ("daemon", daemon),
     ]
@@ -706,8 +708,16 @@ def top_frame(name: str, prev: _Sample, cur: _Sample, hottest: int = 5) -> dict:
     total_lookups = cur.ctr["hits"] + cur.ctr["misses"]
     g = cur.geometry
     used = sum(s.bytes_used for s in cur.stripes)
-    writes = sorted(((cur_s.writes - prev_s.writes, cur_s) for prev_s, cur_s in zip(prev.stripes, cur.stripes)),
-                    key=lambda r: -r[0])
+    per = [(cur_s.writes - prev_s.writes, cur_s.lock_waits - prev_s.lock_waits,
+            cur_s.lock_wait_seconds - prev_s.lock_wait_seconds, cur_s)
+           for prev_s, cur_s in zip(prev.stripes, cur.stripes)]
+    waits = sum(r[1] for r in per)
+    waited = sum(r[2] for r in per)
+
+    def row(r: tuple) -> dict:
+        n, w, ws, s = r
+        return {"stripe": s.index, "writes_per_s": n / dt, "lock_waits_per_s": w / dt,
+                "lock_wait_mean_s": ws / w if w else None, "fill": round(s.fill, 4), "items": s.items}
     daemon = cur.daemon
     last = daemon.last_snapshot
     return {
@@ -720,8 +730,12 @@ def top_frame(name: str, prev: _Sample, cur: _Sample, hottest: int = 5) -> dict:
         "items": sum(s.items for s in cur.stripes), "max_items": g.max_items,
         "bytes_used": used, "bytes_capacity": g.stripe_arena * g.n_stripes,
         "bytes_garbage": sum(s.bytes_garbage for s in cur.stripes), "clients": cur.clients,
-        "hottest_stripes": [{"stripe": s.index, "writes_per_s": n / dt, "fill": round(s.fill, 4), "items": s.items}
-                            for n, s in writes[:hottest]],
+        # lock waits: acquisitions that found the stripe locked; busy = share of the
+        # interval that writers (all together) spent waiting, so it can exceed 1
+        "lock_waits_per_s": waits / dt, "lock_wait_mean_s": waited / waits if waits else None,
+        "lock_wait_busy": waited / dt,
+        "hottest_stripes": [row(r) for r in sorted(per, key=lambda r: -r[0])[:hottest]],
+        "contended_stripes": [row(r) for r in sorted(per, key=lambda r: (-r[2], -r[1])) if r[1]][:hottest],
         "daemon_pid": daemon.pid if daemon.alive else None,
         "daemon_heartbeat_age": daemon.heartbeat_age if daemon.alive else None,
         "last_snapshot": None if last is None else {"time": last.time, "ok": last.ok, "entries": last.entries,
@@ -756,14 +770,29 @@ def render_top(f: dict, width: int = 100) -> list[str]:
         f"items          {f['items']:>12,}   of {f['max_items']:,}",
         f"evictions/s    {f['evictions_per_s']:>12,.0f}",
         f"expirations/s  {f['expirations_per_s']:>12,.0f}",
+        f"lock waits/s   {f['lock_waits_per_s']:>12,.0f}   mean wait {_us(f['lock_wait_mean_s'])}, "
+        f"writers waited {f['lock_wait_busy']:.3f} s/s",
         f"clients        {f['clients']:>12}",
         f"daemon         {daemon}; last snapshot {snap_s}",
         "",
-        "hottest stripes   writes/s     fill    items",
+        "hottest stripes   writes/s  lock waits/s  mean wait     fill    items",
     ]
-    for h in f["hottest_stripes"]:
-        lines.append(f"  stripe {h['stripe']:>5}  {h['writes_per_s']:>10,.0f}  {100 * h['fill']:>6.1f}%  {h['items']:>7,}")
+
+    def row(h: dict) -> str:
+        return (f"  stripe {h['stripe']:>5}  {h['writes_per_s']:>10,.0f}  {h['lock_waits_per_s']:>12,.0f}  "
+                f"{_us(h['lock_wait_mean_s']):>9}  {100 * h['fill']:>6.1f}%  {h['items']:>7,}")
+
+    lines += [row(h) for h in f["hottest_stripes"]]
+    if f["contended_stripes"]:
+        lines += ["", "most contended stripes (by time waited)"] + [row(h) for h in f["contended_stripes"]]
     return [ln[:width] for ln in lines]
+
+
+def _us(seconds: float | None) -> str:
+    """A wait for display: microseconds below 10 ms, else milliseconds; '-' for none."""
+    if seconds is None:
+        return "-"
+    return f"{seconds * 1e6:,.0f} us" if seconds < 0.01 else f"{seconds * 1e3:,.1f} ms"
 
 
 def cmd_top(args) -> int:

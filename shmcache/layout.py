@@ -10,7 +10,8 @@ geometry. Nothing in a segment ever moves or grows after creation.
     offset 0          +-------------------------------------------+
                       | header (one 4 KiB page)                   |
     stripe_table_off  +-------------------------------------------+
-                      | stripe records, 64 B each (one cache line)|
+                      | stripe records, 128 B each: a hot line    |
+                      | (lock, seqlock, ring) + a cold one (waits)|
     client_table_off  +-------------------------------------------+
                       | client records: 64 B + 1 B per stripe     |
     index_off         +-------------------------------------------+
@@ -44,8 +45,10 @@ MAGIC = b"SHMCACHE"
 #: Bumped whenever any offset or field below changes meaning. Attaching to a
 #: segment of another version raises LayoutMismatch; snapshots carry entries,
 #: not layouts, so they restore across versions.
-LAYOUT_VERSION = 4  # 4: segment headers hold a reclaim cursor (incremental reclaim); 3: segment ring; 2: owners are client slots + generation, clients locked (OFD) for liveness
+LAYOUT_VERSION = 4  # 2: owners are client slots + generation, clients locked (OFD) for liveness
 #                     3: segment-ring arena, 16-byte slots, access bits, 12-byte entry header
+#                     4: stripe records are two cache lines; the second counts lock waits;
+#                        segment headers hold a reclaim cursor (reclaim in steps)
 
 PAGE = 4096
 CACHE_LINE = 64
@@ -125,8 +128,17 @@ H_SNAPSHOT_ERROR = 2048
 SNAPSHOT_ERROR_MAX = 256
 
 # --------------------------------------------------------------------------
-# Stripe record: one 64-byte cache line per stripe, at stripe_table_off.
-STRIPE_SIZE = CACHE_LINE
+# Stripe record: two 64-byte cache lines per stripe, at stripe_table_off.
+# The first (STRIPE) is the hot line every writer of the stripe touches; the
+# second (LOCK_WAITS) is cold: only a writer that had to wait for the lock
+# writes it, once per wait. Lock-wait counters were put in a second line of
+# the same record rather than in a separate per-stripe array because that
+# needs no new header field or geometry offset (only STRIPE_SIZE changes),
+# and rather than in the hot line because it is full and a waiter's stores
+# must not dirty the line that lock-free readers poll. (With 128-byte records
+# two stripes' hot lines no longer share one 128-byte pair, the unit in which
+# x86's adjacent-line prefetcher pulls lines: a side benefit, not measured.)
+STRIPE_SIZE = 2 * CACHE_LINE
 STRIPE = struct.Struct(
     "<Q"  # version    seqlock: odd while a writer mutates. Writer only, under lock.
     #                  Readers compare before/after; a stale read just retries.
@@ -159,6 +171,25 @@ S_LIVE = 32
 S_RING = 40
 S_EVICTIONS = 48
 S_RECOVERIES = 56
+# The cold line: lock waits of this stripe, all processes together. A "wait" is
+# a lock() call (lock.StripeLocks) that found the stripe's lock taken (by
+# another process, or another thread of this one) and had to wait for it; it
+# is counted once, however many wait slices or a recovery it took. Written
+# only by that waiter, right after it acquired the lock (so under the lock: no
+# atomics across processes), never reset (Cache.clear keeps them). A wait
+# that never gets the lock (LockTimeout, an interrupt) is not counted: it
+# holds no lock to write under, and a racy store could lose others' counts. Readers
+# (admin.stripes, stats, Prometheus, top) read them lock-free; a stale read is
+# safe (each u64 is one aligned store). Nanoseconds of CLOCK_MONOTONIC.
+LOCK_WAITS = struct.Struct(
+    "<Q"  # waits         lock() calls of this stripe that had to wait
+    "Q"  # wait_ns       total nanoseconds they waited (first try to acquisition)
+    "Q"  # wait_max_ns   the longest single wait, ns
+)
+S_LOCK_WAITS = CACHE_LINE  # 64: the start of the cold line
+S_LOCK_WAIT_NS = S_LOCK_WAITS + 8
+S_LOCK_WAIT_MAX_NS = S_LOCK_WAITS + 16
+assert STRIPE.size == CACHE_LINE and S_LOCK_WAITS + LOCK_WAITS.size <= STRIPE_SIZE  # layout self-check at import
 OWNER = struct.Struct("<IIII")  # client + 1, gen, pid, pad: one 16-byte store at S_OWNER
 ACCOUNT = struct.Struct("<QQ")  # items, live at S_ITEMS
 RING = struct.Struct("<HHI")  # head, tail, fill at S_RING

@@ -33,6 +33,13 @@ kernel releases if the recoverer dies too), re-checks, repairs the stripe
 through the table's ``repair`` callback and keeps the semaphore as its own.
 The daemon runs the same check on a timer and releases the semaphore instead,
 and frees client slots by the same test.
+
+Every ``lock()`` that finds the stripe taken counts one *lock wait* and the
+nanoseconds it waited (first try to acquisition, recovery included) in the
+stripe record's cold line, right after acquiring: per stripe, all processes
+together (``admin.stripes``, Prometheus, ``shmcache top``). With the C core
+the first try is one ``Core.lock(s, 0)`` call and the wait starts only after
+it failed, so an uncontended lock costs what it did before.
 """
 
 from __future__ import annotations
@@ -333,9 +340,12 @@ class StripeLocks:
 
     def _lock_c(self, s: int) -> None:
         core = self._core
-        if core.lock(s, POLL_FIRST):
+        if core.lock(s, 0.0):  # one try: taken unless busy
             return
-        self._wait(s, core.lock, core.take)
+        t0 = time.monotonic_ns()
+        if not core.lock(s, POLL_FIRST):
+            self._wait(s, core.lock, core.take)
+        self._count_wait(s, t0)
 
     def set_client(self, client: Client) -> None:
         """Use client slot ``client`` for this process's markers and owner records."""
@@ -365,7 +375,10 @@ class StripeLocks:
             LockTimeout: a live process kept the stripe for too long.
         """
         tl = self._tlocks[s]
-        tl.acquire()
+        t0 = None  # when a wait began (monotonic ns): another thread or process held the stripe
+        if not tl.acquire(False):
+            t0 = time.monotonic_ns()
+            tl.acquire()
         mm = self.mm
         mb = self._marker_base + s
         # Markers are counters, not flags: the C fast paths (_speedups.c) may
@@ -373,8 +386,13 @@ class StripeLocks:
         # while this one waits; they always leave it as they found it.
         mm[mb] += 1
         try:
-            if not self._acquire(s, POLL_FIRST):
-                self._wait(s, self._acquire, None)
+            try:
+                self.sems[s].acquire(0)
+            except posix_ipc.BusyError:
+                if t0 is None:
+                    t0 = time.monotonic_ns()
+                if not self._acquire(s, POLL_FIRST):
+                    self._wait(s, self._acquire, None)
         except BaseException:
             mm[mb] -= 1
             tl.release()
@@ -385,6 +403,8 @@ class StripeLocks:
         # Parity is set, not inverted (as in _speedups.c): a version damaged to
         # odd must not turn even while we mutate, or readers take torn values.
         self._q[so >> 3] = ((self._q[so >> 3] + 1) | 1) & _U64_MAX  # odd: readers of this stripe retry
+        if t0 is not None:
+            self._count_wait(s, t0)
 
     def unlock(self, s: int) -> None:
         """Release stripe ``s`` (seqlock version becomes even)."""
@@ -399,6 +419,20 @@ class StripeLocks:
         self._tlocks[s].release()
 
     # -- contention and recovery --------------------------------------------
+    def _count_wait(self, s: int, t0: int) -> None:
+        """Count one lock wait of stripe ``s`` that began at ``t0`` (monotonic
+        ns) in the stripe's cold line (layout.LOCK_WAITS). Only right after
+        acquiring: the stripe lock makes the read-modify-writes safe across
+        processes without atomics. Costs three stores per wait, none when
+        the lock was free."""
+        ns = time.monotonic_ns() - t0
+        q = self._q
+        i = (self._stripe_off(s) + L.S_LOCK_WAITS) >> 3
+        q[i] = (q[i] + 1) & _U64_MAX  # the segment is untrusted: a damaged counter wraps
+        q[i + 1] = (q[i + 1] + ns) & _U64_MAX
+        if ns > q[i + 2]:
+            q[i + 2] = ns
+
     def _acquire(self, s: int, timeout: float) -> bool:
         """Wait up to ``timeout`` seconds (CLOCK_MONOTONIC) for the semaphore. True if taken."""
         return self._waits.acquire(s, timeout)

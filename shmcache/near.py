@@ -99,6 +99,7 @@ serializers are yours: json or msgpack run no code.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -114,6 +115,7 @@ from collections import deque
 from urllib.parse import unquote, urlparse
 
 from . import admin
+from ._pdeathsig import die_with_parent
 from .cache import Cache
 from .codec import BYTES, FLOAT, INT, PICKLE, STR, Codec
 from .errors import CacheFull, Error, KeyTooLong, ValueTooLarge
@@ -1352,7 +1354,7 @@ class TrackerProcess:
         self.tracker.go_down()
         env = {**os.environ, _CHILD_ENV: self._settings()}
         self.proc = subprocess.Popen([sys.executable, "-m", "shmcache.near"], env=env, stdin=subprocess.DEVNULL,
-                                     preexec_fn=_die_with_parent)
+                                     preexec_fn=functools.partial(die_with_parent, os.getpid()))
         log.info("tracker process pid %d started", self.proc.pid)
 
     def poll(self) -> None:
@@ -1386,16 +1388,6 @@ class TrackerProcess:
 
 #: The environment variable carrying a tracker child's settings (JSON).
 _CHILD_ENV = "SHMCACHE_TRACKER_CHILD"
-
-
-def _die_with_parent() -> None:
-    try:
-        import ctypes
-        import signal
-
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-    except Exception:  # pragma: no cover - not Linux
-        pass
 
 
 def _child_main() -> int:

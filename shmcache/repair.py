@@ -273,7 +273,7 @@ class Repair:
                 self._delete_at(s, int(hit[-1]))
         self._rehome_unreachable(s)
         items, live, head_end = self._tally(s, head)
-        L.ACCOUNT.pack_into(mm, self.stripe_off + (s << 6) + L.S_ITEMS, items, live)
+        L.ACCOUNT.pack_into(mm, self.stripe_off + s * L.STRIPE_SIZE + L.S_ITEMS, items, live)
         self._set_ring(s, head, tail, max(fill, head_end))
         if (head + 1) % self.n_segs == tail:
             # No free segment: the tail's reclaim is pending (Arena._advance left
@@ -387,7 +387,7 @@ class Repair:
                 problems.extend(f"stripe {s} slot {i}: {why}" for why in found[i])
             if problems:
                 return problems
-            items, live_bytes = L.ACCOUNT.unpack_from(self.mm, self.stripe_off + (s << 6) + L.S_ITEMS)
+            items, live_bytes = L.ACCOUNT.unpack_from(self.mm, self.stripe_off + s * L.STRIPE_SIZE + L.S_ITEMS)
             n, total, head_end = self._tally(s, head)
             if items != n:
                 problems.append(f"stripe {s}: item count {items} but {n} slots in use")

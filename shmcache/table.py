@@ -116,8 +116,8 @@ class Table(Arena, Expiry, Repair):
             seg.mm, dtype=np.uint8, count=g.n_stripes * g.slots_per_stripe, offset=g.refs_off
         ).reshape(g.n_stripes, g.slots_per_stripe)
         self.stripes = np.frombuffer(
-            seg.mm, dtype=np.uint64, count=g.n_stripes * 8, offset=g.stripe_table_off
-        ).reshape(g.n_stripes, 8)
+            seg.mm, dtype=np.uint64, count=g.n_stripes * L.STRIPE_SIZE // 8, offset=g.stripe_table_off
+        ).reshape(g.n_stripes, L.STRIPE_SIZE // 8)
         # The same index as raw u64 words: repair finds a slot by its exact bytes.
         self.raw_slots = np.frombuffer(
             seg.mm, dtype="<u8", count=g.n_stripes * g.slots_per_stripe * (_SS // 8), offset=g.index_off
@@ -149,7 +149,7 @@ class Table(Arena, Expiry, Repair):
         s = h & self.mask
         tag = (h >> 32) | 1
         mm = self.mm
-        vo = self.stripe_off + (s << 6)
+        vo = self.stripe_off + s * L.STRIPE_SIZE
         sps = self.sps
         base = self.index_off + s * sps * _SS
         refs = self.refs_off + s * sps
@@ -705,7 +705,7 @@ class Table(Arena, Expiry, Repair):
         the stripe, comparable across stripes only roughly.
         Lock-free with seqlock retries; takes the lock if a writer keeps interfering."""
         mm = self.mm
-        vo = self.stripe_off + (s << 6)
+        vo = self.stripe_off + s * L.STRIPE_SIZE
         for attempt in range(4):
             locked = attempt == 3
             if locked:

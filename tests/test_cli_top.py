@@ -147,7 +147,7 @@ def test_top_in_tmux_shows_the_known_load(make_cache, tmux):
     finally:
         p.join(60)
     assert p.exitcode == 0
-    assert "hottest stripes" in pane and "clients" in pane and "memory" in pane
+    assert "hottest stripes" in pane and "clients" in pane and "memory" in pane and "lock waits/s" in pane
     busy = [s for s in seen if s[0] > 0]
     assert len(busy) >= 4, seen
     # frames overlapping the start or end of the load show part of it: the median frame is a full one

@@ -67,6 +67,12 @@ def test_daemon_metrics_equal_the_sum_of_the_workers(daemon, cache_name, tmp_pat
     assert m[("shmcache_last_snapshot_entries", c)] == sets - 3
     fills = [m[("shmcache_stripe_fill_ratio", (("cache", cache_name), ("stripe", str(s))))] for s in range(4)]
     assert all(0 < f < 1 for f in fills)
+    # lock waits: present for the cache and every stripe (how many the 3 workers had is up to the scheduler;
+    # tests/test_lock_waits.py makes them happen and counts them exactly)
+    waits = [m[("shmcache_stripe_lock_waits_total", (("cache", cache_name), ("stripe", str(s))))] for s in range(4)]
+    assert m[("shmcache_lock_waits_total", c)] == sum(waits)
+    assert all(("shmcache_stripe_lock_wait_seconds_total", (("cache", cache_name), ("stripe", str(s)))) in m
+               for s in range(4))
     used = m[("shmcache_bytes_used", c)]
     assert used == pytest.approx(sum(fills) * m[("shmcache_bytes_capacity", c)] / 4, rel=1e-3)
     # a second scrape after more traffic moves only what changed

@@ -152,3 +152,44 @@ def test_clear_releases_the_locks_it_took_when_one_times_out(make_cache, monkeyp
     assert len(c) == 100 and c.check() == []  # nothing cleared, every lock free again
     c["x"] = 1
     assert c.clear() == 101
+
+
+@pytest.mark.parametrize("s", [1, 3])
+def test_regression_pure_python_read_uses_its_own_stripes_seqlock(make_cache, monkeypatch, s):
+    """When stripe records grew to two cache lines (lock waits), the Python
+    read path still found stripe s's seqlock version at s * 64: for s >= 1
+    it read another stripe's words, which no writer of stripe s changes, so a
+    lock-free read during a write returned the half-written value. A read
+    that overlaps a write must wait for it and return the whole value."""
+    import threading
+    import time
+
+    from test_crash import keys_in_stripe
+
+    monkeypatch.setattr(shmcache.cache, "USE_SPEEDUPS", False)
+    c = make_cache(size="1MiB", stripes=4)
+    k = keys_in_stripe(4, s, 1)[0]
+    c[k] = b"A" * 200
+    t = c._table
+    i = t._find(s, (__import__("xxhash").xxh3_64_intdigest(k.encode()) >> 32) | 1, k.encode())
+    a = t.arena_off + s * t.stripe_arena + int(t.slots[s]["loc"][i]) * L.ALIGN + L.ENTRY_HEADER + len(k)
+    mm = c._seg.mm
+    holding, done = threading.Event(), threading.Event()
+
+    def writer():  # a write in progress: version odd, value half overwritten
+        c._locks.lock(s)
+        try:
+            mm[a : a + 100] = b"B" * 100
+            holding.set()
+            time.sleep(0.3)
+            mm[a : a + 100] = b"A" * 100  # (this write puts the value back)
+        finally:
+            c._locks.unlock(s)
+            done.set()
+
+    th = threading.Thread(target=writer)
+    th.start()
+    assert holding.wait(10)
+    got = c.get(k)
+    th.join(10)
+    assert done.is_set() and got == b"A" * 200

@@ -70,6 +70,7 @@ import tempfile
 import time
 
 from .. import Cache
+from .._pdeathsig import launcher_command
 from . import cache_from_env, env_settings
 
 __all__ = ["bind", "workers", "on_starting", "when_ready", "pre_fork", "post_fork", "worker_exit", "on_exit",
@@ -85,20 +86,6 @@ _daemon: subprocess.Popen | None = None
 _daemon_log: tuple[str, int] = ("", 0)  # (path, size before this daemon started)
 _cache: Cache | None = None
 
-# Started through this launcher rather than directly so the daemon gets
-# SIGTERM (and writes its snapshot) if the master dies without running
-# on_exit (SIGKILL, OOM killer): PR_SET_PDEATHSIG survives exec, and a
-# preexec_fn would run Python (shmcache's fork hooks) between fork and exec.
-_LAUNCHER = """\
-import ctypes, os, signal, sys
-try:
-    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-except Exception:
-    pass
-if os.getppid() != int(sys.argv[1]):
-    sys.exit(0)  # the master is already gone
-os.execv(sys.executable, [sys.executable, "-m", "shmcache"] + sys.argv[2:])
-"""
 
 
 def _snapshot_path(name: str, environ=None) -> str | None:
@@ -152,7 +139,10 @@ def _start_daemon(server) -> None:
     with open(log_path, "ab") as log:
         _daemon_log = (log_path, log.tell())
         _daemon = subprocess.Popen(
-            [sys.executable, "-c", _LAUNCHER, str(os.getpid())] + cmd[3:],
+            # Through the launcher, so the daemon gets SIGTERM (and writes its
+            # snapshot) even if the master dies without running on_exit
+            # (SIGKILL, OOM killer); see shmcache._pdeathsig.
+            launcher_command(cmd),
             stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, close_fds=True,
         )
     server.log.info("shmcache: daemon started (pid %s, log %s): %s", _daemon.pid, log_path, shlex.join(cmd))

@@ -26,6 +26,8 @@ Metrics (label ``cache`` = the cache name; ``stripe`` on per-stripe ones):
 ``shmcache_evictions_total``         counter    entries evicted by LRU to make room
 ``shmcache_expirations_total``       counter    expired entries reclaimed (daemon or writers)
 ``shmcache_recoveries_total``        counter    stripes repaired after their lock holder died
+``shmcache_lock_waits_total``        counter    lock acquisitions that found the stripe locked and waited
+``shmcache_lock_wait_seconds_total``  counter   seconds those waits took, all stripes
 ``shmcache_items``                   gauge      entries stored (expired-not-yet-reclaimed included)
 ``shmcache_bytes_used``              gauge      arena bytes held by live entries
 ``shmcache_bytes_capacity``          gauge      arena bytes in all (what entries can use)
@@ -35,6 +37,9 @@ Metrics (label ``cache`` = the cache name; ``stripe`` on per-stripe ones):
 ``shmcache_stripe_fill_ratio``       gauge      per stripe: live bytes / arena bytes
 ``shmcache_stripe_evictions_total``  counter    per stripe evictions (a hot stripe shows here)
 ``shmcache_stripe_locked``           gauge      per stripe: 1 while a writer holds the lock
+``shmcache_stripe_lock_waits_total``  counter   per stripe lock waits (a contended stripe shows here)
+``shmcache_stripe_lock_wait_seconds_total``  counter  per stripe seconds waited for its lock
+``shmcache_stripe_lock_wait_max_seconds``  gauge  per stripe: the longest single wait so far
 ``shmcache_daemon_up``               gauge      1 if a live daemon serves the cache
 ``shmcache_daemon_heartbeat_age_seconds``  gauge  seconds since its last tick
 ``shmcache_last_snapshot_timestamp_seconds``  gauge  when the last snapshot attempt ended
@@ -60,9 +65,12 @@ second late):
 ``shmcache_near_heartbeat_age_seconds``    gauge      seconds since the last answered PING was sent
 =========================================  =========  ====================================
 
-Lock wait counts are not exported: the segment does not record them (the
-stripe and client records have no spare field); ``shmcache_stripe_locked``
-sampled per scrape is the available contention signal.
+A lock wait is a write (or a reader's locked fallback) that found its
+stripe's lock taken by another process or thread; the waiter counts it in the
+stripe's record right after acquiring, so the counts cover every process.
+``rate(shmcache_stripe_lock_wait_seconds_total[1m])`` is the share of a
+second that writers spent waiting for that stripe; divided by the rate of
+``shmcache_stripe_lock_waits_total`` it is the mean wait.
 """
 
 from __future__ import annotations
@@ -98,6 +106,7 @@ COUNTER_HELP = {
     "evictions": "Entries evicted (LRU) to make room.",
     "expirations": "Expired entries reclaimed.",
     "recoveries": "Stripes repaired after their lock holder died.",
+    "lock_waits": "Stripe lock acquisitions that found the lock taken and waited, all processes.",
 }
 
 
@@ -141,14 +150,27 @@ class ShmcacheCollector(Collector):
                 [n], g.total_size)
             fam(gauge, "shmcache_clients", "Live processes attached.").add_metric(
                 [n], sum(1 for c in admin.clients(cache) if c.alive))
+            fam(CounterMetricFamily, "shmcache_lock_wait_seconds",
+                "Seconds spent waiting for stripe locks, all processes.").add_metric(
+                [n], sum(s.lock_wait_seconds for s in stripes))
             per = ("cache", "stripe")
             fill = fam(gauge, "shmcache_stripe_fill_ratio", "Live bytes / arena bytes, per stripe.", per)
             ev = fam(CounterMetricFamily, "shmcache_stripe_evictions", "Entries evicted, per stripe.", per)
             locked = fam(gauge, "shmcache_stripe_locked", "1 while a writer holds the stripe's lock.", per)
+            waits = fam(CounterMetricFamily, "shmcache_stripe_lock_waits",
+                        "Lock acquisitions that found the stripe locked and waited, per stripe.", per)
+            waited = fam(CounterMetricFamily, "shmcache_stripe_lock_wait_seconds",
+                         "Seconds spent waiting for the stripe's lock, per stripe.", per)
+            longest = fam(gauge, "shmcache_stripe_lock_wait_max_seconds",
+                          "The longest single wait for the stripe's lock so far.", per)
             for s in stripes:
-                fill.add_metric([n, str(s.index)], s.fill)
-                ev.add_metric([n, str(s.index)], s.evictions)
-                locked.add_metric([n, str(s.index)], 1.0 if s.locked_by else 0.0)
+                lab = [n, str(s.index)]
+                fill.add_metric(lab, s.fill)
+                ev.add_metric(lab, s.evictions)
+                locked.add_metric(lab, 1.0 if s.locked_by else 0.0)
+                waits.add_metric(lab, s.lock_waits)
+                waited.add_metric(lab, s.lock_wait_seconds)
+                longest.add_metric(lab, s.lock_wait_max_seconds)
             d = admin.daemon_info(cache)
             fam(gauge, "shmcache_daemon_up", "1 if a live daemon serves the cache.").add_metric(
                 [n], 1.0 if d.alive else 0.0)

@@ -76,7 +76,7 @@ def status(cache: Cache) -> dict[str, Any]:
             "time": last.time, "ok": last.ok, "entries": last.entries, "error": last.error,
         },
         "stripes": [{"index": s.index, "fill": round(s.fill, 4), "items": s.items, "evictions": s.evictions,
-                     "locked": s.locked_by is not None} for s in stripes],
+                     "locked": s.locked_by is not None, "lock_waits": s.lock_waits} for s in stripes],
     }
 
 
@@ -104,7 +104,8 @@ def _snapshot_text(st: dict[str, Any]) -> str:
     return f"{when}, {s['entries']:,} entries" if s["ok"] else f"{when}, FAILED: {s['error']}"
 
 
-_COUNTERS = ("hits", "misses", "sets", "deletes", "evictions", "expirations", "recoveries")
+# every key of admin.counters() needs its row: the page's script fills them all
+_COUNTERS = ("hits", "misses", "sets", "deletes", "evictions", "expirations", "recoveries", "lock_waits")
 
 _PAGE = """<!doctype html>
 <html lang="en"><head><meta charset="utf-8">
@@ -181,7 +182,8 @@ function show(st) {{
   st.stripes.forEach((s, i) => {{
     if (i >= cells.length) return;
     cells[i].className = s.locked ? "locked" : "";
-    cells[i].title = "stripe " + s.index + ": " + pct(s.fill) + ", " + fmt(s.items) + " items";
+    cells[i].title = "stripe " + s.index + ": " + pct(s.fill) + ", " + fmt(s.items) + " items, " +
+      fmt(s.lock_waits) + " lock waits";
     cells[i].firstChild.style.height = (100 * s.fill).toFixed(1) + "%";
   }});
   prev = st;
@@ -211,7 +213,7 @@ def render(st: dict[str, Any]) -> str:
         for k in _COUNTERS if k in st["counters"])
     cells = "".join(
         f'<div class="{"locked" if s["locked"] else ""}" title="stripe {s["index"]}: {_pct(s["fill"])}, '
-        f'{s["items"]:,} items"><span style="height:{100 * s["fill"]:.1f}%"></span></div>'
+        f'{s["items"]:,} items, {s["lock_waits"]:,} lock waits"><span style="height:{100 * s["fill"]:.1f}%"></span></div>'
         for s in st["stripes"])
     return _PAGE.format(
         name=e(st["name"]), memory=e(f"{_mib(st['bytes_used'])} of {_mib(st['capacity'])} "

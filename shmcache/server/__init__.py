@@ -25,6 +25,7 @@ import stat
 import threading
 import time
 
+from .._pdeathsig import die_with_parent
 from ..cache import Cache
 from ..errors import Error
 from . import connection as _connection
@@ -318,28 +319,6 @@ def listen_unix(path: str, mode: int = 0o600) -> socket.socket:
     finally:
         os.umask(old)
     return s
-
-
-_PR_SET_PDEATHSIG = 1
-
-
-def die_with_parent(parent: int, sig: int = signal.SIGTERM) -> None:
-    """Have the kernel send ``sig`` to this process when its parent thread
-    dies (Linux ``prctl(PR_SET_PDEATHSIG)``), so a SIGKILLed ``serve``
-    supervisor leaves no worker holding the port. ``parent`` is the pid the
-    caller forked from: if it is already gone (the death happened before the
-    prctl), exit now, as the signal would have made us.
-    """
-    try:
-        import ctypes
-
-        libc = ctypes.CDLL(None, use_errno=True)
-        if libc.prctl(_PR_SET_PDEATHSIG, int(sig), 0, 0, 0) != 0:
-            log.warning("prctl(PR_SET_PDEATHSIG) failed: %s", os.strerror(ctypes.get_errno()))
-    except (OSError, AttributeError):  # not Linux: the supervisor's SIGTERM is the only stop
-        return
-    if os.getppid() != parent:
-        os._exit(0)
 
 
 def _open_cache(name: str, size, create: bool) -> Cache:
