@@ -13,6 +13,7 @@ import itertools
 import logging
 import os
 import re
+import socket
 import time
 
 try:
@@ -50,7 +51,9 @@ class _NotAnArray(Exception):
 
 
 class Connection:
-    """State of one client; the asyncio Protocol in ``server`` drives it."""
+    """State of one client; a transport drives it through :func:`handle_read`
+    (the worker's epoll loop in ``eventloop``, or the asyncio Protocol in
+    ``server`` inside an application's loop)."""
 
     def __init__(self, server, transport, addr: str, laddr: str):
         self.server = server
@@ -346,6 +349,63 @@ class Connection:
                self.partial, self.transport.get_write_buffer_size() if self.transport else 0,
                self.last_cmd, self.resp, self.lib_name, self.lib_ver)
         )
+
+
+def admit(srv, transport, sock, peer, local):
+    """A new client of ``srv`` on ``transport``: its Connection, registered;
+    or None when ``max_clients`` is reached (told so, and closed)."""
+    srv.connections_received += 1
+    if len(srv.connections) >= srv.max_clients:
+        srv.rejected += 1
+        transport.write(b"-ERR max number of clients reached\r\n")
+        transport.close()
+        return None
+    if isinstance(peer, tuple):
+        addr = f"{peer[0]}:{peer[1]}"
+        laddr = f"{local[0]}:{local[1]}"
+        if sock is not None:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    else:
+        addr = f"{srv.unix}:0"
+        laddr = addr
+    conn = Connection(srv, transport, addr, laddr)
+    conn.kill = transport.close
+    srv.connections[conn.id] = conn
+    return conn
+
+
+def handle_read(srv, conn, transport, data: bytes, flow) -> None:
+    """Run the requests in ``data`` (one read of ``conn``'s client) and write
+    their replies in one ``transport.write``. The client is closed after
+    malformed input (the replies before it, then the protocol error), QUIT,
+    or a bug (which costs one client, never the server); dropped when the
+    replies to this read, or those it has not read (``flow.paused``: past the
+    transport's high-water mark, reading stopped), pass ``max_output_buffer``."""
+    try:
+        out = conn.feed(data)
+    except ProtocolFailure as e:
+        transport.write(e.out + error(f"ERR Protocol error: {e}"))
+        log.info("closing client %s: protocol error: %s", conn.addr, e)
+        transport.close()
+        conn.closing = True
+        return
+    except OutputLimit as e:
+        log.warning("closing client %s: the replies to one read passed max-output-buffer=%d (%s bytes)",
+                    conn.addr, srv.max_output_buffer, e)
+        transport.close()
+        conn.closing = True
+        return
+    except Exception:
+        log.exception("closing client %s after an internal error", conn.addr)
+        transport.close()
+        return
+    if out:
+        transport.write(out)
+    if conn.closing:
+        transport.close()
+    elif flow.paused and transport.get_write_buffer_size() > srv.max_output_buffer:
+        log.warning("closing client %s: output buffer over max-output-buffer=%d", conn.addr, srv.max_output_buffer)
+        transport.abort()
 
 
 #: hiredis allocates an array's list when it reads the "*N" header, and
