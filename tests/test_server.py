@@ -824,6 +824,20 @@ def test_regression_huge_count_sent_byte_by_byte_is_refused_before_allocating(se
         assert s.recv(100) == b"+PONG\r\n"
 
 
+@pytest.mark.parametrize("data", [
+    b"*1048577\r\n",  # 7 digits, the shortest count over the limit, alone in the read
+    b"*1\r\n$4\r\nPING\r\n*2147483648\r\n",  # after a whole frame
+    b"*2\r\n$4\r\nECHO\r\n$1\r\n*\r\n*1048577\r\n",  # after a value holding "*"
+], ids=["alone", "after-a-frame", "after-a-star-value"])
+def test_big_counts_are_refused_wherever_they_sit_in_a_read(server, data):
+    """The count check runs its regex only where a 7-digit count can be (a
+    "*" past the first byte, or a long first count line): each place."""
+    srv, _ = server
+    out = raw(srv.port, data)
+    assert out.endswith(b"-ERR Protocol error: invalid multibulk length\r\n"), out
+    assert out.count(b"\r\n") <= 3
+
+
 # ------------------------------------------------------ bits, LCS, CONFIG SET
 def test_setbit_getbit_bitcount(r, server):
     _, cache = server

@@ -115,26 +115,34 @@ class Connection:
                 if self.inline or data[0] != 42:  # 42: '*'
                     data = self._inline(data, out)
                     continue
-                if data[1:2] == b"-" or data[1:3] == b"0\r":
+                if data.startswith(_EMPTY_MULTIBULK):
                     # "*-10" / "*0": Redis skips an empty multibulk (hiredis
                     # only knows "*-1" as a reply), checked at frame starts
                     nl = data.find(b"\n")
                     if 0 < nl < 32:
                         data = data[nl + 1 :]
                         continue
-            big = _BIG_COUNT.search(data)
-            if big is not None:
-                _check_big_counts(data, big, srv.max_multibulk, at_line)
-            tail = _OPEN_COUNT.search(data, max(0, len(data) - 24))
-            if tail is not None and (data[tail.start() - 1] == 10 if tail.start() else at_line):
-                # A "*123" count line cut by the read: hold it back until its
-                # digits are complete, so the check above sees the whole
-                # count before hiredis does (it allocates the list on reading
-                # it). At most 8 bytes: 7 digits are checked above already.
-                data, self.carry = data[: tail.start()], data[tail.start() :]
-                if not data:
-                    return
-            self.prev_nl = data[-1] == 10
+            # The regex only where a count of 7+ digits can be: a "*" past the
+            # first byte, or a first count line longer than 6 characters (a
+            # single unpipelined command has neither; two finds cost a
+            # quarter of the search).
+            if data.find(b"*", 1) >= 0 or (data[0] == 42 and not 0 <= data.find(b"\n", 0, 9)):
+                big = _BIG_COUNT.search(data)
+                if big is not None:
+                    _check_big_counts(data, big, srv.max_multibulk, at_line)
+            if data[-1] == 10:  # the usual read, whole lines: no count line cut (_OPEN_COUNT ends at the end)
+                self.prev_nl = True
+            else:
+                tail = _OPEN_COUNT.search(data, max(0, len(data) - 24))
+                if tail is not None and (data[tail.start() - 1] == 10 if tail.start() else at_line):
+                    # A "*123" count line cut by the read: hold it back until its
+                    # digits are complete, so the check above sees the whole
+                    # count before hiredis does (it allocates the list on reading
+                    # it). At most 8 bytes: 7 digits are checked above already.
+                    data, self.carry = data[: tail.start()], data[tail.start() :]
+                    if not data:
+                        return
+                self.prev_nl = data[-1] == 10
             reader = self.reader
             reader.feed(data)
             gets = reader.gets
@@ -381,10 +389,12 @@ def handle_read(srv, conn, transport, data: bytes, flow) -> None:
     or a bug (which costs one client, never the server); dropped when the
     replies to this read, or those it has not read (``flow.paused``: past the
     transport's high-water mark, reading stopped), pass ``max_output_buffer``."""
+    replies: list = []
+    conn.out_bytes = 0
     try:
-        out = conn.feed(data)
+        conn._feed(data, replies)  # feed() without its frame: this runs once per read
     except ProtocolFailure as e:
-        transport.write(e.out + error(f"ERR Protocol error: {e}"))
+        transport.write(b"".join(replies) + error(f"ERR Protocol error: {e}"))
         log.info("closing client %s: protocol error: %s", conn.addr, e)
         transport.close()
         conn.closing = True
@@ -399,8 +409,8 @@ def handle_read(srv, conn, transport, data: bytes, flow) -> None:
         log.exception("closing client %s after an internal error", conn.addr)
         transport.close()
         return
-    if out:
-        transport.write(out)
+    if replies:
+        transport.write(b"".join(replies))
     if conn.closing:
         transport.close()
     elif flow.paused and transport.get_write_buffer_size() > srv.max_output_buffer:
@@ -416,6 +426,8 @@ def handle_read(srv, conn, transport, data: bytes, flow) -> None:
 #: false positive, refused as a protocol error).
 _BIG_COUNT = re.compile(rb"\*-?[0-9]{7,}")
 _OPEN_COUNT = re.compile(rb"\*-?[0-9]*\Z")
+#: "*-10" / "*0": an empty multibulk, skipped at a frame start.
+_EMPTY_MULTIBULK = (b"*-", b"*0\r")
 
 
 def _check_big_counts(data: bytes, m, max_mb: int, at_line: bool) -> None:
