@@ -1060,3 +1060,39 @@ def test_asyncio_entry_point_serves_the_same_commands(tmp_path):
             srv.stop_thread()
         assert not thread.is_alive()
     Cache.unlink(name)
+
+
+def test_regression_accept_out_of_descriptors_pauses_instead_of_spinning():
+    """With the worker's descriptors used up, accept() fails while the
+    connection waits in the backlog, so the listening socket stays readable:
+    retried at once, the loop would spin at 100% CPU writing a warning per
+    turn. It stops accepting for a second instead (as asyncio does), keeps
+    serving its clients, and accepts the waiting ones once descriptors free up."""
+    import resource
+
+    name = fresh_name("resp")
+    srv = ServeProcess(name)
+    waiting = []
+    try:
+        a = client(port=srv.port)
+        assert a.ping()
+        pid = srv.proc.pid
+        limits = resource.prlimit(pid, resource.RLIMIT_NOFILE)
+        resource.prlimit(pid, resource.RLIMIT_NOFILE, (len(os.listdir(f"/proc/{pid}/fd")), limits[1]))
+        try:
+            waiting = [socket.create_connection(("127.0.0.1", srv.port), timeout=10) for _ in range(3)]
+            time.sleep(1.5)
+            assert a.ping()  # the connected client is still served
+        finally:
+            resource.prlimit(pid, resource.RLIMIT_NOFILE, limits)
+        for s in waiting:  # accepted once the pause is over
+            s.sendall(b"PING\r\n")
+            assert s.recv(100) == b"+PONG\r\n"
+        a.close()
+    finally:
+        for s in waiting:
+            s.close()
+        assert srv.stop() == 0
+        Cache.unlink(name)
+    warnings = srv.stderr().count("cannot accept a connection")
+    assert 1 <= warnings <= 4, srv.stderr()[-2000:]

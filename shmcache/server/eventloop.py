@@ -23,6 +23,7 @@ import os
 import select
 import signal
 import socket
+import time
 
 from .connection import admit, handle_read
 
@@ -32,6 +33,10 @@ log = logging.getLogger("shmcache.server")
 READ_SIZE = 64 * 1024
 #: Connections accepted per readiness of a listening socket (Redis: 1000).
 ACCEPTS_PER_EVENT = 100
+#: Seconds a listening socket is left alone after accept() ran out of file
+#: descriptors or memory (asyncio waits 1 s too): the pending connection
+#: keeps it readable, and retrying at once would spin and flood the log.
+ACCEPT_RETRY_DELAY = 1.0
 
 _IN, _OUT = select.EPOLLIN, select.EPOLLOUT
 #: read(2)/write(2) on the socket's fd: what recv/send with no flags do, but
@@ -147,6 +152,8 @@ class Loop:
         self.epoll = select.epoll()
         self.clients: dict[int, Client] = {}
         self.closing: list[Client] = []  # close() called during this event
+        self.accept_paused: list = []  # listeners out of descriptors, until accept_resume_at
+        self.accept_resume_at = 0.0
 
     def accept(self, lsock: socket.socket) -> None:
         srv = self.server
@@ -157,7 +164,11 @@ class Loop:
                 return
             except OSError as e:
                 if e.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
-                    log.warning("cannot accept a connection: %s", e.strerror)
+                    log.warning("cannot accept a connection (%s); not accepting for %g s", e.strerror,
+                                ACCEPT_RETRY_DELAY)
+                    self.epoll.unregister(lsock.fileno())
+                    self.accept_paused.append(lsock)
+                    self.accept_resume_at = time.monotonic() + ACCEPT_RETRY_DELAY
                 return  # ECONNABORTED & co: that one is gone
             sock.setblocking(False)
             client = Client(self, sock, min(1 << 20, srv.max_output_buffer))
@@ -187,6 +198,10 @@ class Loop:
         srv = self.server
         try:
             while not stop():
+                if self.accept_paused and time.monotonic() >= self.accept_resume_at:
+                    for lsock in self.accept_paused:
+                        epoll.register(lsock.fileno(), _IN)
+                    self.accept_paused = []
                 for fd, ev in epoll.poll(1.0):
                     c = clients.get(fd)
                     if c is None:
