@@ -213,23 +213,28 @@ class Loop:
                             except OSError:
                                 pass
                         continue
-                    if ev & _OUT or (c.out and ev & (select.EPOLLERR | select.EPOLLHUP)):
-                        c.flush()
-                        if c.closed:
-                            continue
-                    if ev & _IN_ERR and c.mask & _IN:
-                        try:
-                            data = _read(fd, READ_SIZE)
-                        except _RETRY:
-                            continue
-                        except OSError:
-                            c.abort()
-                            continue
-                        if not data:  # the client closed its side
-                            c.close()
-                        else:
-                            handle_read(srv, c.conn, c, data, c)
-                    if self.closing:
+                    try:
+                        if ev & _OUT or (c.out and ev & (select.EPOLLERR | select.EPOLLHUP)):
+                            c.flush()
+                            if c.closed:
+                                continue
+                        if ev & _IN_ERR and c.mask & _IN:
+                            try:
+                                data = _read(fd, READ_SIZE)
+                            except _RETRY:
+                                continue
+                            except OSError:
+                                c.abort()
+                                continue
+                            if not data:  # the client closed its side
+                                c.close()
+                            else:
+                                handle_read(srv, c.conn, c, data, c)
+                        if self.closing:
+                            self.finish_closing()
+                    except Exception:  # a bug must cost one client, not the worker (handle_read has its own)
+                        log.exception("closing a client after an internal error")
+                        c.abort()
                         self.finish_closing()
         finally:
             for c in list(clients.values()):
