@@ -7,8 +7,13 @@
 For each pipeline depth it runs ``redis-benchmark -t set,get,incr,mset -n N
 -c 50 [-P 16] --csv`` against redis-server, ``shmcache serve --workers 1``
 and ``--workers 2`` (TCP on 127.0.0.1, each server on its own fresh cache),
-in turn, and prints requests/s, p50/p99/max latency and the ratios to
-redis-server. Every server is started here and stopped by PID.
+in turn, and prints requests/s, p50/p99/max latency, the ratios to
+redis-server, and what a request cost the server in CPU: the user + system
+time of the server's processes (psutil; every worker of ``shmcache serve``)
+over one test, divided by its requests. That figure is contention-insensitive
+where requests/s is not (a shared machine slows the clock, not the work).
+Each test is its own redis-benchmark run so its CPU time is its own. Every
+server is started here and stopped by PID.
 """
 
 from __future__ import annotations
@@ -26,6 +31,8 @@ import sys
 import tempfile
 import time
 import uuid
+
+import psutil
 
 TESTS = "set,get,incr,mset"
 
@@ -80,14 +87,36 @@ def start_shmcache(workers: int, size: str):
     return p, port, name
 
 
-def run_benchmark(port: int, n: int, clients: int, pipeline: int) -> dict:
-    cmd = ["redis-benchmark", "-h", "127.0.0.1", "-p", str(port), "-t", TESTS, "-n", str(n),
-           "-c", str(clients), "-P", str(pipeline), "--csv", "-r", "100000"]
-    out = subprocess.run(cmd, capture_output=True, text=True, timeout=1800).stdout
+def server_cpu(proc: subprocess.Popen) -> float:
+    """User + system seconds used so far by ``proc`` and its live children
+    (the workers of ``shmcache serve``; they outlive every test of a run)."""
+    total = 0.0
+    try:
+        root = psutil.Process(proc.pid)
+        procs = [root] + root.children(recursive=True)
+    except psutil.NoSuchProcess:
+        return total
+    for p in procs:
+        try:
+            t = p.cpu_times()
+        except psutil.NoSuchProcess:
+            continue
+        total += t.user + t.system
+    return total
+
+
+def run_benchmark(proc: subprocess.Popen, port: int, n: int, clients: int, pipeline: int) -> dict:
     rows = {}
-    for row in csv.DictReader(io.StringIO(out)):
-        test = row["test"].split(" ")[0]
-        rows[test] = {k: float(v) for k, v in row.items() if k != "test"}
+    for test in TESTS.split(","):
+        cmd = ["redis-benchmark", "-h", "127.0.0.1", "-p", str(port), "-t", test, "-n", str(n),
+               "-c", str(clients), "-P", str(pipeline), "--csv", "-r", "100000"]
+        before = server_cpu(proc)
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=1800).stdout
+        cpu_us = (server_cpu(proc) - before) / n * 1e6
+        for row in csv.DictReader(io.StringIO(out)):
+            name = row["test"].split(" ")[0]
+            rows[name] = {k: float(v) for k, v in row.items() if k != "test"}
+            rows[name]["cpu_us"] = cpu_us
     return rows
 
 
@@ -125,7 +154,7 @@ def main(argv=None) -> int:
                 for label, start in contenders:
                     proc, port, name = start(tmp)
                     try:
-                        runs.setdefault((depth, label), []).append(run_benchmark(port, a.n, a.c, depth))
+                        runs.setdefault((depth, label), []).append(run_benchmark(proc, port, a.n, a.c, depth))
                     finally:
                         stop(proc)
                         if name:
@@ -140,8 +169,11 @@ def main(argv=None) -> int:
         f"{os.getloadavg()[0]:.1f}), {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; "
         f"{subprocess.run(['redis-server', '--version'], capture_output=True, text=True).stdout.split(' sha')[0]}.",
         "",
-        "| pipeline | test | server | requests/s | p50 ms | p99 ms | max ms | vs redis-server |",
-        "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: |",
+        "server CPU: user + system time of the server's processes per request (µs), "
+        "of the round shown.",
+        "",
+        "| pipeline | test | server | requests/s | p50 ms | p99 ms | max ms | vs redis-server | server CPU µs/req |",
+        "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for depth in [int(x) for x in a.pipelines.split(",")]:
         for test in TESTS.split(","):
@@ -153,7 +185,7 @@ def main(argv=None) -> int:
                     continue
                 ratio = f"{r['rps'] / base:.2f}x" if base else "-"
                 lines.append(f"| {depth} | {key} | {label} | {r['rps']:,.0f} | {r['p50_latency_ms']:.3f} | "
-                             f"{r['p99_latency_ms']:.3f} | {r['max_latency_ms']:.3f} | {ratio} |")
+                             f"{r['p99_latency_ms']:.3f} | {r['max_latency_ms']:.3f} | {ratio} | {r['cpu_us']:.1f} |")
     text = "\n".join(lines) + "\n"
     print(text)
     if a.out:

@@ -824,6 +824,20 @@ def test_regression_huge_count_sent_byte_by_byte_is_refused_before_allocating(se
         assert s.recv(100) == b"+PONG\r\n"
 
 
+@pytest.mark.parametrize("data", [
+    b"*1048577\r\n",  # 7 digits, the shortest count over the limit, alone in the read
+    b"*1\r\n$4\r\nPING\r\n*2147483648\r\n",  # after a whole frame
+    b"*2\r\n$4\r\nECHO\r\n$1\r\n*\r\n*1048577\r\n",  # after a value holding "*"
+], ids=["alone", "after-a-frame", "after-a-star-value"])
+def test_big_counts_are_refused_wherever_they_sit_in_a_read(server, data):
+    """The count check runs its regex only where a 7-digit count can be (a
+    "*" past the first byte, or a long first count line): each place."""
+    srv, _ = server
+    out = raw(srv.port, data)
+    assert out.endswith(b"-ERR Protocol error: invalid multibulk length\r\n"), out
+    assert out.count(b"\r\n") <= 3
+
+
 # ------------------------------------------------------ bits, LCS, CONFIG SET
 def test_setbit_getbit_bitcount(r, server):
     _, cache = server
@@ -970,3 +984,115 @@ def test_daemon_serve_child_dies_with_a_killed_daemon():
             d.kill()
             d.wait(10)
         Cache.unlink(name)
+
+
+def _read_replies(s: socket.socket, n: int, size: int) -> int:
+    """Read ``n`` bulk replies of ``size`` bytes of b"x" from ``s``; how many came whole."""
+    want = b"$%d\r\n%s\r\n" % (size, b"x" * size)
+    buf = b""
+    got = 0
+    while got < n:
+        chunk = s.recv(1 << 20)
+        if not chunk:
+            break
+        buf += chunk
+        while buf.startswith(want):
+            buf = buf[len(want):]
+            got += 1
+        assert want.startswith(buf[: len(want)]), buf[:80]  # nothing but whole, ordered replies
+    return got
+
+
+def test_a_client_that_does_not_read_its_replies_is_paused_then_served_in_full(server):
+    """The worker's own event loop buffers only what the socket refuses and,
+    past 1 MiB buffered, stops reading that client's requests (its other
+    clients are served meanwhile) until the client reads; then every reply
+    arrives, in order."""
+    srv, cache = server
+    size = 60_000
+    cache["big"] = b"x" * size
+    s = socket.create_connection(("127.0.0.1", srv.port), timeout=10)
+    try:
+        s.sendall(b"CLIENT SETNAME slowreader\r\n")
+        assert s.recv(100) == b"+OK\r\n"
+        for _ in range(40):  # 24 MB of replies asked for, 10 GETs per read
+            s.sendall(b"GET big\r\n" * 10)
+            time.sleep(0.01)
+        time.sleep(0.3)
+        other = client(port=srv.port)
+        assert other.ping()
+        [me] = [c for c in other.client_list() if c["name"] == "slowreader"]
+        # at most the 1 MiB mark plus the replies of the read that crossed it
+        assert int(me["omem"]) < 2 * 2**20, me
+        other.close()
+        assert _read_replies(s, 400, size) == 400
+        s.sendall(b"PING\r\n")
+        assert s.recv(100) == b"+PONG\r\n"
+    finally:
+        s.close()
+
+
+def test_asyncio_entry_point_serves_the_same_commands(tmp_path):
+    """``Server.start()`` inside an asyncio loop (here ``start_in_thread``)
+    drives the same connections as the workers' epoll loop: commands,
+    pipelining, replies that do not fit the socket, a protocol error."""
+    from shmcache.server import start_in_thread
+
+    name = fresh_name("resp")
+    with Cache(name, size="16MiB") as cache:
+        srv, thread = start_in_thread(cache, port=0)
+        try:
+            r = client(port=srv.port, protocol=3)
+            assert r.set("a", "1") and r.incr("a") == 2 and cache["a"] == 2
+            with r.pipeline(transaction=False) as p:
+                for i in range(500):
+                    p.set(f"k{i}", i).get(f"k{i}")
+                assert p.execute()[1::2] == [str(i).encode() for i in range(500)]
+            cache["big"] = b"x" * 60_000
+            s = socket.create_connection(("127.0.0.1", srv.port), timeout=10)
+            s.sendall(b"GET big\r\n" * 100)
+            assert _read_replies(s, 100, 60_000) == 100
+            s.close()
+            assert raw(srv.port, b"*1\r\nfoo\r\n") == b"-ERR Protocol error: expected '$', got 'f'\r\n"
+            assert r.ping()
+            r.close()
+        finally:
+            srv.stop_thread()
+        assert not thread.is_alive()
+    Cache.unlink(name)
+
+
+def test_regression_accept_out_of_descriptors_pauses_instead_of_spinning():
+    """With the worker's descriptors used up, accept() fails while the
+    connection waits in the backlog, so the listening socket stays readable:
+    retried at once, the loop would spin at 100% CPU writing a warning per
+    turn. It stops accepting for a second instead (as asyncio does), keeps
+    serving its clients, and accepts the waiting ones once descriptors free up."""
+    import resource
+
+    name = fresh_name("resp")
+    srv = ServeProcess(name)
+    waiting = []
+    try:
+        a = client(port=srv.port)
+        assert a.ping()
+        pid = srv.proc.pid
+        limits = resource.prlimit(pid, resource.RLIMIT_NOFILE)
+        resource.prlimit(pid, resource.RLIMIT_NOFILE, (len(os.listdir(f"/proc/{pid}/fd")), limits[1]))
+        try:
+            waiting = [socket.create_connection(("127.0.0.1", srv.port), timeout=10) for _ in range(3)]
+            time.sleep(1.5)
+            assert a.ping()  # the connected client is still served
+        finally:
+            resource.prlimit(pid, resource.RLIMIT_NOFILE, limits)
+        for s in waiting:  # accepted once the pause is over
+            s.sendall(b"PING\r\n")
+            assert s.recv(100) == b"+PONG\r\n"
+        a.close()
+    finally:
+        for s in waiting:
+            s.close()
+        assert srv.stop() == 0
+        Cache.unlink(name)
+    warnings = srv.stderr().count("cannot accept a connection")
+    assert 1 <= warnings <= 4, srv.stderr()[-2000:]

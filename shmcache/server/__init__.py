@@ -29,8 +29,7 @@ from .._pdeathsig import die_with_parent
 from ..cache import Cache
 from ..errors import Error
 from . import connection as _connection
-from .commands import error
-from .connection import Connection, OutputLimit, ProtocolFailure
+from .connection import Connection, admit, handle_read
 
 log = logging.getLogger("shmcache.server")
 
@@ -118,61 +117,20 @@ class _Protocol(asyncio.Protocol):
         self.paused = False  # the client's unread replies are over the high-water mark
 
     def connection_made(self, transport):
-        srv = self.srv
         self.transport = transport
-        srv.connections_received += 1
-        if len(srv.connections) >= srv.max_clients:
-            srv.rejected += 1
-            transport.write(b"-ERR max number of clients reached\r\n")
-            transport.close()
-            return
         peer = transport.get_extra_info("peername")
-        sock = transport.get_extra_info("socket")
-        if isinstance(peer, tuple):
-            addr = f"{peer[0]}:{peer[1]}"
-            local = transport.get_extra_info("sockname")
-            laddr = f"{local[0]}:{local[1]}"
-            if sock is not None:
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        else:
-            addr = f"{srv.unix}:0"
-            laddr = addr
-        conn = Connection(srv, transport, addr, laddr)
-        conn.kill = transport.close
+        local = transport.get_extra_info("sockname")
+        conn = admit(self.srv, transport, transport.get_extra_info("socket"), peer, local)
+        if conn is None:
+            return
         self.conn = conn
-        srv.connections[conn.id] = conn
-        transport.set_write_buffer_limits(high=min(1 << 20, srv.max_output_buffer))
+        transport.set_write_buffer_limits(high=min(1 << 20, self.srv.max_output_buffer))
 
     def data_received(self, data):
         conn = self.conn
         if conn is None:
             return
-        try:
-            out = conn.feed(data)
-        except ProtocolFailure as e:
-            self.transport.write(e.out + error(f"ERR Protocol error: {e}"))
-            log.info("closing client %s: protocol error: %s", conn.addr, e)
-            self.transport.close()
-            conn.closing = True
-            return
-        except OutputLimit as e:
-            log.warning("closing client %s: the replies to one read passed max-output-buffer=%d (%s bytes)",
-                        conn.addr, self.srv.max_output_buffer, e)
-            self.transport.close()
-            conn.closing = True
-            return
-        except Exception:  # a bug must cost one client, not the server
-            log.exception("closing client %s after an internal error", conn.addr)
-            self.transport.close()
-            return
-        if out:
-            self.transport.write(out)
-        if conn.closing:
-            self.transport.close()
-        elif self.paused and self.transport.get_write_buffer_size() > self.srv.max_output_buffer:
-            log.warning("closing client %s: output buffer over max-output-buffer=%d", conn.addr,
-                        self.srv.max_output_buffer)
-            self.transport.abort()
+        handle_read(self.srv, conn, self.transport, data, self)
 
     def pause_writing(self):
         # The client is not reading its replies: stop reading its requests
@@ -248,18 +206,41 @@ class Server:
         """
         loop = asyncio.get_running_loop()
         factory = lambda: _Protocol(self)  # noqa: E731
+        for sock in self._listening_sockets():
+            if sock.family == socket.AF_UNIX:
+                self._servers.append(await loop.create_unix_server(factory, sock=sock))
+            else:
+                self._servers.append(await loop.create_server(factory, sock=sock))
+        return self
+
+    def run(self) -> None:
+        """Serve on this (main) thread until SIGTERM or SIGINT, with the
+        worker's epoll loop (less CPU per request than asyncio; what
+        :func:`serve` runs). Then drops every client and stops listening.
+
+        Raises:
+            OSError: the address is in use or not allowed.
+        """
+        from .eventloop import run_until_signal
+
+        run_until_signal(self, self._listening_sockets())
+
+    def _listening_sockets(self) -> list:
+        """The TCP and unix sockets to accept on (given, or bound now);
+        ``self.port`` becomes the real port."""
+        socks = []
         if self._sock is not None:
-            self._servers.append(await loop.create_server(factory, sock=self._sock))
+            socks.append(self._sock)
             self.port = self._sock.getsockname()[1]
         elif self.port is not None and self.bind:
             sock = listen_tcp(self.bind, self.port, reuse_port=False)
-            self._servers.append(await loop.create_server(factory, sock=sock))
+            socks.append(sock)
             self.port = sock.getsockname()[1]
         if self._unix_sock is not None:
-            self._servers.append(await loop.create_unix_server(factory, sock=self._unix_sock))
+            socks.append(self._unix_sock)
         elif self.unix:
-            self._servers.append(await loop.create_unix_server(factory, sock=listen_unix(self.unix, self.unix_mode)))
-        return self
+            socks.append(listen_unix(self.unix, self.unix_mode))
+        return socks
 
     async def serve_forever(self) -> None:
         await asyncio.gather(*(s.serve_forever() for s in self._servers))
@@ -329,19 +310,7 @@ def _run_worker(name: str, size, kw: dict, sock, unix_sock, workers: int) -> Non
     """Body of one server process: open the cache, serve until SIGTERM/SIGINT."""
     cache = _open_cache(name, size, True)
     try:
-        async def main():
-            srv = Server(cache, sock=sock, unix_sock=unix_sock, workers=workers, **kw)
-            await srv.start()
-            stop = asyncio.Event()
-            loop = asyncio.get_running_loop()
-            for sig in (signal.SIGTERM, signal.SIGINT):
-                loop.add_signal_handler(sig, stop.set)
-            task = asyncio.ensure_future(srv.serve_forever())
-            await stop.wait()
-            srv.close()
-            task.cancel()
-
-        asyncio.run(main())
+        Server(cache, sock=sock, unix_sock=unix_sock, workers=workers, **kw).run()
     finally:
         cache.close()
 

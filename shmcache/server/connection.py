@@ -13,6 +13,7 @@ import itertools
 import logging
 import os
 import re
+import socket
 import time
 
 try:
@@ -50,7 +51,9 @@ class _NotAnArray(Exception):
 
 
 class Connection:
-    """State of one client; the asyncio Protocol in ``server`` drives it."""
+    """State of one client; a transport drives it through :func:`handle_read`
+    (the worker's epoll loop in ``eventloop``, or the asyncio Protocol in
+    ``server`` inside an application's loop)."""
 
     def __init__(self, server, transport, addr: str, laddr: str):
         self.server = server
@@ -112,26 +115,34 @@ class Connection:
                 if self.inline or data[0] != 42:  # 42: '*'
                     data = self._inline(data, out)
                     continue
-                if data[1:2] == b"-" or data[1:3] == b"0\r":
+                if data.startswith(_EMPTY_MULTIBULK):
                     # "*-10" / "*0": Redis skips an empty multibulk (hiredis
                     # only knows "*-1" as a reply), checked at frame starts
                     nl = data.find(b"\n")
                     if 0 < nl < 32:
                         data = data[nl + 1 :]
                         continue
-            big = _BIG_COUNT.search(data)
-            if big is not None:
-                _check_big_counts(data, big, srv.max_multibulk, at_line)
-            tail = _OPEN_COUNT.search(data, max(0, len(data) - 24))
-            if tail is not None and (data[tail.start() - 1] == 10 if tail.start() else at_line):
-                # A "*123" count line cut by the read: hold it back until its
-                # digits are complete, so the check above sees the whole
-                # count before hiredis does (it allocates the list on reading
-                # it). At most 8 bytes: 7 digits are checked above already.
-                data, self.carry = data[: tail.start()], data[tail.start() :]
-                if not data:
-                    return
-            self.prev_nl = data[-1] == 10
+            # The regex only where a count of 7+ digits can be: a "*" past the
+            # first byte, or a first count line longer than 6 characters (a
+            # single unpipelined command has neither; two finds cost a
+            # quarter of the search).
+            if data.find(b"*", 1) >= 0 or (data[0] == 42 and not 0 <= data.find(b"\n", 0, 9)):
+                big = _BIG_COUNT.search(data)
+                if big is not None:
+                    _check_big_counts(data, big, srv.max_multibulk, at_line)
+            if data[-1] == 10:  # the usual read, whole lines: no count line cut (_OPEN_COUNT ends at the end)
+                self.prev_nl = True
+            else:
+                tail = _OPEN_COUNT.search(data, max(0, len(data) - 24))
+                if tail is not None and (data[tail.start() - 1] == 10 if tail.start() else at_line):
+                    # A "*123" count line cut by the read: hold it back until its
+                    # digits are complete, so the check above sees the whole
+                    # count before hiredis does (it allocates the list on reading
+                    # it). At most 8 bytes: 7 digits are checked above already.
+                    data, self.carry = data[: tail.start()], data[tail.start() :]
+                    if not data:
+                        return
+                self.prev_nl = data[-1] == 10
             reader = self.reader
             reader.feed(data)
             gets = reader.gets
@@ -348,6 +359,65 @@ class Connection:
         )
 
 
+def admit(srv, transport, sock, peer, local):
+    """A new client of ``srv`` on ``transport``: its Connection, registered;
+    or None when ``max_clients`` is reached (told so, and closed)."""
+    srv.connections_received += 1
+    if len(srv.connections) >= srv.max_clients:
+        srv.rejected += 1
+        transport.write(b"-ERR max number of clients reached\r\n")
+        transport.close()
+        return None
+    if isinstance(peer, tuple):
+        addr = f"{peer[0]}:{peer[1]}"
+        laddr = f"{local[0]}:{local[1]}"
+        if sock is not None:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    else:
+        addr = f"{srv.unix}:0"
+        laddr = addr
+    conn = Connection(srv, transport, addr, laddr)
+    conn.kill = transport.close
+    srv.connections[conn.id] = conn
+    return conn
+
+
+def handle_read(srv, conn, transport, data: bytes, flow) -> None:
+    """Run the requests in ``data`` (one read of ``conn``'s client) and write
+    their replies in one ``transport.write``. The client is closed after
+    malformed input (the replies before it, then the protocol error), QUIT,
+    or a bug (which costs one client, never the server); dropped when the
+    replies to this read, or those it has not read (``flow.paused``: past the
+    transport's high-water mark, reading stopped), pass ``max_output_buffer``."""
+    replies: list = []
+    conn.out_bytes = 0
+    try:
+        conn._feed(data, replies)  # feed() without its frame: this runs once per read
+    except ProtocolFailure as e:
+        transport.write(b"".join(replies) + error(f"ERR Protocol error: {e}"))
+        log.info("closing client %s: protocol error: %s", conn.addr, e)
+        transport.close()
+        conn.closing = True
+        return
+    except OutputLimit as e:
+        log.warning("closing client %s: the replies to one read passed max-output-buffer=%d (%s bytes)",
+                    conn.addr, srv.max_output_buffer, e)
+        transport.close()
+        conn.closing = True
+        return
+    except Exception:
+        log.exception("closing client %s after an internal error", conn.addr)
+        transport.close()
+        return
+    if replies:
+        transport.write(b"".join(replies))
+    if conn.closing:
+        transport.close()
+    elif flow.paused and transport.get_write_buffer_size() > srv.max_output_buffer:
+        log.warning("closing client %s: output buffer over max-output-buffer=%d", conn.addr, srv.max_output_buffer)
+        transport.abort()
+
+
 #: hiredis allocates an array's list when it reads the "*N" header, and
 #: freeing it walks all N slots: "*3000000000" alone would stall the loop for
 #: half a minute. So counts of 7+ digits are checked before hiredis sees them
@@ -356,6 +426,8 @@ class Connection:
 #: false positive, refused as a protocol error).
 _BIG_COUNT = re.compile(rb"\*-?[0-9]{7,}")
 _OPEN_COUNT = re.compile(rb"\*-?[0-9]*\Z")
+#: "*-10" / "*0": an empty multibulk, skipped at a frame start.
+_EMPTY_MULTIBULK = (b"*-", b"*0\r")
 
 
 def _check_big_counts(data: bytes, m, max_mb: int, at_line: bool) -> None:
