@@ -147,6 +147,8 @@ class Repair:
             if len(hit):
                 self._delete_at(s, int(hit[-1]))
         self._rehome_unreachable(s)
+        chained = self._repair_chains(s)
+        head, tail, fill = self._ring(s)  # _repair_chains may have cut the head's fill back
         items, live, head_end = self._tally(s, head)
         L.ACCOUNT.pack_into(mm, self.stripe_off + (s << 6) + L.S_ITEMS, items, live)
         self._set_ring(s, head, tail, max(fill, head_end))
@@ -156,7 +158,107 @@ class Repair:
             # Entries it already handled are dead and skipped; the head was
             # fresh when it began, so what it would copy still fits.
             self._reclaim(s, tail, 0, self.clock(), second_chance=True)
-        return len(victims)
+        return len(victims) + chained
+
+    def _chain(self, s: int, seg: int, end: int) -> tuple[set, int]:
+        """Walk segment ``seg``'s entries from its header as a reclaim does
+        (arena._walk): (the offsets of the entries on the chain, where the walk
+        stopped). A whole segment's walk stops exactly at ``end``; a damaged
+        entry or segment header makes it stop short (an implausible header, or
+        fewer than a header's bytes left) or skip over an entry."""
+        base = self._seg_base(s, seg)
+        mm = self.mm
+        e = L.SEG_HEADER
+        starts = set()
+        while e + _HDR <= end:
+            _chk, vlen, klen, _flags, _p = L.ENTRY.unpack_from(mm, base + e)
+            alloc = L.entry_alloc(klen, vlen)
+            if klen > self.max_key or vlen > self.max_value or e + alloc > end:
+                break
+            starts.add(e)
+            e += alloc
+        return starts, e
+
+    @staticmethod
+    def _chain_whole(is_head: bool, stop: int, end: int) -> bool:
+        """Did a walk that stopped at ``stop`` cover the segment? The head's
+        must reach its fill exactly (the next entry goes there); a sealed
+        segment's may also stop with less than an entry header left (an end
+        word raised by a few bytes hides nothing)."""
+        return stop == end or (not is_head and end - stop < _HDR)
+
+    def _live_by_segment(self, s: int) -> dict:
+        """segment -> [(slot, offset in the segment, end of its entry)] of the
+        stripe's slots in use (whose entries passed their checks)."""
+        by_seg: dict = {}
+        sl = self.slots[s]
+        for i in np.nonzero(sl["tag"] != 0)[0].tolist():
+            loc = int(sl["loc"][i])
+            seg, e = divmod(loc * L.ALIGN, self.seg_size)
+            _a, vlen, klen, _f = self._entry(s, loc)
+            by_seg.setdefault(seg, []).append((i, e, e + L.entry_alloc(klen, vlen)))
+        return by_seg
+
+    def _chain_problems(self, s: int, segs: dict) -> list[str]:
+        """check's walk of every segment in use (``segs``: segment -> its end):
+        the reclaim of a segment whose walk stops short drops every entry after
+        the break, and one whose walk skips over a live entry frees the segment
+        under it, so both are damage even while every slot is sound."""
+        problems = []
+        by_seg = self._live_by_segment(s)
+        head = self._ring(s)[0]
+        for seg, end in segs.items():
+            starts, stop = self._chain(s, seg, end)
+            if not self._chain_whole(seg == head, stop, end):
+                problems.append(f"stripe {s} segment {seg}: its entry chain breaks at {stop}, before its end "
+                                f"{end} (a damaged entry or segment header)")
+            for i, e, _end in by_seg.get(seg, ()):
+                if e not in starts:
+                    problems.append(f"stripe {s} slot {i}: its entry (segment {seg} at {e}) is not on its "
+                                    f"segment's entry chain (a damaged header before it)")
+        return problems
+
+    def _repair_chains(self, s: int) -> int:
+        """Make every in-use segment's walk whole again (see _chain_problems):
+        drop the slots whose entries the walk cannot reach (a reclaim would lose
+        them anyway) and cut the segment's end back to where its walk stops.
+        Returns how many slots were dropped. Run after the slot checks, so every
+        slot left points at a whole entry in a segment in use."""
+        head, tail, fill = self._ring(s)
+        by_seg = self._live_by_segment(s)
+        doomed = set()
+        for seg in self.in_use(s):
+            live = by_seg.get(seg, [])
+            if seg == head:  # entries a dead writer published past the fill are whole
+                end = max([fill] + [x[2] for x in live])
+            else:
+                end = self._seg_end(s, seg)
+            starts, stop = self._chain(s, seg, end)
+            if self._chain_whole(seg == head, stop, end) and all(e in starts for _i, e, _x in live):
+                continue
+            # keep the entries before the break that the walk reaches
+            doomed.update(self._slot_key(s, i) for i, e, _x in live if e >= stop or e not in starts)
+            if seg == head:
+                self._set_ring(s, head, tail, stop)
+            else:  # the segment's end is the larger of its two end words (layout.SEG): set both
+                base = self._seg_base(s, seg)
+                L.U32.pack_into(self.mm, base, stop)
+                L.U32.pack_into(self.mm, base + 4, stop)
+        i = dropped = 0
+        while doomed and i < self.sps:  # a delete shifts later slots back into i: look again
+            key = self._slot_key(s, i)
+            if key in doomed:
+                doomed.discard(key)
+                self._delete_at(s, i)
+                dropped += 1
+                continue
+            i += 1
+        return dropped
+
+    def _slot_key(self, s: int, i: int) -> tuple:
+        """(tag, loc) of slot i: what identifies it across backward shifts."""
+        tag, loc, _exp = _SLOT_unpack(self.mm, self._slot_pos(s, i))
+        return tag, loc
 
     def _tally(self, s: int, head: int) -> tuple[int, int, int]:
         """(items, live bytes, end of the head segment's last indexed entry)."""
@@ -234,6 +336,9 @@ class Repair:
                         problems.append(f"stripe {s} slot {i}: unreachable from its home slot")
                         break
                     j = (j + 1) % sps
+            if problems:
+                return problems
+            problems = self._chain_problems(s, segs)
             if problems:
                 return problems
             items, live_bytes = L.ACCOUNT.unpack_from(self.mm, self.stripe_off + (s << 6) + L.S_ITEMS)

@@ -175,7 +175,8 @@ class Table(Arena, Expiry, Repair):
                             _c, vlen, kl, flags, _p = _ENTRY_unpack(mm, a)
                             if kl == klen and o + _HDR + klen + vlen <= limit and mm[a + _HDR : a + _HDR + klen] == kb:
                                 v = a + _HDR + klen
-                                result = (flags, mm[v : v + vlen], exp, refs + i, mm[refs + i])
+                                if _xxh32(self.mv[a + 4 : v + vlen]) == _c:  # else damage: absent
+                                    result = (flags, mm[v : v + vlen], exp, refs + i, mm[refs + i])
                                 break
                     i += 1
                     if i == sps:
@@ -202,6 +203,8 @@ class Table(Arena, Expiry, Repair):
             _t, loc, exp = _SLOT_unpack(self.mm, p)
             a = self.arena_off + s * self.stripe_arena + loc * _AL
             _c, vlen, klen, flags, _p = _ENTRY_unpack(self.mm, a)
+            if _xxh32(self.mv[a + 4 : a + _HDR + klen + vlen]) != _c:
+                return None  # damage (check reports it): never returned as a value
             r = self.refs_off + s * self.sps + i
             return (flags, self.mm[a + _HDR + klen : a + _HDR + klen + vlen], exp, r, self.mm[r])
         finally:
@@ -407,8 +410,12 @@ class Table(Arena, Expiry, Repair):
         st = self.stripes
         if i >= 0:
             p = self._slot_pos(s, i)
-            _a, ovlen, oklen, _f = self._entry(s, _SLOT_unpack(mm, p)[1])
-            st[s, L.S_LIVE // 8] = max(0, int(st[s, L.S_LIVE // 8]) - alloc_of(oklen, ovlen))
+            try:
+                _a, ovlen, oklen, _f = self._entry(s, _SLOT_unpack(mm, p)[1])
+                old = alloc_of(oklen, ovlen)
+            except ValueError:  # the replaced entry's header is damaged (check reports the count)
+                old = 0
+            st[s, L.S_LIVE // 8] = max(0, int(st[s, L.S_LIVE // 8]) - old)
         else:
             i = self._empty_from(s, tag)
             if i < 0:  # writers keep a slot free (MAX_LOAD): only damage fills a slice
@@ -473,7 +480,14 @@ class Table(Arena, Expiry, Repair):
                 return None
             mm = self.mm
             _t, loc, exp = _SLOT_unpack(mm, self._slot_pos(s, i))
-            a, vlen, klen, flags = self._entry(s, loc)
+            try:
+                a, vlen, klen, flags = self._entry(s, loc)
+                whole = _xxh32(self.mv[a + 4 : a + _HDR + klen + vlen]) == L.U32.unpack_from(mm, a)[0]
+            except ValueError:
+                whole = False
+            if not whole:  # damage (check reports it): absent, as for a read; the removal goes ahead
+                self._drop(s, i)
+                return None
             live = not (exp and exp <= self.clock())
             out = None
             if live:

@@ -1,9 +1,11 @@
 """Worker of tests/test_corruption_fuzz.py: exercises a (corrupted) cache on request.
 
 Reads one line per trial on stdin (``<trial> <n_keys> <with_daemon>``), then
-attaches to the cache named on the command line, reads every key, writes,
-deletes, runs ``check()`` (and, if asked, starts a daemon and runs one
-expiry sweep and one recovery pass), and prints one JSON line with what
+attaches to the cache named on the command line, runs ``check()`` (before
+anything could repair the damage), reads every key, writes, deletes, runs
+``check()`` (and, if asked, starts a daemon and runs one
+expiry sweep and one recovery pass), runs ``check()`` again, then
+``check(fix=True)`` and a last ``check()``, and prints one JSON line with what
 happened. A crash (SIGSEGV/SIGBUS) or a hang shows up in the parent as a dead
 or silent worker.
 """
@@ -17,17 +19,21 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from values import bad_value, make_value  # noqa: E402
 
-from shmcache import Cache, Error  # noqa: E402
+from shmcache import Cache, Error, admin  # noqa: E402
 
 
 def trial(name: str, n_keys: int, with_daemon: bool) -> dict:
-    out = {"attach": "ok", "torn": [], "errors": [], "check": None, "daemon": None}
+    out = {"attach": "ok", "torn": [], "errors": [], "check_before": None, "check": None, "daemon": None}
     try:
         c = Cache(name, create=False, lock_timeout=0.2, init_timeout=1.0)
     except Error as e:
         out["attach"] = f"{type(e).__name__}: {e}"
         return out
     try:
+        try:  # what check finds before anything touched the damage (nothing repaired yet)
+            out["check_before"] = c.check()
+        except Error as e:
+            out["check_before"] = [f"{type(e).__name__}: {e}"]
         for step in ("read", "write", "read-back", "delete", "check"):
             try:
                 if step in ("read", "read-back"):
@@ -68,6 +74,8 @@ def trial(name: str, n_keys: int, with_daemon: bool) -> dict:
             except Error as e:
                 out["daemon"] = f"{type(e).__name__}: {e}"
         out["check_after"] = c.check()
+        out["fixed"] = admin.check(c, fix=True)
+        out["check_final"] = c.check()  # what repair could not make sound
     finally:
         c.close()
     return out
