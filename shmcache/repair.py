@@ -11,6 +11,10 @@ What a SIGKILL can leave, and what repair does about it:
   dropped;
 - a slot a lookup cannot reach (a bulk index rewrite cut short): re-homed;
 - the ring's head fill behind an entry already published: moved past it;
+- a segment whose entry chain (what a reclaim walks, header to end) breaks
+  before its end or passes over an indexed entry (only damage does that: a
+  dead entry's length, a segment's end words): the entries after the break
+  are dropped and the segment cut back to it;
 - item and byte counts: recomputed from the index.
 
 :meth:`Repair.check` reports the same problems without fixing them (the
@@ -31,6 +35,7 @@ _xxh32 = xxhash.xxh32_intdigest
 _HDR = L.ENTRY_HEADER
 _SS = L.SLOT_SIZE
 _SLOT_unpack = L.SLOT.unpack_from
+_LENS_unpack = L.ENTRY_LENS.unpack_from
 
 INT_FLAG = 2  # codec's tag for int (see table.incr)
 
@@ -166,16 +171,18 @@ class Repair:
         stopped). A whole segment's walk stops exactly at ``end``; a damaged
         entry or segment header makes it stop short (an implausible header, or
         fewer than a header's bytes left) or skip over an entry."""
-        base = self._seg_base(s, seg)
+        base = self._seg_base(s, seg) + L.E_VLEN
         mm = self.mm
+        max_key, max_value, pad = self.max_key, self.max_value, _HDR + L.ALIGN - 1
         e = L.SEG_HEADER
         starts = set()
-        while e + _HDR <= end:
-            _chk, vlen, klen, _flags, _p = L.ENTRY.unpack_from(mm, base + e)
-            alloc = L.entry_alloc(klen, vlen)
-            if klen > self.max_key or vlen > self.max_value or e + alloc > end:
+        add = starts.add
+        while e + _HDR <= end:  # one loop turn per entry: check's cost is mostly this walk
+            vlen, klen = _LENS_unpack(mm, base + e)
+            alloc = (pad + klen + vlen) & ~(L.ALIGN - 1)  # layout.entry_alloc
+            if klen > max_key or vlen > max_value or e + alloc > end:
                 break
-            starts.add(e)
+            add(e)
             e += alloc
         return starts, e
 
@@ -205,17 +212,20 @@ class Repair:
         the break, and one whose walk skips over a live entry frees the segment
         under it, so both are damage even while every slot is sound."""
         problems = []
-        by_seg = self._live_by_segment(s)
+        sl = self.slots[s]
+        used = np.nonzero(sl["tag"] != 0)[0]
+        seg_of, e_of = np.divmod(sl["loc"][used].astype(np.int64) * L.ALIGN, self.seg_size)
         head = self._ring(s)[0]
         for seg, end in segs.items():
             starts, stop = self._chain(s, seg, end)
             if not self._chain_whole(seg == head, stop, end):
                 problems.append(f"stripe {s} segment {seg}: its entry chain breaks at {stop}, before its end "
                                 f"{end} (a damaged entry or segment header)")
-            for i, e, _end in by_seg.get(seg, ()):
-                if e not in starts:
-                    problems.append(f"stripe {s} slot {i}: its entry (segment {seg} at {e}) is not on its "
-                                    f"segment's entry chain (a damaged header before it)")
+            here = seg_of == seg
+            off = np.isin(e_of[here], np.fromiter(starts, np.int64, len(starts)), invert=True)
+            for i, e in zip(used[here][off].tolist(), e_of[here][off].tolist()):
+                problems.append(f"stripe {s} slot {i}: its entry (segment {seg} at {e}) is not on its "
+                                f"segment's entry chain (a damaged header before it)")
         return problems
 
     def _repair_chains(self, s: int) -> int:

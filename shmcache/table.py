@@ -203,7 +203,7 @@ class Table(Arena, Expiry, Repair):
             _t, loc, exp = _SLOT_unpack(self.mm, p)
             a = self.arena_off + s * self.stripe_arena + loc * _AL
             _c, vlen, klen, flags, _p = _ENTRY_unpack(self.mm, a)
-            if _xxh32(self.mv[a + 4 : a + _HDR + klen + vlen]) != _c:
+            if not self._whole(a, klen, vlen):
                 return None  # damage (check reports it): never returned as a value
             r = self.refs_off + s * self.sps + i
             return (flags, self.mm[a + _HDR + klen : a + _HDR + klen + vlen], exp, r, self.mm[r])
@@ -231,6 +231,11 @@ class Table(Arena, Expiry, Repair):
         if o + _HDR + klen + vlen > self.stripe_arena:
             raise ValueError(f"stripe {s}: entry at {o} runs past the arena")
         return a, vlen, klen, flags
+
+    def _whole(self, a: int, klen: int, vlen: int) -> bool:
+        """Does the entry at segment offset ``a`` pass its checksum? (False:
+        damage, which every reader treats as absent and check reports.)"""
+        return _xxh32(self.mv[a + 4 : a + _HDR + klen + vlen]) == _CHK.unpack_from(self.mm, a)[0]
 
     def _find(self, s: int, tag: int, kb: bytes) -> int:
         """Slot index (within stripe s) holding kb, or -1. Caller holds the lock."""
@@ -482,7 +487,7 @@ class Table(Arena, Expiry, Repair):
             _t, loc, exp = _SLOT_unpack(mm, self._slot_pos(s, i))
             try:
                 a, vlen, klen, flags = self._entry(s, loc)
-                whole = _xxh32(self.mv[a + 4 : a + _HDR + klen + vlen]) == L.U32.unpack_from(mm, a)[0]
+                whole = self._whole(a, klen, vlen)
             except ValueError:
                 whole = False
             if not whole:  # damage (check reports it): absent, as for a read; the removal goes ahead
@@ -738,7 +743,12 @@ class Table(Arena, Expiry, Repair):
                 out = []
                 try:
                     for loc, exp, ref in zip(rec["loc"].tolist(), rec["expire"].tolist(), refs.tolist()):
-                        a, vlen, klen, flags = self._entry(s, loc)
+                        try:
+                            a, vlen, klen, flags = self._entry(s, loc)
+                        except ValueError:
+                            continue  # damage (or a writer: the version check below decides)
+                        if not self._whole(a, klen, vlen):
+                            continue  # damage reads as absent, as for get (check reports it)
                         k = a + _HDR
                         o = loc * _AL
                         age = (((o // self.seg_size - tail) % self.n_segs) * self.seg_size + o % self.seg_size) / span

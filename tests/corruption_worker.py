@@ -1,10 +1,11 @@
 """Worker of tests/test_corruption_fuzz.py: exercises a (corrupted) cache on request.
 
-Reads one line per trial on stdin (``<trial> <n_keys> <with_daemon>``), then
+Reads one line per trial on stdin (``<trial> <n_keys> <with_daemon> <churn>``), then
 attaches to the cache named on the command line, runs ``check()`` (before
-anything could repair the damage), reads every key, writes, deletes, runs
-``check()`` (and, if asked, starts a daemon and runs one
-expiry sweep and one recovery pass), runs ``check()`` again, then
+anything could repair the damage), reads every key, writes (and ``churn``
+new keys), reads back, scans ``items()``, deletes, runs ``check()`` (and, if
+asked, starts a daemon and runs one expiry sweep, one recovery pass and a
+snapshot), runs ``check()`` again, then
 ``check(fix=True)`` and a last ``check()``, and prints one JSON line with what
 happened. A crash (SIGSEGV/SIGBUS) or a hang shows up in the parent as a dead
 or silent worker.
@@ -22,7 +23,7 @@ from values import bad_value, make_value  # noqa: E402
 from shmcache import Cache, Error, admin  # noqa: E402
 
 
-def trial(name: str, n_keys: int, with_daemon: bool) -> dict:
+def trial(name: str, n_keys: int, with_daemon: bool, churn: int = 0) -> dict:
     out = {"attach": "ok", "torn": [], "errors": [], "check_before": None, "check": None, "daemon": None}
     try:
         c = Cache(name, create=False, lock_timeout=0.2, init_timeout=1.0)
@@ -34,7 +35,7 @@ def trial(name: str, n_keys: int, with_daemon: bool) -> dict:
             out["check_before"] = c.check()
         except Error as e:
             out["check_before"] = [f"{type(e).__name__}: {e}"]
-        for step in ("read", "write", "read-back", "delete", "check"):
+        for step in ("read", "write", "churn", "read-back", "items", "delete", "check"):
             try:
                 if step in ("read", "read-back"):
                     for i in range(n_keys):
@@ -50,6 +51,17 @@ def trial(name: str, n_keys: int, with_daemon: bool) -> dict:
                         v = c.get(f"n{i}")
                         if v is not None and bad_value(f"n{i}", v):
                             out["torn"].append(f"new n{i}: {bad_value(f'n{i}', v)}")
+                elif step == "items":  # the scan path (items, entries, snapshots)
+                    for k, v in c.items():
+                        if bad_value(k, v):
+                            out["torn"].append(f"items {k}: {bad_value(k, v)}")
+                elif step == "churn":  # new keys enough to reclaim every segment: walks the damaged ones
+                    for i in range(churn):
+                        c.set(f"c{i}", make_value(f"c{i}", 2, i, 200 + i % 64))
+                    for i in range(0, churn, 13):
+                        v = c.get(f"c{i}")
+                        if v is not None and bad_value(f"c{i}", v):
+                            out["torn"].append(f"churn c{i}: {bad_value(f'c{i}', v)}")
                 elif step == "delete":
                     for i in range(3, n_keys, 11):
                         c.delete(f"k{i}")
@@ -84,8 +96,8 @@ def trial(name: str, n_keys: int, with_daemon: bool) -> dict:
 def main() -> None:
     name = sys.argv[1]
     for line in sys.stdin:
-        t, n_keys, with_daemon = line.split()
-        res = trial(name, int(n_keys), with_daemon == "1")
+        t, n_keys, with_daemon, churn = line.split()
+        res = trial(name, int(n_keys), with_daemon == "1", int(churn))
         res["trial"] = int(t)
         print(json.dumps(res), flush=True)
 

@@ -5,8 +5,9 @@ record field, an index slot field, a whole stripe's index slice filled so it
 has no empty slot, a field or key/value byte of an entry in the arena, or a
 u32 of a segment header), then a separate worker process
 (tests/corruption_worker.py) attaches, runs ``check()``, reads every key,
-writes, deletes, runs ``check()`` again, starts a daemon for one sweep,
-recovery pass and snapshot (every fourth trial), then runs
+writes (every fourth trial also enough new keys to reclaim every segment, so
+reclaim walks the damage), deletes, runs ``check()`` again, starts a daemon
+for one sweep, recovery pass and snapshot (every fourth trial), then runs
 ``check(fix=True)`` and a last ``check()``.
 
 Asserted for every trial: the worker neither dies of a signal (SIGSEGV,
@@ -78,6 +79,9 @@ from values import make_value
 HERE = os.path.dirname(os.path.abspath(__file__))
 N_KEYS = 300
 TRIAL_TIMEOUT = 30.0
+#: New keys every fourth trial writes (~5000 x ~230 bytes: the 1 MiB cache
+#: twice over), so every segment is reclaimed: reclaim walks the damage.
+CHURN = 5000
 
 
 def _fields(*names):
@@ -311,9 +315,9 @@ class Worker:
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
         )
 
-    def run(self, trial: int, with_daemon: bool) -> dict | str:
+    def run(self, trial: int, with_daemon: bool, churn: int = 0) -> dict | str:
         """The worker's JSON answer, or why there was none ("signal 11", "timeout")."""
-        self.proc.stdin.write(f"{trial} {N_KEYS} {int(with_daemon)}\n")
+        self.proc.stdin.write(f"{trial} {N_KEYS} {int(with_daemon)} {churn}\n")
         self.proc.stdin.flush()
         ready, _, _ = select.select([self.proc.stdout], [], [], TRIAL_TIMEOUT)
         if not ready:
@@ -384,7 +388,7 @@ def _fuzz(name: str, pure: bool, kinds, slot_fields, default_trials: int, stripe
             try:
                 assert c.check() == [], "the filled cache is not sound before any damage"
                 what, expect = _corrupt(c, rnd, kinds, slot_fields, stripe_words)
-                res = w.run(t, with_daemon=(t % 4 == 0))
+                res = w.run(t, with_daemon=(t % 4 == 0), churn=CHURN if t % 4 == 1 else 0)
             finally:
                 c.close()
             if isinstance(res, str):
@@ -557,3 +561,22 @@ def test_delete_of_an_entry_with_a_damaged_length_removes_it(small_cache):
     assert c.pop("j", "gone") == "gone"
     admin.check(c, fix=True)
     assert c.check() == []
+
+
+@pytest.mark.parametrize("where", ["value byte", "vlen past the arena"])
+def test_items_and_entries_leave_out_an_entry_failing_its_checksum(small_cache, where):
+    """items(), keys(), admin.entries (and so snapshots) copied a damaged
+    entry's bytes as its value (or raised ValueError for a length past the
+    arena). The scan path now checks each entry as get does."""
+    c = small_cache
+    for k in ("a", "b", "c"):
+        c.set(k, k.encode() * 50)
+    s, a = _entry_of(c, "b")
+    if where == "value byte":
+        c._seg.mm[a + L.ENTRY_HEADER + 1 + 7] ^= 0x10
+    else:
+        L.U32.pack_into(c._seg.mm, a + L.E_VLEN, 0x7FFFFFFF)
+    assert dict(c.items()) == {"a": b"a" * 50, "c": b"c" * 50}
+    assert sorted(c.keys()) == ["a", "c"]
+    assert sorted(e.key for e in admin.entries(c)) == ["a", "c"]
+    _assert_reported_then_repaired(c, s)
