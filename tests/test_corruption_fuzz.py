@@ -1,8 +1,9 @@
 """Corruption fuzzer: the segment is untrusted input.
 
-Each trial builds a live cache, corrupts one field (a header field, a stripe
-record field, an index slot field, a whole stripe's index slice filled so it
-has no empty slot, a field or key/value byte of an entry in the arena, or a
+Each trial builds a live cache (every third one with ``policy="noeviction"``,
+whose reclaim differs), corrupts one field (a header field, a stripe
+record field, an index slot field or access bit, a whole stripe's index
+slice filled so it has no empty slot, a field or key/value byte of an entry in the arena, or a
 u32 of a segment header), then a separate worker process
 (tests/corruption_worker.py) attaches, runs ``check()``, reads every key,
 writes (every fourth trial also enough new keys to reclaim every segment, so
@@ -38,6 +39,8 @@ clean -- undetectable by design, so check must say nothing: the value is one
   - the owner record of a free lock (the next holder overwrites it), the
     evictions and recoveries counters, an even seqlock version;
   - a slot's deadline (any number is a deadline); an empty slot's location;
+    an access bit (a second-chance hint: any byte only changes what a reclaim
+    keeps);
     a slot moved onto an older whole version of the same key (a stale value
     of that key, which values.py accepts);
   - a dead entry's bytes, segment header words and ring changes that leave
@@ -255,6 +258,9 @@ def _corrupt(c: Cache, rnd: random.Random, kinds, slot_fields,
         if foff == L.SL_LOC:
             return what, CLEAN  # an empty slot's location is never read
         return what, DETECT  # a tag: the key's hash or the item count disagrees
+    if kind == "ref":  # an access bit: a second-chance hint, any byte is harmless
+        what, _o, _n = _poke(mm, g.refs_off + s * g.slots_per_stripe + rnd.randrange(g.slots_per_stripe), 1, rnd)
+        return f"ref {s} " + what, CLEAN
     if kind == "entry":
         ss = g.seg_size
         e_live = {divmod(loc * L.ALIGN, ss) for loc in locs}
@@ -341,9 +347,9 @@ class Worker:
                 self.proc.wait(10)
 
 
-def _fill(name: str) -> Cache:
+def _fill(name: str, policy: str = "lru") -> Cache:
     Cache.unlink(name)
-    c = Cache(name, size="1MiB", stripes=4, max_items=1200)
+    c = Cache(name, size="1MiB", stripes=4, max_items=1200, policy=policy)
     for i in range(N_KEYS):
         c.set(f"k{i}", make_value(f"k{i}", 0, i, 40 + (i * 37) % 300), ttl=(0.5 if i % 10 == 0 else None))
     return c
@@ -384,7 +390,7 @@ def _fuzz(name: str, pure: bool, kinds, slot_fields, default_trials: int, stripe
     w = Worker(name, pure)
     try:
         for t in range(trials):
-            c = _fill(name)
+            c = _fill(name, "noeviction" if t % 3 == 2 else "lru")  # noeviction reclaims its own way
             try:
                 assert c.check() == [], "the filled cache is not sound before any damage"
                 what, expect = _corrupt(c, rnd, kinds, slot_fields, stripe_words)
@@ -414,8 +420,9 @@ def _fuzz(name: str, pure: bool, kinds, slot_fields, default_trials: int, stripe
 @pytest.mark.parametrize("pure", [False, True], ids=["c", "pure"])
 def test_corruption_fuzz_no_crash_no_hang_no_torn_value(cache_name, pure):
     """Rows 3-5 of issue 10: header fields, stripe records (counts, bump pointer,
-    seqlock version, owner), index structure, and a slice with no empty slot."""
-    _fuzz(cache_name, pure, ["header", "stripe", "stripe", "slot", "slot", "full-slice"], STRUCTURE_FIELDS, 40)
+    seqlock version, owner), index structure and access bits, and a slice with
+    no empty slot."""
+    _fuzz(cache_name, pure, ["header", "stripe", "stripe", "slot", "slot", "full-slice", "ref"], STRUCTURE_FIELDS, 40)
 
 
 @pytest.mark.parametrize("pure", [False, True], ids=["c", "pure"])
@@ -438,9 +445,15 @@ def test_corruption_fuzz_entry_and_segment_headers(cache_name, pure):
 
 
 @pytest.mark.stress
-def test_corruption_fuzz_long(cache_name, monkeypatch):
+@pytest.mark.parametrize("pure", [False, True], ids=["c", "pure"])
+@pytest.mark.parametrize("fuzz", [test_corruption_fuzz_no_crash_no_hang_no_torn_value,
+                                  test_corruption_fuzz_slot_payload_and_allocator_fields,
+                                  test_corruption_fuzz_entry_and_segment_headers],
+                         ids=["structure", "payload", "arena"])
+def test_corruption_fuzz_long(cache_name, monkeypatch, fuzz, pure):
+    """Every fuzz above on both cores, 400 trials each unless SHMCACHE_FUZZ_TRIALS says otherwise."""
     monkeypatch.setenv("SHMCACHE_FUZZ_TRIALS", os.environ.get("SHMCACHE_FUZZ_TRIALS", "400"))
-    test_corruption_fuzz_no_crash_no_hang_no_torn_value(cache_name, False)
+    fuzz(cache_name, pure)
 
 
 # ------------------------------------------------------------------ regressions
