@@ -13,6 +13,7 @@ or silent worker.
 
 import json
 import os
+import re
 import sys
 import tempfile
 
@@ -21,6 +22,12 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from values import bad_value, make_value  # noqa: E402
 
 from shmcache import Cache, Error, admin  # noqa: E402
+from shmcache import layout as L  # noqa: E402
+
+
+def _recoveries(c: Cache) -> list[int]:
+    """Each stripe's recoveries counter (bumped by every lock recovery's repair)."""
+    return [int(x) for x in c._table.stripes[:, L.S_RECOVERIES // 8]]
 
 
 def trial(name: str, n_keys: int, with_daemon: bool, churn: int = 0) -> dict:
@@ -35,6 +42,7 @@ def trial(name: str, n_keys: int, with_daemon: bool, churn: int = 0) -> dict:
             out["check_before"] = c.check()
         except Error as e:
             out["check_before"] = [f"{type(e).__name__}: {e}"]
+        recoveries = _recoveries(c)
         for step in ("read", "write", "churn", "read-back", "items", "delete", "check"):
             try:
                 if step in ("read", "read-back"):
@@ -85,6 +93,11 @@ def trial(name: str, n_keys: int, with_daemon: bool, churn: int = 0) -> dict:
                 out["daemon"] = "ok"
             except Error as e:
                 out["daemon"] = f"{type(e).__name__}: {e}"
+        # stripes the operations repaired: a lock recovery, or a write that
+        # met damage ("... was repaired ...: retry the write")
+        out["repaired"] = sorted(
+            {s for s, (a, b) in enumerate(zip(recoveries, _recoveries(c))) if a != b}
+            | {int(m) for e in out["errors"] if "repaired" in e for m in re.findall(r"stripe (\d+)", e)})
         out["check_after"] = c.check()
         out["fixed"] = admin.check(c, fix=True)
         out["check_final"] = c.check()  # what repair could not make sound

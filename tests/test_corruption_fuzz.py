@@ -54,9 +54,11 @@ not asserted -- a static header field attach accepts (a setting the rest of
   fuzzes every u32 of SEG_HEADER but does not know what a new one means).
 
 Always, after the operations: check names only stripes it named before them
-(operations on a damaged cache repair damage or leave it, never spread it),
-and after ``check(fix=True)`` check reports nothing (repair leaves every
-stripe sound). ``SHMCACHE_FUZZ_TRIALS`` / ``SHMCACHE_FUZZ_SEED`` run it
+(operations on a damaged cache repair damage or leave it, never spread it)
+and none that the operations repaired (a lock recovery, or a write that met
+damage and repaired the stripe: what they repaired leaves check clean), and
+after ``check(fix=True)`` check reports nothing (repair leaves every stripe
+sound). ``SHMCACHE_FUZZ_TRIALS`` / ``SHMCACHE_FUZZ_SEED`` run it
 longer or replay a seed.
 """
 
@@ -377,6 +379,10 @@ def _judge(what: str, expect: str | None, res: dict) -> list[str]:
     if spread:
         bad.append(f"after the operations check names stripes {sorted(spread)} it found sound before: "
                    f"{res['check_after'][:3]}")
+    healed = set(res["repaired"]) & _stripes_named(res["check_after"])
+    if healed:
+        bad.append(f"stripes {sorted(healed)} were repaired by the operations, yet check still finds: "
+                   f"{res['check_after'][:3]}")
     if res["check_final"]:
         bad.append(f"check(fix=True) left problems: {res['check_final'][:3]} (it found {res['fixed'][:3]})")
     return bad
@@ -386,7 +392,8 @@ def _fuzz(name: str, pure: bool, kinds, slot_fields, default_trials: int, stripe
     seed = int(os.environ.get("SHMCACHE_FUZZ_SEED", random.randrange(2**32)))
     trials = int(os.environ.get("SHMCACHE_FUZZ_TRIALS", default_trials))
     rnd = random.Random(seed)
-    failures, summary = [], {"refused": 0, "check-found": 0, "clean": 0, "detect": 0, "harmless": 0}
+    failures, summary = [], {"refused": 0, "check-found": 0, "clean": 0, "detect": 0, "harmless": 0,
+                             "ops-repaired": 0}
     w = Worker(name, pure)
     try:
         for t in range(trials):
@@ -404,6 +411,7 @@ def _fuzz(name: str, pure: bool, kinds, slot_fields, default_trials: int, stripe
             failures += [f"trial {t} [{what}] (expected {expect}): {why}" for why in _judge(what, expect, res)]
             if expect:
                 summary["detect" if expect == DETECT else "harmless"] += 1
+            summary["ops-repaired"] += bool(res.get("repaired"))
             if res["attach"] != "ok":
                 summary["refused"] += 1
             elif res["check_before"]:
