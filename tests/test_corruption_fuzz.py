@@ -354,6 +354,8 @@ def _fill(name: str, policy: str = "lru") -> Cache:
     c = Cache(name, size="1MiB", stripes=4, max_items=1200, policy=policy)
     for i in range(N_KEYS):
         c.set(f"k{i}", make_value(f"k{i}", 0, i, 40 + (i * 37) % 300), ttl=(0.5 if i % 10 == 0 else None))
+        if i % 4 == 3:  # overwritten: the first version stays in the arena, dead
+            c.set(f"k{i}", make_value(f"k{i}", 0, i + N_KEYS, 40 + (i * 53) % 300))
     return c
 
 
