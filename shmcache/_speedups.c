@@ -248,8 +248,22 @@ static int64_t probe(Core *c, uint64_t s, uint32_t tag, const char *k, Py_ssize_
     return -1;
 }
 
-/* Lock-free read. 1 found (value copied into *val), 0 absent, 2 busy (a
- * writer kept interfering: caller takes the Python locked path), -1 error. */
+/* Does the entry's checksum cover what was copied out of it (its header, the
+ * key it matched, the value copy)? Computed on the copies, after the seqlock
+ * said they are one consistent snapshot: a mismatch is damage, not a writer. */
+static int entry_whole(const ehdr_t *eh, const char *k, Py_ssize_t klen, PyObject *v) {
+    XXH32_state_t st;
+    XXH32_reset(&st, 0);
+    XXH32_update(&st, (const char *)eh + 4, ENTRY_HDR - 4);
+    XXH32_update(&st, k, (size_t)klen);
+    XXH32_update(&st, PyBytes_AS_STRING(v), (size_t)PyBytes_GET_SIZE(v));
+    return XXH32_digest(&st) == eh->chk;
+}
+
+/* Lock-free read. 1 found (value copied into *val), 0 absent (or an entry
+ * whose checksum fails: damage is never returned as a value; check reports it
+ * and a write of the key replaces it), 2 busy (a writer kept interfering:
+ * caller takes the Python locked path), -1 error. */
 static int read_core(Core *c, const char *k, Py_ssize_t klen, slot_t *sl, ehdr_t *eh, int64_t *ref_pos, int *ref,
                      PyObject **val) {
     uint64_t h = XXH3_64bits(k, (size_t)klen);
@@ -291,6 +305,11 @@ static int read_core(Core *c, const char *k, Py_ssize_t klen, slot_t *sl, ehdr_t
         }
         __atomic_thread_fence(__ATOMIC_ACQUIRE);
         if (__atomic_load_n(ver, __ATOMIC_RELAXED) == v1) {
+            if (i >= 0 && !entry_whole(eh, k, klen, v)) {
+                Py_DECREF(v);
+                v = NULL;
+                i = -1;
+            }
             *ref_pos = i < 0 ? -1 : (int64_t)(c->refs_off + s * c->sps + (uint64_t)i);
             *ref = r;
             *val = v;

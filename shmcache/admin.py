@@ -527,10 +527,13 @@ def pickle_trust(cache: "Cache") -> codec.Codec:
 # -------------------------------------------------------------- maintenance
 def check(cache: "Cache", *, fix: bool = False) -> list[str]:
     """Integrity problems of every stripe (checksums, reachability from the
-    home slot, accounting); ``[]`` means sound. Each stripe is checked under
+    home slot, each segment's entry chain as a reclaim walks it, accounting);
+    ``[]`` means sound. Each stripe is checked under
     its lock (a 64 MiB stripe takes a few ms). With ``fix=True`` a damaged
     stripe is then repaired: entries failing their checksum are dropped and
-    its index rebuilt; the problems found before repair are returned.
+    its index rebuilt, and a segment whose chain is broken is cut back to
+    where it breaks (the entries after it dropped); the problems found before
+    repair are returned.
 
     Raises:
         LockTimeout: a live process kept a stripe locked too long.

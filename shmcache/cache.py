@@ -1006,7 +1006,7 @@ class Cache(MutableMapping[Any, Any]):
 
     def check(self) -> list[str]:
         """Integrity check of every stripe (checksums, index reachability,
-        accounting), each under its lock. Returns the problems found; empty
+        segment entry chains, accounting), each under its lock. Returns the problems found; empty
         means sound.
 
         Raises:

@@ -302,6 +302,7 @@ ENTRY = struct.Struct(
     "B"  # _pad
 )
 ENTRY_HEADER = ENTRY.size  # 12
+ENTRY_LENS = struct.Struct("<IH")  # vlen, klen of an entry header, at E_VLEN (a segment walk reads only these)
 E_CHECKSUM = 0
 E_VLEN = 4
 E_KLEN = 8

@@ -11,6 +11,10 @@ What a SIGKILL can leave, and what repair does about it:
   dropped;
 - a slot a lookup cannot reach (a bulk index rewrite cut short): re-homed;
 - the ring's head fill behind an entry already published: moved past it;
+- a segment whose entry chain (what a reclaim walks, header to end) breaks
+  before its end or passes over an indexed entry (only damage does that: a
+  dead entry's length, a segment's end words): the entries after the break
+  are dropped and the segment cut back to it;
 - item and byte counts: recomputed from the index.
 
 :meth:`Repair.check` reports the same problems without fixing them (the
@@ -36,6 +40,7 @@ _xxh32 = xxhash.xxh32_intdigest
 _HDR = L.ENTRY_HEADER
 _SS = L.SLOT_SIZE
 _SLOT_unpack = L.SLOT.unpack_from
+_LENS_unpack = L.ENTRY_LENS.unpack_from
 
 INT_FLAG = 2  # codec's tag for int (see table.incr)
 
@@ -272,6 +277,8 @@ class Repair:
             if len(hit):
                 self._delete_at(s, int(hit[-1]))
         self._rehome_unreachable(s)
+        chained = self._repair_chains(s, full)
+        head, tail, fill = self._ring(s)  # _repair_chains may have cut the head's fill back
         items, live, head_end = self._tally(s, head)
         L.ACCOUNT.pack_into(mm, self.stripe_off + s * L.STRIPE_SIZE + L.S_ITEMS, items, live)
         self._set_ring(s, head, tail, max(fill, head_end))
@@ -281,7 +288,130 @@ class Repair:
             # it, so a segment is free again. Entries already handled are dead
             # and skipped; copies go to the head while they fit.
             self._reclaim(s, tail, 0, self.clock(), second_chance=True)
-        return len(victims)
+        return len(victims) + chained
+
+    def _chain(self, s: int, seg: int, end: int) -> tuple[set, int]:
+        """Walk segment ``seg``'s entries from its header as a reclaim does
+        (arena._walk): (the offsets of the entries on the chain, where the walk
+        stopped). A whole segment's walk stops exactly at ``end``; a damaged
+        entry or segment header makes it stop short (an implausible header, or
+        fewer than a header's bytes left) or skip over an entry."""
+        base = self._seg_base(s, seg) + L.E_VLEN
+        mm = self.mm
+        max_key, max_value, pad = self.max_key, self.max_value, _HDR + L.ALIGN - 1
+        e = L.SEG_HEADER
+        starts = set()
+        add = starts.add
+        while e + _HDR <= end:  # one loop turn per entry: check's cost is mostly this walk
+            vlen, klen = _LENS_unpack(mm, base + e)
+            alloc = (pad + klen + vlen) & ~(L.ALIGN - 1)  # layout.entry_alloc
+            if klen > max_key or vlen > max_value or e + alloc > end:
+                break
+            add(e)
+            e += alloc
+        return starts, e
+
+    @staticmethod
+    def _chain_whole(is_head: bool, stop: int, end: int) -> bool:
+        """Did a walk that stopped at ``stop`` cover the segment? The head's
+        must reach its fill exactly (the next entry goes there); a sealed
+        segment's may also stop with less than an entry header left (an end
+        word raised by a few bytes hides nothing)."""
+        return stop == end or (not is_head and end - stop < _HDR)
+
+    def _chain_problems(self, s: int, segs: dict) -> list[str]:
+        """check's walk of every segment in use (``segs``: segment -> its end):
+        the reclaim of a segment whose walk stops short drops every entry after
+        the break, and one whose walk skips over a live entry frees the segment
+        under it, so both are damage even while every slot is sound."""
+        problems = []
+        sl = self.slots[s]
+        used = np.nonzero(sl["tag"] != 0)[0]
+        seg_of, e_of = np.divmod(sl["loc"][used].astype(np.int64) * L.ALIGN, self.seg_size)
+        head = self._ring(s)[0]
+        for seg, end in segs.items():
+            starts, stop = self._chain(s, seg, end)
+            if not self._chain_whole(seg == head, stop, end):
+                problems.append(f"stripe {s} segment {seg}: its entry chain breaks at {stop}, before its end "
+                                f"{end} (a damaged entry or segment header)")
+            here = seg_of == seg
+            off = np.isin(e_of[here], np.fromiter(starts, np.int64, len(starts)), invert=True)
+            for i, e in zip(used[here][off].tolist(), e_of[here][off].tolist()):
+                problems.append(f"stripe {s} slot {i}: its entry (segment {seg} at {e}) is not on its "
+                                f"segment's entry chain (a damaged header before it)")
+        return problems
+
+    def _repair_chains(self, s: int, full: bool) -> int:
+        """Make every in-use segment's walk whole again (see _chain_problems):
+        drop the slots whose entries the walk cannot reach (a reclaim would lose
+        them anyway) and cut the segment's end back to where its walk stops.
+        Returns how many slots were dropped. Run after the slot checks, so every
+        slot left points at a whole entry in a segment in use.
+
+        Without ``full`` (a recoverer's repair after a dead writer), only the
+        head segment is walked: a writer writes entry headers only there, and
+        seals a segment with the fill its last entry reached (Arena._advance
+        orders those stores so a crash leaves either end word right), so a
+        crash can break no other chain; walking every segment in Python would
+        have been most of a recovery's stall on a 64 MiB cache."""
+        head, tail, fill = self._ring(s)
+        sl = self.slots[s]
+        used = np.nonzero(sl["tag"] != 0)[0]
+        o = sl["loc"][used].astype(np.int64) * L.ALIGN
+        seg_of, e_of = np.divmod(o, self.seg_size)
+        ends_of = e_of + self._allocs(s, o)
+        doomed = set()
+        for seg in self.in_use(s) if full else [head]:
+            here = seg_of == seg
+            e_here = e_of[here]
+            if seg == head:  # entries a dead writer published past the fill are whole
+                end = max(fill, int(ends_of[here].max())) if here.any() else fill
+            else:
+                end = self._seg_end(s, seg)
+            starts, stop = self._chain(s, seg, end)
+            lost = (e_here >= stop) | np.isin(e_here, np.fromiter(starts, np.int64, len(starts)), invert=True)
+            if self._chain_whole(seg == head, stop, end) and not lost.any():
+                continue
+            # keep the entries before the break that the walk reaches
+            doomed.update(self._slot_key(s, i) for i in used[here][lost].tolist())
+            if seg == head:
+                self._set_ring(s, head, tail, stop)
+            else:  # the segment's end is the larger of its two end words (layout.SEG): set both
+                base = self._seg_base(s, seg)
+                L.U32.pack_into(self.mm, base, stop)
+                L.U32.pack_into(self.mm, base + 4, stop)
+        i = dropped = 0
+        while doomed and i < self.sps:  # a delete shifts later slots back into i: look again
+            key = self._slot_key(s, i)
+            if key in doomed:
+                doomed.discard(key)
+                self._delete_at(s, i)
+                dropped += 1
+                continue
+            i += 1
+        return dropped
+
+    def _allocs(self, s: int, o: np.ndarray) -> np.ndarray:
+        """The allocation (layout.entry_alloc) of the entries at stripe arena
+        offsets ``o``, from their headers' lengths, vectorized.
+
+        Raises:
+            ValueError: an entry lies outside the arena (only by damage).
+        """
+        if len(o) and int(o.max()) + _HDR > self.stripe_arena:
+            raise ValueError(f"stripe {s}: entry location {int(o.max())} outside the arena")
+        words = np.frombuffer(self.mm, dtype="<u4", count=self.stripe_arena // 4,
+                              offset=self.arena_off + s * self.stripe_arena)
+        alloc = (_HDR + (words[o // 4 + 2] & 0xFFFF).astype(np.int64) + words[o // 4 + 1].astype(np.int64)
+                 + L.ALIGN - 1) & ~(L.ALIGN - 1)
+        if len(o) and int((o + alloc).max()) > self.stripe_arena:
+            raise ValueError(f"stripe {s}: an entry runs past the arena")
+        return alloc
+
+    def _slot_key(self, s: int, i: int) -> tuple:
+        """(tag, loc) of slot i: what identifies it across backward shifts."""
+        tag, loc, _exp = _SLOT_unpack(self.mm, self._slot_pos(s, i))
+        return tag, loc
 
     def _tally(self, s: int, head: int) -> tuple[int, int, int]:
         """(items, live bytes, end of the head segment's last indexed entry).
@@ -291,14 +421,7 @@ class Repair:
         """
         sl = self.slots[s]
         o = np.sort(sl["loc"][sl["tag"] != 0].astype(np.int64) * L.ALIGN)  # arena order: the reads stream
-        if len(o) and int(o.max()) + _HDR > self.stripe_arena:
-            raise ValueError(f"stripe {s}: entry location {int(o.max())} outside the arena")
-        words = np.frombuffer(self.mm, dtype="<u4", count=self.stripe_arena // 4,
-                              offset=self.arena_off + s * self.stripe_arena)
-        alloc = (_HDR + (words[o // 4 + 2] & 0xFFFF).astype(np.int64) + words[o // 4 + 1].astype(np.int64)
-                 + L.ALIGN - 1) & ~(L.ALIGN - 1)
-        if len(o) and int((o + alloc).max()) > self.stripe_arena:
-            raise ValueError(f"stripe {s}: an entry runs past the arena")
+        alloc = self._allocs(s, o)
         in_head = o // self.seg_size == head
         head_end = int((o[in_head] % self.seg_size + alloc[in_head]).max()) if in_head.any() else L.SEG_HEADER
         return len(o), int(alloc.sum()), max(head_end, L.SEG_HEADER)
@@ -385,6 +508,9 @@ class Repair:
                 found.setdefault(i, []).append("unreachable from its home slot")
             for i in sorted(found):
                 problems.extend(f"stripe {s} slot {i}: {why}" for why in found[i])
+            if problems:
+                return problems
+            problems = self._chain_problems(s, segs)
             if problems:
                 return problems
             items, live_bytes = L.ACCOUNT.unpack_from(self.mm, self.stripe_off + s * L.STRIPE_SIZE + L.S_ITEMS)

@@ -175,7 +175,8 @@ class Table(Arena, Expiry, Repair):
                             _c, vlen, kl, flags, _p = _ENTRY_unpack(mm, a)
                             if kl == klen and o + _HDR + klen + vlen <= limit and mm[a + _HDR : a + _HDR + klen] == kb:
                                 v = a + _HDR + klen
-                                result = (flags, mm[v : v + vlen], exp, refs + i, mm[refs + i])
+                                if _xxh32(self.mv[a + 4 : v + vlen]) == _c:  # else damage: absent
+                                    result = (flags, mm[v : v + vlen], exp, refs + i, mm[refs + i])
                                 break
                     i += 1
                     if i == sps:
@@ -202,6 +203,8 @@ class Table(Arena, Expiry, Repair):
             _t, loc, exp = _SLOT_unpack(self.mm, p)
             a = self.arena_off + s * self.stripe_arena + loc * _AL
             _c, vlen, klen, flags, _p = _ENTRY_unpack(self.mm, a)
+            if not self._whole(a, klen, vlen):
+                return None  # damage (check reports it): never returned as a value
             r = self.refs_off + s * self.sps + i
             return (flags, self.mm[a + _HDR + klen : a + _HDR + klen + vlen], exp, r, self.mm[r])
         finally:
@@ -228,6 +231,11 @@ class Table(Arena, Expiry, Repair):
         if o + _HDR + klen + vlen > self.stripe_arena:
             raise ValueError(f"stripe {s}: entry at {o} runs past the arena")
         return a, vlen, klen, flags
+
+    def _whole(self, a: int, klen: int, vlen: int) -> bool:
+        """Does the entry at segment offset ``a`` pass its checksum? (False:
+        damage, which every reader treats as absent and check reports.)"""
+        return _xxh32(self.mv[a + 4 : a + _HDR + klen + vlen]) == _CHK.unpack_from(self.mm, a)[0]
 
     def _find(self, s: int, tag: int, kb: bytes) -> int:
         """Slot index (within stripe s) holding kb, or -1. Caller holds the lock."""
@@ -407,8 +415,12 @@ class Table(Arena, Expiry, Repair):
         st = self.stripes
         if i >= 0:
             p = self._slot_pos(s, i)
-            _a, ovlen, oklen, _f = self._entry(s, _SLOT_unpack(mm, p)[1])
-            st[s, L.S_LIVE // 8] = max(0, int(st[s, L.S_LIVE // 8]) - alloc_of(oklen, ovlen))
+            try:
+                _a, ovlen, oklen, _f = self._entry(s, _SLOT_unpack(mm, p)[1])
+                old = alloc_of(oklen, ovlen)
+            except ValueError:  # the replaced entry's header is damaged (check reports the count)
+                old = 0
+            st[s, L.S_LIVE // 8] = max(0, int(st[s, L.S_LIVE // 8]) - old)
         else:
             i = self._empty_from(s, tag)
             if i < 0:  # writers keep a slot free (MAX_LOAD): only damage fills a slice
@@ -473,7 +485,14 @@ class Table(Arena, Expiry, Repair):
                 return None
             mm = self.mm
             _t, loc, exp = _SLOT_unpack(mm, self._slot_pos(s, i))
-            a, vlen, klen, flags = self._entry(s, loc)
+            try:
+                a, vlen, klen, flags = self._entry(s, loc)
+                whole = self._whole(a, klen, vlen)
+            except ValueError:
+                whole = False
+            if not whole:  # damage (check reports it): absent, as for a read; the removal goes ahead
+                self._drop(s, i)
+                return None
             live = not (exp and exp <= self.clock())
             out = None
             if live:
@@ -724,7 +743,12 @@ class Table(Arena, Expiry, Repair):
                 out = []
                 try:
                     for loc, exp, ref in zip(rec["loc"].tolist(), rec["expire"].tolist(), refs.tolist()):
-                        a, vlen, klen, flags = self._entry(s, loc)
+                        try:
+                            a, vlen, klen, flags = self._entry(s, loc)
+                        except ValueError:
+                            continue  # damage (or a writer: the version check below decides)
+                        if not self._whole(a, klen, vlen):
+                            continue  # damage reads as absent, as for get (check reports it)
                         k = a + _HDR
                         o = loc * _AL
                         age = (((o // self.seg_size - tail) % self.n_segs) * self.seg_size + o % self.seg_size) / span

@@ -1,15 +1,19 @@
 """Worker of tests/test_corruption_fuzz.py: exercises a (corrupted) cache on request.
 
-Reads one line per trial on stdin (``<trial> <n_keys> <with_daemon>``), then
-attaches to the cache named on the command line, reads every key, writes,
-deletes, runs ``check()`` (and, if asked, starts a daemon and runs one
-expiry sweep and one recovery pass), and prints one JSON line with what
+Reads one line per trial on stdin (``<trial> <n_keys> <with_daemon> <churn>``), then
+attaches to the cache named on the command line, runs ``check()`` (before
+anything could repair the damage), reads every key, writes (and ``churn``
+new keys), reads back, scans ``items()``, deletes, runs ``check()`` (and, if
+asked, starts a daemon and runs one expiry sweep, one recovery pass and a
+snapshot), runs ``check()`` again, then
+``check(fix=True)`` and a last ``check()``, and prints one JSON line with what
 happened. A crash (SIGSEGV/SIGBUS) or a hang shows up in the parent as a dead
 or silent worker.
 """
 
 import json
 import os
+import re
 import sys
 import tempfile
 
@@ -17,18 +21,29 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from values import bad_value, make_value  # noqa: E402
 
-from shmcache import Cache, Error  # noqa: E402
+from shmcache import Cache, Error, admin  # noqa: E402
+from shmcache import layout as L  # noqa: E402
 
 
-def trial(name: str, n_keys: int, with_daemon: bool) -> dict:
-    out = {"attach": "ok", "torn": [], "errors": [], "check": None, "daemon": None}
+def _recoveries(c: Cache) -> list[int]:
+    """Each stripe's recoveries counter (bumped by every lock recovery's repair)."""
+    return [int(x) for x in c._table.stripes[:, L.S_RECOVERIES // 8]]
+
+
+def trial(name: str, n_keys: int, with_daemon: bool, churn: int = 0) -> dict:
+    out = {"attach": "ok", "torn": [], "errors": [], "check_before": None, "check": None, "daemon": None}
     try:
         c = Cache(name, create=False, lock_timeout=0.2, init_timeout=1.0)
     except Error as e:
         out["attach"] = f"{type(e).__name__}: {e}"
         return out
     try:
-        for step in ("read", "write", "read-back", "delete", "check"):
+        try:  # what check finds before anything touched the damage (nothing repaired yet)
+            out["check_before"] = c.check()
+        except Error as e:
+            out["check_before"] = [f"{type(e).__name__}: {e}"]
+        recoveries = _recoveries(c)
+        for step in ("read", "write", "churn", "read-back", "items", "delete", "check"):
             try:
                 if step in ("read", "read-back"):
                     for i in range(n_keys):
@@ -44,6 +59,17 @@ def trial(name: str, n_keys: int, with_daemon: bool) -> dict:
                         v = c.get(f"n{i}")
                         if v is not None and bad_value(f"n{i}", v):
                             out["torn"].append(f"new n{i}: {bad_value(f'n{i}', v)}")
+                elif step == "items":  # the scan path (items, entries, snapshots)
+                    for k, v in c.items():
+                        if bad_value(k, v):
+                            out["torn"].append(f"items {k}: {bad_value(k, v)}")
+                elif step == "churn":  # new keys enough to reclaim every segment: walks the damaged ones
+                    for i in range(churn):
+                        c.set(f"c{i}", make_value(f"c{i}", 2, i, 200 + i % 64))
+                    for i in range(0, churn, 13):
+                        v = c.get(f"c{i}")
+                        if v is not None and bad_value(f"c{i}", v):
+                            out["torn"].append(f"churn c{i}: {bad_value(f'c{i}', v)}")
                 elif step == "delete":
                     for i in range(3, n_keys, 11):
                         c.delete(f"k{i}")
@@ -67,7 +93,14 @@ def trial(name: str, n_keys: int, with_daemon: bool) -> dict:
                 out["daemon"] = "ok"
             except Error as e:
                 out["daemon"] = f"{type(e).__name__}: {e}"
+        # stripes the operations repaired: a lock recovery, or a write that
+        # met damage ("... was repaired ...: retry the write")
+        out["repaired"] = sorted(
+            {s for s, (a, b) in enumerate(zip(recoveries, _recoveries(c))) if a != b}
+            | {int(m) for e in out["errors"] if "repaired" in e for m in re.findall(r"stripe (\d+)", e)})
         out["check_after"] = c.check()
+        out["fixed"] = admin.check(c, fix=True)
+        out["check_final"] = c.check()  # what repair could not make sound
     finally:
         c.close()
     return out
@@ -76,8 +109,8 @@ def trial(name: str, n_keys: int, with_daemon: bool) -> dict:
 def main() -> None:
     name = sys.argv[1]
     for line in sys.stdin:
-        t, n_keys, with_daemon = line.split()
-        res = trial(name, int(n_keys), with_daemon == "1")
+        t, n_keys, with_daemon, churn = line.split()
+        res = trial(name, int(n_keys), with_daemon == "1", int(churn))
         res["trial"] = int(t)
         print(json.dumps(res), flush=True)
 

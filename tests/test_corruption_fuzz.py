@@ -1,19 +1,65 @@
 """Corruption fuzzer: the segment is untrusted input.
 
-Each trial builds a live cache, corrupts one field (a header field, a stripe
-record field, an index slot field, or a whole stripe's index slice filled so
-it has no empty slot), then a separate worker process
-(tests/corruption_worker.py) attaches, reads every key, writes, deletes, runs
-``check()`` and starts a daemon for one sweep, recovery pass and snapshot.
+Each trial builds a live cache (every third one with ``policy="noeviction"``,
+whose reclaim differs), corrupts one field (a header field, a stripe
+record field, an index slot field or access bit, a whole stripe's index
+slice filled so it has no empty slot, a field or key/value byte of an entry in the arena, or a
+u32 of a segment header), then a separate worker process
+(tests/corruption_worker.py) attaches, runs ``check()``, reads every key,
+writes (every fourth trial also enough new keys to reclaim every segment, so
+reclaim walks the damage), deletes, runs ``check()`` again, starts a daemon
+for one sweep, recovery pass and snapshot (every fourth trial), then runs
+``check(fix=True)`` and a last ``check()``.
 
 Asserted for every trial: the worker neither dies of a signal (SIGSEGV,
 SIGBUS) nor stops answering (a timeout), no read returns a value that is not
 one a writer stored for that key (values check themselves, tests/values.py),
-and only shmcache errors are raised. ``SHMCACHE_FUZZ_TRIALS`` /
-``SHMCACHE_FUZZ_SEED`` run it longer or replay a seed.
+only shmcache errors are raised, and what ``check`` says follows this
+classification (``_corrupt`` gives each trial's class):
 
-Not covered here: entry headers inside the arena (the arena is being
-rewritten; its own corruption tests belong with it).
+detect -- the damage is a structural problem check must report before any
+  operation ran (nothing has repaired it yet; a header attach refuses counts
+  as reported too):
+  - an odd seqlock version; an item count or live-bytes count that is not
+    what the index holds;
+  - a slot's tag (the key's hash no longer matches, or a slot went missing
+    and the count disagrees); a slot's location moved anywhere but onto a
+    whole older version of the same key of the same size; a slice with no
+    empty slot;
+  - any changed byte of a live entry (the checksum covers the header after
+    itself, the key and the value; the key hash and lengths are checked too);
+  - a dead entry, a segment header word (end, fill mirror) or the ring word
+    changed so that the stripe's arena breaks: the ring is out of range or
+    names a sealed head, an indexed entry lies outside the segments in use,
+    or a segment's walk from its header to its end (what a reclaim does)
+    stops short (at a header it cannot follow, the head's before its fill) or passes over an indexed entry (``_arena_damaged``, the
+    test's own model of layout.SEG and layout.STRIPE).
+clean -- undetectable by design, so check must say nothing: the value is one
+  a sound cache could hold or is never read:
+  - the owner record of a free lock (the next holder overwrites it), the
+    evictions and recoveries counters, an even seqlock version;
+  - a slot's deadline (any number is a deadline); an empty slot's location;
+    an access bit (a second-chance hint: any byte only changes what a reclaim
+    keeps);
+    a slot moved onto an older whole version of the same key (a stale value
+    of that key, which values.py accepts);
+  - a dead entry's bytes, segment header words and ring changes that leave
+    every walk whole and every indexed entry on it (e.g. a lowered mirror:
+    the larger end word wins); a free segment's header (rewritten when it is
+    opened); the header page's dynamic part (generation, daemon fields,
+    counters: check reads none of them).
+not asserted -- a static header field attach accepts (a setting the rest of
+  the header is consistent with, e.g. mode or created) and segment header
+  words after the first two (layout.SEG grows a field in issue 8; this test
+  fuzzes every u32 of SEG_HEADER but does not know what a new one means).
+
+Always, after the operations: check names only stripes it named before them
+(operations on a damaged cache repair damage or leave it, never spread it)
+and none that the operations repaired (a lock recovery, or a write that met
+damage and repaired the stripe: what they repaired leaves check clean), and
+after ``check(fix=True)`` check reports nothing (repair leaves every stripe
+sound). ``SHMCACHE_FUZZ_TRIALS`` / ``SHMCACHE_FUZZ_SEED`` run it
+longer or replay a seed.
 """
 
 from __future__ import annotations
@@ -21,6 +67,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 import select
 import struct
 import subprocess
@@ -28,14 +75,18 @@ import sys
 import time
 
 import pytest
+import xxhash
 
-from shmcache import Cache
+from shmcache import Cache, admin
 from shmcache import layout as L
 from values import make_value
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 N_KEYS = 300
 TRIAL_TIMEOUT = 30.0
+#: New keys every fourth trial writes (~5000 x ~230 bytes: the 1 MiB cache
+#: twice over), so every segment is reclaimed: reclaim walks the damage.
+CHURN = 5000
 
 
 def _fields(*names):
@@ -65,15 +116,104 @@ def _values(rnd: random.Random, width: int, old: int) -> int:
     ])
 
 
-def _poke(mm, off: int, width: int, rnd: random.Random) -> str:
-    fmt = {1: "<B", 2: "<H", 4: "<I", 8: "<Q"}[width]
+_FMT = {1: "<B", 2: "<H", 4: "<I", 8: "<Q"}
+
+
+def _poke(mm, off: int, width: int, rnd: random.Random) -> tuple[str, int, int]:
+    """Store a damaging value at ``off``: (what was done, old, new)."""
+    fmt = _FMT[width]
     old = struct.unpack_from(fmt, mm, off)[0]
     new = _values(rnd, width, old)
     struct.pack_into(fmt, mm, off, new)
-    return f"@{off} u{8 * width} {old:#x} -> {new:#x}"
+    return f"@{off} u{8 * width} {old:#x} -> {new:#x}", old, new
 
 
-def _corrupt(c: Cache, rnd: random.Random, kinds, slot_fields, stripe_words=STRIPE_WORDS) -> str:
+def _struct_fields(st: struct.Struct) -> list[tuple[int, int]]:
+    """(offset, width) of every field of a little-endian struct, padding fields included."""
+    out, off = [], 0
+    for ch in st.format.lstrip("<"):
+        w = struct.calcsize("<" + ch)
+        out.append((off, w))
+        off += w
+    return out
+
+
+ENTRY_FIELDS = _struct_fields(L.ENTRY)  # checksum, vlen, klen, flags, pad
+SEG_WORDS = range(0, L.SEG_HEADER, 4)  # every u32 of a segment header (a field added later is covered too)
+
+
+def _live_locs(c: Cache, s: int) -> list[int]:
+    sl = c._table.slots[s]
+    return [int(x) for x in sl["loc"][sl["tag"] != 0]]
+
+
+def _walk(mm, base: int, end: int, g) -> tuple[set, int]:
+    """The test's own model of a reclaim's walk of one segment: (entry offsets, where it stops)."""
+    e, starts = L.SEG_HEADER, set()
+    while e + L.ENTRY_HEADER <= end:
+        _chk, vlen, klen, _f, _p = L.ENTRY.unpack_from(mm, base + e)
+        a = L.entry_alloc(klen, vlen)
+        if klen > g.max_key_size or vlen > g.max_value_size or e + a > end:
+            break
+        starts.add(e)
+        e += a
+    return starts, e
+
+
+def _arena_damaged(c: Cache, s: int, locs: list[int]) -> bool:
+    """Would a reclaim or write of stripe s go wrong, given its index points
+    at ``locs``? The ring word is out of range or names a sealed head; an
+    entry lies outside the segments in use; or some segment's walk (from its
+    header to its end: the head's fill as a write reads it, a sealed
+    segment's larger end word) stops short or passes over an indexed entry.
+    Written from layout.SEG / layout.STRIPE, apart from repair.py's code."""
+    mm, g, ss = c._seg.mm, c._seg.geometry, c._seg.geometry.seg_size
+    n = g.stripe_arena // ss
+    base = g.arena_off + s * g.stripe_arena
+    word = struct.unpack_from("<Q", mm, g.stripe_table_off + s * L.STRIPE_SIZE + L.S_RING)[0]
+    head, tail, fill = L.unpack_ring(word)
+    if head >= n or tail >= n or fill > ss or fill % L.ALIGN:
+        return True
+    end, mirror = struct.unpack_from("<II", mm, base + head * ss)
+    if end:
+        return True
+    if fill < mirror <= ss and not mirror % L.ALIGN:
+        fill = mirror
+    in_use = [(tail + k) % n for k in range((head - tail) % n + 1)]
+    at = [divmod(loc * L.ALIGN, ss) for loc in locs]
+    if any(seg not in in_use for seg, _e in at):
+        return True
+    for seg in in_use:
+        if seg == head:
+            stop_at = fill
+        else:
+            end, mirror = struct.unpack_from("<II", mm, base + seg * ss)
+            stop_at = min(max(end, mirror, L.SEG_HEADER), ss)
+        starts, stop = _walk(mm, base + seg * ss, stop_at, g)
+        # the head's walk must end at its fill (the next entry goes there); a
+        # sealed one's may leave fewer bytes than an entry header
+        if (stop != stop_at if seg == head else stop_at - stop >= L.ENTRY_HEADER) or any(sg == seg and e not in starts for sg, e in at):
+            return True
+    return False
+
+
+def _same_entry(mm, a: int, b: int) -> bool:
+    """Are the entries at a and b whole versions of the same key, of one size?"""
+    ca, va, ka, _f, _p = L.ENTRY.unpack_from(mm, a)
+    cb, vb, kb, _f, _p = L.ENTRY.unpack_from(mm, b)
+    whole = xxhash.xxh32_intdigest(mm[b + 4 : b + L.ENTRY_HEADER + kb + vb]) == cb
+    return (whole and ka == kb and L.entry_alloc(ka, va) == L.entry_alloc(kb, vb)
+            and mm[a + L.ENTRY_HEADER : a + L.ENTRY_HEADER + ka] == mm[b + L.ENTRY_HEADER : b + L.ENTRY_HEADER + kb])
+
+
+# What check must say about a corruption (module docstring): "detect" = a
+# problem before anything repaired it, "clean" = no problem, None = not asserted.
+DETECT, CLEAN, ANY = "detect", "clean", None
+
+
+def _corrupt(c: Cache, rnd: random.Random, kinds, slot_fields,
+             stripe_words=STRIPE_WORDS) -> tuple[str, str | None]:
+    """Damage one field of c's segment: (what was done, what check must say)."""
     mm = c._seg.mm
     g = c._seg.geometry
     kind = rnd.choice(kinds)
@@ -81,27 +221,95 @@ def _corrupt(c: Cache, rnd: random.Random, kinds, slot_fields, stripe_words=STRI
         # the static header's fields (after the magic), then the dynamic part of the page
         if rnd.random() < 0.7:
             off = rnd.randrange(8, L.HEADER.size - 4, 4)
-            return "header " + _poke(mm, off, rnd.choice([4, 8]) if off % 8 == 0 else 4, rnd)
+            what, _o, _n = _poke(mm, off, rnd.choice([4, 8]) if off % 8 == 0 else 4, rnd)
+            return "header " + what, ANY
         off = rnd.randrange(L.HEADER.size + 8 - L.HEADER.size % 8, 512, 8)
-        return "header-dyn " + _poke(mm, off, 8, rnd)
+        what, _o, _n = _poke(mm, off, 8, rnd)
+        return "header-dyn " + what, CLEAN
     s = rnd.randrange(g.n_stripes)
+    base = g.arena_off + s * g.stripe_arena
+    locs = _live_locs(c, s)
     if kind == "stripe":
-        off = g.stripe_table_off + s * L.STRIPE_SIZE + rnd.choice(stripe_words)
-        return f"stripe {s} " + _poke(mm, off, 8, rnd)
+        word = rnd.choice(stripe_words)
+        what, old, new = _poke(mm, g.stripe_table_off + s * L.STRIPE_SIZE + word, 8, rnd)
+        what = f"stripe {s} " + what
+        if old == new or word in (L.S_OWNER, L.S_OWNER + 8, L.S_EVICTIONS, L.S_RECOVERIES):
+            return what, CLEAN
+        if word == L.S_VERSION:
+            return what, DETECT if new & 1 else CLEAN
+        if word == L.S_RING:
+            return what, DETECT if _arena_damaged(c, s, locs) else CLEAN
+        return what, DETECT  # items, live bytes: the tally disagrees
     if kind == "slot":
-        base = g.index_off + s * g.slots_per_stripe * L.SLOT_SIZE
+        sbase = g.index_off + s * g.slots_per_stripe * L.SLOT_SIZE
         tags = [i for i in range(g.slots_per_stripe)
-                if struct.unpack_from("<I", mm, base + i * L.SLOT_SIZE)[0]]
+                if struct.unpack_from("<I", mm, sbase + i * L.SLOT_SIZE)[0]]
         i = rnd.choice(tags) if tags and rnd.random() < 0.9 else rnd.randrange(g.slots_per_stripe)
+        p = sbase + i * L.SLOT_SIZE
+        tag, loc, _exp = L.SLOT.unpack_from(mm, p)
         foff, width = rnd.choice(slot_fields)
-        return f"slot {s}/{i} " + _poke(mm, base + i * L.SLOT_SIZE + foff, width, rnd)
+        what, old, new = _poke(mm, p + foff, width, rnd)
+        what = f"slot {s}/{i} " + what
+        if old == new or foff == L.SL_EXPIRE:
+            return what, CLEAN  # any deadline is plausible
+        if foff == L.SL_LOC and tag:
+            new_locs = _live_locs(c, s)
+            moved = (new * L.ALIGN + L.ENTRY_HEADER <= g.stripe_arena
+                     and _same_entry(mm, base + loc * L.ALIGN, base + new * L.ALIGN))
+            return what, CLEAN if moved and not _arena_damaged(c, s, new_locs) else DETECT
+        if foff == L.SL_LOC:
+            return what, CLEAN  # an empty slot's location is never read
+        return what, DETECT  # a tag: the key's hash or the item count disagrees
+    if kind == "ref":  # an access bit: a second-chance hint, any byte is harmless
+        what, _o, _n = _poke(mm, g.refs_off + s * g.slots_per_stripe + rnd.randrange(g.slots_per_stripe), 1, rnd)
+        return f"ref {s} " + what, CLEAN
+    if kind == "entry":
+        ss = g.seg_size
+        e_live = {divmod(loc * L.ALIGN, ss) for loc in locs}
+        head, tail, _fill = c._table._ring(s)
+        n = c._table.n_segs
+        in_use = [(tail + k) % n for k in range((head - tail) % n + 1)]
+        entries = []
+        for seg in in_use:
+            starts, _stop = _walk(mm, base + seg * ss, c._table._segment_ends(s, False)[seg], g)
+            entries += [(seg, e) for e in starts]
+        live = [x for x in entries if x in e_live]
+        dead = [x for x in entries if x not in e_live]
+        seg, e = rnd.choice(live if live and (not dead or rnd.random() < 0.6) else dead)
+        a = base + seg * ss + e
+        if rnd.random() < 0.8:
+            foff, width = rnd.choice(ENTRY_FIELDS)
+        else:  # a key or value byte (the checksum covers them)
+            _c, vlen, klen, _f, _p = L.ENTRY.unpack_from(mm, a)
+            foff, width = rnd.randrange(L.ENTRY_HEADER, L.ENTRY_HEADER + klen + vlen), 1
+        what, old, new = _poke(mm, a + foff, width, rnd)
+        what = f"entry {s}/{seg}@{e} {'live' if (seg, e) in e_live else 'dead'} +{foff} " + what
+        if old == new:
+            return what, CLEAN
+        if (seg, e) in e_live:
+            return what, DETECT  # the checksum, key hash or lengths disagree
+        return what, DETECT if _arena_damaged(c, s, locs) else CLEAN
+    if kind == "seg":
+        n = c._table.n_segs
+        head, tail, _fill = c._table._ring(s)
+        in_use = [(tail + k) % n for k in range((head - tail) % n + 1)]
+        free = [x for x in range(n) if x not in in_use]
+        seg = rnd.choice(free if free and rnd.random() < 0.15 else in_use)
+        word = rnd.choice(SEG_WORDS)
+        what, old, new = _poke(mm, base + seg * g.seg_size + word, 4, rnd)
+        what = f"seg {s}/{seg} {'in use' if seg in in_use else 'free'} +{word} " + what
+        if old == new or seg not in in_use:
+            return what, CLEAN  # a free segment's header is rewritten when it is opened
+        if word >= 8:
+            return what, ANY  # a field this test does not know the meaning of
+        return what, DETECT if _arena_damaged(c, s, locs) else CLEAN
     # full-slice: every slot of one stripe's index slice in use (row 4: no empty slot)
-    base = g.index_off + s * g.slots_per_stripe * L.SLOT_SIZE
+    sbase = g.index_off + s * g.slots_per_stripe * L.SLOT_SIZE
     for i in range(g.slots_per_stripe):
-        p = base + i * L.SLOT_SIZE
+        p = sbase + i * L.SLOT_SIZE
         if not struct.unpack_from("<I", mm, p)[0]:
             struct.pack_into("<I", mm, p, rnd.getrandbits(32) | 1)
-    return f"full-slice {s}"
+    return f"full-slice {s}", DETECT
 
 
 class Worker:
@@ -115,9 +323,9 @@ class Worker:
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
         )
 
-    def run(self, trial: int, with_daemon: bool) -> dict | str:
+    def run(self, trial: int, with_daemon: bool, churn: int = 0) -> dict | str:
         """The worker's JSON answer, or why there was none ("signal 11", "timeout")."""
-        self.proc.stdin.write(f"{trial} {N_KEYS} {int(with_daemon)}\n")
+        self.proc.stdin.write(f"{trial} {N_KEYS} {int(with_daemon)} {churn}\n")
         self.proc.stdin.flush()
         ready, _, _ = select.select([self.proc.stdout], [], [], TRIAL_TIMEOUT)
         if not ready:
@@ -141,37 +349,74 @@ class Worker:
                 self.proc.wait(10)
 
 
-def _fill(name: str) -> Cache:
+def _fill(name: str, policy: str = "lru") -> Cache:
     Cache.unlink(name)
-    c = Cache(name, size="1MiB", stripes=4, max_items=1200)
+    c = Cache(name, size="1MiB", stripes=4, max_items=1200, policy=policy)
     for i in range(N_KEYS):
         c.set(f"k{i}", make_value(f"k{i}", 0, i, 40 + (i * 37) % 300), ttl=(0.5 if i % 10 == 0 else None))
+        if i % 4 == 3:  # overwritten: the first version stays in the arena, dead
+            c.set(f"k{i}", make_value(f"k{i}", 0, i + N_KEYS, 40 + (i * 53) % 300))
     return c
+
+
+def _stripes_named(problems) -> set:
+    return {int(m) for p in problems or () for m in re.findall(r"stripe (\d+)", p)}
+
+
+def _judge(what: str, expect: str | None, res: dict) -> list[str]:
+    """Why the worker's answer breaks the rules (module docstring), [] if it does not."""
+    bad = []
+    if res["torn"]:
+        bad.append(f"torn reads {res['torn'][:3]}")
+    if res["attach"] != "ok":
+        if expect == CLEAN:
+            bad.append(f"attach refused a harmless change: {res['attach']}")
+        return bad  # refused at attach, naming the damage: reported
+    before = res["check_before"]
+    if expect == DETECT and not before:
+        bad.append("check found nothing before anything repaired the damage")
+    if expect == CLEAN and before:
+        bad.append(f"check reported a harmless change: {before[:3]}")
+    spread = _stripes_named(res["check_after"]) - _stripes_named(before)
+    if spread:
+        bad.append(f"after the operations check names stripes {sorted(spread)} it found sound before: "
+                   f"{res['check_after'][:3]}")
+    healed = set(res["repaired"]) & _stripes_named(res["check_after"])
+    if healed:
+        bad.append(f"stripes {sorted(healed)} were repaired by the operations, yet check still finds: "
+                   f"{res['check_after'][:3]}")
+    if res["check_final"]:
+        bad.append(f"check(fix=True) left problems: {res['check_final'][:3]} (it found {res['fixed'][:3]})")
+    return bad
 
 
 def _fuzz(name: str, pure: bool, kinds, slot_fields, default_trials: int, stripe_words=STRIPE_WORDS) -> None:
     seed = int(os.environ.get("SHMCACHE_FUZZ_SEED", random.randrange(2**32)))
     trials = int(os.environ.get("SHMCACHE_FUZZ_TRIALS", default_trials))
     rnd = random.Random(seed)
-    failures, summary = [], {"refused": 0, "check-found": 0, "clean": 0}
+    failures, summary = [], {"refused": 0, "check-found": 0, "clean": 0, "detect": 0, "harmless": 0,
+                             "ops-repaired": 0}
     w = Worker(name, pure)
     try:
         for t in range(trials):
-            c = _fill(name)
+            c = _fill(name, "noeviction" if t % 3 == 2 else "lru")  # noeviction reclaims its own way
             try:
-                what = _corrupt(c, rnd, kinds, slot_fields, stripe_words)
-                res = w.run(t, with_daemon=(t % 4 == 0))
+                assert c.check() == [], "the filled cache is not sound before any damage"
+                what, expect = _corrupt(c, rnd, kinds, slot_fields, stripe_words)
+                res = w.run(t, with_daemon=(t % 4 == 0), churn=CHURN if t % 4 == 1 else 0)
             finally:
                 c.close()
             if isinstance(res, str):
                 failures.append(f"trial {t} [{what}]: {res}")
                 w = Worker(name, pure)  # go on with a fresh worker, to report everything
                 continue
-            if res["torn"]:
-                failures.append(f"trial {t} [{what}]: torn reads {res['torn'][:3]}")
+            failures += [f"trial {t} [{what}] (expected {expect}): {why}" for why in _judge(what, expect, res)]
+            if expect:
+                summary["detect" if expect == DETECT else "harmless"] += 1
+            summary["ops-repaired"] += bool(res.get("repaired"))
             if res["attach"] != "ok":
                 summary["refused"] += 1
-            elif res["check"]:
+            elif res["check_before"]:
                 summary["check-found"] += 1
             else:
                 summary["clean"] += 1
@@ -185,8 +430,9 @@ def _fuzz(name: str, pure: bool, kinds, slot_fields, default_trials: int, stripe
 @pytest.mark.parametrize("pure", [False, True], ids=["c", "pure"])
 def test_corruption_fuzz_no_crash_no_hang_no_torn_value(cache_name, pure):
     """Rows 3-5 of issue 10: header fields, stripe records (counts, bump pointer,
-    seqlock version, owner), index structure, and a slice with no empty slot."""
-    _fuzz(cache_name, pure, ["header", "stripe", "stripe", "slot", "slot", "full-slice"], STRUCTURE_FIELDS, 40)
+    seqlock version, owner), index structure and access bits, and a slice with
+    no empty slot."""
+    _fuzz(cache_name, pure, ["header", "stripe", "stripe", "slot", "slot", "full-slice", "ref"], STRUCTURE_FIELDS, 40)
 
 
 @pytest.mark.parametrize("pure", [False, True], ids=["c", "pure"])
@@ -200,7 +446,160 @@ def test_corruption_fuzz_slot_payload_and_allocator_fields(cache_name, pure):
     _fuzz(cache_name, pure, ["slot", "stripe"], PAYLOAD_FIELDS, 25, ALLOCATOR_WORDS)
 
 
+@pytest.mark.parametrize("pure", [False, True], ids=["c", "pure"])
+def test_corruption_fuzz_entry_and_segment_headers(cache_name, pure):
+    """Issue 10's entry headers inside the arena (every field of layout.ENTRY,
+    and key/value bytes) of live and dead entries, and every u32 of the
+    segment headers (layout.SEG) of segments in use and free."""
+    _fuzz(cache_name, pure, ["entry", "entry", "seg"], PAYLOAD_FIELDS, 40)
+
+
 @pytest.mark.stress
-def test_corruption_fuzz_long(cache_name, monkeypatch):
+@pytest.mark.parametrize("pure", [False, True], ids=["c", "pure"])
+@pytest.mark.parametrize("fuzz", [test_corruption_fuzz_no_crash_no_hang_no_torn_value,
+                                  test_corruption_fuzz_slot_payload_and_allocator_fields,
+                                  test_corruption_fuzz_entry_and_segment_headers],
+                         ids=["structure", "payload", "arena"])
+def test_corruption_fuzz_long(cache_name, monkeypatch, fuzz, pure):
+    """Every fuzz above on both cores, 400 trials each unless SHMCACHE_FUZZ_TRIALS says otherwise."""
     monkeypatch.setenv("SHMCACHE_FUZZ_TRIALS", os.environ.get("SHMCACHE_FUZZ_TRIALS", "400"))
-    test_corruption_fuzz_no_crash_no_hang_no_torn_value(cache_name, False)
+    fuzz(cache_name, pure)
+
+
+# ------------------------------------------------------------------ regressions
+# Bugs the fuzzer found, each pinned on both cores.
+
+@pytest.fixture(params=["c", "pure"])
+def small_cache(request, cache_name, monkeypatch):
+    import shmcache.cache as cache_mod
+
+    if request.param == "c" and not cache_mod.USE_SPEEDUPS:
+        pytest.skip("the C accelerator is not in use")
+    monkeypatch.setattr(cache_mod, "USE_SPEEDUPS", request.param == "c")
+    c = Cache(cache_name, size="1MiB", stripes=4, max_items=1200)
+    yield c
+    c.close()
+
+
+def _entry_of(c: Cache, key: str) -> tuple[int, int]:
+    """(stripe, segment address of key's entry)."""
+    t = c._table
+    kb = c._key(key)
+    h = xxhash.xxh3_64_intdigest(kb)
+    s = h & t.mask
+    i = t._find(s, (h >> 32) | 1, kb)
+    assert i >= 0
+    loc = L.SLOT.unpack_from(c._seg.mm, t._slot_pos(s, i))[1]
+    return s, t.arena_off + s * t.stripe_arena + loc * L.ALIGN
+
+
+def _assert_reported_then_repaired(c: Cache, s: int) -> None:
+    found = c.check()
+    assert found and all(f"stripe {s}" in p for p in found), found
+    admin.check(c, fix=True)
+    assert c.check() == []
+
+
+@pytest.mark.parametrize("where", ["value byte", "flags", "vlen - 1", "key byte"])
+def test_get_of_an_entry_failing_its_checksum_is_a_miss_not_a_torn_value(small_cache, where):
+    """A damaged entry (a value byte, its type tag, its length) was returned
+    as a value by get: wrong bytes, a value of another type, or a
+    UnicodeDecodeError. Readers now verify the entry's checksum (on the copy,
+    after the seqlock said it is consistent): damage reads as absent."""
+    c = small_cache
+    c.set("k", "héllo wörld, a str value")
+    s, a = _entry_of(c, "k")
+    klen = L.ENTRY.unpack_from(c._seg.mm, a)[2]
+    off = {"value byte": L.ENTRY_HEADER + klen + 1, "flags": L.E_FLAGS, "vlen - 1": L.E_VLEN,
+           "key byte": L.ENTRY_HEADER}[where]
+    mm = c._seg.mm
+    mm[a + off] = (mm[a + off] - 1) & 0xFF if where == "vlen - 1" else mm[a + off] ^ 0xC0
+    assert c.get("k") is None
+    _assert_reported_then_repaired(c, s)
+    c.set("k", "new")
+    assert c.get("k") == "new"
+
+
+def test_overwrite_of_an_entry_with_a_damaged_length_stores_the_new_value(small_cache):
+    """Pure Python: set() of a key whose old entry's vlen was damaged raised
+    ValueError ("entry ... runs past the arena") from the live-bytes
+    accounting, after emptying the stripe's damage the hard way."""
+    c = small_cache
+    c.set("k", b"x" * 100)
+    s, a = _entry_of(c, "k")
+    L.U32.pack_into(c._seg.mm, a + L.E_VLEN, 0x40000000)
+    c.set("k", b"y" * 50)
+    assert c.get("k") == b"y" * 50
+    admin.check(c, fix=True)
+    assert c.check() == []
+
+
+def test_check_reports_a_segment_walk_broken_by_a_dead_entry_header(small_cache):
+    """A dead (overwritten) entry's length changed: every slot is still sound,
+    but a reclaim walking the segment would stop at it or skip the live
+    entries after it (dropping them, or freeing the segment under them).
+    check walked only the live slots and said sound; it now walks each
+    segment in use, and repair cuts the segment back to where its walk stops."""
+    c = small_cache
+    c.set("a", b"1" * 40)
+    _s, dead = _entry_of(c, "a")
+    c.set("a", b"2" * 40)  # the first version is dead now, the second follows it
+    s, _a = _entry_of(c, "a")
+    assert c.check() == []
+    L.U32.pack_into(c._seg.mm, dead + L.E_VLEN, L.ENTRY.unpack_from(c._seg.mm, dead)[1] + 4)
+    _assert_reported_then_repaired(c, s)
+    assert c.get("a") in (None, b"2" * 40)
+    for i in range(3000):  # the stripe keeps working through reclaims
+        c.set(f"k{i}", b"v" * 200)
+    assert c.check() == []
+
+
+def test_check_reports_a_raised_head_fill_mirror(small_cache):
+    """The head segment's fill mirror (layout.SEG) raised by one ALIGN: the
+    next entry lands 4 bytes past the last, so the segment's walk would break
+    there at its reclaim (dropping every entry after it). check said sound."""
+    c = small_cache
+    c.set("a", b"1" * 40)
+    s, _a = _entry_of(c, "a")
+    t = c._table
+    head, _tail, fill = t._ring(s)
+    L.U32.pack_into(c._seg.mm, t._seg_base(s, head) + 4, fill + L.ALIGN)
+    _assert_reported_then_repaired(c, s)
+    assert c.get("a") == b"1" * 40
+
+
+def test_delete_of_an_entry_with_a_damaged_length_removes_it(small_cache):
+    """Pure Python: delete()/pop() of a key whose entry's vlen was damaged
+    raised ValueError ("entry ... runs past the arena"). A damaged entry is
+    absent to pop (as to get) and the removal goes ahead."""
+    c = small_cache
+    c.set("k", b"x" * 100)
+    c.set("j", b"z" * 100)
+    _s, a = _entry_of(c, "k")
+    L.U32.pack_into(c._seg.mm, a + L.E_VLEN, 0xFFFFFFFF)
+    c.delete("k")
+    assert c.pop("k", None) is None and c.get("k") is None
+    _s, a = _entry_of(c, "j")
+    c._seg.mm[a + L.ENTRY_HEADER + 3] ^= 1
+    assert c.pop("j", "gone") == "gone"
+    admin.check(c, fix=True)
+    assert c.check() == []
+
+
+@pytest.mark.parametrize("where", ["value byte", "vlen past the arena"])
+def test_items_and_entries_leave_out_an_entry_failing_its_checksum(small_cache, where):
+    """items(), keys(), admin.entries (and so snapshots) copied a damaged
+    entry's bytes as its value (or raised ValueError for a length past the
+    arena). The scan path now checks each entry as get does."""
+    c = small_cache
+    for k in ("a", "b", "c"):
+        c.set(k, k.encode() * 50)
+    s, a = _entry_of(c, "b")
+    if where == "value byte":
+        c._seg.mm[a + L.ENTRY_HEADER + 1 + 7] ^= 0x10
+    else:
+        L.U32.pack_into(c._seg.mm, a + L.E_VLEN, 0x7FFFFFFF)
+    assert dict(c.items()) == {"a": b"a" * 50, "c": b"c" * 50}
+    assert sorted(c.keys()) == ["a", "c"]
+    assert sorted(e.key for e in admin.entries(c)) == ["a", "c"]
+    _assert_reported_then_repaired(c, s)
