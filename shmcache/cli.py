@@ -564,6 +564,9 @@ def cmd_snapshot(args) -> int:
             _print_json({**dataclasses.asdict(info), "daemon_pid": None})
         else:
             print(f"wrote {info.path}: {info.entries:,} entries, {_mib(info.bytes)} in {info.seconds:.3f} s")
+            if info.skipped_damaged:
+                print(f"left out {info.skipped_damaged:,} damaged entries (failing their checksums): "
+                      f"run 'shmcache check -n {c.name}'", file=sys.stderr)
         return 0
     pid, path = _daemon_snapshot_path(_name(args))
     since = time.time()

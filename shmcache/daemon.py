@@ -383,6 +383,10 @@ class Daemon:
             info.path, info.entries, _fmt_bytes(info.bytes), info.seconds,
             info.bytes / 1e6 / max(info.seconds, 1e-9), info.max_lock_hold * 1e3,
         )
+        if info.skipped_damaged:
+            log.warning("snapshot %s left out %d damaged entries (failing their checksums): "
+                        "run 'shmcache check -n %s' (and 'check --fix' to drop them)",
+                        info.path, info.skipped_damaged, self.name)
         return info
 
     def recover_once(self) -> None:

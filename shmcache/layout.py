@@ -38,6 +38,7 @@ import struct
 from dataclasses import dataclass
 
 import numpy as np
+import xxhash
 
 from .errors import LayoutMismatch
 
@@ -45,10 +46,12 @@ MAGIC = b"SHMCACHE"
 #: Bumped whenever any offset or field below changes meaning. Attaching to a
 #: segment of another version raises LayoutMismatch; snapshots carry entries,
 #: not layouts, so they restore across versions.
-LAYOUT_VERSION = 4  # 2: owners are client slots + generation, clients locked (OFD) for liveness
+LAYOUT_VERSION = 5  # 2: owners are client slots + generation, clients locked (OFD) for liveness
 #                     3: segment-ring arena, 16-byte slots, access bits, 12-byte entry header
 #                     4: stripe records are two cache lines; the second counts lock waits;
 #                        segment headers hold a reclaim cursor (reclaim in steps)
+#                     5: entry checksums are xxh3 (low 32 bits), not xxh32: readers
+#                        verify them on every get, and xxh32 cost 2.6 us per 16 KiB
 
 PAGE = 4096
 CACHE_LINE = 64
@@ -295,13 +298,21 @@ SEG_HEADER = SEG.size  # 12
 RECLAIM_STEP = 16
 # Entry: [entry header | key | value], padded to ALIGN bytes.
 ENTRY = struct.Struct(
-    "<I"  # checksum  xxh32 of bytes [4:entry_len): rest of header, key, value
+    "<I"  # checksum  entry_checksum of bytes [4:entry_len): rest of header, key, value
     "I"  # vlen
     "H"  # klen
     "B"  # flags     value type tag (codec)
     "B"  # _pad
 )
 ENTRY_HEADER = ENTRY.size  # 12
+
+
+def entry_checksum(b) -> int:
+    """An entry's checksum field: the low 32 bits of the xxh3-64 of its bytes
+    after the field (the rest of the header, key, value). xxh3 runs ~7x
+    faster than xxh32 on a 16 KiB value, and every get verifies it."""
+    return xxhash.xxh3_64_intdigest(b) & 0xFFFFFFFF
+
 ENTRY_LENS = struct.Struct("<IH")  # vlen, klen of an entry header, at E_VLEN (a segment walk reads only these)
 E_CHECKSUM = 0
 E_VLEN = 4

@@ -36,7 +36,7 @@ except ImportError:  # pragma: no cover - no C compiler: the per-slot loop
     _entry_sums = None
 
 _xxh3 = xxhash.xxh3_64_intdigest
-_xxh32 = xxhash.xxh32_intdigest
+_entry_sum = L.entry_checksum
 _HDR = L.ENTRY_HEADER
 _SS = L.SLOT_SIZE
 _SLOT_unpack = L.SLOT.unpack_from
@@ -60,6 +60,30 @@ _WHY = {
     5: "checksum mismatch",
     6: "int checksum",
 }
+
+
+def entry_sums(buf, offs: np.ndarray, checksums: bool = True) -> np.ndarray:
+    """For the entries at byte offsets ``offs`` of ``buf`` (a segment, or a
+    copy of a stripe's arena), records of _SUMS: the xxh3-64 of each key, the
+    checksum (layout.entry_checksum) its checksum field should hold (0 without ``checksums``) and
+    ``bad`` = 1 where the header or bytes fall outside ``buf`` (sums then 0).
+    The C accelerator's one call, or the same per entry in Python."""
+    if _entry_sums is not None:
+        return np.frombuffer(_entry_sums(buf, np.asarray(offs, dtype="<u8").tobytes(), checksums), dtype=_SUMS)
+    out = np.zeros(len(offs), dtype=_SUMS)
+    mv = memoryview(buf).cast("B")
+    for j, a in enumerate(np.asarray(offs, dtype=np.int64).tolist()):
+        if a + _HDR > len(mv):
+            out["bad"][j] = 1
+            continue
+        _c, vlen, klen, _f, _p = L.ENTRY.unpack_from(mv, a)
+        if a + _HDR + klen + vlen > len(mv):
+            out["bad"][j] = 1
+            continue
+        out["h"][j] = _xxh3(mv[a + _HDR : a + _HDR + klen])
+        if checksums:
+            out["chk"][j] = _entry_sum(mv[a + 4 : a + _HDR + klen + vlen])
+    return out
 
 
 class Undecodable(Exception):
@@ -96,7 +120,7 @@ class Repair:
             return "key hash does not match the slot tag"
         if head is not None and seg != head and not (flags == INT_FLAG and vlen == 8):
             return None
-        if _xxh32(self.mv[a + 4 : a + _HDR + klen + vlen]) != chk:
+        if _entry_sum(self.mv[a + 4 : a + _HDR + klen + vlen]) != chk:
             if flags == INT_FLAG and vlen == 8:
                 return "int checksum"
             return "checksum mismatch"
@@ -157,7 +181,7 @@ class Repair:
         outside = np.zeros(len(occ), dtype=bool)
         for part, full in ((summed, True), (ok & ~summed, False)):
             at = np.nonzero(part)[0]
-            sums = np.frombuffer(_entry_sums(self.mm, (ab + o[at]).astype("<u8").tobytes(), full), dtype=_SUMS)
+            sums = entry_sums(self.mm, ab + o[at], full)
             h[at] = sums["h"]
             if full:
                 good_sum[at] = sums["chk"]
@@ -254,7 +278,7 @@ class Repair:
                 # store: the value is one 8-byte store, so it is the old or the new
                 # int, never a mix. Keep it.
                 a = ab + _SLOT_unpack(mm, p)[1] * L.ALIGN
-                L.U32.pack_into(mm, a, _xxh32(self.mv[a + 4 : a + _HDR + L.ENTRY.unpack_from(mm, a)[2] + 8]))
+                L.U32.pack_into(mm, a, _entry_sum(self.mv[a + 4 : a + _HDR + L.ENTRY.unpack_from(mm, a)[2] + 8]))
             else:
                 victims.append(mm[p : p + _SS])
         # The same key twice (a backward shift or copy-forward cut short; an

@@ -59,6 +59,7 @@ import xxhash
 from . import layout as L
 from .errors import CacheFull, SnapshotError
 from . import admin
+from .repair import entry_sums
 
 MAGIC = b"SHMCSNAP"
 FOOTER_MAGIC = b"SNAPEND\0"
@@ -138,6 +139,9 @@ class SnapshotInfo:
     max_lock_hold: float = 0.0
     locked_stripes: int = 0
     skipped_expired: int = 0
+    #: Entries left out because they fail their checksum (damage in the
+    #: segment; ``shmcache check`` reports it, ``check --fix`` drops it).
+    skipped_damaged: int = 0
     #: Seconds of each locked copy, in stripe order (for benchmarks).
     lock_holds: list = field(default_factory=list)
 
@@ -232,8 +236,9 @@ def write_snapshot(cache, path: str, *, now: float | None = None, progress=None)
                     info.lock_holds.append(held)
                     info.locked_stripes += 1
                     info.max_lock_hold = max(info.max_lock_hold, held)
-                records, runs, data_len, n_expired = _pack_stripe(slots, bv, ring, g, now)
+                records, runs, data_len, n_expired, n_damaged = _pack_stripe(slots, bv, ring, g, now)
                 info.skipped_expired += n_expired
+                info.skipped_damaged += n_damaged
                 h = xxhash.xxh3_64()
                 rb = records.tobytes()
                 h.update(rb)
@@ -355,7 +360,8 @@ def _pack_stripe(slots_refs, arena, ring: int, g, now: float):
     group in ring order, oldest segment first; restore re-inserts oldest
     first, so what would be evicted first still is), as seconds just before
     ``now``.
-    Returns (records, runs, data_len, expired_dropped)."""
+    Entries that fail their checksum or key hash are damage and left out.
+    Returns (records, runs, data_len, expired_dropped, damaged_dropped)."""
     slots, refs = slots_refs
     hdr = L.ENTRY_HEADER
     size = len(arena)
@@ -372,12 +378,21 @@ def _pack_stripe(slots_refs, arena, ring: int, g, now: float):
     expired = (exp > 0.0) & (exp <= now)
     n_expired = int(np.count_nonzero(expired))
     keep = ~expired & inside & (offs + allocs <= size) & (klen <= g.max_key_size) & (vlen <= g.max_value_size)
+    # An entry failing its checksum or its slot's key hash is damage (readers
+    # treat it as absent): restore would store it with a fresh checksum,
+    # turning garbage into a value every reader returns. Leave it out.
+    at = np.nonzero(keep)[0]
+    sums = entry_sums(arena, offs[at])
+    sound = (sums["bad"] == 0) & (sums["chk"] == words[offs[at] // 4]) \
+        & (((sums["h"] >> np.uint64(32)) | np.uint64(1)) == slots["tag"][at].astype(np.uint64))
+    keep[at[~sound]] = False
+    n_damaged = int(np.count_nonzero(~sound))
     order = np.nonzero(keep)[0]
     order = order[np.argsort(offs[order], kind="stable")]
     n = len(order)
     records = np.zeros(n, dtype=RECORD_DTYPE)
     if n == 0:
-        return records, [], 0, n_expired
+        return records, [], 0, n_expired, n_damaged
     head, tail, _fill = L.unpack_ring(ring)
     rank = ((offs[order] // g.seg_size - tail) % g.n_segs) * g.seg_size + offs[order] % g.seg_size
     rank += (refs[order] != 0) * g.stripe_arena
@@ -402,7 +417,7 @@ def _pack_stripe(slots_refs, arena, ring: int, g, now: float):
     records["atime"] = now - (n - age) * 1e-6
     records["flags"] = flags[order]
     runs = list(zip(src_a.tolist(), src_b.tolist()))
-    return records, runs, int(lens.sum()), n_expired
+    return records, runs, int(lens.sum()), n_expired, n_damaged
 
 
 def _create_temp(path: str) -> tuple[str, int]:

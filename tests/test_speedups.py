@@ -223,3 +223,41 @@ def test_regression_fallback_does_not_encode_twice(cache_name):
         assert ser.dumps_calls == n + 2 and c["busy"] == {"i": 7}
     finally:
         c.close()
+
+
+_AVX2_CHILD = """
+import os, sys, xxhash
+from shmcache import Cache, _speedups
+for n in (0, 240, 241, 4096, 16385):
+    b = os.urandom(n)
+    assert _speedups.xxh3_64(b) == xxhash.xxh3_64_intdigest(b), n
+c = Cache(sys.argv[1])
+for n in (300, 5000, 16000):
+    assert c.get(f"parent{n}") == bytes([n % 251]) * n, n
+    c.set(f"child{n}", bytes([n % 13]) * n)
+c.close()
+"""
+
+
+@pytest.mark.skipif(cache_mod._speedups is None, reason="needs the C accelerator")
+def test_entry_checksums_agree_with_and_without_the_avx2_hash(cache_name):
+    """Entry checksums are xxh3 (layout 5), computed by a run-time chosen AVX2
+    loop on long entries where the CPU has one: a process without it (or with
+    SHMCACHE_NO_AVX2, or the pure-Python core) must compute the same sums, or
+    every get of another process's long value would read as damage."""
+    import subprocess
+    import sys
+
+    c = Cache(cache_name, size="8MiB")
+    try:
+        for n in (300, 5000, 16000):
+            c.set(f"parent{n}", bytes([n % 251]) * n)
+        env = {**os.environ, "SHMCACHE_NO_AVX2": "1"}
+        r = subprocess.run([sys.executable, "-c", _AVX2_CHILD, cache_name], env=env, timeout=60,
+                           capture_output=True, text=True)
+        assert r.returncode == 0, r.stderr
+        for n in (300, 5000, 16000):
+            assert c.get(f"child{n}") == bytes([n % 13]) * n
+        assert c.check() == []
+    finally:
+        c.close()
