@@ -131,6 +131,7 @@ typedef struct {
     char *base;
     uint64_t mask, sps, stripe_off, index_off, arena_off, stripe_arena;
     uint64_t client_off, client_rec, client, max_key, max_value, cap_items;
+    uint64_t cap_steps; /* pending(): items from which a stripe near its cap reclaims in steps */
     uint64_t refs_off, seg_size, n_segs;
     int evicts;     /* the policy may evict (lru); else reclaim goes to Python */
     int timing;     /* measure lock holds of the C write paths into max_hold_ns */
@@ -533,8 +534,7 @@ static void reclaim(Core *c, uint64_t s, uint32_t seg, uint64_t keep_room, doubl
 static int pending(Core *c, uint64_t s, const ring_t *r) {
     if (r->head == r->tail || !c->evicts) return 0;
     if ((r->head + 1) % (uint32_t)c->n_segs == r->tail) return 1;
-    uint64_t cap = c->cap_items, slack = cap / c->n_segs < RECLAIM_STEP ? cap / c->n_segs : RECLAIM_STEP;
-    return *u64at(stripe_rec(c, s) + S_ITEMS) >= cap - slack;
+    return *u64at(stripe_rec(c, s) + S_ITEMS) >= c->cap_steps;
 }
 
 static void reclaim_walk(Core *c, uint64_t s, uint32_t seg, uint64_t keep_room, double now, int second_chance,
@@ -1429,6 +1429,14 @@ static int Core_init(Core *c, PyObject *args, PyObject *kw) {
         return -1;
     }
     c->n_segs = c->stripe_arena / c->seg_size;
+    if (c->n_segs == 0) {
+        PyErr_SetString(PyExc_ValueError, "a stripe arena holds no segment");
+        return -1;
+    }
+    { /* Arena.cap_steps: computed once, not a division per insert */
+        uint64_t per_seg = c->cap_items / c->n_segs;
+        c->cap_steps = c->cap_items - (per_seg < RECLAIM_STEP ? per_seg : RECLAIM_STEP);
+    }
     if (PyObject_GetBuffer(buffer, &c->view, PyBUF_WRITABLE) < 0) return -1;
     c->has_view = 1;
     c->base = c->view.buf;
@@ -1608,10 +1616,59 @@ static PyObject *mod_entry_sums(PyObject *m, PyObject *args) {
     return out;
 }
 
+/* chain_walk(buffer, base, end, max_key, max_value) -> (offsets, stop): walk
+ * the entries of the segment at `base` of `buffer` from its header as a
+ * reclaim does (repair.py Repair._chain, step for step): `offsets` packs the
+ * u32 segment offset of each entry on the chain, `stop` is where the walk
+ * stopped (`end` exactly when the chain is whole). The lengths come from an
+ * untrusted segment: the walk stays inside [base, base + end). */
+static PyObject *mod_chain_walk(PyObject *m, PyObject *args) {
+    Py_buffer b;
+    unsigned long long base, end;
+    unsigned long max_key, max_value;
+    if (!PyArg_ParseTuple(args, "y*KKkk", &b, &base, &end, &max_key, &max_value)) return NULL;
+    if (base > (unsigned long long)b.len || end > (unsigned long long)b.len - base || end > UINT32_MAX) {
+        PyBuffer_Release(&b);
+        return PyErr_Format(PyExc_ValueError, "chain_walk: segment [%llu, +%llu) outside the buffer", base, end);
+    }
+    const char *seg = (const char *)b.buf + base;
+    size_t cap = 64, n = 0;
+    uint32_t *out = PyMem_Malloc(cap * sizeof(uint32_t));
+    if (!out) {
+        PyBuffer_Release(&b);
+        return PyErr_NoMemory();
+    }
+    uint64_t e = SEG_HEADER;
+    while (e + ENTRY_HDR <= end) {
+        ehdr_t eh;
+        memcpy(&eh, seg + e, ENTRY_HDR);
+        uint64_t alloc = ((uint64_t)ENTRY_HDR + eh.klen + eh.vlen + ALIGN - 1) & ~(uint64_t)(ALIGN - 1);
+        if (eh.klen > max_key || eh.vlen > max_value || e + alloc > end) break;
+        if (n == cap) {
+            uint32_t *bigger = PyMem_Realloc(out, 2 * cap * sizeof(uint32_t));
+            if (!bigger) {
+                PyMem_Free(out);
+                PyBuffer_Release(&b);
+                return PyErr_NoMemory();
+            }
+            out = bigger;
+            cap *= 2;
+        }
+        out[n++] = (uint32_t)e;
+        e += alloc;
+    }
+    PyBuffer_Release(&b);
+    PyObject *r = Py_BuildValue("(y#K)", (const char *)out, (Py_ssize_t)(n * sizeof(uint32_t)), (unsigned long long)e);
+    PyMem_Free(out);
+    return r;
+}
+
 static PyMethodDef mod_methods[] = {
     {"xxh3_64", (PyCFunction)mod_xxh3, METH_O, "xxh3_64(buffer) -> int (same as xxhash.xxh3_64_intdigest)."},
     {"entry_sums", (PyCFunction)mod_entry_sums, METH_VARARGS,
      "entry_sums(buffer, offsets, checksums=True) -> bytes: per u64 offset, key xxh3-64, entry checksum, out-of-bounds flag."},
+    {"chain_walk", (PyCFunction)mod_chain_walk, METH_VARARGS,
+     "chain_walk(buffer, base, end, max_key, max_value) -> (u32 offsets as bytes, stop): a segment's entry chain."},
     {NULL}};
 
 static struct PyModuleDef moddef = {PyModuleDef_HEAD_INIT, "shmcache._speedups", NULL, -1, mod_methods};

@@ -243,8 +243,7 @@ class Arena:
             return False
         if (head + 1) % self.n_segs == tail:
             return True
-        cap = self.cap_items
-        return int(self.stripes[s, L.S_ITEMS // 8]) >= cap - min(cap // self.n_segs, L.RECLAIM_STEP)
+        return int(self.stripes[s, L.S_ITEMS // 8]) >= self.cap_steps
 
     def _cursor(self, s: int, seg: int) -> int:
         """Where the reclaim of ``seg`` goes on: its stored cursor if plausible

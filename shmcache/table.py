@@ -106,6 +106,9 @@ class Table(Arena, Expiry, Repair):
         self.n_segs = g.n_segs
         self.stripe_off = g.stripe_table_off
         self.cap_items = g.items_per_stripe
+        #: Arena._pending: from this many items a stripe reclaims in steps
+        #: (within RECLAIM_STEP of its cap), computed once, not per insert
+        self.cap_steps = self.cap_items - min(self.cap_items // max(self.n_segs, 1), L.RECLAIM_STEP)
         self.max_key = g.max_key_size
         self.max_value = g.max_value_size
         self.policy = for_header(g.policy)
