@@ -991,3 +991,71 @@ c.close()
 """
     r = subprocess.run([sys.executable, "-c", code, cache_name], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
+
+
+_GRACE_WAITER = """
+import sys
+import shmcache.lock
+shmcache.lock.MARKER_GRACE = 600.0  # a recovery could only come after 10 minutes
+from shmcache import Cache
+c = Cache(sys.argv[1], create=False, lock_timeout=0.5)
+c.set(sys.argv[2], b"after the holder")
+c.close()
+"""
+
+
+def _raise_marker_and_die(name, s):
+    c = Cache(name, create=False)
+    c._seg.mm[c._locks._marker_base + s] += 1  # as if killed while waiting on s
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def test_regression_waiter_leaves_the_marker_grace_as_soon_as_a_live_holder_records_itself(make_cache, cache_name):
+    """Stripe s held by a live process still in its few-instruction window
+    (semaphore taken, owner not yet recorded) while a dead client's marker
+    sits on s: a waiter cannot tell that from a holder killed in its window,
+    so it waits out MARKER_GRACE (1 s) for a sign of life. It slept the whole
+    grace even when the holder recorded itself at once, holding the recovery
+    lock meanwhile. Now it looks every POLL_MAX and goes back to waiting as
+    soon as anything moves: here, with a 10-minute grace, the waiter finishes
+    right after the holder releases (it timed out before the fix)."""
+    import threading
+
+    cache = make_cache(size="2MiB", stripes=4, lock_timeout=LOCK_TIMEOUT)
+    s = 2
+    (key,) = keys_in_stripe(4, s, 1, "grace")
+    dead = CTX.Process(target=_raise_marker_and_die, args=(cache_name, s))
+    dead.start()
+    dead.join(JOIN)
+    assert dead.exitcode == -signal.SIGKILL
+    locks, mm = cache._locks, cache._seg.mm
+    so = locks._stripe_off(s)
+    mb = locks._marker_base + s
+    mm[mb] += 1  # a live holder entering its window: marker up, semaphore taken, no owner yet
+    locks.sems[s].acquire(0)
+    waiter = subprocess.Popen([sys.executable, "-c", _GRACE_WAITER, cache_name, key],
+                              stderr=subprocess.PIPE, text=True)
+
+    def holder():
+        time.sleep(1.0)  # past the waiter's lock_timeout (0.5 s): it found the dead marker, is in its grace
+        mm[so + L.S_OWNER : so + L.S_OWNER + 16] = locks.owner  # out of the window
+        mm[mb] -= 1
+        locks._q[so >> 3] = (locks._q[so >> 3] + 1) | 1
+        time.sleep(0.2)
+        locks._q[so >> 3] = locks._q[so >> 3] + 1  # even: unlock
+        mm[so + L.S_OWNER : so + L.S_OWNER + 16] = bytes(16)
+        locks.sems[s].release()
+
+    t = threading.Thread(target=holder)
+    t.start()
+    try:
+        assert waiter.wait(60) == 0, waiter.stderr.read()
+    finally:
+        t.join(10)
+        if waiter.poll() is None:
+            waiter.kill()
+            waiter.wait()
+    assert cache.get(key) == b"after the holder"
+    assert cache.stats()["recoveries"] == 0
+    assert locks.sems[s].value == 1
+    assert cache.check() == []
