@@ -22,6 +22,7 @@ import time
 import pytest
 
 import shmcache.cache as cache_mod
+from procs import kill_alive
 from shmcache import Cache, admin
 from shmcache import lock as lock_mod
 from shmcache.cli import _Sample, render_top, top_frame
@@ -120,10 +121,7 @@ def _contend(c: Cache, s: int, ctx, pure: bool) -> None:
         assert [p.exitcode for p in procs] == [0] * N_WRITERS
     finally:
         watch.close()
-        for p in procs:
-            if p.is_alive():
-                p.kill()
-                p.join(10)
+        kill_alive(procs)
 
 
 def _scrape(c: Cache) -> dict:
