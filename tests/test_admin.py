@@ -104,7 +104,7 @@ def test_current_client_is_checked_by_the_kernel_across_processes(make_cache):
 
 def test_check_reports_and_fixes_an_overcounted_lock(make_cache):
     c = make_cache(size="1MiB", stripes=4)
-    c._seg.sems[1].release()  # damage on purpose: as if a live holder had been taken for dead
+    admin.storage(c).segment.sems[1].release()  # damage on purpose: as if a live holder had been taken for dead
     assert admin.lock_values(c) == [1, 2, 1, 1]
     assert any("stripe 1: lock semaphore is 2" in p for p in admin.check(c))
     assert admin.lock_values(c) == [1, 2, 1, 1]  # check alone changes nothing
