@@ -1098,13 +1098,26 @@ def test_readme_settings_block_keeps_1000_of_1000_entries(cache_name):
         Cache.unlink(cache_name)
 
 
-def test_explicit_max_entries_still_culls():
-    culled = ShmCache(NAME, {"OPTIONS": {"MAX_ENTRIES": 10, "size": "8MiB"}})
+@pytest.mark.parametrize("frequency", [None, 2, 0])
+def test_explicit_max_entries_culls_as_locmem_does(frequency):
+    """MAX_ENTRIES given explicitly culls as LocMemCache does: after the same
+    sets, the same number of entries is left (which ones may differ across
+    stripes: LRU order there is approximate)."""
+    from django.core.cache.backends.locmem import LocMemCache
+
+    options = {"MAX_ENTRIES": 10} | ({} if frequency is None else {"CULL_FREQUENCY": frequency})
+    culled = ShmCache(NAME, {"OPTIONS": options | {"size": "8MiB"}})
+    locmem = LocMemCache(f"cull-{frequency}", {"OPTIONS": options})
     culled.clear()
-    for i in range(25):
-        culled.set(f"c{i}", i)
-    assert 0 < sum(1 for i in range(25) if culled.has_key(f"c{i}")) <= 10
-    culled.clear()
+    try:
+        for i in range(25):
+            culled.set(f"c{i}", i)
+            locmem.set(f"c{i}", i)
+            kept = sum(1 for k in range(i + 1) if culled.has_key(f"c{k}"))
+            assert kept == sum(1 for k in range(i + 1) if locmem.has_key(f"c{k}")), (i, kept)
+        assert 0 < kept <= 10
+    finally:
+        culled.clear()
 
 
 def test_django_redis_ttl_expire_persist():
