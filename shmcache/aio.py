@@ -11,10 +11,14 @@ Only two things can wait for long, and they never block the event loop here:
   awaited, a plain one runs in a worker thread (``asyncio.to_thread``).
   The protocol is :mod:`shmcache.stampede`'s, so async and sync callers in
   any process share one computation.
-* a stripe lock whose holder died: a write first waits ``lock_timeout``
-  (0.5 s) before recovering it. ``await acache.aset(...)`` and the other
-  ``a*`` writes run in a worker thread for callers that cannot afford even
-  that rare stall; the plain calls are the fast path.
+* a write waiting for its stripe's lock: held by another writer (usually
+  well under a microsecond), or by one that died, which a write first waits
+  ``lock_timeout`` (0.5 s) for before recovering the stripe. The writes of
+  ``get_or_set`` and ``memoize`` on a miss (the lock entry, the store, the
+  release) run in a worker thread, so a hit costs one lock-free read on the
+  loop and a miss a few thread hops. ``await acache.aset(...)`` and the
+  other ``a*`` writes run in a thread too, for callers that cannot afford
+  even that rare stall; the plain calls are the fast path.
 
 ::
 

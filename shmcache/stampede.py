@@ -49,7 +49,9 @@ import os
 import pickle
 import random
 import struct
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import xxhash
 
@@ -209,7 +211,7 @@ def get_or_set(cache, key, factory, ttl=_DEFAULT, timeout: float = DEFAULT_TIMEO
         return stop.value
 
 
-_SLEEP, _OWN, _ALONE = "sleep", "own", "alone"
+_SLEEP, _OWN, _ALONE, _DONE = "sleep", "own", "alone", "done"
 
 
 def _contest(cache, key, factory, timeout):
@@ -261,12 +263,79 @@ async def _await_value(factory):
     return v
 
 
+#: Threads of the executor the asyncio path writes in (per process). Its own,
+#: not the loop's default one: that one runs the sync factories, and a few
+#: slow ones must not hold up every other caller's microsecond-long polls.
+AIO_THREADS = 4
+_aio_executor: tuple[int, ThreadPoolExecutor] | None = None
+_aio_executor_lock = threading.Lock()
+
+
+def _executor() -> ThreadPoolExecutor:
+    """This process's executor for the asyncio path's writes (made anew in a
+    forked child: the parent's threads do not exist there)."""
+    global _aio_executor
+    made = _aio_executor
+    if made is None or made[0] != os.getpid():
+        with _aio_executor_lock:
+            made = _aio_executor
+            if made is None or made[0] != os.getpid():
+                made = _aio_executor = (os.getpid(), ThreadPoolExecutor(AIO_THREADS, "shmcache-aio"))
+    return made[1]
+
+
+def _in_thread(fn, *args) -> asyncio.Future:
+    """``fn(*args)`` in :func:`_executor`: a bare future (asyncio.run's teardown
+    cancels tasks, not this), so a write once started always finishes."""
+    return asyncio.get_running_loop().run_in_executor(_executor(), fn, *args)
+
+
+def _step(steps):
+    """``next(steps)``, with the generator's return as ``(_DONE, value)``: a
+    StopIteration cannot cross from a worker thread into an asyncio future."""
+    try:
+        return next(steps)
+    except StopIteration as stop:
+        return _DONE, stop.value
+
+
+async def _next_step(cache, steps):
+    """One step of the contest, in a worker thread (it may write the lock
+    entry, so it may wait for a stripe's lock)."""
+    loop = asyncio.get_running_loop()
+    step = _in_thread(_step, steps)
+    try:
+        return await asyncio.shield(step)
+    except asyncio.CancelledError:
+        # The step runs on in its thread. If it makes this caller the owner,
+        # give the lock entry back at once instead of leaving every waiter to
+        # wait out its ttl.
+        step.add_done_callback(lambda f: _release_if_owned(loop, cache, f))
+        raise
+
+
+def _release_if_owned(loop, cache, step) -> None:
+    if not step.cancelled() and step.exception() is None:
+        what, arg = step.result()
+        if what is _OWN and not loop.is_closed():
+            loop.run_in_executor(_executor(), _release, cache, *arg)
+
+
 async def aget_or_set(cache, key, factory, ttl=_DEFAULT, timeout: float = DEFAULT_TIMEOUT):
     """:func:`get_or_set` for asyncio: the same protocol across processes (and
     with synchronous callers), but waiting is ``asyncio.sleep`` and the factory
     is awaited (async) or run in a thread (sync), so the event loop never
     blocks on another caller's computation. Cancelling the caller that
     computes releases the lock entry: a waiter then computes.
+
+    A hit is one lock-free read on the loop. On a miss, every step of the
+    protocol (the lock entry's add, the polls, a takeover, the store, the
+    release) runs in a worker thread: a write waits for its stripe's lock,
+    and for ``lock_timeout`` (0.5 s) before recovering a stripe whose holder
+    died, and that wait must not stall the loop. It costs a few thread hops
+    (tens of microseconds each) per miss, next to a factory worth caching.
+    (The hit's read waits too in one case, as every reader does: when the
+    writer of its stripe died mid-write, until the stripe is recovered.)
 
     Raises:
         as :func:`get_or_set`.
@@ -275,27 +344,29 @@ async def aget_or_set(cache, key, factory, ttl=_DEFAULT, timeout: float = DEFAUL
     if v is not _MISSING:
         return v
     steps = _contest(cache, key, factory, timeout)
-    try:
-        while True:
-            what, arg = next(steps)
-            if what is _SLEEP:
-                await asyncio.sleep(arg)
-            elif what is _OWN:
-                lkey, record = arg
-                try:
-                    v = cache.get(key, _MISSING)
-                    if v is _MISSING:
-                        v = await _await_value(factory)
-                        cache.set(key, v, ttl)
-                    return v
-                finally:
-                    _release(cache, lkey, record)
-            else:
-                v = await _await_value(factory)
-                cache.set(key, v, ttl)
+    while True:
+        what, arg = await _next_step(cache, steps)
+        if what is _SLEEP:
+            await asyncio.sleep(arg)
+        elif what is _DONE:
+            return arg
+        elif what is _OWN:
+            lkey, record = arg
+            try:
+                v = await _in_thread(cache.get, key, _MISSING)
+                if v is _MISSING:
+                    v = await _await_value(factory)
+                    await _in_thread(cache.set, key, v, ttl)
                 return v
-    except StopIteration as stop:
-        return stop.value
+            finally:
+                # shielded: a second cancel must not drop the release (a thread
+                # not yet started would never run; the lock entry would then
+                # make every waiter wait out its ttl)
+                await asyncio.shield(_in_thread(_release, cache, lkey, record))
+        else:
+            v = await _await_value(factory)
+            await _in_thread(cache.set, key, v, ttl)
+            return v
 
 
 # -- memoize ------------------------------------------------------------------

@@ -1,6 +1,7 @@
 """The public maintenance API (shmcache.admin): what the daemon, snapshots, the
 CLI and the adapters use instead of a Cache's private attributes."""
 
+import ast
 import multiprocessing as mp
 import os
 import pickle
@@ -10,6 +11,7 @@ import re
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -104,7 +106,7 @@ def test_current_client_is_checked_by_the_kernel_across_processes(make_cache):
 
 def test_check_reports_and_fixes_an_overcounted_lock(make_cache):
     c = make_cache(size="1MiB", stripes=4)
-    c._seg.sems[1].release()  # damage on purpose: as if a live holder had been taken for dead
+    admin.storage(c).segment.sems[1].release()  # damage on purpose: as if a live holder had been taken for dead
     assert admin.lock_values(c) == [1, 2, 1, 1]
     assert any("stripe 1: lock semaphore is 2" in p for p in admin.check(c))
     assert admin.lock_values(c) == [1, 2, 1, 1]  # check alone changes nothing
@@ -270,6 +272,64 @@ def test_cache_and_stampede_import_in_either_order():
         r = subprocess.run([sys.executable, "-c", f"import {first}; import shmcache; print('ok')"],
                            capture_output=True, text=True, timeout=60)
         assert r.stdout.strip() == "ok", r.stderr
+
+
+def _module_imports(path, name: str, known: set) -> set:
+    """The shmcache modules ``path`` imports when it is first imported: its
+    top-level imports (inside if/try too), not those under ``if TYPE_CHECKING``
+    nor those inside functions (run later, once every module is loaded)."""
+    pkg = name if path.name == "__init__.py" else name.rsplit(".", 1)[0]
+    out = set()
+
+    def walk(body):
+        for n in body:
+            if isinstance(n, ast.If) and "TYPE_CHECKING" in ast.unparse(n.test):
+                walk(n.orelse)
+            elif isinstance(n, ast.ImportFrom):
+                base = n.module or ""
+                if n.level:
+                    parts = pkg.split(".")
+                    base = ".".join(parts[: len(parts) - n.level + 1] + ([n.module] if n.module else []))
+                out.update(f"{base}.{a.name}" for a in n.names if f"{base}.{a.name}" in known)
+                if base in known and not (name == base or name.startswith(base + ".")):
+                    out.add(base)  # (a module's own packages are always loaded before it)
+            elif isinstance(n, ast.Import):
+                out.update(a.name for a in n.names if a.name in known)
+            elif isinstance(n, (ast.If, ast.Try)):
+                walk(n.body + n.orelse + [s for h in getattr(n, "handlers", []) for s in h.body]
+                     + getattr(n, "finalbody", []))
+
+    walk(ast.parse(path.read_text()).body)
+    return out
+
+
+def test_no_import_cycle_between_shmcache_modules():
+    """cache.py and stampede.py used to import each other (for a private
+    sentinel). No shmcache module may take part in an import cycle: the
+    package's layers import in one direction (STYLE.md)."""
+    root = Path(shmcache.__file__).resolve().parent
+    files = {}
+    for f in root.rglob("*.py"):
+        parts = f.relative_to(root.parent).with_suffix("").parts
+        files[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = f
+    graph = {m: _module_imports(f, m, set(files)) for m, f in files.items()}
+    assert "shmcache.stampede" in graph["shmcache.cache"] and "shmcache.admin" in graph["shmcache.stampede"]
+
+    def cycle_from(start):
+        stack = [(start, [start])]
+        seen = set()
+        while stack:
+            node, path = stack.pop()
+            for d in graph[node]:
+                if d == start:
+                    return path + [d]
+                if d not in seen:
+                    seen.add(d)
+                    stack.append((d, path + [d]))
+        return None
+
+    cycles = [c for c in map(cycle_from, graph) if c]
+    assert not cycles, f"import cycles: {cycles}"
 
 
 def test_closed_cache_is_refused(make_cache):

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from shmcache import Cache
+from shmcache import Cache, admin, stampede
 from shmcache.aio import AsyncCache
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -40,11 +40,13 @@ def _ticker_gaps(coro_factory):
                 last = now
 
         t = asyncio.create_task(ticker())
+        await asyncio.sleep(0.012)  # the ticker runs before coro_factory(): a stall in its first step counts
         try:
-            return await coro_factory(), max(gaps or [0.0])
+            result = await coro_factory()
         finally:
             done.set()
-            await t
+            await t  # its last gap (a stall just before the result) is in only now
+        return result, max(gaps or [0.0])
 
     return asyncio.run(main())
 
@@ -133,6 +135,98 @@ def test_sync_factory_runs_in_a_thread(make_cache):
 
     value, gap = _ticker_gaps(lambda: ac.get_or_set("k", blocking))
     assert value == 7 and seen == [False] and gap < 0.2
+
+
+def _stripe(c, key) -> int:
+    from shmcache.codec import encode_key
+    from shmcache.table import key_hash
+
+    return key_hash(encode_key(key)) & (admin.geometry(c).n_stripes - 1)
+
+
+def _key_apart_from_its_lock_entry(c) -> tuple[str, int]:
+    """A key whose single-flight lock entry lives in another stripe, and that stripe."""
+    for i in range(1000):
+        key = f"k{i}"
+        s = _stripe(c, stampede.lock_key(key))
+        if s != _stripe(c, key):
+            return key, s
+    raise AssertionError("no such key")  # pragma: no cover
+
+
+def _hold_stripe(c, s, seconds):
+    """Hold stripe ``s``'s lock for ``seconds`` from a thread (as a slow writer,
+    or one that died, does to everyone else); returns once it is held."""
+    locks = admin.storage(c).locks
+    held = threading.Event()
+
+    def hold():
+        locks.lock(s)
+        held.set()
+        time.sleep(seconds)
+        locks.unlock(s)
+
+    t = threading.Thread(target=hold)
+    t.start()
+    assert held.wait(20)
+    return t
+
+
+def _lock_entries(c) -> list:
+    return [k for k in c.keys() if isinstance(k, str) and k.startswith(stampede.LOCK_PREFIX)]
+
+
+@pytest.mark.parametrize("factory_kind", ["async", "sync"])
+def test_a_miss_waiting_for_a_stripe_lock_does_not_block_the_loop(make_cache, factory_kind):
+    """A miss writes the single-flight lock entry (then the value): that write
+    waits for its stripe's lock in a worker thread, not on the loop (a dead
+    holder would keep it waiting for lock_timeout, 0.5 s)."""
+    c = make_cache(size="4MiB", stripes=4)
+    ac = AsyncCache(c)
+    key, s = _key_apart_from_its_lock_entry(c)
+
+    async def afactory():
+        return "built"
+
+    holder = _hold_stripe(c, s, 0.6)
+    try:
+        value, gap = _ticker_gaps(lambda: ac.get_or_set(key, afactory if factory_kind == "async" else lambda: "built"))
+    finally:
+        holder.join(20)
+    assert value == "built" and c[key] == "built"
+    assert gap < 0.3, f"event loop stalled {gap:.3f} s behind a held stripe"
+    assert admin.stripes(c)[s].lock_waits == 1  # the lock entry's add did wait, off the loop
+    assert _lock_entries(c) == []  # and was released
+
+
+def test_cancelled_while_taking_the_lock_entry_gives_it_back(make_cache):
+    """Cancelled while its add of the lock entry waits for a held stripe: the
+    add still happens in its thread, and the entry is released, not left to
+    make the next caller wait out its ttl."""
+    c = make_cache(size="4MiB", stripes=4)
+    ac = AsyncCache(c)
+    key, s = _key_apart_from_its_lock_entry(c)
+
+    async def main():
+        t = asyncio.create_task(ac.get_or_set(key, lambda: "never", timeout=30))
+        await asyncio.sleep(0.1)  # t waits in the add: the stripe is held
+        t.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await t
+        holder.join(20)
+        for _ in range(500):  # the release runs in a thread once the add returns
+            if not _lock_entries(c):
+                break
+            await asyncio.sleep(0.01)
+        assert _lock_entries(c) == [], "the cancelled caller's lock entry was left to its ttl (30 s)"
+        return await ac.get_or_set(key, lambda: "next", timeout=30)
+
+    holder = _hold_stripe(c, s, 0.4)
+    try:
+        assert asyncio.run(main()) == "next"
+    finally:
+        holder.join(20)
+    assert c[key] == "next" and admin.stripes(c)[s].lock_waits >= 1
 
 
 def test_cancelled_owner_releases_the_lock(make_cache):

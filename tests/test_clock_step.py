@@ -29,7 +29,7 @@ import time
 
 import pytest
 
-from shmcache import Cache
+from shmcache import Cache, admin
 from test_crash import keys_in_stripe
 
 CTX = mp.get_context("fork")
@@ -100,7 +100,7 @@ def shim(tmp_path_factory):
 
 def _hold(name, s, ready):
     c = Cache(name, create=False)
-    c._locks.lock(s)  # no public way to hold a stripe lock, on purpose
+    admin.storage(c).locks.lock(s)  # a writer's hold, through the engine handle on purpose
     ready.set()
     time.sleep(600)  # SIGKILLed long before
 
@@ -168,10 +168,11 @@ INTERRUPTED = textwrap.dedent("""
 
 def _hold_alive(name, s, ready, release):
     c = Cache(name, create=False)
-    c._locks.lock(s)
+    locks = admin.storage(c).locks
+    locks.lock(s)
     ready.set()
     release.wait(60)
-    c._locks.unlock(s)
+    locks.unlock(s)
     c.close()
 
 
@@ -203,7 +204,7 @@ def test_ctrl_c_ends_a_pure_python_wait_on_a_live_holder(make_cache, cache_name)
 
 
 def _hold_and_die(cache, s, ready):
-    cache._locks.lock(s)  # the inherited handle (its own client slot since the fork)
+    admin.storage(cache).locks.lock(s)  # the inherited handle (its own client slot since the fork)
     ready.set()
     time.sleep(600)
 

@@ -26,6 +26,7 @@ import psutil
 import pytest
 import xxhash
 
+from procs import join_all
 from shmcache import Cache, admin
 from shmcache import layout as L
 from shmcache.codec import encode_key
@@ -56,17 +57,6 @@ def keys_in_stripe(n_stripes: int, s: int, n: int, prefix: str = "k") -> list[st
 
 def good(key: str) -> bytes:
     return make_value(key, 0, 0, 40 + len(key) * 37 % 900)
-
-
-def join_all(procs, timeout: float = JOIN) -> None:
-    deadline = time.monotonic() + timeout
-    for p in procs:
-        if p.pid is not None:
-            p.join(max(0.1, deadline - time.monotonic()))
-    for p in procs:
-        if p.pid is not None and p.is_alive():
-            p.kill()
-            p.join(5)
 
 
 def marker_off(cache: Cache, client: int, s: int) -> int:

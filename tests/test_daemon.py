@@ -130,7 +130,7 @@ def _writer(name, wid, seconds, ttl):
 
 def _hold_stripe_lock(name, stripe, ready):
     c = Cache(name, create=False)
-    c._locks.lock(stripe)
+    admin.storage(c).locks.lock(stripe)
     ready.set()
     time.sleep(120)
 
@@ -535,7 +535,7 @@ def test_recover_brings_an_overcounted_semaphore_back_to_one(make_cache):
     from shmcache.daemon import recover
 
     c = make_cache(size="1MiB", stripes=4)
-    c._seg.sems[2].release()  # value 2: as if a live holder had been taken for dead
+    admin.storage(c).segment.sems[2].release()  # value 2: as if a live holder had been taken for dead
     assert admin.lock_values(c) == [1, 1, 2, 1]
     assert admin.check(c) == ["stripe 2: lock semaphore is 2, above 1: two writers could enter at once; "
                               "admin.fix_overcount (or the daemon) corrects it"]

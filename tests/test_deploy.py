@@ -219,14 +219,15 @@ needs_pidns = pytest.mark.skipif(NO_PIDNS is not None, reason=NO_PIDNS or "")
 # stripe S, say so, hold it until the flag file appears, release, write once more.
 HOLDER = """
 import os, sys, time
-from shmcache import Cache, layout
+from shmcache import Cache, admin, layout
 name, s, flag = sys.argv[1], int(sys.argv[2]), sys.argv[3]
 c = Cache(name, create=False)
-c._locks.lock(s)
+locks = admin.storage(c).locks
+locks.lock(s)
 print("HOLDING", os.getpid(), flush=True)
 while not os.path.exists(flag):
     time.sleep(0.01)
-c._locks.unlock(s)
+locks.unlock(s)
 c.set("from-the-holder", b"h" * 100)
 print("RELEASED", flush=True)
 """
@@ -349,7 +350,7 @@ def _hold_with_a_forked_child(name, s, ready, child_pid):
         time.sleep(60)
         os._exit(0)
     child_pid.value = pid
-    c._locks.lock(s)
+    admin.storage(c).locks.lock(s)
     ready.set()
     time.sleep(60)
 

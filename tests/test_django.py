@@ -9,10 +9,13 @@ Left out: the tests needing a database (model instances) and the memcached-,
 redis-, db- and file-specific ones.
 """
 
+import contextlib
+import io
 import multiprocessing
 import os
 import pickle
 import time
+from pathlib import Path
 from unittest import mock
 
 from names import fresh_name
@@ -35,7 +38,7 @@ from django.middleware.cache import FetchFromCacheMiddleware, UpdateCacheMiddlew
 from django.test import Client, RequestFactory, SimpleTestCase, override_settings  # noqa: E402
 from django_project.settings import CLOCK  # noqa: E402
 
-from shmcache import Cache  # noqa: E402
+from shmcache import Cache, admin  # noqa: E402
 from shmcache.contrib.django import ShmCache  # noqa: E402
 
 CTX = multiprocessing.get_context("fork")
@@ -1064,11 +1067,29 @@ def test_importing_shmcache_imports_no_framework():
 
 
 # -- regressions and django-redis extras (issue 13) ---------------------------
+def _readme_caches_setting() -> dict:
+    """The ``CACHES`` of the README's Django section, run as a settings.py would run it."""
+    text = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    section = text[text.index("\n## Django\n"):]
+    block = section[section.index("```python\n# settings.py\n") + len("```python\n"):]
+    namespace: dict = {}
+    exec(block[: block.index("```")], namespace)
+    return namespace["CACHES"]
+
+
 def test_readme_settings_block_keeps_1000_of_1000_entries(cache_name):
     """The README's settings block, as written: Django's MAX_ENTRIES=300 default
-    used to cull it down to 203 entries at ~100x the cost per set."""
-    readme = ShmCache(cache_name, {"TIMEOUT": 300, "OPTIONS": {"size": "256MiB"}})
+    used to cull it down to 203 entries at ~100x the cost per set. Only its
+    LOCATION is swapped for a test name; the rest is read from README.md."""
+    from django.utils.module_loading import import_string
+
+    params = dict(_readme_caches_setting()["default"])
+    backend = import_string(params.pop("BACKEND"))
+    assert backend is ShmCache and params.pop("LOCATION") == "myapp"
+    assert params["OPTIONS"]["size"] == "256MiB"
+    readme = backend(cache_name, params)  # as django.core.cache.CacheHandler makes it
     try:
+        assert readme.raw.stats()["size"] <= 256 * 2**20
         for i in range(1000):
             readme.set(f"k{i}", i)
         assert sum(1 for i in range(1000) if readme.get(f"k{i}") == i) == 1000
@@ -1077,13 +1098,26 @@ def test_readme_settings_block_keeps_1000_of_1000_entries(cache_name):
         Cache.unlink(cache_name)
 
 
-def test_explicit_max_entries_still_culls():
-    culled = ShmCache(NAME, {"OPTIONS": {"MAX_ENTRIES": 10, "size": "8MiB"}})
+@pytest.mark.parametrize("frequency", [None, 2, 0])
+def test_explicit_max_entries_culls_as_locmem_does(frequency):
+    """MAX_ENTRIES given explicitly culls as LocMemCache does: after the same
+    sets, the same number of entries is left (which ones may differ across
+    stripes: LRU order there is approximate)."""
+    from django.core.cache.backends.locmem import LocMemCache
+
+    options = {"MAX_ENTRIES": 10} | ({} if frequency is None else {"CULL_FREQUENCY": frequency})
+    culled = ShmCache(NAME, {"OPTIONS": options | {"size": "8MiB"}})
+    locmem = LocMemCache(f"cull-{frequency}", {"OPTIONS": options})
     culled.clear()
-    for i in range(25):
-        culled.set(f"c{i}", i)
-    assert 0 < sum(1 for i in range(25) if culled.has_key(f"c{i}")) <= 10
-    culled.clear()
+    try:
+        for i in range(25):
+            culled.set(f"c{i}", i)
+            locmem.set(f"c{i}", i)
+            kept = sum(1 for k in range(i + 1) if culled.has_key(f"c{k}"))
+            assert kept == sum(1 for k in range(i + 1) if locmem.has_key(f"c{k}")), (i, kept)
+        assert 0 < kept <= 10
+    finally:
+        culled.clear()
 
 
 def test_django_redis_ttl_expire_persist():
@@ -1152,3 +1186,106 @@ def test_django_redis_lock_across_processes():
     assert p.exitcode == 0
     assert cache.raw is caches["v2"].raw  # one handle per LOCATION: the raw Cache
     cache.clear()
+
+
+# -- the README's ttl/timeout table, cell by cell -----------------------------
+OMITTED = object()
+
+
+def _readme_ttl_table() -> dict:
+    """{row: {column: cell}} of the README's "`ttl` and `timeout`: 0, None and negative" table."""
+    text = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    lines = text[text.index("### `ttl` and `timeout`: 0, None and negative"):].splitlines()
+    first = next(i for i, ln in enumerate(lines) if ln.startswith("|"))
+    end = next(i for i in range(first, len(lines)) if not lines[i].startswith("|"))
+    rows = [[c.strip() for c in ln.strip().strip("|").split("|")] for ln in lines[first:end]]
+    head, body = rows[0], rows[2:]
+    return {r[0]: dict(zip(head[1:], r[1:])) for r in body}
+
+
+def _expected(cell: str, same_as_cache: str | None = None) -> str:
+    """What a README cell promises, in the words _lifetime measures."""
+    if cell == "as `Cache`":
+        return same_as_cache
+    if "ValueError" in cell:
+        return "ValueError"
+    if cell.startswith("expire at once"):
+        return "at once"
+    if "never expire" in cell:
+        return "never"
+    if "300 s" in cell or cell == "`CACHE_DEFAULT_TIMEOUT`":
+        return "300 s"  # the framework's default timeout, 300 s unless configured
+    raise AssertionError(f"the test does not know what README's {cell!r} means: teach _expected")
+
+
+def _lifetime(store, present) -> str:
+    """Store through ``store()``, then watch the entry on the shared fake clock."""
+    try:
+        store()
+    except ValueError:
+        return "ValueError"
+    if not present():
+        return "at once"
+    CLOCK.advance(299)
+    if not present():
+        return "under 300 s"
+    CLOCK.advance(2)
+    if not present():
+        return "300 s"
+    CLOCK.advance(10**8)
+    return "never" if present() else "longer than 300 s"
+
+
+def test_readme_ttl_table_is_what_each_api_does(cache_name):
+    """Every cell of the README's table of what 0, None, negative and an
+    omitted ttl/timeout mean, for the core, Django, Flask, AsyncCache and
+    `shmcache set`, checked against what each one does."""
+    from shmcache.aio import AsyncCache
+    from shmcache.cli import main as cli
+    from shmcache.contrib import shared_cache
+
+    flask_backend = pytest.importorskip("shmcache.contrib.flask").ShmCache
+    table = _readme_ttl_table()
+    assert list(table) == ["omitted", "`None`", "`0`", "negative"]
+    args = {"omitted": OMITTED, "`None`": None, "`0`": 0, "negative": -5}
+    core = Cache(cache_name, size="8MiB", clock=CLOCK)
+    flask = flask_backend(cache_name, clock=CLOCK)  # default_timeout 300, as CACHE_DEFAULT_TIMEOUT
+    acore = AsyncCache(core)
+    try:
+        for row, arg in args.items():
+            cells = table[row]
+            kw = {} if arg is OMITTED else {"ttl": arg}
+            key = f"{row}-core"
+            core_got = _lifetime(lambda: core.set(key, 1, **kw), lambda: key in core)
+            assert core_got == _expected(cells["`Cache` (`ttl=`)"]), (row, "Cache", core_got)
+            akey = f"{row}-aio"
+            got = _lifetime(lambda: acore.set(akey, 1, **kw), lambda: akey in acore)
+            assert got == _expected(cells["`AsyncCache`, `shmcache set --ttl`"], core_got), (row, "AsyncCache")
+
+            dkw = {} if arg is OMITTED else {"timeout": arg}
+            cache.set(f"{row}-old", 0)
+            got = _lifetime(lambda: cache.set(f"{row}-old", 1, **dkw), lambda: cache.has_key(f"{row}-old"))
+            assert got == _expected(cells["Django backend (`timeout=`)"]), (row, "Django", got)
+            if got == "at once":  # "old value removed": the earlier value is gone too
+                assert cache.get(f"{row}-old") is None
+
+            fkey = f"{row}-flask"
+            got = _lifetime(lambda: flask.set(fkey, 1, **dkw), lambda: flask.has(fkey))
+            assert got == _expected(cells["Flask backend (`timeout=`)"]), (row, "Flask", got)
+
+            if arg is not None:  # the command line has no way to say None
+                ckey = f"{row}-cli"
+                err = io.StringIO()
+                with contextlib.redirect_stderr(err):
+                    rc = cli(["set", "-n", cache_name, ckey, "1"] + ([] if arg is OMITTED else ["--ttl", str(arg)]))
+                if rc:
+                    assert "ttl" in err.getvalue(), err.getvalue()  # one line naming the bad ttl, exit 1
+                    got = "ValueError"
+                else:
+                    got = "never" if admin.inspect(core, ckey).ttl is None else "expires"
+                assert got == _expected(cells["`AsyncCache`, `shmcache set --ttl`"], core_got), (row, "cli")
+    finally:
+        cache.clear()
+        core.close()
+        shared_cache(cache_name).close()  # the Flask backend's handle (one per process and name)
+        Cache.unlink(cache_name)

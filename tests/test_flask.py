@@ -252,6 +252,16 @@ def test_cache_type_config(app, cache, cache_name):
     assert cache.cache.default_timeout == 300
 
 
+def test_readme_counters_through_flask_caching(app, cache):
+    """The README's Flask snippet: Flask-Caching's Cache has no inc/dec (the
+    README once said `cache.inc`); the backend, `cache.cache`, has them."""
+    assert not hasattr(cache, "inc")
+    assert cache.cache.inc("hits") == 1 and cache.cache.inc("hits") == 2
+    assert cache.cache.dec("stock:A-1", delta=2) == -2
+    assert cache.cache.get_or_set("report", lambda: {"rows": 3}, timeout=300) == {"rows": 3}
+    assert cache.get("hits") == 2  # the same key through Flask-Caching's own get
+
+
 def test_cache_set(app, cache):
     cache.set("hi", "hello")
     assert cache.get("hi") == "hello"

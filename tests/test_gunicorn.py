@@ -21,7 +21,7 @@ from collections import Counter
 import psutil
 import pytest
 
-from shmcache import Cache
+from shmcache import Cache, admin
 from names import fresh_name
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -360,7 +360,7 @@ def test_worker_sigkilled_holding_a_stripe_lock_while_clients_wait(gunicorn):
 # -- regression: waiters' markers used to block each other's recovery ------------
 def _holder(name, s, fd):
     c = Cache(name, create=False)
-    c._locks.lock(s)  # internal API on purpose: a crash mid-write
+    admin.storage(c).locks.lock(s)  # the engine's lock on purpose: a crash mid-write
     os.write(fd, b"locked\n")
     time.sleep(60)
 

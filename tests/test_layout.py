@@ -7,7 +7,9 @@ import hashlib
 import multiprocessing as mp
 import os
 import queue
+import re
 import struct
+from pathlib import Path
 
 import posix_ipc
 import pytest
@@ -360,3 +362,38 @@ def test_list_names(make_cache, cache_name):
     assert cache_name not in Cache.list()
     make_cache(size="1MiB")
     assert cache_name in Cache.list()
+
+
+def _readme_size_section() -> str:
+    text = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    section = text[text.index("### How much of `size` is data"):]
+    return " ".join(section[: section.index("\n### ", 5)].split("\n"))
+
+
+def _size_text(n: int) -> str:
+    return f"{n / 2**10:.0f} KiB" if n < 2**20 else f"{n / 2**20:.1f} MiB"
+
+
+def test_readme_size_table_is_what_the_layout_makes():
+    """The README's "How much of `size` is data" (its table, share and
+    per-entry figures) is what layout.compute_geometry makes with the
+    defaults. It once said 78% and 805 KiB values, two layouts ago."""
+    text = _readme_size_section()
+    share = int(re.search(r"About (\d+)% of it holds entries", text).group(1))
+    rows = [[c.strip() for c in row.split("|")] for row in re.findall(r"\| (\d+[MG]iB \|[^|]+\|[^|]+\|[^|]+\|[^|]+)\|", text)]
+    assert [r[0] for r in rows] == ["64MiB", "256MiB", "1GiB"], rows
+    for size, stripes, max_items, data, largest in rows:
+        g = L.compute_geometry(size)
+        data_bytes = g.stripe_arena * g.n_stripes
+        assert (int(stripes), int(max_items.replace(",", ""))) == (g.n_stripes, g.max_items), size
+        assert data == f"{data_bytes / 2**20:.1f} MiB", size
+        assert largest == _size_text(g.max_value_size), size
+        assert abs(100 * data_bytes / L.parse_size(size) - share) < 1.5, (size, data_bytes / L.parse_size(size))
+        assert g.total_size <= L.parse_size(size)  # "/dev/shm shows a little less"
+    per_slot, load = re.search(r"the index \((\d+) bytes per slot, `max_items` / ([\d.]+) slots", text).groups()
+    assert (int(per_slot), float(load)) == (L.INDEX_BYTES_PER_SLOT, L.MAX_LOAD)
+    header, align = re.search(r"Each entry takes (\d+) bytes of header plus its key and value, rounded up to "
+                              r"(\d+) bytes", text).groups()
+    assert (int(header), int(align)) == (L.ENTRY_HEADER, L.ALIGN)
+    largest_default = int(re.search(r"default, ([\d,]+) bytes\)", text).group(1).replace(",", ""))
+    assert largest_default == L.compute_geometry("64MiB").max_value_size

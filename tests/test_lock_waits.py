@@ -22,6 +22,7 @@ import time
 import pytest
 
 import shmcache.cache as cache_mod
+from procs import kill_alive
 from shmcache import Cache, admin
 from shmcache import lock as lock_mod
 from shmcache.cli import _Sample, render_top, top_frame
@@ -120,10 +121,7 @@ def _contend(c: Cache, s: int, ctx, pure: bool) -> None:
         assert [p.exitcode for p in procs] == [0] * N_WRITERS
     finally:
         watch.close()
-        for p in procs:
-            if p.is_alive():
-                p.kill()
-                p.join(10)
+        kill_alive(procs)
 
 
 def _scrape(c: Cache) -> dict:
@@ -297,3 +295,53 @@ def test_a_wait_that_recovers_a_dead_holder_counts_once(make_cache, pure):
     st = admin.stripes(c)[s]
     assert (st.recoveries, st.lock_waits) == (1, 1) and st.lock_wait_seconds > 0
     assert c[key] == b"after" and c.check() == []
+
+
+@needs_c
+@pytest.mark.timeout(120)
+def test_resp_info_shows_the_lock_waits(make_cache):
+    """`shmcache serve`'s INFO carries the lock waits stats()/Prometheus/top
+    show, in a `# Shmcache` section redis-py's own INFO parser reads (RESP2
+    and RESP3): totals, and one `lockstat_stripeN` line per stripe that ever
+    waited."""
+    redis = pytest.importorskip("redis")
+    pytest.importorskip("hiredis")
+    from resp_server import ServeProcess
+
+    c = make_cache(size="4MiB", stripes=4)
+    k1 = _keys_of_stripe(c, 1, 2)
+    (k3,) = _keys_of_stripe(c, 3, 1)
+    for k in k1:
+        _wait_once_in_a_thread(c, 1, c, k)
+    _wait_once_in_a_thread(c, 3, c, k3)
+    st = admin.stripes(c)
+    assert [x.lock_waits for x in st] == [0, 2, 0, 1]
+
+    srv = ServeProcess(c.name, size="4MiB")
+    try:
+        replies = {}
+        for protocol in (2, 3):
+            r = redis.Redis(port=srv.port, protocol=protocol, socket_timeout=10)
+            try:
+                replies[protocol] = r.info("shmcache"), r.info()
+            finally:
+                r.close()
+    finally:
+        assert srv.stop() == 0, srv.stderr()
+    usec = [round(x.lock_wait_seconds * 1e6) for x in st]
+    for protocol, (info, everything) in replies.items():
+        assert info["shmcache_stripes"] == 4, protocol
+        assert info["shmcache_lock_waits"] == 3
+        assert info["shmcache_lock_wait_usec"] == round(sum(x.lock_wait_seconds for x in st) * 1e6)
+        assert info["shmcache_lock_wait_max_usec"] == round(max(x.lock_wait_max_seconds for x in st) * 1e6)
+        assert info["shmcache_recoveries"] == 0
+        assert info["lockstat_stripe1"]["waits"] == 2 and info["lockstat_stripe1"]["usec"] == usec[1]
+        assert info["lockstat_stripe1"]["max_usec"] == round(st[1].lock_wait_max_seconds * 1e6)
+        assert info["lockstat_stripe1"]["usec_per_wait"] == pytest.approx(st[1].lock_wait_mean_seconds * 1e6,
+                                                                           abs=0.01)
+        assert info["lockstat_stripe3"]["waits"] == 1 and info["lockstat_stripe3"]["usec"] == usec[3]
+        assert "lockstat_stripe0" not in info and "lockstat_stripe2" not in info  # never waited: no line
+        assert "keyspace_hits" not in info  # INFO shmcache is that section only
+        # the default INFO has it too, next to the sections Redis clients expect
+        assert everything["shmcache_lock_waits"] == 3 and everything["lockstat_stripe3"]["waits"] == 1
+        assert "keyspace_hits" in everything and "redis_version" in everything

@@ -22,6 +22,7 @@ import time
 
 import pytest
 
+from procs import join_all
 from shmcache import Cache, admin
 from values import bad_value, make_value
 
@@ -32,17 +33,6 @@ JOIN = 30.0  # seconds a child may take before the test calls it hung
 
 
 # ----------------------------------------------------------------- helpers
-def join_all(procs, timeout: float = JOIN) -> None:
-    """Join every process (bounded); kill the ones that overrun."""
-    deadline = time.monotonic() + timeout
-    for p in procs:
-        p.join(max(0.1, deadline - time.monotonic()))
-    for p in procs:
-        if p.is_alive():
-            p.kill()
-            p.join(5)
-
-
 def wait_pid(pid: int, timeout: float = JOIN) -> int | None:
     """waitpid with a bound: the child's exit code, or None (then it was SIGKILLed)."""
     deadline = time.monotonic() + timeout

@@ -23,6 +23,7 @@ import time
 import pytest
 
 from near_support import REDIS, Host, RedisServer, wait_for
+from procs import kill_alive
 
 redis = pytest.importorskip("redis", reason="the near extra (redis-py) is installed by make test")
 pytestmark = pytest.mark.skipif(REDIS is None, reason="redis-server missing (make test installs it)")
@@ -164,10 +165,7 @@ def _run(tmp_path, seconds):
         return events, reads, stats, seen
     finally:
         stop.set()
-        for p in readers:
-            if p.is_alive():
-                p.kill()
-                p.join(5)
+        kill_alive(readers, 5)
         for h in hosts:
             h.close()
         server.close()

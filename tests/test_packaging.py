@@ -1,7 +1,8 @@
 """Packaging as a pip user meets it: `python -m build` (what `make dist` runs)
 makes an sdist and a wheel; the wheel, installed into a fresh venv, imports
 with its C accelerator, runs, ships py.typed (mypy --strict passes on an
-example script against it) and the gunicorn hooks."""
+example script against it) and the gunicorn hooks; built without a C
+compiler, the sdist gives a pure-Python wheel that works."""
 
 import os
 import shutil
@@ -34,15 +35,22 @@ def built(tmp_path_factory):
     return wheels[0], sdists[0]
 
 
-def test_wheel_in_a_fresh_venv(built, tmp_path):
+@pytest.fixture(scope="module")
+def venv(built, tmp_path_factory):
+    """A fresh venv with the built wheel (and its dependencies) installed."""
+    wheel, _sdist = built
+    venv = tmp_path_factory.mktemp("venv")
+    run(sys.executable, "-m", "venv", venv)
+    run(venv / "bin" / "python", "-m", "pip", "install", "-q", wheel)
+    return venv
+
+
+def test_wheel_in_a_fresh_venv(built, venv, tmp_path):
     wheel, _sdist = built
     names = zipfile.ZipFile(wheel).namelist()
     assert "shmcache/py.typed" in names and "shmcache/contrib/gunicorn.py" in names
     assert any(n.startswith("shmcache/_speedups") and n.endswith(".so") for n in names), names
-    venv = tmp_path / "venv"
-    run(sys.executable, "-m", "venv", venv)
     py = venv / "bin" / "python"
-    run(py, "-m", "pip", "install", "-q", wheel)
     name = fresh_name("wheel")
     smoke = (
         "import shmcache, shmcache.cache as core, shmcache.contrib.gunicorn as g\n"
@@ -87,3 +95,35 @@ def test_sdist_carries_the_sources_to_build(built):
     for needed in ("shmcache/_speedups.c", "shmcache/_vendor/xxhash.h", "shmcache/py.typed", "setup.py",
                    "pyproject.toml", "README.md"):
         assert needed in names, needed
+
+
+def test_without_a_compiler_the_sdist_installs_pure_python(built, venv, tmp_path):
+    """No C compiler (CC=false): the sdist still builds a wheel, without the
+    accelerator, and that wheel works in pure Python, reporting it."""
+    _wheel, sdist = built
+    out = tmp_path / "pure-dist"
+    env = dict(os.environ)
+    built_log = run(sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-cache-dir", "-w", out, sdist,
+                    env=dict(env, CC="false", CXX="false"))
+    (pure,) = out.glob("shmcache-*.whl")
+    names = zipfile.ZipFile(pure).namelist()
+    assert "shmcache/cache.py" in names and not [n for n in names if n.endswith(".so")], (names, built_log.stderr)
+    target = tmp_path / "pure"
+    py = venv / "bin" / "python"
+    run(py, "-m", "pip", "install", "-q", "--no-deps", "--target", target, pure)
+    name = fresh_name("pure")
+    smoke = (
+        "import shmcache, shmcache.cache as core\n"
+        f"assert shmcache.__file__.startswith({str(target)!r}), shmcache.__file__\n"
+        "assert core._speedups is None and not core.USE_SPEEDUPS\n"
+        f"c = shmcache.Cache({name!r}, size='1MiB')\n"
+        "assert not shmcache.admin.accelerated(c)\n"
+        "c['a'] = {'x': 1}; assert c['a'] == {'x': 1} and c.incr('n') == 1 and c.check() == []\n"
+        "c.close(); shmcache.Cache.unlink(c.name); print('pure ok')\n"
+    )
+    try:
+        r = run(py, "-c", smoke, cwd=tmp_path, env=dict(env, PYTHONPATH=str(target)))
+        assert "pure ok" in r.stdout
+    finally:
+        subprocess.run([str(py), "-c", f"import shmcache; shmcache.Cache.unlink({name!r})"], cwd=tmp_path,
+                       env=dict(env, PYTHONPATH=str(target)), capture_output=True, timeout=120)

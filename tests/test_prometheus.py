@@ -3,10 +3,12 @@ prometheus_client's own parser, adds up what every worker process did."""
 
 import multiprocessing as mp
 import re
+import time
 import urllib.request
 
 import pytest
 
+from procs import kill_alive
 from shmcache import Cache
 from test_aio import _free_port
 from test_daemon import _snapshot_now, daemon  # noqa: F401 - the daemon fixture
@@ -99,3 +101,64 @@ def test_metrics_address_errors_are_clear(daemon, cache_name):
         d = daemon("--size", "1MiB", "--metrics", f"127.0.0.1:{busy}", ready=False)
         assert d.proc.wait(30) == 1
     assert re.search(r"shmcache: cannot serve metrics on 127\.0\.0\.1:\d+", d.log())
+
+
+def _expiring_then_overflowing(name, wid, phase):
+    c = Cache(name, create=False)
+    if phase == "ttl":
+        for i in range(50):
+            c.set(f"ttl{wid}:{i}", b"x", ttl=60)
+    else:
+        for i in range(2000):  # ~2 MiB of values into a 1 MiB cache: LRU evicts
+            c.set(f"big{wid}:{i}", b"v" * 1000)
+    c.close()
+
+
+def _run_workers(name, phase):
+    ctx = mp.get_context("fork")
+    procs = [ctx.Process(target=_expiring_then_overflowing, args=(name, w, phase)) for w in range(3)]
+    for p in procs:
+        p.start()
+    try:
+        for p in procs:
+            p.join(60)
+            assert p.exitcode == 0
+    finally:
+        kill_alive(procs)
+
+
+def test_collector_mounted_in_an_app_counts_expirations_and_evictions(make_cache):
+    """The collector as the README mounts it in your own app (a real WSGI
+    server: make_wsgi_app under status.make_app): expirations and evictions
+    made by worker processes show up exactly, per stripe summing to the total."""
+    from prometheus_client import CollectorRegistry, make_wsgi_app
+
+    from shmcache import admin
+    from shmcache.contrib import status
+    from shmcache.contrib.prometheus import ShmcacheCollector
+
+    c = make_cache(size="1MiB", stripes=4)
+    reg = CollectorRegistry()
+    reg.register(ShmcacheCollector(c))
+    server, thread = status.serve(status.make_app(c, make_wsgi_app(reg)), "127.0.0.1", 0)
+    try:
+        port = server.server_address[1]
+        _run_workers(c.name, "ttl")
+        assert admin.expire(c, now=time.time() + 120) == 150  # every worker's ttl keys, now
+        _run_workers(c.name, "overflow")
+        m = _scrape(port)
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=10) as r:
+            assert r.status == 200 and c.name in r.read().decode()  # the status page, same app
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(10)
+    lab = (("cache", c.name),)
+    ctr = admin.counters(c)
+    assert m[("shmcache_expirations_total", lab)] == 150
+    assert m[("shmcache_sets_total", lab)] == 3 * 50 + 3 * 2000
+    evicted = m[("shmcache_evictions_total", lab)]
+    assert evicted == ctr["evictions"] > 0
+    per_stripe = [m[("shmcache_stripe_evictions_total", lab + (("stripe", str(s)),))] for s in range(4)]
+    assert sum(per_stripe) == evicted
+    assert m[("shmcache_items", lab)] == admin.stored_items(c) == 3 * 2000 - evicted

@@ -212,10 +212,10 @@ def test_regression_fallback_does_not_encode_twice(cache_name):
         # a busy stripe: another handle of this process holds the lock, so
         # sem_trywait fails and the store waits on the Python path
         other = Cache(cache_name)
-        other._locks.lock(0)
+        admin.storage(other).locks.lock(0)
         import threading
 
-        t = threading.Timer(0.2, other._locks.unlock, args=(0,))
+        t = threading.Timer(0.2, admin.storage(other).locks.unlock, args=(0,))
         t.start()
         c.set("busy", {"i": 7})
         t.join()

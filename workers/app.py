@@ -33,6 +33,7 @@ import os
 import time
 from urllib.parse import parse_qs
 
+from shmcache import admin
 from shmcache.contrib import cache_from_env
 
 PAGEVIEWS = "demo:pageviews"
@@ -143,7 +144,8 @@ def hold_lock(environ, start_response):
 
     key = parse_qs(environ.get("QUERY_STRING", "")).get("key", [PAGEVIEWS])[0]
     stripe = key_hash(encode_key(key)) & (cache.stats()["stripes"] - 1)
-    cache._locks.lock(stripe)  # internal API on purpose: we simulate a crash mid-write
+    locks = admin.storage(cache).locks  # the engine's stripe lock, on purpose: we simulate a crash mid-write
+    locks.lock(stripe)
     start_response("200 OK", [("Content-Type", "text/plain"), ("X-Worker-Pid", str(os.getpid()))])
 
     def body():
@@ -154,7 +156,7 @@ def hold_lock(environ, start_response):
                 time.sleep(0.1)
             yield b"released\n"
         finally:
-            cache._locks.unlock(stripe)
+            locks.unlock(stripe)
 
     return body()
 

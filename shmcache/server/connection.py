@@ -867,6 +867,22 @@ def c_info(conn, args):
         (b"expired_keys", b"%d" % st["expirations"]), (b"evicted_keys", b"%d" % st["evictions"]),
         (b"keyspace_hits", b"%d" % st["hits"]), (b"keyspace_misses", b"%d" % st["misses"]),
     ])
+    if every or b"shmcache" in want:
+        # The cache's own figures, as `stats()` / Prometheus / `shmcache top` show
+        # them. Per stripe only the stripes that ever waited, one line each in
+        # Redis' `cmdstat_<name>:calls=..,usec=..` shape, so INFO parsers
+        # (redis-py's parse_info) read each as a dict.
+        stripes = admin.stripes(conn.cache)
+        section(b"shmcache", [
+            (b"shmcache_stripes", b"%d" % len(stripes)),
+            (b"shmcache_lock_waits", b"%d" % sum(s.lock_waits for s in stripes)),
+            (b"shmcache_lock_wait_usec", b"%d" % round(sum(s.lock_wait_seconds for s in stripes) * 1e6)),
+            (b"shmcache_lock_wait_max_usec", b"%d" % round(max((s.lock_wait_max_seconds for s in stripes),
+                                                                default=0.0) * 1e6)),
+            (b"shmcache_recoveries", b"%d" % sum(s.recoveries for s in stripes)),
+        ] + [(b"lockstat_stripe%d" % s.index, b"waits=%d,usec=%d,usec_per_wait=%.2f,max_usec=%d" % (
+            s.lock_waits, round(s.lock_wait_seconds * 1e6), s.lock_wait_mean_seconds * 1e6,
+            round(s.lock_wait_max_seconds * 1e6))) for s in stripes if s.lock_waits])
     if st["items"] and (every or b"keyspace" in want):
         expires, left = admin.expiry_summary(conn.cache, conn.cache.clock())
         section(b"keyspace", [(b"db0", b"keys=%d,expires=%d,avg_ttl=%d" % (st["items"], expires, int(left * 1000)))])
