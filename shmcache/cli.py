@@ -892,7 +892,7 @@ def cmd_wait(args) -> int:
     from .daemon import wait_ready
 
     name = _name(args)
-    pid = wait_ready(name, args.timeout)
+    pid = wait_ready(name, args.timeout, owner=args.owner)
     if args.json:
         _print_json({"name": name, "daemon_pid": pid, "ready": True})
     elif not args.quiet:

@@ -20,7 +20,9 @@ import pytest
 
 import shmcache
 from shmcache import Cache, admin, layout
+from shmcache.segment import shm_path
 from test_crash import keys_in_stripe
+from names import fresh_name
 from test_daemon import daemon  # noqa: F401 - the fixture
 
 CTX = mp.get_context("fork")
@@ -436,12 +438,7 @@ def test_daemon_exits_0_when_its_last_snapshot_worked(daemon, tmp_path):
 
 
 def test_sd_notify_ready_status_watchdog_stopping(daemon, tmp_path, cache_name):
-    import socket
-
-    addr = f"@shmcache-test-{os.urandom(6).hex()}"  # abstract namespace, as systemd may pass
-    s = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-    s.bind("\0" + addr[1:])
-    s.settimeout(30)
+    s, addr = _notify_socket()
     try:
         d = daemon("--snapshot", str(tmp_path / "x.snap"), "--snapshot-every", "0",
                    env={"NOTIFY_SOCKET": addr, "WATCHDOG_USEC": "200000"})
@@ -452,9 +449,98 @@ def test_sd_notify_ready_status_watchdog_stopping(daemon, tmp_path, cache_name):
         assert len(ready) == 1 and f"STATUS=serving cache {cache_name!r}" in ready[0]
         assert got.index(ready[0]) <= 1  # READY comes first (a watchdog ping may precede it)
         d.proc.send_signal(signal.SIGTERM)
-        rest = []
-        while not any("STOPPING=1" in m for m in rest):
-            rest.append(s.recv(4096).decode())
+        _recv_until(s, "STOPPING=1", [])
+        assert d.stop() == 0
+    finally:
+        s.close()
+
+
+def _notify_socket():
+    """A datagram socket in the abstract namespace, as systemd may pass: (socket, NOTIFY_SOCKET value)."""
+    import socket
+
+    addr = f"@shmcache-test-{os.urandom(6).hex()}"
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    s.bind("\0" + addr[1:])
+    s.settimeout(30)
+    return s, addr
+
+
+def _recv_until(s, word, got):
+    """Append the datagrams received to ``got`` up to the first one containing ``word``; return that one."""
+    while True:
+        m = s.recv(4096).decode()
+        got.append(m)
+        if word in m:
+            return m
+
+
+@pytest.mark.timeout(120)
+def test_sd_notify_ready_after_the_restore_status_after_each_snapshot_no_foreign_watchdog(daemon, tmp_path,
+                                                                                         cache_name):
+    from shmcache.snapshot import write_snapshot
+
+    # A snapshot the daemon restores at start: READY=1 must wait for it
+    # (systemd then starts the web service, which expects a warm cache).
+    snap_dir = tmp_path / "snaps"
+    snap_dir.mkdir()
+    snap = snap_dir / "x.snap"
+    n = 20000
+    src = fresh_name("notify-src")
+    with Cache(src, size="16MiB") as c:
+        try:
+            c.set_many({f"k{i}": b"v" * 50 for i in range(n)})
+            assert len(c) == n
+            write_snapshot(c, str(snap))
+        finally:
+            Cache.unlink(src)
+    s, addr = _notify_socket()
+    try:
+        # WATCHDOG_PID names another process (systemd passes the main pid):
+        # the watchdog is not ours, so not one WATCHDOG=1 may come.
+        d = daemon("--size", "16MiB", "--snapshot", str(snap), "--snapshot-every", "0", ready=False,
+                   env={"NOTIFY_SOCKET": addr, "WATCHDOG_USEC": "100000", "WATCHDOG_PID": "1"})
+        got = []
+        ready = _recv_until(s, "READY=1", got)
+        with Cache(cache_name, create=False) as c:
+            assert len(c) == n  # restored before READY=1
+        assert f"STATUS=serving cache {cache_name!r}" in ready
+        d.proc.send_signal(signal.SIGUSR1)
+        ok = _recv_until(s, "last snapshot", got)
+        assert re.fullmatch(rf"STATUS=serving cache {re.escape(repr(cache_name))}; last snapshot "
+                            rf"\d\d:\d\d:\d\d: {n} entries", ok), ok
+        shutil.rmtree(snap_dir)
+        snap_dir.write_text("the directory is gone")  # every snapshot from now on fails
+        d.proc.send_signal(signal.SIGUSR1)
+        failed = _recv_until(s, "last snapshot", got)
+        assert failed.startswith(f"STATUS=serving cache {cache_name!r}; last snapshot FAILED: ") and str(snap_dir) in failed
+        d.proc.send_signal(signal.SIGTERM)
+        _recv_until(s, "STOPPING=1", got)
+        assert d.stop() == 1  # the final snapshot failed too
+        assert not any("WATCHDOG=1" in m for m in got), got
+    finally:
+        s.close()
+
+
+@pytest.mark.timeout(120)
+def test_regression_watchdog_keeps_pinging_through_a_long_snapshot(daemon, tmp_path, cache_name):
+    # The loop pinged between jobs only: a snapshot longer than half of
+    # WatchdogSec (a large cache, a slow disk) got a working daemon killed
+    # by systemd. The test hook pauses the snapshot 1.5 s after its first
+    # stripe, longer than the 1 s between pings WATCHDOG_USEC asks for.
+    from shmcache.snapshot import PAUSE_ENV
+
+    s, addr = _notify_socket()
+    try:
+        d = daemon("--size", "1MiB", "--snapshot", str(tmp_path / "x.snap"), "--snapshot-every", "0",
+                   env={"NOTIFY_SOCKET": addr, "WATCHDOG_USEC": "2000000", PAUSE_ENV: "1.5"})
+        got = []
+        _recv_until(s, "READY=1", got)
+        _recv_until(s, "WATCHDOG=1", got)  # the loop's ping: the next is due in 1 s
+        d.proc.send_signal(signal.SIGUSR1)
+        during = []
+        _recv_until(s, "last snapshot", during)
+        assert any("WATCHDOG=1" in m for m in during[:-1]), during
         assert d.stop() == 0
     finally:
         s.close()
@@ -473,6 +559,52 @@ def test_shmcache_wait_returns_when_the_daemon_serves_and_times_out_without_one(
     assert d.stop() == 0
     r = _shmcache("wait", "-n", cache_name, "--timeout", "0.2")
     assert r.returncode == 1
+
+
+@pytest.mark.parametrize("bad", ["nan", "inf", "-1"])
+def test_regression_shmcache_wait_with_a_nan_timeout_is_refused_not_endless(cache_name, bad):
+    # A NaN deadline is never reached: `shmcache wait --timeout nan` waited forever.
+    r = _shmcache("wait", "-n", cache_name, "--timeout", bad)
+    assert r.returncode == 1
+    assert r.stderr.startswith("shmcache: timeout must be a finite number of seconds, 0 or more") and bad in r.stderr
+
+
+def test_shmcache_wait_times_out_while_the_daemon_starts_and_after_it_died(daemon, cache_name):
+    from shmcache.daemon import Daemon
+
+    # Holds the daemon lock and is recorded, but has not finished starting
+    # (run() restores the snapshot, then says it is ready).
+    starting = Daemon(cache_name, size="1MiB")
+    try:
+        r = _shmcache("wait", "-n", cache_name, "--timeout", "0.5")
+        assert r.returncode == 1
+        assert r.stderr == (f"shmcache: the daemon (pid {os.getpid()}) of cache {cache_name!r} "
+                            "is still starting after 0.5 s\n")
+    finally:
+        starting.close()
+    # One that served, then was SIGKILLed: its header still says ready, the kernel says it is gone.
+    d = daemon()
+    assert _shmcache("wait", "-n", cache_name, "--timeout", "60").returncode == 0
+    d.proc.kill()
+    assert d.proc.wait(30) == -signal.SIGKILL
+    r = _shmcache("wait", "-n", cache_name, "--timeout", "0.5")
+    assert r.returncode == 1 and r.stderr == f"shmcache: no daemon serves cache {cache_name!r} after 0.5 s\n"
+
+
+def test_regression_shmcache_wait_accepts_a_0660_cache_and_honours_owner(daemon, cache_name):
+    # The systemd unit's daemon makes a --mode 660 cache, owned by its service
+    # user: `shmcache wait` opened it as a 0600 cache and refused it at once,
+    # and ignored --owner.
+    d = daemon("--mode", "660", "--size", "1MiB")
+    r = _shmcache("wait", "-n", cache_name, "--timeout", "30")
+    assert r.returncode == 0 and r.stdout == f"daemon pid {d.pid} serves cache {cache_name!r}\n", r.stderr
+    if not ROOT:
+        return
+    os.chown(shm_path(cache_name), 65534, -1)  # now the cache of another (service) user
+    r = _shmcache("wait", "-n", cache_name, "--timeout", "30")
+    assert r.returncode == 1 and "belongs to" in r.stderr and "--owner 65534" in r.stderr, r.stderr
+    r = _shmcache("wait", "-n", cache_name, "--owner", "65534", "--timeout", "30")
+    assert r.returncode == 0, r.stderr
 
 
 def test_systemd_unit_passes_systemd_analyze_verify(tmp_path):
