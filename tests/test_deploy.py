@@ -206,6 +206,44 @@ def test_attach_with_other_settings_strict_is_an_error(make_cache):
         make_cache(size="1MiB", mode=0o660, strict=True)
 
 
+# Every layout setting a cache keeps from its creation, and another value of each.
+CREATED = dict(size="2MiB", stripes=4, max_items=4000, max_key_size=256, max_value_size=8192, max_clients=64,
+               policy="lru")
+OTHER = dict(size="4MiB", stripes=8, max_items=8000, max_key_size=512, max_value_size=4096, max_clients=128,
+             policy="noeviction")
+
+
+def test_attach_with_every_creation_setting_again_is_silent_even_strict(make_cache):
+    make_cache(**CREATED)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        make_cache(**CREATED, strict=True)
+        make_cache(**CREATED)
+
+
+@pytest.mark.parametrize("setting", sorted(OTHER))
+def test_attach_names_each_ignored_setting_with_its_real_value(make_cache, cache_name, setting):
+    g = admin.geometry(make_cache(**CREATED))
+    real = dict(size=f"{g.total_size} bytes", stripes="4", max_items=str(g.max_items), max_key_size="256",
+                max_value_size="8192", max_clients="64", policy="'lru'")
+    other = {**CREATED, setting: OTHER[setting]}
+    probe = make_cache(size=None)
+    clients = probe.stats()["clients"]
+    with pytest.raises(shmcache.SettingsMismatch) as e:
+        make_cache(**other, strict=True)
+    msg = str(e.value)
+    assert f"{setting}={OTHER[setting]!r} (it has {real[setting]})" in msg and msg.count("(it has ") == 1, msg
+    assert probe.stats()["clients"] == clients  # the refused attach kept no client slot
+    # Without strict: the same words once, as a warning pointing at the caller's line.
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter("always")
+        Cache(cache_name, **other).close()
+        Cache(cache_name, **other).close()
+    ignored = [x for x in w if issubclass(x.category, shmcache.SettingsIgnored)]
+    assert [str(x.message) for x in ignored] == [msg]
+    assert ignored[0].filename == __file__
+
+
 # ------------------------------------------- liveness across PID namespaces
 def _can_unshare_pid() -> str | None:
     if NO_UNSHARE:
