@@ -4,6 +4,7 @@ namespaces with their own tmpfs on /dev/shm (`unshare -m`), real users.
 Skipped with the reason when the kernel or the tools refuse.
 """
 
+import json
 import multiprocessing as mp
 import os
 import shutil
@@ -709,6 +710,10 @@ def _open_and_cli(name):
         out["get_rc"] = main(["get", "-n", name, "k"])
         out["ls_rc"] = main(["ls"])
     out["stderr"], out["stdout"] = err.getvalue(), so.getvalue()
+    so = io.StringIO()
+    with contextlib.redirect_stdout(so):
+        out["ls_json_rc"] = main(["ls", "--json"])
+    out["ls_json"] = so.getvalue()
     return out
 
 
@@ -751,6 +756,53 @@ def test_regression_other_user_gets_permission_denied_naming_owner_and_mode(user
     assert out["ls_rc"] == 0
     row = next(line for line in out["stdout"].splitlines() if line.startswith(cache_name))
     assert row.rstrip().endswith("no access")
+    assert out["ls_json_rc"] == 0
+    row = next(r for r in json.loads(out["ls_json"]) if r["name"] == cache_name)
+    assert row["status"] == "no access" and row["size"] is None and row["items"] is None
+
+
+@pytest.mark.skipif(not ROOT, reason="needs root to give a cache to another uid")
+def test_ls_lists_caches_it_may_not_use_or_that_are_damaged_and_still_succeeds(make_cache, cache_name):
+    untrusted, damaged = cache_name, fresh_name("damaged")
+    try:
+        make_cache(size="1MiB").close()
+        os.chown(shm_path(untrusted), 65534, -1)  # now another user's: root must not trust it either
+        with Cache(damaged, size="1MiB"):
+            pass
+        with open(shm_path(damaged), "r+b") as f:
+            f.write(bytes(8))  # no magic
+        r = _shmcache("ls")
+        assert r.returncode == 0 and r.stderr == "", r.stderr
+        rows = {line.split()[0]: line for line in r.stdout.splitlines()[1:]}
+        assert f"{shm_path(untrusted)} belongs to " in rows[untrusted] and "uid 65534" in rows[untrusted]
+        assert "has no shmcache magic" in rows[damaged]
+        r = _shmcache("ls", "--json")
+        assert r.returncode == 0, r.stderr
+        js = {row["name"]: row for row in json.loads(r.stdout)}
+        assert js[untrusted]["status"].startswith(f"{shm_path(untrusted)} belongs to ") and js[untrusted]["size"] is None
+        assert "has no shmcache magic" in js[damaged]["status"] and js[damaged]["items"] is None
+        r = _shmcache("ls", "--json", "--owner", "65534")  # trusting that user, it is listed in full
+        mine = next(row for row in json.loads(r.stdout) if row["name"] == untrusted)
+        assert mine["status"] == "ok" and mine["items"] == 0 and mine["size"] > 0
+    finally:
+        Cache.unlink(damaged)
+
+
+def _create_in_group(name, gid, **kw):
+    """Create 0660 cache ``name`` (holding k = b"root wrote this") from a child
+    whose group is ``gid``, as a service running with the shared group would."""
+    q = CTX.Queue()
+
+    def create():
+        os.setgid(gid)
+        with Cache(name, mode=0o660, **kw) as c:
+            c.set("k", b"root wrote this")
+        q.put(True)
+
+    p = CTX.Process(target=create)
+    p.start()
+    assert q.get(timeout=60)
+    p.join(30)
 
 
 @needs_useradd
@@ -759,20 +811,7 @@ def test_other_user_in_the_group_shares_a_0660_cache(user_and_group, cache_name)
     import grp
 
     user, group = user_and_group
-    gid = grp.getgrnam(group).gr_gid
-    # The creator runs with the shared group as its group, as a service would.
-    q = CTX.Queue()
-
-    def create():
-        os.setgid(gid)
-        with Cache(cache_name, size="1MiB", mode=0o660) as c:
-            c.set("k", b"root wrote this")
-        q.put(True)
-
-    p = CTX.Process(target=create)
-    p.start()
-    assert q.get(timeout=60)
-    p.join(30)
+    _create_in_group(cache_name, grp.getgrnam(group).gr_gid, size="1MiB")
     try:
         status, got = _run_as(user, lambda: _share(cache_name), groups=[group])
         assert (status, got) == ("ok", b"root wrote this")
@@ -780,6 +819,89 @@ def test_other_user_in_the_group_shares_a_0660_cache(user_and_group, cache_name)
             assert c.get("from-user") == b"hello"
             assert c.stats()["clients"] == 1  # the user's process detached
     finally:
+        Cache.unlink(cache_name)
+
+
+def _kernel_at_least(major, minor):
+    got = tuple(int(x) for x in re.findall(r"\d+", os.uname().release)[:2])
+    return got >= (major, minor)
+
+
+# As the other user, in a mount namespace whose /proc hides other users'
+# processes (hidepid=2, a hardened host): check the holder is hidden, then
+# write to its stripe and say whether the holder had released it by then.
+HIDEPID_WRITER = """
+import os, sys
+from shmcache import Cache
+name, uid, gid, holder, key, flag = sys.argv[1], *map(int, sys.argv[2:5]), sys.argv[5], sys.argv[6]
+os.setgroups([gid]); os.setgid(gid); os.setuid(uid)
+print("HIDDEN", not os.path.exists(f"/proc/{holder}"), flush=True)
+c = Cache(name, create=False, owner=0, mode=0o660, lock_timeout=0.2)
+c.set(key, b"from the other user")
+print("WROTE", "after the release" if os.path.exists(flag) else "BEFORE THE RELEASE", flush=True)
+c.close()
+"""
+
+
+def _hold_until_flag(name, s, flag, ready):
+    c = Cache(name, create=False, mode=0o660)
+    c._locks.lock(s)
+    ready.set()
+    while not os.path.exists(flag):
+        time.sleep(0.01)
+    c._locks.unlock(s)
+    c.close()
+
+
+@needs_useradd
+@needs_unshare
+@pytest.mark.skipif(not _kernel_at_least(5, 8), reason="a private proc mount with its own hidepid needs Linux 5.8")
+@pytest.mark.timeout(120)
+def test_regression_holder_hidden_by_hidepid_is_never_taken_over(user_and_group, cache_name, tmp_path):
+    # With /proc mounted hidepid=2, pid + start time read nothing for another
+    # user's process: a live holder of another user was taken for dead.
+    import grp
+    import pwd
+
+    user, group = user_and_group
+    gid = grp.getgrnam(group).gr_gid
+    _create_in_group(cache_name, gid, size="2MiB", stripes=4)
+    s = 1
+    key = keys_in_stripe(4, s, 1, "hidden")[0]
+    import tempfile
+
+    pub = tempfile.mkdtemp(prefix="shmcache-test-")  # tmp_path is 0700: the other user could not see the flag
+    os.chmod(pub, 0o755)
+    flag = os.path.join(pub, "release")
+    ready = CTX.Event()
+    holder = CTX.Process(target=_hold_until_flag, args=(cache_name, s, flag, ready))
+    holder.start()
+    w = None
+    try:
+        assert ready.wait(30)
+        w = subprocess.Popen(["unshare", "-m", "--propagation", "private", "sh", "-c",
+                              f"mount -t proc -o hidepid=2 proc /proc && exec {sys.executable} -c \"$0\" \"$@\"",
+                              HIDEPID_WRITER, cache_name, str(pwd.getpwnam(user).pw_uid), str(gid), str(holder.pid),
+                              key, flag], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        line = w.stdout.readline()
+        assert line == "HIDDEN True\n", (line, w.stderr.read() if w.poll() is not None else "")
+        time.sleep(2.0)  # 10 x the writer's lock_timeout
+        with Cache(cache_name, create=False, mode=0o660) as c:
+            assert w.poll() is None and admin.lock_values(c)[s] == 0 and c.stats()["recoveries"] == 0
+            open(flag, "w").close()
+            out, err = w.communicate(timeout=30)
+            assert w.returncode == 0 and out == "WROTE after the release\n", (out, err)
+            holder.join(30)
+            assert holder.exitcode == 0
+            assert c.get(key) == b"from the other user" and c.get("k") == b"root wrote this"
+            assert admin.lock_values(c)[s] == 1 and c.stats()["recoveries"] == 0 and c.check() == []
+    finally:
+        open(flag, "w").close()
+        if w is not None and w.poll() is None:
+            w.kill()
+            w.wait(10)
+        holder.join(30)
+        shutil.rmtree(pub)
         Cache.unlink(cache_name)
 
 
