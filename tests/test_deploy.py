@@ -155,6 +155,23 @@ def test_snapshot_restore_into_a_new_cache_too_large_is_refused(tmp_path):
     assert len(line) == 1 and line[0].startswith("shmcache: cache 'dst' needs") and "--shm-size" in line[0]
 
 
+@needs_unshare
+def test_semaphores_that_do_not_fit_leave_nothing_behind():
+    # Enough bytes, too few inodes (a tmpfs mounted with nr_inodes): the
+    # space pre-check passes, the segment is reserved, and the semaphores
+    # fail one by one. Nothing of the refused cache may stay behind.
+    r = in_private_shm("""
+        import os, shmcache
+        try:
+            shmcache.Cache("ino", size="1MiB", stripes=8)
+        except shmcache.OutOfSharedMemory as e:
+            print("ERR", e)
+        print("LEFT", sorted(os.listdir("/dev/shm")))
+    """, mount="mount -t tmpfs -o size=64m,nr_inodes=6 tmpfs /dev/shm")
+    assert r.returncode == 0, r.stderr
+    assert "ERR cache 'ino' needs" in r.stdout and "LEFT []" in r.stdout, r.stdout
+
+
 # ---------------------------------------------------------- environment errors
 @needs_unshare
 def test_read_only_dev_shm_is_a_clear_error():
