@@ -178,6 +178,10 @@ def test_read_only_dev_shm_is_a_clear_error():
     r = in_private_shm(catch('shmcache.Cache("ro")', "SharedMemoryUnavailable"), mount="mount -t tmpfs -o ro,size=1m tmpfs /dev/shm")
     assert r.returncode == 0, r.stderr
     assert "ERR /dev/shm is read-only" in r.stdout and "emptyDir" in r.stdout
+    # the CLI says the same in one line
+    r = in_private_shm("from shmcache.cli import main\nraise SystemExit(main(['create', '-n', 'ro']))",
+                       mount="mount -t tmpfs -o ro,size=1m tmpfs /dev/shm")
+    assert r.returncode == 1 and r.stderr.startswith("shmcache: /dev/shm is read-only") and r.stderr.count("\n") == 1
 
 
 @needs_unshare
@@ -185,6 +189,9 @@ def test_missing_dev_shm_is_a_clear_error():
     r = in_private_shm(catch('shmcache.Cache("nodir")', "SharedMemoryUnavailable"), mount="mount -t tmpfs -o size=1m tmpfs /dev")
     assert r.returncode == 0, r.stderr
     assert "ERR /dev/shm does not exist" in r.stdout and "mount -t tmpfs" in r.stdout
+    r = in_private_shm("from shmcache.cli import main\nraise SystemExit(main(['create', '-n', 'nodir']))",
+                       mount="mount -t tmpfs -o size=1m tmpfs /dev")
+    assert r.returncode == 1 and r.stderr.startswith("shmcache: /dev/shm does not exist") and r.stderr.count("\n") == 1
 
 
 def test_name_taken_by_a_directory_is_a_clear_error(cache_name):
