@@ -895,7 +895,7 @@ def cmd_wait(args) -> int:
     from .daemon import wait_ready
 
     name = _name(args)
-    pid = wait_ready(name, args.timeout)
+    pid = wait_ready(name, args.timeout, owner=args.owner)
     if args.json:
         _print_json({"name": name, "daemon_pid": pid, "ready": True})
     elif not args.quiet:
@@ -1264,6 +1264,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--json", action="store_true", help="print the layout as JSON")
     sp = add("ls", cmd_ls, "list the caches on this host with size, items and daemon")
     sp.add_argument("--json", action="store_true", help="print a JSON list, one object per cache")
+    sp.add_argument("--owner", metavar="USER", help="also trust caches owned by this user (name or uid)")
     sp = named(add(
         "wait", cmd_wait, "wait until a daemon serves the cache (exit 1 after --timeout)",
         "Return (exit 0) once a daemon holds the cache's daemon lock and has finished its start-up "

@@ -47,6 +47,7 @@ import socket
 import stat
 import tempfile
 import time
+import warnings
 from collections import deque
 
 import numpy as np
@@ -308,6 +309,16 @@ class Daemon:
     def _clear_beat(self) -> None:
         admin.withdraw_daemon(self.cache, self.identity.pid)
 
+    def _watchdog(self) -> None:
+        """Ping systemd's watchdog (``WATCHDOG=1``) if one is due. Called by the
+        loop and by snapshot and restore progress: a snapshot longer than
+        half of ``WatchdogSec`` would otherwise get a working daemon killed."""
+        if self._watchdog_every:
+            now = time.monotonic()
+            if now >= self._next_watchdog:
+                sd_notify("WATCHDOG=1")
+                self._next_watchdog = now + self._watchdog_every
+
     # -- jobs --------------------------------------------------------------
     def load_snapshot(self) -> None:
         """Restore the snapshot file if it exists and the cache is empty. A bad
@@ -325,6 +336,7 @@ class Daemon:
 
         def progress(done, total):
             self._beat()
+            self._watchdog()
             if bar:
                 bar(done, total)
 
@@ -359,6 +371,7 @@ class Daemon:
 
         def progress(done, total):
             self._beat()
+            self._watchdog()
             if bar:
                 bar(done, total)
 
@@ -499,9 +512,7 @@ class Daemon:
         while not self._stop:
             now = time.monotonic()
             self._beat()
-            if self._watchdog_every and now >= self._next_watchdog:
-                sd_notify("WATCHDOG=1")
-                self._next_watchdog = now + self._watchdog_every
+            self._watchdog()
             if self._snap_requested:
                 self._snap_requested = False
                 self.take_snapshot()
@@ -684,23 +695,36 @@ def sd_notify(state: str) -> bool:
         return False
 
 
-def wait_ready(name: str, timeout: float, poll: float = 0.05) -> int:
+def wait_ready(name: str, timeout: float, poll: float = 0.05, *, owner: int | str | None = None) -> int:
     """Wait until a daemon serves cache ``name`` (holds its daemon lock and has
     finished its start-up restore). Returns the daemon's pid.
+
+    Reads only the header, so any ``mode`` is accepted (a ``--mode 660``
+    cache, as the systemd unit makes, included); the owner check holds:
+    ``owner`` also trusts a cache of that user (name or uid), as for
+    :class:`Cache`.
 
     Raises:
         DaemonError: not serving within ``timeout`` seconds (the message says
             what was missing: the cache, a daemon, or its restore).
-        ValueError: a bad name.
+        ValueError: a bad name, or a ``timeout`` that is NaN, infinite,
+            negative or above MAX_INTERVAL (a NaN deadline was never reached).
+        PermissionDenied / UntrustedSegment: the cache belongs to another
+            user (not ``owner``) or this process may not open it.
     """
-    from .errors import CacheNotFound
+    from .errors import CacheNotFound, SettingsIgnored
 
     L.validate_name(name)
+    timeout = check_seconds("timeout", timeout, maximum=MAX_INTERVAL, zero_ok=True)
     deadline = time.monotonic() + timeout
     why = f"no cache named {name!r}"
     while True:
         try:
-            with Cache(name, create=False, init_timeout=max(0.1, min(1.0, deadline - time.monotonic()))) as c:
+            with warnings.catch_warnings():  # mode 0o777 is a limit here, not a setting that was ignored
+                warnings.simplefilter("ignore", SettingsIgnored)
+                c = Cache(name, create=False, mode=0o777, owner=owner,
+                          init_timeout=max(0.1, min(1.0, deadline - time.monotonic())))
+            with c:
                 info = admin.daemon_info(c)
                 if info.ready:
                     return int(info.pid)

@@ -4,6 +4,7 @@ namespaces with their own tmpfs on /dev/shm (`unshare -m`), real users.
 Skipped with the reason when the kernel or the tools refuse.
 """
 
+import json
 import multiprocessing as mp
 import os
 import shutil
@@ -20,7 +21,9 @@ import pytest
 
 import shmcache
 from shmcache import Cache, admin, layout
+from shmcache.segment import shm_path
 from test_crash import keys_in_stripe
+from names import fresh_name
 from test_daemon import daemon  # noqa: F401 - the fixture
 
 CTX = mp.get_context("fork")
@@ -152,12 +155,33 @@ def test_snapshot_restore_into_a_new_cache_too_large_is_refused(tmp_path):
     assert len(line) == 1 and line[0].startswith("shmcache: cache 'dst' needs") and "--shm-size" in line[0]
 
 
+@needs_unshare
+def test_semaphores_that_do_not_fit_leave_nothing_behind():
+    # Enough bytes, too few inodes (a tmpfs mounted with nr_inodes): the
+    # space pre-check passes, the segment is reserved, and the semaphores
+    # fail one by one. Nothing of the refused cache may stay behind.
+    r = in_private_shm("""
+        import os, shmcache
+        try:
+            shmcache.Cache("ino", size="1MiB", stripes=8)
+        except shmcache.OutOfSharedMemory as e:
+            print("ERR", e)
+        print("LEFT", sorted(os.listdir("/dev/shm")))
+    """, mount="mount -t tmpfs -o size=64m,nr_inodes=6 tmpfs /dev/shm")
+    assert r.returncode == 0, r.stderr
+    assert "ERR cache 'ino' needs" in r.stdout and "LEFT []" in r.stdout, r.stdout
+
+
 # ---------------------------------------------------------- environment errors
 @needs_unshare
 def test_read_only_dev_shm_is_a_clear_error():
     r = in_private_shm(catch('shmcache.Cache("ro")', "SharedMemoryUnavailable"), mount="mount -t tmpfs -o ro,size=1m tmpfs /dev/shm")
     assert r.returncode == 0, r.stderr
     assert "ERR /dev/shm is read-only" in r.stdout and "emptyDir" in r.stdout
+    # the CLI says the same in one line
+    r = in_private_shm("from shmcache.cli import main\nraise SystemExit(main(['create', '-n', 'ro']))",
+                       mount="mount -t tmpfs -o ro,size=1m tmpfs /dev/shm")
+    assert r.returncode == 1 and r.stderr.startswith("shmcache: /dev/shm is read-only") and r.stderr.count("\n") == 1
 
 
 @needs_unshare
@@ -165,6 +189,9 @@ def test_missing_dev_shm_is_a_clear_error():
     r = in_private_shm(catch('shmcache.Cache("nodir")', "SharedMemoryUnavailable"), mount="mount -t tmpfs -o size=1m tmpfs /dev")
     assert r.returncode == 0, r.stderr
     assert "ERR /dev/shm does not exist" in r.stdout and "mount -t tmpfs" in r.stdout
+    r = in_private_shm("from shmcache.cli import main\nraise SystemExit(main(['create', '-n', 'nodir']))",
+                       mount="mount -t tmpfs -o size=1m tmpfs /dev")
+    assert r.returncode == 1 and r.stderr.startswith("shmcache: /dev/shm does not exist") and r.stderr.count("\n") == 1
 
 
 def test_name_taken_by_a_directory_is_a_clear_error(cache_name):
@@ -202,6 +229,44 @@ def test_attach_with_other_settings_strict_is_an_error(make_cache):
     make_cache(size="1MiB", mode=0o600)
     with pytest.raises(shmcache.SettingsMismatch, match=r"mode='0o660' \(it has 0o600\)"):
         make_cache(size="1MiB", mode=0o660, strict=True)
+
+
+# Every layout setting a cache keeps from its creation, and another value of each.
+CREATED = dict(size="2MiB", stripes=4, max_items=4000, max_key_size=256, max_value_size=8192, max_clients=64,
+               policy="lru")
+OTHER = dict(size="4MiB", stripes=8, max_items=8000, max_key_size=512, max_value_size=4096, max_clients=128,
+             policy="noeviction")
+
+
+def test_attach_with_every_creation_setting_again_is_silent_even_strict(make_cache):
+    make_cache(**CREATED)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        make_cache(**CREATED, strict=True)
+        make_cache(**CREATED)
+
+
+@pytest.mark.parametrize("setting", sorted(OTHER))
+def test_attach_names_each_ignored_setting_with_its_real_value(make_cache, cache_name, setting):
+    g = admin.geometry(make_cache(**CREATED))
+    real = dict(size=f"{g.total_size} bytes", stripes="4", max_items=str(g.max_items), max_key_size="256",
+                max_value_size="8192", max_clients="64", policy="'lru'")
+    other = {**CREATED, setting: OTHER[setting]}
+    probe = make_cache(size=None)
+    clients = probe.stats()["clients"]
+    with pytest.raises(shmcache.SettingsMismatch) as e:
+        make_cache(**other, strict=True)
+    msg = str(e.value)
+    assert f"{setting}={OTHER[setting]!r} (it has {real[setting]})" in msg and msg.count("(it has ") == 1, msg
+    assert probe.stats()["clients"] == clients  # the refused attach kept no client slot
+    # Without strict: the same words once, as a warning pointing at the caller's line.
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter("always")
+        Cache(cache_name, **other).close()
+        Cache(cache_name, **other).close()
+    ignored = [x for x in w if issubclass(x.category, shmcache.SettingsIgnored)]
+    assert [str(x.message) for x in ignored] == [msg]
+    assert ignored[0].filename == __file__
 
 
 # ------------------------------------------- liveness across PID namespaces
@@ -437,12 +502,7 @@ def test_daemon_exits_0_when_its_last_snapshot_worked(daemon, tmp_path):
 
 
 def test_sd_notify_ready_status_watchdog_stopping(daemon, tmp_path, cache_name):
-    import socket
-
-    addr = f"@shmcache-test-{os.urandom(6).hex()}"  # abstract namespace, as systemd may pass
-    s = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-    s.bind("\0" + addr[1:])
-    s.settimeout(30)
+    s, addr = _notify_socket()
     try:
         d = daemon("--snapshot", str(tmp_path / "x.snap"), "--snapshot-every", "0",
                    env={"NOTIFY_SOCKET": addr, "WATCHDOG_USEC": "200000"})
@@ -453,9 +513,98 @@ def test_sd_notify_ready_status_watchdog_stopping(daemon, tmp_path, cache_name):
         assert len(ready) == 1 and f"STATUS=serving cache {cache_name!r}" in ready[0]
         assert got.index(ready[0]) <= 1  # READY comes first (a watchdog ping may precede it)
         d.proc.send_signal(signal.SIGTERM)
-        rest = []
-        while not any("STOPPING=1" in m for m in rest):
-            rest.append(s.recv(4096).decode())
+        _recv_until(s, "STOPPING=1", [])
+        assert d.stop() == 0
+    finally:
+        s.close()
+
+
+def _notify_socket():
+    """A datagram socket in the abstract namespace, as systemd may pass: (socket, NOTIFY_SOCKET value)."""
+    import socket
+
+    addr = f"@shmcache-test-{os.urandom(6).hex()}"
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    s.bind("\0" + addr[1:])
+    s.settimeout(30)
+    return s, addr
+
+
+def _recv_until(s, word, got):
+    """Append the datagrams received to ``got`` up to the first one containing ``word``; return that one."""
+    while True:
+        m = s.recv(4096).decode()
+        got.append(m)
+        if word in m:
+            return m
+
+
+@pytest.mark.timeout(120)
+def test_sd_notify_ready_after_the_restore_status_after_each_snapshot_no_foreign_watchdog(daemon, tmp_path,
+                                                                                         cache_name):
+    from shmcache.snapshot import write_snapshot
+
+    # A snapshot the daemon restores at start: READY=1 must wait for it
+    # (systemd then starts the web service, which expects a warm cache).
+    snap_dir = tmp_path / "snaps"
+    snap_dir.mkdir()
+    snap = snap_dir / "x.snap"
+    n = 20000
+    src = fresh_name("notify-src")
+    with Cache(src, size="16MiB") as c:
+        try:
+            c.set_many({f"k{i}": b"v" * 50 for i in range(n)})
+            assert len(c) == n
+            write_snapshot(c, str(snap))
+        finally:
+            Cache.unlink(src)
+    s, addr = _notify_socket()
+    try:
+        # WATCHDOG_PID names another process (systemd passes the main pid):
+        # the watchdog is not ours, so not one WATCHDOG=1 may come.
+        d = daemon("--size", "16MiB", "--snapshot", str(snap), "--snapshot-every", "0", ready=False,
+                   env={"NOTIFY_SOCKET": addr, "WATCHDOG_USEC": "100000", "WATCHDOG_PID": "1"})
+        got = []
+        ready = _recv_until(s, "READY=1", got)
+        with Cache(cache_name, create=False) as c:
+            assert len(c) == n  # restored before READY=1
+        assert f"STATUS=serving cache {cache_name!r}" in ready
+        d.proc.send_signal(signal.SIGUSR1)
+        ok = _recv_until(s, "last snapshot", got)
+        assert re.fullmatch(rf"STATUS=serving cache {re.escape(repr(cache_name))}; last snapshot "
+                            rf"\d\d:\d\d:\d\d: {n} entries", ok), ok
+        shutil.rmtree(snap_dir)
+        snap_dir.write_text("the directory is gone")  # every snapshot from now on fails
+        d.proc.send_signal(signal.SIGUSR1)
+        failed = _recv_until(s, "last snapshot", got)
+        assert failed.startswith(f"STATUS=serving cache {cache_name!r}; last snapshot FAILED: ") and str(snap_dir) in failed
+        d.proc.send_signal(signal.SIGTERM)
+        _recv_until(s, "STOPPING=1", got)
+        assert d.stop() == 1  # the final snapshot failed too
+        assert not any("WATCHDOG=1" in m for m in got), got
+    finally:
+        s.close()
+
+
+@pytest.mark.timeout(120)
+def test_regression_watchdog_keeps_pinging_through_a_long_snapshot(daemon, tmp_path, cache_name):
+    # The loop pinged between jobs only: a snapshot longer than half of
+    # WatchdogSec (a large cache, a slow disk) got a working daemon killed
+    # by systemd. The test hook pauses the snapshot 1.5 s after its first
+    # stripe, longer than the 1 s between pings WATCHDOG_USEC asks for.
+    from shmcache.snapshot import PAUSE_ENV
+
+    s, addr = _notify_socket()
+    try:
+        d = daemon("--size", "1MiB", "--snapshot", str(tmp_path / "x.snap"), "--snapshot-every", "0",
+                   env={"NOTIFY_SOCKET": addr, "WATCHDOG_USEC": "2000000", PAUSE_ENV: "1.5"})
+        got = []
+        _recv_until(s, "READY=1", got)
+        _recv_until(s, "WATCHDOG=1", got)  # the loop's ping: the next is due in 1 s
+        d.proc.send_signal(signal.SIGUSR1)
+        during = []
+        _recv_until(s, "last snapshot", during)
+        assert any("WATCHDOG=1" in m for m in during[:-1]), during
         assert d.stop() == 0
     finally:
         s.close()
@@ -474,6 +623,52 @@ def test_shmcache_wait_returns_when_the_daemon_serves_and_times_out_without_one(
     assert d.stop() == 0
     r = _shmcache("wait", "-n", cache_name, "--timeout", "0.2")
     assert r.returncode == 1
+
+
+@pytest.mark.parametrize("bad", ["nan", "inf", "-1"])
+def test_regression_shmcache_wait_with_a_nan_timeout_is_refused_not_endless(cache_name, bad):
+    # A NaN deadline is never reached: `shmcache wait --timeout nan` waited forever.
+    r = _shmcache("wait", "-n", cache_name, "--timeout", bad)
+    assert r.returncode == 1
+    assert r.stderr.startswith("shmcache: timeout must be a finite number of seconds, 0 or more") and bad in r.stderr
+
+
+def test_shmcache_wait_times_out_while_the_daemon_starts_and_after_it_died(daemon, cache_name):
+    from shmcache.daemon import Daemon
+
+    # Holds the daemon lock and is recorded, but has not finished starting
+    # (run() restores the snapshot, then says it is ready).
+    starting = Daemon(cache_name, size="1MiB")
+    try:
+        r = _shmcache("wait", "-n", cache_name, "--timeout", "0.5")
+        assert r.returncode == 1
+        assert r.stderr == (f"shmcache: the daemon (pid {os.getpid()}) of cache {cache_name!r} "
+                            "is still starting after 0.5 s\n")
+    finally:
+        starting.close()
+    # One that served, then was SIGKILLed: its header still says ready, the kernel says it is gone.
+    d = daemon()
+    assert _shmcache("wait", "-n", cache_name, "--timeout", "60").returncode == 0
+    d.proc.kill()
+    assert d.proc.wait(30) == -signal.SIGKILL
+    r = _shmcache("wait", "-n", cache_name, "--timeout", "0.5")
+    assert r.returncode == 1 and r.stderr == f"shmcache: no daemon serves cache {cache_name!r} after 0.5 s\n"
+
+
+def test_regression_shmcache_wait_accepts_a_0660_cache_and_honours_owner(daemon, cache_name):
+    # The systemd unit's daemon makes a --mode 660 cache, owned by its service
+    # user: `shmcache wait` opened it as a 0600 cache and refused it at once,
+    # and ignored --owner.
+    d = daemon("--mode", "660", "--size", "1MiB")
+    r = _shmcache("wait", "-n", cache_name, "--timeout", "30")
+    assert r.returncode == 0 and r.stdout == f"daemon pid {d.pid} serves cache {cache_name!r}\n", r.stderr
+    if not ROOT:
+        return
+    os.chown(shm_path(cache_name), 65534, -1)  # now the cache of another (service) user
+    r = _shmcache("wait", "-n", cache_name, "--timeout", "30")
+    assert r.returncode == 1 and "belongs to" in r.stderr and "--owner 65534" in r.stderr, r.stderr
+    r = _shmcache("wait", "-n", cache_name, "--owner", "65534", "--timeout", "30")
+    assert r.returncode == 0, r.stderr
 
 
 def test_systemd_unit_passes_systemd_analyze_verify(tmp_path):
@@ -540,6 +735,10 @@ def _open_and_cli(name):
         out["get_rc"] = main(["get", "-n", name, "k"])
         out["ls_rc"] = main(["ls"])
     out["stderr"], out["stdout"] = err.getvalue(), so.getvalue()
+    so = io.StringIO()
+    with contextlib.redirect_stdout(so):
+        out["ls_json_rc"] = main(["ls", "--json"])
+    out["ls_json"] = so.getvalue()
     return out
 
 
@@ -582,6 +781,53 @@ def test_regression_other_user_gets_permission_denied_naming_owner_and_mode(user
     assert out["ls_rc"] == 0
     row = next(line for line in out["stdout"].splitlines() if line.startswith(cache_name))
     assert row.rstrip().endswith("no access")
+    assert out["ls_json_rc"] == 0
+    row = next(r for r in json.loads(out["ls_json"]) if r["name"] == cache_name)
+    assert row["status"] == "no access" and row["size"] is None and row["items"] is None
+
+
+@pytest.mark.skipif(not ROOT, reason="needs root to give a cache to another uid")
+def test_ls_lists_caches_it_may_not_use_or_that_are_damaged_and_still_succeeds(make_cache, cache_name):
+    untrusted, damaged = cache_name, fresh_name("damaged")
+    try:
+        make_cache(size="1MiB").close()
+        os.chown(shm_path(untrusted), 65534, -1)  # now another user's: root must not trust it either
+        with Cache(damaged, size="1MiB"):
+            pass
+        with open(shm_path(damaged), "r+b") as f:
+            f.write(bytes(8))  # no magic
+        r = _shmcache("ls")
+        assert r.returncode == 0 and r.stderr == "", r.stderr
+        rows = {line.split()[0]: line for line in r.stdout.splitlines()[1:]}
+        assert f"{shm_path(untrusted)} belongs to " in rows[untrusted] and "uid 65534" in rows[untrusted]
+        assert "has no shmcache magic" in rows[damaged]
+        r = _shmcache("ls", "--json")
+        assert r.returncode == 0, r.stderr
+        js = {row["name"]: row for row in json.loads(r.stdout)}
+        assert js[untrusted]["status"].startswith(f"{shm_path(untrusted)} belongs to ") and js[untrusted]["size"] is None
+        assert "has no shmcache magic" in js[damaged]["status"] and js[damaged]["items"] is None
+        r = _shmcache("ls", "--json", "--owner", "65534")  # trusting that user, it is listed in full
+        mine = next(row for row in json.loads(r.stdout) if row["name"] == untrusted)
+        assert mine["status"] == "ok" and mine["items"] == 0 and mine["size"] > 0
+    finally:
+        Cache.unlink(damaged)
+
+
+def _create_in_group(name, gid, **kw):
+    """Create 0660 cache ``name`` (holding k = b"root wrote this") from a child
+    whose group is ``gid``, as a service running with the shared group would."""
+    q = CTX.Queue()
+
+    def create():
+        os.setgid(gid)
+        with Cache(name, mode=0o660, **kw) as c:
+            c.set("k", b"root wrote this")
+        q.put(True)
+
+    p = CTX.Process(target=create)
+    p.start()
+    assert q.get(timeout=60)
+    p.join(30)
 
 
 @needs_useradd
@@ -590,20 +836,7 @@ def test_other_user_in_the_group_shares_a_0660_cache(user_and_group, cache_name)
     import grp
 
     user, group = user_and_group
-    gid = grp.getgrnam(group).gr_gid
-    # The creator runs with the shared group as its group, as a service would.
-    q = CTX.Queue()
-
-    def create():
-        os.setgid(gid)
-        with Cache(cache_name, size="1MiB", mode=0o660) as c:
-            c.set("k", b"root wrote this")
-        q.put(True)
-
-    p = CTX.Process(target=create)
-    p.start()
-    assert q.get(timeout=60)
-    p.join(30)
+    _create_in_group(cache_name, grp.getgrnam(group).gr_gid, size="1MiB")
     try:
         status, got = _run_as(user, lambda: _share(cache_name), groups=[group])
         assert (status, got) == ("ok", b"root wrote this")
@@ -611,6 +844,89 @@ def test_other_user_in_the_group_shares_a_0660_cache(user_and_group, cache_name)
             assert c.get("from-user") == b"hello"
             assert c.stats()["clients"] == 1  # the user's process detached
     finally:
+        Cache.unlink(cache_name)
+
+
+def _kernel_at_least(major, minor):
+    got = tuple(int(x) for x in re.findall(r"\d+", os.uname().release)[:2])
+    return got >= (major, minor)
+
+
+# As the other user, in a mount namespace whose /proc hides other users'
+# processes (hidepid=2, a hardened host): check the holder is hidden, then
+# write to its stripe and say whether the holder had released it by then.
+HIDEPID_WRITER = """
+import os, sys
+from shmcache import Cache
+name, uid, gid, holder, key, flag = sys.argv[1], *map(int, sys.argv[2:5]), sys.argv[5], sys.argv[6]
+os.setgroups([gid]); os.setgid(gid); os.setuid(uid)
+print("HIDDEN", not os.path.exists(f"/proc/{holder}"), flush=True)
+c = Cache(name, create=False, owner=0, mode=0o660, lock_timeout=0.2)
+c.set(key, b"from the other user")
+print("WROTE", "after the release" if os.path.exists(flag) else "BEFORE THE RELEASE", flush=True)
+c.close()
+"""
+
+
+def _hold_until_flag(name, s, flag, ready):
+    c = Cache(name, create=False, mode=0o660)
+    c._locks.lock(s)
+    ready.set()
+    while not os.path.exists(flag):
+        time.sleep(0.01)
+    c._locks.unlock(s)
+    c.close()
+
+
+@needs_useradd
+@needs_unshare
+@pytest.mark.skipif(not _kernel_at_least(5, 8), reason="a private proc mount with its own hidepid needs Linux 5.8")
+@pytest.mark.timeout(120)
+def test_regression_holder_hidden_by_hidepid_is_never_taken_over(user_and_group, cache_name, tmp_path):
+    # With /proc mounted hidepid=2, pid + start time read nothing for another
+    # user's process: a live holder of another user was taken for dead.
+    import grp
+    import pwd
+
+    user, group = user_and_group
+    gid = grp.getgrnam(group).gr_gid
+    _create_in_group(cache_name, gid, size="2MiB", stripes=4)
+    s = 1
+    key = keys_in_stripe(4, s, 1, "hidden")[0]
+    import tempfile
+
+    pub = tempfile.mkdtemp(prefix="shmcache-test-")  # tmp_path is 0700: the other user could not see the flag
+    os.chmod(pub, 0o755)
+    flag = os.path.join(pub, "release")
+    ready = CTX.Event()
+    holder = CTX.Process(target=_hold_until_flag, args=(cache_name, s, flag, ready))
+    holder.start()
+    w = None
+    try:
+        assert ready.wait(30)
+        w = subprocess.Popen(["unshare", "-m", "--propagation", "private", "sh", "-c",
+                              f"mount -t proc -o hidepid=2 proc /proc && exec {sys.executable} -c \"$0\" \"$@\"",
+                              HIDEPID_WRITER, cache_name, str(pwd.getpwnam(user).pw_uid), str(gid), str(holder.pid),
+                              key, flag], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        line = w.stdout.readline()
+        assert line == "HIDDEN True\n", (line, w.stderr.read() if w.poll() is not None else "")
+        time.sleep(2.0)  # 10 x the writer's lock_timeout
+        with Cache(cache_name, create=False, mode=0o660) as c:
+            assert w.poll() is None and admin.lock_values(c)[s] == 0 and c.stats()["recoveries"] == 0
+            open(flag, "w").close()
+            out, err = w.communicate(timeout=30)
+            assert w.returncode == 0 and out == "WROTE after the release\n", (out, err)
+            holder.join(30)
+            assert holder.exitcode == 0
+            assert c.get(key) == b"from the other user" and c.get("k") == b"root wrote this"
+            assert admin.lock_values(c)[s] == 1 and c.stats()["recoveries"] == 0 and c.check() == []
+    finally:
+        open(flag, "w").close()
+        if w is not None and w.poll() is None:
+            w.kill()
+            w.wait(10)
+        holder.join(30)
+        shutil.rmtree(pub)
         Cache.unlink(cache_name)
 
 

@@ -5,7 +5,7 @@ Install it (as root)::
     shmcache systemd-unit -n app --user www-data --group www-data --size 256MiB \\
         > /etc/systemd/system/shmcache-app.service
     systemctl daemon-reload && systemctl enable --now shmcache-app
-    shmcache wait -n app           # returns once the daemon serves
+    shmcache wait -n app --owner www-data   # returns once the daemon serves
 
 The unit is ``Type=notify``: systemd starts dependants (``After=`` /
 ``Requires=shmcache-app.service`` in the web service) only once the daemon has
