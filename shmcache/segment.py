@@ -270,7 +270,7 @@ class Segment:
                     ) from None
                 except OSError as e:
                     if e.errno in (errno.ENOSPC, errno.ENOMEM):
-                        raise _no_room(name, geometry, _free_bytes()) from None
+                        raise (_no_inodes(name, geometry) or _no_room(name, geometry, _free_bytes())) from None
                     raise
                 _chmod_sem(sname, mode)
         except BaseException:
@@ -608,6 +608,29 @@ def _no_room(name: str, geometry: layout.Geometry, free: int | None) -> OutOfSha
         f"give it more (docker run --shm-size={want}m, compose shm_size: {want}m, Kubernetes: an emptyDir "
         f"{{medium: Memory, sizeLimit: {want}Mi}} mounted at {SHM_DIR}) or create the cache with a smaller "
         f"size{fits}"
+    )
+
+
+def _no_inodes(name: str, geometry: layout.Geometry) -> OutOfSharedMemory | None:
+    """The error for a /dev/shm that has bytes left but no inodes (a tmpfs
+    mounted with a small ``nr_inodes``: each semaphore is a file there), or
+    None if it has inodes free (then the bytes ran out: :func:`_no_room`)."""
+    try:
+        st = os.statvfs(SHM_DIR)
+    except OSError:  # pragma: no cover
+        return None
+    # (sem_open takes a second inode for a moment, for its temporary file;
+    # and with the segment reserved, bytes for every semaphore mean the bytes
+    # were not what ran out)
+    if not st.f_files or (st.f_favail >= 2 and st.f_bavail * st.f_frsize < geometry.n_stripes * SEM_BYTES):
+        return None
+    files = 1 + geometry.n_stripes
+    return OutOfSharedMemory(
+        f"cache {name!r} needs {files} files in {SHM_DIR} (its segment and {geometry.n_stripes} stripe "
+        f"semaphores), but {SHM_DIR} has run out of inodes ({st.f_files} in all, {st.f_favail} free), though it has "
+        f"{_human(st.f_bavail * st.f_frsize)} free; remount it with more (mount -o remount,nr_inodes=N "
+        f"{SHM_DIR}; Docker and Kubernetes size /dev/shm by bytes only) or create the cache with fewer "
+        f"stripes (stripes=...)"
     )
 
 

@@ -169,7 +169,9 @@ def test_semaphores_that_do_not_fit_leave_nothing_behind():
         print("LEFT", sorted(os.listdir("/dev/shm")))
     """, mount="mount -t tmpfs -o size=64m,nr_inodes=6 tmpfs /dev/shm")
     assert r.returncode == 0, r.stderr
-    assert "ERR cache 'ino' needs" in r.stdout and "LEFT []" in r.stdout, r.stdout
+    assert "ERR cache 'ino' needs 9 files" in r.stdout and "LEFT []" in r.stdout, r.stdout
+    # it names the cause (inodes, not bytes: 63 MiB were free) and the fix
+    assert "run out of inodes" in r.stdout and "nr_inodes" in r.stdout and "fewer stripes" in r.stdout, r.stdout
 
 
 # ---------------------------------------------------------- environment errors
