@@ -96,7 +96,8 @@ POLICY_NAMES = {v: k for k, v in POLICIES.items()}
 #     Readers: stats, snapshot; stale read safe.
 H_GENERATION = 256
 #   daemon pid / daemon process start time / heartbeat (wall clock): written
-#   by the daemon only; stale reads are safe (liveness is re-checked with psutil).
+#   by the daemon only; stale reads are safe (liveness is the kernel's: is the
+#   daemon's fcntl lock (LOCK_DAEMON) held, see lock.daemon_pid).
 H_DAEMON_PID = 264
 H_DAEMON_START = 272
 H_DAEMON_HEARTBEAT = 280

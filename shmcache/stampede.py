@@ -65,7 +65,8 @@ DEFAULT_TIMEOUT = 10.0
 
 #: Polling backoff of a waiter: first sleep, growth factor, longest sleep (s).
 #: At most 1 / 0.002 polls in the first few ms, then 20 per second: each poll
-#: is one lock-free read plus, for the lock entry, one psutil lookup.
+#: is one lock-free read plus, for the lock entry, one fcntl (is its owner's
+#: client slot still locked, see _owner_alive).
 POLL_FIRST = 0.002
 POLL_GROWTH = 1.5
 POLL_MAX = 0.05
