@@ -586,9 +586,9 @@ def cmd_restore(args) -> int:
     name = _name(args)
     verify_snapshot(args.path)  # refuse a bad file before creating anything
     if args.size:
-        c = Cache(name, size=args.size)
+        c = Cache(name, size=args.size, owner=getattr(args, "owner", None))
     else:
-        c = Cache(name, create=False)
+        c = _attach(args)
     with c:
         bar = None if args.json else terminal_progress(f"restore {os.path.basename(args.path)}", unit="entries")
         try:

@@ -136,6 +136,9 @@ class Segment:
         #: owner is our euid and it has no group/other write bits): the only
         #: case in which values are unpickled by default (see codec.py).
         self.private = False
+        #: (uids trusted as writers, the segment's own mode bits): what a
+        #: snapshot restored into this segment is held to (snapshot.py).
+        self.trust: tuple[frozenset, int] = (frozenset({os.geteuid()}), 0o600)
 
     # -- open -------------------------------------------------------------
     @classmethod
@@ -194,6 +197,7 @@ class Segment:
                     shm, created = _create_or_open(name, create, mode, trusted)
                     continue
                 if seg is not None:
+                    seg.trust = (frozenset(trusted), os.fstat(seg.fd).st_mode & 0o777)
                     return seg
                 if time.monotonic() > deadline:
                     raise LockTimeout(

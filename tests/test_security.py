@@ -19,6 +19,7 @@ import uuid
 
 import posix_ipc
 import pytest
+from names import fresh_name
 
 from shmcache import Cache, PermissionDenied, PickleRefused, SettingsIgnored, UntrustedSegment
 from shmcache.daemon import Daemon
@@ -166,6 +167,62 @@ def test_row1_symlink_and_fifo_in_place_of_a_segment_are_refused(cache_name, tmp
         assert target.read_bytes() == b"\0" * 4096
     finally:
         os.unlink(_seg_path(cache_name))
+
+
+def _planted_snapshot(name: str, path, marker) -> None:
+    """A valid snapshot whose one entry is a pickle that runs ``touch marker``."""
+    from shmcache.snapshot import write_snapshot
+
+    with Cache(name, size="1MiB", allow_pickle=True) as src:
+        src.set("k", Payload(str(marker)))
+        write_snapshot(src, str(path))
+    Cache.unlink(name)
+
+
+def test_a_snapshot_another_user_wrote_is_never_restored_into_a_private_cache(other_user, make_cache, cache_name,
+                                                                             tmp_path):
+    # Restored values read back as the cache's own: a snapshot file another
+    # user wrote (or could write) was loaded into root's 0600 cache, whose
+    # readers then unpickled what that user planted.
+    from shmcache.snapshot import restore_snapshot
+
+    user, uid, gid = other_user
+    marker, snap = tmp_path / "payload-ran", tmp_path / "planted.snap"
+    _planted_snapshot(cache_name + "-src", snap, marker)
+    os.chown(snap, uid, gid)
+    c = make_cache(size="1MiB")
+    c["keep"] = b"mine"
+    with pytest.raises(UntrustedSegment, match=rf"belongs to {user} \(uid {uid}\).*nothing was changed"):
+        restore_snapshot(c, snap)
+    r = subprocess.run([sys.executable, "-m", "shmcache", "restore", "-n", cache_name, str(snap)],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 1 and f"belongs to {user}" in r.stderr and "Traceback" not in r.stderr, r.stderr
+    assert dict(c.items()) == {"keep": b"mine"}
+    # A daemon starting on an empty cache refuses the file and exits, loading nothing.
+    empty = fresh_name()
+    try:
+        r = subprocess.run([sys.executable, "-m", "shmcache", "daemon", "-n", empty, "--size", "1MiB",
+                            "--snapshot", str(snap)], capture_output=True, text=True, timeout=60)
+        assert r.returncode == 1 and f"belongs to {user}" in r.stderr, r.stderr
+        with Cache(empty, create=False) as e:
+            assert len(e) == 0
+    finally:
+        Cache.unlink(empty)
+    # Our own file, but writable by group or others: anyone of them may have written it.
+    os.chown(snap, 0, 0)
+    for loose, who in ((0o666, "group and others"), (0o620, "its group"), (0o602, "others")):
+        os.chmod(snap, loose)
+        with pytest.raises(UntrustedSegment, match=f"writable by {who}"):
+            restore_snapshot(c, snap)
+    assert dict(c.items()) == {"keep": b"mine"}
+    assert not marker.exists()
+    # Read bits do not matter; owner= extends the trust to that user's files.
+    os.chmod(snap, 0o644)
+    assert restore_snapshot(c, snap).loaded == 1 and "keep" not in c
+    os.chown(snap, uid, gid)
+    with Cache(cache_name, owner=user) as trusting:
+        assert restore_snapshot(trusting, snap, merge=True).loaded == 0  # trusted; "k" is already there
+    assert not marker.exists()  # nothing above read the value
 
 
 @pytest.mark.parametrize("mode", [-1, 0o7777, 0o4600, 0o400, 0o1000, 1.5, True, "0o600"])
