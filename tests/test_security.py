@@ -349,6 +349,95 @@ def test_row6_a_foreign_file_with_zero_first_bytes_is_not_overwritten(cache_name
         os.unlink(path)
 
 
+# -- rows 8 and 9: snapshot paths ----------------------------------------------------------
+def _shmcache(*args, timeout=60):
+    """The CLI in a subprocess; a regression that blocks shows up as TimeoutExpired, not a hung test."""
+    return subprocess.run([sys.executable, "-m", "shmcache", *args], capture_output=True, text=True,
+                          timeout=timeout)
+
+
+@pytest.mark.timeout(180)
+def test_row8_a_fifo_or_symlink_at_a_snapshot_path_is_refused_at_once(make_cache, cache_name, tmp_path):
+    # open() of a FIFO blocked forever: restore, check --snapshot, and a daemon
+    # at start (which then ignored SIGTERM).
+    c = make_cache(size="1MiB")
+    c["keep"] = b"v"
+    fifo = tmp_path / "fifo.snap"
+    os.mkfifo(fifo)
+    real = tmp_path / "real.snap"
+    from shmcache.snapshot import write_snapshot
+
+    write_snapshot(c, str(real))
+    link = tmp_path / "link.snap"
+    os.symlink(real, link)
+    for path, why in ((fifo, "not a regular file"), (link, "symbolic link")):
+        for args in (("restore", "-n", cache_name, str(path)), ("check", "--snapshot", str(path))):
+            r = _shmcache(*args, timeout=30)
+            assert r.returncode == 1 and why in r.stderr and "Traceback" not in r.stderr, (args, r.stderr)
+        daemon_of = fresh_name()
+        try:
+            r = _shmcache("daemon", "-n", daemon_of, "--size", "1MiB", "--snapshot", str(path), timeout=30)
+            assert r.returncode == 1 and why in r.stderr, r.stderr
+            assert not os.path.exists(_seg_path(daemon_of))  # refused before creating anything
+        finally:
+            Cache.unlink(daemon_of)
+    # the daemon's lock file beside the snapshot gets the same treatment
+    os.mkfifo(str(real) + ".lock")
+    daemon_of = fresh_name()
+    try:
+        r = _shmcache("daemon", "-n", daemon_of, "--size", "1MiB", "--snapshot", str(real), timeout=30)
+        assert r.returncode == 1 and f"{real}.lock is not a regular file" in r.stderr, r.stderr
+    finally:
+        Cache.unlink(daemon_of)
+    assert dict(c.items()) == {"keep": b"v"}
+
+
+@pytest.mark.timeout(240)
+def test_row9_rm_force_stops_the_daemon_and_one_daemon_writes_a_snapshot_file(cache_name, tmp_path):
+    # `rm --force` removed the cache and left its daemon running: it and the
+    # next cache's daemon both wrote the snapshot file, so after a restart
+    # deleted keys came back and newer ones were lost.
+    from test_daemon import DaemonProc
+
+    from shmcache.snapshot import verify_snapshot
+
+    snap = tmp_path / "s.snap"
+    args = ["--size", "1MiB", "--snapshot", str(snap), "--snapshot-every", "0"]
+    other = fresh_name()
+    daemons = []
+
+    def start(tag):
+        daemons.append(DaemonProc(cache_name, tmp_path / f"{tag}.log", args).wait_ready(60))
+        return daemons[-1]
+
+    try:
+        d1 = start("d1")
+        with Cache(cache_name, create=False) as c:
+            c.set_many({"old": 1, "deleted-later": 2})
+        r = _shmcache("rm", "-n", cache_name, "--force", "--timeout", "60", timeout=90)
+        assert r.returncode == 0 and f"stopped daemon pid {d1.pid}" in r.stdout, (r.stdout, r.stderr)
+        assert d1.proc.wait(10) == 0  # stopped, after its final snapshot
+        assert not os.path.exists(_seg_path(cache_name)) and verify_snapshot(str(snap)).entries == 2
+        d2 = start("d2")  # the new cache's daemon loads that snapshot
+        with Cache(cache_name, create=False) as c:
+            assert c["old"] == 1
+            c.delete("deleted-later")
+            c["newer"] = 3
+        # A daemon of another cache given the same file is refused while d2 writes it.
+        r = _shmcache("daemon", "-n", other, "--size", "1MiB", "--snapshot", str(snap), timeout=30)
+        assert r.returncode == 1 and f"written by another daemon (pid {d2.pid}" in r.stderr, r.stderr
+        assert d2.stop() == 0
+        r = _shmcache("rm", "-n", cache_name, timeout=30)
+        assert r.returncode == 0, r.stderr
+        start("d3")
+        with Cache(cache_name, create=False) as c:
+            assert dict(c.items()) == {"old": 1, "newer": 3}  # nothing deleted came back, nothing newer lost
+    finally:
+        for d in daemons:
+            d.kill()
+        Cache.unlink(other)
+
+
 # -- row 10/11/12: operations that cannot lose data, time that cannot stall --------------------
 def test_row11_pop_of_an_undecodable_value_keeps_the_key(make_cache, cache_name):
     import json
