@@ -691,11 +691,12 @@ def wait_ready(name: str, timeout: float, poll: float = 0.05) -> int:
     Raises:
         DaemonError: not serving within ``timeout`` seconds (the message says
             what was missing: the cache, a daemon, or its restore).
-        ValueError: a bad name.
+        ValueError / TypeError: a bad name or timeout.
     """
     from .errors import CacheNotFound
 
     L.validate_name(name)
+    timeout = check_seconds("timeout", timeout, maximum=MAX_INTERVAL, zero_ok=True)  # NaN: never ends
     deadline = time.monotonic() + timeout
     why = f"no cache named {name!r}"
     while True:

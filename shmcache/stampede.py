@@ -94,7 +94,12 @@ def lock_key(key) -> str:
     return LOCK_PREFIX + xxhash.xxh3_128_hexdigest(encode_key(key))
 
 
-def _check_timeout(timeout) -> float:
+def check_timeout(timeout) -> float:
+    """``timeout`` as seconds: a positive finite number.
+
+    Raises:
+        TypeError / ValueError: anything else.
+    """
     if isinstance(timeout, bool) or not isinstance(timeout, (int, float)):
         raise TypeError(f"timeout must be a number of seconds, not {type(timeout).__name__}")
     if not timeout > 0 or timeout == float("inf"):
@@ -221,7 +226,7 @@ def _contest(cache, key, factory, timeout):
     another caller stored it."""
     if not callable(factory):
         raise TypeError(f"factory must be callable, not {type(factory).__name__}")
-    timeout = _check_timeout(timeout)
+    timeout = check_timeout(timeout)
     lkey = lock_key(key)
     record = _owner_record(cache)
     deadline = time.monotonic() + timeout

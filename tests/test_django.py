@@ -1193,3 +1193,13 @@ def test_a_group_shared_cache_follows_the_pickle_trust_rule(cache_name, tmp_path
     finally:
         shared.raw.close()
         trusting.raw.close()
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), -1.0, "never"])
+def test_a_bad_stampede_timeout_is_refused_at_construction(cache_name, value):
+    # It was float()-ed and only failed at the first get_or_set.
+    with pytest.raises(ImproperlyConfigured, match="stampede_timeout"):
+        ShmCache(cache_name, {"OPTIONS": {"size": "1MiB", "stampede_timeout": value}})
+    ok = ShmCache(cache_name, {"OPTIONS": {"size": "1MiB", "stampede_timeout": "2.5"}})
+    assert ok._stampede_timeout == 2.5
+    ok.raw.close()

@@ -477,6 +477,50 @@ def test_row12_daemon_cli_refuses_nan_interval(cache_name):
     assert not os.path.exists(_seg_path(cache_name))
 
 
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("value", ["nan", "inf", "-1", "1e300", "soon"])
+def test_row12_every_cli_wait_is_finite_and_bounded(cache_name, value, capsys):
+    # `wait --timeout nan` never returned (no deadline compares true with NaN);
+    # so did `snapshot` and `rm --force` on a daemon that did not answer.
+    from shmcache.cli import main
+
+    for args in (["wait", "--timeout", value], ["snapshot", "--timeout", value],
+                 ["rm", "--force", "--timeout", value], ["top", "--interval", value]):
+        with pytest.raises(SystemExit) as ei:
+            main([args[0], "-n", cache_name, *args[1:]])
+        err = capsys.readouterr().err
+        assert ei.value.code == 1 and f"{args[-2]}: {value!r} is not a number of seconds" in err, err
+    assert main(["wait", "-n", cache_name, "--timeout", "0"]) == 1  # 0: look once, no daemon: exit 1
+    assert "after 0 s" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), -1.0, 1e300, "1"])
+def test_row12_wait_ready_and_key_lock_timeouts_are_checked_where_given(make_cache, cache_name, value):
+    from shmcache.contrib import KeyLock
+    from shmcache.daemon import wait_ready
+
+    c = make_cache(size="1MiB")
+    with pytest.raises((ValueError, TypeError), match="timeout"):
+        wait_ready(cache_name, value)
+    for kw in ("timeout", "sleep", "blocking_timeout"):
+        with pytest.raises((ValueError, TypeError), match=kw):
+            KeyLock(c, "job", **{kw: value})
+    lock = KeyLock(c, "job", timeout=30, sleep=0.01)
+    assert lock.acquire()
+    with pytest.raises((ValueError, TypeError), match="blocking_timeout"):
+        KeyLock(c, "job").acquire(blocking_timeout=value)  # NaN: polled forever
+    lock.release()
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), -1.0, "never"])
+def test_row12_framework_stampede_timeouts_are_checked_at_construction(cache_name, value):
+    from shmcache.contrib.flask import ShmCache as FlaskShmCache
+
+    with pytest.raises((ValueError, TypeError), match="timeout"):
+        FlaskShmCache(cache_name, size="1MiB", stampede_timeout=value)
+    assert FlaskShmCache(cache_name, size="1MiB", stampede_timeout="2.5").stampede_timeout == 2.5
+
+
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])
 @pytest.mark.parametrize("pure", [False, True])
 def test_row12_a_nan_clock_is_refused_not_a_key_that_never_expires(cache_name, bad, pure, monkeypatch):
