@@ -167,6 +167,63 @@ def test_row1_symlink_and_fifo_in_place_of_a_segment_are_refused(cache_name, tmp
         assert target.read_bytes() == b"\0" * 4096
     finally:
         os.unlink(_seg_path(cache_name))
+    # A FIFO: refused from the open descriptor's fstat, in a subprocess in case an open blocks.
+    os.mkfifo(_seg_path(cache_name), 0o600)
+    try:
+        for create in (True, False):
+            r = subprocess.run([sys.executable, "-c", "import sys; from shmcache import Cache; "
+                                f"Cache(sys.argv[1], size='1MiB', create={create})", cache_name],
+                               capture_output=True, text=True, timeout=60)
+            assert r.returncode == 1 and "UntrustedSegment" in r.stderr and "not a regular file" in r.stderr, \
+                r.stderr[-500:]
+    finally:
+        os.unlink(_seg_path(cache_name))
+
+
+@pytest.mark.parametrize("owner, exc", [(-1, ValueError), ("no-such-user-shmcache", ValueError), (1.5, TypeError),
+                                        (True, TypeError), (b"root", TypeError)])
+def test_row1_a_bad_owner_is_refused_before_anything_is_opened(cache_name, owner, exc):
+    with pytest.raises(exc, match="owner"):
+        Cache(cache_name, size="1MiB", owner=owner)
+    assert not os.path.exists(_seg_path(cache_name))
+
+
+def _shmcache_as_root(*args):
+    return subprocess.run([sys.executable, "-m", "shmcache", *args], capture_output=True, text=True, timeout=60)
+
+
+@pytest.mark.timeout(180)
+def test_row1_the_cli_and_a_real_daemon_refuse_a_squat_unless_owner_is_given(other_user, cache_name, tmp_path):
+    user, uid, gid = other_user
+    with Cache(cache_name, size="1MiB", mode=0o600) as c:
+        c["k"] = b"v"
+    for p in [_seg_path(cache_name), *_sem_paths(cache_name)]:
+        os.chown(p, uid, gid)
+    before = _digest(_seg_path(cache_name))
+    _planted_snapshot(fresh_name(), tmp_path / "p.snap", tmp_path / "payload-ran")
+    for args in (["get", "-n", cache_name, "k"], ["set", "-n", cache_name, "k", "x"], ["check", "-n", cache_name],
+                 ["restore", "-n", cache_name, str(tmp_path / "p.snap")],
+                 ["daemon", "-n", cache_name, "--snapshot", str(tmp_path / "d.snap")]):
+        r = _shmcache_as_root(*args)
+        assert r.returncode == 1 and f"belongs to {user} (uid {uid})" in r.stderr and "--owner" in r.stderr, \
+            (args, r.stderr)
+    assert _digest(_seg_path(cache_name)) == before  # nothing read, nothing written
+    assert not os.path.exists(tmp_path / "d.snap")
+    r = _shmcache_as_root("get", "-n", cache_name, "k", "--owner", user)
+    assert r.returncode == 0 and r.stdout.strip() == "b'v'", r.stderr
+    r = _shmcache_as_root("ls")
+    row = next(ln for ln in r.stdout.splitlines() if ln.startswith(cache_name))
+    assert "belongs to" in row
+    # A real daemon trusting the owner attaches, serves and stops on SIGTERM.
+    from test_daemon import DaemonProc
+
+    d = DaemonProc(cache_name, tmp_path / "d.log", ["--owner", str(uid), "--snapshot", str(tmp_path / "d.snap")])
+    try:
+        d.wait_ready(60)
+        assert d.stop() == 0
+    finally:
+        d.kill()
+    assert os.stat(tmp_path / "d.snap").st_uid == 0  # root's own snapshot of the cache it trusted
 
 
 def _planted_snapshot(name: str, path, marker) -> None:
