@@ -124,13 +124,19 @@ def test_row1_root_refuses_a_segment_squatted_by_another_user_and_runs_no_payloa
     assert os.stat(_seg_path(cache_name)).st_uid == uid  # never taken over, never re-initialized
 
 
+def _given_away(name: str, uid: int, gid: int) -> str:
+    """A 0600 cache holding k=b"v", then chowned (segment and semaphores) to
+    ``uid``: another user's private cache. Returns the segment's digest."""
+    with Cache(name, size="1MiB", mode=0o600) as c:
+        c["k"] = b"v"
+    for p in [_seg_path(name), *_sem_paths(name)]:
+        os.chown(p, uid, gid)
+    return _digest(_seg_path(name))
+
+
 def test_row1_creation_never_reuses_a_file_it_did_not_create(other_user, cache_name):
     user, uid, gid = other_user
-    with Cache(cache_name, size="1MiB", mode=0o600) as c:
-        c["k"] = b"v"
-    for p in [_seg_path(cache_name), *_sem_paths(cache_name)]:
-        os.chown(p, uid, gid)
-    before = _digest(_seg_path(cache_name))
+    before = _given_away(cache_name, uid, gid)
     with pytest.raises(UntrustedSegment, match="belongs to"):
         Cache(cache_name, size="2MiB")
     assert _digest(_seg_path(cache_name)) == before
@@ -195,11 +201,7 @@ def _shmcache_as_root(*args):
 @pytest.mark.timeout(180)
 def test_row1_the_cli_and_a_real_daemon_refuse_a_squat_unless_owner_is_given(other_user, cache_name, tmp_path):
     user, uid, gid = other_user
-    with Cache(cache_name, size="1MiB", mode=0o600) as c:
-        c["k"] = b"v"
-    for p in [_seg_path(cache_name), *_sem_paths(cache_name)]:
-        os.chown(p, uid, gid)
-    before = _digest(_seg_path(cache_name))
+    before = _given_away(cache_name, uid, gid)
     _planted_snapshot(fresh_name(), tmp_path / "p.snap", tmp_path / "payload-ran")
     for args in (["get", "-n", cache_name, "k"], ["set", "-n", cache_name, "k", "x"], ["check", "-n", cache_name],
                  ["restore", "-n", cache_name, str(tmp_path / "p.snap")],
