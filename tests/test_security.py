@@ -564,6 +564,8 @@ def test_row12_wait_ready_and_key_lock_timeouts_are_checked_where_given(make_cac
     for kw in ("timeout", "sleep", "blocking_timeout"):
         with pytest.raises((ValueError, TypeError), match=kw):
             KeyLock(c, "job", **{kw: value})
+    with pytest.raises((ValueError, TypeError), match="timeout"):
+        c.memoize(timeout=value)  # at decoration, not at every call
     lock = KeyLock(c, "job", timeout=30, sleep=0.01)
     assert lock.acquire()
     with pytest.raises((ValueError, TypeError), match="blocking_timeout"):
