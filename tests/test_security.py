@@ -485,6 +485,7 @@ def test_row9_rm_force_stops_the_daemon_and_one_daemon_writes_a_snapshot_file(ca
         # A daemon of another cache given the same file is refused while d2 writes it.
         r = _shmcache("daemon", "-n", other, "--size", "1MiB", "--snapshot", str(snap), timeout=30)
         assert r.returncode == 1 and f"written by another daemon (pid {d2.pid}" in r.stderr, r.stderr
+        assert not os.path.exists(_seg_path(other))  # refused before creating its cache
         assert d2.stop() == 0
         r = _shmcache("rm", "-n", cache_name, timeout=30)
         assert r.returncode == 0, r.stderr
