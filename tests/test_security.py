@@ -15,13 +15,14 @@ import pwd
 import struct
 import subprocess
 import sys
+import time
 import uuid
 
 import posix_ipc
 import pytest
 from names import fresh_name
 
-from shmcache import Cache, PermissionDenied, PickleRefused, SettingsIgnored, UntrustedSegment
+from shmcache import Cache, LayoutMismatch, PermissionDenied, PickleRefused, SettingsIgnored, UntrustedSegment, admin
 from shmcache.daemon import Daemon
 
 SHM = "/dev/shm"
@@ -730,6 +731,33 @@ def test_row4_a_stripe_index_with_no_empty_slot_never_hangs(make_cache, cache_na
                        timeout=120, env=env)
     assert r.returncode == 0, r.stderr[-2000:]
     assert "check-after 0" in r.stdout  # the first write or check repaired every slice
+    assert c.check() == []
+
+
+@pytest.mark.timeout(120)
+def test_row4_a_real_daemon_started_on_full_slices_serves_and_stops_on_sigterm(make_cache, cache_name, tmp_path):
+    # The daemon used to hang in recovery's probe loop and ignore SIGTERM.
+    from test_daemon import DaemonProc
+
+    c = make_cache(size="2MiB", stripes=4, max_items=800)
+    c.set_many({f"k{i}": i for i in range(200)})
+    for s in range(4):
+        _fill_slice(c, s)
+    d = DaemonProc(cache_name, tmp_path / "d.log", ["--recover-every", "0.05", "--expire-every", "0.05",
+                                                    "--snapshot", str(tmp_path / "s.snap")])
+    try:
+        d.wait_ready(60)
+        try:  # a writer meanwhile: the first write to a damaged stripe repairs it and says so
+            c.set("after", b"the daemon started")
+        except LayoutMismatch as e:
+            assert "retry the write" in str(e)
+            c.set("after", b"the daemon started")
+        time.sleep(0.3)  # a few recovery and expiry passes over the damage
+        assert d.stop() == 0, d.log()  # raises if SIGTERM is ignored for 20 s
+    finally:
+        d.kill()
+    assert c["after"] == b"the daemon started" and all(c.get(f"k{i}") in (None, i) for i in range(200))
+    admin.check(c, fix=True)
     assert c.check() == []
 
 
