@@ -4,7 +4,8 @@ Reads one line per trial on stdin (``<trial> <n_keys> <with_daemon> <churn>``), 
 attaches to the cache named on the command line, runs ``check()`` (before
 anything could repair the damage), if asked starts a daemon (one recovery
 pass and one expiry sweep, before any writer rewrote a damaged record),
-reads every key, writes (and ``churn`` new keys), reads back, scans
+reads what an operator reads (stats, admin views, the status page,
+Prometheus text), reads every key, writes (and ``churn`` new keys), reads back, scans
 ``items()``, deletes, runs ``check()`` (and, if asked, starts a daemon
 again: a recovery pass, an expiry sweep and a snapshot), runs ``check()``
 again, then
@@ -30,6 +31,26 @@ from shmcache import layout as L  # noqa: E402
 def _recoveries(c: Cache) -> list[int]:
     """Each stripe's recoveries counter (bumped by every lock recovery's repair)."""
     return [int(x) for x in c._table.stripes[:, L.S_RECOVERIES // 8]]
+
+
+def _inspect(c: Cache) -> None:
+    """What an operator runs on a cache that misbehaves: stats, the admin
+    views, ``shmcache ls``'s summary, the status page and Prometheus text."""
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    from shmcache.contrib.prometheus import ShmcacheCollector
+    from shmcache.contrib.status import render, status
+
+    c.stats()
+    admin.stripes(c)
+    admin.clients(c)
+    admin.counters(c)
+    admin.daemon_info(c)
+    admin.summarize(c.name)
+    render(status(c))
+    reg = CollectorRegistry()
+    reg.register(ShmcacheCollector(c))
+    generate_latest(reg)
 
 
 def _run_daemon(name: str, snapshot: bool) -> str:
@@ -69,9 +90,11 @@ def trial(name: str, n_keys: int, with_daemon: bool, churn: int = 0) -> dict:
         recoveries = _recoveries(c)
         if with_daemon:  # a daemon starting on the damaged cache, before any writer rewrote a record
             out["daemon_first"] = _run_daemon(name, snapshot=False)
-        for step in ("read", "write", "churn", "read-back", "items", "delete", "check"):
+        for step in ("inspect", "read", "write", "churn", "read-back", "items", "delete", "check"):
             try:
-                if step in ("read", "read-back"):
+                if step == "inspect":
+                    _inspect(c)
+                elif step in ("read", "read-back"):
                     for i in range(n_keys):
                         k = f"k{i}"
                         v = c.get(k)
