@@ -335,6 +335,15 @@ class Segment:
         seg.private = st.st_uid == os.geteuid() and not st.st_mode & 0o022
         return seg
 
+    def still_private(self) -> bool:
+        """Is the segment still writable only by this process's user (owner
+        our euid, no group or other write bit)? Asked of the open file, so a
+        chmod or chown since it was opened counts. (A process that opened it
+        while it was shared keeps its write access: narrowing a mode later
+        does not take that back.)"""
+        st = os.fstat(self.fd)
+        return st.st_uid == os.geteuid() and not st.st_mode & 0o022
+
     # -- locks --------------------------------------------------------------
     def file_lock(self, byte: int, timeout: float, what: str = "lock"):
         """Context manager: hold fcntl lock ``byte`` of this segment (kernel-released on death).

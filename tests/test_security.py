@@ -359,6 +359,32 @@ def test_row2_a_0660_cache_shared_by_two_users_uses_the_safe_encoding(other_user
     assert not os.path.exists(marker)  # (the planted payload was never read with pickle allowed)
 
 
+@pytest.mark.parametrize("pure", [False, True], ids=["c", "pure"])
+def test_row2_a_cache_opened_to_a_group_after_attach_stops_unpickling(make_cache, cache_name, tmp_path, pure,
+                                                                       monkeypatch):
+    # Privacy was judged once, at open: after `chmod 660` a process attached
+    # before went on unpickling whatever the group's members wrote.
+    import shmcache.cache as cm
+
+    monkeypatch.setattr(cm, "USE_SPEEDUPS", cm.USE_SPEEDUPS and not pure)
+    c = make_cache(size="1MiB")
+    c["f"] = fractions.Fraction(1, 3)
+    c["plain"] = {"a": [1, (2, b"3")]}
+    assert c["f"] == fractions.Fraction(1, 3)
+    os.chmod(_seg_path(cache_name), 0o660)  # the owner opens it to the group
+    marker = tmp_path / "payload-ran"
+    # what any member can now do (the header still says 0o600: a chmod changes only the file)
+    with pytest.warns(SettingsIgnored), Cache(cache_name, mode=0o660, allow_pickle=True) as member:
+        member["planted"] = Payload(str(marker))
+    for k in ("planted", "f"):
+        with pytest.raises(PickleRefused, match="since it was opened"):
+            c[k]
+    assert c["plain"] == {"a": [1, (2, b"3")]}  # plain values still read
+    assert not marker.exists()
+    with Cache(cache_name, mode=0o660, allow_pickle=True) as trusting:  # saying so still works
+        assert trusting["f"] == fractions.Fraction(1, 3)
+
+
 def test_row2_allow_pickle_false_refuses_even_a_private_cache(make_cache, cache_name):
     c = make_cache(size="1MiB")
     c["f"] = fractions.Fraction(1, 3)
