@@ -385,6 +385,21 @@ def test_row2_a_cache_opened_to_a_group_after_attach_stops_unpickling(make_cache
         assert trusting["f"] == fractions.Fraction(1, 3)
 
 
+def test_row2_the_near_caches_pickles_follow_a_later_chmod_too(make_cache, cache_name):
+    import pickle
+
+    from shmcache.near import TrustedPickle
+
+    c = make_cache(size="1MiB")
+    tp = TrustedPickle(admin.pickle_trust(c))  # what NearCache(serializer=pickle) and the adapters use
+    data = pickle.dumps(fractions.Fraction(1, 3))
+    assert tp.loads(data) == fractions.Fraction(1, 3)
+    os.chmod(_seg_path(cache_name), 0o660)
+    with pytest.raises(PickleRefused, match="since it was opened"):
+        tp.loads(data)
+    assert tp.loads(pickle.dumps([1, "two"])) == [1, "two"]
+
+
 def test_row2_allow_pickle_false_refuses_even_a_private_cache(make_cache, cache_name):
     c = make_cache(size="1MiB")
     c["f"] = fractions.Fraction(1, 3)
