@@ -613,13 +613,19 @@ def cmd_restore(args) -> int:
         c = Cache(name, size=args.size, owner=getattr(args, "owner", None))
     else:
         c = _attach(args)
-    with c:
-        bar = None if args.json else terminal_progress(f"restore {os.path.basename(args.path)}", unit="entries")
-        try:
-            r = restore_snapshot(c, args.path, merge=args.merge, progress=bar)
-        finally:
-            if bar:
-                bar.finish()
+    created = admin.created(c)
+    try:
+        with c:
+            bar = None if args.json else terminal_progress(f"restore {os.path.basename(args.path)}", unit="entries")
+            try:
+                r = restore_snapshot(c, args.path, merge=args.merge, progress=bar)
+            finally:
+                if bar:
+                    bar.finish()
+    except UntrustedSegment:
+        if created:  # refused before a byte was loaded: the cache made for it goes too
+            Cache.unlink(name)
+        raise
     if args.json:
         _print_json(dataclasses.asdict(r))
         return 0

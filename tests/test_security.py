@@ -258,8 +258,12 @@ def test_a_snapshot_another_user_wrote_is_never_restored_into_a_private_cache(ot
                        capture_output=True, text=True, timeout=60)
     assert r.returncode == 1 and f"belongs to {user}" in r.stderr and "Traceback" not in r.stderr, r.stderr
     assert dict(c.items()) == {"keep": b"mine"}
-    # A daemon starting on an empty cache refuses the file and exits, loading nothing.
     empty = fresh_name()
+    r = subprocess.run([sys.executable, "-m", "shmcache", "restore", "-n", empty, "--size", "1MiB", str(snap)],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 1 and f"belongs to {user}" in r.stderr, r.stderr
+    assert not os.path.exists(_seg_path(empty))  # the cache made for the refused file is gone again
+    # A daemon starting on an empty cache refuses the file and exits, loading nothing.
     try:
         r = subprocess.run([sys.executable, "-m", "shmcache", "daemon", "-n", empty, "--size", "1MiB",
                             "--snapshot", str(snap)], capture_output=True, text=True, timeout=60)
