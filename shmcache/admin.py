@@ -521,7 +521,9 @@ def pickle_trust(cache: "Cache") -> codec.Codec:
     the cache holds on their behalf (``shmcache.near``)."""
     cache._check_open()
     c = cache._codec
-    return codec.Codec(allow_pickle=c.allow_pickle, where=c.where, why=c.why)
+    out = codec.Codec(allow_pickle=c.allow_pickle, where=c.where, why=c.why)
+    out.still_trusted = c.still_trusted  # a private cache opened to a group later stops unpickling
+    return out
 
 
 # -------------------------------------------------------------- maintenance

@@ -285,6 +285,8 @@ class Cache(MutableMapping[Any, Any]):
             raise
         codec.where = f"cache {name!r}"
         codec.allow_pickle = seg.private if allow_pickle is None else allow_pickle
+        if allow_pickle is None and seg.private:
+            codec.still_trusted = seg.still_private  # one fstat per full unpickle
         if not seg.private:
             codec.why = "users other than you can write it: see its owner and mode"
         try:

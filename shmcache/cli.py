@@ -44,6 +44,30 @@ class _Parser(argparse.ArgumentParser):
 
 
 # ----------------------------------------------------------------- helpers
+#: The longest --timeout / --interval accepted (seconds; as daemon.MAX_INTERVAL).
+MAX_SECONDS = 1e6
+
+
+def _seconds(zero_ok: bool):
+    """An argparse type: a finite number of seconds (0 too if ``zero_ok``) up
+    to MAX_SECONDS. NaN compares false with every deadline: a wait with a NaN
+    --timeout never ended, and inf or 1e300 overflowed a sleep."""
+
+    def parse(text: str) -> float:
+        try:
+            v = float(text)
+        except ValueError:
+            v = float("nan")
+        if not (v >= 0 if zero_ok else v > 0) or not v <= MAX_SECONDS:
+            raise argparse.ArgumentTypeError(
+                f"{text!r} is not a number of seconds: it must be finite, "
+                f"{'0 or more' if zero_ok else 'more than 0'} and at most {MAX_SECONDS:g}")
+        return v
+
+    parse.__name__ = "seconds"  # argparse names the type in its messages
+    return parse
+
+
 def _mib(n: float) -> str:
     if n < 1024:
         return f"{n:.0f} B"
@@ -586,16 +610,22 @@ def cmd_restore(args) -> int:
     name = _name(args)
     verify_snapshot(args.path)  # refuse a bad file before creating anything
     if args.size:
-        c = Cache(name, size=args.size)
+        c = Cache(name, size=args.size, owner=getattr(args, "owner", None))
     else:
-        c = Cache(name, create=False)
-    with c:
-        bar = None if args.json else terminal_progress(f"restore {os.path.basename(args.path)}", unit="entries")
-        try:
-            r = restore_snapshot(c, args.path, merge=args.merge, progress=bar)
-        finally:
-            if bar:
-                bar.finish()
+        c = _attach(args)
+    created = admin.created(c)
+    try:
+        with c:
+            bar = None if args.json else terminal_progress(f"restore {os.path.basename(args.path)}", unit="entries")
+            try:
+                r = restore_snapshot(c, args.path, merge=args.merge, progress=bar)
+            finally:
+                if bar:
+                    bar.finish()
+    except UntrustedSegment:
+        if created:  # refused before a byte was loaded: the cache made for it goes too
+            Cache.unlink(name)
+        raise
     if args.json:
         _print_json(dataclasses.asdict(r))
         return 0
@@ -802,8 +832,6 @@ def cmd_top(args) -> int:
     """``shmcache top``: a live view of rates and state, redrawn every --interval seconds."""
     import select
 
-    if not args.interval > 0:
-        raise CliError(f"--interval must be a positive number of seconds, got {args.interval}")
     tty = sys.stdin.isatty() and sys.stdout.isatty() and not args.json
     old = None
     if tty:
@@ -1231,7 +1259,7 @@ def build_parser() -> argparse.ArgumentParser:
         "With PATH: write a snapshot from this process.",
     ))
     sp.add_argument("path", nargs="?", help="write here from this process instead of asking the daemon")
-    sp.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for the daemon (default 120)")
+    sp.add_argument("--timeout", type=_seconds(True), default=120.0, help="seconds to wait for the daemon (default 120)")
     sp.add_argument("--json", action="store_true", help="print what was written as JSON")
     sp = named(add(
         "restore", cmd_restore, "load a snapshot into a cache",
@@ -1249,7 +1277,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp = named(add("top", cmd_top, "live view: ops/s, hit rate, memory, evictions, expirations, hot stripes",
                    "Redraw the cache's rates and state every --interval seconds, like redis-cli --stat "
                    "(q or Ctrl-C quits). Rates are over the last interval, across every process."))
-    sp.add_argument("--interval", type=float, default=1.0, help="seconds between updates (default 1)")
+    sp.add_argument("--interval", type=_seconds(False), default=1.0, help="seconds between updates (default 1)")
     sp.add_argument("--iterations", type=int, default=0, help="stop after this many updates (default: never)")
     sp.add_argument("--json", action="store_true", help="print one JSON object per update instead")
     sp = named(add("create", cmd_create, "create a cache with a given layout (exit 1 if it exists)"))
@@ -1271,7 +1299,7 @@ def build_parser() -> argparse.ArgumentParser:
         "snapshot restore; exit 1 with the reason after --timeout seconds. For scripts, gunicorn "
         "hooks and container entrypoints, instead of reading the daemon's log.",
     ))
-    sp.add_argument("--timeout", type=float, default=30.0, help="seconds to wait (default 30)")
+    sp.add_argument("--timeout", type=_seconds(True), default=30.0, help="seconds to wait (default 30)")
     sp.add_argument("-q", "--quiet", action="store_true", help="print nothing on success")
     sp.add_argument("--json", action="store_true", help="print the daemon's pid as JSON on success")
     sp = named(add(
@@ -1288,7 +1316,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--snapshot", metavar="PATH", help="snapshot file (default /var/lib/shmcache/NAME.snapshot)")
     sp = named(add("rm", cmd_rm, "remove a cache (its shared memory and semaphores)"))
     sp.add_argument("--force", action="store_true", help="even while its daemon runs: stop it first (SIGTERM)")
-    sp.add_argument("--timeout", type=float, default=30.0,
+    sp.add_argument("--timeout", type=_seconds(True), default=30.0,
                     help="seconds --force waits for the daemon to stop (default 30)")
     sp = add("demo", cmd_demo, "daemon + load generators + snapshot + warm restart, in under 30 s")
     sp.add_argument("--seconds", type=float, default=5.0, help="how long the load generators run (default 5)")

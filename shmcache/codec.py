@@ -96,6 +96,11 @@ class Codec:
         #: Name the cache and why it does not trust pickle, in refusals.
         self.where = where
         self.why = why or "allow_pickle=False"
+        #: When pickle is allowed only because the segment looked private at
+        #: open: a callable saying whether it still is, asked before each full
+        #: unpickle (a chmod that later opens it to a group must not leave
+        #: this process unpickling what that group writes).
+        self.still_trusted = None
 
     def encode(self, value):
         """(tag, payload) for a value.
@@ -161,9 +166,12 @@ class Codec:
         if tag == NDARRAY:
             return _decode_array(data)
         if tag == PICKLE:
+            why = self.why
             if self.allow_pickle:
-                return pickle.loads(data)
-            return _SafeUnpickler(f"{self.where}, which does not trust pickle ({self.why})", io.BytesIO(data)).load()
+                if self.still_trusted is None or self.still_trusted():
+                    return pickle.loads(data)
+                why = "users other than you can write it since it was opened: see its owner and mode"
+            return _SafeUnpickler(f"{self.where}, which does not trust pickle ({why})", io.BytesIO(data)).load()
         if tag == CUSTOM:
             if self.serializer is None:
                 raise ValueError("value was stored with a custom serializer; open the cache with serializer=")

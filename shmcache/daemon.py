@@ -256,13 +256,19 @@ class Daemon:
                                   f"{admin.SNAPSHOT_PATH_MAX_BYTES} bytes; use a shorter one")
             _check_writable_dir(os.path.dirname(self.snapshot_path))
             _check_snapshot_path(self.snapshot_path)
+            # Before the cache: a daemon refused here creates nothing.
+            self._snap_lock = _lock_snapshot_path(self.snapshot_path)
         self.snapshot_every = float(snapshot_every)
         self.expire_every = float(expire_every)
         self.recover_every = float(recover_every)
         self.restore = restore
         self.metrics_addr = parse_listen(metrics) if metrics else None
         self.metrics_server = None
-        self.cache = Cache(name, size=size, stripes=stripes, max_items=max_items, mode=mode, owner=owner)
+        try:
+            self.cache = Cache(name, size=size, stripes=stripes, max_items=max_items, mode=mode, owner=owner)
+        except BaseException:
+            self._release_snapshot_lock()
+            raise
         try:
             if not admin.claim_daemon_lock(self.cache):
                 holder = admin.daemon_lock_holder(self.cache)
@@ -270,8 +276,6 @@ class Daemon:
                 raise DaemonError(
                     f"a daemon (pid {holder or '?'}) is already running for cache {name!r}; {how}"
                 )
-            if self.snapshot_path:
-                self._snap_lock = _lock_snapshot_path(self.snapshot_path)
         except BaseException:
             self.cache.close()
             self._release_snapshot_lock()
@@ -279,6 +283,7 @@ class Daemon:
         self.tracker = None
         if track_prefixes and not upstream:
             self.cache.close()
+            self._release_snapshot_lock()
             raise ValueError("track_prefixes (--track-prefix) needs upstream (--upstream URL)")
         if upstream:
             from .near import Tracker, TrackerProcess
@@ -289,6 +294,7 @@ class Daemon:
                 self.tracker = TrackerProcess(tracker, name, mode, owner) if isinstance(upstream, str) else tracker
             except BaseException:
                 self.cache.close()
+                self._release_snapshot_lock()
                 raise
         self.identity = Identity()
         self.expiry = ExpiryCycle(self.cache, expire_every or 0.1)

@@ -288,7 +288,11 @@ class Client:
 
 def client_alive(seg: Segment, c: int, gen: int | None = None) -> bool:
     """True if client slot ``c`` (of generation ``gen``, if given) belongs to a
-    process that is still attached: its byte is locked. Cross-namespace, exact."""
+    process that is still attached: its byte is locked. Cross-namespace, exact.
+    A slot number outside the client table (a damaged owner record) names no
+    process: False, never a read past the table or the mapping."""
+    if not 0 <= c < seg.geometry.max_clients:
+        return False
     pid, cgen, _ = L.CLIENT_HEAD.unpack_from(seg.mm, _client_base(seg.geometry, c))
     if pid == 0 or (gen is not None and cgen != gen):
         return False
@@ -576,7 +580,7 @@ class StripeLocks:
             so = self._stripe_off(s)
             self.mm[so + L.S_OWNER : so + L.S_OWNER + 16] = self.owner
             self.repair(s)
-            self._q[(so + L.S_RECOVERIES) >> 3] += 1
+            self._q[(so + L.S_RECOVERIES) >> 3] = (self._q[(so + L.S_RECOVERIES) >> 3] + 1) & _U64_MAX  # wraps
             self._clear_dead_markers(s, ev[1])
             if not keep:
                 self.mm[so + L.S_OWNER : so + L.S_OWNER + 16] = _ZERO16
@@ -702,7 +706,9 @@ def _retire_locked(seg: Segment, c: int) -> None:
     for k in range(L.N_COUNTERS):
         v = L.U64.unpack_from(mm, base + L.C_COUNTERS + 8 * k)[0]
         off = L.H_RETIRED + 8 * k
-        L.U64.pack_into(mm, off, L.U64.unpack_from(mm, off)[0] + v)
+        # u64 counters wrap, as the C paths' do: a damaged one must not make
+        # every later detach raise struct.error
+        L.U64.pack_into(mm, off, (L.U64.unpack_from(mm, off)[0] + v) & _U64_MAX)
     gen = L.CLIENT_HEAD.unpack_from(mm, base)[1]
     mm[base : base + g.client_record_size] = bytes(g.client_record_size)
     L.CLIENT_HEAD.pack_into(mm, base, 0, gen, 0.0)

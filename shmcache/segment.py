@@ -136,6 +136,9 @@ class Segment:
         #: owner is our euid and it has no group/other write bits): the only
         #: case in which values are unpickled by default (see codec.py).
         self.private = False
+        #: (uids trusted as writers, the segment's own mode bits): what a
+        #: snapshot restored into this segment is held to (snapshot.py).
+        self.trust: tuple[frozenset, int] = (frozenset({os.geteuid()}), 0o600)
 
     # -- open -------------------------------------------------------------
     @classmethod
@@ -194,6 +197,7 @@ class Segment:
                     shm, created = _create_or_open(name, create, mode, trusted)
                     continue
                 if seg is not None:
+                    seg.trust = (frozenset(trusted), os.fstat(seg.fd).st_mode & 0o777)
                     return seg
                 if time.monotonic() > deadline:
                     raise LockTimeout(
@@ -330,6 +334,15 @@ class Segment:
         seg = cls(name, shm, mm, geometry, sems, created=False)
         seg.private = st.st_uid == os.geteuid() and not st.st_mode & 0o022
         return seg
+
+    def still_private(self) -> bool:
+        """Is the segment still writable only by this process's user (owner
+        our euid, no group or other write bit)? Asked of the open file, so a
+        chmod or chown since it was opened counts. (A process that opened it
+        while it was shared keeps its write access: narrowing a mode later
+        does not take that back.)"""
+        st = os.fstat(self.fd)
+        return st.st_uid == os.geteuid() and not st.st_mode & 0o022
 
     # -- locks --------------------------------------------------------------
     def file_lock(self, byte: int, timeout: float, what: str = "lock"):

@@ -57,7 +57,7 @@ import numpy as np
 import xxhash
 
 from . import layout as L
-from .errors import CacheFull, SnapshotError
+from .errors import CacheFull, SnapshotError, UntrustedSegment
 from . import admin
 from .repair import entry_sums
 
@@ -534,11 +534,46 @@ def open_snapshot_fd(path: str) -> int:
     return fd
 
 
-def _open_verified(path) -> _Loaded:
+def check_snapshot_trusted(st: os.stat_result, path: str, cache) -> None:
+    """Refuse to restore into ``cache`` a snapshot file written by a user the
+    cache does not trust as a writer: restored values are read back as if
+    the cache's own writers had stored them (and a private cache unpickles
+    them), so the file must pass the segment's own rule (segment.check_trusted):
+    owned by this process's user or the cache's ``owner=``, and with no
+    group or other write bit the segment itself lacks. Read bits do not matter.
+
+    Raises:
+        UntrustedSegment: naming the file's owner and mode and what to do.
+    """
+    from .segment import _who
+
+    trusted, mode = admin.storage(cache).segment.trust
+    if st.st_uid not in trusted:
+        raise UntrustedSegment(
+            f"snapshot {path} belongs to {_who(uid=st.st_uid)}, whom cache {cache.name!r} does not trust as a "
+            f"writer: restoring it would let that user choose what the cache's readers get back (and, with "
+            f"pickle, run code in them). Restore only snapshots written by you or by the cache's owner=; if "
+            f"this file is trusted, chown it (or attach with owner={st.st_uid}); nothing was changed"
+        )
+    loose = st.st_mode & 0o022 & ~mode
+    if loose:
+        raise UntrustedSegment(
+            f"snapshot {path} has mode 0o{st.st_mode & 0o777:o}: writable by "
+            f"{'group and others' if loose == 0o022 else 'its group' if loose == 0o020 else 'others'}, "
+            f"beyond the cache's own mode 0o{mode:o}, so any of them may have written it; check it, "
+            f"'chmod go-w' it and restore again; nothing was changed"
+        )
+
+
+def _open_verified(path, trust=None) -> _Loaded:
+    """Open, map and verify the snapshot at ``path``; ``trust(fstat)`` (if
+    given) judges the open file before a byte of it is read."""
     path = os.fspath(path)
     what = f"snapshot {path}"
     fd = open_snapshot_fd(path)
     try:
+        if trust is not None:
+            trust(os.fstat(fd))
         size = os.fstat(fd).st_size
         if size == 0:
             raise SnapshotError(f"{what} is empty (0 bytes): not a snapshot")
@@ -675,14 +710,19 @@ def restore_snapshot(cache, path, *, merge: bool = False, now: float | None = No
     the cache's limits are skipped and counted. ``progress(done, total)``
     counts entries.
 
+    The file must be one the cache trusts as a writer (see
+    :func:`check_snapshot_trusted`).
+
     Raises:
         SnapshotError: the file is unusable (the message says why); the cache
             is unchanged.
+        UntrustedSegment: the file belongs to a user the cache does not
+            trust, or is writable beyond the cache's mode; the cache is unchanged.
         LockTimeout: a live process held a stripe lock for too long (the
             cache may then hold part of the snapshot).
     """
     t0 = time.perf_counter()
-    loaded = _open_verified(path)
+    loaded = _open_verified(path, lambda st: check_snapshot_trusted(st, os.fspath(path), cache))
     try:
         info = RestoreInfo(path=loaded.path, entries=loaded.info.entries, bytes=loaded.info.bytes,
                            created=loaded.info.created)

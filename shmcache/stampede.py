@@ -97,11 +97,22 @@ def lock_key(key) -> str:
     return LOCK_PREFIX + xxhash.xxh3_128_hexdigest(encode_key(key))
 
 
-def _check_timeout(timeout) -> float:
+#: The longest stampede timeout (seconds; about 11.6 days, as the daemon's
+#: intervals): a waiter's deadline, so 1e300 would mean "wait forever".
+MAX_TIMEOUT = 1e6
+
+
+def check_timeout(timeout) -> float:
+    """``timeout`` as seconds: a positive finite number, at most MAX_TIMEOUT.
+
+    Raises:
+        TypeError / ValueError: anything else.
+    """
     if isinstance(timeout, bool) or not isinstance(timeout, (int, float)):
         raise TypeError(f"timeout must be a number of seconds, not {type(timeout).__name__}")
-    if not timeout > 0 or timeout == float("inf"):
-        raise ValueError(f"timeout must be a positive, finite number of seconds, got {timeout!r}")
+    if not 0 < timeout <= MAX_TIMEOUT:
+        raise ValueError(f"timeout must be a positive, finite number of seconds, at most {MAX_TIMEOUT:g}, "
+                         f"got {timeout!r}")
     return float(timeout)
 
 
@@ -224,7 +235,7 @@ def _contest(cache, key, factory, timeout):
     another caller stored it."""
     if not callable(factory):
         raise TypeError(f"factory must be callable, not {type(factory).__name__}")
-    timeout = _check_timeout(timeout)
+    timeout = check_timeout(timeout)
     lkey = lock_key(key)
     record = _owner_record(cache)
     deadline = time.monotonic() + timeout
@@ -465,10 +476,12 @@ def memoize(cache, ttl=_DEFAULT, typed: bool = False, timeout: float = DEFAULT_T
     how many).
 
     Raises:
+        TypeError / ValueError: a bad ``timeout`` (at decoration, not at the first call).
         TypeError: at call time, an argument cannot be turned into a key.
     """
     if callable(ttl) and not isinstance(ttl, (int, float)):  # used bare: @cache.memoize
         return memoize(cache)(ttl)
+    timeout = check_timeout(timeout)
 
     def decorator(fn):
         prefix = f"{MEMO_PREFIX}{_qualified_name(fn)}:"

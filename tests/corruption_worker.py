@@ -2,10 +2,13 @@
 
 Reads one line per trial on stdin (``<trial> <n_keys> <with_daemon> <churn>``), then
 attaches to the cache named on the command line, runs ``check()`` (before
-anything could repair the damage), reads every key, writes (and ``churn``
-new keys), reads back, scans ``items()``, deletes, runs ``check()`` (and, if
-asked, starts a daemon and runs one expiry sweep, one recovery pass and a
-snapshot), runs ``check()`` again, then
+anything could repair the damage), if asked starts a daemon (one recovery
+pass and one expiry sweep, before any writer rewrote a damaged record),
+reads what an operator reads (stats, admin views, the status page,
+Prometheus text), reads every key, writes (and ``churn`` new keys), reads back, scans
+``items()``, deletes, runs ``check()`` (and, if asked, starts a daemon
+again: a recovery pass, an expiry sweep and a snapshot), runs ``check()``
+again, then
 ``check(fix=True)`` and a last ``check()``, and prints one JSON line with what
 happened. A crash (SIGSEGV/SIGBUS) or a hang shows up in the parent as a dead
 or silent worker.
@@ -30,8 +33,50 @@ def _recoveries(c: Cache) -> list[int]:
     return [int(x) for x in c._table.stripes[:, L.S_RECOVERIES // 8]]
 
 
+def _inspect(c: Cache) -> None:
+    """What an operator runs on a cache that misbehaves: stats, the admin
+    views, ``shmcache ls``'s summary, the status page and Prometheus text."""
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    from shmcache.contrib.prometheus import ShmcacheCollector
+    from shmcache.contrib.status import render, status
+
+    c.stats()
+    admin.stripes(c)
+    admin.clients(c)
+    admin.counters(c)
+    admin.daemon_info(c)
+    admin.summarize(c.name)
+    render(status(c))
+    reg = CollectorRegistry()
+    reg.register(ShmcacheCollector(c))
+    generate_latest(reg)
+
+
+def _run_daemon(name: str, snapshot: bool) -> str:
+    """A daemon's start on this cache (attach, lock, a recovery pass, an
+    expiry sweep) and, with ``snapshot``, a snapshot: "ok" or the shmcache
+    error it refused with."""
+    from shmcache.daemon import Daemon
+
+    try:
+        with tempfile.TemporaryDirectory() as d:
+            dm = Daemon(name, snapshot=os.path.join(d, "s.snap"), restore=False)
+            try:
+                dm.recover_once()
+                dm.expiry.sweep_all()
+                if snapshot:
+                    dm.take_snapshot()
+            finally:
+                dm.close()
+        return "ok"
+    except Error as e:
+        return f"{type(e).__name__}: {e}"
+
+
 def trial(name: str, n_keys: int, with_daemon: bool, churn: int = 0) -> dict:
-    out = {"attach": "ok", "torn": [], "errors": [], "check_before": None, "check": None, "daemon": None}
+    out = {"attach": "ok", "torn": [], "errors": [], "check_before": None, "check": None, "daemon": None,
+           "daemon_first": None}
     try:
         c = Cache(name, create=False, lock_timeout=0.2, init_timeout=1.0)
     except Error as e:
@@ -43,9 +88,13 @@ def trial(name: str, n_keys: int, with_daemon: bool, churn: int = 0) -> dict:
         except Error as e:
             out["check_before"] = [f"{type(e).__name__}: {e}"]
         recoveries = _recoveries(c)
-        for step in ("read", "write", "churn", "read-back", "items", "delete", "check"):
+        if with_daemon:  # a daemon starting on the damaged cache, before any writer rewrote a record
+            out["daemon_first"] = _run_daemon(name, snapshot=False)
+        for step in ("inspect", "read", "write", "churn", "read-back", "items", "delete", "check"):
             try:
-                if step in ("read", "read-back"):
+                if step == "inspect":
+                    _inspect(c)
+                elif step in ("read", "read-back"):
                     for i in range(n_keys):
                         k = f"k{i}"
                         v = c.get(k)
@@ -79,20 +128,7 @@ def trial(name: str, n_keys: int, with_daemon: bool, churn: int = 0) -> dict:
             except Error as e:  # refused cleanly (LockTimeout, LayoutMismatch...): allowed
                 out["errors"].append(f"{step}: {type(e).__name__}: {e}")
         if with_daemon:
-            from shmcache.daemon import Daemon
-
-            try:
-                with tempfile.TemporaryDirectory() as d:
-                    dm = Daemon(name, snapshot=os.path.join(d, "s.snap"), restore=False)
-                    try:
-                        dm.expiry.sweep_all()
-                        dm.recover_once()
-                        dm.take_snapshot()
-                    finally:
-                        dm.close()
-                out["daemon"] = "ok"
-            except Error as e:
-                out["daemon"] = f"{type(e).__name__}: {e}"
+            out["daemon"] = _run_daemon(name, snapshot=True)
         # stripes the operations repaired: a lock recovery, or a write that
         # met damage ("... was repaired ...: retry the write")
         out["repaired"] = sorted(

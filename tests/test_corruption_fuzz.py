@@ -3,8 +3,9 @@
 Each trial builds a live cache (every third one with ``policy="noeviction"``,
 whose reclaim differs), corrupts one field (a header field, a stripe
 record field, an index slot field or access bit, a whole stripe's index
-slice filled so it has no empty slot, a field or key/value byte of an entry in the arena, or a
-u32 of a segment header), then a separate worker process
+slice filled so it has no empty slot, a field or key/value byte of an entry in the arena, a
+u32 of a segment header, or a field of a client record, live or left by a
+dead process), then a separate worker process
 (tests/corruption_worker.py) attaches, runs ``check()``, reads every key,
 writes (every fourth trial also enough new keys to reclaim every segment, so
 reclaim walks the damage), deletes, runs ``check()`` again, starts a daemon
@@ -36,8 +37,11 @@ detect -- the damage is a structural problem check must report before any
     test's own model of layout.SEG and layout.STRIPE).
 clean -- undetectable by design, so check must say nothing: the value is one
   a sound cache could hold or is never read:
-  - the owner record of a free lock (the next holder overwrites it), the
-    evictions and recoveries counters, an even seqlock version;
+  - the owner record of a free lock (the next holder overwrites it, and a
+    slot number outside the client table names no process), the evictions,
+    recoveries and lock-wait counters, an even seqlock version;
+  - a client record's fields (check reads none; a dead one's counters are
+    folded into the header's totals, which wrap like every u64 counter);
   - a slot's deadline (any number is a deadline); an empty slot's location;
     an access bit (a second-chance hint: any byte only changes what a reclaim
     keeps);
@@ -47,7 +51,7 @@ clean -- undetectable by design, so check must say nothing: the value is one
     every walk whole and every indexed entry on it (e.g. a lowered mirror:
     the larger end word wins); a free segment's header (rewritten when it is
     opened); the header page's dynamic part (generation, daemon fields,
-    counters: check reads none of them).
+    retired clients' counter totals, the snapshot path: check reads none of them).
 not asserted -- a static header field attach accepts (a setting the rest of
   the header is consistent with, e.g. mode or created) and segment header
   words after the first two (layout.SEG grows a field in issue 8; this test
@@ -101,7 +105,11 @@ STRUCTURE_FIELDS = _fields("tag", "expire")
 # are fuzzed apart (a ring whose fill is lowered makes the next write overwrite
 # live entries in the head segment; readers then miss them, as they compare
 # the key bytes the slot leads to).
-STRIPE_WORDS = [L.S_VERSION, L.S_OWNER, L.S_OWNER + 8, L.S_ITEMS, L.S_EVICTIONS, L.S_RECOVERIES]
+STRIPE_WORDS = [L.S_VERSION, L.S_OWNER, L.S_OWNER + 8, L.S_ITEMS, L.S_EVICTIONS, L.S_RECOVERIES,
+                L.S_LOCK_WAITS, L.S_LOCK_WAIT_NS, L.S_LOCK_WAIT_MAX_NS]
+#: Stripe words any value of which a sound cache could hold (counters, a free lock's owner record).
+STRIPE_HARMLESS = {L.S_OWNER, L.S_OWNER + 8, L.S_EVICTIONS, L.S_RECOVERIES,
+                   L.S_LOCK_WAITS, L.S_LOCK_WAIT_NS, L.S_LOCK_WAIT_MAX_NS}
 ALLOCATOR_WORDS = [L.S_LIVE, L.S_RING]
 # Where the entry is: readers follow it only within the stripe's arena and
 # only to an entry header whose key length and bytes match.
@@ -223,9 +231,30 @@ def _corrupt(c: Cache, rnd: random.Random, kinds, slot_fields,
             off = rnd.randrange(8, L.HEADER.size - 4, 4)
             what, _o, _n = _poke(mm, off, rnd.choice([4, 8]) if off % 8 == 0 else 4, rnd)
             return "header " + what, ANY
-        off = rnd.randrange(L.HEADER.size + 8 - L.HEADER.size % 8, 512, 8)
+        # generation, daemon and snapshot fields, the retired clients' counter
+        # totals, the start of the snapshot path text
+        off = rnd.randrange(L.HEADER.size + 8 - L.HEADER.size % 8, L.H_SNAPSHOT_PATH + 64, 8)
         what, _o, _n = _poke(mm, off, 8, rnd)
         return "header-dyn " + what, CLEAN
+    if kind == "client":
+        # A client record: the filling process's own (alive, detaching after
+        # the trial) or one a killed process left (its byte unlocked: reapers
+        # fold its counters into the header, recoverers read its markers).
+        rs = g.client_record_size
+        slot = c._state.client.slot
+        if rnd.random() < 0.5:
+            slot = next(i for i in range(g.max_clients) if i != slot
+                        and not struct.unpack_from("<I", mm, g.client_table_off + i * rs)[0])
+            L.CLIENT_HEAD.pack_into(mm, g.client_table_off + slot * rs, rnd.randrange(2, 2**22),
+                                    rnd.randrange(1, 2**32), 12345.0)
+        base = g.client_table_off + slot * rs
+        fields = [(L.C_PID, 4), (L.C_GEN, 4), (L.C_START, 8)] + \
+            [(L.C_COUNTERS + 8 * k, 8) for k in range(L.N_COUNTERS)] + \
+            [(L.C_MARKERS + x, 1) for x in range(g.n_stripes)]
+        foff, width = rnd.choice(fields)
+        what, _o, _n = _poke(mm, base + foff, width, rnd)
+        alive = "live" if slot == c._state.client.slot else "dead"
+        return f"client {slot} ({alive}) +{foff} " + what, CLEAN  # check reads no client record
     s = rnd.randrange(g.n_stripes)
     base = g.arena_off + s * g.stripe_arena
     locs = _live_locs(c, s)
@@ -233,7 +262,7 @@ def _corrupt(c: Cache, rnd: random.Random, kinds, slot_fields,
         word = rnd.choice(stripe_words)
         what, old, new = _poke(mm, g.stripe_table_off + s * L.STRIPE_SIZE + word, 8, rnd)
         what = f"stripe {s} " + what
-        if old == new or word in (L.S_OWNER, L.S_OWNER + 8, L.S_EVICTIONS, L.S_RECOVERIES):
+        if old == new or word in STRIPE_HARMLESS:
             return what, CLEAN
         if word == L.S_VERSION:
             return what, DETECT if new & 1 else CLEAN
@@ -430,9 +459,10 @@ def _fuzz(name: str, pure: bool, kinds, slot_fields, default_trials: int, stripe
 @pytest.mark.parametrize("pure", [False, True], ids=["c", "pure"])
 def test_corruption_fuzz_no_crash_no_hang_no_torn_value(cache_name, pure):
     """Rows 3-5 of issue 10: header fields, stripe records (counts, bump pointer,
-    seqlock version, owner), index structure and access bits, and a slice with
-    no empty slot."""
-    _fuzz(cache_name, pure, ["header", "stripe", "stripe", "slot", "slot", "full-slice", "ref"], STRUCTURE_FIELDS, 40)
+    seqlock version, owner, lock-wait counters), index structure and access
+    bits, a slice with no empty slot, and client records (live and dead)."""
+    _fuzz(cache_name, pure, ["header", "stripe", "stripe", "slot", "slot", "full-slice", "ref", "client"],
+          STRUCTURE_FIELDS, 40)
 
 
 @pytest.mark.parametrize("pure", [False, True], ids=["c", "pure"])
@@ -498,6 +528,45 @@ def _assert_reported_then_repaired(c: Cache, s: int) -> None:
     assert found and all(f"stripe {s}" in p for p in found), found
     admin.check(c, fix=True)
     assert c.check() == []
+
+
+@pytest.mark.parametrize("client", [2**32 - 1, 2**31 - 1, "max_clients"])
+def test_a_dead_holders_owner_record_naming_no_client_slot_is_recovered(small_cache, client):
+    """A stripe held by a dead process whose owner record names a slot past
+    the client table: recovery read that "client" past the table (struct.error
+    beyond the mapping: the daemon's recovery pass died) or inside the index.
+    A slot number outside the table names no process; the recoveries counter,
+    at its limit, wraps."""
+    c = small_cache
+    c.set_many({f"k{i}": i for i in range(100)})
+    mm, g = c._seg.mm, c._seg.geometry
+    s = 1
+    so = g.stripe_table_off + s * L.STRIPE_SIZE
+    assert c._seg.sems[s].acquire(0) is None  # the "dead holder": taken, never released
+    L.OWNER.pack_into(mm, so + L.S_OWNER, g.max_clients + 1 if client == "max_clients" else client, 7, 4242, 0)
+    L.U64.pack_into(mm, so + L.S_RECOVERIES, 2**64 - 1)
+    assert admin.recover_stripes(c) == [s]
+    assert L.U64.unpack_from(mm, so + L.S_RECOVERIES)[0] == 0
+    assert admin.lock_values(c) == [1] * 4 and c.check() == []
+    assert all(c[f"k{i}"] == i for i in range(100))
+
+
+def test_counters_at_their_limit_wrap_instead_of_failing_clear_and_detach(small_cache, cache_name):
+    """The header's retired-client totals and generation are u64s any writer
+    of the segment can set: at 2**64 - 1, clear() raised ValueError and every
+    detach (which folds the client's counters into the totals) struct.error."""
+    c = small_cache
+    c.set("k", b"v")
+    assert c.get("k") == b"v" and c.get("absent") is None
+    mm = c._seg.mm
+    for k in range(L.N_COUNTERS):
+        L.U64.pack_into(mm, L.H_RETIRED + 8 * k, 2**64 - 1)
+    L.U64.pack_into(mm, L.H_GENERATION, 2**64 - 1)
+    c.clear()
+    assert L.U64.unpack_from(mm, L.H_GENERATION)[0] == 0
+    c.close()
+    with Cache(cache_name) as again:
+        assert again.stats()["hits"] == 0 and again.check() == []  # 2**64 - 1 + 1 hit wrapped
 
 
 @pytest.mark.parametrize("where", ["value byte", "flags", "vlen - 1", "key byte"])

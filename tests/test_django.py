@@ -1289,3 +1289,54 @@ def test_readme_ttl_table_is_what_each_api_does(cache_name):
         core.close()
         shared_cache(cache_name).close()  # the Flask backend's handle (one per process and name)
         Cache.unlink(cache_name)
+
+
+class _Planted:
+    """Unpickling this runs ``touch marker``: proof that code ran."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_a_group_shared_cache_follows_the_pickle_trust_rule(cache_name, tmp_path):
+    # Issue 10: the backend pickles as Django does, but only where nobody else
+    # can write the segment; a group member's planted pickle never runs.
+    import fractions
+
+    from shmcache import PickleRefused
+
+    marker = tmp_path / "ran"
+    shared = ShmCache(cache_name, {"OPTIONS": {"size": "1MiB", "mode": 0o660}})
+    trusting = ShmCache(cache_name, {"OPTIONS": {"mode": 0o660, "allow_pickle": True}})
+    try:
+        shared.set("plain", {"a": [1, "two", b"3"], "b": (None, True)})
+        assert shared.get("plain") == {"a": [1, "two", b"3"], "b": (None, True)}
+        with pytest.raises(TypeError, match="does not trust pickle.*allow_pickle"):
+            shared.set("obj", fractions.Fraction(1, 3))
+        assert not shared.has_key("obj")
+        with Cache(cache_name, mode=0o660, allow_pickle=True) as member:  # what any group member can do
+            member.set(shared._key("planted"), _Planted(str(marker)))
+        for read in (lambda: shared.get("planted"), lambda: shared.get_many(["plain", "planted"])):
+            with pytest.raises(PickleRefused, match="allow_pickle=True"):
+                read()
+        trusting.set("frac", fractions.Fraction(2, 3))  # "allow_pickle": True trusts every writer
+        assert trusting.get("frac") == fractions.Fraction(2, 3)
+        with pytest.raises(PickleRefused):
+            shared.get("frac")
+        assert not marker.exists()
+    finally:
+        shared.raw.close()
+        trusting.raw.close()
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), -1.0, "never"])
+def test_a_bad_stampede_timeout_is_refused_at_construction(cache_name, value):
+    # It was float()-ed and only failed at the first get_or_set.
+    with pytest.raises(ImproperlyConfigured, match="stampede_timeout"):
+        ShmCache(cache_name, {"OPTIONS": {"size": "1MiB", "stampede_timeout": value}})
+    ok = ShmCache(cache_name, {"OPTIONS": {"size": "1MiB", "stampede_timeout": "2.5"}})
+    assert ok._stampede_timeout == 2.5
+    ok.raw.close()

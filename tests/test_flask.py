@@ -554,3 +554,42 @@ def test_backend_shared_by_processes(cache_name):
                 p.join(5)
         fc.cache._cache.close()
         Cache.unlink(cache_name)
+
+
+class _Planted:
+    """Unpickling this runs ``touch marker``: proof that code ran."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_a_group_shared_cache_follows_the_pickle_trust_rule(cache_name, tmp_path, clock):
+    # Issue 10: values are pickled only where nobody else can write the
+    # segment; a group member's planted pickle never runs.
+    import fractions
+
+    from shmcache import PickleRefused
+
+    marker = tmp_path / "ran"
+    shared = ShmCache(cache_name, size="1MiB", mode=0o660, clock=clock)
+    trusting = ShmCache(cache_name, mode=0o660, allow_pickle=True, clock=clock)
+    try:
+        shared.set("plain", [1, "two", {"x": b"3"}])
+        assert shared.get("plain") == [1, "two", {"x": b"3"}]
+        with pytest.raises(TypeError, match="does not trust pickle.*allow_pickle"):
+            shared.set("obj", fractions.Fraction(1, 3))
+        assert not shared.has("obj")
+        with Cache(cache_name, mode=0o660, allow_pickle=True) as member:  # what any group member can do
+            member.set(shared._key("planted"), _Planted(str(marker)))
+        for read in (lambda: shared.get("planted"), lambda: shared.get_many("plain", "planted")):
+            with pytest.raises(PickleRefused, match="allow_pickle=True"):
+                read()
+        trusting.set("frac", fractions.Fraction(2, 3))
+        assert trusting.get("frac") == fractions.Fraction(2, 3)
+        assert not marker.exists()
+    finally:
+        shared._cache.close()
+        trusting._cache.close()

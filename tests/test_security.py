@@ -15,12 +15,14 @@ import pwd
 import struct
 import subprocess
 import sys
+import time
 import uuid
 
 import posix_ipc
 import pytest
+from names import fresh_name
 
-from shmcache import Cache, PermissionDenied, PickleRefused, SettingsIgnored, UntrustedSegment
+from shmcache import Cache, LayoutMismatch, PermissionDenied, PickleRefused, SettingsIgnored, UntrustedSegment, admin
 from shmcache.daemon import Daemon
 
 SHM = "/dev/shm"
@@ -123,13 +125,19 @@ def test_row1_root_refuses_a_segment_squatted_by_another_user_and_runs_no_payloa
     assert os.stat(_seg_path(cache_name)).st_uid == uid  # never taken over, never re-initialized
 
 
+def _given_away(name: str, uid: int, gid: int) -> str:
+    """A 0600 cache holding k=b"v", then chowned (segment and semaphores) to
+    ``uid``: another user's private cache. Returns the segment's digest."""
+    with Cache(name, size="1MiB", mode=0o600) as c:
+        c["k"] = b"v"
+    for p in [_seg_path(name), *_sem_paths(name)]:
+        os.chown(p, uid, gid)
+    return _digest(_seg_path(name))
+
+
 def test_row1_creation_never_reuses_a_file_it_did_not_create(other_user, cache_name):
     user, uid, gid = other_user
-    with Cache(cache_name, size="1MiB", mode=0o600) as c:
-        c["k"] = b"v"
-    for p in [_seg_path(cache_name), *_sem_paths(cache_name)]:
-        os.chown(p, uid, gid)
-    before = _digest(_seg_path(cache_name))
+    before = _given_away(cache_name, uid, gid)
     with pytest.raises(UntrustedSegment, match="belongs to"):
         Cache(cache_name, size="2MiB")
     assert _digest(_seg_path(cache_name)) == before
@@ -166,6 +174,119 @@ def test_row1_symlink_and_fifo_in_place_of_a_segment_are_refused(cache_name, tmp
         assert target.read_bytes() == b"\0" * 4096
     finally:
         os.unlink(_seg_path(cache_name))
+    # A FIFO: refused from the open descriptor's fstat, in a subprocess in case an open blocks.
+    os.mkfifo(_seg_path(cache_name), 0o600)
+    try:
+        for create in (True, False):
+            r = subprocess.run([sys.executable, "-c", "import sys; from shmcache import Cache; "
+                                f"Cache(sys.argv[1], size='1MiB', create={create})", cache_name],
+                               capture_output=True, text=True, timeout=60)
+            assert r.returncode == 1 and "UntrustedSegment" in r.stderr and "not a regular file" in r.stderr, \
+                r.stderr[-500:]
+    finally:
+        os.unlink(_seg_path(cache_name))
+
+
+@pytest.mark.parametrize("owner, exc", [(-1, ValueError), ("no-such-user-shmcache", ValueError), (1.5, TypeError),
+                                        (True, TypeError), (b"root", TypeError)])
+def test_row1_a_bad_owner_is_refused_before_anything_is_opened(cache_name, owner, exc):
+    with pytest.raises(exc, match="owner"):
+        Cache(cache_name, size="1MiB", owner=owner)
+    assert not os.path.exists(_seg_path(cache_name))
+
+
+def _shmcache_as_root(*args):
+    return subprocess.run([sys.executable, "-m", "shmcache", *args], capture_output=True, text=True, timeout=60)
+
+
+@pytest.mark.timeout(180)
+def test_row1_the_cli_and_a_real_daemon_refuse_a_squat_unless_owner_is_given(other_user, cache_name, tmp_path):
+    user, uid, gid = other_user
+    before = _given_away(cache_name, uid, gid)
+    _planted_snapshot(fresh_name(), tmp_path / "p.snap", tmp_path / "payload-ran")
+    for args in (["get", "-n", cache_name, "k"], ["set", "-n", cache_name, "k", "x"], ["check", "-n", cache_name],
+                 ["restore", "-n", cache_name, str(tmp_path / "p.snap")],
+                 ["daemon", "-n", cache_name, "--snapshot", str(tmp_path / "d.snap")]):
+        r = _shmcache_as_root(*args)
+        assert r.returncode == 1 and f"belongs to {user} (uid {uid})" in r.stderr and "--owner" in r.stderr, \
+            (args, r.stderr)
+    assert _digest(_seg_path(cache_name)) == before  # nothing read, nothing written
+    assert not os.path.exists(tmp_path / "d.snap")
+    r = _shmcache_as_root("get", "-n", cache_name, "k", "--owner", user)
+    assert r.returncode == 0 and r.stdout.strip() == "b'v'", r.stderr
+    r = _shmcache_as_root("ls")
+    row = next(ln for ln in r.stdout.splitlines() if ln.startswith(cache_name))
+    assert "belongs to" in row
+    # A real daemon trusting the owner attaches, serves and stops on SIGTERM.
+    from test_daemon import DaemonProc
+
+    d = DaemonProc(cache_name, tmp_path / "d.log", ["--owner", str(uid), "--snapshot", str(tmp_path / "d.snap")])
+    try:
+        d.wait_ready(60)
+        assert d.stop() == 0
+    finally:
+        d.kill()
+    assert os.stat(tmp_path / "d.snap").st_uid == 0  # root's own snapshot of the cache it trusted
+
+
+def _planted_snapshot(name: str, path, marker) -> None:
+    """A valid snapshot whose one entry is a pickle that runs ``touch marker``."""
+    from shmcache.snapshot import write_snapshot
+
+    with Cache(name, size="1MiB", allow_pickle=True) as src:
+        src.set("k", Payload(str(marker)))
+        write_snapshot(src, str(path))
+    Cache.unlink(name)
+
+
+def test_a_snapshot_another_user_wrote_is_never_restored_into_a_private_cache(other_user, make_cache, cache_name,
+                                                                             tmp_path):
+    # Restored values read back as the cache's own: a snapshot file another
+    # user wrote (or could write) was loaded into root's 0600 cache, whose
+    # readers then unpickled what that user planted.
+    from shmcache.snapshot import restore_snapshot
+
+    user, uid, gid = other_user
+    marker, snap = tmp_path / "payload-ran", tmp_path / "planted.snap"
+    _planted_snapshot(cache_name + "-src", snap, marker)
+    os.chown(snap, uid, gid)
+    c = make_cache(size="1MiB")
+    c["keep"] = b"mine"
+    with pytest.raises(UntrustedSegment, match=rf"belongs to {user} \(uid {uid}\).*nothing was changed"):
+        restore_snapshot(c, snap)
+    r = subprocess.run([sys.executable, "-m", "shmcache", "restore", "-n", cache_name, str(snap)],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 1 and f"belongs to {user}" in r.stderr and "Traceback" not in r.stderr, r.stderr
+    assert dict(c.items()) == {"keep": b"mine"}
+    empty = fresh_name()
+    r = subprocess.run([sys.executable, "-m", "shmcache", "restore", "-n", empty, "--size", "1MiB", str(snap)],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 1 and f"belongs to {user}" in r.stderr, r.stderr
+    assert not os.path.exists(_seg_path(empty))  # the cache made for the refused file is gone again
+    # A daemon starting on an empty cache refuses the file and exits, loading nothing.
+    try:
+        r = subprocess.run([sys.executable, "-m", "shmcache", "daemon", "-n", empty, "--size", "1MiB",
+                            "--snapshot", str(snap)], capture_output=True, text=True, timeout=60)
+        assert r.returncode == 1 and f"belongs to {user}" in r.stderr, r.stderr
+        with Cache(empty, create=False) as e:
+            assert len(e) == 0
+    finally:
+        Cache.unlink(empty)
+    # Our own file, but writable by group or others: anyone of them may have written it.
+    os.chown(snap, 0, 0)
+    for loose, who in ((0o666, "group and others"), (0o620, "its group"), (0o602, "others")):
+        os.chmod(snap, loose)
+        with pytest.raises(UntrustedSegment, match=f"writable by {who}"):
+            restore_snapshot(c, snap)
+    assert dict(c.items()) == {"keep": b"mine"}
+    assert not marker.exists()
+    # Read bits do not matter; owner= extends the trust to that user's files.
+    os.chmod(snap, 0o644)
+    assert restore_snapshot(c, snap).loaded == 1 and "keep" not in c
+    os.chown(snap, uid, gid)
+    with Cache(cache_name, owner=user) as trusting:
+        assert restore_snapshot(trusting, snap, merge=True).loaded == 0  # trusted; "k" is already there
+    assert not marker.exists()  # nothing above read the value
 
 
 @pytest.mark.parametrize("mode", [-1, 0o7777, 0o4600, 0o400, 0o1000, 1.5, True, "0o600"])
@@ -242,6 +363,47 @@ def test_row2_a_0660_cache_shared_by_two_users_uses_the_safe_encoding(other_user
     assert not os.path.exists(marker)  # (the planted payload was never read with pickle allowed)
 
 
+@pytest.mark.parametrize("pure", [False, True], ids=["c", "pure"])
+def test_row2_a_cache_opened_to_a_group_after_attach_stops_unpickling(make_cache, cache_name, tmp_path, pure,
+                                                                       monkeypatch):
+    # Privacy was judged once, at open: after `chmod 660` a process attached
+    # before went on unpickling whatever the group's members wrote.
+    import shmcache.cache as cm
+
+    monkeypatch.setattr(cm, "USE_SPEEDUPS", cm.USE_SPEEDUPS and not pure)
+    c = make_cache(size="1MiB")
+    c["f"] = fractions.Fraction(1, 3)
+    c["plain"] = {"a": [1, (2, b"3")]}
+    assert c["f"] == fractions.Fraction(1, 3)
+    os.chmod(_seg_path(cache_name), 0o660)  # the owner opens it to the group
+    marker = tmp_path / "payload-ran"
+    # what any member can now do (the header still says 0o600: a chmod changes only the file)
+    with pytest.warns(SettingsIgnored), Cache(cache_name, mode=0o660, allow_pickle=True) as member:
+        member["planted"] = Payload(str(marker))
+    for k in ("planted", "f"):
+        with pytest.raises(PickleRefused, match="since it was opened"):
+            c[k]
+    assert c["plain"] == {"a": [1, (2, b"3")]}  # plain values still read
+    assert not marker.exists()
+    with Cache(cache_name, mode=0o660, allow_pickle=True) as trusting:  # saying so still works
+        assert trusting["f"] == fractions.Fraction(1, 3)
+
+
+def test_row2_the_near_caches_pickles_follow_a_later_chmod_too(make_cache, cache_name):
+    import pickle
+
+    from shmcache.near import TrustedPickle
+
+    c = make_cache(size="1MiB")
+    tp = TrustedPickle(admin.pickle_trust(c))  # what NearCache(serializer=pickle) and the adapters use
+    data = pickle.dumps(fractions.Fraction(1, 3))
+    assert tp.loads(data) == fractions.Fraction(1, 3)
+    os.chmod(_seg_path(cache_name), 0o660)
+    with pytest.raises(PickleRefused, match="since it was opened"):
+        tp.loads(data)
+    assert tp.loads(pickle.dumps([1, "two"])) == [1, "two"]
+
+
 def test_row2_allow_pickle_false_refuses_even_a_private_cache(make_cache, cache_name):
     c = make_cache(size="1MiB")
     c["f"] = fractions.Fraction(1, 3)
@@ -292,6 +454,96 @@ def test_row6_a_foreign_file_with_zero_first_bytes_is_not_overwritten(cache_name
         os.unlink(path)
 
 
+# -- rows 8 and 9: snapshot paths ----------------------------------------------------------
+def _shmcache(*args, timeout=60):
+    """The CLI in a subprocess; a regression that blocks shows up as TimeoutExpired, not a hung test."""
+    return subprocess.run([sys.executable, "-m", "shmcache", *args], capture_output=True, text=True,
+                          timeout=timeout)
+
+
+@pytest.mark.timeout(180)
+def test_row8_a_fifo_or_symlink_at_a_snapshot_path_is_refused_at_once(make_cache, cache_name, tmp_path):
+    # open() of a FIFO blocked forever: restore, check --snapshot, and a daemon
+    # at start (which then ignored SIGTERM).
+    c = make_cache(size="1MiB")
+    c["keep"] = b"v"
+    fifo = tmp_path / "fifo.snap"
+    os.mkfifo(fifo)
+    real = tmp_path / "real.snap"
+    from shmcache.snapshot import write_snapshot
+
+    write_snapshot(c, str(real))
+    link = tmp_path / "link.snap"
+    os.symlink(real, link)
+    for path, why in ((fifo, "not a regular file"), (link, "symbolic link")):
+        for args in (("restore", "-n", cache_name, str(path)), ("check", "--snapshot", str(path))):
+            r = _shmcache(*args, timeout=30)
+            assert r.returncode == 1 and why in r.stderr and "Traceback" not in r.stderr, (args, r.stderr)
+        daemon_of = fresh_name()
+        try:
+            r = _shmcache("daemon", "-n", daemon_of, "--size", "1MiB", "--snapshot", str(path), timeout=30)
+            assert r.returncode == 1 and why in r.stderr, r.stderr
+            assert not os.path.exists(_seg_path(daemon_of))  # refused before creating anything
+        finally:
+            Cache.unlink(daemon_of)
+    # the daemon's lock file beside the snapshot gets the same treatment
+    os.mkfifo(str(real) + ".lock")
+    daemon_of = fresh_name()
+    try:
+        r = _shmcache("daemon", "-n", daemon_of, "--size", "1MiB", "--snapshot", str(real), timeout=30)
+        assert r.returncode == 1 and f"{real}.lock is not a regular file" in r.stderr, r.stderr
+    finally:
+        Cache.unlink(daemon_of)
+    assert dict(c.items()) == {"keep": b"v"}
+
+
+@pytest.mark.timeout(240)
+def test_row9_rm_force_stops_the_daemon_and_one_daemon_writes_a_snapshot_file(cache_name, tmp_path):
+    # `rm --force` removed the cache and left its daemon running: it and the
+    # next cache's daemon both wrote the snapshot file, so after a restart
+    # deleted keys came back and newer ones were lost.
+    from test_daemon import DaemonProc
+
+    from shmcache.snapshot import verify_snapshot
+
+    snap = tmp_path / "s.snap"
+    args = ["--size", "1MiB", "--snapshot", str(snap), "--snapshot-every", "0"]
+    other = fresh_name()
+    daemons = []
+
+    def start(tag):
+        daemons.append(DaemonProc(cache_name, tmp_path / f"{tag}.log", args).wait_ready(60))
+        return daemons[-1]
+
+    try:
+        d1 = start("d1")
+        with Cache(cache_name, create=False) as c:
+            c.set_many({"old": 1, "deleted-later": 2})
+        r = _shmcache("rm", "-n", cache_name, "--force", "--timeout", "60", timeout=90)
+        assert r.returncode == 0 and f"stopped daemon pid {d1.pid}" in r.stdout, (r.stdout, r.stderr)
+        assert d1.proc.wait(10) == 0  # stopped, after its final snapshot
+        assert not os.path.exists(_seg_path(cache_name)) and verify_snapshot(str(snap)).entries == 2
+        d2 = start("d2")  # the new cache's daemon loads that snapshot
+        with Cache(cache_name, create=False) as c:
+            assert c["old"] == 1
+            c.delete("deleted-later")
+            c["newer"] = 3
+        # A daemon of another cache given the same file is refused while d2 writes it.
+        r = _shmcache("daemon", "-n", other, "--size", "1MiB", "--snapshot", str(snap), timeout=30)
+        assert r.returncode == 1 and f"written by another daemon (pid {d2.pid}" in r.stderr, r.stderr
+        assert not os.path.exists(_seg_path(other))  # refused before creating its cache
+        assert d2.stop() == 0
+        r = _shmcache("rm", "-n", cache_name, timeout=30)
+        assert r.returncode == 0, r.stderr
+        start("d3")
+        with Cache(cache_name, create=False) as c:
+            assert dict(c.items()) == {"old": 1, "newer": 3}  # nothing deleted came back, nothing newer lost
+    finally:
+        for d in daemons:
+            d.kill()
+        Cache.unlink(other)
+
+
 # -- row 10/11/12: operations that cannot lose data, time that cannot stall --------------------
 def test_row11_pop_of_an_undecodable_value_keeps_the_key(make_cache, cache_name):
     import json
@@ -329,6 +581,52 @@ def test_row12_daemon_cli_refuses_nan_interval(cache_name):
                        capture_output=True, text=True, timeout=60)
     assert r.returncode == 1 and "recover_every" in r.stderr
     assert not os.path.exists(_seg_path(cache_name))
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("value", ["nan", "inf", "-1", "1e300", "soon"])
+def test_row12_every_cli_wait_is_finite_and_bounded(cache_name, value, capsys):
+    # `wait --timeout nan` never returned (no deadline compares true with NaN);
+    # so did `snapshot` and `rm --force` on a daemon that did not answer.
+    from shmcache.cli import main
+
+    for args in (["wait", "--timeout", value], ["snapshot", "--timeout", value],
+                 ["rm", "--force", "--timeout", value], ["top", "--interval", value]):
+        with pytest.raises(SystemExit) as ei:
+            main([args[0], "-n", cache_name, *args[1:]])
+        err = capsys.readouterr().err
+        assert ei.value.code == 1 and f"{args[-2]}: {value!r} is not a number of seconds" in err, err
+    assert main(["wait", "-n", cache_name, "--timeout", "0"]) == 1  # 0: look once, no daemon: exit 1
+    assert "after 0 s" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), -1.0, 1e300, "1"])
+def test_row12_wait_ready_and_key_lock_timeouts_are_checked_where_given(make_cache, cache_name, value):
+    from shmcache.contrib import KeyLock
+    from shmcache.daemon import wait_ready
+
+    c = make_cache(size="1MiB")
+    with pytest.raises((ValueError, TypeError), match="timeout"):
+        wait_ready(cache_name, value)
+    for kw in ("timeout", "sleep", "blocking_timeout"):
+        with pytest.raises((ValueError, TypeError), match=kw):
+            KeyLock(c, "job", **{kw: value})
+    with pytest.raises((ValueError, TypeError), match="timeout"):
+        c.memoize(timeout=value)  # at decoration, not at every call
+    lock = KeyLock(c, "job", timeout=30, sleep=0.01)
+    assert lock.acquire()
+    with pytest.raises((ValueError, TypeError), match="blocking_timeout"):
+        KeyLock(c, "job").acquire(blocking_timeout=value)  # NaN: polled forever
+    lock.release()
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), -1.0, "never"])
+def test_row12_framework_stampede_timeouts_are_checked_at_construction(cache_name, value):
+    from shmcache.contrib.flask import ShmCache as FlaskShmCache
+
+    with pytest.raises((ValueError, TypeError), match="timeout"):
+        FlaskShmCache(cache_name, size="1MiB", stampede_timeout=value)
+    assert FlaskShmCache(cache_name, size="1MiB", stampede_timeout="2.5").stampede_timeout == 2.5
 
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])
@@ -478,6 +776,33 @@ def test_row4_a_stripe_index_with_no_empty_slot_never_hangs(make_cache, cache_na
                        timeout=120, env=env)
     assert r.returncode == 0, r.stderr[-2000:]
     assert "check-after 0" in r.stdout  # the first write or check repaired every slice
+    assert c.check() == []
+
+
+@pytest.mark.timeout(120)
+def test_row4_a_real_daemon_started_on_full_slices_serves_and_stops_on_sigterm(make_cache, cache_name, tmp_path):
+    # The daemon used to hang in recovery's probe loop and ignore SIGTERM.
+    from test_daemon import DaemonProc
+
+    c = make_cache(size="2MiB", stripes=4, max_items=800)
+    c.set_many({f"k{i}": i for i in range(200)})
+    for s in range(4):
+        _fill_slice(c, s)
+    d = DaemonProc(cache_name, tmp_path / "d.log", ["--recover-every", "0.05", "--expire-every", "0.05",
+                                                    "--snapshot", str(tmp_path / "s.snap")])
+    try:
+        d.wait_ready(60)
+        try:  # a writer meanwhile: the first write to a damaged stripe repairs it and says so
+            c.set("after", b"the daemon started")
+        except LayoutMismatch as e:
+            assert "retry the write" in str(e)
+            c.set("after", b"the daemon started")
+        time.sleep(0.3)  # a few recovery and expiry passes over the damage
+        assert d.stop() == 0, d.log()  # raises if SIGTERM is ignored for 20 s
+    finally:
+        d.kill()
+    assert c["after"] == b"the daemon started" and all(c.get(f"k{i}") in (None, i) for i in range(200))
+    admin.check(c, fix=True)
     assert c.check() == []
 
 

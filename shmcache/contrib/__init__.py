@@ -16,7 +16,7 @@ import time
 import weakref
 
 from .. import admin
-from ..cache import Cache
+from ..cache import MAX_WAIT, Cache, check_seconds
 from ..errors import Error
 
 __all__ = [
@@ -157,6 +157,27 @@ def cache_from_env(environ=None) -> Cache:
     return shared_cache(settings.pop("name"), **settings)
 
 
+#: The longest KeyLock timeout or blocking_timeout (seconds; about 11.6 days,
+#: as the daemon's intervals): bounded so no deadline or sleep overflows.
+MAX_LOCK_SECONDS = 1e6
+
+
+def _number(value, label: str):
+    """A setting that may come as text (from the environment or an ini file)
+    as a float; anything else unchanged, for the caller's own checks."""
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            raise ValueError(f"{label} must be a number of seconds, got {value!r}") from None
+    return value
+
+
+def _blocking_timeout(value) -> float | None:
+    return None if value is None else check_seconds("blocking_timeout", value, maximum=MAX_LOCK_SECONDS,
+                                                    zero_ok=True)
+
+
 class KeyLock:
     """A lock shared by every process, held as a cache entry (the shape of
     redis-py's ``Lock``): ``acquire()`` stores a random token with ``add``
@@ -164,6 +185,10 @@ class KeyLock:
     ``timeout`` (seconds, None = until released) bounds how long a crashed
     holder keeps it; a waiter polls every ``sleep`` seconds, at most
     ``blocking_timeout`` seconds (None = forever).
+
+    Raises (at construction):
+        ValueError / TypeError: a timeout, sleep or blocking_timeout that is
+            not a finite number of seconds in range (NaN, inf, negative).
 
     Raises (from :meth:`release`):
         LockError: the lock is not held by this object (never acquired,
@@ -174,16 +199,22 @@ class KeyLock:
                  blocking: bool = True, blocking_timeout: float | None = None) -> None:
         self.cache = cache
         self.key = key
-        self.timeout = timeout
-        self.sleep = sleep
+        # Checked here, not at the first acquire: a NaN blocking_timeout made
+        # acquire() poll forever, a NaN or negative sleep raised mid-wait.
+        self.timeout = None if timeout is None else check_seconds("timeout", timeout, maximum=MAX_LOCK_SECONDS)
+        self.sleep = check_seconds("sleep", sleep, maximum=MAX_WAIT)
         self.blocking = blocking
-        self.blocking_timeout = blocking_timeout
+        self.blocking_timeout = _blocking_timeout(blocking_timeout)
         self.token: bytes | None = None
 
     def acquire(self, blocking: bool | None = None, blocking_timeout: float | None = None) -> bool:
-        """Take the lock; False if it could not within ``blocking_timeout``."""
+        """Take the lock; False if it could not within ``blocking_timeout``.
+
+        Raises:
+            ValueError / TypeError: a bad ``blocking_timeout``.
+        """
         blocking = self.blocking if blocking is None else blocking
-        wait = self.blocking_timeout if blocking_timeout is None else blocking_timeout
+        wait = self.blocking_timeout if blocking_timeout is None else _blocking_timeout(blocking_timeout)
         token = os.urandom(16)
         deadline = None if wait is None else time.monotonic() + wait
         while True:

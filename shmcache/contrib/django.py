@@ -89,7 +89,7 @@ from django.core.exceptions import ImproperlyConfigured
 from .. import admin, stampede
 from ..cache import Cache
 from ..errors import ValueTooLarge
-from . import CACHE_OPTIONS, KeyLock, fit_key, lru_keys, max_key_size, shared_cache, stored_items
+from . import CACHE_OPTIONS, KeyLock, _number, fit_key, lru_keys, max_key_size, shared_cache, stored_items
 
 logger = logging.getLogger("shmcache.contrib.django")
 
@@ -134,7 +134,10 @@ class ShmCache(BaseCache):
                 f"ShmCache: unknown OPTIONS {sorted(unknown)}; known: "
                 f"{sorted(CACHE_OPTIONS | _OWN_OPTIONS)}"
             )
-        self._stampede_timeout = float(options.pop("stampede_timeout", stampede.DEFAULT_TIMEOUT))
+        try:  # checked now: a NaN or inf only failed at the first get_or_set
+            self._stampede_timeout = stampede.check_timeout(_number(options.pop("stampede_timeout", stampede.DEFAULT_TIMEOUT), "stampede_timeout"))
+        except (TypeError, ValueError) as e:
+            raise ImproperlyConfigured(f"ShmCache: OPTIONS stampede_timeout: {e}") from e
         for k in _OWN_OPTIONS:
             options.pop(k, None)
         self._name = location or "django"
