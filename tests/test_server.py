@@ -16,7 +16,7 @@ redis = pytest.importorskip("redis", reason="make test installs redis-py (the 's
 pytest.importorskip("hiredis", reason="shmcache serve needs hiredis: pip install 'shmcache[server]'")
 
 from names import fresh_name  # noqa: E402
-from resp_server import ServeProcess, worker_pids  # noqa: E402
+from resp_server import LOOPS, ServeProcess, worker_pids  # noqa: E402
 from shmcache import Cache  # noqa: E402
 from shmcache.server import ServerError, check_bind, read_password  # noqa: E402
 
@@ -32,11 +32,14 @@ def client(port=None, **kw):
     return redis.Redis(port=port, retry=Retry(NoBackoff(), 0), **kw)
 
 
-@pytest.fixture(scope="module")
-def served():
-    """One server for the module: (ServeProcess, Cache attached to the same segment)."""
+@pytest.fixture(scope="module", params=LOOPS)
+def served(request):
+    """One server per loop for the module: (ServeProcess, Cache attached to
+    the same segment). Every test on it runs against the workers' epoll loop
+    and against ``Server.start()`` in asyncio: the two drive the same
+    Connection code through different transports."""
     name = fresh_name("resp")
-    srv = ServeProcess(name)
+    srv = ServeProcess(name, loop=request.param)
     cache = Cache(name, create=False)
     try:
         yield srv, cache
@@ -500,9 +503,10 @@ def test_negative_multibulk_is_ignored(server):
     assert raw(srv.port, b"*-10\r\n*1\r\n$4\r\nPING\r\n") == b"+PONG\r\n"
 
 
-def test_query_buffer_limit(tmp_path):
+@pytest.mark.parametrize("loop", LOOPS)
+def test_query_buffer_limit(loop):
     name = fresh_name("resp")
-    srv = ServeProcess(name, "--max-query-buffer", "100000", "--max-bulk-len", "1000000")
+    srv = ServeProcess(name, "--max-query-buffer", "100000", "--max-bulk-len", "1000000", loop=loop)
     try:
         s = socket.create_connection(("127.0.0.1", srv.port), timeout=5)
         s.sendall(b"*3\r\n$3\r\nSET\r\n$1\r\nk\r\n$900000\r\n")
@@ -521,10 +525,11 @@ def test_query_buffer_limit(tmp_path):
         Cache.unlink(name)
 
 
+@pytest.mark.parametrize("loop", LOOPS)
 @pytest.mark.parametrize("set_by", ["option", "config-set"])
-def test_max_clients(tmp_path, set_by):
+def test_max_clients(set_by, loop):
     name = fresh_name("resp")
-    srv = ServeProcess(name, *(["--max-clients", "2"] if set_by == "option" else []))
+    srv = ServeProcess(name, *(["--max-clients", "2"] if set_by == "option" else []), loop=loop)
     try:
         a = client(port=srv.port)
         if set_by == "config-set":
@@ -541,13 +546,14 @@ def test_max_clients(tmp_path, set_by):
 
 
 # ----------------------------------------------------------- safe defaults
-def test_auth_and_unix_socket_mode(tmp_path):
+@pytest.mark.parametrize("loop", LOOPS)
+def test_auth_and_unix_socket_mode(tmp_path, loop):
     name = fresh_name("resp")
     pwfile = tmp_path / "pw"
     pwfile.write_text("s3cret\n")
     pwfile.chmod(0o600)
     sock = str(tmp_path / "s.sock")
-    srv = ServeProcess(name, "--requirepass-file", str(pwfile), unix=sock)
+    srv = ServeProcess(name, "--requirepass-file", str(pwfile), unix=sock, loop=loop)
     try:
         assert stat.S_IMODE(os.stat(sock).st_mode) == 0o600
         noauth = client(port=srv.port, protocol=2)
@@ -935,13 +941,14 @@ def test_info_keyspace_counts_expires_and_avg_ttl(r, server):
     assert 190_000 < db0["avg_ttl"] <= 200_000
 
 
-def test_regression_replies_to_one_read_are_bounded_by_max_output_buffer():
+@pytest.mark.parametrize("loop", LOOPS)
+def test_regression_replies_to_one_read_are_bounded_by_max_output_buffer(loop):
     """270 bytes of pipelined GETs asked for 3 MB of replies (a 64 KiB read
     of them, for gigabytes): all were built in memory before any limit was
     looked at. Now a read whose replies pass --max-output-buffer closes the
     client, as Redis closes a client over its output limit."""
     name = fresh_name("resp")
-    srv = ServeProcess(name, "--max-output-buffer", "1000000")
+    srv = ServeProcess(name, "--max-output-buffer", "1000000", loop=loop)
     try:
         with Cache(name, create=False) as cache:
             cache["big"] = b"x" * 60_000  # the most one 64 KiB arena segment holds, about

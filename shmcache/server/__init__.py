@@ -197,6 +197,7 @@ class Server:
         self.rejected = 0
         self.started = time.time()
         self._servers: list = []
+        self._unix_made = None  # (path, inode) of the unix socket this server bound
 
     async def start(self) -> "Server":
         """Listen (TCP and/or unix socket). Returns self; ``self.port`` is the real port.
@@ -223,7 +224,10 @@ class Server:
         """
         from .eventloop import run_until_signal
 
-        run_until_signal(self, self._listening_sockets())
+        try:
+            run_until_signal(self, self._listening_sockets())
+        finally:
+            self._remove_unix_socket()
 
     def _listening_sockets(self) -> list:
         """The TCP and unix sockets to accept on (given, or bound now);
@@ -239,17 +243,33 @@ class Server:
         if self._unix_sock is not None:
             socks.append(self._unix_sock)
         elif self.unix:
-            socks.append(listen_unix(self.unix, self.unix_mode))
+            sock = listen_unix(self.unix, self.unix_mode)
+            socks.append(sock)
+            self._unix_made = (self.unix, os.stat(self.unix).st_ino)
         return socks
+
+    def _remove_unix_socket(self) -> None:
+        """Unlink the socket file this server created (one given to it, as
+        ``serve()``'s workers are, is its creator's), unless something else
+        has replaced it since."""
+        made, self._unix_made = self._unix_made, None
+        if made is not None:
+            try:
+                if os.stat(made[0]).st_ino == made[1]:
+                    os.unlink(made[0])
+            except OSError:
+                pass
 
     async def serve_forever(self) -> None:
         await asyncio.gather(*(s.serve_forever() for s in self._servers))
 
     def close(self) -> None:
-        """Stop listening and drop every client. Idempotent."""
+        """Stop listening (removing the unix socket file it created) and drop
+        every client. Idempotent."""
         for s in self._servers:
             s.close()
         self._servers = []
+        self._remove_unix_socket()
         for c in list(self.connections.values()):
             c.kill()
 
