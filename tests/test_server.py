@@ -2,6 +2,7 @@
 against a real server process, sharing the keyspace with Python's Cache."""
 
 import os
+import re
 import shutil
 import socket
 import stat
@@ -649,6 +650,86 @@ def test_redis_cli(server):
                            capture_output=True, timeout=30)
     assert b"errors: 0, replies: 2" in piped.stdout
     assert cache["a"] == b"1" and cache["b"] == b"2"
+
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+
+def test_every_command_has_docs_that_render_back_to_its_syntax():
+    """COMMAND DOCS covers every command served; each syntax line parses into
+    Redis' argument maps and renders back the same (redis-cli's rendering)."""
+    import shmcache.server.connection  # noqa: F401 - registers the connection commands
+    from shmcache.server import docs
+    from shmcache.server.commands import COMMANDS
+
+    assert set(docs.SYNTAX) == {c.name for c in COMMANDS.values()}
+    lines = [syntax for _since, syntax in docs.SYNTAX.values() if syntax is not None]
+    lines += [sub[1] for subs in docs.SUBCOMMANDS.values() for sub in subs.values()]
+    for syntax in lines:
+        assert docs.render(docs.parse(syntax)) == syntax
+    assert docs.parse("key [key ...]") == [{"name": "key", "type": "key", "flags": ["multiple"]}]
+    assert docs.parse("[NX|XX]") == [{"name": "choice", "type": "oneof", "flags": ["optional"], "arguments": [
+        {"name": "nx", "type": "pure-token", "token": "NX"}, {"name": "xx", "type": "pure-token", "token": "XX"}]}]
+    for bad in ("[a", "a]", "a ...", "[...]"):
+        with pytest.raises(ValueError):
+            docs.parse(bad)
+
+
+@pytest.mark.skipif(REDIS_CLI is None, reason="redis-cli not installed (make test installs redis-tools)")
+@pytest.mark.parametrize("resp", ["2", "3"])
+def test_redis_cli_help_shows_each_commands_syntax_from_command_docs(server, resp):
+    """redis-cli builds `help` and its hints from COMMAND DOCS when the
+    server answers it (its own table only otherwise): arguments documented
+    as empty showed nothing."""
+    srv, _ = server
+
+    def helps(*topic):
+        out = subprocess.run([REDIS_CLI, "-p", str(srv.port), f"-{resp}", "help", *topic], capture_output=True,
+                             timeout=30, check=True).stdout.decode()
+        return " ".join(_ANSI.sub("", out).split())
+
+    assert "SET key value [NX|XX] [GET] [EX seconds|PX milliseconds|EXAT unix-time-seconds|" \
+           "PXAT unix-time-milliseconds|KEEPTTL] summary: Sets the string value of a key" in helps("SET")
+    assert "since: 1.0.0" in helps("SET") and "since: 7.0.0" in helps("LCS")
+    assert "MSET key value [key value ...]" in helps("MSET")
+    assert "BITCOUNT key [start end [BYTE|BIT]]" in helps("BITCOUNT")
+    assert "CLIENT SETNAME connection-name" in helps("CLIENT", "SETNAME")
+    assert "EXPIRE key seconds [NX|XX|GT|LT]" in helps("@generic")
+
+
+@pytest.mark.skipif(REDIS_CLI is None or shutil.which("tmux") is None,
+                    reason="redis-cli or tmux not installed (make test installs both)")
+def test_redis_cli_hints_as_you_type(server, tmp_path):
+    """Interactive redis-cli in a real terminal: after "SET greeting " it
+    hints the arguments still to type, as it does against Redis."""
+    srv, _ = server
+    sock = f"shmcache-test-{os.getpid()}-{time.monotonic_ns()}"
+
+    def tmux(*args):
+        return subprocess.run(["tmux", "-L", sock, *args], capture_output=True, text=True, timeout=30)
+
+    try:
+        cmd = f"env REDISCLI_HISTFILE=/dev/null {REDIS_CLI} -p {srv.port}"
+        assert tmux("new-session", "-d", "-s", "cli", "-x", "220", "-y", "10", cmd).returncode == 0
+        deadline = time.monotonic() + 20
+        while f"127.0.0.1:{srv.port}>" not in tmux("capture-pane", "-p", "-t", "cli").stdout:
+            assert time.monotonic() < deadline, "no redis-cli prompt"
+            time.sleep(0.1)
+        for typed, hint in (("SET greeting ", "value [NX|XX] [GET] [EX seconds|"),
+                            ("CLIENT SETNAME ", "connection-name"), ("GETEX k ", "[EX seconds|PX milliseconds|")):
+            tmux("send-keys", "-t", "cli", "-l", typed)
+            deadline = time.monotonic() + 20
+            while True:
+                pane = tmux("capture-pane", "-p", "-t", "cli").stdout
+                if typed + hint in pane:
+                    break
+                assert time.monotonic() < deadline, pane
+                time.sleep(0.1)
+            tmux("send-keys", "-t", "cli", "C-u")
+        tmux("send-keys", "-t", "cli", "-l", "quit")
+        tmux("send-keys", "-t", "cli", "Enter")
+    finally:
+        tmux("kill-server")  # our private server only (-L)
 
 
 # ------------------------------------------------- daemon --serve, gunicorn

@@ -24,6 +24,7 @@ except ImportError:  # no `server` extra: Server() and serve() refuse with how t
 from .. import admin
 from . import commands as C
 from .commands import COMMANDS, CommandError, OK, array, bulk, bulk_array, error, integer, mapping
+from .docs import command_docs
 
 log = logging.getLogger("shmcache.server")
 
@@ -813,9 +814,7 @@ def c_command(conn, args):
             c = COMMANDS.get(n)
             if c is None:
                 continue
-            pairs.append((bulk(n), mapping(conn, [
-                (bulk(b"summary"), bulk(c.summary.encode())), (bulk(b"since"), bulk(b"1.0.0")),
-                (bulk(b"group"), bulk(c.group.encode())), (bulk(b"arguments"), b"*0\r\n")])))
+            pairs.append((bulk(n), command_docs(conn, c)))
         return mapping(conn, pairs)
     if sub == b"GETKEYS" and len(args) >= 4:
         c = COMMANDS.get(args[2].lower())
