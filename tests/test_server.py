@@ -92,6 +92,50 @@ def raw(port: int, data: bytes | list, wait: float = 0.3) -> bytes:
         s.close()
 
 
+def frame(*args) -> bytes:
+    """One RESP request."""
+    args = [a if isinstance(a, bytes) else str(a).encode() for a in args]
+    return b"*%d\r\n" % len(args) + b"".join(b"$%d\r\n%s\r\n" % (len(a), a) for a in args)
+
+
+class Conversation:
+    """A raw connection that sends one command and reads its one reply
+    (parsed by hiredis: errors come back as ``hiredis.ReplyError`` values),
+    so a test sees exactly what the server answered, RESP2 or RESP3,
+    whatever state (MULTI, RESET, QUIT) the connection is in."""
+
+    def __init__(self, port: int | None = None, unix: str | None = None):
+        import hiredis
+
+        self.s = socket.socket(socket.AF_UNIX) if unix else socket.socket()
+        self.s.settimeout(10)
+        self.s.connect(unix or ("127.0.0.1", port))
+        self.reader = hiredis.Reader()
+
+    def __call__(self, *args):
+        self.s.sendall(frame(*args))
+        return self.reply()
+
+    def reply(self):
+        while True:
+            r = self.reader.gets()
+            if r is not False:
+                return r
+            data = self.s.recv(65536)
+            if not data:
+                raise ConnectionError("closed by the server")
+            self.reader.feed(data)
+
+    def close(self) -> None:
+        self.s.close()
+
+
+def is_error(reply, text: str) -> bool:
+    import hiredis
+
+    return isinstance(reply, hiredis.ReplyError) and str(reply).startswith(text)
+
+
 def closed_by_server(s: socket.socket) -> bool:
     s.settimeout(5)
     try:
@@ -316,6 +360,8 @@ def test_keyspace_commands(r, server):
     assert r.randomkey() in {b"moved", b"copied", b"taken"}
     r.flushdb()
     assert r.dbsize() == 0 and r.randomkey() is None
+    cache["from-python"] = 1
+    assert r.flushall() and len(cache) == 0 and r.dbsize() == 0
 
 
 def test_expire_options(r):
@@ -453,6 +499,143 @@ def test_multi_exec_many_keys_and_errors(r):
         r.connection_pool.release(c)
 
 
+def test_discard_and_unwatch(server):
+    """DISCARD drops the queue and what was watched; UNWATCH forgets the
+    watched keys, so a later change of them no longer aborts EXEC."""
+    _, cache = server
+    c = Conversation(server[0].port)
+    try:
+        assert c("SET", "d", "1") == b"OK"
+        assert c("MULTI") == b"OK" and c("SET", "d", "2") == b"QUEUED" and c("INCR", "d") == b"QUEUED"
+        assert c("DISCARD") == b"OK"
+        assert c("GET", "d") == b"1" and cache["d"] == b"1"
+        assert is_error(c("DISCARD"), "ERR DISCARD without MULTI")
+        for forget in (("UNWATCH",), ("MULTI",)):  # MULTI then DISCARD below
+            assert c("WATCH", "d") == b"OK"
+            assert c(*forget) == b"OK"
+            if forget == ("MULTI",):
+                assert c("DISCARD") == b"OK"
+            cache["d"] = b"changed by python"
+            assert c("MULTI") == b"OK" and c("APPEND", "d", "!") == b"QUEUED"
+            assert c("EXEC") == [len("changed by python!")]
+        assert cache["d"] == b"changed by python!"
+        assert c("WATCH", "d") == b"OK"  # and still watching aborts
+        cache["d"] = b"again"
+        assert c("MULTI") == b"OK" and c("SET", "d", "lost") == b"QUEUED" and c("EXEC") is None
+        assert cache["d"] == b"again"
+    finally:
+        c.close()
+
+
+def test_reset_leaves_multi_watch_name_and_resp3(server):
+    _, cache = server
+    c = Conversation(server[0].port)
+    try:
+        assert c("HELLO", "3")[b"proto"] == 3
+        assert c("CLIENT", "SETNAME", "before-reset") == b"OK"
+        assert c("WATCH", "rk") == b"OK"
+        assert c("MULTI") == b"OK" and c("SET", "rk", "queued") == b"QUEUED"
+        assert c("RESET") == b"RESET"
+        assert "rk" not in cache  # the queue was dropped, not run
+        cache["rk"] = b"changed"  # no longer watched: the next EXEC runs
+        assert c("MULTI") == b"OK" and c("SET", "rk", "mine") == b"QUEUED" and c("EXEC") == [b"OK"]
+        assert cache["rk"] == b"mine"
+        assert c("CLIENT", "GETNAME") is None
+        hello = c("HELLO")
+        assert isinstance(hello, list) and hello[hello.index(b"proto") + 1] == 2  # RESP2 again: a flat array
+    finally:
+        c.close()
+
+
+def test_quit_replies_ok_then_closes(server):
+    c = Conversation(server[0].port)
+    try:
+        assert c("QUIT") == b"OK"
+        assert closed_by_server(c.s)
+    finally:
+        c.close()
+
+
+def test_client_info_and_setinfo(r, server):
+    """redis-py names itself with CLIENT SETINFO on connect; a value with a
+    space or newline is refused (it would forge fields or whole lines of
+    CLIENT LIST), for LIB-VER as for LIB-NAME, as Redis 7.2 does."""
+    info = r.client_info()
+    assert info["lib-name"] == "redis-py" and info["lib-ver"] == redis.__version__
+    assert int(info["id"]) == r.client_id() and int(info["resp"]) == r.get_connection_kwargs()["protocol"]
+    c = Conversation(server[0].port)
+    try:
+        assert c("CLIENT", "SETNAME", "raw") == b"OK"
+        assert c("CLIENT", "SETINFO", "lib-name", "mylib") == b"OK"
+        assert c("CLIENT", "SETINFO", "LIB-VER", "1.2.3") == b"OK"
+        line = c("CLIENT", "INFO")
+        assert line.endswith(b"\n") and line.count(b"\n") == 1
+        fields = dict(kv.split(b"=", 1) for kv in line.split())
+        assert fields[b"name"] == b"raw" and fields[b"lib-name"] == b"mylib" and fields[b"lib-ver"] == b"1.2.3"
+        assert int(fields[b"id"]) == c("CLIENT", "ID")
+        for attr, bad in (("LIB-VER", "1 name=forged"), ("LIB-VER", "1\nid=1 name=fake"), ("lib-name", "a b")):
+            assert is_error(c("CLIENT", "SETINFO", attr, bad), f"ERR {attr} cannot contain spaces, newlines")
+        assert is_error(c("CLIENT", "SETINFO", "nope", "x"), "ERR Unrecognized option 'nope'")
+        listing = r.execute_command("CLIENT", "LIST")
+        listing = listing.decode() if isinstance(listing, bytes) else listing
+        mine = [ln for ln in listing.splitlines() if " name=raw " in ln]
+        assert len(mine) == 1 and "lib-ver=1.2.3 " in mine[0] + " " and "forged" not in listing
+    finally:
+        c.close()
+
+
+def test_command_info(server):
+    c = Conversation(server[0].port)
+    try:
+        get, missing, mset = c("COMMAND", "INFO", "get", "nosuch", "MSET")
+        assert get[:2] == [b"get", 2] and get[3:6] == [1, 1, 1] and b"readonly" in get[2]
+        assert missing is None
+        assert mset[:2] == [b"mset", -3] and mset[3:6] == [1, -1, 2] and b"write" in mset[2]
+        everything = c("COMMAND")
+        assert len(everything) == c("COMMAND", "COUNT") and {e[0] for e in everything} >= {b"get", b"exec", b"scan"}
+    finally:
+        c.close()
+
+
+def test_single_key_transaction_is_atomic_against_concurrent_writers(r, server):
+    """MULTI/EXEC whose commands all name one key runs inside one
+    update_raw: two Python processes incrementing the key as fast as they
+    can never get between its commands (a transaction run command by
+    command would see their increments between its two INCRs)."""
+    import multiprocessing as mp
+
+    _, cache = server
+    cache["tx"] = 0
+    ctx = mp.get_context("fork")
+    stop = ctx.Event()
+    procs = [ctx.Process(target=_bump_until, args=(cache.name, stop)) for _ in range(2)]
+    for p in procs:
+        p.start()
+    try:
+        before = cache["tx"]
+        deadline = time.monotonic() + 20
+        while cache["tx"] < before + 1000 and time.monotonic() < deadline:  # the writers are running
+            time.sleep(0.01)
+        for _ in range(300):
+            with r.pipeline(transaction=True) as p:
+                first, second, text, ttl = p.incr("tx").incr("tx").get("tx").ttl("tx").execute()
+            assert second == first + 1 and int(text) == second and ttl == -1
+    finally:
+        stop.set()
+        for p in procs:
+            p.join(30)
+    assert all(p.exitcode == 0 for p in procs)
+    assert cache["tx"] > before + 1000
+
+
+def _bump_until(name, stop):
+    c = Cache(name, create=False)
+    while not stop.is_set():
+        for _ in range(100):
+            c.incr("tx")
+    c.close()
+
+
 def test_pipelining_many_commands_one_round_trip(r):
     with r.pipeline(transaction=False) as p:
         for i in range(1000):
@@ -583,6 +766,112 @@ def test_refuses_non_loopback_bind_unless_explicit(tmp_path):
     loose.chmod(0o644)
     with pytest.raises(ServerError, match="chmod 600"):
         read_password(None, str(loose))
+
+
+def test_serve_and_server_refuse_a_non_loopback_address_before_creating_anything():
+    """The Python entry points apply protected mode too (the CLI can only
+    reach a non-loopback address through --bind, which is explicit)."""
+    from shmcache.server import Server, serve
+
+    name = fresh_name("resp")
+    with pytest.raises(ServerError, match="non-loopback"):
+        serve(name, host="0.0.0.0", port=0)
+    assert not os.path.exists(f"/dev/shm/shmcache.{name}")  # refused before the cache was created
+    with Cache(name, size="4MiB") as cache:
+        try:
+            with pytest.raises(ServerError, match="non-loopback"):
+                Server(cache, host="10.1.2.3", port=0)
+            Server(cache, host="::1", port=0)  # loopback: fine without bind_explicit
+        finally:
+            Cache.unlink(name)
+
+
+@pytest.mark.parametrize("how", ["option", "environment"])
+def test_requirepass_from_the_command_line_or_the_environment(how):
+    name = fresh_name("resp")
+    if how == "option":
+        srv = ServeProcess(name, "--requirepass", "pw-1")
+    else:
+        srv = ServeProcess(name, env={"SHMCACHE_REQUIREPASS": "pw-1"})
+    try:
+        with pytest.raises(redis.AuthenticationError):
+            client(port=srv.port).get("x")
+        with pytest.raises(redis.AuthenticationError):
+            client(port=srv.port, password="pw-2").ping()
+        ok = client(port=srv.port, password="pw-1")
+        assert ok.set("x", "1") and ok.get("x") == b"1"
+        ok.close()
+    finally:
+        assert srv.stop() == 0
+        Cache.unlink(name)
+
+
+@pytest.mark.parametrize("loop", LOOPS)
+def test_regression_no_tcp_listens_on_the_unix_socket_only(tmp_path, loop):
+    """--no-tcp --unix PATH --unix-mode 660: the socket has that mode and is
+    removed at exit, and the absent cache is created with --size. Each
+    server also listened on a random loopback TCP port (``port=None`` was
+    turned into 0, "any port"), which INFO then reported."""
+    name = fresh_name("resp")
+    sock = str(tmp_path / "only.sock")
+    srv = ServeProcess(name, "--no-tcp", "--unix-mode", "660", unix=sock, size="8MiB", loop=loop)
+    try:
+        assert srv.port is None and "tcp " not in srv.stderr()
+        assert stat.S_IMODE(os.stat(sock).st_mode) == 0o660
+        import psutil
+
+        c = client(unix_socket_path=sock)
+        assert c.set("u", "1")
+        assert c.info("server")["tcp_port"] == 0
+        proc = psutil.Process(srv.proc.pid)
+        assert (getattr(proc, "net_connections", None) or proc.connections)(kind="inet") == []
+        c.close()
+        with Cache(name, size="8MiB", create=False) as cache:  # a different size would be refused
+            assert cache["u"] == b"1"
+    finally:
+        assert srv.stop() == 0
+        Cache.unlink(name)
+    assert not os.path.exists(sock)
+
+
+@pytest.mark.parametrize("loop", LOOPS)
+def test_max_multibulk_and_max_bulk_len_options(loop):
+    name = fresh_name("resp")
+    srv = ServeProcess(name, "--max-multibulk", "3", "--max-bulk-len", "1000", loop=loop)
+    try:
+        c = Conversation(srv.port)
+        assert c("MGET", "a", "b") == [None, None]
+        assert c("SET", "k" * 100, "v" * 1000) == b"OK"
+        c.close()
+        assert raw(srv.port, frame("MGET", "a", "b", "c")) == b"-ERR Protocol error: invalid multibulk length\r\n"
+        assert raw(srv.port, b"MGET a b c\r\n") == b"-ERR Protocol error: invalid multibulk length\r\n"
+        # the header of the argument over the limit is within the first 64
+        # bytes of a frame that is not complete yet: refused on reading it
+        assert raw(srv.port, b"*3\r\n$3\r\nSET\r\n$1\r\nk\r\n$1001\r\n") == (
+            b"-ERR Protocol error: invalid bulk length\r\n")
+        with Cache(name, create=False) as cache:
+            assert cache["k" * 100] == b"v" * 1000 and len(cache) == 1
+    finally:
+        assert srv.stop() == 0
+        Cache.unlink(name)
+
+
+@pytest.mark.parametrize("loop", LOOPS)
+def test_regression_a_whole_frame_with_an_argument_over_max_bulk_len_is_refused(loop):
+    """A "$N" header past a frame's first 64 bytes was never checked
+    against --max-bulk-len: a frame that arrived whole (one read) with a
+    1001-byte value after a 100-byte key was run. Redis refuses it as a
+    protocol error; so do we now, when the frame completes."""
+    name = fresh_name("resp")
+    srv = ServeProcess(name, "--max-bulk-len", "1000", loop=loop)
+    try:
+        assert raw(srv.port, b"PING\r\n" + frame("SET", "k" * 100, "w" * 1001)) == (
+            b"+PONG\r\n-ERR Protocol error: invalid bulk length\r\n")
+        with Cache(name, create=False) as cache:
+            assert len(cache) == 0
+    finally:
+        assert srv.stop() == 0
+        Cache.unlink(name)
 
 
 # ------------------------------------------------------------------ workers
@@ -1009,6 +1298,25 @@ def test_config_set_as_redis_7(r, server):
         r.execute_command("CONFIG", "SET", "maxclients", 7, "appendonly", "yes")
     assert r.config_get("maxclients") == {"maxclients": "500"}
     assert r.config_set("maxclients", 1000)
+
+
+def test_info_sections_come_from_the_cache_and_the_server(r, server):
+    _, cache = server
+    r.set("i1", "x" * 100)
+    cache["i2"] = b"y"
+    assert r.get("i1") and r.get("nope") is None
+    st = cache.stats()
+    mem = r.info("memory")
+    assert mem["used_memory"] == st["bytes_used"] > 100 and mem["maxmemory"] == st["arena_bytes"]
+    assert mem["maxmemory_policy"] == ("allkeys-lru" if st["policy"] == "lru" else "noeviction")
+    stats = r.info("stats")
+    assert stats["keyspace_hits"] == st["hits"] and stats["keyspace_misses"] == st["misses"]
+    assert stats["evicted_keys"] == st["evictions"] and stats["expired_keys"] == st["expirations"]
+    before = stats["total_commands_processed"]
+    r.ping()
+    assert r.info("stats")["total_commands_processed"] == before + 2  # the PING and this INFO
+    assert r.info("clients")["connected_clients"] >= 1
+    assert set(r.info()) >= {"redis_version", "connected_clients", "used_memory", "keyspace_hits"}
 
 
 def test_info_keyspace_counts_expires_and_avg_ttl(r, server):

@@ -183,7 +183,8 @@ class Server:
         self.max_key = st["max_key_size"]
         self.stripes = st["stripes"]
         self.bind = host
-        self.port = port or 0
+        self.port = port or 0  # the real port once listening; 0 without TCP (Redis' "port 0")
+        self._tcp = port is not None
         self.unix = unix
         self.unix_mode = unix_mode
         self.password = password.encode() if isinstance(password, str) else password
@@ -236,7 +237,7 @@ class Server:
         if self._sock is not None:
             socks.append(self._sock)
             self.port = self._sock.getsockname()[1]
-        elif self.port is not None and self.bind:
+        elif self._tcp and self.bind:
             sock = listen_tcp(self.bind, self.port, reuse_port=False)
             socks.append(sock)
             self.port = sock.getsockname()[1]
