@@ -902,6 +902,9 @@ def test_two_workers_share_the_keyspace_and_a_dead_worker_is_replaced():
     finally:
         assert srv.stop() == 0
         Cache.unlink(name)
+    # regression: each worker attached with --size again and logged SettingsIgnored
+    # for the cache serve() had just created with that size
+    assert "another layout" not in srv.stderr(), srv.stderr()
 
 
 # ---------------------------------------------------------------- redis-cli

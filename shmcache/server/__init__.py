@@ -27,7 +27,7 @@ import time
 
 from .._pdeathsig import die_with_parent
 from ..cache import Cache
-from ..errors import Error
+from ..errors import CacheNotFound, Error
 from . import connection as _connection
 from .connection import Connection, admit, handle_read
 
@@ -327,9 +327,22 @@ def _open_cache(name: str, size, create: bool) -> Cache:
     return Cache(name, size=size, create=create, default_ttl=None)
 
 
+def _attach(name: str, size) -> Cache:
+    """A worker's cache: the one ``serve()`` created or checked before
+    forking (which already warned, once, if it exists with another size).
+    Attaching with ``size`` again would repeat that check in every worker,
+    and the cache's size check warns even for the size it was created with
+    (it rounds to its segments), so each worker logged a SettingsIgnored
+    warning. Only a worker restarted after the cache was removed creates it."""
+    try:
+        return Cache(name, create=False, default_ttl=None)
+    except CacheNotFound:
+        return _open_cache(name, size, True)
+
+
 def _run_worker(name: str, size, kw: dict, sock, unix_sock, workers: int) -> None:
     """Body of one server process: open the cache, serve until SIGTERM/SIGINT."""
-    cache = _open_cache(name, size, True)
+    cache = _attach(name, size)
     try:
         Server(cache, sock=sock, unix_sock=unix_sock, workers=workers, **kw).run()
     finally:
