@@ -89,7 +89,8 @@ def start_shmcache(workers: int, size: str):
 
 
 def server_usage(proc: subprocess.Popen) -> dict:
-    """pid -> (user + system seconds, context switches) so far of ``proc`` and
+    """pid -> (user + system seconds, voluntary context switches: sleeps in
+    epoll_wait, mostly) so far of ``proc`` and
     its live children (the workers of ``shmcache serve``; they outlive every
     test of a run)."""
     out = {}
@@ -104,14 +105,14 @@ def server_usage(proc: subprocess.Popen) -> dict:
             cs = p.num_ctx_switches()
         except psutil.NoSuchProcess:
             continue
-        out[p.pid] = (t.user + t.system, cs.voluntary + cs.involuntary)
+        out[p.pid] = (t.user + t.system, cs.voluntary)
     return out
 
 
 def run_benchmark(proc: subprocess.Popen, port: int, n: int, clients: int, pipeline: int, tests: str = TESTS) -> dict:
     """One redis-benchmark run per test. Besides its own figures: the
-    server's CPU and context switches per request, the client's CPU per
-    request (redis-benchmark needs a core of its own too), and how the
+    server's CPU and sleeps per request, the client's CPU and preemptions
+    per request (redis-benchmark needs a core of its own too), and how the
     server's CPU split over its processes (``serve --workers 2``: the share
     of each worker; the supervisor is idle)."""
     rows = {}
@@ -132,8 +133,10 @@ def run_benchmark(proc: subprocess.Popen, port: int, n: int, clients: int, pipel
             name = row["test"].split(" ")[0]
             rows[name] = {k: float(v) for k, v in row.items() if k != "test"}
             rows[name]["cpu_us"] = cpu / n * 1e6
-            rows[name]["ctx_per_req"] = sum(d[1] for d in delta.values()) / n
+            rows[name]["sleeps_per_req"] = sum(d[1] for d in delta.values()) / n
             rows[name]["client_cpu_us"] = client_cpu / n * 1e6
+            # the client preempted (involuntary switches): it lost its CPU to a server process
+            rows[name]["client_preempted"] = (client_after.ru_nivcsw - client_before.ru_nivcsw) / n
             rows[name]["split"] = "/".join(f"{100 * b / cpu:.0f}" for b in busy) if cpu else "-"
     return rows
 
@@ -198,13 +201,14 @@ def main(argv=None) -> int:
         f"{subprocess.run(['redis-server', '--version'], capture_output=True, text=True).stdout.split(' sha')[0]}.",
         "",
         "server CPU: user + system time of the server's processes per request (µs), "
-        "of the round shown; ctx/req: the server processes' context switches per request; "
-        "client CPU: redis-benchmark's own user + system time per request (µs); split: "
-        "each busy server process's share of the server CPU (%).",
+        "of the round shown; sleeps/req: the server processes' voluntary context switches (waits "
+        "for work) per request; client CPU: redis-benchmark's own user + system time per request (µs); "
+        "client preempted/req: its involuntary context switches per request (it lost its CPU); "
+        "split: each busy server process's share of the server CPU (%).",
         "",
         "| pipeline | test | server | requests/s | p50 ms | p99 ms | max ms | vs redis-server | server CPU µs/req "
-        "| ctx/req | client CPU µs/req | split |",
-        "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
+        "| sleeps/req | client CPU µs/req | client preempted/req | split |",
+        "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
     ]
     for depth in [int(x) for x in a.pipelines.split(",")]:
         for test in a.tests.split(","):
@@ -217,7 +221,8 @@ def main(argv=None) -> int:
                 ratio = f"{r['rps'] / base:.2f}x" if base else "-"
                 lines.append(f"| {depth} | {key} | {label} | {r['rps']:,.0f} | {r['p50_latency_ms']:.3f} | "
                              f"{r['p99_latency_ms']:.3f} | {r['max_latency_ms']:.3f} | {ratio} | {r['cpu_us']:.1f} | "
-                             f"{r['ctx_per_req']:.2f} | {r['client_cpu_us']:.1f} | {r['split']} |")
+                             f"{r['sleeps_per_req']:.3f} | {r['client_cpu_us']:.1f} | {r['client_preempted']:.3f} | "
+                             f"{r['split']} |")
     lines += _workers_compared(runs, contenders, a)
     text = "\n".join(lines) + "\n"
     print(text)
