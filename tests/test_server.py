@@ -786,6 +786,40 @@ def test_serve_and_server_refuse_a_non_loopback_address_before_creating_anything
             Cache.unlink(name)
 
 
+def test_serve_from_python_calls_ready_with_the_port_and_stops_on_sigterm():
+    """``shmcache.server.serve(...)`` as a program embedding it calls it:
+    ``ready(port)`` once listening (the real port for ``port=0``), serving
+    until SIGTERM, then 0."""
+    import multiprocessing as mp
+
+    name = fresh_name("resp")
+    ctx = mp.get_context("fork")
+    got = ctx.Queue()
+    p = ctx.Process(target=_serve_in_child, args=(name, got))
+    p.start()
+    try:
+        port = got.get(timeout=30)
+        c = client(port=port)
+        assert c.set("from", "python serve()") and c.info("server")["process_id"] == p.pid
+        c.close()
+        os.kill(p.pid, 15)
+        p.join(30)
+        assert p.exitcode == 0 and got.get(timeout=5) == ("returned", 0)
+    finally:
+        if p.is_alive():
+            p.kill()
+            p.join(10)
+        with Cache(name, create=False) as cache:
+            assert cache["from"] == b"python serve()"
+        Cache.unlink(name)
+
+
+def _serve_in_child(name, got):
+    from shmcache.server import serve
+
+    got.put(("returned", serve(name, size="4MiB", port=0, ready=got.put)))
+
+
 @pytest.mark.parametrize("how", ["option", "environment"])
 def test_requirepass_from_the_command_line_or_the_environment(how):
     name = fresh_name("resp")
