@@ -23,6 +23,7 @@ import csv
 import io
 import os
 import platform
+import re
 import resource
 import shutil
 import signal
@@ -78,13 +79,22 @@ def start_redis(tmp: str):
     return p, port, None
 
 
-def start_shmcache(workers: int, size: str):
+def start_shmcache(workers: int, size: str, batch: bool = False):
+    """``shmcache serve --workers N``; with ``batch``, its worker processes
+    are switched to SCHED_BATCH (no preemption of a running process when
+    they wake; the same CPU share), an experiment, not a serve option."""
     name = f"bench-resp-{uuid.uuid4().hex[:8]}"
     port = free_port()
     p = subprocess.Popen([sys.executable, "-m", "shmcache", "serve", "-n", name, "--size", size,
                           "--port", str(port), "--workers", str(workers), "--log-level", "warning"],
                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     wait_port(port, p)
+    if batch:
+        deadline = time.monotonic() + 10
+        while workers > 1 and len(psutil.Process(p.pid).children()) < workers and time.monotonic() < deadline:
+            time.sleep(0.05)
+        for w in (psutil.Process(p.pid).children() if workers > 1 else [psutil.Process(p.pid)]):
+            os.sched_setscheduler(w.pid, os.SCHED_BATCH, os.sched_param(0))
     return p, port, name
 
 
@@ -161,7 +171,8 @@ def main(argv=None) -> int:
                          "median requests/s per test (default 1; more evens out a busy machine)")
     ap.add_argument("--servers", default="redis,w1,w2",
                     help="which servers to run, in this order each round: redis (redis-server), w1, w2 "
-                         "(shmcache serve --workers 1 / 2; wN for N workers); default redis,w1,w2")
+                         "(shmcache serve --workers 1 / 2; wN for N workers; wNb: its workers as SCHED_BATCH); "
+                         "default redis,w1,w2")
     ap.add_argument("--tests", default=TESTS, help=f"redis-benchmark tests (default {TESTS})")
     ap.add_argument("--out", help="also write the markdown report here")
     a = ap.parse_args(argv)
@@ -173,8 +184,9 @@ def main(argv=None) -> int:
     for label in a.servers.split(","):
         if label == "redis":
             contenders.append(("redis-server", start_redis))
-        elif label.startswith("w") and label[1:].isdigit() and int(label[1:]) >= 1:
-            contenders.append((f"shmcache {label}", lambda tmp, w=int(label[1:]): start_shmcache(w, a.size)))
+        elif re.fullmatch(r"w[1-9][0-9]*b?", label):
+            contenders.append((f"shmcache {label}", lambda tmp, w=int(label[1:].rstrip("b")), b=label.endswith("b"):
+                               start_shmcache(w, a.size, b)))
         else:
             ap.error(f"unknown server {label!r} in --servers")
     runs: dict = {}
