@@ -23,6 +23,8 @@ import csv
 import io
 import os
 import platform
+import re
+import resource
 import shutil
 import signal
 import socket
@@ -77,46 +79,75 @@ def start_redis(tmp: str):
     return p, port, None
 
 
-def start_shmcache(workers: int, size: str):
+def start_shmcache(workers: int, size: str, batch: bool = False):
+    """``shmcache serve --workers N``; with ``batch``, its worker processes
+    are switched to SCHED_BATCH (no preemption of a running process when
+    they wake; the same CPU share), an experiment, not a serve option."""
     name = f"bench-resp-{uuid.uuid4().hex[:8]}"
     port = free_port()
     p = subprocess.Popen([sys.executable, "-m", "shmcache", "serve", "-n", name, "--size", size,
                           "--port", str(port), "--workers", str(workers), "--log-level", "warning"],
                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     wait_port(port, p)
+    if batch:
+        deadline = time.monotonic() + 10
+        while workers > 1 and len(psutil.Process(p.pid).children()) < workers and time.monotonic() < deadline:
+            time.sleep(0.05)
+        for w in (psutil.Process(p.pid).children() if workers > 1 else [psutil.Process(p.pid)]):
+            os.sched_setscheduler(w.pid, os.SCHED_BATCH, os.sched_param(0))
     return p, port, name
 
 
-def server_cpu(proc: subprocess.Popen) -> float:
-    """User + system seconds used so far by ``proc`` and its live children
-    (the workers of ``shmcache serve``; they outlive every test of a run)."""
-    total = 0.0
+def server_usage(proc: subprocess.Popen) -> dict:
+    """pid -> (user + system seconds, voluntary context switches: sleeps in
+    epoll_wait, mostly) so far of ``proc`` and
+    its live children (the workers of ``shmcache serve``; they outlive every
+    test of a run)."""
+    out = {}
     try:
         root = psutil.Process(proc.pid)
         procs = [root] + root.children(recursive=True)
     except psutil.NoSuchProcess:
-        return total
+        return out
     for p in procs:
         try:
             t = p.cpu_times()
+            cs = p.num_ctx_switches()
         except psutil.NoSuchProcess:
             continue
-        total += t.user + t.system
-    return total
+        out[p.pid] = (t.user + t.system, cs.voluntary)
+    return out
 
 
-def run_benchmark(proc: subprocess.Popen, port: int, n: int, clients: int, pipeline: int) -> dict:
+def run_benchmark(proc: subprocess.Popen, port: int, n: int, clients: int, pipeline: int, tests: str = TESTS) -> dict:
+    """One redis-benchmark run per test. Besides its own figures: the
+    server's CPU and sleeps per request, the client's CPU and preemptions
+    per request (redis-benchmark needs a core of its own too), and how the
+    server's CPU split over its processes (``serve --workers 2``: the share
+    of each worker; the supervisor is idle)."""
     rows = {}
-    for test in TESTS.split(","):
+    for test in tests.split(","):
         cmd = ["redis-benchmark", "-h", "127.0.0.1", "-p", str(port), "-t", test, "-n", str(n),
                "-c", str(clients), "-P", str(pipeline), "--csv", "-r", "100000"]
-        before = server_cpu(proc)
+        before = server_usage(proc)
+        client_before = resource.getrusage(resource.RUSAGE_CHILDREN)  # reaped children: redis-benchmark only
         out = subprocess.run(cmd, capture_output=True, text=True, timeout=1800).stdout
-        cpu_us = (server_cpu(proc) - before) / n * 1e6
+        client_after = resource.getrusage(resource.RUSAGE_CHILDREN)
+        after = server_usage(proc)
+        delta = {pid: (after[pid][0] - before.get(pid, (0.0, 0))[0], after[pid][1] - before.get(pid, (0.0, 0))[1])
+                 for pid in after}
+        cpu = sum(d[0] for d in delta.values())
+        busy = sorted((d[0] for d in delta.values() if d[0] > 0.05 * cpu), reverse=True)
+        client_cpu = (client_after.ru_utime + client_after.ru_stime) - (client_before.ru_utime + client_before.ru_stime)
         for row in csv.DictReader(io.StringIO(out)):
             name = row["test"].split(" ")[0]
             rows[name] = {k: float(v) for k, v in row.items() if k != "test"}
-            rows[name]["cpu_us"] = cpu_us
+            rows[name]["cpu_us"] = cpu / n * 1e6
+            rows[name]["sleeps_per_req"] = sum(d[1] for d in delta.values()) / n
+            rows[name]["client_cpu_us"] = client_cpu / n * 1e6
+            # the client preempted (involuntary switches): it lost its CPU to a server process
+            rows[name]["client_preempted"] = (client_after.ru_nivcsw - client_before.ru_nivcsw) / n
+            rows[name]["split"] = "/".join(f"{100 * b / cpu:.0f}" for b in busy) if cpu else "-"
     return rows
 
 
@@ -138,15 +169,26 @@ def main(argv=None) -> int:
     ap.add_argument("--rounds", type=int, default=1,
                     help="run every contender this many times, interleaved, and report the round with the "
                          "median requests/s per test (default 1; more evens out a busy machine)")
+    ap.add_argument("--servers", default="redis,w1,w2",
+                    help="which servers to run, in this order each round: redis (redis-server), w1, w2 "
+                         "(shmcache serve --workers 1 / 2; wN for N workers; wNb: its workers as SCHED_BATCH); "
+                         "default redis,w1,w2")
+    ap.add_argument("--tests", default=TESTS, help=f"redis-benchmark tests (default {TESTS})")
     ap.add_argument("--out", help="also write the markdown report here")
     a = ap.parse_args(argv)
     for tool in ("redis-server", "redis-benchmark"):
         if not shutil.which(tool):
             print(f"bench_resp: {tool} not found (make bench installs redis-server)", file=sys.stderr)
             return 1
-    contenders = [("redis-server", lambda tmp: start_redis(tmp)),
-                  ("shmcache w1", lambda tmp: start_shmcache(1, a.size)),
-                  ("shmcache w2", lambda tmp: start_shmcache(2, a.size))]
+    contenders = []
+    for label in a.servers.split(","):
+        if label == "redis":
+            contenders.append(("redis-server", start_redis))
+        elif re.fullmatch(r"w[1-9][0-9]*b?", label):
+            contenders.append((f"shmcache {label}", lambda tmp, w=int(label[1:].rstrip("b")), b=label.endswith("b"):
+                               start_shmcache(w, a.size, b)))
+        else:
+            ap.error(f"unknown server {label!r} in --servers")
     runs: dict = {}
     with tempfile.TemporaryDirectory(prefix="bench-resp-") as tmp:
         for rnd in range(a.rounds):
@@ -154,7 +196,7 @@ def main(argv=None) -> int:
                 for label, start in contenders:
                     proc, port, name = start(tmp)
                     try:
-                        runs.setdefault((depth, label), []).append(run_benchmark(proc, port, a.n, a.c, depth))
+                        runs.setdefault((depth, label), []).append(run_benchmark(proc, port, a.n, a.c, depth, a.tests))
                     finally:
                         stop(proc)
                         if name:
@@ -164,19 +206,24 @@ def main(argv=None) -> int:
                     print(f"done: round {rnd + 1} -P {depth} {label}", file=sys.stderr)
     results = {k: median_rows(v) for k, v in runs.items()}
     lines = [
-        f"`python benchmarks/bench_resp.py -n {a.n} -c {a.c} --pipelines {a.pipelines} --rounds {a.rounds}` on "
+        f"`python benchmarks/bench_resp.py -n {a.n} -c {a.c} --pipelines {a.pipelines} --rounds {a.rounds} "
+        f"--servers {a.servers} --tests {a.tests}` on "
         f"{platform.node()} ({os.cpu_count()} CPUs, load average at the end "
         f"{os.getloadavg()[0]:.1f}), {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; "
         f"{subprocess.run(['redis-server', '--version'], capture_output=True, text=True).stdout.split(' sha')[0]}.",
         "",
         "server CPU: user + system time of the server's processes per request (µs), "
-        "of the round shown.",
+        "of the round shown; sleeps/req: the server processes' voluntary context switches (waits "
+        "for work) per request; client CPU: redis-benchmark's own user + system time per request (µs); "
+        "client preempted/req: its involuntary context switches per request (it lost its CPU); "
+        "split: each busy server process's share of the server CPU (%).",
         "",
-        "| pipeline | test | server | requests/s | p50 ms | p99 ms | max ms | vs redis-server | server CPU µs/req |",
-        "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| pipeline | test | server | requests/s | p50 ms | p99 ms | max ms | vs redis-server | server CPU µs/req "
+        "| sleeps/req | client CPU µs/req | client preempted/req | split |",
+        "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
     ]
     for depth in [int(x) for x in a.pipelines.split(",")]:
-        for test in TESTS.split(","):
+        for test in a.tests.split(","):
             key = test.upper()
             base = results.get((depth, "redis-server"), {}).get(key, {}).get("rps")
             for label, _ in contenders:
@@ -185,7 +232,10 @@ def main(argv=None) -> int:
                     continue
                 ratio = f"{r['rps'] / base:.2f}x" if base else "-"
                 lines.append(f"| {depth} | {key} | {label} | {r['rps']:,.0f} | {r['p50_latency_ms']:.3f} | "
-                             f"{r['p99_latency_ms']:.3f} | {r['max_latency_ms']:.3f} | {ratio} | {r['cpu_us']:.1f} |")
+                             f"{r['p99_latency_ms']:.3f} | {r['max_latency_ms']:.3f} | {ratio} | {r['cpu_us']:.1f} | "
+                             f"{r['sleeps_per_req']:.3f} | {r['client_cpu_us']:.1f} | {r['client_preempted']:.3f} | "
+                             f"{r['split']} |")
+    lines += _workers_compared(runs, contenders, a)
     text = "\n".join(lines) + "\n"
     print(text)
     if a.out:
@@ -193,6 +243,32 @@ def main(argv=None) -> int:
         with open(a.out, "w") as f:
             f.write(text)
     return 0
+
+
+def _workers_compared(runs: dict, contenders: list, a) -> list:
+    """Each shmcache wN against w1, round by round: the rounds ran
+    interleaved, so round i of both saw about the same machine."""
+    labels = [label for label, _ in contenders]
+    if "shmcache w1" not in labels:
+        return []
+    out = ["", "| pipeline | test | server | requests/s vs w1 (median round) | rounds it beat w1 |",
+           "| --- | --- | --- | ---: | ---: |"]
+    for depth in [int(x) for x in a.pipelines.split(",")]:
+        base_rounds = runs.get((depth, "shmcache w1"), [])
+        for label in labels:
+            if not label.startswith("shmcache w") or label == "shmcache w1":
+                continue
+            for test in a.tests.split(","):
+                key = test.upper()
+                pairs = [(mine[key]["rps"], base[key]["rps"]) for mine, base in zip(runs.get((depth, label), []),
+                                                                                      base_rounds)
+                         if key in mine and key in base]
+                if not pairs:
+                    continue
+                ratios = sorted(m / b for m, b in pairs)
+                wins = sum(m > b for m, b in pairs)
+                out.append(f"| {depth} | {key} | {label} | {ratios[len(ratios) // 2]:.2f}x | {wins} of {len(pairs)} |")
+    return out
 
 
 if __name__ == "__main__":

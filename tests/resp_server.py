@@ -1,5 +1,13 @@
-"""Start and stop a real ``shmcache serve`` process for the RESP tests."""
+"""Start and stop a real ``shmcache serve`` process for the RESP tests.
 
+``ServeProcess(..., loop="asyncio")`` runs this file instead: the same
+``serve`` options, but the server is :meth:`shmcache.server.Server.start`
+inside an asyncio loop (the entry point for an application's own loop)
+rather than the workers' epoll loop, so tests can run against both.
+"""
+
+import asyncio
+import logging
 import os
 import re
 import select
@@ -11,22 +19,34 @@ import time
 
 _LISTEN = re.compile(r"tcp [^ ,]+:(\d+)")
 
+#: The server loops a test can run against: the workers' own epoll loop
+#: (``shmcache serve``) and asyncio (``Server.start()``).
+LOOPS = ("epoll", "asyncio")
+
 
 class ServeProcess:
-    """``python -m shmcache serve`` on a free port, stopped by PID."""
+    """``python -m shmcache serve`` on a free port, stopped by PID; with
+    ``loop="asyncio"``, the same options served by ``Server.start()`` in an
+    asyncio loop (one process: no ``--workers``)."""
 
-    def __init__(self, name: str, *args: str, size: str = "16MiB", unix: str | None = None):
-        cmd = [sys.executable, "-m", "shmcache", "serve", "-n", name, "--size", size, "--port", "0",
-               "--log-level", "info", *args]
+    def __init__(self, name: str, *args: str, size: str = "16MiB", unix: str | None = None,
+                 loop: str = "epoll", env: dict | None = None):
+        if loop not in LOOPS:
+            raise ValueError(f"loop must be one of {LOOPS}, got {loop!r}")
+        self.loop = loop
+        head = [sys.executable, "-m", "shmcache", "serve"] if loop == "epoll" else [sys.executable, __file__]
+        cmd = [*head, "-n", name, "--size", size, "--port", "0", "--log-level", "info", *args]
         if unix:
             cmd += ["--unix", unix]
         # unbuffered: a buffered readline could pull the "tcp ...:port" line into
         # its buffer with an earlier one, and select() would then wait for more
-        self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, bufsize=0)
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, bufsize=0,
+                                     env=None if env is None else {**os.environ, **env})
         self.log = []
-        self.port = None
+        self.port = None  # stays None with --no-tcp
         deadline = time.monotonic() + 30
-        while self.port is None:
+        listening = False
+        while not listening:
             left = deadline - time.monotonic()
             if left <= 0 or self.proc.poll() is not None:
                 self.stop()
@@ -35,9 +55,10 @@ class ServeProcess:
             if r:
                 line = self.proc.stderr.readline().decode()
                 self.log.append(line)
-                m = _LISTEN.search(line)
-                if m:
-                    self.port = int(m.group(1))
+                if "over RESP" in line:  # the line naming what it listens on
+                    listening = True
+                    m = _LISTEN.search(line)
+                    self.port = int(m.group(1)) if m else None
         # the workers listen from the moment the sockets are bound (before the log line)
         # Keep draining the server's log: a full stderr pipe (64 KiB, e.g. one
         # "protocol error" line per fuzzed client) would block the server in
@@ -82,3 +103,44 @@ def worker_pids(parent: int) -> list[int]:
             if int(fields[1]) == parent:
                 out.append(int(pid))
     return out
+
+
+def _serve_asyncio(argv: list) -> int:
+    """``shmcache serve``'s options, served by ``Server.start()`` in
+    ``asyncio.run`` until SIGTERM/SIGINT (public API only, as an application
+    embedding the server would)."""
+    from shmcache import Cache
+    from shmcache.cli import build_parser
+    from shmcache.server import LIMIT_DEFAULTS, Server, read_password
+
+    a = build_parser().parse_args(["serve", *argv])
+    if a.workers != 1:
+        raise SystemExit("the asyncio entry point serves in one process: no --workers")
+    logging.basicConfig(level=getattr(logging, a.log_level.upper()), stream=sys.stderr,
+                        format="%(asctime)s asyncio-serve[%(process)d] %(levelname)s %(message)s")
+    limits = {k: getattr(a, k) for k in LIMIT_DEFAULTS if getattr(a, k, None) is not None}
+    password = read_password(a.requirepass or os.environ.get("SHMCACHE_REQUIREPASS") or None, a.requirepass_file)
+
+    async def main() -> None:
+        with Cache(a.name, size=a.size, default_ttl=None) as cache:
+            srv = Server(cache, host=a.bind or "127.0.0.1", bind_explicit=a.bind is not None,
+                         port=None if a.no_tcp else a.port, unix=a.unix, unix_mode=int(a.unix_mode, 8),
+                         password=password, **limits)
+            await srv.start()
+            stop = asyncio.Event()
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                asyncio.get_running_loop().add_signal_handler(sig, stop.set)
+            where = ([f"tcp {srv.bind}:{srv.port}"] if not a.no_tcp else []) + ([f"unix {a.unix}"] if a.unix else [])
+            logging.getLogger("shmcache.server").info("serving cache %r over RESP (asyncio): %s", a.name,
+                                                      ", ".join(where))
+            try:
+                await stop.wait()
+            finally:
+                srv.close()
+
+    asyncio.run(main())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(_serve_asyncio(sys.argv[1:]))

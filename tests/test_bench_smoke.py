@@ -51,3 +51,26 @@ def test_compare_two_runs(tmp_path, capsys):
     assert diff["latency shmcache get_hit_100B"] == pytest.approx(10.0)
     assert diff["throughput shmcache 90/10 1p"] == pytest.approx(0.0)
     assert "median |diff|" in report.compare_text(run, other, "a", "b")
+
+
+@pytest.mark.timeout(120)
+def test_resp_bench_runs_workers_against_each_other(tmp_path):
+    """benchmarks/bench_resp.py with two shmcache servers and one short test
+    each: every column is filled, and the 2-vs-1 table pairs the rounds."""
+    import shutil
+
+    if shutil.which("redis-benchmark") is None or shutil.which("redis-server") is None:
+        pytest.skip("redis-benchmark not installed (make test installs redis-server)")
+    pytest.importorskip("hiredis", reason="shmcache serve needs hiredis")
+    from benchmarks import bench_resp
+
+    out = tmp_path / "resp.md"
+    assert bench_resp.main(["-n", "2000", "-c", "5", "--pipelines", "1", "--servers", "w1,w2", "--tests", "get",
+                            "--rounds", "2", "--size", "16MiB", "--out", str(out)]) == 0
+    text = out.read_text()
+    rows = [line.split("|")[1:-1] for line in text.splitlines() if line.startswith("| 1 | GET | shmcache")]
+    assert len(rows) == 3, text  # w1, w2, and w2's line in the 2-vs-1 table
+    w1, w2, paired = rows
+    assert float(w1[3].replace(",", "")) > 0 and float(w1[8]) > 0 and float(w1[10]) > 0  # rps, server/client CPU
+    assert w1[12].strip() == "100" and len(w2[12].split("/")) in (1, 2)  # the workers' split of the CPU
+    assert paired[4].strip().endswith("of 2")

@@ -2,6 +2,7 @@
 against a real server process, sharing the keyspace with Python's Cache."""
 
 import os
+import re
 import shutil
 import socket
 import stat
@@ -16,7 +17,7 @@ redis = pytest.importorskip("redis", reason="make test installs redis-py (the 's
 pytest.importorskip("hiredis", reason="shmcache serve needs hiredis: pip install 'shmcache[server]'")
 
 from names import fresh_name  # noqa: E402
-from resp_server import ServeProcess, worker_pids  # noqa: E402
+from resp_server import LOOPS, ServeProcess, worker_pids  # noqa: E402
 from shmcache import Cache  # noqa: E402
 from shmcache.server import ServerError, check_bind, read_password  # noqa: E402
 
@@ -32,11 +33,14 @@ def client(port=None, **kw):
     return redis.Redis(port=port, retry=Retry(NoBackoff(), 0), **kw)
 
 
-@pytest.fixture(scope="module")
-def served():
-    """One server for the module: (ServeProcess, Cache attached to the same segment)."""
+@pytest.fixture(scope="module", params=LOOPS)
+def served(request):
+    """One server per loop for the module: (ServeProcess, Cache attached to
+    the same segment). Every test on it runs against the workers' epoll loop
+    and against ``Server.start()`` in asyncio: the two drive the same
+    Connection code through different transports."""
     name = fresh_name("resp")
-    srv = ServeProcess(name)
+    srv = ServeProcess(name, loop=request.param)
     cache = Cache(name, create=False)
     try:
         yield srv, cache
@@ -86,6 +90,50 @@ def raw(port: int, data: bytes | list, wait: float = 0.3) -> bytes:
         return out
     finally:
         s.close()
+
+
+def frame(*args) -> bytes:
+    """One RESP request."""
+    args = [a if isinstance(a, bytes) else str(a).encode() for a in args]
+    return b"*%d\r\n" % len(args) + b"".join(b"$%d\r\n%s\r\n" % (len(a), a) for a in args)
+
+
+class Conversation:
+    """A raw connection that sends one command and reads its one reply
+    (parsed by hiredis: errors come back as ``hiredis.ReplyError`` values),
+    so a test sees exactly what the server answered, RESP2 or RESP3,
+    whatever state (MULTI, RESET, QUIT) the connection is in."""
+
+    def __init__(self, port: int | None = None, unix: str | None = None):
+        import hiredis
+
+        self.s = socket.socket(socket.AF_UNIX) if unix else socket.socket()
+        self.s.settimeout(10)
+        self.s.connect(unix or ("127.0.0.1", port))
+        self.reader = hiredis.Reader()
+
+    def __call__(self, *args):
+        self.s.sendall(frame(*args))
+        return self.reply()
+
+    def reply(self):
+        while True:
+            r = self.reader.gets()
+            if r is not False:
+                return r
+            data = self.s.recv(65536)
+            if not data:
+                raise ConnectionError("closed by the server")
+            self.reader.feed(data)
+
+    def close(self) -> None:
+        self.s.close()
+
+
+def is_error(reply, text: str) -> bool:
+    import hiredis
+
+    return isinstance(reply, hiredis.ReplyError) and str(reply).startswith(text)
 
 
 def closed_by_server(s: socket.socket) -> bool:
@@ -312,6 +360,8 @@ def test_keyspace_commands(r, server):
     assert r.randomkey() in {b"moved", b"copied", b"taken"}
     r.flushdb()
     assert r.dbsize() == 0 and r.randomkey() is None
+    cache["from-python"] = 1
+    assert r.flushall() and len(cache) == 0 and r.dbsize() == 0
 
 
 def test_expire_options(r):
@@ -449,6 +499,143 @@ def test_multi_exec_many_keys_and_errors(r):
         r.connection_pool.release(c)
 
 
+def test_discard_and_unwatch(server):
+    """DISCARD drops the queue and what was watched; UNWATCH forgets the
+    watched keys, so a later change of them no longer aborts EXEC."""
+    _, cache = server
+    c = Conversation(server[0].port)
+    try:
+        assert c("SET", "d", "1") == b"OK"
+        assert c("MULTI") == b"OK" and c("SET", "d", "2") == b"QUEUED" and c("INCR", "d") == b"QUEUED"
+        assert c("DISCARD") == b"OK"
+        assert c("GET", "d") == b"1" and cache["d"] == b"1"
+        assert is_error(c("DISCARD"), "ERR DISCARD without MULTI")
+        for forget in (("UNWATCH",), ("MULTI",)):  # MULTI then DISCARD below
+            assert c("WATCH", "d") == b"OK"
+            assert c(*forget) == b"OK"
+            if forget == ("MULTI",):
+                assert c("DISCARD") == b"OK"
+            cache["d"] = b"changed by python"
+            assert c("MULTI") == b"OK" and c("APPEND", "d", "!") == b"QUEUED"
+            assert c("EXEC") == [len("changed by python!")]
+        assert cache["d"] == b"changed by python!"
+        assert c("WATCH", "d") == b"OK"  # and still watching aborts
+        cache["d"] = b"again"
+        assert c("MULTI") == b"OK" and c("SET", "d", "lost") == b"QUEUED" and c("EXEC") is None
+        assert cache["d"] == b"again"
+    finally:
+        c.close()
+
+
+def test_reset_leaves_multi_watch_name_and_resp3(server):
+    _, cache = server
+    c = Conversation(server[0].port)
+    try:
+        assert c("HELLO", "3")[b"proto"] == 3
+        assert c("CLIENT", "SETNAME", "before-reset") == b"OK"
+        assert c("WATCH", "rk") == b"OK"
+        assert c("MULTI") == b"OK" and c("SET", "rk", "queued") == b"QUEUED"
+        assert c("RESET") == b"RESET"
+        assert "rk" not in cache  # the queue was dropped, not run
+        cache["rk"] = b"changed"  # no longer watched: the next EXEC runs
+        assert c("MULTI") == b"OK" and c("SET", "rk", "mine") == b"QUEUED" and c("EXEC") == [b"OK"]
+        assert cache["rk"] == b"mine"
+        assert c("CLIENT", "GETNAME") is None
+        hello = c("HELLO")
+        assert isinstance(hello, list) and hello[hello.index(b"proto") + 1] == 2  # RESP2 again: a flat array
+    finally:
+        c.close()
+
+
+def test_quit_replies_ok_then_closes(server):
+    c = Conversation(server[0].port)
+    try:
+        assert c("QUIT") == b"OK"
+        assert closed_by_server(c.s)
+    finally:
+        c.close()
+
+
+def test_client_info_and_setinfo(r, server):
+    """redis-py names itself with CLIENT SETINFO on connect; a value with a
+    space or newline is refused (it would forge fields or whole lines of
+    CLIENT LIST), for LIB-VER as for LIB-NAME, as Redis 7.2 does."""
+    info = r.client_info()
+    assert info["lib-name"] == "redis-py" and info["lib-ver"] == redis.__version__
+    assert int(info["id"]) == r.client_id() and int(info["resp"]) == r.get_connection_kwargs()["protocol"]
+    c = Conversation(server[0].port)
+    try:
+        assert c("CLIENT", "SETNAME", "raw") == b"OK"
+        assert c("CLIENT", "SETINFO", "lib-name", "mylib") == b"OK"
+        assert c("CLIENT", "SETINFO", "LIB-VER", "1.2.3") == b"OK"
+        line = c("CLIENT", "INFO")
+        assert line.endswith(b"\n") and line.count(b"\n") == 1
+        fields = dict(kv.split(b"=", 1) for kv in line.split())
+        assert fields[b"name"] == b"raw" and fields[b"lib-name"] == b"mylib" and fields[b"lib-ver"] == b"1.2.3"
+        assert int(fields[b"id"]) == c("CLIENT", "ID")
+        for attr, bad in (("LIB-VER", "1 name=forged"), ("LIB-VER", "1\nid=1 name=fake"), ("lib-name", "a b")):
+            assert is_error(c("CLIENT", "SETINFO", attr, bad), f"ERR {attr} cannot contain spaces, newlines")
+        assert is_error(c("CLIENT", "SETINFO", "nope", "x"), "ERR Unrecognized option 'nope'")
+        listing = r.execute_command("CLIENT", "LIST")
+        listing = listing.decode() if isinstance(listing, bytes) else listing
+        mine = [ln for ln in listing.splitlines() if " name=raw " in ln]
+        assert len(mine) == 1 and "lib-ver=1.2.3 " in mine[0] + " " and "forged" not in listing
+    finally:
+        c.close()
+
+
+def test_command_info(server):
+    c = Conversation(server[0].port)
+    try:
+        get, missing, mset = c("COMMAND", "INFO", "get", "nosuch", "MSET")
+        assert get[:2] == [b"get", 2] and get[3:6] == [1, 1, 1] and b"readonly" in get[2]
+        assert missing is None
+        assert mset[:2] == [b"mset", -3] and mset[3:6] == [1, -1, 2] and b"write" in mset[2]
+        everything = c("COMMAND")
+        assert len(everything) == c("COMMAND", "COUNT") and {e[0] for e in everything} >= {b"get", b"exec", b"scan"}
+    finally:
+        c.close()
+
+
+def test_single_key_transaction_is_atomic_against_concurrent_writers(r, server):
+    """MULTI/EXEC whose commands all name one key runs inside one
+    update_raw: two Python processes incrementing the key as fast as they
+    can never get between its commands (a transaction run command by
+    command would see their increments between its two INCRs)."""
+    import multiprocessing as mp
+
+    _, cache = server
+    cache["tx"] = 0
+    ctx = mp.get_context("fork")
+    stop = ctx.Event()
+    procs = [ctx.Process(target=_bump_until, args=(cache.name, stop)) for _ in range(2)]
+    for p in procs:
+        p.start()
+    try:
+        before = cache["tx"]
+        deadline = time.monotonic() + 20
+        while cache["tx"] < before + 1000 and time.monotonic() < deadline:  # the writers are running
+            time.sleep(0.01)
+        for _ in range(300):
+            with r.pipeline(transaction=True) as p:
+                first, second, text, ttl = p.incr("tx").incr("tx").get("tx").ttl("tx").execute()
+            assert second == first + 1 and int(text) == second and ttl == -1
+    finally:
+        stop.set()
+        for p in procs:
+            p.join(30)
+    assert all(p.exitcode == 0 for p in procs)
+    assert cache["tx"] > before + 1000
+
+
+def _bump_until(name, stop):
+    c = Cache(name, create=False)
+    while not stop.is_set():
+        for _ in range(100):
+            c.incr("tx")
+    c.close()
+
+
 def test_pipelining_many_commands_one_round_trip(r):
     with r.pipeline(transaction=False) as p:
         for i in range(1000):
@@ -500,9 +687,10 @@ def test_negative_multibulk_is_ignored(server):
     assert raw(srv.port, b"*-10\r\n*1\r\n$4\r\nPING\r\n") == b"+PONG\r\n"
 
 
-def test_query_buffer_limit(tmp_path):
+@pytest.mark.parametrize("loop", LOOPS)
+def test_query_buffer_limit(loop):
     name = fresh_name("resp")
-    srv = ServeProcess(name, "--max-query-buffer", "100000", "--max-bulk-len", "1000000")
+    srv = ServeProcess(name, "--max-query-buffer", "100000", "--max-bulk-len", "1000000", loop=loop)
     try:
         s = socket.create_connection(("127.0.0.1", srv.port), timeout=5)
         s.sendall(b"*3\r\n$3\r\nSET\r\n$1\r\nk\r\n$900000\r\n")
@@ -521,10 +709,11 @@ def test_query_buffer_limit(tmp_path):
         Cache.unlink(name)
 
 
+@pytest.mark.parametrize("loop", LOOPS)
 @pytest.mark.parametrize("set_by", ["option", "config-set"])
-def test_max_clients(tmp_path, set_by):
+def test_max_clients(set_by, loop):
     name = fresh_name("resp")
-    srv = ServeProcess(name, *(["--max-clients", "2"] if set_by == "option" else []))
+    srv = ServeProcess(name, *(["--max-clients", "2"] if set_by == "option" else []), loop=loop)
     try:
         a = client(port=srv.port)
         if set_by == "config-set":
@@ -541,13 +730,14 @@ def test_max_clients(tmp_path, set_by):
 
 
 # ----------------------------------------------------------- safe defaults
-def test_auth_and_unix_socket_mode(tmp_path):
+@pytest.mark.parametrize("loop", LOOPS)
+def test_auth_and_unix_socket_mode(tmp_path, loop):
     name = fresh_name("resp")
     pwfile = tmp_path / "pw"
     pwfile.write_text("s3cret\n")
     pwfile.chmod(0o600)
     sock = str(tmp_path / "s.sock")
-    srv = ServeProcess(name, "--requirepass-file", str(pwfile), unix=sock)
+    srv = ServeProcess(name, "--requirepass-file", str(pwfile), unix=sock, loop=loop)
     try:
         assert stat.S_IMODE(os.stat(sock).st_mode) == 0o600
         noauth = client(port=srv.port, protocol=2)
@@ -578,6 +768,146 @@ def test_refuses_non_loopback_bind_unless_explicit(tmp_path):
         read_password(None, str(loose))
 
 
+def test_serve_and_server_refuse_a_non_loopback_address_before_creating_anything():
+    """The Python entry points apply protected mode too (the CLI can only
+    reach a non-loopback address through --bind, which is explicit)."""
+    from shmcache.server import Server, serve
+
+    name = fresh_name("resp")
+    with pytest.raises(ServerError, match="non-loopback"):
+        serve(name, host="0.0.0.0", port=0)
+    assert not os.path.exists(f"/dev/shm/shmcache.{name}")  # refused before the cache was created
+    with Cache(name, size="4MiB") as cache:
+        try:
+            with pytest.raises(ServerError, match="non-loopback"):
+                Server(cache, host="10.1.2.3", port=0)
+            Server(cache, host="::1", port=0)  # loopback: fine without bind_explicit
+        finally:
+            Cache.unlink(name)
+
+
+def test_serve_from_python_calls_ready_with_the_port_and_stops_on_sigterm():
+    """``shmcache.server.serve(...)`` as a program embedding it calls it:
+    ``ready(port)`` once listening (the real port for ``port=0``), serving
+    until SIGTERM, then 0."""
+    import multiprocessing as mp
+
+    name = fresh_name("resp")
+    ctx = mp.get_context("fork")
+    got = ctx.Queue()
+    p = ctx.Process(target=_serve_in_child, args=(name, got))
+    p.start()
+    try:
+        port = got.get(timeout=30)
+        c = client(port=port)
+        assert c.set("from", "python serve()") and c.info("server")["process_id"] == p.pid
+        c.close()
+        os.kill(p.pid, 15)
+        p.join(30)
+        assert p.exitcode == 0 and got.get(timeout=5) == ("returned", 0)
+    finally:
+        if p.is_alive():
+            p.kill()
+            p.join(10)
+        with Cache(name, create=False) as cache:
+            assert cache["from"] == b"python serve()"
+        Cache.unlink(name)
+
+
+def _serve_in_child(name, got):
+    from shmcache.server import serve
+
+    got.put(("returned", serve(name, size="4MiB", port=0, ready=got.put)))
+
+
+@pytest.mark.parametrize("how", ["option", "environment"])
+def test_requirepass_from_the_command_line_or_the_environment(how):
+    name = fresh_name("resp")
+    if how == "option":
+        srv = ServeProcess(name, "--requirepass", "pw-1")
+    else:
+        srv = ServeProcess(name, env={"SHMCACHE_REQUIREPASS": "pw-1"})
+    try:
+        with pytest.raises(redis.AuthenticationError):
+            client(port=srv.port).get("x")
+        with pytest.raises(redis.AuthenticationError):
+            client(port=srv.port, password="pw-2").ping()
+        ok = client(port=srv.port, password="pw-1")
+        assert ok.set("x", "1") and ok.get("x") == b"1"
+        ok.close()
+    finally:
+        assert srv.stop() == 0
+        Cache.unlink(name)
+
+
+@pytest.mark.parametrize("loop", LOOPS)
+def test_regression_no_tcp_listens_on_the_unix_socket_only(tmp_path, loop):
+    """--no-tcp --unix PATH --unix-mode 660: the socket has that mode and is
+    removed at exit, and the absent cache is created with --size. Each
+    server also listened on a random loopback TCP port (``port=None`` was
+    turned into 0, "any port"), which INFO then reported."""
+    name = fresh_name("resp")
+    sock = str(tmp_path / "only.sock")
+    srv = ServeProcess(name, "--no-tcp", "--unix-mode", "660", unix=sock, size="8MiB", loop=loop)
+    try:
+        assert srv.port is None and "tcp " not in srv.stderr()
+        assert stat.S_IMODE(os.stat(sock).st_mode) == 0o660
+        import psutil
+
+        c = client(unix_socket_path=sock)
+        assert c.set("u", "1")
+        assert c.info("server")["tcp_port"] == 0
+        proc = psutil.Process(srv.proc.pid)
+        assert (getattr(proc, "net_connections", None) or proc.connections)(kind="inet") == []
+        c.close()
+        with Cache(name, size="8MiB", create=False) as cache:  # a different size would be refused
+            assert cache["u"] == b"1"
+    finally:
+        assert srv.stop() == 0
+        Cache.unlink(name)
+    assert not os.path.exists(sock)
+
+
+@pytest.mark.parametrize("loop", LOOPS)
+def test_max_multibulk_and_max_bulk_len_options(loop):
+    name = fresh_name("resp")
+    srv = ServeProcess(name, "--max-multibulk", "3", "--max-bulk-len", "1000", loop=loop)
+    try:
+        c = Conversation(srv.port)
+        assert c("MGET", "a", "b") == [None, None]
+        assert c("SET", "k" * 100, "v" * 1000) == b"OK"
+        c.close()
+        assert raw(srv.port, frame("MGET", "a", "b", "c")) == b"-ERR Protocol error: invalid multibulk length\r\n"
+        assert raw(srv.port, b"MGET a b c\r\n") == b"-ERR Protocol error: invalid multibulk length\r\n"
+        # the header of the argument over the limit is within the first 64
+        # bytes of a frame that is not complete yet: refused on reading it
+        assert raw(srv.port, b"*3\r\n$3\r\nSET\r\n$1\r\nk\r\n$1001\r\n") == (
+            b"-ERR Protocol error: invalid bulk length\r\n")
+        with Cache(name, create=False) as cache:
+            assert cache["k" * 100] == b"v" * 1000 and len(cache) == 1
+    finally:
+        assert srv.stop() == 0
+        Cache.unlink(name)
+
+
+@pytest.mark.parametrize("loop", LOOPS)
+def test_regression_a_whole_frame_with_an_argument_over_max_bulk_len_is_refused(loop):
+    """A "$N" header past a frame's first 64 bytes was never checked
+    against --max-bulk-len: a frame that arrived whole (one read) with a
+    1001-byte value after a 100-byte key was run. Redis refuses it as a
+    protocol error; so do we now, when the frame completes."""
+    name = fresh_name("resp")
+    srv = ServeProcess(name, "--max-bulk-len", "1000", loop=loop)
+    try:
+        assert raw(srv.port, b"PING\r\n" + frame("SET", "k" * 100, "w" * 1001)) == (
+            b"+PONG\r\n-ERR Protocol error: invalid bulk length\r\n")
+        with Cache(name, create=False) as cache:
+            assert len(cache) == 0
+    finally:
+        assert srv.stop() == 0
+        Cache.unlink(name)
+
+
 # ------------------------------------------------------------------ workers
 def test_two_workers_share_the_keyspace_and_a_dead_worker_is_replaced():
     name = fresh_name("resp")
@@ -606,6 +936,9 @@ def test_two_workers_share_the_keyspace_and_a_dead_worker_is_replaced():
     finally:
         assert srv.stop() == 0
         Cache.unlink(name)
+    # regression: each worker attached with --size again and logged SettingsIgnored
+    # for the cache serve() had just created with that size
+    assert "another layout" not in srv.stderr(), srv.stderr()
 
 
 # ---------------------------------------------------------------- redis-cli
@@ -643,6 +976,86 @@ def test_redis_cli(server):
                            capture_output=True, timeout=30)
     assert b"errors: 0, replies: 2" in piped.stdout
     assert cache["a"] == b"1" and cache["b"] == b"2"
+
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+
+def test_every_command_has_docs_that_render_back_to_its_syntax():
+    """COMMAND DOCS covers every command served; each syntax line parses into
+    Redis' argument maps and renders back the same (redis-cli's rendering)."""
+    import shmcache.server.connection  # noqa: F401 - registers the connection commands
+    from shmcache.server import docs
+    from shmcache.server.commands import COMMANDS
+
+    assert set(docs.SYNTAX) == {c.name for c in COMMANDS.values()}
+    lines = [syntax for _since, syntax in docs.SYNTAX.values() if syntax is not None]
+    lines += [sub[1] for subs in docs.SUBCOMMANDS.values() for sub in subs.values()]
+    for syntax in lines:
+        assert docs.render(docs.parse(syntax)) == syntax
+    assert docs.parse("key [key ...]") == [{"name": "key", "type": "key", "flags": ["multiple"]}]
+    assert docs.parse("[NX|XX]") == [{"name": "choice", "type": "oneof", "flags": ["optional"], "arguments": [
+        {"name": "nx", "type": "pure-token", "token": "NX"}, {"name": "xx", "type": "pure-token", "token": "XX"}]}]
+    for bad in ("[a", "a]", "a ...", "[...]"):
+        with pytest.raises(ValueError):
+            docs.parse(bad)
+
+
+@pytest.mark.skipif(REDIS_CLI is None, reason="redis-cli not installed (make test installs redis-tools)")
+@pytest.mark.parametrize("resp", ["2", "3"])
+def test_redis_cli_help_shows_each_commands_syntax_from_command_docs(server, resp):
+    """redis-cli builds `help` and its hints from COMMAND DOCS when the
+    server answers it (its own table only otherwise): arguments documented
+    as empty showed nothing."""
+    srv, _ = server
+
+    def helps(*topic):
+        out = subprocess.run([REDIS_CLI, "-p", str(srv.port), f"-{resp}", "help", *topic], capture_output=True,
+                             timeout=30, check=True).stdout.decode()
+        return " ".join(_ANSI.sub("", out).split())
+
+    assert "SET key value [NX|XX] [GET] [EX seconds|PX milliseconds|EXAT unix-time-seconds|" \
+           "PXAT unix-time-milliseconds|KEEPTTL] summary: Sets the string value of a key" in helps("SET")
+    assert "since: 1.0.0" in helps("SET") and "since: 7.0.0" in helps("LCS")
+    assert "MSET key value [key value ...]" in helps("MSET")
+    assert "BITCOUNT key [start end [BYTE|BIT]]" in helps("BITCOUNT")
+    assert "CLIENT SETNAME connection-name" in helps("CLIENT", "SETNAME")
+    assert "EXPIRE key seconds [NX|XX|GT|LT]" in helps("@generic")
+
+
+@pytest.mark.skipif(REDIS_CLI is None or shutil.which("tmux") is None,
+                    reason="redis-cli or tmux not installed (make test installs both)")
+def test_redis_cli_hints_as_you_type(server, tmp_path):
+    """Interactive redis-cli in a real terminal: after "SET greeting " it
+    hints the arguments still to type, as it does against Redis."""
+    srv, _ = server
+    sock = f"shmcache-test-{os.getpid()}-{time.monotonic_ns()}"
+
+    def tmux(*args):
+        return subprocess.run(["tmux", "-L", sock, *args], capture_output=True, text=True, timeout=30)
+
+    try:
+        cmd = f"env REDISCLI_HISTFILE=/dev/null {REDIS_CLI} -p {srv.port}"
+        assert tmux("new-session", "-d", "-s", "cli", "-x", "220", "-y", "10", cmd).returncode == 0
+        deadline = time.monotonic() + 20
+        while f"127.0.0.1:{srv.port}>" not in tmux("capture-pane", "-p", "-t", "cli").stdout:
+            assert time.monotonic() < deadline, "no redis-cli prompt"
+            time.sleep(0.1)
+        for typed, hint in (("SET greeting ", "value [NX|XX] [GET] [EX seconds|"),
+                            ("CLIENT SETNAME ", "connection-name"), ("GETEX k ", "[EX seconds|PX milliseconds|")):
+            tmux("send-keys", "-t", "cli", "-l", typed)
+            deadline = time.monotonic() + 20
+            while True:
+                pane = tmux("capture-pane", "-p", "-t", "cli").stdout
+                if typed + hint in pane:
+                    break
+                assert time.monotonic() < deadline, pane
+                time.sleep(0.1)
+            tmux("send-keys", "-t", "cli", "C-u")
+        tmux("send-keys", "-t", "cli", "-l", "quit")
+        tmux("send-keys", "-t", "cli", "Enter")
+    finally:
+        tmux("kill-server")  # our private server only (-L)
 
 
 # ------------------------------------------------- daemon --serve, gunicorn
@@ -924,6 +1337,25 @@ def test_config_set_as_redis_7(r, server):
     assert r.config_set("maxclients", 1000)
 
 
+def test_info_sections_come_from_the_cache_and_the_server(r, server):
+    _, cache = server
+    r.set("i1", "x" * 100)
+    cache["i2"] = b"y"
+    assert r.get("i1") and r.get("nope") is None
+    st = cache.stats()
+    mem = r.info("memory")
+    assert mem["used_memory"] == st["bytes_used"] > 100 and mem["maxmemory"] == st["arena_bytes"]
+    assert mem["maxmemory_policy"] == ("allkeys-lru" if st["policy"] == "lru" else "noeviction")
+    stats = r.info("stats")
+    assert stats["keyspace_hits"] == st["hits"] and stats["keyspace_misses"] == st["misses"]
+    assert stats["evicted_keys"] == st["evictions"] and stats["expired_keys"] == st["expirations"]
+    before = stats["total_commands_processed"]
+    r.ping()
+    assert r.info("stats")["total_commands_processed"] == before + 2  # the PING and this INFO
+    assert r.info("clients")["connected_clients"] >= 1
+    assert set(r.info()) >= {"redis_version", "connected_clients", "used_memory", "keyspace_hits"}
+
+
 def test_info_keyspace_counts_expires_and_avg_ttl(r, server):
     _, cache = server
     assert "db0" not in r.info("keyspace")
@@ -935,13 +1367,14 @@ def test_info_keyspace_counts_expires_and_avg_ttl(r, server):
     assert 190_000 < db0["avg_ttl"] <= 200_000
 
 
-def test_regression_replies_to_one_read_are_bounded_by_max_output_buffer():
+@pytest.mark.parametrize("loop", LOOPS)
+def test_regression_replies_to_one_read_are_bounded_by_max_output_buffer(loop):
     """270 bytes of pipelined GETs asked for 3 MB of replies (a 64 KiB read
     of them, for gigabytes): all were built in memory before any limit was
     looked at. Now a read whose replies pass --max-output-buffer closes the
     client, as Redis closes a client over its output limit."""
     name = fresh_name("resp")
-    srv = ServeProcess(name, "--max-output-buffer", "1000000")
+    srv = ServeProcess(name, "--max-output-buffer", "1000000", loop=loop)
     try:
         with Cache(name, create=False) as cache:
             cache["big"] = b"x" * 60_000  # the most one 64 KiB arena segment holds, about

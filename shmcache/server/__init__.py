@@ -27,7 +27,7 @@ import time
 
 from .._pdeathsig import die_with_parent
 from ..cache import Cache
-from ..errors import Error
+from ..errors import CacheNotFound, Error
 from . import connection as _connection
 from .connection import Connection, admit, handle_read
 
@@ -183,7 +183,8 @@ class Server:
         self.max_key = st["max_key_size"]
         self.stripes = st["stripes"]
         self.bind = host
-        self.port = port or 0
+        self.port = port or 0  # the real port once listening; 0 without TCP (Redis' "port 0")
+        self._tcp = port is not None
         self.unix = unix
         self.unix_mode = unix_mode
         self.password = password.encode() if isinstance(password, str) else password
@@ -197,6 +198,7 @@ class Server:
         self.rejected = 0
         self.started = time.time()
         self._servers: list = []
+        self._unix_made = None  # (path, inode) of the unix socket this server bound
 
     async def start(self) -> "Server":
         """Listen (TCP and/or unix socket). Returns self; ``self.port`` is the real port.
@@ -223,7 +225,10 @@ class Server:
         """
         from .eventloop import run_until_signal
 
-        run_until_signal(self, self._listening_sockets())
+        try:
+            run_until_signal(self, self._listening_sockets())
+        finally:
+            self._remove_unix_socket()
 
     def _listening_sockets(self) -> list:
         """The TCP and unix sockets to accept on (given, or bound now);
@@ -232,24 +237,40 @@ class Server:
         if self._sock is not None:
             socks.append(self._sock)
             self.port = self._sock.getsockname()[1]
-        elif self.port is not None and self.bind:
+        elif self._tcp and self.bind:
             sock = listen_tcp(self.bind, self.port, reuse_port=False)
             socks.append(sock)
             self.port = sock.getsockname()[1]
         if self._unix_sock is not None:
             socks.append(self._unix_sock)
         elif self.unix:
-            socks.append(listen_unix(self.unix, self.unix_mode))
+            sock = listen_unix(self.unix, self.unix_mode)
+            socks.append(sock)
+            self._unix_made = (self.unix, os.stat(self.unix).st_ino)
         return socks
+
+    def _remove_unix_socket(self) -> None:
+        """Unlink the socket file this server created (one given to it, as
+        ``serve()``'s workers are, is its creator's), unless something else
+        has replaced it since."""
+        made, self._unix_made = self._unix_made, None
+        if made is not None:
+            try:
+                if os.stat(made[0]).st_ino == made[1]:
+                    os.unlink(made[0])
+            except OSError:
+                pass
 
     async def serve_forever(self) -> None:
         await asyncio.gather(*(s.serve_forever() for s in self._servers))
 
     def close(self) -> None:
-        """Stop listening and drop every client. Idempotent."""
+        """Stop listening (removing the unix socket file it created) and drop
+        every client. Idempotent."""
         for s in self._servers:
             s.close()
         self._servers = []
+        self._remove_unix_socket()
         for c in list(self.connections.values()):
             c.kill()
 
@@ -306,9 +327,22 @@ def _open_cache(name: str, size, create: bool) -> Cache:
     return Cache(name, size=size, create=create, default_ttl=None)
 
 
+def _attach(name: str, size) -> Cache:
+    """A worker's cache: the one ``serve()`` created or checked before
+    forking (which already warned, once, if it exists with another size).
+    Attaching with ``size`` again would repeat that check in every worker,
+    and the cache's size check warns even for the size it was created with
+    (it rounds to its segments), so each worker logged a SettingsIgnored
+    warning. Only a worker restarted after the cache was removed creates it."""
+    try:
+        return Cache(name, create=False, default_ttl=None)
+    except CacheNotFound:
+        return _open_cache(name, size, True)
+
+
 def _run_worker(name: str, size, kw: dict, sock, unix_sock, workers: int) -> None:
     """Body of one server process: open the cache, serve until SIGTERM/SIGINT."""
-    cache = _open_cache(name, size, True)
+    cache = _attach(name, size)
     try:
         Server(cache, sock=sock, unix_sock=unix_sock, workers=workers, **kw).run()
     finally:

@@ -24,6 +24,7 @@ except ImportError:  # no `server` extra: Server() and serve() refuse with how t
 from .. import admin
 from . import commands as C
 from .commands import COMMANDS, CommandError, OK, array, bulk, bulk_array, error, integer, mapping
+from .docs import command_docs
 
 log = logging.getLogger("shmcache.server")
 
@@ -157,6 +158,7 @@ class Connection:
             fast = _FAST if self.authed and self.multi is None else None
             nfast = 0
             max_mb = srv.max_multibulk
+            max_bulk = srv.max_bulk_len
             max_out = srv.max_output_buffer
             digits = _DIGITS
             last = b""
@@ -181,6 +183,8 @@ class Connection:
                         if type(a) is not bytes:
                             raise ProtocolFailure("expected '$', got '" + ("*" if type(a) is list else ":") + "'")
                         n = len(a)
+                        if n > max_bulk:  # a "$N" header past a frame's first 64 bytes is first seen here
+                            raise ProtocolFailure("invalid bulk length")
                         consumed += n + (digits[n] if n < 10000 else len(str(n)))
                     if len(req) > max_mb:
                         raise ProtocolFailure("invalid multibulk length")
@@ -666,9 +670,12 @@ def c_select(conn, args):
     return OK
 
 
-def _check_name(name: bytes) -> None:
+def _check_name(name: bytes, what: str = "Client names") -> None:
+    """Printable ASCII without spaces, as Redis requires: CLIENT LIST is
+    split on spaces and newlines, so a value holding one could forge fields
+    or whole client lines."""
     if any(c <= 32 or c > 126 for c in name):
-        raise CommandError("ERR Client names cannot contain spaces, newlines or special characters.")
+        raise CommandError(f"ERR {what} cannot contain spaces, newlines or special characters.")
 
 
 @_cmd("client", -2, "", summary="A container for client connection commands.")
@@ -689,13 +696,13 @@ def c_client(conn, args):
         return C.verbatim(conn, b"".join(c.info_line() + b"\n" for c in conn.server.connections.values()))
     if sub == b"SETINFO" and n == 4:
         attr = args[2].upper()
-        if attr == b"LIB-NAME":
-            _check_name(args[3])
-            conn.lib_name = args[3]
-        elif attr == b"LIB-VER":
-            conn.lib_ver = args[3]
-        else:
+        if attr not in (b"LIB-NAME", b"LIB-VER"):
             raise CommandError(f"ERR Unrecognized option '{args[2].decode('utf-8', 'replace')}'")
+        _check_name(args[3], args[2].decode("utf-8", "replace"))  # Redis 7.2 checks both
+        if attr == b"LIB-NAME":
+            conn.lib_name = args[3]
+        else:
+            conn.lib_ver = args[3]
         return OK
     if sub == b"KILL" and n >= 3:
         return _client_kill(conn, args)
@@ -813,9 +820,7 @@ def c_command(conn, args):
             c = COMMANDS.get(n)
             if c is None:
                 continue
-            pairs.append((bulk(n), mapping(conn, [
-                (bulk(b"summary"), bulk(c.summary.encode())), (bulk(b"since"), bulk(b"1.0.0")),
-                (bulk(b"group"), bulk(c.group.encode())), (bulk(b"arguments"), b"*0\r\n")])))
+            pairs.append((bulk(n), command_docs(conn, c)))
         return mapping(conn, pairs)
     if sub == b"GETKEYS" and len(args) >= 4:
         c = COMMANDS.get(args[2].lower())
