@@ -1116,11 +1116,8 @@ def _check_settings(name: str, given: dict, g: L.Geometry, strict: bool) -> None
     """Warn (once per process) or, with ``strict``, raise SettingsMismatch when
     layout settings given to an attaching Cache differ from the segment's."""
     diffs = []
-    if "size" in given:
-        # The creator rounds the arena down to pages per stripe: within that, same size.
-        asked = L.parse_size(given["size"])
-        if not g.total_size <= asked < g.total_size + (g.n_stripes + 2) * L.PAGE:
-            diffs.append(("size", given["size"], f"{g.total_size} bytes"))
+    if "size" in given and not _lays_out_as(L.parse_size(given["size"]), g):
+        diffs.append(("size", given["size"], f"{g.total_size} bytes"))
     if "max_items" in given:
         n = g.n_stripes
         if -(-given["max_items"] // n) * n != g.max_items:
@@ -1144,6 +1141,21 @@ def _check_settings(name: str, given: dict, g: L.Geometry, strict: bool) -> None
     if key not in _warned_settings:
         _warned_settings.add(key)
         warnings.warn(msg, SettingsIgnored, stacklevel=3)
+
+
+def _lays_out_as(size: int, g: L.Geometry) -> bool:
+    """Whether a segment created with ``size`` and this one's other settings
+    would be this one: the creator cuts each stripe's arena into whole
+    segments, so the segment is up to a segment per stripe smaller than the
+    size asked for, and that is still the same size."""
+    try:
+        want = L.compute_geometry(
+            size, stripes=g.n_stripes, max_items=g.max_items, max_key_size=g.max_key_size,
+            max_value_size=g.max_value_size, max_clients=g.max_clients,
+        )
+    except ValueError:
+        return False
+    return want.total_size == g.total_size
 
 
 def _finite_clock(clock):

@@ -227,6 +227,20 @@ def test_attach_without_layout_settings_or_with_the_same_ones_is_silent(make_cac
         make_cache(size="1MiB", policy="noeviction", lock_timeout=2.0)
 
 
+@pytest.mark.parametrize("size", ["16MiB", "64MiB", "3MiB", "1000000", "12345678"])
+def test_regression_reopening_with_the_size_it_was_created_with_is_silent(make_cache, size):
+    # The creator cuts each stripe's arena into whole segments, so a 16 MiB
+    # cache is 16,658,432 bytes; reopening with size="16MiB" warned that the
+    # size was ignored (the check allowed only a page per stripe of rounding).
+    make_cache(size=size)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        make_cache(size=size, strict=True)
+        make_cache(size=size)
+    with pytest.raises(shmcache.SettingsMismatch, match="size="):
+        make_cache(size=layout.parse_size(size) * 2, strict=True)
+
+
 def test_attach_with_other_settings_strict_is_an_error(make_cache):
     make_cache(size="1MiB", mode=0o600)
     with pytest.raises(shmcache.SettingsMismatch, match=r"mode='0o660' \(it has 0o600\)"):

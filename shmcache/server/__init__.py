@@ -330,10 +330,9 @@ def _open_cache(name: str, size, create: bool) -> Cache:
 def _attach(name: str, size) -> Cache:
     """A worker's cache: the one ``serve()`` created or checked before
     forking (which already warned, once, if it exists with another size).
-    Attaching with ``size`` again would repeat that check in every worker,
-    and the cache's size check warns even for the size it was created with
-    (it rounds to its segments), so each worker logged a SettingsIgnored
-    warning. Only a worker restarted after the cache was removed creates it."""
+    Attaching with ``size`` again would repeat that check, and its warning,
+    in every worker. Only a worker restarted after the cache was removed
+    creates it."""
     try:
         return Cache(name, create=False, default_ttl=None)
     except CacheNotFound:
