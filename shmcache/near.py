@@ -388,8 +388,9 @@ class NearCache:
         if allow_pickle is not None and not isinstance(allow_pickle, bool):
             raise TypeError(f"allow_pickle must be True, False or None, not {type(allow_pickle).__name__}")
         trust = admin.pickle_trust(self._cache)
-        if allow_pickle is not None:
+        if allow_pickle is not None:  # said outright: as Cache(allow_pickle=...), no later re-check
             trust.allow_pickle = allow_pickle
+            trust.still_trusted = None
             trust.why = "allow_pickle=False"
         #: pickle under the cache's trust rule (the Django and Flask backends use it)
         self.pickle = TrustedPickle(trust)

@@ -225,6 +225,31 @@ def test_decode_responses_client_returns_str(shared):
     client.close()
 
 
+def test_regression_allow_pickle_true_said_outright_survives_a_chmod(shared, make_cache, cache_name):
+    # NearCache(allow_pickle=True) kept the cache's "still private?" re-check,
+    # so after a chmod to 0660 it refused the pickles it was told to allow
+    # (and the message said to pass allow_pickle=True). Cache(allow_pickle=True)
+    # never re-checks: both now agree.
+    import fractions
+    import pickle
+
+    from shmcache.segment import shm_path
+
+    server, _a, _b = shared
+    c = make_cache(size="1MiB")
+    data = pickle.dumps(fractions.Fraction(1, 3))
+    told = NearCache(c, server.url, allow_pickle=True)
+    default = NearCache(c, server.url)
+    try:
+        os.chmod(shm_path(cache_name), 0o660)
+        assert told.pickle.loads(data) == fractions.Fraction(1, 3)
+        with pytest.raises(Exception, match="since it was opened"):
+            default.pickle.loads(data)
+    finally:
+        told.close()
+        default.close()
+
+
 def test_bad_arguments_are_refused_clearly(shared):
     server, a, b = shared
     with pytest.raises(ValueError, match="max_ttl"):
