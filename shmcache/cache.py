@@ -14,6 +14,7 @@ from typing import Any, TypeVar, Union
 
 from . import admin, stampede
 from . import layout as L
+from ._durations import MAX_SECONDS, MAX_WAIT, check_seconds  # noqa: F401 - check_seconds, MAX_SECONDS: re-exported
 from ._sentinels import DEFAULT_TTL, MISSING
 from .codec import BYTES, CUSTOM, STR, Codec, decode_key, encode_int, encode_key
 from .errors import KeyTooLong, SettingsIgnored, SettingsMismatch, ValueTooLarge
@@ -130,28 +131,6 @@ class _State:
             release()
         self.views = []
         self.seg.close()
-
-
-#: The longest a caller may ask to wait for a lock or an initializing creator
-#: (seconds). Beyond an hour a wait is a hang, and `inf` or 1e300 would
-#: overflow the kernel's timespec.
-MAX_WAIT = 3600.0
-
-
-def check_seconds(label: str, value, *, maximum: float, zero_ok: bool = False) -> float:
-    """A duration in seconds: a real number, finite, positive (or 0 if ``zero_ok``), at most ``maximum``.
-
-    Raises:
-        TypeError: not an int or float (bools are refused).
-        ValueError: NaN, infinite, negative, zero (unless allowed) or above ``maximum``;
-            the message names the setting and the limit.
-    """
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{label} must be a number of seconds, not {type(value).__name__}")
-    low = "0 or more" if zero_ok else "more than 0"
-    if not (value >= 0 if zero_ok else value > 0) or not value <= maximum:
-        raise ValueError(f"{label} must be a finite number of seconds, {low} and at most {maximum:g}, got {value!r}")
-    return float(value)
 
 
 def _check_ttl(ttl) -> float:

@@ -25,7 +25,7 @@ from pathlib import Path
 
 from . import __version__, admin
 from . import layout as L
-from .cache import Cache
+from .cache import MAX_SECONDS, Cache
 from .errors import CacheNotFound, Error, PermissionDenied, SettingsIgnored, UntrustedSegment
 
 NAME_ENV = "SHMCACHE_NAME"
@@ -44,10 +44,6 @@ class _Parser(argparse.ArgumentParser):
 
 
 # ----------------------------------------------------------------- helpers
-#: The longest --timeout / --interval accepted (seconds; as daemon.MAX_INTERVAL).
-MAX_SECONDS = 1e6
-
-
 def _seconds(zero_ok: bool):
     """An argparse type: a finite number of seconds (0 too if ``zero_ok``) up
     to MAX_SECONDS. NaN compares false with every deadline: a wait with a NaN
@@ -255,8 +251,10 @@ def _upstream(args) -> str | None:
 def _start_resp_child(args) -> subprocess.Popen:
     """``daemon --serve PORT``: a ``shmcache serve`` process beside the daemon,
     stopped with it (and by the kernel if the daemon is SIGKILLed)."""
-    cmd = [sys.executable, "-m", "shmcache", "serve", "--name", _name(args), "--size", str(args.size),
+    cmd = [sys.executable, "-m", "shmcache", "serve", "--name", _name(args),
            "--port", str(args.serve), "--log-level", args.log_level]
+    if args.size is not None:  # the daemon created the cache already; only a size said outright is compared
+        cmd += ["--size", str(args.size)]
     for flag in ("bind", "unix", "workers", "requirepass_file"):
         v = getattr(args, flag)
         if v is not None and v is not False:
@@ -1224,7 +1222,7 @@ def build_parser() -> argparse.ArgumentParser:
         "Any language's Redis client, and redis-cli, reads and writes the same keys as Python. "
         "Binds 127.0.0.1 unless --bind is given. See 'Redis protocol' in the README.",
     )))
-    sp.add_argument("--size", default="64MiB", help="segment size if the cache is created (default 64MiB)")
+    sp.add_argument("--size", help="segment size if the cache is created (default 64MiB)")
     sp.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     sp = named(add("stats", cmd_stats, "show counters, fill and daemon status"))
     sp.add_argument("--json", action="store_true", help="print JSON instead of a table")

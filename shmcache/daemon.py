@@ -54,7 +54,7 @@ import numpy as np
 
 from . import admin
 from . import layout as L
-from .cache import Cache, check_seconds
+from .cache import MAX_SECONDS, Cache, check_seconds
 from .errors import DaemonError, Error
 from .lock import Identity
 from .snapshot import SnapshotError, restore_snapshot, terminal_progress, write_snapshot
@@ -578,7 +578,7 @@ class Daemon:
 
 
 #: The longest interval a daemon timer accepts (seconds; about 11.6 days).
-MAX_INTERVAL = 1e6
+MAX_INTERVAL = MAX_SECONDS
 
 
 def _check_snapshot_path(path: str) -> None:

@@ -56,6 +56,7 @@ from concurrent.futures import ThreadPoolExecutor
 import xxhash
 
 from . import admin
+from ._durations import MAX_SECONDS, check_seconds
 from ._sentinels import DEFAULT_TTL as _DEFAULT
 from .codec import encode_key
 
@@ -97,23 +98,18 @@ def lock_key(key) -> str:
     return LOCK_PREFIX + xxhash.xxh3_128_hexdigest(encode_key(key))
 
 
-#: The longest stampede timeout (seconds; about 11.6 days, as the daemon's
-#: intervals): a waiter's deadline, so 1e300 would mean "wait forever".
-MAX_TIMEOUT = 1e6
+#: The longest stampede timeout (seconds; as the daemon's intervals): a
+#: waiter's deadline, so 1e300 would mean "wait forever".
+MAX_TIMEOUT = MAX_SECONDS
 
 
-def check_timeout(timeout) -> float:
+def check_timeout(timeout, label: str = "timeout") -> float:
     """``timeout`` as seconds: a positive finite number, at most MAX_TIMEOUT.
 
     Raises:
-        TypeError / ValueError: anything else.
+        TypeError / ValueError: anything else, naming ``label``.
     """
-    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)):
-        raise TypeError(f"timeout must be a number of seconds, not {type(timeout).__name__}")
-    if not 0 < timeout <= MAX_TIMEOUT:
-        raise ValueError(f"timeout must be a positive, finite number of seconds, at most {MAX_TIMEOUT:g}, "
-                         f"got {timeout!r}")
-    return float(timeout)
+    return check_seconds(label, timeout, maximum=MAX_TIMEOUT)
 
 
 def _owner_alive(cache, record) -> bool:

@@ -29,13 +29,13 @@ class ServeProcess:
     ``loop="asyncio"``, the same options served by ``Server.start()`` in an
     asyncio loop (one process: no ``--workers``)."""
 
-    def __init__(self, name: str, *args: str, size: str = "16MiB", unix: str | None = None,
+    def __init__(self, name: str, *args: str, size: str | None = "16MiB", unix: str | None = None,
                  loop: str = "epoll", env: dict | None = None):
         if loop not in LOOPS:
             raise ValueError(f"loop must be one of {LOOPS}, got {loop!r}")
         self.loop = loop
         head = [sys.executable, "-m", "shmcache", "serve"] if loop == "epoll" else [sys.executable, __file__]
-        cmd = [*head, "-n", name, "--size", size, "--port", "0", "--log-level", "info", *args]
+        cmd = [*head, "-n", name, *(["--size", size] if size else []), "--port", "0", "--log-level", "info", *args]
         if unix:
             cmd += ["--unix", unix]
         # unbuffered: a buffered readline could pull the "tcp ...:port" line into

@@ -624,7 +624,8 @@ def test_row12_wait_ready_and_key_lock_timeouts_are_checked_where_given(make_cac
 def test_row12_framework_stampede_timeouts_are_checked_at_construction(cache_name, value):
     from shmcache.contrib.flask import ShmCache as FlaskShmCache
 
-    with pytest.raises((ValueError, TypeError), match="timeout"):
+    # The message names the setting (it said "timeout" before, as README's promise did not).
+    with pytest.raises((ValueError, TypeError), match="stampede_timeout"):
         FlaskShmCache(cache_name, size="1MiB", stampede_timeout=value)
     assert FlaskShmCache(cache_name, size="1MiB", stampede_timeout="2.5").stampede_timeout == 2.5
 

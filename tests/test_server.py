@@ -18,7 +18,7 @@ pytest.importorskip("hiredis", reason="shmcache serve needs hiredis: pip install
 
 from names import fresh_name  # noqa: E402
 from resp_server import LOOPS, ServeProcess, worker_pids  # noqa: E402
-from shmcache import Cache  # noqa: E402
+from shmcache import Cache, admin  # noqa: E402
 from shmcache.server import ServerError, check_bind, read_password  # noqa: E402
 
 REDIS_CLI = shutil.which("redis-cli")
@@ -1069,6 +1069,47 @@ def _daemon_serving(name: str, stderr=subprocess.PIPE):
     d = subprocess.Popen([sys.executable, "-m", "shmcache", "daemon", "-n", name, "--size", "8MiB",
                           "--serve", str(port), "--workers", "2"], stdout=subprocess.DEVNULL, stderr=stderr)
     return d, port
+
+
+def test_regression_serve_without_size_serves_an_existing_cache_without_a_warning():
+    # serve defaulted --size to 64MiB, so serving any other existing cache
+    # warned SettingsIgnored (size='64MiB'); `daemon --serve` without --size
+    # passed "--size None" to its serve child, which refused to start.
+    import sys
+
+    name = fresh_name("resp")
+    Cache(name, size="8MiB").close()
+    try:
+        srv = ServeProcess(name, size=None)
+        try:
+            assert client(port=srv.port).ping()
+        finally:
+            assert srv.stop() == 0
+        assert not [ln for ln in srv.log if "SettingsIgnored" in ln], srv.log
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        d = subprocess.Popen([sys.executable, "-m", "shmcache", "daemon", "-n", name, "--serve", str(port)],
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        try:
+            deadline = time.monotonic() + 30
+            while True:
+                try:
+                    assert client(port=port).ping()
+                    break
+                except redis.ConnectionError:
+                    assert time.monotonic() < deadline and d.poll() is None, "the daemon's server never came up"
+                    time.sleep(0.1)
+        finally:
+            d.terminate()
+            assert d.wait(30) == 0
+            err = d.stderr.read().decode()
+            d.stderr.close()
+        assert "SettingsIgnored" not in err and "Traceback" not in err, err
+        with Cache(name, create=False) as c:
+            assert admin.geometry(c).total_size < 9 * 2**20  # still the 8 MiB cache
+    finally:
+        Cache.unlink(name)
 
 
 def test_daemon_serve_runs_and_stops_a_resp_server(tmp_path):

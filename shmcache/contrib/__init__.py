@@ -16,7 +16,7 @@ import time
 import weakref
 
 from .. import admin
-from ..cache import MAX_WAIT, Cache, check_seconds
+from ..cache import MAX_SECONDS, MAX_WAIT, Cache, check_seconds
 from ..errors import Error
 
 __all__ = [
@@ -159,7 +159,7 @@ def cache_from_env(environ=None) -> Cache:
 
 #: The longest KeyLock timeout or blocking_timeout (seconds; about 11.6 days,
 #: as the daemon's intervals): bounded so no deadline or sleep overflows.
-MAX_LOCK_SECONDS = 1e6
+MAX_LOCK_SECONDS = MAX_SECONDS
 
 
 def _number(value, label: str):

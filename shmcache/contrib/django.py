@@ -135,7 +135,8 @@ class ShmCache(BaseCache):
                 f"{sorted(CACHE_OPTIONS | _OWN_OPTIONS)}"
             )
         try:  # checked now: a NaN or inf only failed at the first get_or_set
-            self._stampede_timeout = stampede.check_timeout(_number(options.pop("stampede_timeout", stampede.DEFAULT_TIMEOUT), "stampede_timeout"))
+            self._stampede_timeout = stampede.check_timeout(_number(options.pop("stampede_timeout", stampede.DEFAULT_TIMEOUT), "stampede_timeout"),
+                                                           "stampede_timeout")
         except (TypeError, ValueError) as e:
             raise ImproperlyConfigured(f"ShmCache: OPTIONS stampede_timeout: {e}") from e
         for k in _OWN_OPTIONS:

@@ -87,7 +87,7 @@ class ShmCache(BaseCache):
     ) -> None:
         super().__init__(default_timeout=default_timeout, ignore_delete_many_errors=ignore_delete_many_errors)
         self.key_prefix = key_prefix or ""
-        self.stampede_timeout = stampede.check_timeout(_number(stampede_timeout, "stampede_timeout"))  # not at the first get_or_set
+        self.stampede_timeout = stampede.check_timeout(_number(stampede_timeout, "stampede_timeout"), "stampede_timeout")  # not at the first get_or_set
         self._cache = shared_cache(name, **options)
         self._max_key = max_key_size(self._cache)
 

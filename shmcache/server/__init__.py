@@ -348,12 +348,14 @@ def _run_worker(name: str, size, kw: dict, sock, unix_sock, workers: int) -> Non
         cache.close()
 
 
-def serve(name: str, *, size="64MiB", host: str = "127.0.0.1", port: int | None = DEFAULT_PORT,
+def serve(name: str, *, size=None, host: str = "127.0.0.1", port: int | None = DEFAULT_PORT,
           bind_explicit: bool = False, unix: str | None = None, unix_mode: int = 0o600, workers: int = 1,
           password: str | bytes | None = None, password_file: str | None = None, ready=None, **limits) -> int:
     """Serve cache ``name`` over RESP until SIGTERM/SIGINT (blocking). Returns 0.
 
-    The cache is created with ``size`` if absent. ``workers > 1`` forks that
+    The cache is created with ``size`` (default 64 MiB) if absent; an
+    existing cache is served as it is, and a ``size`` it was not created
+    with is named in a SettingsIgnored warning. ``workers > 1`` forks that
     many server processes on the same port (``SO_REUSEPORT``) and the same
     unix socket; the parent restarts any that dies. ``ready(port)`` is called
     once listening (the real port when ``port=0``). A worker process dies
