@@ -41,6 +41,7 @@
 #include <semaphore.h>
 #include <stdint.h>
 #include <string.h>
+#include <sys/stat.h>
 #include <time.h>
 
 #define XXH_INLINE_ALL
@@ -1663,7 +1664,22 @@ static PyObject *mod_chain_walk(PyObject *m, PyObject *args) {
     return r;
 }
 
+/* fd_private(fd, uid) -> bool: is the open file still owned by uid with no
+ * group or other write bit? One fstat, no stat_result object: it runs before
+ * every full unpickle (Segment.still_private), where os.fstat + os.geteuid
+ * cost ~1.9 us on a VM whose syscalls are slow, and this ~0.5 us. */
+static PyObject *mod_fd_private(PyObject *self, PyObject *args) {
+    int fd;
+    unsigned long uid;
+    if (!PyArg_ParseTuple(args, "ik", &fd, &uid)) return NULL;
+    struct stat st;
+    if (fstat(fd, &st) != 0) return PyErr_SetFromErrno(PyExc_OSError);
+    return PyBool_FromLong(st.st_uid == (uid_t)uid && !(st.st_mode & 022));
+}
+
 static PyMethodDef mod_methods[] = {
+    {"fd_private", (PyCFunction)mod_fd_private, METH_VARARGS,
+     "fd_private(fd, uid) -> bool: the open file is owned by uid and has no group or other write bit."},
     {"xxh3_64", (PyCFunction)mod_xxh3, METH_O, "xxh3_64(buffer) -> int (same as xxhash.xxh3_64_intdigest)."},
     {"entry_sums", (PyCFunction)mod_entry_sums, METH_VARARGS,
      "entry_sums(buffer, offsets, checksums=True) -> bytes: per u64 offset, key xxh3-64, entry checksum, out-of-bounds flag."},

@@ -41,6 +41,11 @@ from contextlib import contextmanager
 import posix_ipc
 
 from . import layout
+
+try:  # one fstat without a stat_result object, before each full unpickle
+    from ._speedups import fd_private as _fd_private
+except ImportError:  # pragma: no cover - pure-Python install
+    _fd_private = None
 from .errors import (
     CacheNotFound,
     LayoutMismatch,
@@ -136,6 +141,7 @@ class Segment:
         #: owner is our euid and it has no group/other write bits): the only
         #: case in which values are unpickled by default (see codec.py).
         self.private = False
+        self._uid = os.geteuid()  # the user privacy is judged for (the euid at open)
         #: (uids trusted as writers, the segment's own mode bits): what a
         #: snapshot restored into this segment is held to (snapshot.py).
         self.trust: tuple[frozenset, int] = (frozenset({os.geteuid()}), 0o600)
@@ -337,12 +343,16 @@ class Segment:
 
     def still_private(self) -> bool:
         """Is the segment still writable only by this process's user (owner
-        our euid, no group or other write bit)? Asked of the open file, so a
-        chmod or chown since it was opened counts. (A process that opened it
+        the euid it had when it opened the segment, no group or other write
+        bit)? Asked of the open file, so a chmod or chown since it was opened
+        counts; a process that drops privileges later (seteuid) keeps judging
+        for the user whose segment it opened. (A process that opened it
         while it was shared keeps its write access: narrowing a mode later
         does not take that back.)"""
+        if _fd_private is not None:
+            return _fd_private(self.fd, self._uid)
         st = os.fstat(self.fd)
-        return st.st_uid == os.geteuid() and not st.st_mode & 0o022
+        return st.st_uid == self._uid and not st.st_mode & 0o022
 
     # -- locks --------------------------------------------------------------
     def file_lock(self, byte: int, timeout: float, what: str = "lock"):

@@ -370,7 +370,11 @@ def test_row2_a_cache_opened_to_a_group_after_attach_stops_unpickling(make_cache
     # before went on unpickling whatever the group's members wrote.
     import shmcache.cache as cm
 
+    import shmcache.segment as sm
+
     monkeypatch.setattr(cm, "USE_SPEEDUPS", cm.USE_SPEEDUPS and not pure)
+    if pure:  # the os.fstat fallback of the C fd_private check
+        monkeypatch.setattr(sm, "_fd_private", None)
     c = make_cache(size="1MiB")
     c["f"] = fractions.Fraction(1, 3)
     c["plain"] = {"a": [1, (2, b"3")]}
@@ -387,6 +391,26 @@ def test_row2_a_cache_opened_to_a_group_after_attach_stops_unpickling(make_cache
     assert not marker.exists()
     with Cache(cache_name, mode=0o660, allow_pickle=True) as trusting:  # saying so still works
         assert trusting["f"] == fractions.Fraction(1, 3)
+
+
+@pytest.mark.parametrize("pure", [False, True], ids=["c", "pure"])
+def test_still_private_follows_chmod_and_chown_of_the_open_file(make_cache, cache_name, pure, monkeypatch):
+    import shmcache.segment as sm
+
+    if pure:
+        monkeypatch.setattr(sm, "_fd_private", None)
+    elif sm._fd_private is None:
+        pytest.skip("the C accelerator is not built")
+    seg = make_cache(size="1MiB")._seg
+    path = _seg_path(cache_name)
+    assert seg.still_private()
+    for mode, private in ((0o640, True), (0o620, False), (0o602, False), (0o600, True)):
+        os.chmod(path, mode)
+        assert seg.still_private() is private, oct(mode)
+    os.chown(path, 54321, -1)  # given away: no longer ours
+    assert seg.still_private() is False
+    os.chown(path, os.geteuid(), -1)
+    assert seg.still_private() is True
 
 
 def test_row2_the_near_caches_pickles_follow_a_later_chmod_too(make_cache, cache_name):
