@@ -13,7 +13,9 @@ setup(
             "shmcache._speedups",
             sources=["shmcache/_speedups.c"],
             depends=["shmcache/_vendor/xxhash.h"],
-            extra_compile_args=["-O3", "-std=gnu11", "-Wall", "-Wno-unused-function"],
+            # Hot functions start on a cache line: without it, adding an unrelated
+            # function to the module moved incr from ~139 to ~150 ns (layout, not code).
+            extra_compile_args=["-O3", "-std=gnu11", "-Wall", "-Wno-unused-function", "-falign-functions=64"],
             optional=True,
         )
     ]
