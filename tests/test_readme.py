@@ -39,16 +39,22 @@ def test_quick_start_runs_as_written_and_does_what_its_comments_say():
         else:
             script.append(code)
     before = set(os.listdir("/dev/shm"))
-    r = subprocess.run([sys.executable, "-c", "\n".join(script)], capture_output=True, text=True, timeout=120)
+    try:
+        r = subprocess.run([sys.executable, "-c", "\n".join(script)], capture_output=True, text=True, timeout=120)
+    finally:
+        leftover = set(os.listdir("/dev/shm")) - before
+        if leftover:  # the block failed before its Cache.unlink: clean up, then say so below
+            from shmcache import Cache
+
+            Cache.unlink(name)
     assert r.returncode == 0, r.stderr
+    assert not leftover, f"the Quick start left {sorted(leftover)} in /dev/shm"
     shown = dict(zip((c for c, _ in promised), r.stdout.splitlines()))
     checked = [(c, want, shown[c]) for c, want in promised if want is not None]
     assert [c for c, _, _ in checked] == ['cache.get("user:1")', 'cache.incr("hits")']
     for code, want, got in checked:
         assert got == want, f"README says {code} gives {want}; it gave {got}"
     assert shown['"user:1" in cache, len(cache)'] == "(True, 3)"
-    # "close(): detach; the cache stays" then "unlink: destroy it": nothing left behind.
-    assert set(os.listdir("/dev/shm")) == before
 
 
 def _promise(comment: str) -> str | None:
