@@ -19,6 +19,7 @@ from pathlib import Path
 from unittest import mock
 
 from names import fresh_name
+from payload import Payload
 
 NAME = fresh_name("dj")
 os.environ["SHMCACHE_DJANGO_TEST_NAME"] = NAME
@@ -1291,16 +1292,6 @@ def test_readme_ttl_table_is_what_each_api_does(cache_name):
         Cache.unlink(cache_name)
 
 
-class _Planted:
-    """Unpickling this runs ``touch marker``: proof that code ran."""
-
-    def __init__(self, marker):
-        self.marker = marker
-
-    def __reduce__(self):
-        return (os.system, (f"touch {self.marker}",))
-
-
 def test_a_group_shared_cache_follows_the_pickle_trust_rule(cache_name, tmp_path):
     # Issue 10: the backend pickles as Django does, but only where nobody else
     # can write the segment; a group member's planted pickle never runs.
@@ -1318,7 +1309,7 @@ def test_a_group_shared_cache_follows_the_pickle_trust_rule(cache_name, tmp_path
             shared.set("obj", fractions.Fraction(1, 3))
         assert not shared.has_key("obj")
         with Cache(cache_name, mode=0o660, allow_pickle=True) as member:  # what any group member can do
-            member.set(shared._key("planted"), _Planted(str(marker)))
+            member.set(shared._key("planted"), Payload(str(marker)))
         for read in (lambda: shared.get("planted"), lambda: shared.get_many(["plain", "planted"])):
             with pytest.raises(PickleRefused, match="allow_pickle=True"):
                 read()

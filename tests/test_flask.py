@@ -16,6 +16,7 @@ import time
 import flask
 import pytest
 from flask_caching import Cache as FlaskCache
+from payload import Payload
 
 from shmcache import Cache
 from shmcache.contrib import shared_cache
@@ -556,16 +557,6 @@ def test_backend_shared_by_processes(cache_name):
         Cache.unlink(cache_name)
 
 
-class _Planted:
-    """Unpickling this runs ``touch marker``: proof that code ran."""
-
-    def __init__(self, marker):
-        self.marker = marker
-
-    def __reduce__(self):
-        return (os.system, (f"touch {self.marker}",))
-
-
 def test_a_group_shared_cache_follows_the_pickle_trust_rule(cache_name, tmp_path, clock):
     # Issue 10: values are pickled only where nobody else can write the
     # segment; a group member's planted pickle never runs.
@@ -583,7 +574,7 @@ def test_a_group_shared_cache_follows_the_pickle_trust_rule(cache_name, tmp_path
             shared.set("obj", fractions.Fraction(1, 3))
         assert not shared.has("obj")
         with Cache(cache_name, mode=0o660, allow_pickle=True) as member:  # what any group member can do
-            member.set(shared._key("planted"), _Planted(str(marker)))
+            member.set(shared._key("planted"), Payload(str(marker)))
         for read in (lambda: shared.get("planted"), lambda: shared.get_many("plain", "planted")):
             with pytest.raises(PickleRefused, match="allow_pickle=True"):
                 read()

@@ -21,6 +21,7 @@ import uuid
 import posix_ipc
 import pytest
 from names import fresh_name
+from payload import Payload
 
 from shmcache import Cache, LayoutMismatch, PermissionDenied, PickleRefused, SettingsIgnored, UntrustedSegment, admin
 from shmcache.daemon import Daemon
@@ -39,16 +40,6 @@ def _sem_paths(name: str) -> list[str]:
 def _digest(path: str) -> str:
     with open(path, "rb") as f:
         return hashlib.sha256(f.read()).hexdigest()
-
-
-class Payload:
-    """Unpickling this runs ``os.system`` and leaves a marker file: proof that code ran."""
-
-    def __init__(self, marker: str):
-        self.marker = marker
-
-    def __reduce__(self):
-        return (os.system, (f"touch {self.marker}",))
 
 
 @pytest.fixture(scope="module")
