@@ -246,9 +246,18 @@ class Daemon:
         check_seconds("snapshot_every", snapshot_every, maximum=MAX_INTERVAL, zero_ok=True)
         check_seconds("expire_every", expire_every, maximum=MAX_INTERVAL, zero_ok=True)
         check_seconds("recover_every", recover_every, maximum=MAX_INTERVAL)
+        if track_prefixes and not upstream:
+            raise ValueError("track_prefixes (--track-prefix) needs upstream (--upstream URL)")
         self.name = name
         self.snapshot_path = os.path.abspath(snapshot) if snapshot else None
         self._snap_lock = None
+        self.snapshot_every = float(snapshot_every)
+        self.expire_every = float(expire_every)
+        self.recover_every = float(recover_every)
+        self.restore = restore
+        self.metrics_addr = parse_listen(metrics) if metrics else None
+        self.metrics_server = None
+        self.tracker = None
         if self.snapshot_path:
             if len(os.fsencode(self.snapshot_path)) > admin.SNAPSHOT_PATH_MAX_BYTES:
                 # recorded in the header so `shmcache snapshot` finds it
@@ -256,46 +265,32 @@ class Daemon:
                                   f"{admin.SNAPSHOT_PATH_MAX_BYTES} bytes; use a shorter one")
             _check_writable_dir(os.path.dirname(self.snapshot_path))
             _check_snapshot_path(self.snapshot_path)
-            # Before the cache: a daemon refused here creates nothing.
-            self._snap_lock = _lock_snapshot_path(self.snapshot_path)
-        self.snapshot_every = float(snapshot_every)
-        self.expire_every = float(expire_every)
-        self.recover_every = float(recover_every)
-        self.restore = restore
-        self.metrics_addr = parse_listen(metrics) if metrics else None
-        self.metrics_server = None
+        # Every argument is checked above: from here on, whatever fails
+        # releases what was taken (the snapshot lock first: a daemon refused
+        # for another's snapshot file creates no cache).
+        cache = None
         try:
-            self.cache = Cache(name, size=size, stripes=stripes, max_items=max_items, mode=mode, owner=owner)
-        except BaseException:
-            self._release_snapshot_lock()
-            raise
-        try:
-            if not admin.claim_daemon_lock(self.cache):
-                holder = admin.daemon_lock_holder(self.cache)
+            if self.snapshot_path:
+                self._snap_lock = _lock_snapshot_path(self.snapshot_path)
+            cache = self.cache = Cache(name, size=size, stripes=stripes, max_items=max_items, mode=mode,
+                                       owner=owner)
+            if not admin.claim_daemon_lock(cache):
+                holder = admin.daemon_lock_holder(cache)
                 how = f"stop it first (kill -TERM {holder})" if holder else "stop it first"
                 raise DaemonError(
                     f"a daemon (pid {holder or '?'}) is already running for cache {name!r}; {how}"
                 )
-        except BaseException:
-            self.cache.close()
-            self._release_snapshot_lock()
-            raise
-        self.tracker = None
-        if track_prefixes and not upstream:
-            self.cache.close()
-            self._release_snapshot_lock()
-            raise ValueError("track_prefixes (--track-prefix) needs upstream (--upstream URL)")
-        if upstream:
-            from .near import Tracker, TrackerProcess
+            if upstream:
+                from .near import Tracker, TrackerProcess
 
-            try:
-                tracker = Tracker(self.cache, upstream, track_prefixes, track_ping, nice=track_nice)
+                tracker = Tracker(cache, upstream, track_prefixes, track_ping, nice=track_nice)
                 # a process of its own: see TrackerProcess for why not a thread
                 self.tracker = TrackerProcess(tracker, name, mode, owner) if isinstance(upstream, str) else tracker
-            except BaseException:
-                self.cache.close()
-                self._release_snapshot_lock()
-                raise
+        except BaseException:
+            if cache is not None:
+                cache.close()
+            self._release_snapshot_lock()
+            raise
         self.identity = Identity()
         self.expiry = ExpiryCycle(self.cache, expire_every or 0.1)
         self._stop = False

@@ -543,3 +543,19 @@ def test_recover_brings_an_overcounted_semaphore_back_to_one(make_cache):
     assert admin.lock_values(c) == [1, 1, 1, 1]
     c["k"] = b"v"
     assert c["k"] == b"v" and c.check() == []
+
+
+@pytest.mark.parametrize("bad", [dict(metrics="no-port"), dict(track_prefixes=["app:"])])
+def test_regression_a_daemon_refused_for_a_bad_argument_keeps_no_snapshot_lock(cache_name, tmp_path, bad):
+    # The snapshot file's lock was taken before --metrics was parsed: a bad
+    # address raised with the lock's descriptor still open, and every later
+    # Daemon in the process was refused as "another daemon writes" the file.
+    from shmcache.daemon import Daemon
+
+    snap = str(tmp_path / "c.snap")
+    with pytest.raises(ValueError):
+        Daemon(cache_name, size="1MiB", snapshot=snap, **bad)
+    assert not os.path.exists(f"/dev/shm/shmcache.{cache_name}")  # refused before creating anything
+    d = Daemon(cache_name, size="1MiB", snapshot=snap)
+    d.close()
+    Cache.unlink(cache_name)
