@@ -642,10 +642,8 @@ def _no_inodes(name: str, geometry: layout.Geometry) -> OutOfSharedMemory | None
         st = os.statvfs(SHM_DIR)
     except OSError:  # pragma: no cover
         return None
-    # (sem_open takes a second inode for a moment, for its temporary file;
-    # and with the segment reserved, bytes for every semaphore mean the bytes
-    # were not what ran out)
-    if not st.f_files or (st.f_favail >= 2 and st.f_bavail * st.f_frsize < geometry.n_stripes * SEM_BYTES):
+    # (sem_open takes a second inode for a moment, for its temporary file)
+    if not st.f_files or st.f_favail >= 2:
         return None
     files = 1 + geometry.n_stripes
     return OutOfSharedMemory(
