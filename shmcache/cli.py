@@ -25,7 +25,8 @@ from pathlib import Path
 
 from . import __version__, admin
 from . import layout as L
-from .cache import MAX_SECONDS, Cache
+from ._durations import MAX_SECONDS, check_seconds
+from .cache import Cache
 from .errors import CacheNotFound, Error, PermissionDenied, SettingsIgnored, UntrustedSegment
 
 NAME_ENV = "SHMCACHE_NAME"
@@ -51,14 +52,11 @@ def _seconds(zero_ok: bool):
 
     def parse(text: str) -> float:
         try:
-            v = float(text)
-        except ValueError:
-            v = float("nan")
-        if not (v >= 0 if zero_ok else v > 0) or not v <= MAX_SECONDS:
+            return check_seconds("seconds", float(text), maximum=MAX_SECONDS, zero_ok=zero_ok)
+        except ValueError:  # not a number, or out of range: one wording for both
             raise argparse.ArgumentTypeError(
                 f"{text!r} is not a number of seconds: it must be finite, "
-                f"{'0 or more' if zero_ok else 'more than 0'} and at most {MAX_SECONDS:g}")
-        return v
+                f"{'0 or more' if zero_ok else 'more than 0'} and at most {MAX_SECONDS:g}") from None
 
     parse.__name__ = "seconds"  # argparse names the type in its messages
     return parse
@@ -1317,7 +1315,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--timeout", type=_seconds(True), default=30.0,
                     help="seconds --force waits for the daemon to stop (default 30)")
     sp = add("demo", cmd_demo, "daemon + load generators + snapshot + warm restart, in under 30 s")
-    sp.add_argument("--seconds", type=float, default=5.0, help="how long the load generators run (default 5)")
+    sp.add_argument("--seconds", type=_seconds(False), default=5.0, help="how long the load generators run (default 5)")
     sp.add_argument("--workers", type=int, default=3, help="load generator processes (default 3)")
     sp.add_argument("--keys", type=int, default=200_000, help="key space of the load (default 200000)")
     sp.add_argument("--size", default="64MiB", help="demo cache size (default 64MiB)")

@@ -606,7 +606,8 @@ def test_row12_every_cli_wait_is_finite_and_bounded(cache_name, value, capsys):
     from shmcache.cli import main
 
     for args in (["wait", "--timeout", value], ["snapshot", "--timeout", value],
-                 ["rm", "--force", "--timeout", value], ["top", "--interval", value]):
+                 ["rm", "--force", "--timeout", value], ["top", "--interval", value],
+                 ["demo", "--seconds", value]):  # demo's load ran until an inf deadline
         with pytest.raises(SystemExit) as ei:
             main([args[0], "-n", cache_name, *args[1:]])
         err = capsys.readouterr().err
