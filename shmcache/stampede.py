@@ -310,23 +310,26 @@ def _step(steps):
 async def _next_step(cache, steps):
     """One step of the contest, in a worker thread (it may write the lock
     entry, so it may wait for a stripe's lock)."""
-    loop = asyncio.get_running_loop()
-    step = _in_thread(_step, steps)
+    step = _executor().submit(_step, steps)
     try:
-        return await asyncio.shield(step)
+        return await asyncio.shield(asyncio.wrap_future(step))
     except asyncio.CancelledError:
         # The step runs on in its thread. If it makes this caller the owner,
-        # give the lock entry back at once instead of leaving every waiter to
-        # wait out its ttl.
-        step.add_done_callback(lambda f: _release_if_owned(loop, cache, f))
+        # that thread gives the lock entry back at once, loop or no loop (the
+        # caller's loop may be closed by then: asyncio.run returned), instead
+        # of leaving every waiter to wait out its ttl.
+        if step.done():  # (a callback added now would run here, on the loop)
+            _executor().submit(_release_if_owned, cache, step)
+        else:
+            step.add_done_callback(functools.partial(_release_if_owned, cache))
         raise
 
 
-def _release_if_owned(loop, cache, step) -> None:
+def _release_if_owned(cache, step) -> None:
     if not step.cancelled() and step.exception() is None:
         what, arg = step.result()
-        if what is _OWN and not loop.is_closed():
-            loop.run_in_executor(_executor(), _release, cache, *arg)
+        if what is _OWN:
+            _release(cache, *arg)
 
 
 async def aget_or_set(cache, key, factory, ttl=_DEFAULT, timeout: float = DEFAULT_TIMEOUT):

@@ -229,6 +229,32 @@ def test_cancelled_while_taking_the_lock_entry_gives_it_back(make_cache):
     assert c[key] == "next" and admin.stripes(c)[s].lock_waits >= 1
 
 
+def test_regression_cancelled_while_taking_the_lock_entry_gives_it_back_after_the_loop_closed(make_cache):
+    """As above, but the program ends right after the cancel: the add finishes
+    once asyncio.run has closed its loop. The release hung on that loop and
+    never ran: the entry stayed for its whole ttl (29 s left)."""
+    c = make_cache(size="4MiB", stripes=4)
+    ac = AsyncCache(c)
+    key, s = _key_apart_from_its_lock_entry(c)
+
+    async def main():
+        t = asyncio.create_task(ac.get_or_set(key, lambda: "never", timeout=30))
+        await asyncio.sleep(0.1)  # t waits in the add: the stripe is held
+        t.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await t
+
+    holder = _hold_stripe(c, s, 0.4)
+    try:
+        asyncio.run(main())  # the loop is closed; the add still waits for the stripe
+    finally:
+        holder.join(20)
+    deadline = time.monotonic() + 20
+    while _lock_entries(c) and time.monotonic() < deadline:  # the add, then the release, in their thread
+        time.sleep(0.01)
+    assert _lock_entries(c) == [], "the cancelled caller's lock entry was left to its ttl (30 s)"
+
+
 def test_cancelled_owner_releases_the_lock(make_cache):
     c = make_cache()
     ac = AsyncCache(c)
