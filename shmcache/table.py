@@ -43,8 +43,7 @@ from .errors import LayoutMismatch
 from .repair import CLEAN as _CLEAN
 from .repair import _U64_MAX, Repair, Undecodable  # noqa: F401 - Undecodable is part of pop's API
 
-_xxh3 = xxhash.xxh3_64_intdigest
-_entry_sum = L.entry_checksum
+_xxh3 = xxhash.xxh3_64_intdigest  # checksums: its low 32 bits (layout.entry_checksum), inline
 _SLOT_unpack = L.SLOT.unpack_from
 _SLOT_pack = L.SLOT.pack_into
 _ENTRY_unpack = L.ENTRY.unpack_from
@@ -178,7 +177,7 @@ class Table(Arena, Expiry, Repair):
                             _c, vlen, kl, flags, _p = _ENTRY_unpack(mm, a)
                             if kl == klen and o + _HDR + klen + vlen <= limit and mm[a + _HDR : a + _HDR + klen] == kb:
                                 v = a + _HDR + klen
-                                if _entry_sum(self.mv[a + 4 : v + vlen]) == _c:  # else damage: absent
+                                if (_xxh3(self.mv[a + 4 : v + vlen]) & 0xFFFFFFFF) == _c:  # else damage: absent
                                     result = (flags, mm[v : v + vlen], exp, refs + i, mm[refs + i])
                                 break
                     i += 1
@@ -238,7 +237,7 @@ class Table(Arena, Expiry, Repair):
     def _whole(self, a: int, klen: int, vlen: int) -> bool:
         """Does the entry at segment offset ``a`` pass its checksum? (False:
         damage, which every reader treats as absent and check reports.)"""
-        return _entry_sum(self.mv[a + 4 : a + _HDR + klen + vlen]) == _CHK.unpack_from(self.mm, a)[0]
+        return (_xxh3(self.mv[a + 4 : a + _HDR + klen + vlen]) & 0xFFFFFFFF) == _CHK.unpack_from(self.mm, a)[0]
 
     def _find(self, s: int, tag: int, kb: bytes) -> int:
         """Slot index (within stripe s) holding kb, or -1. Caller holds the lock."""
@@ -304,7 +303,7 @@ class Table(Arena, Expiry, Repair):
         _ENTRY_pack(mm, a, 0, vlen, klen, flags, 0)
         mm[e : e + klen] = kb
         mm[e + klen : e + klen + vlen] = vb
-        _CHK.pack_into(mm, a, _entry_sum(self.mv[a + 4 : e + klen + vlen]))
+        _CHK.pack_into(mm, a, (_xxh3(self.mv[a + 4 : e + klen + vlen]) & 0xFFFFFFFF))
 
     def _delete_at(self, s: int, i: int) -> None:
         """Remove slot i of stripe s (backward shift, access bits moving with
@@ -585,7 +584,7 @@ class Table(Arena, Expiry, Repair):
                 # (repair keeps an 8-byte int whose checksum lags: it is the old
                 # or the new value, never a mix).
                 _I64.pack_into(mm, v, value)
-                _CHK.pack_into(mm, a, _entry_sum(self.mv[a + 4 : v + 8]))
+                _CHK.pack_into(mm, a, (_xxh3(self.mv[a + 4 : v + 8]) & 0xFFFFFFFF))
                 r = self.refs_off + s * self.sps + i
                 if not mm[r]:  # an update in place is an access: it ages with its segment otherwise
                     mm[r] = 1
