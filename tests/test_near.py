@@ -233,6 +233,7 @@ def test_regression_allow_pickle_true_said_outright_survives_a_chmod(shared, mak
     import fractions
     import pickle
 
+    from shmcache import PickleRefused
     from shmcache.segment import shm_path
 
     server, _a, _b = shared
@@ -243,7 +244,7 @@ def test_regression_allow_pickle_true_said_outright_survives_a_chmod(shared, mak
     try:
         os.chmod(shm_path(cache_name), 0o660)
         assert told.pickle.loads(data) == fractions.Fraction(1, 3)
-        with pytest.raises(Exception, match="since it was opened"):
+        with pytest.raises(PickleRefused, match="since it was opened"):
             default.pickle.loads(data)
     finally:
         told.close()
