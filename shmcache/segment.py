@@ -142,9 +142,8 @@ class Segment:
         #: case in which values are unpickled by default (see codec.py).
         self.private = False
         self._uid = os.geteuid()  # the user privacy is judged for (the euid at open)
-        #: (uids trusted as writers, the segment's own mode bits): what a
-        #: snapshot restored into this segment is held to (snapshot.py).
-        self.trust: tuple[frozenset, int] = (frozenset({os.geteuid()}), 0o600)
+        #: uids trusted as writers (this process's user, or owner=)
+        self.trusted_uids = frozenset({os.geteuid()})
 
     # -- open -------------------------------------------------------------
     @classmethod
@@ -203,7 +202,7 @@ class Segment:
                     shm, created = _create_or_open(name, create, mode, trusted)
                     continue
                 if seg is not None:
-                    seg.trust = (frozenset(trusted), os.fstat(seg.fd).st_mode & 0o777)
+                    seg.trusted_uids = frozenset(trusted)
                     return seg
                 if time.monotonic() > deadline:
                     raise LockTimeout(
@@ -340,6 +339,12 @@ class Segment:
         seg = cls(name, shm, mm, geometry, sems, created=False)
         seg.private = st.st_uid == os.geteuid() and not st.st_mode & 0o022
         return seg
+
+    def trust(self) -> tuple[frozenset, int]:
+        """(uids trusted as writers, the segment's mode bits now): what a
+        snapshot restored into it is held to (snapshot.py). The mode is read
+        from the open file, so a chmod since the open counts."""
+        return self.trusted_uids, os.fstat(self.fd).st_mode & 0o777
 
     def still_private(self) -> bool:
         """Is the segment still writable only by this process's user (owner

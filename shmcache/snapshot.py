@@ -547,7 +547,7 @@ def check_snapshot_trusted(st: os.stat_result, path: str, cache) -> None:
     """
     from .segment import _who
 
-    trusted, mode = admin.storage(cache).segment.trust
+    trusted, mode = admin.storage(cache).segment.trust()
     if st.st_uid not in trusted:
         raise UntrustedSegment(
             f"snapshot {path} belongs to {_who(uid=st.st_uid)}, whom cache {cache.name!r} does not trust as a "

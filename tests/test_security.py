@@ -224,10 +224,12 @@ def _planted_snapshot(name: str, path, marker) -> None:
     """A valid snapshot whose one entry is a pickle that runs ``touch marker``."""
     from shmcache.snapshot import write_snapshot
 
-    with Cache(name, size="1MiB", allow_pickle=True) as src:
-        src.set("k", Payload(str(marker)))
-        write_snapshot(src, str(path))
-    Cache.unlink(name)
+    try:
+        with Cache(name, size="1MiB", allow_pickle=True) as src:
+            src.set("k", Payload(str(marker)))
+            write_snapshot(src, str(path))
+    finally:
+        Cache.unlink(name)
 
 
 def test_a_snapshot_another_user_wrote_is_never_restored_into_a_private_cache(other_user, make_cache, cache_name,
@@ -250,12 +252,12 @@ def test_a_snapshot_another_user_wrote_is_never_restored_into_a_private_cache(ot
     assert r.returncode == 1 and f"belongs to {user}" in r.stderr and "Traceback" not in r.stderr, r.stderr
     assert dict(c.items()) == {"keep": b"mine"}
     empty = fresh_name()
-    r = subprocess.run([sys.executable, "-m", "shmcache", "restore", "-n", empty, "--size", "1MiB", str(snap)],
-                       capture_output=True, text=True, timeout=60)
-    assert r.returncode == 1 and f"belongs to {user}" in r.stderr, r.stderr
-    assert not os.path.exists(_seg_path(empty))  # the cache made for the refused file is gone again
-    # A daemon starting on an empty cache refuses the file and exits, loading nothing.
     try:
+        r = subprocess.run([sys.executable, "-m", "shmcache", "restore", "-n", empty, "--size", "1MiB", str(snap)],
+                           capture_output=True, text=True, timeout=60)
+        assert r.returncode == 1 and f"belongs to {user}" in r.stderr, r.stderr
+        assert not os.path.exists(_seg_path(empty))  # the cache made for the refused file is gone again
+        # A daemon starting on an empty cache refuses the file and exits, loading nothing.
         r = subprocess.run([sys.executable, "-m", "shmcache", "daemon", "-n", empty, "--size", "1MiB",
                             "--snapshot", str(snap)], capture_output=True, text=True, timeout=60)
         assert r.returncode == 1 and f"belongs to {user}" in r.stderr, r.stderr
@@ -278,6 +280,23 @@ def test_a_snapshot_another_user_wrote_is_never_restored_into_a_private_cache(ot
     with Cache(cache_name, owner=user) as trusting:
         assert restore_snapshot(trusting, snap, merge=True).loaded == 0  # trusted; "k" is already there
     assert not marker.exists()  # nothing above read the value
+
+
+def test_a_snapshot_is_held_to_the_segments_mode_now_not_at_open(make_cache, cache_name, tmp_path):
+    # The mode was recorded when the segment was opened: after a chmod 600 of
+    # a cache opened shared, a group-writable snapshot was still restored into
+    # what every later opener reads as private (and unpickles).
+    from shmcache.snapshot import restore_snapshot, write_snapshot
+
+    c = make_cache(size="1MiB", mode=0o660)
+    c["k"] = b"v"
+    snap = tmp_path / "c.snap"
+    write_snapshot(c, str(snap))
+    os.chmod(snap, 0o620)
+    assert restore_snapshot(c, snap, merge=True).loaded == 0  # as loose as the segment: accepted
+    os.chmod(_seg_path(cache_name), 0o600)
+    with pytest.raises(UntrustedSegment, match="writable by its group"):
+        restore_snapshot(c, snap)
 
 
 @pytest.mark.parametrize("mode", [-1, 0o7777, 0o4600, 0o400, 0o1000, 1.5, True, "0o600"])
