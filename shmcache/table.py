@@ -707,7 +707,7 @@ class Table(Arena, Expiry, Repair):
                 for s in held:
                     n += int(self.stripes[s, L.S_ITEMS // 8])
                     self._empty_stripe(s)
-                self.ctr[L.H_GENERATION >> 3] = (self.ctr[L.H_GENERATION >> 3] + 1) & 0xFFFF_FFFF_FFFF_FFFF  # wraps
+                self.ctr[L.H_GENERATION >> 3] = (self.ctr[L.H_GENERATION >> 3] + 1) & _U64_MAX  # wraps
             except BaseException:
                 for s in held:
                     self._undo(s)
