@@ -6,8 +6,8 @@
  * The Python implementation in table.py / cache.py stays the reference and
  * the fallback: whenever this code meets anything unusual it returns to it
  * ("slow path") instead of handling it twice:
- *   - a writer finds the stripe lock busy (sem_trywait fails): the Python path
- *     waits with a timeout, detects dead owners and recovers;
+ *   - a writer finds the stripe lock busy (its lock word is taken): the
+ *     Python path waits with a timeout, detects dead owners and recovers;
  *   - a stripe at its item cap or out of segments under "noeviction" (the
  *     Python path drops expired entries or raises CacheFull), or a stripe
  *     whose ring word is out of range (the Python path repairs it);
@@ -24,9 +24,8 @@
  * (by the slice's slot count, the segment's size).
  *
  * Threads: these functions hold the GIL throughout and never release it, so
- * within one process they are atomic with respect to other threads. The
- * per-client "marker" bytes are counters for that reason: a C fast path
- * always leaves them as it found them before returning.
+ * within one process they are atomic with respect to other threads. (Only
+ * Core.lock releases it, while it sleeps on a busy stripe holding nothing.)
  *
  * Layout: mirrors shmcache/layout.py (the single source of truth); the
  * constants below are exported and checked against it when cache.py
@@ -38,7 +37,9 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <math.h>
-#include <semaphore.h>
+#include <linux/futex.h>
+#include <sys/syscall.h>
+#include <unistd.h>
 #include <stdint.h>
 #include <string.h>
 #include <sys/stat.h>
@@ -72,7 +73,7 @@ static inline uint64_t xxh3(const void *p, size_t n) {
     return XXH3_64bits(p, n);
 }
 
-#define LAYOUT_VERSION 5
+#define LAYOUT_VERSION 6
 #define SLOT_SIZE 16
 #define SL_TAG 0
 #define SL_LOC 4
@@ -87,13 +88,13 @@ static inline uint64_t xxh3(const void *p, size_t n) {
 #define ALIGN 4
 #define STRIPE_SIZE 128 /* the hot line (S_*) + the cold lock-wait line, which only lock.py writes */
 #define S_VERSION 0
-#define S_OWNER 8
+#define S_LOCK 8 /* layout.S_LOCK: the stripe's lock word, see lock.py */
+#define LOCK_WAITERS 0x80000000u
 #define S_ITEMS 24
 #define S_LIVE 32
 #define S_RING 40
 #define S_EVICTIONS 48
 #define C_COUNTERS 16
-#define C_MARKERS 64
 #define CTR_HITS 0
 #define CTR_MISSES 1
 #define CTR_SETS 2
@@ -138,11 +139,9 @@ typedef struct {
     int timing;     /* measure lock holds of the C write paths into max_hold_ns */
     uint64_t max_hold_ns, max_hold_cpu_ns; /* wall time (preemption included) and this thread's CPU time */
     double default_ttl;
-    /* This process's stripe owner record (layout.OWNER: client slot + 1, the
-     * slot's generation, pid), built by lock.Client; stored as is. */
-    unsigned char owner[16];
-    sem_t **sems;
-    Py_ssize_t n_sems;
+    /* This process's lock word (layout.lock_word: client slot + 1 in the low
+     * half, the slot's generation in the high half), built by lock.Client. */
+    uint64_t me;
     PyObject *clock, *decode, *encode, *slow_key, *slow_read, *slow_write, *slow_set, *slow_add, *slow_replace, *slow_incr,
         *slow_delete, *sentinel;
 } Core;
@@ -177,9 +176,7 @@ static inline uint8_t *refs_of(Core *c, uint64_t s) { return (uint8_t *)(c->base
 static inline uint64_t *counter(Core *c, int k) {
     return (uint64_t *)(c->base + c->client_off + c->client * c->client_rec + C_COUNTERS + 8 * k);
 }
-static inline uint8_t *marker(Core *c, uint64_t s) {
-    return (uint8_t *)(c->base + c->client_off + c->client * c->client_rec + C_MARKERS + s);
-}
+static inline uint64_t *lock_word(Core *c, uint64_t s) { return (uint64_t *)(stripe_rec(c, s) + S_LOCK); }
 static inline uint64_t *u64at(char *p) { return (uint64_t *)p; }
 
 static int get_now(Core *c, double *out) {
@@ -349,38 +346,49 @@ static int read_core(Core *c, const char *k, Py_ssize_t klen, slot_t *sl, ehdr_t
 
 /* ---- writer side: lock, mutate, unlock (never blocks) ---------------- */
 
-static int lock_fast(Core *c, uint64_t s) {
-    uint8_t *mk = marker(c, s);
-    (*mk)++;
-    BARRIER();
-    if (sem_trywait(c->sems[s]) != 0) {
-        BARRIER();
-        (*mk)--;
-        return 0;
-    }
-    BARRIER();
-    char *rec = stripe_rec(c, s);
-    memcpy(rec + S_OWNER, c->owner, 16);
-    BARRIER();
-    (*mk)--;
-    uint64_t *ver = u64at(rec + S_VERSION);
+/* The stripe lock is one u64 word in the stripe record (layout.S_LOCK): 0
+ * when free, else the holder's client slot + 1 (low half, with LOCK_WAITERS
+ * set once somebody sleeps on it) and that slot's generation (high half).
+ * Taking it is one compare-and-swap that writes who holds it, so there is no
+ * instant at which the lock is held and its holder unknown: a holder killed
+ * anywhere leaves either a free word or its own name, and "is it alive" is
+ * the kernel's answer about its client slot (lock.client_alive). Waiters
+ * sleep on the low half with futex(2), keyed by the shared file, so in any
+ * process and any PID namespace. */
+static inline void futex_wake(uint64_t *w) {
+    syscall(SYS_futex, (uint32_t *)w, FUTEX_WAKE, 1, NULL, NULL, 0);
+}
+
+static inline void set_locked_version(Core *c, uint64_t s) {
+    uint64_t *ver = u64at(stripe_rec(c, s) + S_VERSION);
     __atomic_store_n(ver, LOCKED_VERSION(__atomic_load_n(ver, __ATOMIC_RELAXED)), __ATOMIC_RELAXED);
     __atomic_thread_fence(__ATOMIC_RELEASE);
+}
+
+static int lock_fast(Core *c, uint64_t s) {
+    uint64_t exp = 0;
+    if (!__atomic_compare_exchange_n(lock_word(c, s), &exp, c->me, 0, __ATOMIC_ACQUIRE, __ATOMIC_RELAXED)) return 0;
+    set_locked_version(c, s);
     return 1;
 }
 
+/* Frees the word only while it names us: one damaged by another process
+ * stays as it is (a waiter finds its "holder" dead and recovers the stripe)
+ * instead of us releasing somebody else's lock. */
+static void release_word(Core *c, uint64_t s) {
+    uint64_t *w = lock_word(c, s);
+    uint64_t old = __atomic_load_n(w, __ATOMIC_RELAXED);
+    while ((old & ~(uint64_t)LOCK_WAITERS) == c->me)
+        if (__atomic_compare_exchange_n(w, &old, 0, 0, __ATOMIC_RELEASE, __ATOMIC_RELAXED)) {
+            if (old & LOCK_WAITERS) futex_wake(w);
+            return;
+        }
+}
+
 static void unlock_fast(Core *c, uint64_t s) {
-    char *rec = stripe_rec(c, s);
-    uint64_t *ver = u64at(rec + S_VERSION);
+    uint64_t *ver = u64at(stripe_rec(c, s) + S_VERSION);
     __atomic_store_n(ver, UNLOCKED_VERSION(__atomic_load_n(ver, __ATOMIC_RELAXED)), __ATOMIC_RELEASE);
-    uint8_t *mk = marker(c, s);
-    (*mk)++;
-    BARRIER();
-    memset(rec + S_OWNER, 0, 16);
-    BARRIER();
-    sem_post(c->sems[s]);
-    BARRIER();
-    (*mk)--;
+    release_word(c, s);
 }
 
 static inline uint64_t alloc_of(uint64_t klen, uint64_t vlen) {
@@ -1230,21 +1238,18 @@ static PyObject *Core_contains(Core *c, PyObject *key) {
     Py_RETURN_TRUE;
 }
 
-static int set_owner(Core *c, const char *owner, Py_ssize_t len);
-
 static PyObject *Core_set_identity(Core *c, PyObject *args) {
-    unsigned long long client;
-    const char *owner;
-    Py_ssize_t len;
-    if (!PyArg_ParseTuple(args, "Ky#", &client, &owner, &len) || set_owner(c, owner, len) < 0) return NULL;
+    unsigned long long client, me;
+    if (!PyArg_ParseTuple(args, "KK", &client, &me)) return NULL;
     c->client = client;
+    c->me = me;
     Py_RETURN_NONE;
 }
 
-/* release(): drop the buffer export so the mapping can be unmapped. The
- * semaphores stay open until the Core is freed: a thread of this process
- * may be waiting on one (GIL released) while another closes the cache; it
- * wakes, sees CLOSED, gives the semaphore back and raises. */
+/* release(): drop the buffer export so the mapping can be unmapped. A
+ * thread of this process may be asleep in Core.lock (GIL released, holding
+ * nothing) while another closes the cache: it wakes within its slice, sees
+ * CLOSED and raises without touching the mapping. */
 static void release_view(Core *c) {
     if (c->has_view) {
         PyBuffer_Release(&c->view);
@@ -1253,15 +1258,7 @@ static void release_view(Core *c) {
     c->base = NULL;
 }
 
-static void release_all(Core *c) {
-    release_view(c);
-    if (c->sems) {
-        for (Py_ssize_t i = 0; i < c->n_sems; i++)
-            if (c->sems[i] && c->sems[i] != SEM_FAILED) sem_close(c->sems[i]);
-        PyMem_Free(c->sems);
-        c->sems = NULL;
-    }
-}
+static void release_all(Core *c) { release_view(c); }
 
 static PyObject *Core_release(Core *c, PyObject *unused) {
     release_view(c);
@@ -1269,11 +1266,10 @@ static PyObject *Core_release(Core *c, PyObject *unused) {
 }
 
 /* ---- the lock protocol for the Python paths -----------------------------
- * lock.py used to do marker, sem_wait, owner store and version bump as
- * separate Python steps; a signal handler raising between two of them (Ctrl-C,
- * gunicorn's SIGABRT -> sys.exit) leaked a held semaphore with no owner and no
- * marker, which nothing could ever recover. Here each of lock/unlock is one
- * C call: Python code (signal handlers included) cannot run inside it except
+ * lock.py used to do its lock steps as separate Python statements; a signal
+ * handler raising between two of them (Ctrl-C, gunicorn's SIGABRT ->
+ * sys.exit) could leak a held stripe. Here each of lock/unlock/take is one C
+ * call: Python code (signal handlers included) cannot run inside it except
  * while waiting, when nothing is held yet. */
 
 static int stripe_arg(Core *c, unsigned long long s) {
@@ -1288,80 +1284,55 @@ static int stripe_arg(Core *c, unsigned long long s) {
     return 1;
 }
 
-static void take_locked(Core *c, uint64_t s) { memcpy(stripe_rec(c, s) + S_OWNER, c->owner, 16); }
-
-static int set_owner(Core *c, const char *owner, Py_ssize_t len) {
-    if (len != 16) {
-        PyErr_SetString(PyExc_ValueError, "owner must be 16 bytes (layout.OWNER)");
-        return -1;
-    }
-    memcpy(c->owner, owner, 16);
-    return 0;
+/* Waits sleep on the futex with a relative timeout, which the kernel measures
+ * on CLOCK_MONOTONIC: a wall-clock step never lengthens a lock wait. */
+static double mono_now(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
 }
 
-/* Lock waits run on CLOCK_MONOTONIC (sem_clockwait, glibc 2.30+): with
- * sem_timedwait's CLOCK_REALTIME deadline, an NTP or manual step back of S
- * seconds while a writer waited on a dead holder delayed its recovery by S. */
-#if defined(__GLIBC__) && (__GLIBC__ > 2 || (__GLIBC__ == 2 && __GLIBC_MINOR__ >= 30))
-#define WAIT_CLOCK CLOCK_MONOTONIC
-static int timed_wait(sem_t *sem, const struct timespec *dl) { return sem_clockwait(sem, CLOCK_MONOTONIC, dl); }
-#else
-#define WAIT_CLOCK CLOCK_REALTIME
-static int timed_wait(sem_t *sem, const struct timespec *dl) { return sem_timedwait(sem, dl); }
-#endif
-
+/* lock(stripe, timeout): take the stripe within timeout seconds. Sleepers
+ * set LOCK_WAITERS in the word so that its release wakes one of them
+ * (Drepper, "Futexes are tricky", mutex2): whoever takes the lock after a
+ * sleep keeps the flag set, as others may still sleep. */
 static PyObject *Core_lock(Core *c, PyObject *args) {
     unsigned long long s;
     double timeout;
     if (!PyArg_ParseTuple(args, "Kd", &s, &timeout) || !stripe_arg(c, s)) return NULL;
-    sem_t *sem = c->sems[s];
-    (*marker(c, s))++;
-    BARRIER();
-    if (sem_trywait(sem) != 0) {
-        if (!(timeout > 0)) { /* a try only: lock.StripeLocks times the wait it starts next */
-            (*marker(c, s))--;
-            Py_RETURN_FALSE;
+    if (lock_fast(c, s)) Py_RETURN_TRUE;
+    if (!(timeout > 0)) Py_RETURN_FALSE; /* a try only: lock.StripeLocks times the wait it starts next */
+    double deadline = mono_now() + timeout;
+    for (;;) {
+        uint64_t *w = lock_word(c, s);
+        uint64_t v = __atomic_load_n(w, __ATOMIC_RELAXED);
+        if (v == 0) {
+            if (__atomic_compare_exchange_n(w, &v, c->me | LOCK_WAITERS, 0, __ATOMIC_ACQUIRE, __ATOMIC_RELAXED)) break;
+            continue;
         }
-        struct timespec dl;
-        clock_gettime(WAIT_CLOCK, &dl);
-        double whole = floor(timeout);
-        dl.tv_sec += (time_t)whole;
-        dl.tv_nsec += (long)((timeout - whole) * 1e9);
-        if (dl.tv_nsec >= 1000000000L) {
-            dl.tv_sec += 1;
-            dl.tv_nsec -= 1000000000L;
+        if (!(v & LOCK_WAITERS)) {
+            if (!__atomic_compare_exchange_n(w, &v, v | LOCK_WAITERS, 0, __ATOMIC_RELAXED, __ATOMIC_RELAXED)) continue;
+            v |= LOCK_WAITERS;
         }
-        for (;;) {
-            int r, err;
-            Py_BEGIN_ALLOW_THREADS
-            r = timed_wait(sem, &dl);
-            err = errno;
-            Py_END_ALLOW_THREADS
-            if (CLOSED(c)) { /* closed by another thread meanwhile: the marker went with our slot */
-                if (r == 0) sem_post(sem);
-                return closed_error();
-            }
-            if (r == 0) break;
-            if (err == EINTR) { /* PEP 475: run the handlers; retry unless one raised */
-                if (PyErr_CheckSignals() < 0) {
-                    (*marker(c, s))--;
-                    return NULL;
-                }
-                continue;
-            }
-            (*marker(c, s))--;
-            if (err == ETIMEDOUT) Py_RETURN_FALSE;
+        double left = deadline - mono_now();
+        if (left <= 0) Py_RETURN_FALSE;
+        struct timespec rel;
+        rel.tv_sec = (time_t)left;
+        rel.tv_nsec = (long)((left - (double)rel.tv_sec) * 1e9);
+        long r;
+        int err;
+        Py_BEGIN_ALLOW_THREADS
+        r = syscall(SYS_futex, (uint32_t *)w, FUTEX_WAIT, (uint32_t)v, &rel, NULL, 0);
+        err = errno;
+        Py_END_ALLOW_THREADS
+        if (CLOSED(c)) return closed_error(); /* closed by another thread meanwhile; we hold nothing */
+        if (r != 0 && err == EINTR && PyErr_CheckSignals() < 0) return NULL; /* PEP 475: retry unless a handler raised */
+        if (r != 0 && err != EINTR && err != EAGAIN && err != ETIMEDOUT) {
             errno = err;
             return PyErr_SetFromErrno(PyExc_OSError);
         }
     }
-    BARRIER();
-    take_locked(c, s);
-    BARRIER();
-    (*marker(c, s))--;
-    uint64_t *ver = u64at(stripe_rec(c, s) + S_VERSION);
-    __atomic_store_n(ver, LOCKED_VERSION(__atomic_load_n(ver, __ATOMIC_RELAXED)), __ATOMIC_RELAXED);
-    __atomic_thread_fence(__ATOMIC_RELEASE);
+    set_locked_version(c, s);
     Py_RETURN_TRUE;
 }
 
@@ -1372,46 +1343,39 @@ static PyObject *Core_unlock(Core *c, PyObject *arg) {
     Py_RETURN_NONE;
 }
 
-static PyObject *Core_take(Core *c, PyObject *arg) {
-    /* After recovering a stripe as its new holder: record the owner, version odd. */
-    unsigned long long s = PyLong_AsUnsignedLongLong(arg);
-    if ((s == (unsigned long long)-1 && PyErr_Occurred()) || !stripe_arg(c, s)) return NULL;
-    take_locked(c, s);
-    uint64_t *ver = u64at(stripe_rec(c, s) + S_VERSION);
-    uint64_t v = __atomic_load_n(ver, __ATOMIC_RELAXED);
-    __atomic_store_n(ver, v | 1, __ATOMIC_RELAXED);
-    __atomic_thread_fence(__ATOMIC_RELEASE);
-    Py_RETURN_NONE;
-}
-
-static PyObject *Core_mark(Core *c, PyObject *args) {
-    unsigned long long s;
-    int delta;
-    if (!PyArg_ParseTuple(args, "Ki", &s, &delta) || !stripe_arg(c, s)) return NULL;
-    *marker(c, s) += (uint8_t)delta;
-    Py_RETURN_NONE;
+/* take(stripe, word) -> bool: a recoverer takes over a stripe whose lock word
+ * still reads `word` (a dead holder's): one compare-and-swap, so of several
+ * recoverers exactly one wins, and none if the word moved meanwhile. The
+ * winner holds the stripe (version odd) and repairs it. */
+static PyObject *Core_take(Core *c, PyObject *args) {
+    unsigned long long s, word;
+    if (!PyArg_ParseTuple(args, "KK", &s, &word) || !stripe_arg(c, s)) return NULL;
+    uint64_t exp = word;
+    if (exp == 0 || !__atomic_compare_exchange_n(lock_word(c, s), &exp, c->me | LOCK_WAITERS, 0, __ATOMIC_ACQUIRE,
+                                                  __ATOMIC_RELAXED))
+        Py_RETURN_FALSE;
+    set_locked_version(c, s);
+    Py_RETURN_TRUE;
 }
 
 static int Core_init(Core *c, PyObject *args, PyObject *kw) {
     static char *kwlist[] = {"buffer", "n_stripes", "sps", "stripe_off", "index_off", "arena_off",
                              "stripe_arena", "client_off", "client_rec", "client", "max_key",
-                             "max_value", "cap_items", "refs_off", "seg_size", "evicts", "sem_names", "owner",
+                             "max_value", "cap_items", "refs_off", "seg_size", "evicts", "me",
                              "clock", "decode", "encode",
                              "slow_key", "slow_read", "slow_write", "slow_set", "slow_add", "slow_replace", "slow_incr", "slow_delete",
                              "sentinel", "default_ttl", NULL};
-    PyObject *buffer, *sem_names;
+    PyObject *buffer;
     unsigned long long n_stripes;
-    const char *owner;
-    Py_ssize_t owner_len;
-    if (c->has_view || c->sems || c->clock) { /* before parsing: it writes into the fields */
+    if (c->has_view || c->clock) { /* before parsing: it writes into the fields */
         PyErr_SetString(PyExc_RuntimeError, "Core is already initialized");
         return -1;
     }
     if (!PyArg_ParseTupleAndKeywords(
-            args, kw, "OKKKKKKKKKKKKKKpOy#OOOOOOOOOOOOd", kwlist, &buffer, &n_stripes, &c->sps, &c->stripe_off,
+            args, kw, "OKKKKKKKKKKKKKKpKOOOOOOOOOOOOd", kwlist, &buffer, &n_stripes, &c->sps, &c->stripe_off,
             &c->index_off, &c->arena_off, &c->stripe_arena, &c->client_off, &c->client_rec, &c->client,
-            &c->max_key, &c->max_value, &c->cap_items, &c->refs_off, &c->seg_size, &c->evicts, &sem_names, &owner,
-            &owner_len, &c->clock, &c->decode, &c->encode,
+            &c->max_key, &c->max_value, &c->cap_items, &c->refs_off, &c->seg_size, &c->evicts, &c->me,
+            &c->clock, &c->decode, &c->encode,
             &c->slow_key, &c->slow_read, &c->slow_write, &c->slow_set, &c->slow_add, &c->slow_replace, &c->slow_incr,
             &c->slow_delete, &c->sentinel, &c->default_ttl))
         return -1;
@@ -1423,7 +1387,6 @@ static int Core_init(Core *c, PyObject *args, PyObject *kw) {
         return -1;
     }
     c->mask = n_stripes - 1;
-    if (set_owner(c, owner, owner_len) < 0) return -1;
     if (c->seg_size < 1024 || c->stripe_arena % c->seg_size || c->stripe_arena / c->seg_size < 4 ||
         c->stripe_arena / c->seg_size > 65535 || c->sps == 0) {
         PyErr_SetString(PyExc_ValueError, "segment geometry out of range");
@@ -1441,33 +1404,6 @@ static int Core_init(Core *c, PyObject *args, PyObject *kw) {
     if (PyObject_GetBuffer(buffer, &c->view, PyBUF_WRITABLE) < 0) return -1;
     c->has_view = 1;
     c->base = c->view.buf;
-    Py_ssize_t n = PySequence_Length(sem_names);
-    if (n != (Py_ssize_t)n_stripes) {
-        PyErr_SetString(PyExc_ValueError, "one semaphore name per stripe");
-        return -1;
-    }
-    c->sems = PyMem_Calloc(n, sizeof(sem_t *));
-    if (!c->sems) {
-        PyErr_NoMemory();
-        return -1;
-    }
-    c->n_sems = n;
-    for (Py_ssize_t i = 0; i < n; i++) {
-        PyObject *name = PySequence_GetItem(sem_names, i);
-        if (!name) return -1;
-        const char *nm = PyUnicode_AsUTF8(name);
-        if (!nm) {
-            Py_DECREF(name);
-            return -1;
-        }
-        c->sems[i] = sem_open(nm, 0);
-        Py_DECREF(name);
-        if (c->sems[i] == SEM_FAILED) {
-            c->sems[i] = NULL;
-            PyErr_SetFromErrno(PyExc_OSError);
-            return -1;
-        }
-    }
     return 0;
 }
 
@@ -1544,14 +1480,14 @@ static PyMethodDef Core_methods[] = {
      "delete(key) -> True if a live key was removed."},
     {"contains", (PyCFunction)Core_contains, METH_O, "contains(key) -> bool."},
     {"set_identity", (PyCFunction)Core_set_identity, METH_VARARGS,
-     "set_identity(client, owner): after fork, use this client slot and 16-byte owner record."},
+     "set_identity(client, me): after fork, use this client slot and lock word (layout.lock_word)."},
     {"release", (PyCFunction)Core_release, METH_NOARGS, "Drop the buffer export (the cache is closed)."},
     {"lock", (PyCFunction)Core_lock, METH_VARARGS,
-     "lock(stripe, timeout) -> True when held (owner recorded, version odd), False on timeout "
+     "lock(stripe, timeout) -> True when held (lock word names us, version odd), False on timeout "
      "(timeout <= 0: one try, no wait)."},
-    {"unlock", (PyCFunction)Core_unlock, METH_O, "unlock(stripe): version even, owner cleared, released."},
-    {"take", (PyCFunction)Core_take, METH_O, "take(stripe): after recovery, record us as holder, version odd."},
-    {"mark", (PyCFunction)Core_mark, METH_VARARGS, "mark(stripe, delta): raise or lower this client's marker."},
+    {"unlock", (PyCFunction)Core_unlock, METH_O, "unlock(stripe): version even, lock word freed, a sleeper woken."},
+    {"take", (PyCFunction)Core_take, METH_VARARGS,
+     "take(stripe, word) -> True if the lock word still read `word` and now names us (version odd)."},
     {NULL}};
 
 static PyTypeObject CoreType = {
@@ -1708,8 +1644,8 @@ PyMODINIT_FUNC PyInit__speedups(void) {
 #define EXPORT(name) PyModule_AddIntConstant(m, #name, name);
     EXPORT(LAYOUT_VERSION) EXPORT(SLOT_SIZE) EXPORT(SL_TAG) EXPORT(SL_LOC) EXPORT(SL_EXPIRE)
     EXPORT(ENTRY_HDR) EXPORT(E_CHECKSUM) EXPORT(E_VLEN) EXPORT(E_KLEN) EXPORT(E_FLAGS)
-    EXPORT(SEG_HEADER) EXPORT(ALIGN) EXPORT(STRIPE_SIZE) EXPORT(C_COUNTERS) EXPORT(C_MARKERS)
-    EXPORT(S_VERSION) EXPORT(S_OWNER) EXPORT(S_ITEMS) EXPORT(S_LIVE) EXPORT(S_RING) EXPORT(S_EVICTIONS)
+    EXPORT(SEG_HEADER) EXPORT(ALIGN) EXPORT(STRIPE_SIZE) EXPORT(C_COUNTERS) EXPORT(LOCK_WAITERS)
+    EXPORT(S_VERSION) EXPORT(S_LOCK) EXPORT(S_ITEMS) EXPORT(S_LIVE) EXPORT(S_RING) EXPORT(S_EVICTIONS)
     EXPORT(CTR_HITS) EXPORT(CTR_MISSES) EXPORT(CTR_SETS) EXPORT(CTR_DELETES) EXPORT(CTR_EVICTIONS)
     EXPORT(CTR_EXPIRATIONS) EXPORT(FLAG_BYTES) EXPORT(FLAG_STR) EXPORT(FLAG_INT) EXPORT(FLAG_FLOAT)
     EXPORT(READ_RETRIES) EXPORT(RECLAIM_STEP)

@@ -41,7 +41,15 @@ import numpy as np
 from . import codec
 from . import layout as L
 from .codec import decode_key
-from .lock import attached_clients, client_alive, daemon_local_pid, daemon_pid, live_clients, reap_dead_clients
+from .lock import (
+    attached_clients,
+    client_alive,
+    daemon_local_pid,
+    daemon_pid,
+    live_clients,
+    lock_words,
+    reap_dead_clients,
+)
 from .segment import LOCK_DAEMON, Segment
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -51,9 +59,9 @@ __all__ = [
     "ClientInfo", "DaemonInfo", "EntryInfo", "SnapshotStatus", "StripeInfo", "TYPE_NAMES",
     "CacheSummary", "SNAPSHOT_PATH_MAX_BYTES", "accelerated",
     "check", "claim_daemon_lock", "client_attached", "clients", "counters", "created", "current_client",
-    "daemon_info", "daemon_lock_holder", "lock_values", "pickle_trust", "summarize", "entries", "expire",
+    "daemon_info", "daemon_lock_holder", "lock_holders", "pickle_trust", "summarize", "entries", "expire",
     "expiry_summary", "geometry", "inspect",
-    "RawWriter", "Storage", "expiring", "fix_overcount", "heartbeat", "mark_daemon_ready", "publish_daemon",
+    "RawWriter", "Storage", "expiring", "heartbeat", "mark_daemon_ready", "publish_daemon",
     "reap_clients",
     "record_snapshot", "recover", "recover_stripes", "repair", "storage", "stored_items", "stripes",
     "withdraw_daemon",
@@ -135,8 +143,9 @@ def stripes(cache: "Cache") -> list[StripeInfo]:
     g = cache._g
     arena = g.stripe_arena
     out = []
+    locks = cache._locks
     for i, row in enumerate(st.tolist()):
-        owner = L.OWNER.unpack(L.U64.pack(row[L.S_OWNER // 8]) + L.U64.pack(row[L.S_OWNER // 8 + 1]))[2]
+        owner = locks.stripe_owner(i)[0] if row[L.S_LOCK // 8] else 0
         live = row[L.S_LIVE // 8]
         head, tail, fill = L.unpack_ring(row[L.S_RING // 8])
         in_use = ((head - tail) % g.n_segs) * g.seg_size + min(fill, g.seg_size)
@@ -150,13 +159,13 @@ def stripes(cache: "Cache") -> list[StripeInfo]:
     return out
 
 
-def lock_values(cache: "Cache") -> list[int]:
-    """Each stripe's lock semaphore value, in stripe order: 1 free, 0 held (or
-    just being taken), above 1 broken (two writers could enter at once; only
-    possible if a live holder was ever taken for dead: :func:`check` reports
-    it, :func:`fix_overcount` corrects it). A lock-free read."""
+def lock_holders(cache: "Cache") -> list[int | None]:
+    """Who holds each stripe's lock, in stripe order: None if it is free, else
+    the holder's client slot (-1 for a lock word that names no slot: damage,
+    which the next writer or the daemon takes over like a dead holder's).
+    A lock-free read."""
     cache._check_open()
-    return [sem.value for sem in cache._seg.sems]
+    return [None if h is None else h[0] for h in map(L.lock_holder, lock_words(cache._seg).tolist())]
 
 
 def stored_items(cache: "Cache") -> int:
@@ -542,12 +551,6 @@ def check(cache: "Cache", *, fix: bool = False) -> list[str]:
     """
     cache._check_open()
     problems = []
-    for s, v in enumerate(lock_values(cache)):
-        if v > 1:
-            problems.append(f"stripe {s}: lock semaphore is {v}, above 1: two writers could enter at once"
-                            + ("; corrected" if fix else "; admin.fix_overcount (or the daemon) corrects it"))
-    if fix:
-        fix_overcount(cache)
     for s in range(cache._g.n_stripes):
         stuck = cache._stuck_odd_version(s)
         found = cache._table.check(s)  # its lock and unlock set the version's parity right
@@ -646,37 +649,15 @@ def recover_stripes(cache: "Cache") -> list[int]:
     """Repair and release every stripe whose lock holder died. Returns the
     stripes recovered.
 
-    Only stripes with an owner recorded or an acquiring marker set are looked
-    at (a numpy pass over the stripe and client tables), so an idle cache
-    costs no fcntl calls. "Dead" is the kernel's answer (the holder's client
-    slot lock is free), so a live holder in another PID namespace is never
-    taken over.
-
-    Raises:
-        LockTimeout: the recovery lock stayed busy.
+    Only held stripes are looked at (one numpy read of the lock words), so an
+    idle cache costs no fcntl calls. "Dead" is the kernel's answer (the
+    holder's client slot lock is free), so a live holder in another PID
+    namespace is never taken over.
     """
     cache._check_open()
-    seg = cache._seg
-    g = seg.geometry
     locks = cache._locks
-    owners = np.array([locks.stripe_owner(s)[1] >= 0 for s in range(g.n_stripes)])
-    table = np.frombuffer(seg.mm, dtype=np.uint8, count=g.max_clients * g.client_record_size,
-                          offset=g.client_table_off).reshape(g.max_clients, g.client_record_size)
-    try:
-        marked = table[:, L.C_MARKERS : L.C_MARKERS + g.n_stripes].any(axis=0)
-        candidates = np.nonzero(owners | marked)[0].tolist()
-    finally:
-        del table
-    return [s for s in candidates if locks.try_recover(s, keep=False)]
-
-
-def fix_overcount(cache: "Cache") -> list[int]:
-    """Correct every stripe semaphore above 1 (two writers could enter). It can
-    only happen if a live holder was ever taken for dead. Returns the stripes
-    corrected."""
-    cache._check_open()
-    locks = cache._locks
-    return [s for s in range(cache._g.n_stripes) if locks.fix_overcount(s)]
+    held = np.nonzero(lock_words(cache._seg))[0].tolist()
+    return [s for s in held if locks.try_recover(s, keep=False)]
 
 
 def reap_clients(cache: "Cache") -> list[int]:
@@ -692,10 +673,8 @@ def reap_clients(cache: "Cache") -> list[int]:
 
 def recover(cache: "Cache") -> tuple[list[int], list[int]]:
     """Everything the daemon's recovery timer does, once: :func:`recover_stripes`,
-    :func:`fix_overcount`, :func:`reap_clients`. Returns (stripes recovered,
-    client slots freed)."""
+    then :func:`reap_clients`. Returns (stripes recovered, client slots freed)."""
     stripes_done = recover_stripes(cache)
-    fix_overcount(cache)
     return stripes_done, reap_clients(cache)
 
 

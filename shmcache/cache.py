@@ -18,8 +18,8 @@ from ._durations import MAX_SECONDS, MAX_WAIT, check_seconds  # noqa: F401 - che
 from ._sentinels import DEFAULT_TTL, MISSING
 from .codec import BYTES, CUSTOM, STR, Codec, decode_key, encode_int, encode_key
 from .errors import KeyTooLong, SettingsIgnored, SettingsMismatch, ValueTooLarge
-from .lock import Client, Identity, StripeLocks, claim_client, release_client
-from .segment import Segment, sem_name
+from .lock import Client, Identity, StripeLocks, claim_client, pure_atomics, release_client
+from .segment import Segment
 from .table import ADD, DELETE, REPLACE, SET, Table, Undecodable, key_hash
 
 try:  # the C fast paths; without a compiler shmcache runs in pure Python
@@ -49,8 +49,8 @@ def speedups_layout() -> dict:
         "LAYOUT_VERSION": L.LAYOUT_VERSION, "SLOT_SIZE": L.SLOT_SIZE, "SL_TAG": L.SL_TAG, "SL_LOC": L.SL_LOC,
         "SL_EXPIRE": L.SL_EXPIRE, "ENTRY_HDR": L.ENTRY_HEADER, "E_CHECKSUM": L.E_CHECKSUM, "E_VLEN": L.E_VLEN,
         "E_KLEN": L.E_KLEN, "E_FLAGS": L.E_FLAGS, "SEG_HEADER": L.SEG_HEADER, "ALIGN": L.ALIGN,
-        "STRIPE_SIZE": L.STRIPE_SIZE, "C_COUNTERS": L.C_COUNTERS, "C_MARKERS": L.C_MARKERS,
-        "S_VERSION": L.S_VERSION, "S_OWNER": L.S_OWNER_PID, "S_ITEMS": L.S_ITEMS, "S_LIVE": L.S_LIVE,
+        "STRIPE_SIZE": L.STRIPE_SIZE, "C_COUNTERS": L.C_COUNTERS, "LOCK_WAITERS": L.LOCK_WAITERS,
+        "S_VERSION": L.S_VERSION, "S_LOCK": L.S_LOCK, "S_ITEMS": L.S_ITEMS, "S_LIVE": L.S_LIVE,
         "S_RING": L.S_RING, "S_EVICTIONS": L.S_EVICTIONS,
         "CTR_HITS": L.C_HITS, "CTR_MISSES": L.C_MISSES, "CTR_SETS": L.C_SETS,
         "CTR_DELETES": L.C_DELETES, "CTR_EVICTIONS": L.C_EVICTIONS, "CTR_EXPIRATIONS": L.C_EXPIRATIONS,
@@ -176,21 +176,19 @@ class Cache(MutableMapping[Any, Any]):
         max_clients: most processes attached at once (default 512).
         policy: ``"lru"`` evicts least recently used entries when full;
             ``"noeviction"`` raises CacheFull instead.
-        mode: permission bits of the segment and semaphores (default 0o600;
+        mode: permission bits of the segment (default 0o600;
             0o660 to share with the group).
         default_ttl: seconds, used when ``set`` gets no ``ttl`` (None = forever).
         lock_timeout: a dead lock holder is noticed within milliseconds
-            whatever this is (its client lock is gone); this bounds the rarer
-            case of a holder that died before recording itself (recovered
-            after max(lock_timeout, 1 s)), and a live holder is waited for
-            up to max(10 x lock_timeout, 5 s) before LockTimeout.
+            whatever this is (its client lock is gone); a live holder is
+            waited for up to max(10 x lock_timeout, 5 s) before LockTimeout.
         clock: a ``time.time``-like function; deadlines are absolute values of it.
         serializer: object with ``dumps``/``loads`` used instead of pickle for
             values that are not bytes, str, int, float or numpy arrays.
         strict: raise SettingsMismatch instead of warning when the existing
             cache has other layout settings than the ones given.
         owner: a uid or user name trusted besides this process's own user: the
-            segment and its semaphores must belong to one of the two, or the
+            segment must belong to one of the two, or the
             attach is refused (UntrustedSegment). On attach, ``mode`` is the
             loosest permission the segment may have.
         allow_pickle: None (default): unpickle only from a cache nobody but
@@ -247,6 +245,8 @@ class Cache(MutableMapping[Any, Any]):
         if allow_pickle is not None and not isinstance(allow_pickle, bool):
             raise TypeError(f"allow_pickle must be True, False or None, not {type(allow_pickle).__name__}")
         codec = Codec(serializer)
+        if not USE_SPEEDUPS:
+            pure_atomics()  # the pure-Python stripe locks need libatomic: say so before creating anything
         # None = "not given": the default when creating, not compared when attaching.
         given = {k: v for k, v in dict(
             size=size, stripes=stripes, max_items=max_items, max_key_size=max_key_size,
@@ -320,8 +320,7 @@ class Cache(MutableMapping[Any, Any]):
             client_rec=g.client_record_size, client=client.slot, max_key=g.max_key_size,
             max_value=g.max_value_size, cap_items=g.items_per_stripe, refs_off=g.refs_off,
             seg_size=g.seg_size, evicts=t.policy.evicts,
-            sem_names=[sem_name(self.name, i) for i in range(g.n_stripes)],
-            owner=client.owner,
+            me=client.word,
             clock=None if self._clock is time.time else self._clock,
             decode=self._decode, encode=self._encode, slow_key=_weak(self, Cache._key), slow_read=t.read_locked,
             slow_write=t.write,
@@ -348,7 +347,7 @@ class Cache(MutableMapping[Any, Any]):
         core = self._core
         if core is not None:
             st = self._state
-            core.set_identity(st.client.slot, st.client.owner)
+            core.set_identity(st.client.slot, st.client.word)
             self._read = core.read
             self.get = core.get
             self.set = core.set
@@ -999,14 +998,14 @@ class Cache(MutableMapping[Any, Any]):
     def _stuck_odd_version(self, s: int) -> int | None:
         """The stripe's version if it is odd while its lock is free, else None.
 
-        A writer takes the semaphore before it makes the version odd and makes
-        it even before it posts, so an odd version that stays the same across a
-        read of a free semaphore was left by damage, not by a writer."""
+        A writer takes the lock word before it makes the version odd and makes
+        it even before it frees the word, so an odd version that stays the same
+        across a read of a free word was left by damage, not by a writer."""
         off = (self._g.stripe_table_off + s * L.STRIPE_SIZE + L.S_VERSION) >> 3
         v = self._ctr[off]
         if not v & 1:
             return None
-        free = self._seg.sems[s].value > 0
+        free = self._locks.word(s) == 0
         return v if free and self._ctr[off] == v else None
 
     def _check_open(self) -> None:
@@ -1069,7 +1068,7 @@ class Cache(MutableMapping[Any, Any]):
 
     @staticmethod
     def unlink(name: str) -> bool:
-        """Destroy the cache ``name``: its segment and semaphores. True if anything was removed.
+        """Destroy the cache ``name``: its segment. True if anything was removed.
 
         Processes still attached keep working on their mapping until they close
         it; new ones get a fresh, empty cache.

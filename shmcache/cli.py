@@ -1310,7 +1310,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--size", help="segment size if the daemon creates the cache (default 64MiB)")
     sp.add_argument("--mode", default="660", help="permission bits (octal) of the cache (default 660)")
     sp.add_argument("--snapshot", metavar="PATH", help="snapshot file (default /var/lib/shmcache/NAME.snapshot)")
-    sp = named(add("rm", cmd_rm, "remove a cache (its shared memory and semaphores)"))
+    sp = named(add("rm", cmd_rm, "remove a cache (its shared memory segment)"))
     sp.add_argument("--force", action="store_true", help="even while its daemon runs: stop it first (SIGTERM)")
     sp.add_argument("--timeout", type=_seconds(True), default=30.0,
                     help="seconds --force waits for the daemon to stop (default 30)")

@@ -164,16 +164,10 @@ def recover(cache: Cache) -> tuple[list[int], list[int]]:
     """Repair and release every stripe whose lock holder died; free the client
     slots of dead processes. Returns (stripes recovered, client slots freed).
 
-    Only stripes with an owner recorded or an acquiring marker set are looked
-    at (a numpy pass over the stripe and client tables), so an idle cache costs
-    no psutil calls.
+    Only held stripes are looked at (one numpy read of the lock words), so
+    an idle cache costs no fcntl calls.
     """
-    recovered = admin.recover_stripes(cache)
-    # A semaphore above 1 would let two writers in at once; it can only
-    # happen if a live holder was ever taken for dead (see lock.py).
-    for s in admin.fix_overcount(cache):
-        log.warning("stripe %d: semaphore was above 1 (a live holder taken for dead); corrected", s)
-    return recovered, admin.reap_clients(cache)
+    return admin.recover_stripes(cache), admin.reap_clients(cache)
 
 
 # ------------------------------------------------------------------ daemon

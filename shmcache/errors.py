@@ -78,7 +78,7 @@ class PermissionDenied(Error, PermissionError):
 
 
 class UntrustedSegment(PermissionDenied):
-    """The segment (or a semaphore or snapshot file) is not one this process may trust:
+    """The segment (or a snapshot file) is not one this process may trust:
     it belongs to another user, grants more access than the caller's ``mode``,
     or is not a regular file. Nothing was read from it and nothing was changed.
 

@@ -27,7 +27,7 @@ geometry. Nothing in a segment ever moves or grows after creation.
 
 Every field below is commented with who writes it, who reads it and whether a
 stale read is safe. "Under the stripe lock" means: written only while holding
-that stripe's semaphore with the stripe's seqlock version odd.
+that stripe's lock word with the stripe's seqlock version odd.
 """
 
 from __future__ import annotations
@@ -46,12 +46,15 @@ MAGIC = b"SHMCACHE"
 #: Bumped whenever any offset or field below changes meaning. Attaching to a
 #: segment of another version raises LayoutMismatch; snapshots carry entries,
 #: not layouts, so they restore across versions.
-LAYOUT_VERSION = 5  # 2: owners are client slots + generation, clients locked (OFD) for liveness
+LAYOUT_VERSION = 6  # 2: owners are client slots + generation, clients locked (OFD) for liveness
 #                     3: segment-ring arena, 16-byte slots, access bits, 12-byte entry header
 #                     4: stripe records are two cache lines; the second counts lock waits;
 #                        segment headers hold a reclaim cursor (reclaim in steps)
 #                     5: entry checksums are xxh3 (low 32 bits), not xxh32: readers
 #                        verify them on every get, and xxh32 cost 2.6 us per 16 KiB
+#                     6: stripe locks are a lock word in the stripe record (CAS of the
+#                        holder's client slot + generation, futex waits), not POSIX
+#                        semaphores; client records lose their marker bytes
 
 PAGE = 4096
 CACHE_LINE = 64
@@ -146,15 +149,14 @@ STRIPE_SIZE = 2 * CACHE_LINE
 STRIPE = struct.Struct(
     "<Q"  # version    seqlock: odd while a writer mutates. Writer only, under lock.
     #                  Readers compare before/after; a stale read just retries.
-    # owner (16 bytes, layout.OWNER, one store): written by the stripe's holder right after
-    #   acquiring (C lock_fast / take_locked, lock.StripeLocks.lock), cleared right before
-    #   releasing; read by waiters, recoverers and the daemon, which ask the kernel whether
-    #   the recorded client slot's lock is still held (lock.client_alive). A stale read is
-    #   safe: recovery re-reads it under the recovery lock and probes the semaphore.
-    "I"  # owner_client  client slot + 1 of the holder; 0 = none recorded
-    "I"  # owner_gen     that slot's generation when the holder claimed it (a reused slot differs)
-    "I"  # owner_pid     the holder's pid in its own PID namespace: for messages only
-    "I"  # _pad
+    # lock (u64, see lock_word): the stripe's write lock. 0 = free; else the holder, written
+    #   by the compare-and-swap that takes the lock (C lock_fast, lock.StripeLocks), so the
+    #   lock is never held with its holder unknown. Waiters sleep on its low half (futex),
+    #   and ask the kernel whether the named client slot's lock is still held
+    #   (lock.client_alive); a dead holder's word is taken over by one more CAS.
+    "I"  # lock_client   holder's client slot + 1, | LOCK_WAITERS (bit 31) once someone sleeps
+    "I"  # lock_gen      that slot's generation when the holder claimed it (a reused slot differs)
+    "Q"  # _pad
     "Q"  # items       live index slots in this stripe. Under lock; stale read safe.
     "Q"  # live        bytes taken by the entries the index points at. Under lock; stats only.
     "Q"  # ring        the segment ring, one u64 so it changes in one store (a writer
@@ -168,8 +170,7 @@ STRIPE = struct.Struct(
     "Q"  # recoveries  times this stripe was repaired after a dead owner.
 )
 S_VERSION = 0
-S_OWNER = 8
-S_OWNER_PID = S_OWNER  # where the 16-byte owner record starts (name kept for callers)
+S_LOCK = 8
 S_ITEMS = 24
 S_LIVE = 32
 S_RING = 40
@@ -194,7 +195,23 @@ S_LOCK_WAITS = CACHE_LINE  # 64: the start of the cold line
 S_LOCK_WAIT_NS = S_LOCK_WAITS + 8
 S_LOCK_WAIT_MAX_NS = S_LOCK_WAITS + 16
 assert STRIPE.size == CACHE_LINE and S_LOCK_WAITS + LOCK_WAITS.size <= STRIPE_SIZE  # layout self-check at import
-OWNER = struct.Struct("<IIII")  # client + 1, gen, pid, pad: one 16-byte store at S_OWNER
+#: Set in a lock word's low half while some process sleeps on it (its release
+#: then wakes one); see _speedups.c Core_lock.
+LOCK_WAITERS = 0x80000000
+
+
+def lock_word(slot: int, gen: int) -> int:
+    """The lock word of client slot ``slot`` with generation ``gen`` (see STRIPE)."""
+    return (slot + 1) | (gen << 32)
+
+
+def lock_holder(word: int) -> tuple[int, int] | None:
+    """(client slot, generation) a lock word names, or None if it is free."""
+    # A non-zero word with no slot in it (damage) names slot -1: nobody alive,
+    # so a waiter takes it over like a dead holder's.
+    return None if word == 0 else ((word & 0x7FFFFFFF) - 1, word >> 32)
+
+
 ACCOUNT = struct.Struct("<QQ")  # items, live at S_ITEMS
 RING = struct.Struct("<HHI")  # head, tail, fill at S_RING
 
@@ -211,7 +228,7 @@ def unpack_ring(word: int) -> tuple[int, int, int]:
 
 # --------------------------------------------------------------------------
 # Client record: claimed by each attached process, at client_table_off +
-# i * client_record_size. Size: 64 + n_stripes rounded up to 64.
+# i * client_record_size (64 bytes).
 # Liveness: the claimer holds an OFD fcntl write lock on the record's first
 # byte (file offset client_table_off + i * client_record_size) for as long as
 # it is attached; the kernel drops it when the process dies. "Client i is
@@ -223,7 +240,7 @@ def unpack_ring(word: int) -> tuple[int, int, int]:
 CLIENT_HEAD = struct.Struct("<IId")  # pid, gen, start; pid 0 = free slot
 #   pid: the claimer's pid in its own PID namespace (display only)
 #   gen: bumped at every claim of this slot (never 0 once claimed); stripe
-#        owner records carry it, so an owner whose slot was reused is dead
+#        lock words carry it, so an owner whose slot was reused is dead
 #   start: the claimer's start in clock ticks since boot (display only)
 C_PID = 0
 C_GEN = 4
@@ -232,14 +249,7 @@ C_COUNTERS = 16  # N_COUNTERS x u64, written only by the owning process
 COUNTERS = ("hits", "misses", "sets", "deletes", "evictions", "expirations")
 N_COUNTERS = len(COUNTERS)
 C_HITS, C_MISSES, C_SETS, C_DELETES, C_EVICTIONS, C_EXPIRATIONS = range(N_COUNTERS)
-#   acquiring[n_stripes] bytes at C_MARKERS: non-zero while some thread of this
-#   process is between "about to sem_wait" and "owner recorded", or between
-#   "about to clear owner" and "sem_post done" (a count of such threads). It
-#   covers the windows where the semaphore may be held with no owner recorded,
-#   so a recoverer can tell a dead holder from a live one. Written only by the
-#   owning process: Python paths under a per-stripe thread lock, C fast paths
-#   under the GIL (each call leaves the count as it found it).
-C_MARKERS = 64
+CLIENT_RECORD_SIZE = CACHE_LINE  # head + counters
 
 # --------------------------------------------------------------------------
 # Index slot: 16 bytes, open addressing with linear probing inside each
@@ -572,7 +582,7 @@ def compute_geometry(
 
     stripe_table_off = PAGE
     client_table_off = _align(stripe_table_off + stripes * STRIPE_SIZE, PAGE)
-    client_record_size = C_MARKERS + _align(stripes, CACHE_LINE)
+    client_record_size = CLIENT_RECORD_SIZE
     index_off = _align(client_table_off + max_clients * client_record_size, PAGE)
     refs_off = _align(index_off + stripes * sps * SLOT_SIZE, PAGE)
     arena_off = _align(refs_off + stripes * sps * REF_SIZE, PAGE)

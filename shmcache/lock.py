@@ -1,38 +1,49 @@
-"""Stripe locks, seqlock versions, owner records, client slots and crash recovery.
+"""Stripe locks, seqlock versions, client slots and crash recovery.
 
-A writer holds a stripe's POSIX semaphore and keeps the stripe's seqlock
-version odd while it mutates. Readers never lock (see ``table.Table.get``).
+A writer holds a stripe's lock word and keeps the stripe's seqlock version
+odd while it mutates. Readers never lock (see ``table.Table.get``).
 
 **Liveness comes from the kernel.** Every attached process claims a client
 slot and, for as long as it is attached, holds an OFD ``fcntl`` lock on that
-slot's byte of the segment file (a private open file description, see
+slot's byte of the segment (a private open file description, see
 :class:`Client`). The kernel drops the lock when the process dies, however it
 dies, and answers "is that byte locked" the same in every PID namespace that
 shares the file. So a process is alive exactly when its slot's byte is locked:
 no pid, no start time, no /proc, no timeout guess. (pid + start time, used
 before, meant nothing across PID namespaces or with ``hidepid=2``: a live
-holder in a sidecar container was "recovered" while it wrote, leaving the
-semaphore at 2. A robust process-shared futex was the other candidate; it
-would have replaced the semaphores, the C fast paths and every waiter, while
-this keeps them and adds one fcntl per attach.)
+holder in a sidecar container was "recovered" while it wrote.)
 
-POSIX semaphores are not released when their holder dies, so every holder
-records itself in the stripe record right after acquiring and clears it
-right before releasing: its client slot and that slot's generation (bumped at
+**The stripe lock is a word that names its holder** (layout.S_LOCK): 0 when
+free, else the holder's client slot and that slot's generation (bumped at
 every claim, so a slot reused by a new process is not taken for the old
-owner). The two windows where the semaphore may be held with no owner
-recorded (between sem_wait returning and the owner store; between the owner
-clear and sem_post) are covered by a per-client, per-stripe *marker* byte set
-for the duration of each window.
+holder). One compare-and-swap both takes the lock and records who took it,
+and one frees it, so there is no instant at which the lock is held by
+nobody known: a holder SIGKILLed anywhere leaves a free word or its own name.
+Waiters sleep on the word with futex(2) (keyed by the shared file, so across
+processes and namespaces) in slices of POLL_FIRST up to POLL_MAX seconds, and
+between slices ask whether the named client is still alive: a dead holder is
+noticed within a slice of its death, never taken for alive and a live one
+never for dead. Its word is then taken over by one more compare-and-swap
+(exactly one recoverer wins; none if the word moved), the stripe repaired
+through the table's ``repair`` callback and kept (a writer) or released (the
+daemon, which runs the same check on a timer). The daemon frees client slots
+by the same test.
 
-A writer that finds the stripe busy waits in short slices (POLL_FIRST up to
-POLL_MAX seconds) and, between slices, asks whether the recorded owner's byte
-is still locked: a dead holder is noticed within one slice of its death, not
-after ``lock_timeout``. Then it takes the recovery lock (an fcntl lock the
-kernel releases if the recoverer dies too), re-checks, repairs the stripe
-through the table's ``repair`` callback and keeps the semaphore as its own.
-The daemon runs the same check on a timer and releases the semaphore instead,
-and frees client slots by the same test.
+Why not the alternatives (issue 9):
+
+- POSIX semaphores, used up to layout 5, are not released when their holder
+  dies and record no holder, so every holder wrote its name right after
+  ``sem_wait``; a holder killed between the two left a held semaphore naming
+  nobody, which a waiter could not tell from a live holder in that window
+  and so recovered only after a one-second grace (about one kill in a
+  thousand; and a live holder stopped longer than that in its window would
+  have been taken for dead).
+- A robust process-shared ``pthread_mutex_t`` closes that window (the
+  kernel marks it OWNER_DIED at exit) but names its holder by thread id, and
+  thread ids are per PID namespace: a waiter killed while blocked on the
+  mutex makes the kernel mark it OWNER_DIED if the *waiter's* tid equals the
+  holder's (glibc's ``list_op_pending``), which two containers' workers
+  sharing /dev/shm easily have. That would take a live holder's lock away.
 
 Every ``lock()`` that finds the stripe taken counts one *lock wait* and the
 nanoseconds it waited (first try to acquisition, recovery included) in the
@@ -47,26 +58,17 @@ from __future__ import annotations
 import ctypes
 import errno
 import os
+import platform
 import threading
 import time
 from typing import Callable
 
-import posix_ipc
+import numpy as np
 import psutil
 
 from . import layout as L
-from .errors import CacheFull, LockTimeout
-from .segment import LOCK_CLIENTS, LOCK_DAEMON, LOCK_RECOVERY, Segment, shm_path
-
-_ZERO16 = bytes(16)
-
-#: Least seconds a recoverer waits (it waits lock_timeout if longer) before
-#: trusting marker-only evidence (see StripeLocks._still_stuck). Paid only
-#: when a process died in the few instructions between sem_wait and its
-#: owner store, so it can be generous: a live process stalled that long in
-#: that window (SIGSTOP, a starved CPU) is the one case that could be taken
-#: for dead.
-MARKER_GRACE = 1.0
+from .errors import CacheFull, Error, LockTimeout
+from .segment import LOCK_CLIENTS, LOCK_DAEMON, Segment
 
 #: A writer waiting on a busy stripe wakes after POLL_FIRST seconds, then
 #: after twice as long each time up to POLL_MAX, to check whether the holder
@@ -117,131 +119,139 @@ def _psutil_start(pid: int) -> float | None:  # pragma: no cover - non-Linux
 _U64_MAX = 2**64 - 1
 
 
-# -- lock waits on CLOCK_MONOTONIC ----------------------------------------------
-# posix_ipc's timed acquire is sem_timedwait, whose deadline is absolute on
-# CLOCK_REALTIME: an NTP or manual step back of S seconds while a writer
-# waits on a dead holder stretched that one wait by S seconds, and short
-# slices do not help (each slice's deadline moves back with the clock).
-# sem_clockwait (glibc 2.30+, what _speedups.c uses) takes a CLOCK_MONOTONIC
-# deadline. posix_ipc does not expose its sem_t*, so the pure-Python path
-# opens the same named semaphore once more through libc: glibc finds it
-# already mapped (same inode) and hands back the same sem_t*. Without
-# sem_clockwait (other libcs), or when the name no longer leads to our
-# semaphore (the cache was removed or recreated while we stay attached),
-# waits poll sem_trywait between sleeps on the monotonic clock instead:
-# immune to steps, at the price of waking up to 1 ms after a release.
+# -- the pure-Python path's atomics ---------------------------------------------
+# The C core takes and frees lock words with the compiler's atomics. Without
+# it, Python has no compare-and-swap of its own: it calls libatomic's (the
+# GCC runtime library behind those same builtins) through ctypes, and sleeps
+# with the futex system call through libc's syscall().
 class _Timespec(ctypes.Structure):
     _fields_ = [("tv_sec", ctypes.c_long), ("tv_nsec", ctypes.c_long)]
 
 
-def _libc_sem_calls():
+_SYS_FUTEX = {"x86_64": 202, "aarch64": 98, "riscv64": 98, "ppc64le": 221, "s390x": 238, "i686": 240, "armv7l": 240}
+_FUTEX_WAIT, _FUTEX_WAKE = 0, 1
+_SEQ_CST = 5
+
+
+def _load_atomics():
     try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        sem_open, sem_close, clockwait = libc.sem_open, libc.sem_close, libc.sem_clockwait
-    except (OSError, AttributeError):  # pragma: no cover - not glibc >= 2.30
+        cas = getattr(ctypes.CDLL("libatomic.so.1"), "__atomic_compare_exchange_8")
+    except (OSError, AttributeError):
         return None
-    sem_open.restype = ctypes.c_void_p
-    sem_open.argtypes = [ctypes.c_char_p, ctypes.c_int]
-    sem_close.restype = ctypes.c_int
-    sem_close.argtypes = [ctypes.c_void_p]
-    clockwait.restype = ctypes.c_int
-    clockwait.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.POINTER(_Timespec)]
-    return sem_open, sem_close, clockwait
+    cas.restype = ctypes.c_bool
+    cas.argtypes = [ctypes.c_void_p, ctypes.POINTER(ctypes.c_uint64), ctypes.c_uint64, ctypes.c_int, ctypes.c_int]
+    return cas
 
 
-_SEM_CALLS = _libc_sem_calls()
+def _load_futex():
+    nr = _SYS_FUTEX.get(platform.machine())
+    if nr is None:  # pragma: no cover - another architecture: waits poll
+        return None
+    libc = ctypes.CDLL(None, use_errno=True)
+    call = libc.syscall
+    call.restype = ctypes.c_long
+    call.argtypes = [ctypes.c_long, ctypes.c_void_p, ctypes.c_int, ctypes.c_uint32, ctypes.c_void_p,
+                     ctypes.c_void_p, ctypes.c_uint32]
+    return lambda addr, op, val, ts: call(nr, addr, op, val, ts, None, 0)
 
-#: Longest sleep between two sem_trywait of the fallback (seconds).
-_TRYWAIT_MAX_SLEEP = 0.001
+
+_CAS = None
+_FUTEX = None
+_ATOMICS_LOADED = False
 
 
-class MonotonicWaits:
-    """Timed waits on a segment's stripe semaphores whose deadline is on
-    CLOCK_MONOTONIC, so a wall-clock step never lengthens a lock wait."""
+def pure_atomics():
+    """(cas, futex) for the pure-Python path, loaded on first use.
+
+    Raises:
+        Error: libatomic is not installed (only the pure-Python path needs it).
+    """
+    global _CAS, _FUTEX, _ATOMICS_LOADED
+    if not _ATOMICS_LOADED:
+        _CAS, _FUTEX, _ATOMICS_LOADED = _load_atomics(), _load_futex(), True
+    if _CAS is None:
+        raise Error(
+            "shmcache is running without its C extension, and its pure-Python stripe locks need "
+            "libatomic.so.1 for compare-and-swap, which this system lacks; install it "
+            "(Debian/Ubuntu: apt-get install libatomic1; Fedora: dnf install libatomic) or "
+            "reinstall shmcache with a C compiler present so its extension builds"
+        )
+    return _CAS, _FUTEX
+
+
+#: Longest sleep between two tries when futex(2) is unavailable (seconds).
+_TRY_MAX_SLEEP = 0.001
+
+
+class _PureWords:
+    """The lock words of one mapping, taken and freed from Python (see above)."""
 
     def __init__(self, seg: Segment) -> None:
-        self.seg = seg
-        self._ptrs: dict[int, int] = {}
-        self._open_lock = threading.Lock()
+        self.cas, self.futex = pure_atomics()
+        self._buf = (ctypes.c_char * len(seg.mm)).from_buffer(seg.mm)
+        self.base = ctypes.addressof(self._buf) + seg.geometry.stripe_table_off + L.S_LOCK
+        self._q = memoryview(seg.mm).cast("Q")
+        self._first = (seg.geometry.stripe_table_off + L.S_LOCK) >> 3
 
-    def _ptr(self, s: int) -> int:
-        """libc's sem_t* of stripe ``s``, or 0: then waits poll instead."""
-        p = self._ptrs.get(s)
-        if p is None:
-            with self._open_lock:
-                p = self._ptrs.get(s)
-                if p is None:
-                    p = _SEM_CALLS[0](self.seg.sems[s].name.encode(), 0) or 0
-                    # Opened by name: the name must still mean the cache we
-                    # mapped. It does not if the cache was removed (sem_open
-                    # failed) or removed and recreated (a new segment file
-                    # comes with new semaphores); our posix_ipc handles still
-                    # work on the old semaphores, so wait on those by polling.
-                    if p and not self._same_segment():
-                        _SEM_CALLS[1](p)
-                        p = 0
-                    self._ptrs[s] = p
-        return p
+    def addr(self, s: int) -> int:
+        return self.base + s * L.STRIPE_SIZE
 
-    def _same_segment(self) -> bool:
-        try:
-            return os.stat(shm_path(self.seg.name)).st_ino == os.fstat(self.seg.fd).st_ino
-        except FileNotFoundError:
-            return False
+    def swap(self, s: int, old: int, new: int) -> bool:
+        """Compare-and-swap stripe ``s``'s word from ``old`` to ``new``."""
+        return self.cas(self.addr(s), ctypes.byref(ctypes.c_uint64(old)), new, _SEQ_CST, _SEQ_CST)
 
-    def after_fork(self) -> None:
-        """In a forked child: another thread may have held the open lock."""
-        self._open_lock = threading.Lock()
-
-    def acquire(self, s: int, timeout: float) -> bool:
-        """Take stripe ``s``'s semaphore, waiting at most ``timeout`` seconds
-        of CLOCK_MONOTONIC. True if taken. A signal handler that raises
-        (Ctrl-C) interrupts the wait; one that returns resumes it (PEP 475)."""
-        sem = self.seg.sems[s]
-        try:
-            sem.acquire(0)
+    def acquire(self, s: int, me: int, timeout: float) -> bool:
+        """What Core.lock does: take the word within ``timeout`` seconds of
+        CLOCK_MONOTONIC (futex timeouts are relative, on that clock)."""
+        if self.swap(s, 0, me):
             return True
-        except posix_ipc.BusyError:
-            pass
-        deadline = time.clock_gettime(time.CLOCK_MONOTONIC) + max(0.0, timeout)
-        p = self._ptr(s) if _SEM_CALLS is not None else 0
-        if not p:
-            return self._poll(sem, deadline)
-        sec = int(deadline)
-        ts = _Timespec(sec, min(int((deadline - sec) * 1e9), 999_999_999))
-        clockwait = _SEM_CALLS[2]
+        if not timeout > 0:
+            return False
+        deadline = time.monotonic() + timeout
+        i = self._first + s * (L.STRIPE_SIZE >> 3)
+        pause = 0.00005
         while True:
-            if clockwait(p, time.CLOCK_MONOTONIC, ctypes.byref(ts)) == 0:
-                return True
-            e = ctypes.get_errno()
-            if e == errno.ETIMEDOUT:
+            v = self._q[i]
+            if v == 0:
+                if self.swap(s, 0, me | L.LOCK_WAITERS):
+                    return True
+                continue
+            if not v & L.LOCK_WAITERS:
+                if not self.swap(s, v, v | L.LOCK_WAITERS):
+                    continue
+                v |= L.LOCK_WAITERS
+            left = deadline - time.monotonic()
+            if left <= 0:
                 return False
-            if e != errno.EINTR:
-                raise OSError(e, f"sem_clockwait: {os.strerror(e)}")
+            if self.futex is None:  # pragma: no cover - unknown architecture
+                time.sleep(min(pause, left))
+                pause = min(pause * 2, _TRY_MAX_SLEEP)
+                continue
+            sec = int(left)
+            ts = _Timespec(sec, int((left - sec) * 1e9))
+            if self.futex(self.addr(s), _FUTEX_WAIT, v & 0xFFFFFFFF, ctypes.byref(ts)) != 0:
+                e = ctypes.get_errno()
+                if e not in (errno.EAGAIN, errno.EINTR, errno.ETIMEDOUT):
+                    raise OSError(e, f"futex: {os.strerror(e)}")
             # EINTR: the eval loop runs the signal's Python handler at the
             # next check; if it raises, so does this call.
 
-    @staticmethod
-    def _poll(sem, deadline: float) -> bool:
-        pause = 0.00005
+    def release(self, s: int, me: int) -> None:
+        """Free the word if it names us (see _speedups.c release_word)."""
+        i = self._first + s * (L.STRIPE_SIZE >> 3)
         while True:
-            left = deadline - time.clock_gettime(time.CLOCK_MONOTONIC)
-            if left <= 0:
-                return False
-            time.sleep(min(pause, left))
-            pause = min(pause * 2, _TRYWAIT_MAX_SLEEP)
-            try:
-                sem.acquire(0)
-                return True
-            except posix_ipc.BusyError:
-                pass
+            old = self._q[i]
+            if old & ~L.LOCK_WAITERS != me:
+                return
+            if self.swap(s, old, 0):
+                if old & L.LOCK_WAITERS and self.futex is not None:
+                    self.futex(self.addr(s), _FUTEX_WAKE, 1, None)
+                return
 
     def close(self) -> None:
-        """Drop the extra references to the semaphores. Idempotent."""
-        ptrs, self._ptrs = self._ptrs, {}
-        for p in ptrs.values():
-            if p:
-                _SEM_CALLS[1](p)
+        self._q.release()
+        self._buf = None  # the last reference: gives the mapping's export back
+
 
 class Identity:
     """This process as the segment records it: pid and start time (for
@@ -270,14 +280,14 @@ class Client:
     O_CLOEXEC, so exec'd children never keep it.
     """
 
-    __slots__ = ("slot", "gen", "fd", "owner")
+    __slots__ = ("slot", "gen", "fd", "word")
 
     def __init__(self, slot: int, gen: int, fd: int, pid: int):
         self.slot = slot
         self.gen = gen
         self.fd = fd
-        #: What this process stores as a stripe's owner record (layout.OWNER).
-        self.owner = L.OWNER.pack(slot + 1, gen, pid, 0)
+        #: What this process's stripe locks hold while it holds them (layout.lock_word).
+        self.word = L.lock_word(slot, gen)
 
     def abandon(self) -> None:
         """In a forked child: drop the inherited reference to the parent's lock."""
@@ -289,7 +299,7 @@ class Client:
 def client_alive(seg: Segment, c: int, gen: int | None = None) -> bool:
     """True if client slot ``c`` (of generation ``gen``, if given) belongs to a
     process that is still attached: its byte is locked. Cross-namespace, exact.
-    A slot number outside the client table (a damaged owner record) names no
+    A slot number outside the client table (a damaged lock word) names no
     process: False, never a read past the table or the mapping."""
     if not 0 <= c < seg.geometry.max_clients:
         return False
@@ -299,19 +309,27 @@ def client_alive(seg: Segment, c: int, gen: int | None = None) -> bool:
     return seg.ofd_locked(_client_base(seg.geometry, c))
 
 
+def lock_words(seg: Segment) -> np.ndarray:
+    """Every stripe's lock word, in stripe order (a copy; 0 = free)."""
+    g = seg.geometry
+    a = np.frombuffer(seg.mm, dtype="<u8", count=g.n_stripes * (L.STRIPE_SIZE >> 3), offset=g.stripe_table_off)
+    return a[L.S_LOCK >> 3 :: L.STRIPE_SIZE >> 3].copy()
+
+
 class StripeLocks:
     """The per-stripe write locks of one attached segment, for one process.
 
     ``lock(s)`` / ``unlock(s)`` bracket every mutation of stripe ``s``: they
-    take the stripe semaphore, record the owner and bump the seqlock version
-    to odd; ``unlock`` does the reverse. Always call ``unlock`` in ``finally``.
+    take the stripe's lock word (naming us) and bump the seqlock version to
+    odd; ``unlock`` does the reverse. Always call ``unlock`` in ``finally``.
 
     With the C accelerator (:meth:`attach_core`) each of them is one C call, so
     a signal handler that raises (Ctrl-C, gunicorn's SIGABRT) can never run
-    between taking the semaphore and recording the owner. The pure-Python
-    fallback does the same steps in Python under a per-process thread lock
-    per stripe; there a handler raising between two of them can leave the
-    stripe held with no record (documented limitation of that fallback).
+    between taking the lock and making the version odd. The pure-Python
+    fallback does the same steps in Python (libatomic's compare-and-swap through
+    ctypes) under a per-process thread lock per stripe; there a handler raising
+    between two of them can leave the stripe held by this live process until it
+    exits (documented limitation of that fallback).
     """
 
     def __init__(
@@ -325,7 +343,6 @@ class StripeLocks:
         g = seg.geometry
         self.seg = seg
         self.mm = seg.mm
-        self.sems = seg.sems
         self.geometry = g
         self.lock_timeout = float(lock_timeout)
         self.repair = repair
@@ -333,7 +350,7 @@ class StripeLocks:
         self._q = memoryview(seg.mm).cast("Q")
         self._tlocks = [threading.Lock() for _ in range(g.n_stripes)]
         self._core = None
-        self._waits = MonotonicWaits(seg)
+        self._pure: _PureWords | None = None
         self.set_client(client)
 
     def attach_core(self, core) -> None:
@@ -342,36 +359,44 @@ class StripeLocks:
         self.lock = self._lock_c
         self.unlock = core.unlock
 
+    def _words(self) -> _PureWords:
+        """The pure-Python lock words (made on first use: the C path never needs them)."""
+        if self._pure is None:
+            self._pure = _PureWords(self.seg)
+        return self._pure
+
     def _lock_c(self, s: int) -> None:
         core = self._core
         if core.lock(s, 0.0):  # one try: taken unless busy
             return
         t0 = time.monotonic_ns()
         if not core.lock(s, POLL_FIRST):
-            self._wait(s, core.lock, core.take)
+            self._wait(s, core.lock)
         self._count_wait(s, t0)
 
     def set_client(self, client: Client) -> None:
-        """Use client slot ``client`` for this process's markers and owner records."""
-        g = self.geometry
+        """Use client slot ``client`` for this process's lock words."""
         self.client = client
-        self.owner = client.owner
-        self._marker_base = g.client_table_off + client.slot * g.client_record_size + L.C_MARKERS
+        self.me = client.word
 
     def after_fork(self, identity: Identity, client: Client) -> None:
         """In a forked child: new identity, fresh thread locks, own client slot."""
         self.identity = identity
         self._tlocks = [threading.Lock() for _ in range(self.geometry.n_stripes)]
-        self._waits.after_fork()
         self.set_client(client)
 
     def release_views(self) -> None:
-        """Drop the memoryview so the mapping can be closed, and the extra
-        semaphore references of the monotonic waits."""
+        """Drop the memoryviews (and ctypes export) so the mapping can be closed."""
         self._q.release()
-        self._waits.close()
+        if self._pure is not None:
+            self._pure.close()
+            self._pure = None
 
-    # -- hot path -----------------------------------------------------------
+    def word(self, s: int) -> int:
+        """Stripe ``s``'s lock word right now (0 = free)."""
+        return self._q[(self._stripe_off(s) + L.S_LOCK) >> 3]
+
+    # -- hot path (pure Python; the C core replaces lock and unlock) ------------
     def lock(self, s: int) -> None:
         """Acquire stripe ``s`` for writing (seqlock version becomes odd).
 
@@ -383,43 +408,32 @@ class StripeLocks:
         if not tl.acquire(False):
             t0 = time.monotonic_ns()
             tl.acquire()
-        mm = self.mm
-        mb = self._marker_base + s
-        # Markers are counters, not flags: the C fast paths (_speedups.c) may
-        # raise and lower the same byte from another thread of this process
-        # while this one waits; they always leave it as they found it.
-        mm[mb] += 1
         try:
-            try:
-                self.sems[s].acquire(0)
-            except posix_ipc.BusyError:
+            words = self._words()
+            if not words.acquire(s, self.me, 0.0):
                 if t0 is None:
                     t0 = time.monotonic_ns()
-                if not self._acquire(s, POLL_FIRST):
-                    self._wait(s, self._acquire, None)
+                acquire = lambda s, timeout: words.acquire(s, self.me, timeout)  # noqa: E731
+                if not acquire(s, POLL_FIRST):
+                    self._wait(s, acquire)
         except BaseException:
-            mm[mb] -= 1
             tl.release()
             raise
-        so = self.geometry.stripe_table_off + s * L.STRIPE_SIZE
-        mm[so + L.S_OWNER : so + L.S_OWNER + 16] = self.owner
-        mm[mb] -= 1
-        # Parity is set, not inverted (as in _speedups.c): a version damaged to
-        # odd must not turn even while we mutate, or readers take torn values.
-        self._q[so >> 3] = ((self._q[so >> 3] + 1) | 1) & _U64_MAX  # odd: readers of this stripe retry
+        self._set_odd(s)
         if t0 is not None:
             self._count_wait(s, t0)
 
+    def _set_odd(self, s: int) -> None:
+        # Parity is set, not inverted (as in _speedups.c): a version damaged to
+        # odd must not turn even while we mutate, or readers take torn values.
+        i = self._stripe_off(s) >> 3
+        self._q[i] = ((self._q[i] + 1) | 1) & _U64_MAX  # odd: readers of this stripe retry
+
     def unlock(self, s: int) -> None:
         """Release stripe ``s`` (seqlock version becomes even)."""
-        mm = self.mm
-        so = self.geometry.stripe_table_off + s * L.STRIPE_SIZE
-        mb = self._marker_base + s
-        self._q[so >> 3] = (self._q[so >> 3] + 2) & (_U64_MAX - 1)  # even: the stripe is consistent again
-        mm[mb] += 1
-        mm[so + L.S_OWNER : so + L.S_OWNER + 16] = _ZERO16
-        self.sems[s].release()
-        mm[mb] -= 1
+        i = self._stripe_off(s) >> 3
+        self._q[i] = (self._q[i] + 2) & (_U64_MAX - 1)  # even: the stripe is consistent again
+        self._words().release(s, self.me)
         self._tlocks[s].release()
 
     # -- contention and recovery --------------------------------------------
@@ -437,32 +451,19 @@ class StripeLocks:
         if ns > q[i + 2]:
             q[i + 2] = ns
 
-    def _acquire(self, s: int, timeout: float) -> bool:
-        """Wait up to ``timeout`` seconds (CLOCK_MONOTONIC) for the semaphore. True if taken."""
-        return self._waits.acquire(s, timeout)
-
-    def _wait(self, s: int, acquire, take) -> None:
+    def _wait(self, s: int, acquire) -> None:
         """Wait for busy stripe ``s``: in slices of POLL_FIRST..POLL_MAX seconds,
-        checking between them whether its holder died (then recover at once).
-        ``acquire(s, timeout) -> bool`` waits one slice; ``take(s)`` (C path)
-        records us as holder after a recovery that kept the semaphore.
-
-        A recorded owner is checked every slice; marker-only evidence (a holder
-        that died before recording itself) only once ``lock_timeout`` has passed,
-        as it needs a grace period to rule out a live holder mid-step.
+        checking between them whether its holder died (then take it over and
+        repair it at once). ``acquire(s, timeout) -> bool`` waits one slice.
 
         Raises:
             LockTimeout: a live process kept the stripe for max(10 x lock_timeout, 5 s).
         """
-        t0 = time.monotonic()
-        hard = t0 + max(10 * self.lock_timeout, 5.0)
+        hard = time.monotonic() + max(10 * self.lock_timeout, 5.0)
         poll = POLL_FIRST
         while True:
-            if self.owner_dead(s) or time.monotonic() - t0 >= self.lock_timeout:
-                if self.try_recover(s, keep=True):
-                    if take is not None:
-                        take(s)  # we hold it as the recoverer: version odd, as lock() leaves it
-                    return
+            if self.try_recover(s, keep=True):
+                return
             poll = min(poll * 2, POLL_MAX)
             if acquire(s, poll):
                 return
@@ -470,7 +471,7 @@ class StripeLocks:
                 self._timeout(s)
 
     def _timeout(self, s: int):
-        _c, _g, pid, _ = L.OWNER.unpack_from(self.mm, self._stripe_off(s) + L.S_OWNER)
+        pid, _c = self.stripe_owner(s)
         raise LockTimeout(
             f"stripe {s} of cache {self.seg.name!r} has been held by live process "
             f"{pid or '(unknown)'} for more than {max(10 * self.lock_timeout, 5.0):.1f} s"
@@ -480,177 +481,66 @@ class StripeLocks:
         return self.geometry.stripe_table_off + s * L.STRIPE_SIZE
 
     def owner_dead(self, s: int) -> bool:
-        """True if stripe ``s`` records an owner whose process is gone (its
-        client slot's byte is unlocked, or the slot was reused). One fcntl."""
-        c, gen, _pid, _ = L.OWNER.unpack_from(self.mm, self._stripe_off(s) + L.S_OWNER)
-        return c != 0 and not client_alive(self.seg, c - 1, gen)
-
-    def _evidence(self, s: int) -> tuple[bool, list[tuple[int, int]]] | None:
-        """Who could hold stripe ``s``: None if a live process might; else
-        (owner_is_dead, [(slot, gen) of dead clients with a marker on s]).
-
-        A recorded owner is authoritative: only the holder writes it, right
-        after sem_wait, and clears it right before sem_post. Markers matter
-        only when no owner is recorded, and then only dead ones are evidence:
-        live markers belong to waiters blocked in sem_wait (which must not
-        stop them from recovering a dead holder) or to a live process in its
-        few-instruction window, which the grace re-check in
-        :meth:`_still_stuck` rules out.
-        """
-        mm = self.mm
-        g = self.geometry
-        c, gen, _pid, _ = L.OWNER.unpack_from(mm, self._stripe_off(s) + L.S_OWNER)
-        if c and client_alive(self.seg, c - 1, gen):
-            return None
-        dead_markers = []
-        # Stripe s's marker byte of every client record, read as one strided
-        # slice: a Python loop over 512 records took ~0.3 ms of each recovery.
-        rs = g.client_record_size
-        first = g.client_table_off + L.C_MARKERS + s
-        for m in _nonzero(mm[first : first + g.max_clients * rs : rs]):
-            base = g.client_table_off + m * rs
-            mpid, mgen, _ = L.CLIENT_HEAD.unpack_from(mm, base)
-            if mpid and not client_alive(self.seg, m, mgen):
-                dead_markers.append((m, mgen))
-        if c:
-            return True, dead_markers
-        if not dead_markers:
-            return None  # nobody to blame: a live holder is mid-step; wait
-        return False, dead_markers
+        """True if stripe ``s`` is held by a process that is gone (its client
+        slot's byte is unlocked, or the slot was reused). One fcntl."""
+        h = L.lock_holder(self.word(s))
+        return h is not None and not client_alive(self.seg, *h)
 
     def try_recover(self, s: int, keep: bool) -> bool:
-        """If stripe ``s`` is held by a dead process, repair it and take it over.
+        """If stripe ``s`` is held by a dead process, take it over and repair it.
 
-        With ``keep`` the caller ends up holding the semaphore (the writer's
-        path); without it the semaphore is released (the daemon's path).
-        Returns True if this call acquired (keep) or freed (not keep) the stripe.
-
-        Raises:
-            LockTimeout: another recoverer kept the recovery lock too long.
+        With ``keep`` the caller ends up holding it (the writer's path; in the
+        pure-Python path it already holds the stripe's thread lock); without it
+        the stripe is released again (the daemon's path). Returns True if this
+        call acquired (keep) or freed (not keep) the stripe.
         """
-        if self._evidence(s) is None:
+        v = self.word(s)
+        h = L.lock_holder(v)
+        if h is None or client_alive(self.seg, *h):
             return False
-        # The probes below take the semaphore for an instant with no owner
-        # recorded: our marker must be up, so dying inside one is evidence too.
         if self._core is not None:
-            self._core.mark(s, 1)
-            try:
-                return self._recover(s, keep)
-            finally:
-                self._core.mark(s, -1)
-        if keep:  # the Python lock(): its marker is up and it holds the thread lock
-            return self._recover(s, keep)
-        mb = self._marker_base + s
-        with self._tlocks[s]:
-            self.mm[mb] += 1
-            try:
-                return self._recover(s, keep)
-            finally:
-                self.mm[mb] -= 1
-
-    def _probe(self, s: int, keep: bool) -> bool:
-        """Take the semaphore if it is free right now; with ``keep`` hold it
-        (owner recorded at once), else give it straight back."""
-        try:
-            self.sems[s].acquire(0)
-        except posix_ipc.BusyError:
-            return False
-        so = self._stripe_off(s)
-        if keep:
-            self.mm[so + L.S_OWNER : so + L.S_OWNER + 16] = self.owner
+            if not self._core.take(s, v):
+                return False  # the word moved: somebody else recovered it, or the holder was not it
         else:
-            self.sems[s].release()
+            tl = self._tlocks[s]
+            if not keep:
+                tl.acquire()
+            if not self._words().swap(s, v, self.me | L.LOCK_WAITERS):
+                if not keep:
+                    tl.release()
+                return False
+            self._set_odd(s)
+        # We hold the stripe (version odd) as its new owner: one CAS, so of
+        # several recoverers exactly one gets here for this death.
+        ok = False
+        try:
+            self.repair(s)
+            i = (self._stripe_off(s) + L.S_RECOVERIES) >> 3
+            self._q[i] = (self._q[i] + 1) & _U64_MAX  # wraps
+            ok = True
+        finally:
+            if not keep:
+                self.unlock(s)
+            elif not ok:  # repair raised: give the stripe back; the caller releases its thread lock
+                if self._core is not None:
+                    self._core.unlock(s)
+                else:
+                    i = self._stripe_off(s) >> 3
+                    self._q[i] = (self._q[i] + 2) & (_U64_MAX - 1)
+                    self._words().release(s, self.me)
         return True
 
-    def _recover(self, s: int, keep: bool) -> bool:
-        with self.seg.file_lock(LOCK_RECOVERY, timeout=max(30.0, 10 * self.lock_timeout), what="recovery"):
-            if self._probe(s, keep):  # someone else recovered (or the holder finished) meanwhile
-                return keep
-            ev = self._evidence(s)
-            if ev is None:
-                return False
-            # Confirm the semaphore is still taken after the evidence: a live
-            # process that grabbed it in between would show as owner or marker.
-            if self._probe(s, keep):
-                return keep
-            if self._evidence(s) != ev:
-                return False
-            if not ev[0] and not self._still_stuck(s, ev):
-                return False
-            so = self._stripe_off(s)
-            self.mm[so + L.S_OWNER : so + L.S_OWNER + 16] = self.owner
-            self.repair(s)
-            self._q[(so + L.S_RECOVERIES) >> 3] = (self._q[(so + L.S_RECOVERIES) >> 3] + 1) & _U64_MAX  # wraps
-            self._clear_dead_markers(s, ev[1])
-            if not keep:
-                self.mm[so + L.S_OWNER : so + L.S_OWNER + 16] = _ZERO16
-                self.sems[s].release()
-            return True
-
-    def _clear_dead_markers(self, s: int, dead) -> None:
-        # Under the client-table lock and only if the slot still belongs to the
-        # dead client: the reaper may have handed it to a new process meanwhile.
-        g = self.geometry
-        with self.seg.file_lock(LOCK_CLIENTS, 10.0, what="client table"):
-            for c, gen in dead:
-                base = g.client_table_off + c * g.client_record_size
-                cpid, cgen, _ = L.CLIENT_HEAD.unpack_from(self.mm, base)
-                if cpid and cgen == gen:
-                    self.mm[base + L.C_MARKERS + s] = 0
-
-    def _still_stuck(self, s: int, ev) -> bool:
-        """Marker-only evidence (no owner recorded) is the ambiguous case: a live
-        process that just took the semaphore and has not yet stored its owner
-        looks the same for an instant. Wait a grace period: a live holder
-        records itself and bumps the version within microseconds; a dead one
-        changes nothing."""
-        vo = self._stripe_off(s)
-        v = L.U64.unpack_from(self.mm, vo)[0]
-        # Looked at every POLL_MAX, not once at the end: a live holder that
-        # was in its window records itself within microseconds, and the
-        # waiter (holding the recovery lock, which every other waiter of a
-        # dead holder queues on) used to sleep out the whole grace anyway.
-        # Only "nothing changed for the whole grace" leads to a recovery.
-        deadline = time.monotonic() + max(MARKER_GRACE, self.lock_timeout)
-        while True:
-            time.sleep(max(0.0, min(POLL_MAX, deadline - time.monotonic())))
-            if L.U64.unpack_from(self.mm, vo)[0] != v or self._evidence(s) != ev:
-                return False
-            if time.monotonic() >= deadline:
-                return not self._probe(s, keep=False)
-
-    def fix_overcount(self, s: int) -> int:
-        """Bring stripe ``s``'s semaphore back to 1 if it is above (two releases
-        for one acquire: only possible if a live holder was ever taken for
-        dead). Returns how many surplus units were removed."""
-        n = 0
-        while self.sems[s].value > 1:
-            try:
-                self.sems[s].acquire(0)
-            except posix_ipc.BusyError:
-                break
-            n += 1
-        return n
-
     def stripe_owner(self, s: int) -> tuple[int, int]:
-        """(pid, client slot) recorded as the holder of stripe ``s``; (0, -1) if
-        none. The pid is as the holder sees itself (its own PID namespace)."""
-        c, _gen, pid, _ = L.OWNER.unpack_from(self.mm, self._stripe_off(s) + L.S_OWNER)
-        return (pid, c - 1) if c else (0, -1)
-
-
-_NONZERO = bytes([0] + [1] * 255)
-
-
-def _nonzero(col: bytes) -> list[int]:
-    """Indices of the non-zero bytes of ``col`` (usually one or two)."""
-    flags = col.translate(_NONZERO)
-    out = []
-    i = flags.find(1)
-    while i >= 0:
-        out.append(i)
-        i = flags.find(1, i + 1)
-    return out
+        """(pid, client slot) of the holder of stripe ``s``; (0, -1) if it is
+        free. The pid is as the holder sees itself (its own PID namespace), read
+        from its client record: 0 if that slot is free or out of range."""
+        h = L.lock_holder(self.word(s))
+        if h is None:
+            return 0, -1
+        c, _gen = h
+        if not 0 <= c < self.geometry.max_clients:
+            return 0, c
+        return L.CLIENT_HEAD.unpack_from(self.mm, _client_base(self.geometry, c))[0], c
 
 
 # -- client table -------------------------------------------------------------
@@ -734,38 +624,22 @@ def _reap_locked(seg: Segment, first_only: bool = False) -> int | list[int] | No
     g = seg.geometry
     mm = seg.mm
     reaped = []
+    held = None
     for c in range(g.max_clients):
         base = _client_base(g, c)
-        pid = L.CLIENT_HEAD.unpack_from(mm, base)[0]
+        pid, gen, _ = L.CLIENT_HEAD.unpack_from(mm, base)
         if pid == 0 or seg.ofd_locked(base):
             continue
-        if not _clear_stale_markers(seg, base, c):
-            continue  # evidence for a stuck stripe: recovery frees this slot
+        if held is None:
+            held = set(int(w) for w in lock_words(seg) if w)
+        word = L.lock_word(c, gen)
+        if word in held or word | L.LOCK_WAITERS in held:
+            continue  # it died holding a stripe: the stripe's recovery comes first, then this slot
         _retire_locked(seg, c)
         if first_only:
             return c
         reaped.append(c)
     return None if first_only else reaped
-
-
-def _clear_stale_markers(seg: Segment, base: int, c: int) -> bool:
-    """Clear the markers of dead client ``c`` (record at ``base``) that
-    cannot mean it holds a stripe: the stripe's semaphore is free, or a
-    different live process is its recorded owner (a waiter killed in sem_wait
-    leaves such a marker). Returns True if no marker is left."""
-    mm = seg.mm
-    g = seg.geometry
-    left = False
-    for s in range(g.n_stripes):
-        m = base + L.C_MARKERS + s
-        if not mm[m]:
-            continue
-        owner, ogen, _pid, _ = L.OWNER.unpack_from(mm, g.stripe_table_off + s * L.STRIPE_SIZE + L.S_OWNER)
-        if seg.sems[s].value > 0 or (owner and owner != c + 1 and client_alive(seg, owner - 1, ogen)):
-            mm[m] = 0
-        else:
-            left = True
-    return not left
 
 
 def reap_dead_clients(seg: Segment) -> list[int]:

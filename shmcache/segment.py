@@ -1,8 +1,9 @@
-"""Create, attach, detach and unlink the shared memory segment and its semaphores.
+"""Create, attach, detach and unlink the shared memory segment.
 
-One cache = one POSIX shared memory object ``/shmcache.<name>`` plus one
-POSIX semaphore per stripe, ``/shmcache.<name>.<i>`` (on Linux these appear as
-``/dev/shm/shmcache.<name>`` and ``/dev/shm/sem.shmcache.<name>.<i>``).
+One cache = one POSIX shared memory object ``/shmcache.<name>`` (on Linux
+``/dev/shm/shmcache.<name>``). Its stripe locks live inside it (lock.py); up
+to layout 5 each stripe also had a POSIX semaphore, ``sem.shmcache.<name>.<i>``,
+which :meth:`Segment.unlink` still removes.
 
 Create-or-attach race: every process opens the object with O_CREAT and then
 takes the *init lock*, an ``fcntl`` byte lock on the object's fd that the
@@ -13,8 +14,8 @@ initialized yet), which it initializes itself. The magic is written last, so
 waits (bounded) for the magic instead.
 
 Reservation: the initializer reserves every page of the segment with
-``posix_fallocate`` before anything is mapped, and counts the semaphores (a
-tmpfs page each) against the free space first. On a small /dev/shm (Docker's
+``posix_fallocate`` before anything is mapped, after checking the free space
+first. On a small /dev/shm (Docker's
 64 MiB default) a cache that does not fit is refused with
 :class:`~shmcache.errors.OutOfSharedMemory` naming the fix, instead of a
 SIGBUS in whichever process first touches a page the filesystem cannot back.
@@ -56,30 +57,19 @@ from .errors import (
     UntrustedSegment,
 )
 
-if not posix_ipc.SEMAPHORE_TIMEOUT_SUPPORTED:  # pragma: no cover - macOS
-    raise ImportError(
-        "shmcache needs timed semaphore waits (sem_timedwait), which this platform "
-        "lacks (posix_ipc.SEMAPHORE_TIMEOUT_SUPPORTED is False); without them a dead "
-        "lock holder could hang every writer. Linux is supported."
-    )
-
 # fcntl byte-range locks on the segment fd. The kernel drops them when the
-# holder dies, which is why the rare paths use them instead of semaphores
-# (measured ~1.5 us per lock/unlock pair, too slow for every write).
+# holder dies, which is why the rare paths use them (measured ~1.5 us per
+# lock/unlock pair, too slow for every write: stripes have lock words).
 # Bytes 0-2 are classic POSIX locks taken for a moment (per process, so a
 # thread lock makes them exclusive between threads too); byte 3 and each
 # client record's first byte are held for a lifetime: LOCK_DAEMON a POSIX
 # lock (not inherited by fork), client bytes OFD locks (see lock.Client).
 LOCK_INIT = 0  # create-or-attach
 LOCK_CLIENTS = 1  # claim / release / reap client slots
-LOCK_RECOVERY = 2  # repair a stripe whose lock owner died
+# byte 2 took part in stripe recovery up to layout 5; unused since
 LOCK_DAEMON = 3  # held by the running daemon for its lifetime
 
 SHM_DIR = "/dev/shm"
-
-#: tmpfs bytes one named semaphore takes: glibc keeps each in its own
-#: /dev/shm/sem.* file of 32 bytes, and tmpfs allocates whole pages.
-SEM_BYTES = 4096
 
 # Returned by _try_open when the name was removed while we waited for the init
 # lock (a creator that failed unlinks its empty file): open the name again.
@@ -118,20 +108,19 @@ def shm_name(name: str) -> str:
 
 
 def sem_name(name: str, stripe: int) -> str:
-    """The POSIX name of a stripe's semaphore."""
+    """The POSIX name a stripe's semaphore had up to layout 5 (see unlink)."""
     return f"/shmcache.{name}.{stripe}"
 
 
 class Segment:
-    """An open mapping of one cache's segment plus its stripe semaphores."""
+    """An open mapping of one cache's segment."""
 
-    def __init__(self, name: str, shm, mm: mmap.mmap, geometry: layout.Geometry, sems, created: bool):
+    def __init__(self, name: str, shm, mm: mmap.mmap, geometry: layout.Geometry, created: bool):
         self.name = name
         self._shm = shm
         self.fd = shm.fd
         self.mm = mm
         self.geometry = geometry
-        self.sems = sems
         #: True if this process initialized the segment.
         self.created = created
         self._ino = os.fstat(self.fd).st_ino
@@ -169,13 +158,12 @@ class Segment:
         byte: the owner must be this process's effective uid or ``owner``
         (a uid or user name the caller trusts), and the mode may grant nothing
         beyond ``mode``. The header is then checked against its own settings
-        and the file's real size, and every semaphore gets the same owner and
-        mode checks.
+        and the file's real size.
 
         Raises:
             ValueError / TypeError: bad name, setting, mode or owner.
             CacheNotFound: ``create=False`` and no such cache.
-            UntrustedSegment: the segment or a semaphore belongs to another
+            UntrustedSegment: the segment belongs to another
                 user, grants more than ``mode``, or is not a regular file.
             LayoutMismatch: the segment is foreign, of another layout version,
                 or damaged (a header inconsistent with itself or its size, no magic).
@@ -256,39 +244,10 @@ class Segment:
     def _initialize(cls, name, shm, geometry, mode):
         fd = shm.fd
         os.ftruncate(fd, 0)  # zero any half-written header a dead creator left
-        sems = []
         try:
             _reserve(name, fd, geometry)
             os.fchmod(fd, mode)  # shm_open applied the umask; the user asked for `mode`
-            for i in range(geometry.n_stripes):
-                sname = sem_name(name, i)
-                try:  # a semaphore left from an earlier cache of this name
-                    posix_ipc.unlink_semaphore(sname)
-                except posix_ipc.ExistentialError:
-                    pass
-                except posix_ipc.PermissionsError:
-                    pass  # another user's: the exclusive create below refuses it
-                try:
-                    sems.append(posix_ipc.Semaphore(sname, posix_ipc.O_CREX, mode=mode, initial_value=1))
-                except posix_ipc.ExistentialError:
-                    st = os.stat(_sem_path(sname), follow_symlinks=False)
-                    raise UntrustedSegment(
-                        f"cannot create cache {name!r}: semaphore {_sem_path(sname)} already exists and "
-                        f"belongs to {_who(uid=st.st_uid)} (mode 0o{st.st_mode & 0o7777:o}); it was not made "
-                        f"by this process, so it is not used. Remove it (as its owner or root) and retry"
-                    ) from None
-                except OSError as e:
-                    if e.errno in (errno.ENOSPC, errno.ENOMEM):
-                        raise (_no_inodes(name, geometry) or _no_room(name, geometry, _free_bytes())) from None
-                    raise
-                _chmod_sem(sname, mode)
         except BaseException:
-            for i, s in enumerate(sems):
-                s.close()
-                try:
-                    posix_ipc.unlink_semaphore(sem_name(name, i))
-                except posix_ipc.ExistentialError:
-                    pass
             # Nothing of a cache that could not be made may stay behind: an
             # empty file would make the next opener fail the same way, and
             # leak. Under the init lock; waiters see nlink 0 and reopen.
@@ -301,42 +260,15 @@ class Segment:
         mm = mmap.mmap(fd, geometry.total_size)
         mm[0 : layout.HEADER.size] = geometry.pack_header()
         mm[0:8] = layout.MAGIC  # last: the header is now complete
-        seg = cls(name, shm, mm, geometry, sems, created=True)
+        seg = cls(name, shm, mm, geometry, created=True)
         seg.private = not mode & 0o022
         return seg
 
     @classmethod
     def _attach(cls, name, shm, geometry, mode, trusted):
-        sems = []
-        try:
-            for i in range(geometry.n_stripes):
-                sname = sem_name(name, i)
-                # /dev/shm is sticky: a file of a trusted user checked here cannot
-                # be swapped by anyone else before sem_open (which uses O_NOFOLLOW).
-                try:
-                    st = os.stat(_sem_path(sname), follow_symlinks=False)
-                except FileNotFoundError:
-                    raise posix_ipc.ExistentialError(sname) from None
-                check_trusted(st, _sem_path(sname), name, trusted, mode)
-                sems.append(posix_ipc.Semaphore(sname))
-        except UntrustedSegment:
-            for s in sems:
-                s.close()
-            raise
-        except posix_ipc.PermissionsError:
-            for s in sems:
-                s.close()
-            raise _permission_denied(name, _sem_path(sem_name(name, len(sems)))) from None
-        except posix_ipc.ExistentialError:
-            for s in sems:
-                s.close()
-            raise LayoutMismatch(
-                f"cache {name!r} is missing semaphore {sem_name(name, len(sems))}; it is damaged: "
-                f"remove it with 'shmcache rm {name}' (or Cache.unlink)"
-            ) from None
         st = os.fstat(shm.fd)
         mm = mmap.mmap(shm.fd, geometry.total_size)
-        seg = cls(name, shm, mm, geometry, sems, created=False)
+        seg = cls(name, shm, mm, geometry, created=False)
         seg.private = st.st_uid == os.geteuid() and not st.st_mode & 0o022
         return seg
 
@@ -423,7 +355,7 @@ class Segment:
 
     # -- close / unlink -----------------------------------------------------
     def close(self) -> None:
-        """Unmap, close the semaphores and the fd. Idempotent. Does not unlink."""
+        """Unmap and close the fd. Idempotent. Does not unlink."""
         if self.closed:
             return
         self.closed = True
@@ -433,17 +365,12 @@ class Segment:
             self.mm.close()
         except BufferError:  # a numpy view is still alive somewhere; the GC unmaps it
             pass
-        for s in self.sems:
-            try:
-                s.close()
-            except posix_ipc.ExistentialError:
-                pass
-        self.sems = []
         self._shm.close_fd()
 
     @staticmethod
     def unlink(name: str) -> bool:
-        """Remove a cache's segment and all its semaphores. True if anything was removed.
+        """Remove a cache's segment (and the semaphores a layout-5 cache of this
+        name had). True if anything was removed.
 
         Processes still attached keep their mapping until they close it.
 
@@ -471,7 +398,8 @@ class Segment:
             except posix_ipc.ExistentialError:
                 pass
         stripes = set(range(n))
-        # Semaphores of a half-created cache, or of one whose header is gone.
+        # Semaphores of a cache made before layout 6 (one per stripe), also of
+        # one whose header is gone.
         for p in glob.glob(os.path.join(SHM_DIR, f"sem.shmcache.{glob.escape(name)}.*")):
             suffix = p.rsplit(".", 1)[1]
             if suffix.isdigit():
@@ -565,7 +493,7 @@ def _open_shm(name: str, create: bool, mode: int):
         if e.errno in (errno.EISDIR, errno.ENOTDIR, errno.ELOOP, errno.ENXIO, errno.EINVAL):
             _check_foreign(name)
         if e.errno in (errno.ENOSPC, errno.ENOMEM):
-            raise OutOfSharedMemory(
+            raise _no_inodes(name) or OutOfSharedMemory(
                 f"no room in {SHM_DIR} to create cache {name!r} ({e.strerror}); free some or give the "
                 "container more (docker run --shm-size=...)"
             ) from None
@@ -614,8 +542,8 @@ def _human(n: float) -> str:
 
 
 def reservation_bytes(geometry: layout.Geometry) -> int:
-    """The /dev/shm bytes a cache of this geometry takes: segment plus semaphores."""
-    return geometry.total_size + geometry.n_stripes * SEM_BYTES
+    """The /dev/shm bytes a cache of this geometry takes (its segment)."""
+    return geometry.total_size
 
 
 def _no_room(name: str, geometry: layout.Geometry, free: int | None) -> OutOfSharedMemory:
@@ -627,36 +555,31 @@ def _no_room(name: str, geometry: layout.Geometry, free: int | None) -> OutOfSha
     want = 1 << max(6, (mib - 1).bit_length())  # a power-of-two MiB size with room to spare
     fits = ""
     if free:
-        fit = (free - geometry.n_stripes * SEM_BYTES - layout.PAGE) // 2**20
+        fit = (free - layout.PAGE) // 2**20
         if fit * 2**20 >= layout.MIN_SIZE:
             fits = f' (size="{fit}MiB" fits now)'
     return OutOfSharedMemory(
-        f"cache {name!r} needs {_human(need)} ({need} bytes: the {geometry.total_size}-byte segment and "
-        f"{geometry.n_stripes} semaphores) of shared memory, but {SHM_DIR} has {have} free{of}; "
+        f"cache {name!r} needs {_human(need)} ({need} bytes) of shared memory, but {SHM_DIR} has {have} free{of}; "
         f"give it more (docker run --shm-size={want}m, compose shm_size: {want}m, Kubernetes: an emptyDir "
         f"{{medium: Memory, sizeLimit: {want}Mi}} mounted at {SHM_DIR}) or create the cache with a smaller "
         f"size{fits}"
     )
 
 
-def _no_inodes(name: str, geometry: layout.Geometry) -> OutOfSharedMemory | None:
+def _no_inodes(name: str) -> OutOfSharedMemory | None:
     """The error for a /dev/shm that has bytes left but no inodes (a tmpfs
-    mounted with a small ``nr_inodes``: each semaphore is a file there), or
-    None if it has inodes free (then the bytes ran out: :func:`_no_room`)."""
+    mounted with a small ``nr_inodes``), or None if it has inodes free."""
     try:
         st = os.statvfs(SHM_DIR)
     except OSError:  # pragma: no cover
         return None
-    # (sem_open takes a second inode for a moment, for its temporary file)
-    if not st.f_files or st.f_favail >= 2:
+    if not st.f_files or st.f_favail > 0:
         return None
-    files = 1 + geometry.n_stripes
     return OutOfSharedMemory(
-        f"cache {name!r} needs {files} files in {SHM_DIR} (its segment and {geometry.n_stripes} stripe "
-        f"semaphores), but {SHM_DIR} has run out of inodes ({st.f_files} in all, {st.f_favail} free), though it has "
-        f"{_human(st.f_bavail * st.f_frsize)} free; remount it with more (mount -o remount,nr_inodes=N "
-        f"{SHM_DIR}; Docker and Kubernetes size /dev/shm by bytes only) or create the cache with fewer "
-        f"stripes (stripes=...)"
+        f"cache {name!r} needs a file in {SHM_DIR}, but {SHM_DIR} has run out of inodes ({st.f_files} in all, "
+        f"none free), though it has {_human(st.f_bavail * st.f_frsize)} free; remount it with more "
+        f"(mount -o remount,nr_inodes=N {SHM_DIR}; Docker and Kubernetes size {SHM_DIR} by bytes only) or "
+        f"remove caches you no longer use (shmcache ls, shmcache rm)"
     )
 
 
@@ -665,7 +588,7 @@ def _reserve(name: str, fd: int, geometry: layout.Geometry) -> None:
     no later store can meet a page the filesystem cannot back (SIGBUS).
 
     Raises:
-        OutOfSharedMemory: /dev/shm cannot hold the segment and its semaphores.
+        OutOfSharedMemory: /dev/shm cannot hold the segment.
     """
     free = _free_bytes()
     if free is not None and reservation_bytes(geometry) > free:
@@ -733,7 +656,7 @@ def resolve_owner(owner) -> int:
 
 
 def check_trusted(st: os.stat_result, path: str, name: str, trusted, mode: int) -> None:
-    """Refuse a segment/semaphore file that is not a regular file owned by a
+    """Refuse a segment file that is not a regular file owned by a
     trusted uid with no permission bits beyond ``mode``.
 
     Whoever can write a segment decides what every reader gets back (and, with
@@ -797,16 +720,6 @@ def ofd_try_lock(fd: int, byte: int) -> bool:
         if e.errno in (errno.EACCES, errno.EAGAIN):
             return False
         raise
-
-
-def _chmod_sem(sname: str, mode: int) -> None:
-    # sem_open applies the umask, so 0o660 would become 0o640 and group
-    # members could not attach. Linux keeps named semaphores in /dev/shm.
-    path = _sem_path(sname)
-    try:
-        os.chmod(path, mode)
-    except FileNotFoundError:  # pragma: no cover - not Linux
-        pass
 
 
 @contextmanager

@@ -104,16 +104,6 @@ def test_current_client_is_checked_by_the_kernel_across_processes(make_cache):
         admin.current_client(c)
 
 
-def test_check_reports_and_fixes_an_overcounted_lock(make_cache):
-    c = make_cache(size="1MiB", stripes=4)
-    admin.storage(c).segment.sems[1].release()  # damage on purpose: as if a live holder had been taken for dead
-    assert admin.lock_values(c) == [1, 2, 1, 1]
-    assert any("stripe 1: lock semaphore is 2" in p for p in admin.check(c))
-    assert admin.lock_values(c) == [1, 2, 1, 1]  # check alone changes nothing
-    assert any(p.endswith("; corrected") for p in admin.check(c, fix=True))
-    assert admin.lock_values(c) == [1, 1, 1, 1] and admin.check(c) == []
-
-
 def test_summarize_reads_a_cache_by_name_without_attaching(make_cache, cache_name):
     c = make_cache(size="2MiB", stripes=4)
     c.set_many({f"k{i}": i for i in range(25)})

@@ -4,7 +4,9 @@ signal handler that raises still ends them.
 A writer waiting on a stripe whose holder died used ``sem_timedwait`` (via
 posix_ipc) in the pure-Python path: its deadline is absolute on
 CLOCK_REALTIME, so a step back of S seconds made the wait last S seconds
-more. The C path already used ``sem_clockwait(CLOCK_MONOTONIC)``.
+more. Since layout 6 both paths sleep on the stripe's lock word with
+futex(2), whose relative timeout the kernel measures on CLOCK_MONOTONIC, and
+keep their own deadlines on that clock too.
 
 How it is tested without touching the host's clock: CLOCK_REALTIME has no
 namespace (``unshare --time`` only offsets CLOCK_MONOTONIC and
@@ -14,7 +16,7 @@ here with the C compiler the package build needs anyway) that shows it a
 wall clock ``AHEAD`` seconds ahead of the kernel's: every absolute realtime
 deadline it computes is then ``AHEAD`` seconds in the kernel's future, exactly
 what a step back of ``AHEAD`` seconds right after computing it does. The
-semaphore, the dead holder (a real SIGKILLed process) and the kernel's wait are
+lock word, the dead holder (a real SIGKILLed process) and the kernel's wait are
 real; only the waiter's reading of the wall clock is shifted.
 """
 
@@ -65,7 +67,7 @@ int gettimeofday(struct timeval *tv, void *tz) {
 """
 
 # The waiter: attach, write one key of the dead holder's stripe, and report
-# the wall clock it saw through libc (what posix_ipc reads) so the test knows
+# the wall clock it saw through libc so the test knows
 # the shim really applied.
 WAITER = textwrap.dedent("""
     import ctypes, sys, time
@@ -212,11 +214,11 @@ def _hold_and_die(cache, s, ready):
 @pytest.mark.timeout(120)
 @pytest.mark.parametrize("recreate", [False, True], ids=["removed", "removed-and-recreated"])
 def test_regression_pure_python_wait_on_a_removed_cache_still_works(cache_name, monkeypatch, recreate):
-    # The monotonic wait opens the stripe's semaphore by name. A cache removed
-    # (Cache.unlink) while this process stays attached keeps working on its
-    # old mapping; a contended write to it raised OSError (sem_open: no such
-    # file), or with a new cache of that name could wait on the new one's
-    # semaphore. It must wait on its own, old semaphore.
+    # Up to layout 5 the monotonic wait opened the stripe's semaphore by name.
+    # A cache removed (Cache.unlink) while this process stays attached keeps
+    # working on its old mapping; a contended write to it raised OSError
+    # (sem_open: no such file), or with a new cache of that name could wait
+    # on the new one's semaphore. It must wait on its own, old lock word.
     import shmcache.cache
 
     monkeypatch.setattr(shmcache.cache, "USE_SPEEDUPS", False)

@@ -100,15 +100,18 @@ def _fields(*names):
 
 # The index's structure: which key a slot holds, where a probe goes, when it expires.
 STRUCTURE_FIELDS = _fields("tag", "expire")
-# Stripe record words: seqlock version, owner, item count, eviction and
+# Stripe record words: seqlock version, lock word, item count, eviction and
 # recovery counters. The arena allocator's words (live bytes, the ring word)
 # are fuzzed apart (a ring whose fill is lowered makes the next write overwrite
 # live entries in the head segment; readers then miss them, as they compare
 # the key bytes the slot leads to).
-STRIPE_WORDS = [L.S_VERSION, L.S_OWNER, L.S_OWNER + 8, L.S_ITEMS, L.S_EVICTIONS, L.S_RECOVERIES,
+STRIPE_WORDS = [L.S_VERSION, L.S_LOCK, L.S_LOCK + 8, L.S_ITEMS, L.S_EVICTIONS, L.S_RECOVERIES,
                 L.S_LOCK_WAITS, L.S_LOCK_WAIT_NS, L.S_LOCK_WAIT_MAX_NS]
-#: Stripe words any value of which a sound cache could hold (counters, a free lock's owner record).
-STRIPE_HARMLESS = {L.S_OWNER, L.S_OWNER + 8, L.S_EVICTIONS, L.S_RECOVERIES,
+#: Stripe words any value of which a sound cache could hold: counters, and the
+#: lock word (damage there names a dead or no client slot, so the next writer
+#: takes the stripe over and repairs it; naming a live client exactly would
+#: take a 64-bit slot-and-generation match).
+STRIPE_HARMLESS = {L.S_LOCK, L.S_LOCK + 8, L.S_EVICTIONS, L.S_RECOVERIES,
                    L.S_LOCK_WAITS, L.S_LOCK_WAIT_NS, L.S_LOCK_WAIT_MAX_NS}
 ALLOCATOR_WORDS = [L.S_LIVE, L.S_RING]
 # Where the entry is: readers follow it only within the stripe's arena and
@@ -249,8 +252,7 @@ def _corrupt(c: Cache, rnd: random.Random, kinds, slot_fields,
                                     rnd.randrange(1, 2**32), 12345.0)
         base = g.client_table_off + slot * rs
         fields = [(L.C_PID, 4), (L.C_GEN, 4), (L.C_START, 8)] + \
-            [(L.C_COUNTERS + 8 * k, 8) for k in range(L.N_COUNTERS)] + \
-            [(L.C_MARKERS + x, 1) for x in range(g.n_stripes)]
+            [(L.C_COUNTERS + 8 * k, 8) for k in range(L.N_COUNTERS)]
         foff, width = rnd.choice(fields)
         what, _o, _n = _poke(mm, base + foff, width, rnd)
         alive = "live" if slot == c._state.client.slot else "dead"
@@ -532,22 +534,21 @@ def _assert_reported_then_repaired(c: Cache, s: int) -> None:
 
 @pytest.mark.parametrize("client", [2**32 - 1, 2**31 - 1, "max_clients"])
 def test_a_dead_holders_owner_record_naming_no_client_slot_is_recovered(small_cache, client):
-    """A stripe held by a dead process whose owner record names a slot past
-    the client table: recovery read that "client" past the table (struct.error
-    beyond the mapping: the daemon's recovery pass died) or inside the index.
-    A slot number outside the table names no process; the recoveries counter,
-    at its limit, wraps."""
+    """A stripe whose lock word names a slot past the client table: recovery
+    read that "client" past the table (struct.error beyond the mapping: the
+    daemon's recovery pass died) or inside the index. A slot number outside
+    the table names no process; the recoveries counter, at its limit, wraps."""
     c = small_cache
     c.set_many({f"k{i}": i for i in range(100)})
     mm, g = c._seg.mm, c._seg.geometry
     s = 1
     so = g.stripe_table_off + s * L.STRIPE_SIZE
-    assert c._seg.sems[s].acquire(0) is None  # the "dead holder": taken, never released
-    L.OWNER.pack_into(mm, so + L.S_OWNER, g.max_clients + 1 if client == "max_clients" else client, 7, 4242, 0)
+    low = g.max_clients + 1 if client == "max_clients" else client  # the word's low half: slot + 1
+    L.U64.pack_into(mm, so + L.S_LOCK, low | 7 << 32)  # the "dead holder"
     L.U64.pack_into(mm, so + L.S_RECOVERIES, 2**64 - 1)
     assert admin.recover_stripes(c) == [s]
     assert L.U64.unpack_from(mm, so + L.S_RECOVERIES)[0] == 0
-    assert admin.lock_values(c) == [1] * 4 and c.check() == []
+    assert admin.lock_holders(c) == [None] * 4 and c.check() == []
     assert all(c[f"k{i}"] == i for i in range(100))
 
 

@@ -1,14 +1,14 @@
 """Crash recovery: writers SIGKILLed while holding a stripe lock.
 
 A child takes a stripe lock exactly as a writer does (``cache._locks.lock``)
-or dies in one of the windows the owner record does not cover, then gets a
+or dies between taking the lock word and making the version odd, then gets a
 real SIGKILL. Other processes must recover the stripe (bounded: every child
 is joined with a timeout and must exit 0), lose nothing that was fully
 written, serve no corruption, and never mistake a live holder for a dead one.
 
 Internals used to reach exact states (no mocks): ``_locks.lock/unlock``,
-the stripe semaphore ``_seg.sems[s]``, the client marker byte, and the table's
-own entry/slot structs to leave a half-written entry behind.
+the stripe's lock word (layout.S_LOCK), and the table's own entry/slot
+structs to leave a half-written entry behind.
 """
 
 from __future__ import annotations
@@ -59,9 +59,8 @@ def good(key: str) -> bytes:
     return make_value(key, 0, 0, 40 + len(key) * 37 % 900)
 
 
-def marker_off(cache: Cache, client: int, s: int) -> int:
-    g = cache._g
-    return g.client_table_off + client * g.client_record_size + L.C_MARKERS + s
+def word_off(cache: Cache, s: int) -> int:
+    return cache._g.stripe_table_off + s * L.STRIPE_SIZE + L.S_LOCK
 
 
 def version(cache: Cache, s: int) -> int:
@@ -106,8 +105,8 @@ def _die_holding(name, s, keys, mode, torn_key, ready):
 
     owner:  lock taken like a writer (owner recorded, version odd).
     torn:   as owner, plus a half-written entry for ``torn_key``.
-    marker: semaphore taken with the marker set and no owner recorded (killed
-            between sem_wait and the owner store; version still even).
+    word:   lock word taken (naming us) with the version still even: killed
+            right after the compare-and-swap, before the version store.
     incr:   as owner, killed halfway through an in-place incr of ``torn_key``
             (new int stored, checksum not yet updated).
     """
@@ -116,9 +115,9 @@ def _die_holding(name, s, keys, mode, torn_key, ready):
         cache.set(k, good(k))
     if mode == "incr":
         cache.set(torn_key, 41)
-    if mode == "marker":
-        cache._seg.mm[marker_off(cache, cache._state.client.slot, s)] = 1
-        cache._seg.sems[s].acquire()
+    if mode == "word":  # nobody else writes stripe s here: a store is the CAS from 0
+        assert L.U64.unpack_from(cache._seg.mm, word_off(cache, s))[0] == 0
+        L.U64.pack_into(cache._seg.mm, word_off(cache, s), cache._locks.me)
     else:
         cache._locks.lock(s)
         if mode == "torn":
@@ -253,15 +252,17 @@ def test_zombie_lock_holder_counts_as_dead(make_cache, cache_name):
 
 @pytest.mark.timeout(60)
 @pytest.mark.parametrize("recoverer", ["other-process", "parent"])
-def test_death_in_marker_window_is_recovered(make_cache, cache_name, recoverer):
-    """Semaphore taken, owner not yet recorded, marker set: killed there."""
+def test_death_right_after_taking_the_lock_word_is_recovered(make_cache, cache_name, recoverer):
+    """Lock word taken, version not yet odd: killed there. (Layout 5's
+    equivalent, a semaphore taken with no owner recorded yet, cost a 1 s
+    grace; the word names its holder from the instant it is taken.)"""
     cache = make_cache(size="2MiB", stripes=4, lock_timeout=LOCK_TIMEOUT)
     s = 3
     new1, new2 = keys_in_stripe(4, s, 2, "new")
-    p, expected = _start_dead_holder(cache_name, cache, s, "marker")
+    p, expected = _start_dead_holder(cache_name, cache, s, "word")
     helpers = []
     try:
-        assert cache._locks.stripe_owner(s)[0] == 0
+        assert cache._locks.stripe_owner(s)[0] == p.pid and version(cache, s) % 2 == 0
         p.kill()
         p.join(JOIN)
         if recoverer == "other-process":
@@ -276,10 +277,10 @@ def test_death_in_marker_window_is_recovered(make_cache, cache_name, recoverer):
         expected.update({new1: good(new1), new2: good(new2)})
         assert_intact(cache, expected)
         assert cache.stats()["recoveries"] >= 1
-        # the dead client's marker is cleared, so its slot can be reaped
-        g = cache._g
-        for c in range(g.max_clients):
-            assert cache._seg.mm[marker_off(cache, c, s)] == 0
+        assert admin.lock_holders(cache)[s] is None
+        # the dead client held nothing any more, so its slot can be reaped
+        admin.reap_clients(cache)
+        assert p.pid not in [pid for _c, pid, _st in live_clients(cache._seg)]
     finally:
         join_all([p] + helpers, 1)
 
@@ -364,8 +365,8 @@ def test_regression_repair_at_even_version_gives_false_misses(make_cache, cache_
         deadline = time.monotonic() + JOIN
         while reads.value < 1000 and time.monotonic() < deadline:
             time.sleep(0.01)
-        for i in range(8):  # each round: a holder dies in the marker window, the parent recovers
-            p, _ = _start_dead_holder(cache_name, cache, s, "marker", n_keys=0)
+        for i in range(8):  # each round: a holder dies with its word taken, version even; the parent recovers
+            p, _ = _start_dead_holder(cache_name, cache, s, "word", n_keys=0)
             procs.append(p)
             p.kill()
             p.join(JOIN)
@@ -404,9 +405,8 @@ def test_regression_killed_lock_waiter_slot_never_reaped(make_cache, cache_name)
         p.start()
         assert ready.wait(JOIN)
         deadline = time.monotonic() + JOIN
-        while True:  # until the child is inside lock(s), waiting on the semaphore
-            slots = [c for c, pid, _st in live_clients(cache._seg) if pid == p.pid]
-            if slots and cache._seg.mm[marker_off(cache, slots[0], s)]:
+        while True:  # until the child is inside lock(s), asleep on the word
+            if L.U64.unpack_from(cache._seg.mm, word_off(cache, s))[0] & L.LOCK_WAITERS:
                 break
             assert time.monotonic() < deadline
             time.sleep(0.005)
@@ -1044,71 +1044,3 @@ c.close()
 """
     r = subprocess.run([sys.executable, "-c", code, cache_name], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
-
-
-_GRACE_WAITER = """
-import sys
-import shmcache.lock
-shmcache.lock.MARKER_GRACE = 600.0  # a recovery could only come after 10 minutes
-from shmcache import Cache
-c = Cache(sys.argv[1], create=False, lock_timeout=0.5)
-c.set(sys.argv[2], b"after the holder")
-c.close()
-"""
-
-
-def _raise_marker_and_die(name, s):
-    c = Cache(name, create=False)
-    c._seg.mm[c._locks._marker_base + s] += 1  # as if killed while waiting on s
-    os.kill(os.getpid(), signal.SIGKILL)
-
-
-def test_regression_waiter_leaves_the_marker_grace_as_soon_as_a_live_holder_records_itself(make_cache, cache_name):
-    """Stripe s held by a live process still in its few-instruction window
-    (semaphore taken, owner not yet recorded) while a dead client's marker
-    sits on s: a waiter cannot tell that from a holder killed in its window,
-    so it waits out MARKER_GRACE (1 s) for a sign of life. It slept the whole
-    grace even when the holder recorded itself at once, holding the recovery
-    lock meanwhile. Now it looks every POLL_MAX and goes back to waiting as
-    soon as anything moves: here, with a 10-minute grace, the waiter finishes
-    right after the holder releases (it timed out before the fix)."""
-    import threading
-
-    cache = make_cache(size="2MiB", stripes=4, lock_timeout=LOCK_TIMEOUT)
-    s = 2
-    (key,) = keys_in_stripe(4, s, 1, "grace")
-    dead = CTX.Process(target=_raise_marker_and_die, args=(cache_name, s))
-    dead.start()
-    dead.join(JOIN)
-    assert dead.exitcode == -signal.SIGKILL
-    locks, mm = cache._locks, cache._seg.mm
-    so = locks._stripe_off(s)
-    mb = locks._marker_base + s
-    mm[mb] += 1  # a live holder entering its window: marker up, semaphore taken, no owner yet
-    locks.sems[s].acquire(0)
-    waiter = subprocess.Popen([sys.executable, "-c", _GRACE_WAITER, cache_name, key],
-                              stderr=subprocess.PIPE, text=True)
-
-    def holder():
-        time.sleep(1.0)  # past the waiter's lock_timeout (0.5 s): it found the dead marker, is in its grace
-        mm[so + L.S_OWNER : so + L.S_OWNER + 16] = locks.owner  # out of the window
-        mm[mb] -= 1
-        locks._q[so >> 3] = (locks._q[so >> 3] + 1) | 1
-        time.sleep(0.2)
-        locks._q[so >> 3] = locks._q[so >> 3] + 1  # even: unlock
-        mm[so + L.S_OWNER : so + L.S_OWNER + 16] = bytes(16)
-        locks.sems[s].release()
-
-    t = threading.Thread(target=holder)
-    t.start()
-    try:
-        assert waiter.wait(60) == 0, waiter.stderr.read()
-    finally:
-        t.join(10)
-        if waiter.poll() is None:
-            waiter.kill()
-            waiter.wait()
-    assert cache.get(key) == b"after the holder"
-    assert cache.stats()["recoveries"] == 0
-    assert locks.sems[s].value == 1
-    assert cache.check() == []

@@ -463,7 +463,7 @@ def test_daemon_releases_a_stripe_whose_holder_was_killed(make_cache, daemon):
             p.kill()
             p.join(5)
 
-    _wait(lambda: admin.lock_values(c)[s] == 1, timeout=10, what="the daemon to release the dead holder's stripe")
+    _wait(lambda: admin.lock_holders(c)[s] is None, timeout=10, what="the daemon to release the dead holder's stripe")
     assert c.check() == []
     assert c.stats()["recoveries"] >= 1
     assert "recovered stripes [2]" in d.log()
@@ -529,20 +529,27 @@ def test_daemon_is_a_new_cache_creator_with_the_given_layout(cache_name, daemon)
         assert st["stripes"] == 2 and st["size"] <= 4 * 2**20
 
 
-def test_recover_brings_an_overcounted_semaphore_back_to_one(make_cache):
-    """A stripe semaphore above 1 would let two writers in at once; the daemon's
-    recovery pass corrects it (and leaves healthy stripes alone)."""
+def test_recover_takes_over_a_lock_word_that_names_no_live_client(make_cache):
+    """A stripe lock word that names no live client (damage, or a holder's
+    slot long gone) would block that stripe's writers until one of them
+    noticed; the daemon's recovery pass frees it, repairs the stripe, and
+    leaves the held and the free stripes alone."""
     from shmcache.daemon import recover
 
     c = make_cache(size="1MiB", stripes=4)
-    admin.storage(c).segment.sems[2].release()  # value 2: as if a live holder had been taken for dead
-    assert admin.lock_values(c) == [1, 1, 2, 1]
-    assert admin.check(c) == ["stripe 2: lock semaphore is 2, above 1: two writers could enter at once; "
-                              "admin.fix_overcount (or the daemon) corrects it"]
-    recover(c)
-    assert admin.lock_values(c) == [1, 1, 1, 1]
+    c.set_many({f"k{i}": i for i in range(100)})
+    off = c._g.stripe_table_off + 2 * L.STRIPE_SIZE + L.S_LOCK
+    L.U64.pack_into(c._seg.mm, off, L.lock_word(c._g.max_clients - 1, 3))  # a slot nobody holds
+    c._locks.lock(1)  # a live holder: left alone
+    try:
+        assert admin.lock_holders(c) == [None, c._state.client.slot, c._g.max_clients - 1, None]
+        assert recover(c)[0] == [2]
+        assert admin.lock_holders(c) == [None, c._state.client.slot, None, None]
+    finally:
+        c._locks.unlock(1)
+    assert c.stats()["recoveries"] == 1
     c["k"] = b"v"
-    assert c["k"] == b"v" and c.check() == []
+    assert c["k"] == b"v" and c.check() == [] and all(c[f"k{i}"] == i for i in range(100))
 
 
 @pytest.mark.parametrize("bad", [dict(metrics="no-port"), dict(track_prefixes=["app:"])])

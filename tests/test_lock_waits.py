@@ -6,14 +6,14 @@ totals of all of them: admin.stripes, Cache.stats, `shmcache stats --json`,
 The counts are exact, not sampled, and the tests know how many waits happened
 without any timing: this process holds the stripe's lock (through the public
 storage handle) while N writer processes each set one key of that stripe, and
-releases it only once the kernel shows all N blocked on the stripe's
-semaphore. Each of them therefore found the lock taken and waited once.
+releases it only once the kernel shows all N asleep on the stripe's lock
+word (futex). Each of them therefore found the lock taken and waited once.
 """
 
 import json
+import platform
 import multiprocessing as mp
 import os
-import struct
 import subprocess
 import sys
 import threading
@@ -37,35 +37,52 @@ N_WRITERS = 3
 ROUNDS = 3
 
 
-class SemWatch:
-    """Reads glibc's named-semaphore word from its /dev/shm file: the value in
-    the low 32 bits, the number of threads blocked in sem_(clock|timed)wait in
-    the high 32 (glibc's sem_t on 64-bit targets). Only a test aid: it skips
-    the test when the word does not look like that."""
+class FutexWatch:
+    """Sees writers asleep on a stripe's lock word: a thread of theirs inside
+    futex(FUTEX_WAIT) with the shared op (0), which only the lock word's wait
+    uses (Python's own locks and semaphores use other ops), read from
+    /proc/<pid>/task/<tid>/syscall. Sightings are kept until :meth:`reset`:
+    a waiter wakes every POLL_MAX to check its holder, and one sighting is
+    proof enough that it found the lock taken (it counts a wait then)."""
 
-    def __init__(self, sem):
-        if lock_mod._SEM_CALLS is None:
-            pytest.skip("no sem_clockwait: waits poll sem_trywait, no waiter shows in the semaphore")
-        self.sem = sem
-        self.fd = os.open(f"/dev/shm/sem.{sem.name.lstrip('/')}", os.O_RDONLY)
-        if self._word() != sem.value or sem.value != 1:
-            os.close(self.fd)
-            pytest.skip("the semaphore is not glibc's 64-bit sem_t")
+    def __init__(self, pids=None):
+        self.nr = lock_mod._SYS_FUTEX.get(platform.machine())
+        if self.nr is None:
+            pytest.skip("no futex syscall number known for this architecture")
+        try:
+            with open("/proc/self/syscall") as f:
+                f.read()
+        except OSError:
+            pytest.skip("/proc/<pid>/syscall is not readable here (no CONFIG_HAVE_ARCH_TRACEHOOK?)")
+        self.pids = pids or [os.getpid()]
+        self.seen: set = set()
 
-    def _word(self) -> int:
-        return struct.unpack("<Q", os.pread(self.fd, 8, 0))[0]
+    def reset(self) -> None:
+        self.seen = set()
 
-    def waiters(self) -> int:
-        return self._word() >> 32
+    def _scan(self) -> None:
+        for pid in self.pids:
+            try:
+                tids = os.listdir(f"/proc/{pid}/task")
+            except OSError:
+                continue
+            for tid in tids:
+                try:
+                    with open(f"/proc/{pid}/task/{tid}/syscall") as f:
+                        fields = f.read().split()
+                except OSError:
+                    continue
+                if len(fields) > 2 and fields[0] == str(self.nr) and int(fields[2], 16) == 0:
+                    self.seen.add((pid, tid))
 
     def await_waiters(self, n: int, timeout: float = 60.0) -> None:
         deadline = time.monotonic() + timeout
-        while self.waiters() < n:
-            assert time.monotonic() < deadline, f"{self.waiters()} of {n} writers ever blocked on the lock"
+        while True:
+            self._scan()
+            if len(self.seen) >= n:
+                return
+            assert time.monotonic() < deadline, f"{len(self.seen)} of {n} writers ever slept on the lock"
             time.sleep(0.0002)
-
-    def close(self) -> None:
-        os.close(self.fd)
 
 
 def _keys_of_stripe(c: Cache, s: int, n: int) -> list[str]:
@@ -100,7 +117,6 @@ def _contend(c: Cache, s: int, ctx, pure: bool) -> None:
     block on it, release, wait for their sets. Exactly ROUNDS * N_WRITERS waits."""
     keys = _keys_of_stripe(c, s, ROUNDS * N_WRITERS)
     locks = admin.storage(c).locks
-    watch = SemWatch(admin.storage(c).segment.sems[s])
     go = [ctx.Event() for _ in range(ROUNDS)]
     acks = ctx.Queue()
     procs = [ctx.Process(target=_writer, args=(c.name, pure, keys[w::N_WRITERS], go, acks))
@@ -108,9 +124,11 @@ def _contend(c: Cache, s: int, ctx, pure: bool) -> None:
     try:
         for p in procs:
             p.start()
+        watch = FutexWatch([p.pid for p in procs])
         for r in range(ROUNDS):
             locks.lock(s)  # free: the writers finished the previous round
             try:
+                watch.reset()
                 go[r].set()
                 watch.await_waiters(N_WRITERS)
             finally:
@@ -120,7 +138,6 @@ def _contend(c: Cache, s: int, ctx, pure: bool) -> None:
             p.join(60)
         assert [p.exitcode for p in procs] == [0] * N_WRITERS
     finally:
-        watch.close()
         kill_alive(procs)
 
 
@@ -206,25 +223,22 @@ def _wait_once_in_a_thread(c: Cache, s: int, writer: Cache, key: str) -> None:
     """Hold stripe ``s`` while a thread of this process sets ``key`` through
     ``writer``; release once the thread is blocked on the stripe's lock."""
     locks = admin.storage(c).locks
-    watch = SemWatch(admin.storage(c).segment.sems[s])
+    watch = FutexWatch()
     t = threading.Thread(target=writer.set, args=(key, b"v"))
+    locks.lock(s)
     try:
-        locks.lock(s)
-        try:
-            t.start()
-            watch.await_waiters(1)
-        finally:
-            locks.unlock(s)
-        t.join(30)
-        assert not t.is_alive()
+        t.start()
+        watch.await_waiters(1)
     finally:
-        watch.close()
+        locks.unlock(s)
+    t.join(30)
+    assert not t.is_alive()
 
 
 @needs_c
 @pytest.mark.timeout(60)
 def test_a_thread_waiting_for_another_thread_counts(make_cache):
-    """Threads of one process contend on the semaphore too (the C core
+    """Threads of one process contend on the lock word too (the C core
     releases the GIL while it waits): that is a lock wait as well."""
     c = make_cache(size="4MiB", stripes=4)
     s = 1
@@ -238,8 +252,8 @@ def test_a_thread_waiting_for_another_thread_counts(make_cache):
 def test_clear_keeps_the_lock_wait_counters(make_cache):
     """Lock waits are the segment's history, like evictions: clear() keeps
     them. The waiter here is a second, pure-Python handle used from a thread
-    of this process (thread locks are per handle, so it blocks on the
-    semaphore as another process would)."""
+    of this process (each handle has its own client slot, so it sleeps on the
+    lock word as another process would)."""
     c = make_cache(size="4MiB", stripes=4)
     s = 3
     (key,) = _keys_of_stripe(c, s, 1)

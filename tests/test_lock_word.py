@@ -1,0 +1,345 @@
+"""The stripe lock word (layout 6): taking the lock and naming its holder are
+one compare-and-swap, so a holder killed at any instant leaves either a free
+word or its own name, and the next writer recovers at once.
+
+Real processes (fork), real SIGKILLs, the real C core and the pure-Python
+path. No wall-clock assertions: a recovery that needed a grace period shows
+up as a writer that never gets the lock, which the test's timeout catches.
+"""
+
+import ctypes
+import os
+import random
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+
+from shmcache import Cache, admin
+from shmcache import layout as L
+from shmcache import lock as lock_mod
+from shmcache.cache import USE_SPEEDUPS
+from shmcache.errors import Error
+
+S = 1  # the stripe every test here works on
+
+BOTH_PATHS = pytest.mark.parametrize("pure", [False, True], ids=["c", "pure"])
+
+
+def _run(pure: bool, code: str, timeout: float = 60) -> subprocess.CompletedProcess:
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
+    if pure:
+        env["SHMCACHE_PURE_PYTHON"] = "1"
+    else:
+        env.pop("SHMCACHE_PURE_PYTHON", None)
+    return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def _wait_for(cond, what: str, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.001)
+
+
+def _spin_child(name: str, go_fd: int) -> None:
+    """In a forked child: attach and take and free stripe S as fast as it can
+    until killed, so a kill lands inside the lock steps themselves."""
+    try:
+        c = Cache(name)
+        locks = c._locks
+        os.write(go_fd, b"x")
+        while True:
+            locks.lock(S)
+            locks.unlock(S)
+    finally:
+        os._exit(1)
+
+
+@pytest.mark.timeout(240)
+@BOTH_PATHS
+def test_regression_a_holder_killed_anywhere_in_its_lock_steps_never_costs_a_grace_period(cache_name, pure):
+    """Layout 5 took a POSIX semaphore and then wrote the holder's name: a
+    holder killed between the two left a held semaphore naming nobody, which a
+    waiter could not tell from a live holder in that window. It waited
+    ``max(lock_timeout, 1 s)`` before recovering (the kill storm's one stall
+    of 1,053 ms). Here lock_timeout is 10 minutes, so one kill in that window
+    would stall the writer past this test's timeout; a child that only takes
+    and frees the lock is killed 150 times at random instants."""
+    code = f"""
+import os, random, signal, sys, time
+from shmcache import Cache, admin
+sys.path.insert(0, {os.path.dirname(__file__)!r})
+from test_lock_word import _spin_child, S
+c = Cache({cache_name!r}, size="4MiB", stripes=4, lock_timeout=600.0)
+rnd = random.Random(20261203)
+kills = 0
+for i in range(150):
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        os.close(r)
+        _spin_child({cache_name!r}, w)
+    os.close(w)
+    assert os.read(r, 1) == b"x"
+    os.close(r)
+    time.sleep(rnd.random() * 0.002)
+    os.kill(pid, signal.SIGKILL)
+    os.waitpid(pid, 0)
+    kills += 1
+    c._locks.lock(S)  # a dead holder is recovered now, or it was free
+    c._locks.unlock(S)
+    c.set(f"after{{i}}", i)  # and the cache works
+assert admin.lock_holders(c) == [None] * 4, admin.lock_holders(c)
+assert c.check() == []
+assert all(c.get(f"after{{i}}") == i for i in range(150))
+rec = c.stats()["recoveries"]
+assert 0 < rec <= kills, rec
+print("recoveries", rec, "of", kills)
+c.close()
+"""
+    r = _run(pure, code, timeout=200)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "recoveries" in r.stdout
+
+
+@BOTH_PATHS
+def test_a_waiter_killed_in_its_sleep_takes_nothing_from_the_live_holder(cache_name, pure):
+    """A waiter asleep on the word (its LOCK_WAITERS bit set) and SIGKILLed
+    leaves the holder's lock alone. (A robust pthread mutex would mark the
+    holder's lock OWNER_DIED here whenever the waiter's thread id equals the
+    holder's, as two PID namespaces' processes easily do.)"""
+    code = f"""
+import os, signal, time
+from shmcache import Cache, admin
+from shmcache import layout as L
+c = Cache({cache_name!r}, size="4MiB", stripes=4)
+c.set("k", b"v")
+c._locks.lock({S})
+me = c._locks.word({S})
+pid = os.fork()
+if pid == 0:
+    try:
+        d = Cache({cache_name!r})  # kept: a dropped Cache closes itself
+        d._locks.lock({S})
+    finally:
+        os._exit(3)
+deadline = time.monotonic() + 30
+while not c._locks.word({S}) & L.LOCK_WAITERS:  # the child sleeps on the word
+    assert time.monotonic() < deadline, "the waiter never slept on the word"
+    time.sleep(0.001)
+time.sleep(0.05)
+os.kill(pid, signal.SIGKILL)
+os.waitpid(pid, 0)
+assert c._locks.word({S}) & ~L.LOCK_WAITERS == me  # still ours
+assert admin.recover_stripes(c) == []  # the daemon's pass finds nothing to take
+assert c._locks.word({S}) & ~L.LOCK_WAITERS == me
+c._locks.unlock({S})
+assert admin.lock_holders(c)[{S}] is None
+c.set("k2", b"w")
+assert c.get("k") == b"v" and c.get("k2") == b"w" and c.stats()["recoveries"] == 0
+print("ok")
+c.close()
+"""
+    r = _run(pure, code)
+    assert r.returncode == 0 and "ok" in r.stdout, r.stdout + r.stderr
+
+
+@BOTH_PATHS
+def test_a_sleeping_writer_is_woken_by_the_release(cache_name, pure):
+    """A writer that found the stripe taken sleeps on the word and takes it as
+    soon as the holder frees it (the holder's release sees LOCK_WAITERS and
+    wakes it), and counts one lock wait."""
+    code = f"""
+import os, time
+from shmcache import Cache, admin
+from shmcache import layout as L
+c = Cache({cache_name!r}, size="4MiB", stripes=4)
+c._locks.lock({S})
+r, w = os.pipe()
+pid = os.fork()
+if pid == 0:
+    d = Cache({cache_name!r})
+    d._locks.lock({S})
+    os.write(w, b"got")
+    d._locks.unlock({S})
+    d.close()
+    os._exit(0)
+deadline = time.monotonic() + 30
+while not c._locks.word({S}) & L.LOCK_WAITERS:
+    assert time.monotonic() < deadline
+    time.sleep(0.001)
+waits = admin.stripes(c)[{S}].lock_waits
+c._locks.unlock({S})
+assert os.read(r, 3) == b"got"
+assert os.waitpid(pid, 0)[1] == 0
+assert admin.stripes(c)[{S}].lock_waits == waits + 1
+assert admin.lock_holders(c)[{S}] is None and c.stats()["recoveries"] == 0
+print("ok")
+c.close()
+"""
+    r = _run(pure, code)
+    assert r.returncode == 0 and "ok" in r.stdout, r.stdout + r.stderr
+
+
+def test_the_lock_word_names_the_holders_client_slot_and_generation(make_cache):
+    c = make_cache(size="4MiB", stripes=4)
+    client = c._state.client
+    assert admin.lock_holders(c) == [None] * 4
+    c._locks.lock(S)
+    try:
+        assert c._locks.word(S) == L.lock_word(client.slot, client.gen)
+        assert L.lock_holder(c._locks.word(S)) == (client.slot, client.gen)
+        assert admin.lock_holders(c)[S] == client.slot
+        assert admin.stripes(c)[S].locked_by == os.getpid()
+        assert c._locks.stripe_owner(S) == (os.getpid(), client.slot)
+    finally:
+        c._locks.unlock(S)
+    assert c._locks.word(S) == 0 and admin.stripes(c)[S].locked_by is None
+
+
+@pytest.mark.parametrize("word", [0x80000000, 1, 5 << 32, (1 << 64) - 1], ids=["waiters-bit", "gen-0", "no-slot", "all-ones"])
+def test_a_damaged_lock_word_is_taken_over_like_a_dead_holders(make_cache, word):
+    """A lock word no live client holds (damage: another process wrote
+    anything there) must not block the stripe: it names a dead or no slot, so
+    the next writer takes it over and repairs the stripe."""
+    c = make_cache(size="4MiB", stripes=4, lock_timeout=600.0)
+    c.set_many({f"k{i}": i for i in range(50)})
+    L.U64.pack_into(c._seg.mm, c._g.stripe_table_off + S * L.STRIPE_SIZE + L.S_LOCK, word)
+    c._locks.lock(S)
+    c._locks.unlock(S)
+    assert admin.lock_holders(c) == [None] * 4 and c.stats()["recoveries"] == 1
+    assert c.check() == [] and all(c[f"k{i}"] == i for i in range(50))
+
+
+def test_a_damaged_word_naming_us_is_not_released_by_another_slot(make_cache):
+    """unlock frees the word only while it names the caller: a stripe whose
+    word another process overwrote is left for recovery, not freed from under
+    whoever it names."""
+    c = make_cache(size="4MiB", stripes=4)
+    c._locks.lock(S)
+    off = c._g.stripe_table_off + S * L.STRIPE_SIZE + L.S_LOCK
+    L.U64.pack_into(c._seg.mm, off, L.lock_word(c._g.max_clients - 1, 9))  # not us
+    c._locks.unlock(S)
+    assert L.U64.unpack_from(c._seg.mm, off)[0] == L.lock_word(c._g.max_clients - 1, 9)
+    assert admin.recover_stripes(c) == [S]  # slot max_clients-1 is free: its holder is dead
+    assert admin.lock_holders(c)[S] is None
+
+
+@pytest.mark.skipif(not USE_SPEEDUPS, reason="compares the C core with the pure-Python path")
+def test_the_c_core_and_the_pure_python_path_exclude_each_other(cache_name):
+    """Processes of both kinds on one cache take the same lock words: counters
+    incremented by both, under the stripe lock, lose nothing."""
+    c = Cache(cache_name, size="4MiB", stripes=4)
+    code = f"""
+from shmcache import Cache
+c = Cache({cache_name!r})
+for i in range(3000):
+    c.incr("n")
+c.close()
+"""
+    procs = []
+    for pure in (False, True, False, True):
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
+        env.pop("SHMCACHE_PURE_PYTHON", None)
+        if pure:
+            env["SHMCACHE_PURE_PYTHON"] = "1"
+        procs.append(subprocess.Popen([sys.executable, "-c", code], env=env))
+    for p in procs:
+        assert p.wait(timeout=120) == 0
+    assert c.get("n") == 12000
+    c.close()
+
+
+def test_threads_of_one_process_hold_the_stripe_in_turn(make_cache):
+    """Threads share their process's client slot, hence its lock word: the word
+    alone cannot tell them apart, so a thread that finds it taken by a sibling
+    must wait for the sibling, not take it as its own."""
+    c = make_cache(size="4MiB", stripes=4)
+    inside = []
+    errors = []
+
+    def work():
+        try:
+            for _ in range(300):
+                c._locks.lock(S)
+                try:
+                    inside.append(1)
+                    assert len(inside) == 1, "two threads inside one stripe"
+                    inside.pop()
+                finally:
+                    c._locks.unlock(S)
+        except BaseException as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+
+    ts = [threading.Thread(target=work) for _ in range(4)]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join(timeout=60)
+    assert not errors and not any(t.is_alive() for t in ts)
+    assert admin.lock_holders(c)[S] is None
+
+
+def test_pure_python_without_libatomic_is_refused_naming_the_fix(cache_name):
+    """The pure-Python path needs libatomic for compare-and-swap. Without it,
+    opening a cache fails at once with what to install, and creates nothing."""
+    code = f"""
+import ctypes, os
+real = ctypes.CDLL
+class NoAtomic(real):
+    def __init__(self, name, *a, **k):
+        if name and "libatomic" in str(name):
+            raise OSError("libatomic.so.1: cannot open shared object file")
+        super().__init__(name, *a, **k)
+ctypes.CDLL = NoAtomic
+from shmcache import Cache
+from shmcache.errors import Error
+try:
+    Cache({cache_name!r}, size="4MiB")
+except Error as e:
+    print("refused:", e)
+print("exists:", os.path.exists("/dev/shm/shmcache.{cache_name}"))
+"""
+    r = _run(True, code)
+    assert r.returncode == 0, r.stderr
+    assert "refused:" in r.stdout and "libatomic" in r.stdout and "apt-get install libatomic1" in r.stdout
+    assert "exists: False" in r.stdout
+
+
+def test_no_semaphore_files(make_cache, cache_name):
+    """A cache is one file in /dev/shm now: no sem.* files to squat, leak or
+    run out of inodes for."""
+    make_cache(size="4MiB", stripes=8)
+    assert [n for n in os.listdir("/dev/shm") if cache_name in n] == [f"shmcache.{cache_name}"]
+
+
+def _take_and_die(name: str) -> None:
+    c = Cache(name)
+    c._locks.lock(S)
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def test_a_dead_holders_client_slot_is_reaped_only_after_its_stripe_is_recovered(make_cache, cache_name):
+    """The lock word names a client slot: freeing the slot of a process that
+    died holding a stripe would let a new process claim it (with the next
+    generation) while the word still names the old one. The reaper leaves
+    such a slot for the stripe's recovery, then frees it."""
+    import multiprocessing as mp
+
+    c = make_cache(size="4MiB", stripes=4)
+    p = mp.get_context("fork").Process(target=_take_and_die, args=(cache_name,))
+    p.start()
+    p.join(30)
+    assert p.exitcode == -signal.SIGKILL
+    slot = admin.lock_holders(c)[S]
+    assert slot is not None and slot != c._state.client.slot
+    assert slot not in admin.reap_clients(c)  # still named by stripe S's word
+    assert p.pid in [pid for _c, pid, _st in lock_mod.live_clients(c._seg)]
+    assert admin.recover_stripes(c) == [S]
+    assert admin.reap_clients(c) == [slot]
+    assert admin.lock_holders(c) == [None] * 4 and c.check() == []
