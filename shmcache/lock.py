@@ -134,13 +134,20 @@ _SEQ_CST = 5
 
 
 def _load_atomics():
+    """(compare_exchange_8, exchange_8) of libatomic, or None. Called through
+    PyDLL, which keeps the GIL: neither ever blocks, and releasing and
+    retaking the GIL cost more than the instruction itself."""
     try:
-        cas = getattr(ctypes.CDLL("libatomic.so.1"), "__atomic_compare_exchange_8")
+        lib = ctypes.PyDLL("libatomic.so.1")
+        cas = getattr(lib, "__atomic_compare_exchange_8")
+        xchg = getattr(lib, "__atomic_exchange_8")
     except (OSError, AttributeError):
         return None
     cas.restype = ctypes.c_bool
-    cas.argtypes = [ctypes.c_void_p, ctypes.POINTER(ctypes.c_uint64), ctypes.c_uint64, ctypes.c_int, ctypes.c_int]
-    return cas
+    cas.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_uint64, ctypes.c_int, ctypes.c_int]
+    xchg.restype = ctypes.c_uint64
+    xchg.argtypes = [ctypes.c_void_p, ctypes.c_uint64, ctypes.c_int]
+    return cas, xchg
 
 
 def _load_futex():
@@ -161,7 +168,7 @@ _ATOMICS_LOADED = False
 
 
 def pure_atomics():
-    """(cas, futex) for the pure-Python path, loaded on first use.
+    """((cas, xchg), futex) for the pure-Python path, loaded on first use.
 
     Raises:
         Error: libatomic is not installed (only the pure-Python path needs it).
@@ -187,18 +194,31 @@ class _PureWords:
     """The lock words of one mapping, taken and freed from Python (see above)."""
 
     def __init__(self, seg: Segment) -> None:
-        self.cas, self.futex = pure_atomics()
+        (self.cas, self.xchg), self.futex = pure_atomics()
         self._buf = (ctypes.c_char * len(seg.mm)).from_buffer(seg.mm)
         self.base = ctypes.addressof(self._buf) + seg.geometry.stripe_table_off + L.S_LOCK
         self._q = memoryview(seg.mm).cast("Q")
         self._first = (seg.geometry.stripe_table_off + L.S_LOCK) >> 3
+        self._tls = threading.local()
 
     def addr(self, s: int) -> int:
         return self.base + s * L.STRIPE_SIZE
 
     def swap(self, s: int, old: int, new: int) -> bool:
-        """Compare-and-swap stripe ``s``'s word from ``old`` to ``new``."""
-        return self.cas(self.addr(s), ctypes.byref(ctypes.c_uint64(old)), new, _SEQ_CST, _SEQ_CST)
+        """Compare-and-swap stripe ``s``'s word from ``old`` to ``new``. (The
+        expected value goes in a buffer of this thread's: libatomic writes the
+        word's value into it on failure, and a buffer shared between threads
+        could be changed by another thread's failed swap between our store and
+        our call. Passed by address: a new c_uint64 and byref each call cost
+        more than the swap.)"""
+        try:
+            e, ea = self._tls.buf
+        except AttributeError:
+            e = ctypes.c_uint64()
+            ea = ctypes.addressof(e)
+            self._tls.buf = (e, ea)
+        e.value = old
+        return self.cas(self.base + s * L.STRIPE_SIZE, ea, new, _SEQ_CST, _SEQ_CST)
 
     def acquire(self, s: int, me: int, timeout: float) -> bool:
         """What Core.lock does: take the word within ``timeout`` seconds of
@@ -237,16 +257,14 @@ class _PureWords:
             # next check; if it raises, so does this call.
 
     def release(self, s: int, me: int) -> None:
-        """Free the word if it names us (see _speedups.c release_word)."""
-        i = self._first + s * (L.STRIPE_SIZE >> 3)
-        while True:
-            old = self._q[i]
-            if old & ~L.LOCK_WAITERS != me:
-                return
-            if self.swap(s, old, 0):
-                if old & L.LOCK_WAITERS and self.futex is not None:
-                    self.futex(self.addr(s), _FUTEX_WAKE, 1, None)
-                return
+        """Free the word if it names us (see _speedups.c release_word). Only
+        sleepers change a held word (they add LOCK_WAITERS), so an exchange
+        after the check frees exactly our lock and says whether to wake one."""
+        if self._q[self._first + s * (L.STRIPE_SIZE >> 3)] & ~L.LOCK_WAITERS != me:
+            return
+        addr = self.base + s * L.STRIPE_SIZE
+        if self.xchg(addr, 0, _SEQ_CST) & L.LOCK_WAITERS and self.futex is not None:
+            self.futex(addr, _FUTEX_WAKE, 1, None)
 
     def close(self) -> None:
         self._q.release()

@@ -290,13 +290,14 @@ def test_pure_python_without_libatomic_is_refused_naming_the_fix(cache_name):
     opening a cache fails at once with what to install, and creates nothing."""
     code = f"""
 import ctypes, os
-real = ctypes.CDLL
-class NoAtomic(real):
-    def __init__(self, name, *a, **k):
-        if name and "libatomic" in str(name):
-            raise OSError("libatomic.so.1: cannot open shared object file")
-        super().__init__(name, *a, **k)
-ctypes.CDLL = NoAtomic
+def refusing(real):
+    class NoAtomic(real):
+        def __init__(self, name, *a, **k):
+            if name and "libatomic" in str(name):
+                raise OSError("libatomic.so.1: cannot open shared object file")
+            super().__init__(name, *a, **k)
+    return NoAtomic
+ctypes.CDLL, ctypes.PyDLL = refusing(ctypes.CDLL), refusing(ctypes.PyDLL)
 from shmcache import Cache
 from shmcache.errors import Error
 try:
