@@ -293,7 +293,7 @@ static int read_core(Core *c, const char *k, Py_ssize_t klen, slot_t *sl, ehdr_t
         if (attempt >= READ_RETRIES) {
             /* A writer's critical section is ~0.1-10 us in C, longer on the
              * Python path (eviction, compaction): spin up to READ_SPIN_NS
-             * before queueing on the writers' semaphore. */
+             * before queueing on the stripe lock word. */
             struct timespec now;
             clock_gettime(CLOCK_MONOTONIC, &now);
             if (deadline.tv_sec == 0) {

@@ -379,27 +379,14 @@ class Segment:
         """
         layout.validate_name(name)
         removed = False
-        n = 0
         try:
-            shm = posix_ipc.SharedMemory(shm_name(name))
+            posix_ipc.unlink_shared_memory(shm_name(name))
+            removed = True
         except posix_ipc.ExistentialError:
-            shm = None
-        if shm is not None:
-            try:
-                head = os.pread(shm.fd, layout.HEADER.size, 0)
-                if head[:8] == layout.MAGIC and len(head) == layout.HEADER.size:
-                    # A damaged header may claim 2**32 stripes: never trust it beyond the limit.
-                    n = min(layout.HEADER.unpack_from(head)[4], layout.MAX_STRIPES)
-            finally:
-                shm.close_fd()
-            try:
-                posix_ipc.unlink_shared_memory(shm_name(name))
-                removed = True
-            except posix_ipc.ExistentialError:
-                pass
-        stripes = set(range(n))
-        # Semaphores of a cache made before layout 6 (one per stripe), also of
-        # one whose header is gone.
+            pass
+        # Semaphores of a cache made before layout 6, one per stripe (also of
+        # one whose segment is gone): /dev/shm/sem.shmcache.<name>.<i>.
+        stripes = set()
         for p in glob.glob(os.path.join(SHM_DIR, f"sem.shmcache.{glob.escape(name)}.*")):
             suffix = p.rsplit(".", 1)[1]
             if suffix.isdigit():
@@ -422,10 +409,6 @@ class Segment:
 def shm_path(name: str) -> str:
     """The file of a cache's segment (Linux)."""
     return os.path.join(SHM_DIR, shm_name(name).lstrip("/"))
-
-
-def _sem_path(sname: str) -> str:
-    return os.path.join(SHM_DIR, "sem." + sname.lstrip("/"))
 
 
 def _create_or_open(name: str, create: bool, mode: int, trusted) -> tuple:

@@ -76,29 +76,45 @@ def test_regression_cache_larger_than_dev_shm_is_refused_not_sigbus():
     """)
     assert r.returncode == 0, r.stderr
     err = r.stdout.split("ERR ", 1)[1].splitlines()[0]
-    # the size it needs (the laid-out segment, whole arena segments only, + semaphores)
-    needs = re.search(r"'big' needs ([0-9.]+) MiB \((\d+) bytes: the (\d+)-byte segment and 64 semaphores\)", err)
-    assert needs and 250 < float(needs[1]) <= 256.3 and int(needs[2]) == int(needs[3]) + 64 * 4096, err
+    # the size it needs: the laid-out segment (whole arena segments only), the cache's one file
+    needs = re.search(r"'big' needs ([0-9.]+) MiB \((\d+) bytes\) of shared memory", err)
+    assert needs and 250 < float(needs[1]) <= 256.3, err
+    assert int(needs[2]) == layout.compute_geometry("256MiB").total_size, err
     assert "64.0 MiB" in err and "free" in err  # the free space
     assert "--shm-size=" in err and "emptyDir" in err and "medium: Memory" in err and "smaller" in err
     assert "LEFT []" in r.stdout  # nothing of the refused cache stays behind
 
 
 @needs_unshare
-def test_default_size_counts_the_semaphores():
-    # A tmpfs exactly as large as the default cache's segment: its 16 semaphore
-    # pages do not fit, and the error says so (and what would fit).
+def test_default_cache_needs_exactly_its_segment():
+    # The reservation is the segment and nothing else (up to layout 5 it was
+    # also a page per stripe semaphore): the default cache fits a tmpfs
+    # exactly its segment's size and fills it to eviction; one page less and
+    # it is refused, naming the segment's size and what would fit.
     seg = layout.compute_geometry("64MiB").total_size
-    r = in_private_shm(catch('shmcache.Cache("dflt")', "OutOfSharedMemory"),
-                       mount=f"mount -t tmpfs -o size={seg} tmpfs /dev/shm")
+    assert seg % 4096 == 0
+    r = in_private_shm("""
+        import os, shmcache
+        c = shmcache.Cache("dflt")
+        v = os.urandom(4000)
+        for i in range(20000):
+            c.set(f"k{i}", v)
+        print("OK", c.stats()["evictions"] > 0, c.check() == [], sorted(os.listdir("/dev/shm")))
+    """, mount=f"mount -t tmpfs -o size={seg} tmpfs /dev/shm")
+    assert r.returncode == 0, (r.returncode, r.stderr)
+    assert "OK True True ['shmcache.dflt']" in r.stdout, r.stdout
+    r = in_private_shm(catch('shmcache.Cache("dflt")', "OutOfSharedMemory") + "import os\nprint('LEFT', os.listdir('/dev/shm'))",
+                       mount=f"mount -t tmpfs -o size={seg - 4096} tmpfs /dev/shm")
     assert r.returncode == 0, r.stderr
-    assert "16 semaphores" in r.stdout and 'size="63MiB" fits now' in r.stdout, r.stdout
+    assert f"ERR cache 'dflt' needs 63.3 MiB ({seg} bytes) of shared memory, but /dev/shm has " in r.stdout, r.stdout
+    assert f"({seg - 4096} bytes) free" in r.stdout and 'size="63MiB" fits now' in r.stdout, r.stdout
+    assert "LEFT []" in r.stdout, r.stdout
 
 
 @needs_unshare
 def test_default_cache_fits_dockers_default_dev_shm():
     # The default 64 MiB cache lays out whole arena segments, a little under
-    # 64 MiB: with its semaphores it fits Docker's default /dev/shm and fills
+    # 64 MiB, so it fits Docker's default /dev/shm and fills
     # to eviction there without a signal.
     r = in_private_shm("""
         import os, shmcache
@@ -156,22 +172,39 @@ def test_snapshot_restore_into_a_new_cache_too_large_is_refused(tmp_path):
 
 
 @needs_unshare
-def test_semaphores_that_do_not_fit_leave_nothing_behind():
-    # Enough bytes, too few inodes (a tmpfs mounted with nr_inodes): the
-    # space pre-check passes, the segment is reserved, and the semaphores
-    # fail one by one. Nothing of the refused cache may stay behind.
+def test_no_inode_left_for_the_segment_is_a_clear_error_and_one_is_enough():
+    # Enough bytes, no inode (a tmpfs mounted with a small nr_inodes, all taken
+    # by other files): creating the segment's file fails, and the error names
+    # the cause (inodes, not bytes: 64 MiB were free) and the fix. Nothing of
+    # the refused cache stays behind. One free inode is enough for a cache of
+    # any stripe count: it is one file (up to layout 5, one more per stripe).
     r = in_private_shm("""
         import os, shmcache
+        n = 0
+        while True:
+            try:
+                open(f"/dev/shm/other.{n}", "w").close()
+            except OSError:
+                break
+            n += 1
+        print("OTHERS", n, "FREE", os.statvfs("/dev/shm").f_favail)
         try:
-            shmcache.Cache("ino", size="1MiB", stripes=8)
+            shmcache.Cache("ino", size="16MiB", stripes=64)
         except shmcache.OutOfSharedMemory as e:
             print("ERR", e)
         print("LEFT", sorted(os.listdir("/dev/shm")))
+        os.unlink("/dev/shm/other.0")
+        with shmcache.Cache("ino", size="16MiB", stripes=64) as c:
+            c.set_many({f"k{i}": i for i in range(1000)})
+            print("MADE", len(c), c.check(), sorted(f for f in os.listdir("/dev/shm") if not f.startswith("other.")))
     """, mount="mount -t tmpfs -o size=64m,nr_inodes=6 tmpfs /dev/shm")
     assert r.returncode == 0, r.stderr
-    assert "ERR cache 'ino' needs 9 files" in r.stdout and "LEFT []" in r.stdout, r.stdout
-    # it names the cause (inodes, not bytes: 63 MiB were free) and the fix
-    assert "run out of inodes" in r.stdout and "nr_inodes" in r.stdout and "fewer stripes" in r.stdout, r.stdout
+    assert "OTHERS 5 FREE 0" in r.stdout, r.stdout
+    assert "ERR cache 'ino' needs a file in /dev/shm, but /dev/shm has run out of inodes (6 in all, none free)" \
+        in r.stdout, r.stdout
+    assert "64.0 MiB free" in r.stdout and "nr_inodes" in r.stdout and "shmcache rm" in r.stdout, r.stdout
+    assert "LEFT ['other.0', 'other.1', 'other.2', 'other.3', 'other.4']" in r.stdout, r.stdout
+    assert "MADE 1000 [] ['shmcache.ino']" in r.stdout, r.stdout
 
 
 # ---------------------------------------------------------- environment errors
@@ -297,7 +330,8 @@ NO_PIDNS = _can_unshare_pid()
 needs_pidns = pytest.mark.skipif(NO_PIDNS is not None, reason=NO_PIDNS or "")
 
 # The holder, pid 1 of its own PID namespace (its own /proc): attach, take
-# stripe S, say so, hold it until the flag file appears, release, write once more.
+# stripe S, say so (with its client slot, which its lock word names), hold it
+# until the flag file appears, release, write once more.
 HOLDER = """
 import os, sys, time
 from shmcache import Cache, admin, layout
@@ -305,7 +339,7 @@ name, s, flag = sys.argv[1], int(sys.argv[2]), sys.argv[3]
 c = Cache(name, create=False)
 locks = admin.storage(c).locks
 locks.lock(s)
-print("HOLDING", os.getpid(), flush=True)
+print("HOLDING", os.getpid(), admin.current_client(c)[0], flush=True)
 while not os.path.exists(flag):
     time.sleep(0.01)
 locks.unlock(s)
@@ -325,44 +359,48 @@ def _writer(name, keys, lock_timeout, done, t_first):
 
 
 def _start_foreign_holder(name, s, flag):
-    """The holder in a new PID namespace; returns (unshare Popen, holder's host pid)."""
+    """The holder in a new PID namespace; returns (unshare Popen, holder's host pid, its client slot)."""
     p = subprocess.Popen(["unshare", "--pid", "--fork", "--mount-proc", sys.executable, "-c", HOLDER,
                           name, str(s), flag], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     line = p.stdout.readline()
-    assert line.startswith("HOLDING 1"), (line, p.stderr.read() if p.poll() is not None else "")
+    assert line.startswith("HOLDING 1 "), (line, p.stderr.read() if p.poll() is not None else "")
     host_pid = psutil.Process(p.pid).children()[0].pid
-    return p, host_pid
+    return p, host_pid, int(line.split()[2])
 
 
 @needs_pidns
 @pytest.mark.timeout(120)
 def test_regression_live_holder_in_another_pid_namespace_is_never_taken_over(make_cache, cache_name, tmp_path):
     # A pid + start time owner record meant nothing across PID namespaces: the
-    # host judged this live holder (pid 1 over there) dead after lock_timeout,
-    # "recovered" its stripe while it held it, and the semaphore ended at 2.
+    # host judged this live holder (pid 1 over there) dead after lock_timeout
+    # and "recovered" its stripe while it held it (in layout 5 the semaphore
+    # then ended at 2). Now the stripe's lock word must keep naming the stopped
+    # holder's client slot, never free, never another slot, until it releases.
     cache = make_cache(size="2MiB", stripes=4)
     s = 1
     keys = keys_in_stripe(4, s, 20, "host")
     flag = str(tmp_path / "release")
-    p, host_pid = _start_foreign_holder(cache_name, s, flag)
+    p, host_pid, slot = _start_foreign_holder(cache_name, s, flag)
+    assert admin.lock_holders(cache)[s] == slot
     done, t_first = CTX.Value("i", 0), CTX.Value("d", 0.0)
     w = CTX.Process(target=_writer, args=(cache_name, keys, 0.2, done, t_first))
     try:
         os.kill(host_pid, signal.SIGSTOP)
         w.start()
-        sem_max = 0
+        holders = set()
         t_end = time.monotonic() + 3.0  # 15 x lock_timeout
         while time.monotonic() < t_end:
-            sem_max = max(sem_max, admin.lock_values(cache)[s])
+            holders.add(admin.lock_holders(cache)[s])
             time.sleep(0.01)
         assert done.value == 0, "the writer took over a stopped, live holder's stripe"
-        assert sem_max == 0 and cache.stats()["recoveries"] == 0
+        assert holders == {slot}, holders
+        assert cache.stats()["recoveries"] == 0
         open(flag, "w").close()
         os.kill(host_pid, signal.SIGCONT)
         assert p.wait(30) == 0 and "RELEASED" in p.stdout.read()
         w.join(30)
         assert w.exitcode == 0 and done.value == len(keys)
-        assert admin.lock_values(cache)[s] == 1
+        assert admin.lock_holders(cache)[s] is None
         for k in keys:
             assert cache.get(k) == k.encode() * 50
         assert cache.get("from-the-holder") == b"h" * 100
@@ -382,7 +420,7 @@ def test_killed_holder_in_another_pid_namespace_is_recovered_at_once(make_cache,
     for k, v in before.items():
         cache.set(k, v)
     keys = keys_in_stripe(4, s, 20, "host")
-    p, host_pid = _start_foreign_holder(cache_name, s, str(tmp_path / "never"))
+    p, host_pid, slot = _start_foreign_holder(cache_name, s, str(tmp_path / "never"))
     done, t_first = CTX.Value("i", 0), CTX.Value("d", 0.0)
     w = CTX.Process(target=_writer, args=(cache_name, keys, 30.0, done, t_first))
     try:
@@ -390,12 +428,13 @@ def test_killed_holder_in_another_pid_namespace_is_recovered_at_once(make_cache,
         w.start()
         time.sleep(1.0)
         assert done.value == 0
+        assert admin.lock_holders(cache)[s] == slot and cache.stats()["recoveries"] == 0
         t_kill = time.monotonic()
         os.kill(host_pid, signal.SIGKILL)
         w.join(10)  # a third of lock_timeout
         assert w.exitcode == 0, "the writer did not get past the killed holder"
         print(f"stall after SIGKILL of a holder in another PID namespace: {(t_first.value - t_kill) * 1e3:.1f} ms")
-        assert admin.lock_values(cache)[s] == 1
+        assert admin.lock_holders(cache)[s] is None
         for k, v in {**before, **{k: k.encode() * 50 for k in keys}}.items():
             assert cache.get(k) == v
         assert cache.check() == [] and cache.stats()["recoveries"] == 1
@@ -885,9 +924,10 @@ c.close()
 """
 
 
-def _hold_until_flag(name, s, flag, ready):
+def _hold_until_flag(name, s, flag, ready, slot):
     c = Cache(name, create=False, mode=0o660)
     c._locks.lock(s)
+    slot.value = admin.current_client(c)[0]
     ready.set()
     while not os.path.exists(flag):
         time.sleep(0.01)
@@ -915,8 +955,8 @@ def test_regression_holder_hidden_by_hidepid_is_never_taken_over(user_and_group,
     pub = tempfile.mkdtemp(prefix="shmcache-test-")  # tmp_path is 0700: the other user could not see the flag
     os.chmod(pub, 0o755)
     flag = os.path.join(pub, "release")
-    ready = CTX.Event()
-    holder = CTX.Process(target=_hold_until_flag, args=(cache_name, s, flag, ready))
+    ready, slot = CTX.Event(), CTX.Value("i", -1)
+    holder = CTX.Process(target=_hold_until_flag, args=(cache_name, s, flag, ready, slot))
     holder.start()
     w = None
     try:
@@ -929,14 +969,15 @@ def test_regression_holder_hidden_by_hidepid_is_never_taken_over(user_and_group,
         assert line == "HIDDEN True\n", (line, w.stderr.read() if w.poll() is not None else "")
         time.sleep(2.0)  # 10 x the writer's lock_timeout
         with Cache(cache_name, create=False, mode=0o660) as c:
-            assert w.poll() is None and admin.lock_values(c)[s] == 0 and c.stats()["recoveries"] == 0
+            assert w.poll() is None and admin.lock_holders(c)[s] == slot.value >= 0
+            assert c.stats()["recoveries"] == 0
             open(flag, "w").close()
             out, err = w.communicate(timeout=30)
             assert w.returncode == 0 and out == "WROTE after the release\n", (out, err)
             holder.join(30)
             assert holder.exitcode == 0
             assert c.get(key) == b"from the other user" and c.get("k") == b"root wrote this"
-            assert admin.lock_values(c)[s] == 1 and c.stats()["recoveries"] == 0 and c.check() == []
+            assert admin.lock_holders(c)[s] is None and c.stats()["recoveries"] == 0 and c.check() == []
     finally:
         open(flag, "w").close()
         if w is not None and w.poll() is None:
@@ -989,7 +1030,7 @@ def test_regression_sidecar_daemon_in_another_pid_namespace_never_recovers_live_
             assert w.exitcode == 0
         st = cache.stats()
         assert errors.value == 0 and st["recoveries"] == 0, (errors.value, st["recoveries"])
-        assert admin.lock_values(cache) == [1] * 4
+        assert admin.lock_holders(cache) == [None] * 4
         assert cache.check() == [] and st["clients"] == 2  # us and the daemon: no live slot reaped
     finally:
         for p in psutil.Process(d.pid).children():  # the daemon; unshare --fork ignores SIGTERM

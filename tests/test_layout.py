@@ -26,7 +26,20 @@ def _seg_path(name):
 
 
 def _sem_files(name):
-    return sorted(p for p in os.listdir(SHM) if p.startswith(f"sem.shmcache.{name}."))
+    """Semaphore files of this name: a layout-5 cache had one per stripe; a cache never has any now."""
+    pre = f"sem.shmcache.{name}."
+    return sorted(p for p in os.listdir(SHM) if p.startswith(pre) and p[len(pre):].isdigit())
+
+
+def _cache_files(name):
+    """Every /dev/shm file of cache ``name``, by file name: its segment and any semaphores."""
+    return sorted(_sem_files(name) + [p for p in os.listdir(SHM) if p == f"shmcache.{name}"])
+
+
+def _legacy_sems(name, stripes):
+    """Create the stripe semaphores a layout-5 cache ``name`` had: ``sem.shmcache.<name>.<i>``."""
+    for i in stripes:
+        posix_ipc.Semaphore(f"/shmcache.{name}.{i}", posix_ipc.O_CREX).close()
 
 
 def _digest(path):
@@ -98,7 +111,9 @@ def test_geometry(size, stripes):
     assert g.arena_off >= g.index_off + n * g.slots_per_stripe * L.SLOT_SIZE
     for off in (g.client_table_off, g.index_off, g.arena_off):
         assert off % L.PAGE == 0
-    assert g.client_record_size % L.CACHE_LINE == 0 and g.client_record_size >= L.C_MARKERS + n
+    # a client record is one cache line (head + counters), whatever the stripe count
+    assert g.client_record_size == L.CLIENT_RECORD_SIZE == L.CACHE_LINE
+    assert L.C_COUNTERS + 8 * L.N_COUNTERS <= g.client_record_size
     # arenas
     assert g.stripe_arena % 1024 == 0 and g.stripe_arena >= L.MIN_STRIPE_ARENA
     assert g.total_size == g.arena_off + n * g.stripe_arena
@@ -135,7 +150,8 @@ def test_segment_file_matches_geometry(make_cache, cache_name, size, kw):
     g = admin.geometry(c)
     assert os.stat(_seg_path(cache_name)).st_size == g.total_size <= parse_size(size)
     assert c.stats()["size"] == g.total_size
-    assert len(_sem_files(cache_name)) == g.n_stripes
+    # a cache is one file, whatever its stripe count: the stripe locks are words in it
+    assert _cache_files(cache_name) == [f"shmcache.{cache_name}"]
     # an attacher with other settings gets the creator's layout
     d = make_cache(size="1MiB", stripes=1, max_key_size=7)
     assert admin.geometry(d) == g
@@ -208,11 +224,27 @@ def test_truncated_segment_is_refused(make_cache, cache_name):
         Cache(cache_name, size="1MiB")
 
 
-def test_missing_semaphore_is_refused(make_cache, cache_name):
+def test_layout5_cache_is_refused_and_unlink_removes_its_semaphores(make_cache, cache_name):
+    # What an upgrade meets: a layout-5 cache, i.e. a segment saying version 5
+    # and one semaphore file per stripe. It is refused untouched (its
+    # semaphores too), naming both versions; unlink removes every file of it.
     make_cache(size="1MiB", stripes=4).close()
-    posix_ipc.unlink_semaphore(f"/shmcache.{cache_name}.2")
-    with pytest.raises(LayoutMismatch, match="semaphore"):
-        Cache(cache_name)
+    path = _seg_path(cache_name)
+    with open(path, "r+b") as f:
+        f.seek(8)
+        f.write(struct.pack("<I", 5))
+    _legacy_sems(cache_name, range(4))
+    before = _digest(path)
+    sems = {p: os.stat(f"{SHM}/{p}").st_ino for p in _sem_files(cache_name)}
+    assert len(sems) == 4
+    for create in (True, False):
+        with pytest.raises(LayoutMismatch, match=f"layout version 5, this shmcache reads layout version "
+                                                 f"{LAYOUT_VERSION}"):
+            Cache(cache_name, size="1MiB", create=create)
+        assert _digest(path) == before
+        assert {p: os.stat(f"{SHM}/{p}").st_ino for p in _sem_files(cache_name)} == sems
+    assert Cache.unlink(cache_name) is True
+    assert _cache_files(cache_name) == []
 
 
 # -- create-or-attach race ------------------------------------------------------------------
@@ -283,14 +315,13 @@ def umask_022():
 
 
 def _modes(name):
-    seg = os.stat(_seg_path(name)).st_mode & 0o777
-    sems = {os.stat(f"{SHM}/{p}").st_mode & 0o777 for p in _sem_files(name)}
-    return seg, sems
+    """{file name: mode} of every /dev/shm file of cache ``name``."""
+    return {p: os.stat(f"{SHM}/{p}").st_mode & 0o777 for p in _cache_files(name)}
 
 
 def test_default_mode_is_0600(make_cache, cache_name, umask_022):
     make_cache(size="1MiB", stripes=4)
-    assert _modes(cache_name) == (0o600, {0o600})
+    assert _modes(cache_name) == {f"shmcache.{cache_name}": 0o600}
 
 
 def test_default_mode_ignores_permissive_umask(make_cache, cache_name):
@@ -299,7 +330,7 @@ def test_default_mode_ignores_permissive_umask(make_cache, cache_name):
         make_cache(size="1MiB", stripes=4)
     finally:
         os.umask(old)
-    assert _modes(cache_name) == (0o600, {0o600})
+    assert _modes(cache_name) == {f"shmcache.{cache_name}": 0o600}
 
 
 def test_group_mode_on_segment(make_cache, cache_name, umask_022):
@@ -308,20 +339,29 @@ def test_group_mode_on_segment(make_cache, cache_name, umask_022):
     assert admin.geometry(c).mode == 0o660
 
 
-def test_regression_group_mode_on_semaphores(make_cache, cache_name, umask_022):
-    make_cache(size="1MiB", stripes=4, mode=0o660)
-    assert _modes(cache_name) == (0o660, {0o660})
+@pytest.mark.parametrize("umask", [0o022, 0o077, 0o000], ids=oct)
+@pytest.mark.parametrize("mode", [0o600, 0o660, 0o666], ids=oct)
+def test_regression_a_cache_is_one_file_with_its_mode_whatever_the_umask(make_cache, cache_name, mode, umask):
+    # Up to layout 5 a cache also had a semaphore per stripe, which sem_open
+    # made with the umask applied (0o660 became 0o640: the group could not
+    # attach). Now the one file is the cache, and it has exactly `mode`.
+    old = os.umask(umask)
+    try:
+        c = make_cache(size="1MiB", stripes=16, mode=mode)
+        c["k"] = 1
+    finally:
+        os.umask(old)
+    assert _modes(cache_name) == {f"shmcache.{cache_name}": mode}
 
 
 # -- unlink --------------------------------------------------------------------------------------
-def test_unlink_removes_segment_and_semaphores(make_cache, cache_name):
+def test_unlink_removes_the_segment(make_cache, cache_name):
     c = make_cache(size="8MiB", stripes=16)
     c["k"] = 1
-    assert os.path.exists(_seg_path(cache_name)) and len(_sem_files(cache_name)) == 16
+    assert _cache_files(cache_name) == [f"shmcache.{cache_name}"]
     c.close()
     assert Cache.unlink(cache_name) is True
-    assert not os.path.exists(_seg_path(cache_name))
-    assert _sem_files(cache_name) == []
+    assert _cache_files(cache_name) == []
     assert cache_name not in Cache.list()
     assert Cache.unlink(cache_name) is False
     with pytest.raises(CacheNotFound):
@@ -329,33 +369,44 @@ def test_unlink_removes_segment_and_semaphores(make_cache, cache_name):
 
 
 def test_unlink_removes_stray_semaphores(make_cache, cache_name):
-    make_cache(size="1MiB", stripes=2).close()
-    posix_ipc.Semaphore(f"/shmcache.{cache_name}.9", posix_ipc.O_CREX).close()  # left by an older cache
+    # A cache made over the semaphores a layout-5 cache of its name left
+    # neither uses nor needs them; unlink still removes them, even those of
+    # stripes the new cache does not have.
+    _legacy_sems(cache_name, (0, 1, 9))
+    c = make_cache(size="1MiB", stripes=2)
+    c["k"] = 1
+    assert c.check() == []
+    c.close()
     assert Cache.unlink(cache_name) is True
-    assert _sem_files(cache_name) == []
+    assert _cache_files(cache_name) == []
 
 
 def test_unlink_semaphores_without_segment(cache_name):
-    for i in (0, 1, 5):
-        posix_ipc.Semaphore(f"/shmcache.{cache_name}.{i}", posix_ipc.O_CREX).close()
+    _legacy_sems(cache_name, (0, 1, 5))  # a layout-5 cache whose segment is gone
     assert Cache.unlink(cache_name) is True
     assert _sem_files(cache_name) == []
+    assert Cache.unlink(cache_name) is False
 
 
 def test_unlink_spares_caches_with_longer_names(make_cache, cache_name):
+    # sem.shmcache.<name>.* also matches the semaphores of a cache named
+    # "<name>.b": unlinking <name> must leave that cache's files alone.
     other = cache_name + ".b"
     make_cache(size="1MiB", stripes=4)
+    _legacy_sems(cache_name, range(2))
     try:
         with Cache(other, size="1MiB", stripes=4) as o:
+            _legacy_sems(other, range(4))
             o["k"] = 1
             assert Cache.unlink(cache_name) is True
-            assert os.path.exists(_seg_path(other))
-            assert len([p for p in os.listdir(SHM) if p.startswith(f"sem.shmcache.{other}.")]) == 4
-            o["k2"] = 2  # still fully usable: its semaphores are intact
+            assert _cache_files(cache_name) == []
+            assert _cache_files(other) == [f"sem.shmcache.{other}.{i}" for i in range(4)] + [f"shmcache.{other}"]
+            o["k2"] = 2  # still fully usable
         with Cache(other, create=False) as o:
             assert o["k"] == 1 and o["k2"] == 2
     finally:
         Cache.unlink(other)
+    assert _cache_files(other) == []
 
 
 def test_list_names(make_cache, cache_name):

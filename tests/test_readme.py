@@ -38,7 +38,8 @@ def test_quick_start_runs_as_written_and_does_what_its_comments_say():
             promised.append((code.replace(repr(name), '"app"'), _promise(comment)))
         else:
             script.append(code)
-    def ours() -> set:  # this cache's segment and semaphores, whatever else the host has
+    def ours() -> set:  # this cache's segment (and any sem.* file, which no cache makes since layout 6),
+        # whatever else the host has
         return {f for f in os.listdir("/dev/shm") if f == f"shmcache.{name}" or f.startswith(f"sem.shmcache.{name}.")}
 
     try:

@@ -34,7 +34,10 @@ def _seg_path(name: str) -> str:
 
 
 def _sem_paths(name: str) -> list[str]:
-    return sorted(f"{SHM}/{n}" for n in os.listdir(SHM) if n.startswith(f"sem.shmcache.{name}."))
+    """The stripe semaphore files of cache ``name``: a layout-5 cache had one per
+    stripe; a cache has none now (its stripe locks are words in its segment)."""
+    pre = f"sem.shmcache.{name}."
+    return sorted(f"{SHM}/{n}" for n in os.listdir(SHM) if n.startswith(pre) and n[len(pre):].isdigit())
 
 
 def _digest(path: str) -> str:
@@ -89,9 +92,9 @@ def test_row1_root_refuses_a_segment_squatted_by_another_user_and_runs_no_payloa
     # The squat: a complete segment, mode 0666, owned by the other user, with a pickle planted.
     with Cache(cache_name, size="1MiB", mode=0o666, allow_pickle=True) as c:
         c.set("k", Payload(str(marker)))
-    for p in [_seg_path(cache_name), *_sem_paths(cache_name)]:
-        os.chown(p, uid, gid)
-        os.chmod(p, 0o666)
+    assert _sem_paths(cache_name) == []  # the segment is the whole cache
+    os.chown(_seg_path(cache_name), uid, gid)
+    os.chmod(_seg_path(cache_name), 0o666)
 
     for kwargs in (dict(size="64MiB", mode=0o600), dict(create=False), dict(mode=0o666)):
         with pytest.raises(UntrustedSegment) as ei:
@@ -117,12 +120,11 @@ def test_row1_root_refuses_a_segment_squatted_by_another_user_and_runs_no_payloa
 
 
 def _given_away(name: str, uid: int, gid: int) -> str:
-    """A 0600 cache holding k=b"v", then chowned (segment and semaphores) to
+    """A 0600 cache holding k=b"v", then chowned (its one file, the segment) to
     ``uid``: another user's private cache. Returns the segment's digest."""
     with Cache(name, size="1MiB", mode=0o600) as c:
         c["k"] = b"v"
-    for p in [_seg_path(name), *_sem_paths(name)]:
-        os.chown(p, uid, gid)
+    os.chown(_seg_path(name), uid, gid)
     return _digest(_seg_path(name))
 
 
@@ -134,25 +136,42 @@ def test_row1_creation_never_reuses_a_file_it_did_not_create(other_user, cache_n
     assert _digest(_seg_path(cache_name)) == before
 
 
-def test_row1_a_squatted_semaphore_is_refused(other_user, cache_name):
+def _squat_semaphores(name: str, n: int) -> None:
+    """As another user: the stripe semaphores a layout-5 cache ``name`` would
+    use, mode 0666, every one taken (value 0): a layout-5 writer would block."""
+    for i in range(n):
+        posix_ipc.Semaphore(f"/shmcache.{name}.{i}", posix_ipc.O_CREX, mode=0o666, initial_value=0).close()
+        os.chmod(f"{SHM}/sem.shmcache.{name}.{i}", 0o666)
+
+
+def test_row1_squatted_semaphores_have_no_say_over_the_cache(other_user, cache_name):
+    # Up to layout 5 the stripe locks were semaphore files beside the segment,
+    # which another user could squat to hold or release a cache's locks (such
+    # a cache was refused). The locks are words inside the trusted segment
+    # now: files of the old names neither stop nor steer a cache, which never
+    # opens them, and unlink (`shmcache rm`) still removes them.
     user, uid, gid = other_user
-    with Cache(cache_name, size="1MiB", stripes=4):
-        pass
-    os.chown(_sem_paths(cache_name)[2], uid, gid)
-    with pytest.raises(UntrustedSegment, match=r"sem\.shmcache.*belongs to"):
-        Cache(cache_name)
-    # A creator does not take over another user's semaphore either.
-    Cache.unlink(cache_name)
-    posix_ipc.Semaphore(f"/shmcache.{cache_name}.1", posix_ipc.O_CREX, mode=0o666, initial_value=1).close()
-    os.chown(f"{SHM}/sem.shmcache.{cache_name}.1", uid, gid)
-    os.chmod(f"{SHM}/sem.shmcache.{cache_name}.1", 0o666)
+    _as_user(uid, gid, _squat_semaphores, cache_name, 4)
+    squat = {p: (os.stat(p).st_uid, os.stat(p).st_ino) for p in _sem_paths(cache_name)}
+    assert len(squat) == 4 and {o for o, _ in squat.values()} == {uid}
     try:
-        # root may unlink it (and then creates its own exclusively); the outcome is
-        # a cache whose every semaphore is root's.
-        with Cache(cache_name, size="1MiB", stripes=4):
-            assert {os.stat(p).st_uid for p in _sem_paths(cache_name)} == {0}
+        with Cache(cache_name, size="1MiB", stripes=4, lock_timeout=0.2) as c, \
+                Cache(cache_name, create=False, lock_timeout=0.2) as d:
+            c.set_many({f"k{i}": i for i in range(200)})  # every stripe; a squatted lock would block
+            assert all(d[f"k{i}"] == i for i in range(200)) and d.incr("k0") == 1
+            assert admin.lock_holders(c) == [None] * 4
+            assert os.stat(_seg_path(cache_name)).st_uid == 0 and c.check() == []
+        after = {p: (os.stat(p).st_uid, os.stat(p).st_ino) for p in _sem_paths(cache_name)}
+        assert after == squat  # neither used nor taken over
+        for i in range(4):
+            sem = posix_ipc.Semaphore(f"/shmcache.{cache_name}.{i}")
+            try:
+                assert sem.value == 0  # nobody posted or waited on them
+            finally:
+                sem.close()
     finally:
-        Cache.unlink(cache_name)
+        assert Cache.unlink(cache_name) is True
+    assert _sem_paths(cache_name) == [] and not os.path.exists(_seg_path(cache_name))
 
 
 def test_row1_symlink_and_fifo_in_place_of_a_segment_are_refused(cache_name, tmp_path):
@@ -462,7 +481,7 @@ def test_row2_shared_cache_with_a_serializer_stores_objects(make_cache, cache_na
 def test_row6_zeroed_magic_of_a_live_segment_is_refused_not_reinitialized(make_cache, cache_name):
     c = make_cache(size="4MiB")
     c.set_many({f"k{i}": i for i in range(2000)})
-    sems = {p: os.stat(p).st_ino for p in _sem_paths(cache_name)}
+    ino = os.stat(_seg_path(cache_name)).st_ino
     magic = bytes(c._seg.mm[0:8])
     c._seg.mm[0:8] = b"\0" * 8
     for create in (True, False):
@@ -470,7 +489,7 @@ def test_row6_zeroed_magic_of_a_live_segment_is_refused_not_reinitialized(make_c
             Cache(cache_name, size="4MiB", create=create, init_timeout=0.5)
     c._seg.mm[0:8] = magic
     assert len(c) == 2000 and c["k1999"] == 1999  # the attached writer lives on, data intact
-    assert {p: os.stat(p).st_ino for p in _sem_paths(cache_name)} == sems  # semaphores not recreated
+    assert os.stat(_seg_path(cache_name)).st_ino == ino == os.fstat(c._seg.fd).st_ino  # segment not recreated
 
 
 def test_row6_a_foreign_file_with_zero_first_bytes_is_not_overwritten(cache_name):
