@@ -355,8 +355,11 @@ static int read_core(Core *c, const char *k, Py_ssize_t klen, slot_t *sl, ehdr_t
  * the kernel's answer about its client slot (lock.client_alive). Waiters
  * sleep on the low half with futex(2), keyed by the shared file, so in any
  * process and any PID namespace. */
-static inline void futex_wake(uint64_t *w) {
-    syscall(SYS_futex, (uint32_t *)w, FUTEX_WAKE, 1, NULL, NULL, 0);
+#if !defined(__BYTE_ORDER__) || __BYTE_ORDER__ != __ORDER_LITTLE_ENDIAN__
+#error "shmcache's lock words sleep on their low half, which is their first 4 bytes only on little-endian CPUs"
+#endif
+static inline void futex_wake(uint64_t *w, int n) {
+    syscall(SYS_futex, (uint32_t *)w, FUTEX_WAKE, n, NULL, NULL, 0);
 }
 
 static inline void set_locked_version(Core *c, uint64_t s) {
@@ -380,7 +383,7 @@ static void release_word(Core *c, uint64_t s) {
     uint64_t old = __atomic_load_n(w, __ATOMIC_RELAXED);
     while ((old & ~(uint64_t)LOCK_WAITERS) == c->me)
         if (__atomic_compare_exchange_n(w, &old, 0, 0, __ATOMIC_RELEASE, __ATOMIC_RELAXED)) {
-            if (old & LOCK_WAITERS) futex_wake(w);
+            if (old & LOCK_WAITERS) futex_wake(w, 1);
             return;
         }
 }
@@ -1304,6 +1307,11 @@ static PyObject *Core_lock(Core *c, PyObject *args) {
     if (!(timeout > 0)) Py_RETURN_FALSE; /* a try only: lock.StripeLocks times the wait it starts next */
     double deadline = mono_now() + timeout;
     for (;;) {
+        /* Checked before every try, a failed compare-and-swap included: a
+         * word that another process keeps changing must not hold us (and the
+         * GIL) past the deadline. */
+        double left = deadline - mono_now();
+        if (left <= 0) Py_RETURN_FALSE;
         uint64_t *w = lock_word(c, s);
         uint64_t v = __atomic_load_n(w, __ATOMIC_RELAXED);
         if (v == 0) {
@@ -1314,8 +1322,6 @@ static PyObject *Core_lock(Core *c, PyObject *args) {
             if (!__atomic_compare_exchange_n(w, &v, v | LOCK_WAITERS, 0, __ATOMIC_RELAXED, __ATOMIC_RELAXED)) continue;
             v |= LOCK_WAITERS;
         }
-        double left = deadline - mono_now();
-        if (left <= 0) Py_RETURN_FALSE;
         struct timespec rel;
         rel.tv_sec = (time_t)left;
         rel.tv_nsec = (long)((left - (double)rel.tv_sec) * 1e9);
@@ -1356,6 +1362,24 @@ static PyObject *Core_take(Core *c, PyObject *args) {
         Py_RETURN_FALSE;
     set_locked_version(c, s);
     Py_RETURN_TRUE;
+}
+
+/* abandon(stripe): a recoverer whose repair failed (an exception in the
+ * middle of it) hands the stripe on as still broken: the version stays odd
+ * and the word, if it names us, becomes one that names no client, so the
+ * next writer or the daemon takes it over and repairs it again. Every
+ * sleeper is woken to find that out. */
+static PyObject *Core_abandon(Core *c, PyObject *arg) {
+    unsigned long long s = PyLong_AsUnsignedLongLong(arg);
+    if ((s == (unsigned long long)-1 && PyErr_Occurred()) || !stripe_arg(c, s)) return NULL;
+    uint64_t *w = lock_word(c, s);
+    uint64_t old = __atomic_load_n(w, __ATOMIC_RELAXED);
+    while ((old & ~(uint64_t)LOCK_WAITERS) == c->me)
+        if (__atomic_compare_exchange_n(w, &old, LOCK_WAITERS, 0, __ATOMIC_RELEASE, __ATOMIC_RELAXED)) {
+            futex_wake(w, INT32_MAX);
+            break;
+        }
+    Py_RETURN_NONE;
 }
 
 static int Core_init(Core *c, PyObject *args, PyObject *kw) {
@@ -1486,6 +1510,8 @@ static PyMethodDef Core_methods[] = {
      "lock(stripe, timeout) -> True when held (lock word names us, version odd), False on timeout "
      "(timeout <= 0: one try, no wait)."},
     {"unlock", (PyCFunction)Core_unlock, METH_O, "unlock(stripe): version even, lock word freed, a sleeper woken."},
+    {"abandon", (PyCFunction)Core_abandon, METH_O,
+     "abandon(stripe): after a failed repair, leave the stripe to the next recoverer (version odd, word naming nobody)."},
     {"take", (PyCFunction)Core_take, METH_VARARGS,
      "take(stripe, word) -> True if the lock word still read `word` and now names us (version odd)."},
     {NULL}};

@@ -168,6 +168,19 @@ def lock_holders(cache: "Cache") -> list[int | None]:
     return [None if h is None else h[0] for h in map(L.lock_holder, lock_words(cache._seg).tolist())]
 
 
+_REMOVED = {
+    "lock_values": "stripe locks are lock words since layout 6: admin.lock_holders(cache) says who holds each",
+    "fix_overcount": "stripe locks are lock words since layout 6, which cannot be over-released; there is "
+                     "nothing to fix (admin.recover frees stripes of dead holders)",
+}
+
+
+def __getattr__(name: str):
+    if name in _REMOVED:
+        raise AttributeError(f"shmcache.admin.{name} was removed: {_REMOVED[name]}")
+    raise AttributeError(f"module 'shmcache.admin' has no attribute {name!r}")
+
+
 def stored_items(cache: "Cache") -> int:
     """Entries stored right now, expired ones not yet reclaimed included.
 

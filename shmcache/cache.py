@@ -18,7 +18,7 @@ from ._durations import MAX_SECONDS, MAX_WAIT, check_seconds  # noqa: F401 - che
 from ._sentinels import DEFAULT_TTL, MISSING
 from .codec import BYTES, CUSTOM, STR, Codec, decode_key, encode_int, encode_key
 from .errors import KeyTooLong, SettingsIgnored, SettingsMismatch, ValueTooLarge
-from .lock import Client, Identity, StripeLocks, claim_client, pure_atomics, release_client
+from .lock import Client, Identity, StripeLocks, claim_client, lock_words, pure_atomics, release_client
 from .segment import Segment
 from .table import ADD, DELETE, REPLACE, SET, Table, Undecodable, key_hash
 
@@ -123,13 +123,29 @@ class _State:
         if self.released:
             return
         self.released = True
-        try:
-            release_client(self.seg, self.client)
-        except Exception:  # pragma: no cover - best effort at exit; the daemon reaps it
-            pass
+        # Views (and the C core) first: from here no thread of ours can take a
+        # stripe lock through this handle. Then the client slot, unless a lock
+        # word still names it: another thread closed the cache under a writer
+        # of this handle. Freeing the slot would make that live writer look
+        # dead, and another process would take its stripe over while it still
+        # writes; so the slot (and the kernel lock that says we are alive)
+        # stays ours until this process exits, and that stripe's waiters time
+        # out naming us rather than entering it twice.
         for release in self.views:
             release()
         self.views = []
+        mine = self.client.word
+        if any(int(w) & ~L.LOCK_WAITERS == mine for w in lock_words(self.seg)):
+            warnings.warn(
+                f"cache {self.seg.name!r} was closed while a thread of this process held one of its "
+                "stripes; that stripe stays locked until this process exits",
+                RuntimeWarning, stacklevel=3,
+            )
+        else:
+            try:
+                release_client(self.seg, self.client)
+            except Exception:  # pragma: no cover - best effort at exit; the daemon reaps it
+                pass
         self.seg.close()
 
 
@@ -391,7 +407,7 @@ class Cache(MutableMapping[Any, Any]):
             client = claim_client(self._seg, identity)
         except Exception as e:
             # Sharing the parent's slot would let the parent's exit free it
-            # under us and mix both processes' markers: refuse instead.
+            # under us and make both processes one holder in lock words: refuse instead.
             warnings.warn(f"shmcache: forked child could not claim a client slot of {self.name!r} ({e}); "
                           "the cache is disabled in this process")
             self._disable(f"cache {self.name!r} is unusable in this forked process: {e}")

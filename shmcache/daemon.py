@@ -401,7 +401,7 @@ class Daemon:
         """Run the dead-owner and dead-client checks once (logs what it fixed)."""
         try:
             stripes, clients = recover(self.cache)
-        except Error as e:  # e.g. the recovery lock timed out: try again next time
+        except Error as e:  # e.g. the client-table lock timed out: try again next time
             log.warning("recovery check failed: %s", e)
             return
         if stripes:

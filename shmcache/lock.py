@@ -128,7 +128,8 @@ class _Timespec(ctypes.Structure):
     _fields_ = [("tv_sec", ctypes.c_long), ("tv_nsec", ctypes.c_long)]
 
 
-_SYS_FUTEX = {"x86_64": 202, "aarch64": 98, "riscv64": 98, "ppc64le": 221, "s390x": 238, "i686": 240, "armv7l": 240}
+# Little-endian machines only: a waiter sleeps on the word's low half, its first 4 bytes.
+_SYS_FUTEX = {"x86_64": 202, "aarch64": 98, "riscv64": 98, "ppc64le": 221, "i686": 240, "armv7l": 240}
 _FUTEX_WAIT, _FUTEX_WAKE = 0, 1
 _SEQ_CST = 5
 
@@ -191,9 +192,17 @@ _TRY_MAX_SLEEP = 0.001
 
 
 class _PureWords:
-    """The lock words of one mapping, taken and freed from Python (see above)."""
+    """The lock words of one mapping, taken and freed from Python (see above).
+
+    Holds a ctypes export of the mapping for as long as it lives, not just
+    until the cache is closed: a thread may be between its check of
+    ``closed`` and its call into libatomic when another thread closes the
+    cache, and that call must find the memory still mapped (``Segment.close``
+    then leaves the unmapping to the garbage collector)."""
 
     def __init__(self, seg: Segment) -> None:
+        self.closed = False
+        self.name = seg.name
         (self.cas, self.xchg), self.futex = pure_atomics()
         self._buf = (ctypes.c_char * len(seg.mm)).from_buffer(seg.mm)
         self.base = ctypes.addressof(self._buf) + seg.geometry.stripe_table_off + L.S_LOCK
@@ -211,6 +220,8 @@ class _PureWords:
         could be changed by another thread's failed swap between our store and
         our call. Passed by address: a new c_uint64 and byref each call cost
         more than the swap.)"""
+        if self.closed:
+            raise ValueError(f"cache {self.name!r} is closed")
         try:
             e, ea = self._tls.buf
         except AttributeError:
@@ -231,6 +242,9 @@ class _PureWords:
         i = self._first + s * (L.STRIPE_SIZE >> 3)
         pause = 0.00005
         while True:
+            left = deadline - time.monotonic()
+            if left <= 0:  # before every try: a word kept changing must not hold us past it
+                return False
             v = self._q[i]
             if v == 0:
                 if self.swap(s, 0, me | L.LOCK_WAITERS):
@@ -240,9 +254,6 @@ class _PureWords:
                 if not self.swap(s, v, v | L.LOCK_WAITERS):
                     continue
                 v |= L.LOCK_WAITERS
-            left = deadline - time.monotonic()
-            if left <= 0:
-                return False
             if self.futex is None:  # pragma: no cover - unknown architecture
                 time.sleep(min(pause, left))
                 pause = min(pause * 2, _TRY_MAX_SLEEP)
@@ -257,18 +268,27 @@ class _PureWords:
             # next check; if it raises, so does this call.
 
     def release(self, s: int, me: int) -> None:
-        """Free the word if it names us (see _speedups.c release_word). Only
-        sleepers change a held word (they add LOCK_WAITERS), so an exchange
-        after the check frees exactly our lock and says whether to wake one."""
-        if self._q[self._first + s * (L.STRIPE_SIZE >> 3)] & ~L.LOCK_WAITERS != me:
+        """Free the word only while it names us (see _speedups.c release_word):
+        a compare-and-swap from our word, then from it with LOCK_WAITERS (then
+        wake one sleeper). An exchange after a check could free the lock of a
+        recoverer that took the word over in between."""
+        if self.swap(s, me, 0):
             return
-        addr = self.base + s * L.STRIPE_SIZE
-        if self.xchg(addr, 0, _SEQ_CST) & L.LOCK_WAITERS and self.futex is not None:
-            self.futex(addr, _FUTEX_WAKE, 1, None)
+        if self.swap(s, me | L.LOCK_WAITERS, 0) and self.futex is not None:
+            self.futex(self.addr(s), _FUTEX_WAKE, 1, None)
+
+    def abandon(self, s: int, me: int) -> None:
+        """What Core.abandon does: hand a stripe whose repair failed on to the
+        next recoverer (the word names nobody; every sleeper woken)."""
+        for old in (me, me | L.LOCK_WAITERS):
+            if self.swap(s, old, L.LOCK_WAITERS):
+                if self.futex is not None:
+                    self.futex(self.addr(s), _FUTEX_WAKE, 2**31 - 1, None)
+                return
 
     def close(self) -> None:
-        self._q.release()
-        self._buf = None  # the last reference: gives the mapping's export back
+        """No more swaps (they raise ValueError); the memory stays mapped (see the class)."""
+        self.closed = True
 
 
 class Identity:
@@ -369,6 +389,7 @@ class StripeLocks:
         self._tlocks = [threading.Lock() for _ in range(g.n_stripes)]
         self._core = None
         self._pure: _PureWords | None = None
+        self._closed = False
         self.set_client(client)
 
     def attach_core(self, core) -> None:
@@ -379,6 +400,8 @@ class StripeLocks:
 
     def _words(self) -> _PureWords:
         """The pure-Python lock words (made on first use: the C path never needs them)."""
+        if self._closed:
+            raise ValueError(f"cache {self.seg.name!r} is closed")
         if self._pure is None:
             self._pure = _PureWords(self.seg)
         return self._pure
@@ -404,11 +427,11 @@ class StripeLocks:
         self.set_client(client)
 
     def release_views(self) -> None:
-        """Drop the memoryviews (and ctypes export) so the mapping can be closed."""
+        """Drop the memoryview so the mapping can be closed; no more pure-Python swaps."""
+        self._closed = True
         self._q.release()
         if self._pure is not None:
             self._pure.close()
-            self._pure = None
 
     def word(self, s: int) -> int:
         """Stripe ``s``'s lock word right now (0 = free)."""
@@ -480,6 +503,8 @@ class StripeLocks:
         hard = time.monotonic() + max(10 * self.lock_timeout, 5.0)
         poll = POLL_FIRST
         while True:
+            if self._closed:  # by another thread while we waited
+                raise ValueError(f"cache {self.seg.name!r} is closed")
             if self.try_recover(s, keep=True):
                 return
             poll = min(poll * 2, POLL_MAX)
@@ -537,28 +562,34 @@ class StripeLocks:
             self._q[i] = (self._q[i] + 1) & _U64_MAX  # wraps
             ok = True
         finally:
-            if not keep:
-                self.unlock(s)
-            elif not ok:  # repair raised: give the stripe back; the caller releases its thread lock
+            if not ok:
+                # Repair raised (an interrupt, MemoryError): the stripe is still
+                # broken, so it must not be published as sound. Hand it on with
+                # its version odd and a word naming nobody: the next writer or
+                # the daemon takes it over and repairs it again.
                 if self._core is not None:
-                    self._core.unlock(s)
+                    self._core.abandon(s)
                 else:
-                    i = self._stripe_off(s) >> 3
-                    self._q[i] = (self._q[i] + 2) & (_U64_MAX - 1)
-                    self._words().release(s, self.me)
+                    self._words().abandon(s, self.me)
+                    if not keep:
+                        self._tlocks[s].release()  # keep: the caller's lock() releases it
+            elif not keep:
+                self.unlock(s)
         return True
 
     def stripe_owner(self, s: int) -> tuple[int, int]:
         """(pid, client slot) of the holder of stripe ``s``; (0, -1) if it is
         free. The pid is as the holder sees itself (its own PID namespace), read
-        from its client record: 0 if that slot is free or out of range."""
+        from its client record: 0 if the slot is out of range or now belongs to
+        another process (another generation: the holder died)."""
         h = L.lock_holder(self.word(s))
         if h is None:
             return 0, -1
-        c, _gen = h
+        c, gen = h
         if not 0 <= c < self.geometry.max_clients:
             return 0, c
-        return L.CLIENT_HEAD.unpack_from(self.mm, _client_base(self.geometry, c))[0], c
+        pid, cgen, _ = L.CLIENT_HEAD.unpack_from(self.mm, _client_base(self.geometry, c))
+        return (pid if cgen == gen else 0), c
 
 
 # -- client table -------------------------------------------------------------
@@ -607,7 +638,7 @@ def _take_slot(seg: Segment, c: int, fd: int, identity: Identity) -> Client:
 
 def _retire_locked(seg: Segment, c: int) -> None:
     """Fold client ``c``'s counters into the header totals and free the slot
-    (keeping its generation, so an owner record of the old holder stays stale)."""
+    (keeping its generation, so a lock word naming the old holder stays stale)."""
     g = seg.geometry
     mm = seg.mm
     base = _client_base(g, c)
@@ -642,17 +673,14 @@ def _reap_locked(seg: Segment, first_only: bool = False) -> int | list[int] | No
     g = seg.geometry
     mm = seg.mm
     reaped = []
-    held = None
+    # A slot whose dead client still holds a stripe is freed too: the next
+    # claim bumps its generation, and the lock word keeps the old one, so the
+    # holder still reads as dead (lock.client_alive compares generations).
     for c in range(g.max_clients):
         base = _client_base(g, c)
-        pid, gen, _ = L.CLIENT_HEAD.unpack_from(mm, base)
+        pid = L.CLIENT_HEAD.unpack_from(mm, base)[0]
         if pid == 0 or seg.ofd_locked(base):
             continue
-        if held is None:
-            held = set(int(w) for w in lock_words(seg) if w)
-        word = L.lock_word(c, gen)
-        if word in held or word | L.LOCK_WAITERS in held:
-            continue  # it died holding a stripe: the stripe's recovery comes first, then this slot
         _retire_locked(seg, c)
         if first_only:
             return c

@@ -234,7 +234,8 @@ class Repair:
         checksum (``admin.repair``, ``check --fix``: damage from elsewhere).
 
         Crash-safe itself: the version is odd for the whole repair (the holder
-        may have died with it even, e.g. between sem_wait and the version bump),
+        may have died with it even, e.g. between taking the lock word and the
+        version bump),
         and slots are removed by backward-shift deletion, which keeps every
         surviving entry reachable at every step, so a recoverer killed midway
         loses nothing and the next one finishes the job.

@@ -35,6 +35,7 @@ import os
 import pwd
 import stat
 import struct
+import sys
 import threading
 import time
 from contextlib import contextmanager
@@ -56,6 +57,12 @@ from .errors import (
     SharedMemoryUnavailable,
     UntrustedSegment,
 )
+
+if not sys.platform.startswith("linux"):  # pragma: no cover - macOS, BSDs
+    raise ImportError(
+        "shmcache runs on Linux only: its stripe locks sleep with futex(2) and its liveness "
+        f"checks use OFD fcntl locks, which {sys.platform} lacks"
+    )
 
 # fcntl byte-range locks on the segment fd. The kernel drops them when the
 # holder dies, which is why the rare paths use them (measured ~1.5 us per

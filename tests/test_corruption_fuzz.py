@@ -37,8 +37,8 @@ detect -- the damage is a structural problem check must report before any
     test's own model of layout.SEG and layout.STRIPE).
 clean -- undetectable by design, so check must say nothing: the value is one
   a sound cache could hold or is never read:
-  - the owner record of a free lock (the next holder overwrites it, and a
-    slot number outside the client table names no process), the evictions,
+  - the lock word (a value naming a dead or no client slot reads as a dead
+    holder: the next writer takes the stripe over and repairs it), the evictions,
     recoveries and lock-wait counters, an even seqlock version;
   - a client record's fields (check reads none; a dead one's counters are
     folded into the header's totals, which wrap like every u64 counter);
@@ -242,7 +242,7 @@ def _corrupt(c: Cache, rnd: random.Random, kinds, slot_fields,
     if kind == "client":
         # A client record: the filling process's own (alive, detaching after
         # the trial) or one a killed process left (its byte unlocked: reapers
-        # fold its counters into the header, recoverers read its markers).
+        # fold its counters into the header, recoverers read its generation).
         rs = g.client_record_size
         slot = c._state.client.slot
         if rnd.random() < 0.5:

@@ -103,7 +103,7 @@ def scribble_torn_entry(cache: Cache, s: int, key: str) -> None:
 def _die_holding(name, s, keys, mode, torn_key, ready):
     """Write ``keys``, then hold stripe s the way ``mode`` says and wait to be killed.
 
-    owner:  lock taken like a writer (owner recorded, version odd).
+    owner:  lock taken like a writer (lock word naming us, version odd).
     torn:   as owner, plus a half-written entry for ``torn_key``.
     word:   lock word taken (naming us) with the version still even: killed
             right after the compare-and-swap, before the version store.

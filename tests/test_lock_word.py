@@ -325,22 +325,145 @@ def _take_and_die(name: str) -> None:
     os.kill(os.getpid(), signal.SIGKILL)
 
 
-def test_a_dead_holders_client_slot_is_reaped_only_after_its_stripe_is_recovered(make_cache, cache_name):
-    """The lock word names a client slot: freeing the slot of a process that
-    died holding a stripe would let a new process claim it (with the next
-    generation) while the word still names the old one. The reaper leaves
-    such a slot for the stripe's recovery, then frees it."""
-    import multiprocessing as mp
-
-    c = make_cache(size="4MiB", stripes=4)
-    p = mp.get_context("fork").Process(target=_take_and_die, args=(cache_name,))
-    p.start()
-    p.join(30)
-    assert p.exitcode == -signal.SIGKILL
+def test_a_dead_holders_slot_taken_by_a_new_process_does_not_make_the_holder_look_alive(make_cache, cache_name):
+    """A dead holder's slot is freed and claimed again while its lock word
+    still names it: the claim bumps the slot's generation, so the word's
+    holder still reads as dead and the stripe is recovered (no ABA)."""
+    c = make_cache(size="4MiB", stripes=4, max_clients=2)
+    # a spawned child: a forked one would also claim a slot for the inherited handle
+    r = _run(not USE_SPEEDUPS, f"""
+import os, signal, sys
+sys.path.insert(0, {os.path.dirname(__file__)!r})
+from test_lock_word import _take_and_die
+_take_and_die({cache_name!r})
+""")
+    assert r.returncode == -signal.SIGKILL, r.stderr
     slot = admin.lock_holders(c)[S]
     assert slot is not None and slot != c._state.client.slot
-    assert slot not in admin.reap_clients(c)  # still named by stripe S's word
-    assert p.pid in [pid for _c, pid, _st in lock_mod.live_clients(c._seg)]
-    assert admin.recover_stripes(c) == [S]
     assert admin.reap_clients(c) == [slot]
-    assert admin.lock_holders(c) == [None] * 4 and c.check() == []
+    d = Cache(cache_name)  # the only free slot: the dead holder's, with the next generation
+    try:
+        assert d._state.client.slot == slot
+        assert admin.lock_holders(c)[S] == slot  # the word still names the slot, but the old generation
+        assert c._locks.stripe_owner(S) == (0, slot)  # not the new process's pid
+        d.set("k", b"v")
+        c._locks.lock(S)
+        c._locks.unlock(S)
+        assert c.stats()["recoveries"] == 1 and admin.lock_holders(c) == [None] * 4 and c.check() == []
+    finally:
+        d.close()
+
+
+def test_regression_every_slot_dead_while_holding_a_stripe_still_lets_a_process_attach(make_cache, cache_name):
+    """With every client slot left by a process killed while it held a
+    stripe, attaching raised CacheFull ("belong to live processes") when the
+    reaper kept such slots for the stripes' recovery, which only an attached
+    process can do: nobody could ever attach again."""
+    import multiprocessing as mp
+
+    c = make_cache(size="4MiB", stripes=4, max_clients=2)
+    c.close()
+    ctx = mp.get_context("fork")
+    for _ in range(2):
+        p = ctx.Process(target=_take_and_die, args=(cache_name,))
+        p.start()
+        p.join(30)
+        assert p.exitcode == -signal.SIGKILL
+    d = Cache(cache_name)  # reaps a dead slot
+    try:
+        assert admin.lock_holders(d)[S] is not None
+        d.set_many({f"k{i}": i for i in range(50)})  # recovers stripe S on the way
+        assert admin.lock_holders(d) == [None] * 4 and d.check() == []
+        assert all(d[f"k{i}"] == i for i in range(50))
+    finally:
+        d.close()
+
+
+def test_closing_a_cache_under_a_holding_thread_keeps_its_slot_alive(make_cache, cache_name):
+    """close() from one thread while another thread of the process holds a
+    stripe: the client slot used to be freed first, which made that live
+    writer look dead, and another process took its stripe over while it
+    wrote. Now the slot stays claimed (a RuntimeWarning says so) and no
+    other process recovers the stripe."""
+    c = make_cache(size="4MiB", stripes=4)
+    other = make_cache(size="4MiB", stripes=4)  # another handle: its own client slot
+    c._locks.lock(S)  # "another thread" mid-write: the lock is held when close() runs
+    slot = c._state.client.slot
+    with pytest.warns(RuntimeWarning, match="held one of its stripes"):
+        c.close()
+    assert lock_mod.client_alive(other._seg, slot)
+    assert admin.recover_stripes(other) == []
+    assert admin.lock_holders(other)[S] == slot and other.stats()["recoveries"] == 0
+
+
+@BOTH_PATHS
+def test_a_repair_that_fails_leaves_the_stripe_to_the_next_recoverer(cache_name, pure):
+    """A recoverer whose repair raised (an interrupt, MemoryError) released the
+    half-repaired stripe as sound. Now it hands it on: version odd, a word
+    naming nobody; the next writer takes it over and repairs it again."""
+    code = f"""
+import os, signal
+from shmcache import Cache, admin
+from shmcache import layout as L
+c = Cache({cache_name!r}, size="4MiB", stripes=4)
+c.set_many({{f"k{{i}}": i for i in range(100)}})
+pid = os.fork()
+if pid == 0:
+    d = Cache({cache_name!r})
+    d._locks.lock({S})
+    os.kill(os.getpid(), signal.SIGKILL)
+os.waitpid(pid, 0)
+real = c._locks.repair
+def broken(s):
+    raise KeyboardInterrupt("in the middle of a repair")
+c._locks.repair = broken
+try:
+    c._locks.lock({S})
+except KeyboardInterrupt:
+    pass
+else:
+    raise AssertionError("the repair did not run")
+v = L.U64.unpack_from(c._seg.mm, c._g.stripe_table_off + {S} * L.STRIPE_SIZE)[0]
+assert v & 1, "a broken stripe published with an even version"
+assert admin.lock_holders(c)[{S}] == -1  # names nobody
+c._locks.repair = real
+c._locks.lock({S})
+c._locks.unlock({S})
+assert admin.lock_holders(c) == [None] * 4 and c.check() == []
+assert all(c[f"k{{i}}"] == i for i in range(100))
+print("ok", c.stats()["recoveries"])
+c.close()
+"""
+    r = _run(pure, code)
+    assert r.returncode == 0 and "ok 1" in r.stdout, r.stdout + r.stderr
+
+
+def test_pure_python_words_of_a_closed_cache_raise_instead_of_touching_memory(cache_name):
+    """A thread of the pure-Python path that reaches a swap after another
+    thread closed the cache called libatomic on an unmapped address
+    (segfault). Now its words say the cache is closed, and the memory stays
+    mapped until the words are gone."""
+    code = f"""
+from shmcache import Cache
+c = Cache({cache_name!r}, size="4MiB", stripes=4)
+c.set("k", b"v")
+words = c._locks._words()
+c.close()
+for call in (lambda: words.swap(1, 0, 1), lambda: words.acquire(1, 5, 0.0), lambda: c._locks.lock(1)):
+    try:
+        call()
+    except ValueError as e:
+        assert "closed" in str(e), e
+    else:
+        raise AssertionError("a closed cache's lock word was swapped")
+print("ok")
+"""
+    r = _run(True, code)
+    assert r.returncode == 0 and "ok" in r.stdout, r.stdout + r.stderr
+
+
+def test_removed_admin_calls_say_what_replaced_them():
+    with pytest.raises(AttributeError, match="lock_holders"):
+        admin.lock_values
+    with pytest.raises(AttributeError, match="nothing to fix"):
+        admin.fix_overcount

@@ -2,7 +2,7 @@
 fork after open, client slots.
 
 Real processes (multiprocessing ``fork`` and ``spawn``, bare ``os.fork``),
-real semaphores, no mocks. Every child is joined with a timeout (killed if it
+real shared memory and futexes, no mocks. Every child is joined with a timeout (killed if it
 overruns) in a ``finally``, so a failing test leaves nothing running.
 
 Values written by the hammer tests carry their own checksum (see

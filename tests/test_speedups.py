@@ -210,7 +210,7 @@ def test_regression_fallback_does_not_encode_twice(cache_name):
         assert c["fresh"] == {"i": -1}
         assert c.check() == []
         # a busy stripe: another handle of this process holds the lock, so
-        # sem_trywait fails and the store waits on the Python path
+        # the lock word's compare-and-swap fails and the store waits on the Python path
         other = Cache(cache_name)
         admin.storage(other).locks.lock(0)
         import threading
