@@ -41,6 +41,7 @@ import numpy as np
 from . import codec
 from . import layout as L
 from .codec import decode_key
+from .errors import Error
 from .lock import (
     attached_clients,
     client_alive,
@@ -669,8 +670,20 @@ def recover_stripes(cache: "Cache") -> list[int]:
     """
     cache._check_open()
     locks = cache._locks
-    held = np.nonzero(lock_words(cache._seg))[0].tolist()
-    return [s for s in held if locks.try_recover(s, keep=False)]
+    done, failed = [], []
+    for s in np.nonzero(lock_words(cache._seg))[0].tolist():
+        try:  # one stripe's failure (damage its repair cannot handle) must not stop the others
+            if locks.try_recover(s, keep=False):
+                done.append(s)
+        except Exception as e:  # noqa: BLE001 - reported below, after the other stripes
+            failed.append((s, e))
+    if failed:
+        s, e = failed[0]
+        raise Error(
+            f"recovering stripe(s) {[f for f, _ in failed]} of cache {cache.name!r} failed "
+            f"(stripe {s}: {type(e).__name__}: {e}); recovered {done}; the next writer or pass retries them"
+        ) from e
+    return done
 
 
 def reap_clients(cache: "Cache") -> list[int]:
@@ -687,8 +700,11 @@ def reap_clients(cache: "Cache") -> list[int]:
 def recover(cache: "Cache") -> tuple[list[int], list[int]]:
     """Everything the daemon's recovery timer does, once: :func:`recover_stripes`,
     then :func:`reap_clients`. Returns (stripes recovered, client slots freed)."""
-    stripes_done = recover_stripes(cache)
-    return stripes_done, reap_clients(cache)
+    try:
+        stripes_done = recover_stripes(cache)
+    finally:
+        clients = reap_clients(cache)  # whatever happened to the stripes
+    return stripes_done, clients
 
 
 # ------------------------------------------------------------ raw storage

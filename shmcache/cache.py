@@ -67,6 +67,13 @@ _DEFAULT = DEFAULT_TTL
 
 
 _live_caches: "weakref.WeakSet[Cache]" = weakref.WeakSet()
+#: States no live Cache covers any more whose release waits for a held fast
+#: method (_State.on_death): a forked child must not keep using the parent's
+#: client slot through them (see _after_fork_in_child).
+_deferred_states: "weakref.WeakSet[_State]" = weakref.WeakSet()
+#: Clients whose slot close() kept because a lock word still named it
+#: (_State.release): their fds stay open until exit, in this process only.
+_kept_clients: list = []
 
 
 #: The instance attributes _bind points at C methods of the core.
@@ -109,6 +116,7 @@ class _State:
             self.release()
             return
         self.deferred = True
+        _deferred_states.add(self)
         left = [len(held)]
 
         def one_gone() -> None:
@@ -135,7 +143,10 @@ class _State:
             release()
         self.views = []
         mine = self.client.word
-        if any(int(w) & ~L.LOCK_WAITERS == mine for w in lock_words(self.seg)):
+        if self.client.fd < 0:
+            pass  # a forked child that never got a slot of its own (Cache._disable): nothing is ours
+        elif any(int(w) & ~L.LOCK_WAITERS == mine for w in lock_words(self.seg)):
+            _kept_clients.append(self.client)
             warnings.warn(
                 f"cache {self.seg.name!r} was closed while a thread of this process held one of its "
                 "stripes; that stripe stays locked until this process exits",
@@ -146,6 +157,21 @@ class _State:
                 release_client(self.seg, self.client)
             except Exception:  # pragma: no cover - best effort at exit; the daemon reaps it
                 pass
+        self.seg.close()
+
+    def orphan_in_child(self) -> None:
+        """In a forked child, for a state whose release was deferred: its client
+        slot, fd and lock word are the parent's. Drop the inherited fd (never
+        unlock: that would free the parent's slot) and close the views, so a
+        fast method still held raises "closed" instead of writing under the
+        parent's name."""
+        if self.released:
+            return
+        self.released = True
+        self.client.abandon()
+        for release in self.views:
+            release()
+        self.views = []
         self.seg.close()
 
 
@@ -1215,6 +1241,11 @@ def _attach(name, default_ttl, lock_timeout, trust=None):
 
 
 def _after_fork_in_child() -> None:
+    for client in _kept_clients:  # the parent's liveness locks: the child must not keep them alive
+        client.abandon()
+    _kept_clients.clear()
+    for st in list(_deferred_states):
+        st.orphan_in_child()
     for c in list(_live_caches):
         c._after_fork()
 

@@ -165,9 +165,10 @@ def recover(cache: Cache) -> tuple[list[int], list[int]]:
     slots of dead processes. Returns (stripes recovered, client slots freed).
 
     Only held stripes are looked at (one numpy read of the lock words), so
-    an idle cache costs no fcntl calls.
+    an idle cache costs no fcntl calls. Dead clients are reaped even when a
+    stripe's recovery failed (that raises Error, after the other stripes).
     """
-    return admin.recover_stripes(cache), admin.reap_clients(cache)
+    return admin.recover(cache)
 
 
 # ------------------------------------------------------------------ daemon

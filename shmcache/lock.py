@@ -35,8 +35,8 @@ Why not the alternatives (issue 9):
   dies and record no holder, so every holder wrote its name right after
   ``sem_wait``; a holder killed between the two left a held semaphore naming
   nobody, which a waiter could not tell from a live holder in that window
-  and so recovered only after a one-second grace (about one kill in a
-  thousand; and a live holder stopped longer than that in its window would
+  and so recovered only after a one-second grace (about one kill in
+  1,000-3,000 in the kill storms; and a live holder stopped longer than that in its window would
   have been taken for dead).
 - A robust process-shared ``pthread_mutex_t`` closes that window (the
   kernel marks it OWNER_DIED at exit) but names its holder by thread id, and
@@ -458,7 +458,14 @@ class StripeLocks:
                 if not acquire(s, POLL_FIRST):
                     self._wait(s, acquire)
         except BaseException:
-            tl.release()
+            # An exception raised by a signal handler may land after the word
+            # became ours: give it back (our thread lock means no other thread
+            # of this handle holds it).
+            try:
+                if not self._closed and self.word(s) & ~L.LOCK_WAITERS == self.me:
+                    self._words().release(s, self.me)
+            finally:
+                tl.release()
             raise
         self._set_odd(s)
         if t0 is not None:
@@ -472,10 +479,12 @@ class StripeLocks:
 
     def unlock(self, s: int) -> None:
         """Release stripe ``s`` (seqlock version becomes even)."""
-        i = self._stripe_off(s) >> 3
-        self._q[i] = (self._q[i] + 2) & (_U64_MAX - 1)  # even: the stripe is consistent again
-        self._words().release(s, self.me)
-        self._tlocks[s].release()
+        try:
+            i = self._stripe_off(s) >> 3
+            self._q[i] = (self._q[i] + 2) & (_U64_MAX - 1)  # even: the stripe is consistent again
+            self._words().release(s, self.me)
+        finally:
+            self._tlocks[s].release()
 
     # -- contention and recovery --------------------------------------------
     def _count_wait(self, s: int, t0: int) -> None:
@@ -548,11 +557,18 @@ class StripeLocks:
             tl = self._tlocks[s]
             if not keep:
                 tl.acquire()
-            if not self._words().swap(s, v, self.me | L.LOCK_WAITERS):
+            try:
+                taken = self._words().swap(s, v, self.me | L.LOCK_WAITERS)
+                if taken:
+                    self._set_odd(s)
+            except BaseException:
+                if not keep:
+                    tl.release()
+                raise
+            if not taken:
                 if not keep:
                     tl.release()
                 return False
-            self._set_odd(s)
         # We hold the stripe (version odd) as its new owner: one CAS, so of
         # several recoverers exactly one gets here for this death.
         ok = False
@@ -560,6 +576,11 @@ class StripeLocks:
             self.repair(s)
             i = (self._stripe_off(s) + L.S_RECOVERIES) >> 3
             self._q[i] = (self._q[i] + 1) & _U64_MAX  # wraps
+            if keep:
+                # The repair leaves the version even (the stripe consistent);
+                # we go on to mutate it as its holder, so odd again: lock-free
+                # readers and snapshot copies must see that a writer is in.
+                self._set_odd(s)
             ok = True
         finally:
             if not ok:

@@ -210,8 +210,14 @@ def test_a_damaged_lock_word_is_taken_over_like_a_dead_holders(make_cache, word)
     c = make_cache(size="4MiB", stripes=4, lock_timeout=600.0)
     c.set_many({f"k{i}": i for i in range(50)})
     L.U64.pack_into(c._seg.mm, c._g.stripe_table_off + S * L.STRIPE_SIZE + L.S_LOCK, word)
+    ver = c._g.stripe_table_off + S * L.STRIPE_SIZE + L.S_VERSION
     c._locks.lock(S)
+    # regression: the C path went on holding the recovered stripe with the even
+    # version its repair left, so lock-free readers took a stripe being written
+    # for a consistent one
+    assert L.U64.unpack_from(c._seg.mm, ver)[0] & 1
     c._locks.unlock(S)
+    assert not L.U64.unpack_from(c._seg.mm, ver)[0] & 1
     assert admin.lock_holders(c) == [None] * 4 and c.stats()["recoveries"] == 1
     assert c.check() == [] and all(c[f"k{i}"] == i for i in range(50))
 
@@ -467,3 +473,147 @@ def test_removed_admin_calls_say_what_replaced_them():
         admin.lock_values
     with pytest.raises(AttributeError, match="nothing to fix"):
         admin.fix_overcount
+
+
+def test_regression_a_slot_kept_by_close_is_not_kept_alive_by_a_forked_child(cache_name):
+    """close() keeps the client slot (and its fd's liveness lock) while a lock
+    word names it; a child forked afterwards inherited that fd and kept the
+    dead parent's slot alive, so its stripe was never recovered."""
+    code = f"""
+import os, sys, time, warnings
+from shmcache import Cache
+c = Cache({cache_name!r}, size="4MiB", stripes=4)
+c._locks.lock({S})
+with warnings.catch_warnings():
+    warnings.simplefilter("ignore", RuntimeWarning)
+    c.close()
+pid = os.fork()
+if pid == 0:
+    time.sleep(60)
+    os._exit(0)
+print(pid, flush=True)
+os._exit(0)  # the parent dies holding stripe S; its child lives on
+"""
+    p = subprocess.Popen([sys.executable, "-c", code], env=dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path)),
+                         stdout=subprocess.PIPE, text=True)
+    child = int(p.stdout.readline())
+    try:
+        assert p.wait(30) == 0
+        c = Cache(cache_name)
+        try:
+            slot = admin.lock_holders(c)[S]
+            assert slot is not None
+            assert not lock_mod.client_alive(c._seg, slot)  # the child does not hold the parent's lock
+            assert admin.recover_stripes(c) == [S]
+        finally:
+            c.close()
+    finally:
+        os.kill(child, signal.SIGKILL)
+
+
+def test_regression_a_deferred_release_in_a_forked_child_leaves_the_parents_slot_alone(cache_name):
+    """``g = Cache(name).set`` keeps the dead Cache's state for g. A forked
+    child inherited it; when the child dropped g, the release retired the
+    parent's client record and unlocked the parent's liveness lock (shared
+    through the inherited fd), so the live parent looked dead. Now the child
+    drops the inherited fd and its g says the cache is closed."""
+    code = f"""
+import os, sys
+from shmcache import Cache, admin
+from shmcache import lock as lock_mod
+g = Cache({cache_name!r}, size="4MiB", stripes=4).set
+obs = Cache({cache_name!r})
+slot = [c for c, pid, _ in lock_mod.live_clients(obs._seg) if pid == os.getpid() and c != obs._state.client.slot]
+assert len(slot) == 1, slot
+slot = slot[0]
+pid = os.fork()
+if pid == 0:
+    try:
+        g("k", b"from the child")
+        os._exit(5)  # wrote under the parent's name
+    except ValueError as e:
+        assert "closed" in str(e), e
+    del g
+    os._exit(0)
+_, st = os.waitpid(pid, 0)
+assert os.waitstatus_to_exitcode(st) == 0, st
+assert lock_mod.client_alive(obs._seg, slot), "the parent's slot looks dead"
+g("k", b"from the parent")
+assert obs.get("k") == b"from the parent"
+print("ok")
+"""
+    r = _run(not USE_SPEEDUPS, code)
+    assert r.returncode == 0 and "ok" in r.stdout, r.stdout + r.stderr
+
+
+def test_regression_a_disabled_forked_child_does_not_warn_about_the_parents_stripes(cache_name):
+    """A multiprocessing child that could not claim a slot (max_clients full)
+    runs with the cache disabled; at its exit the release scanned the lock
+    words for the parent's word and warned about a stripe the parent held."""
+    code = f"""
+import multiprocessing as mp, sys, warnings
+from shmcache import Cache
+c = Cache({cache_name!r}, size="4MiB", stripes=4, max_clients=1)
+def child():
+    warnings.simplefilter("error")
+if __name__ == "__main__":
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the child's "could not claim a client slot" warning
+        c._locks.lock({S})
+        p = mp.get_context("fork").Process(target=child)
+        p.start()
+        p.join(30)
+    c._locks.unlock({S})
+    print("exit", p.exitcode)
+    c.close()
+"""
+    r = _run(not USE_SPEEDUPS, code)
+    assert r.returncode == 0 and "exit 0" in r.stdout, r.stdout + r.stderr
+    assert "RuntimeWarning" not in r.stderr and "held one of its stripes" not in r.stderr, r.stderr
+
+
+def test_regression_pure_lock_interrupted_after_taking_the_word_gives_it_back(make_cache, monkeypatch):
+    """An exception from a signal handler can land right after the pure-Python
+    path's compare-and-swap took the word; lock() then released only its
+    thread lock, and the word kept naming this live process."""
+    import shmcache.cache as cache_mod
+
+    monkeypatch.setattr(cache_mod, "USE_SPEEDUPS", False)
+    c = make_cache(size="4MiB", stripes=4)
+    words = c._locks._words()
+    real = words.acquire
+
+    def interrupted(s, me, timeout):
+        assert real(s, me, timeout)
+        raise KeyboardInterrupt("a signal right after the swap")
+
+    monkeypatch.setattr(words, "acquire", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        c._locks.lock(S)
+    monkeypatch.setattr(words, "acquire", real)
+    assert admin.lock_holders(c)[S] is None
+    c.set_many({f"k{i}": i for i in range(40)})  # every stripe still takes writers
+    assert c.check() == []
+
+
+def test_a_recovery_pass_goes_on_past_a_stripe_it_cannot_repair(make_cache):
+    """One stripe whose repair fails must not stop the daemon's pass: the
+    other dead holders' stripes are recovered, dead clients reaped, and the
+    failure is an Error naming the stripe."""
+    c = make_cache(size="4MiB", stripes=4)
+    for s in (1, 2):
+        L.U64.pack_into(c._seg.mm, c._g.stripe_table_off + s * L.STRIPE_SIZE + L.S_LOCK, L.lock_word(7, 1))
+    real = c._locks.repair
+
+    def repair(s):
+        if s == 1:
+            raise RuntimeError("damage this repair cannot handle")
+        real(s)
+
+    c._locks.repair = repair
+    with pytest.raises(Error, match=r"stripe\(s\) \[1\].*RuntimeError.*recovered \[2\]"):
+        admin.recover(c)
+    c._locks.repair = real
+    assert admin.lock_holders(c)[2] is None and admin.lock_holders(c)[1] == -1  # handed on, naming nobody
+    assert admin.recover(c)[0] == [1]
+    assert admin.lock_holders(c) == [None] * 4 and c.check() == []
