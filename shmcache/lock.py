@@ -43,7 +43,9 @@ Why not the alternatives (issue 9):
   thread ids are per PID namespace: a waiter killed while blocked on the
   mutex makes the kernel mark it OWNER_DIED if the *waiter's* tid equals the
   holder's (glibc's ``list_op_pending``), which two containers' workers
-  sharing /dev/shm easily have. That would take a live holder's lock away.
+  sharing /dev/shm easily have. That would take a live holder's lock away
+  (benchmarks/probes/robust_mutex_pidns.c shows it: EOWNERDEAD while the
+  holder, tid 1 in its namespace, still runs).
 
 Every ``lock()`` that finds the stripe taken counts one *lock wait* and the
 nanoseconds it waited (first try to acquisition, recovery included) in the
