@@ -375,15 +375,16 @@ static int lock_fast(Core *c, uint64_t s) {
     return 1;
 }
 
-/* Frees the word only while it names us: one damaged by another process
- * stays as it is (a waiter finds its "holder" dead and recovers the stripe)
- * instead of us releasing somebody else's lock. */
-static void release_word(Core *c, uint64_t s) {
+/* Swaps the word to `to` only while it names us: one damaged by another
+ * process stays as it is (a waiter finds its "holder" dead and recovers the
+ * stripe) instead of us releasing somebody else's lock. Then wakes `wake`
+ * sleepers if there were any (or `always`). */
+static void hand_over(Core *c, uint64_t s, uint64_t to, int wake, int always) {
     uint64_t *w = lock_word(c, s);
     uint64_t old = __atomic_load_n(w, __ATOMIC_RELAXED);
     while ((old & ~(uint64_t)LOCK_WAITERS) == c->me)
-        if (__atomic_compare_exchange_n(w, &old, 0, 0, __ATOMIC_RELEASE, __ATOMIC_RELAXED)) {
-            if (old & LOCK_WAITERS) futex_wake(w, 1);
+        if (__atomic_compare_exchange_n(w, &old, to, 0, __ATOMIC_RELEASE, __ATOMIC_RELAXED)) {
+            if (always || (old & LOCK_WAITERS)) futex_wake(w, wake);
             return;
         }
 }
@@ -391,7 +392,7 @@ static void release_word(Core *c, uint64_t s) {
 static void unlock_fast(Core *c, uint64_t s) {
     uint64_t *ver = u64at(stripe_rec(c, s) + S_VERSION);
     __atomic_store_n(ver, UNLOCKED_VERSION(__atomic_load_n(ver, __ATOMIC_RELAXED)), __ATOMIC_RELEASE);
-    release_word(c, s);
+    hand_over(c, s, 0, 1, 0);
 }
 
 static inline uint64_t alloc_of(uint64_t klen, uint64_t vlen) {
@@ -1261,7 +1262,6 @@ static void release_view(Core *c) {
     c->base = NULL;
 }
 
-static void release_all(Core *c) { release_view(c); }
 
 static PyObject *Core_release(Core *c, PyObject *unused) {
     release_view(c);
@@ -1372,13 +1372,7 @@ static PyObject *Core_take(Core *c, PyObject *args) {
 static PyObject *Core_abandon(Core *c, PyObject *arg) {
     unsigned long long s = PyLong_AsUnsignedLongLong(arg);
     if ((s == (unsigned long long)-1 && PyErr_Occurred()) || !stripe_arg(c, s)) return NULL;
-    uint64_t *w = lock_word(c, s);
-    uint64_t old = __atomic_load_n(w, __ATOMIC_RELAXED);
-    while ((old & ~(uint64_t)LOCK_WAITERS) == c->me)
-        if (__atomic_compare_exchange_n(w, &old, LOCK_WAITERS, 0, __ATOMIC_RELEASE, __ATOMIC_RELAXED)) {
-            futex_wake(w, INT32_MAX);
-            break;
-        }
+    hand_over(c, s, LOCK_WAITERS, INT32_MAX, 1);
     Py_RETURN_NONE;
 }
 
@@ -1449,7 +1443,7 @@ static int Core_clear(Core *c) {
 
 static void Core_dealloc(Core *c) {
     PyObject_GC_UnTrack(c);
-    release_all(c);
+    release_view(c);
     Core_clear(c);
     Py_TYPE(c)->tp_free((PyObject *)c);
 }

@@ -699,7 +699,9 @@ def reap_clients(cache: "Cache") -> list[int]:
 
 def recover(cache: "Cache") -> tuple[list[int], list[int]]:
     """Everything the daemon's recovery timer does, once: :func:`recover_stripes`,
-    then :func:`reap_clients`. Returns (stripes recovered, client slots freed)."""
+    then :func:`reap_clients`. Returns (stripes recovered, client slots freed).
+    Dead clients are reaped even when a stripe's recovery failed (that raises
+    Error, after the other stripes were tried)."""
     try:
         stripes_done = recover_stripes(cache)
     finally:

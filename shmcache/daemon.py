@@ -159,18 +159,6 @@ class ExpiryCycle:
         return n
 
 
-# ----------------------------------------------------------------- recovery
-def recover(cache: Cache) -> tuple[list[int], list[int]]:
-    """Repair and release every stripe whose lock holder died; free the client
-    slots of dead processes. Returns (stripes recovered, client slots freed).
-
-    Only held stripes are looked at (one numpy read of the lock words), so
-    an idle cache costs no fcntl calls. Dead clients are reaped even when a
-    stripe's recovery failed (that raises Error, after the other stripes).
-    """
-    return admin.recover(cache)
-
-
 # ------------------------------------------------------------------ daemon
 def _fmt_bytes(n: float) -> str:
     for unit in ("B", "KiB", "MiB", "GiB"):
@@ -401,7 +389,7 @@ class Daemon:
     def recover_once(self) -> None:
         """Run the dead-owner and dead-client checks once (logs what it fixed)."""
         try:
-            stripes, clients = recover(self.cache)
+            stripes, clients = admin.recover(self.cache)
         except Error as e:  # e.g. the client-table lock timed out: try again next time
             log.warning("recovery check failed: %s", e)
             return

@@ -231,7 +231,7 @@ class _PureWords:
             ea = ctypes.addressof(e)
             self._tls.buf = (e, ea)
         e.value = old
-        return self.cas(self.base + s * L.STRIPE_SIZE, ea, new, _SEQ_CST, _SEQ_CST)
+        return self.cas(self.addr(s), ea, new, _SEQ_CST, _SEQ_CST)
 
     def acquire(self, s: int, me: int, timeout: float) -> bool:
         """What Core.lock does: take the word within ``timeout`` seconds of
@@ -269,24 +269,26 @@ class _PureWords:
             # EINTR: the eval loop runs the signal's Python handler at the
             # next check; if it raises, so does this call.
 
+    def _hand_over(self, s: int, me: int, to: int, wake: int, always: bool) -> None:
+        """What _speedups.c hand_over does: only while the word names us, swap
+        it to ``to`` (from our word, then from it with LOCK_WAITERS: an
+        exchange after a check could free the lock of a recoverer that took
+        the word over in between), then wake ``wake`` sleepers if there were
+        any (or ``always``)."""
+        for old in (me, me | L.LOCK_WAITERS):
+            if self.swap(s, old, to):
+                if (always or old & L.LOCK_WAITERS) and self.futex is not None:
+                    self.futex(self.addr(s), _FUTEX_WAKE, wake, None)
+                return
+
     def release(self, s: int, me: int) -> None:
-        """Free the word only while it names us (see _speedups.c release_word):
-        a compare-and-swap from our word, then from it with LOCK_WAITERS (then
-        wake one sleeper). An exchange after a check could free the lock of a
-        recoverer that took the word over in between."""
-        if self.swap(s, me, 0):
-            return
-        if self.swap(s, me | L.LOCK_WAITERS, 0) and self.futex is not None:
-            self.futex(self.addr(s), _FUTEX_WAKE, 1, None)
+        """Free the word if it names us; wake one sleeper if any."""
+        self._hand_over(s, me, 0, 1, False)
 
     def abandon(self, s: int, me: int) -> None:
         """What Core.abandon does: hand a stripe whose repair failed on to the
         next recoverer (the word names nobody; every sleeper woken)."""
-        for old in (me, me | L.LOCK_WAITERS):
-            if self.swap(s, old, L.LOCK_WAITERS):
-                if self.futex is not None:
-                    self.futex(self.addr(s), _FUTEX_WAKE, 2**31 - 1, None)
-                return
+        self._hand_over(s, me, L.LOCK_WAITERS, 2**31 - 1, True)
 
     def close(self) -> None:
         """No more swaps (they raise ValueError); the memory stays mapped (see the class)."""
@@ -461,10 +463,10 @@ class StripeLocks:
                     self._wait(s, acquire)
         except BaseException:
             # An exception raised by a signal handler may land after the word
-            # became ours: give it back (our thread lock means no other thread
-            # of this handle holds it).
+            # became ours: give it back (release frees it only if it names us,
+            # and our thread lock means no other thread of this handle holds it).
             try:
-                if not self._closed and self.word(s) & ~L.LOCK_WAITERS == self.me:
+                if not self._closed:
                     self._words().release(s, self.me)
             finally:
                 tl.release()
@@ -534,12 +536,6 @@ class StripeLocks:
     def _stripe_off(self, s: int) -> int:
         return self.geometry.stripe_table_off + s * L.STRIPE_SIZE
 
-    def owner_dead(self, s: int) -> bool:
-        """True if stripe ``s`` is held by a process that is gone (its client
-        slot's byte is unlocked, or the slot was reused). One fcntl."""
-        h = L.lock_holder(self.word(s))
-        return h is not None and not client_alive(self.seg, *h)
-
     def try_recover(self, s: int, keep: bool) -> bool:
         """If stripe ``s`` is held by a dead process, take it over and repair it.
 
@@ -557,19 +553,17 @@ class StripeLocks:
                 return False  # the word moved: somebody else recovered it, or the holder was not it
         else:
             tl = self._tlocks[s]
-            if not keep:
+            if not keep:  # keep: the caller's lock() holds it
                 tl.acquire()
+            taken = False
             try:
                 taken = self._words().swap(s, v, self.me | L.LOCK_WAITERS)
                 if taken:
                     self._set_odd(s)
-            except BaseException:
-                if not keep:
+            finally:
+                if not taken and not keep:
                     tl.release()
-                raise
             if not taken:
-                if not keep:
-                    tl.release()
                 return False
         # We hold the stripe (version odd) as its new owner: one CAS, so of
         # several recoverers exactly one gets here for this death.

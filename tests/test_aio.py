@@ -230,6 +230,16 @@ def test_a_miss_waiting_for_a_stripe_lock_does_not_block_the_loop(make_cache, fa
     assert _lock_entries(c) == []  # and was released
 
 
+async def _cancel_while_adding(ac, key) -> None:
+    """Start a get_or_set of ``key`` whose lock entry's add waits for a held
+    stripe, and cancel it there."""
+    t = asyncio.create_task(ac.get_or_set(key, lambda: "never", timeout=30))
+    await asyncio.sleep(0.1)  # t waits in the add: the stripe is held
+    t.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await t
+
+
 def test_cancelled_while_taking_the_lock_entry_gives_it_back(make_cache):
     """Cancelled while its add of the lock entry waits for a held stripe: the
     add still happens in its thread, and the entry is released, not left to
@@ -239,11 +249,7 @@ def test_cancelled_while_taking_the_lock_entry_gives_it_back(make_cache):
     key, s = _key_apart_from_its_lock_entry(c)
 
     async def main():
-        t = asyncio.create_task(ac.get_or_set(key, lambda: "never", timeout=30))
-        await asyncio.sleep(0.1)  # t waits in the add: the stripe is held
-        t.cancel()
-        with pytest.raises(asyncio.CancelledError):
-            await t
+        await _cancel_while_adding(ac, key)
         holder.join(20)
         for _ in range(500):  # the release runs in a thread once the add returns
             if not _lock_entries(c):
@@ -268,16 +274,9 @@ def test_regression_cancelled_while_taking_the_lock_entry_gives_it_back_after_th
     ac = AsyncCache(c)
     key, s = _key_apart_from_its_lock_entry(c)
 
-    async def main():
-        t = asyncio.create_task(ac.get_or_set(key, lambda: "never", timeout=30))
-        await asyncio.sleep(0.1)  # t waits in the add: the stripe is held
-        t.cancel()
-        with pytest.raises(asyncio.CancelledError):
-            await t
-
     holder = _hold_stripe(c, s, 0.4)
     try:
-        asyncio.run(main())  # the loop is closed; the add still waits for the stripe
+        asyncio.run(_cancel_while_adding(ac, key))  # the loop is closed; the add still waits for the stripe
     finally:
         holder.join(20)
     deadline = time.monotonic() + 20

@@ -415,9 +415,7 @@ def test_regression_killed_lock_waiter_slot_never_reaped(make_cache, cache_name)
         cache._locks.unlock(s)
         locked = False
         cache.set(key, b"after")
-        from shmcache.daemon import recover
-
-        recover(cache)  # the daemon's pass does not free it either
+        admin.recover(cache)  # the daemon's pass does not free it either
         # 4 slots: parent, the dead child, 2 free. The third open must reap the child.
         for _ in range(3):
             extra.append(Cache(cache_name, create=False))

@@ -534,8 +534,6 @@ def test_recover_takes_over_a_lock_word_that_names_no_live_client(make_cache):
     slot long gone) would block that stripe's writers until one of them
     noticed; the daemon's recovery pass frees it, repairs the stripe, and
     leaves the held and the free stripes alone."""
-    from shmcache.daemon import recover
-
     c = make_cache(size="1MiB", stripes=4)
     c.set_many({f"k{i}": i for i in range(100)})
     off = c._g.stripe_table_off + 2 * L.STRIPE_SIZE + L.S_LOCK
@@ -543,7 +541,7 @@ def test_recover_takes_over_a_lock_word_that_names_no_live_client(make_cache):
     c._locks.lock(1)  # a live holder: left alone
     try:
         assert admin.lock_holders(c) == [None, c._state.client.slot, c._g.max_clients - 1, None]
-        assert recover(c)[0] == [2]
+        assert admin.recover(c)[0] == [2]
         assert admin.lock_holders(c) == [None, c._state.client.slot, None, None]
     finally:
         c._locks.unlock(1)
